@@ -1,2 +1,49 @@
 #!/usr/bin/env node
-console.log('ep-actors: under construction');
+// ep-actors command line. Each subcommand lives in src/commands/<name>.ts and exports
+// `main(argv): Promise<number>` returning the exit code: 0 ok, 2 a hang or mismatch
+// found, 1 bad usage or an error.
+import { UsageError, describeError } from './errors.js';
+
+const COMMANDS: Record<string, { summary: string; load: () => Promise<{ main(argv: string[]): Promise<number> }> }> = {
+  run: { summary: 'run the EP layer on a case file, forward and backward, ranks as actors', load: () => import('./commands/run.js') },
+};
+
+function usage(): string {
+  const rows = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(7)} ${c.summary}`);
+  return [
+    'usage: ep-actors <command> [options]    (ep-actors <command> --help for its options)',
+    '',
+    'Simulate and run Mixture-of-Experts expert parallelism as an actor system.',
+    '',
+    'commands:',
+    ...rows,
+    '',
+    'exit codes: 0 ok, 2 a hang or mismatch was found, 1 bad usage or an error',
+  ].join('\n');
+}
+
+async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv;
+  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+    console.log(usage());
+    return name === undefined ? 1 : 0;
+  }
+  const command = COMMANDS[name];
+  if (!command) {
+    console.error(`ep-actors: unknown command '${name}'\n\n${usage()}`);
+    return 1;
+  }
+  const mod = await command.load();
+  return mod.main(rest);
+}
+
+main(process.argv.slice(2)).then(
+  (code) => {
+    process.exitCode = code;
+  },
+  (err: unknown) => {
+    console.error(`ep-actors: ${describeError(err)}`);
+    if (process.env.EP_ACTORS_DEBUG && err instanceof Error) console.error(err.stack);
+    process.exitCode = err instanceof UsageError ? 1 : 1;
+  },
+);
