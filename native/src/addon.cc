@@ -1,0 +1,312 @@
+#include "addon.h"
+
+#include <string>
+
+#include "blas.h"
+#include "experts.h"
+#include "gemm.h"
+
+namespace ep {
+
+Napi::Error nativeError(Napi::Env env, const std::string& code, const std::string& msg) {
+  auto* self = env.GetInstanceData<EpAddon>();
+  if (self && !self->errorCtor.IsEmpty()) {
+    Napi::Object e = self->errorCtor.New({Napi::String::New(env, msg), Napi::String::New(env, code)});
+    return Napi::Error(env, e);
+  }
+  Napi::Error e = Napi::Error::New(env, msg);
+  e.Set("code", Napi::String::New(env, code));
+  return e;
+}
+
+void throwNative(Napi::Env env, const std::string& code, const std::string& msg) { throw nativeError(env, code, msg); }
+
+static const char* typeName(napi_typedarray_type t) {
+  switch (t) {
+    case napi_float32_array: return "Float32Array";
+    case napi_float64_array: return "Float64Array";
+    case napi_int32_array: return "Int32Array";
+    case napi_uint16_array: return "Uint16Array";
+    case napi_uint8_array: return "Uint8Array";
+    default: return "another typed array";
+  }
+}
+
+void* typedData(Napi::Env env, Napi::Value v, napi_typedarray_type want, long len, const char* what, size_t* outLen) {
+  if (!v.IsTypedArray()) throwNative(env, "BAD_ARGUMENT", std::string(what) + " must be a " + typeName(want));
+  auto ta = v.As<Napi::TypedArray>();
+  if (ta.TypedArrayType() != want)
+    throwNative(env, "BAD_ARGUMENT", std::string(what) + " must be a " + typeName(want) + ", got " + typeName(ta.TypedArrayType()));
+  if (len >= 0 && static_cast<long>(ta.ElementLength()) != len)
+    throwNative(env, "BAD_ARGUMENT", std::string(what) + " holds " + std::to_string(ta.ElementLength()) +
+                                         " elements, expected " + std::to_string(len));
+  if (outLen) *outLen = ta.ElementLength();
+  return static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+}
+
+namespace {
+
+int intField(Napi::Env env, Napi::Object o, const char* k) {
+  Napi::Value v = o.Get(k);
+  if (!v.IsNumber()) throwNative(env, "BAD_ARGUMENT", std::string("job.") + k + " must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (d < 0 || d > 2147483647.0 || d != static_cast<int>(d))
+    throwNative(env, "BAD_ARGUMENT", std::string("job.") + k + " must be a non-negative 32-bit integer");
+  return static_cast<int>(d);
+}
+
+template <typename T> constexpr napi_typedarray_type floatType() {
+  return std::is_same_v<T, float> ? napi_float32_array : napi_float64_array;
+}
+
+template <typename T> T* floatArray(Napi::Env env, Napi::Object o, const char* k, long len) {
+  return static_cast<T*>(typedData(env, o.Get(k), floatType<T>(), len, (std::string("job.") + k).c_str()));
+}
+
+template <typename T> std::vector<T*> floatList(Napi::Env env, Napi::Object o, const char* k, size_t n, long len) {
+  Napi::Value v = o.Get(k);
+  if (!v.IsArray()) throwNative(env, "BAD_ARGUMENT", std::string("job.") + k + " must be an array of typed arrays");
+  auto arr = v.As<Napi::Array>();
+  if (arr.Length() != n)
+    throwNative(env, "BAD_ARGUMENT", std::string("job.") + k + " has " + std::to_string(arr.Length()) +
+                                         " entries for " + std::to_string(n) + " experts");
+  std::vector<T*> out;
+  for (uint32_t i = 0; i < n; i++) {
+    std::string what = std::string("job.") + k + "[" + std::to_string(i) + "]";
+    out.push_back(static_cast<T*>(typedData(env, arr.Get(i), floatType<T>(), len, what.c_str())));
+  }
+  return out;
+}
+
+/** Reads a job object (see src/native/backend.ts) into an ExpertJob, checking every length. */
+template <typename T> ExpertJob<T> parseJob(Napi::Env env, Napi::Object o, bool backward) {
+  ExpertJob<T> j;
+  std::string act = o.Get("act").ToString();
+  if (act == "silu") j.act = Act::Silu;
+  else if (act == "gelu") j.act = Act::Gelu;
+  else if (act == "relu") j.act = Act::Relu;
+  else throwNative(env, "BAD_ARGUMENT", "unknown activation '" + act + "'");
+  j.unpacked = o.Get("layout").ToString().Utf8Value() == "unpacked";
+  j.D = intField(env, o, "d");
+  j.H = intField(env, o, "h");
+  size_t ncounts = 0;
+  const int* counts = static_cast<const int*>(typedData(env, o.Get("counts"), napi_int32_array, -1, "job.counts", &ncounts));
+  j.counts.assign(counts, counts + ncounts);
+  long R = 0;
+  for (int c : j.counts) {
+    if (c < 0) throwNative(env, "BAD_ARGUMENT", "job.counts holds a negative count");
+    R += c;
+  }
+  const size_t n = ncounts;
+  const long D = j.D, H = j.H, W = D * H;
+  const bool gated = j.act == Act::Silu;
+  j.x = floatArray<T>(env, o, "x", R * D);
+  for (auto* p : floatList<T>(env, o, "up", n, W)) j.up.push_back(p);
+  for (auto* p : floatList<T>(env, o, "down", n, W)) j.down.push_back(p);
+  if (gated)
+    for (auto* p : floatList<T>(env, o, "gate", n, W)) j.gate.push_back(p);
+  j.saveUp = floatArray<T>(env, o, "saveUp", R * H);
+  if (gated) j.saveGate = floatArray<T>(env, o, "saveGate", R * H);
+  if (!backward) {
+    j.y = floatArray<T>(env, o, "y", R * D);
+  } else {
+    j.gy = floatArray<T>(env, o, "gy", R * D);
+    j.gx = floatArray<T>(env, o, "gx", R * D);
+    j.gUp = floatList<T>(env, o, "gUp", n, W);
+    j.gDown = floatList<T>(env, o, "gDown", n, W);
+    if (gated) j.gGate = floatList<T>(env, o, "gGate", n, W);
+  }
+  j.useBlas = o.Get("blas").ToBoolean();
+  j.threads = cpuThreads();
+  return j;
+}
+
+/** Runs a job on libuv's pool; never touches JavaScript off the main thread. */
+template <typename T> class ExpertWorker : public Napi::AsyncWorker {
+ public:
+  ExpertWorker(Napi::Env env, Napi::Object job, ExpertJob<T> j, bool backward)
+      : Napi::AsyncWorker(env, "ep-actors:expert"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        keep_(Napi::Persistent(job)),
+        job_(std::move(j)),
+        backward_(backward) {}
+  Napi::Promise promise() { return deferred_.Promise(); }
+
+  void Execute() override {
+    try {
+      if (backward_) expertBackward(job_);
+      else expertForward(job_);
+    } catch (const Failure& f) {
+      code_ = f.code;
+      msg_ = f.what();
+    } catch (const std::exception& e) {
+      code_ = "NATIVE_ERROR";
+      msg_ = e.what();
+    }
+  }
+  void OnOK() override {
+    if (code_.empty()) deferred_.Resolve(Env().Undefined());
+    else deferred_.Reject(nativeError(Env(), code_, msg_).Value());
+  }
+  void OnError(const Napi::Error& e) override { deferred_.Reject(e.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  Napi::ObjectReference keep_;  // keeps every input and output array alive until done
+  ExpertJob<T> job_;
+  bool backward_;
+  std::string code_, msg_;
+};
+
+template <typename F> auto guarded(Napi::Env env, F&& f) {
+  try {
+    return f();
+  } catch (const Failure& e) {
+    throw nativeError(env, e.code, e.what());
+  }
+}
+
+Napi::Value runExpert(const Napi::CallbackInfo& info, bool backward) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject()) throwNative(env, "BAD_ARGUMENT", "expected a job object");
+  Napi::Object job = info[0].As<Napi::Object>();
+  const bool f64 = job.Get("dtype").ToString().Utf8Value() == "f64";
+  const bool sync = info[1].ToBoolean();
+  auto go = [&](auto tag) -> Napi::Value {
+    using T = decltype(tag);
+    ExpertJob<T> j = parseJob<T>(env, job, backward);
+    if (sync) {
+      guarded(env, [&] { backward ? expertBackward(j) : expertForward(j); return 0; });
+      return env.Undefined();
+    }
+    auto* w = new ExpertWorker<T>(env, job, std::move(j), backward);
+    Napi::Promise p = w->promise();
+    w->Queue();
+    return p;
+  };
+  return f64 ? go(double{}) : go(float{});
+}
+
+}  // namespace
+
+EpAddon::EpAddon(Napi::Env env, Napi::Object exports) {
+  DefineAddon(exports, {
+                           InstanceMethod("init", &EpAddon::SetErrorClass),
+                           InstanceMethod("info", &EpAddon::Info),
+                           InstanceMethod("expertForward", &EpAddon::ExpertForward),
+                           InstanceMethod("expertBackward", &EpAddon::ExpertBackward),
+                           InstanceMethod("gemm", &EpAddon::Gemm),
+                           InstanceMethod("gatherRows", &EpAddon::GatherRows),
+                           InstanceMethod("scatterAddWeighted", &EpAddon::ScatterAddWeighted),
+                       });
+  initCuda(env, exports);
+  initNccl(env, exports, *this);
+  env.AddCleanupHook([this] { teardown(); });
+}
+
+EpAddon::~EpAddon() { teardown(); }
+
+void EpAddon::teardown() {
+  if (tornDown) return;
+  tornDown = true;
+  for (auto it = onTeardown.rbegin(); it != onTeardown.rend(); ++it) (*it)();
+  onTeardown.clear();
+}
+
+Napi::Value EpAddon::SetErrorClass(const Napi::CallbackInfo& info) {
+  if (!info[0].IsFunction()) throwNative(info.Env(), "BAD_ARGUMENT", "init expects the NativeError class");
+  errorCtor = Napi::Persistent(info[0].As<Napi::Function>());
+  return info.Env().Undefined();
+}
+
+Napi::Value EpAddon::Info(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  const auto& lib = blas::library();
+  o.Set("blas", lib.name.empty() ? env.Null() : Napi::String::New(env, lib.name));
+  o.Set("blasReason", Napi::String::New(env, lib.reason));
+  o.Set("kernel", Napi::String::New(env, gemmKernelName()));
+  o.Set("threads", Napi::Number::New(env, cpuThreads()));
+#ifdef EP_WITH_CUDA
+  o.Set("cudaBuilt", Napi::Boolean::New(env, true));
+#else
+  o.Set("cudaBuilt", Napi::Boolean::New(env, false));
+#endif
+  return o;
+}
+
+Napi::Value EpAddon::ExpertForward(const Napi::CallbackInfo& info) { return runExpert(info, false); }
+Napi::Value EpAddon::ExpertBackward(const Napi::CallbackInfo& info) { return runExpert(info, true); }
+
+// gemm({dtype, ta, tb, m, n, k, a, b, c, accumulate, impl: 'own' | 'blas' | 'auto'})
+Napi::Value EpAddon::Gemm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject()) throwNative(env, "BAD_ARGUMENT", "expected a gemm spec object");
+  Napi::Object o = info[0].As<Napi::Object>();
+  const bool ta = o.Get("ta").ToBoolean(), tb = o.Get("tb").ToBoolean(), acc = o.Get("accumulate").ToBoolean();
+  const int M = intField(env, o, "m"), N = intField(env, o, "n"), K = intField(env, o, "k");
+  const std::string impl = o.Get("impl").ToString();
+  if (impl == "blas" && !blas::library().sgemm)
+    throwNative(env, "BLAS_UNAVAILABLE", "impl 'blas' asked for, but " + blas::library().reason);
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    const T* A = floatArray<T>(env, o, "a", static_cast<long>(M) * K);
+    const T* B = floatArray<T>(env, o, "b", static_cast<long>(K) * N);
+    T* C = floatArray<T>(env, o, "c", static_cast<long>(M) * N);
+    const int lda = ta ? M : K, ldb = tb ? K : N;
+    guarded(env, [&] {
+      if (impl == "own") gemmOwn<T>(ta, tb, M, N, K, A, lda, B, ldb, C, N, acc, cpuThreads());
+      else gemm<T>(ta, tb, M, N, K, A, lda, B, ldb, C, N, acc, true, cpuThreads());
+      return 0;
+    });
+  };
+  if (o.Get("dtype").ToString().Utf8Value() == "f64") go(double{});
+  else go(float{});
+  return env.Undefined();
+}
+
+// gatherRows(src, rowSize, index: Int32Array, dst)
+Napi::Value EpAddon::GatherRows(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const long rowSize = info[1].As<Napi::Number>().Int64Value();
+  size_t n = 0, srcLen = 0;
+  const int* idx = static_cast<const int*>(typedData(env, info[2], napi_int32_array, -1, "index", &n));
+  if (rowSize <= 0) throwNative(env, "BAD_ARGUMENT", "rowSize must be positive");
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = static_cast<const T*>(typedData(env, info[0], floatType<T>(), -1, "src", &srcLen));
+    if (srcLen % rowSize) throwNative(env, "BAD_ARGUMENT", "src length is not a multiple of rowSize");
+    T* dst = static_cast<T*>(typedData(env, info[3], floatType<T>(), static_cast<long>(n) * rowSize, "dst"));
+    guarded(env, [&] { gatherRows<T>(src, srcLen / rowSize, rowSize, idx, n, dst); return 0; });
+  };
+  if (info[0].IsTypedArray() && info[0].As<Napi::TypedArray>().TypedArrayType() == napi_float64_array) go(double{});
+  else go(float{});
+  return env.Undefined();
+}
+
+// scatterAddWeighted(src [m,rowSize], rowSize, index: Int32Array [m], weight [m] | null, out)
+Napi::Value EpAddon::ScatterAddWeighted(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const long rowSize = info[1].As<Napi::Number>().Int64Value();
+  if (rowSize <= 0) throwNative(env, "BAD_ARGUMENT", "rowSize must be positive");
+  size_t m = 0, outLen = 0;
+  const int* idx = static_cast<const int*>(typedData(env, info[2], napi_int32_array, -1, "index", &m));
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = static_cast<const T*>(typedData(env, info[0], floatType<T>(), static_cast<long>(m) * rowSize, "src"));
+    const T* w = info[3].IsNull() || info[3].IsUndefined()
+                     ? nullptr
+                     : static_cast<const T*>(typedData(env, info[3], floatType<T>(), static_cast<long>(m), "weight"));
+    T* out = static_cast<T*>(typedData(env, info[4], floatType<T>(), -1, "out", &outLen));
+    if (outLen % rowSize) throwNative(env, "BAD_ARGUMENT", "out length is not a multiple of rowSize");
+    guarded(env, [&] { scatterAddWeighted<T>(src, m, rowSize, idx, w, out, outLen / rowSize); return 0; });
+  };
+  if (info[0].IsTypedArray() && info[0].As<Napi::TypedArray>().TypedArrayType() == napi_float64_array) go(double{});
+  else go(float{});
+  return env.Undefined();
+}
+
+}  // namespace ep
+
+using ep::EpAddon;
+NODE_API_ADDON(EpAddon)

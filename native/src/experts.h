@@ -1,0 +1,40 @@
+// Grouped expert MLP forward and backward on the CPU, for both weight layouts.
+// packed: up/gate [D,H], down [H,D] per expert, stored (in, out);
+// unpacked: up/gate [H,D], down [D,H] per expert, Linear's (out, in) order.
+#pragma once
+#include <vector>
+
+namespace ep {
+
+enum class Act { Silu = 0, Gelu = 1, Relu = 2 };
+
+template <typename T>
+struct ExpertJob {
+  Act act = Act::Silu;
+  bool unpacked = false;
+  int D = 0, H = 0;
+  std::vector<int> counts;  // rows per local expert, in order; any may be 0
+  const T* x = nullptr;     // [R, D]
+  std::vector<const T*> up, gate, down;  // per expert; gate empty unless silu
+  // forward outputs
+  T* y = nullptr;      // [R, D]
+  T* saveUp = nullptr;    // [R, H] x·up (pre-activation), kept for backward
+  T* saveGate = nullptr;  // [R, H] x·gate (silu only)
+  // backward inputs / outputs
+  const T* gy = nullptr;  // [R, D]
+  T* gx = nullptr;        // [R, D]
+  std::vector<T*> gUp, gGate, gDown;  // same shapes as the weights
+  bool useBlas = true;
+  int threads = 1;
+};
+
+template <typename T> void expertForward(const ExpertJob<T>& job);
+template <typename T> void expertBackward(const ExpertJob<T>& job);
+
+/** dst[i] = src[index[i]] row by row; throws INDEX_OUT_OF_RANGE. */
+template <typename T> void gatherRows(const T* src, long rows, long rowSize, const int* index, long n, T* dst);
+/** out[index[m]] += weight[m] · src[m], m in order (deterministic). */
+template <typename T>
+void scatterAddWeighted(const T* src, long m, long rowSize, const int* index, const T* weight, T* out, long outRows);
+
+}  // namespace ep

@@ -1,0 +1,20 @@
+// Row-major GEMM: C[M,N] (+)= op(A)[M,K] · op(B)[K,N], op = transpose when ta / tb.
+// `accumulate` false overwrites C. Through OpenBLAS when loaded and allowed, else our own
+// cache-blocked kernels. Results depend only on the inputs, the kernel path and the BLAS.
+#pragma once
+#include <cstdint>
+
+namespace ep {
+
+template <typename T>
+void gemmOwn(bool ta, bool tb, int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc,
+             bool accumulate, int threads);
+
+template <typename T>
+void gemm(bool ta, bool tb, int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc,
+          bool accumulate, bool useBlas, int threads);
+
+/** Which micro-kernel the own GEMM uses on this CPU: "avx2-fma" or "generic". */
+const char* gemmKernelName();
+
+}  // namespace ep
