@@ -1,0 +1,237 @@
+// Case files (safetensors): load and validate one, run the EP layer forward and backward
+// on every rank, collect the results. Validation happens before anything runs, so every
+// bad input becomes one CaseError naming the tensor or metadata key and what is wrong.
+//
+// runCase takes the rank loop as a parameter: by default all ranks run as async tasks over
+// an in-process communicator group; the actor runtime passes one that runs `runRank` on
+// worker threads instead.
+import { Tensor, toFloat64, toIndexArray, type FloatDType } from './tensor.js';
+import { CaseError, describeError } from './errors.js';
+import { ACTIVATIONS, type Activation, type Communicator, type ExpertBackend, type ExpertWeights, type PackedExperts } from './ep/types.js';
+import { epBackward, epForward, localExpertRange, localExperts, placeLocalGrads } from './ep/layer.js';
+import { createInProcessGroup } from './ep/inprocess.js';
+import { convertLayout, tsBackend } from './moe/experts.js';
+import { readSafetensorsFile, type SafetensorsFile } from './codec/safetensors.js';
+
+export interface CaseMeta {
+  readonly ep: number;
+  readonly numExperts: number;
+  readonly topK: number;
+  readonly dim: number;
+  readonly hidden: number;
+  readonly activation: Activation;
+  readonly packed: boolean;
+  readonly gradientScale: boolean;
+}
+
+export interface RankInputs<F extends FloatDType = FloatDType> {
+  readonly x_TD: Tensor<F>;
+  readonly weights_TK: Tensor<F>;
+  readonly indices_TK: Tensor;
+  readonly gradOut_TD: Tensor<F>;
+}
+
+export interface CaseData<F extends FloatDType = FloatDType> {
+  readonly meta: CaseMeta;
+  readonly dtype: F;
+  /** Global experts [E, …], packed layout as stored in the file. */
+  readonly experts: PackedExperts<F>;
+  readonly ranks: readonly RankInputs<F>[];
+}
+
+export interface RankResult<F extends FloatDType = FloatDType> {
+  readonly out_TD: Tensor<F>;
+  readonly gradX_TD: Tensor<F>;
+  readonly gradWeights_TK: Tensor<F>;
+  /** This rank's expert grads in packed layout [N, …]. */
+  readonly grads: PackedExperts<F>;
+  readonly rowsSent: number;
+  readonly rowsReceived: number;
+}
+
+export interface CaseResult<F extends FloatDType = FloatDType> {
+  readonly ranks: readonly RankResult<F>[];
+  /** Expert grads over all experts, packed [E, …]. */
+  readonly grads: PackedExperts<F>;
+}
+
+/** Runs every rank of a case and returns their results in rank order. */
+export type RankLoop = <F extends FloatDType>(data: CaseData<F>, backend: ExpertBackend) => Promise<RankResult<F>[]>;
+
+export interface RunOptions {
+  readonly backend?: ExpertBackend;
+  readonly runRanks?: RankLoop;
+}
+
+const META_KEYS = ['ep', 'num_experts', 'top_k', 'dim', 'hidden', 'activation', 'packed', 'gradient_scale'] as const;
+
+function metaInt(meta: Record<string, string>, key: string): number {
+  const v = meta[key]!;
+  if (!/^\d+$/.test(v) || !Number.isSafeInteger(Number(v)) || Number(v) < 1) throw new CaseError(`metadata ${key} must be a positive integer, got '${v}'`);
+  return Number(v);
+}
+
+function metaBool(meta: Record<string, string>, key: string): boolean {
+  const v = meta[key]!;
+  if (v !== 'true' && v !== 'false') throw new CaseError(`metadata ${key} must be 'true' or 'false', got '${v}'`);
+  return v === 'true';
+}
+
+function parseMeta(meta: Record<string, string>): CaseMeta {
+  for (const key of META_KEYS) if (meta[key] === undefined) throw new CaseError(`metadata ${key} is missing`);
+  const activation = meta.activation as Activation;
+  if (!ACTIVATIONS.includes(activation)) throw new CaseError(`metadata activation '${meta.activation}' is unknown (expected ${ACTIVATIONS.join(', ')})`);
+  const m: CaseMeta = {
+    ep: metaInt(meta, 'ep'),
+    numExperts: metaInt(meta, 'num_experts'),
+    topK: metaInt(meta, 'top_k'),
+    dim: metaInt(meta, 'dim'),
+    hidden: metaInt(meta, 'hidden'),
+    activation,
+    packed: metaBool(meta, 'packed'),
+    gradientScale: metaBool(meta, 'gradient_scale'),
+  };
+  try {
+    localExpertRange(m.numExperts, m.ep, 0);
+  } catch (err) {
+    throw new CaseError(`metadata: ${describeError(err)}`);
+  }
+  if (m.topK > m.numExperts) throw new CaseError(`metadata top_k (${m.topK}) exceeds num_experts (${m.numExperts})`);
+  return m;
+}
+
+/** Validate a parsed case file and pull out its inputs (other tensors, e.g. expected.*, are ignored). */
+export function parseCase(file: SafetensorsFile): CaseData {
+  const meta = parseMeta(file.metadata);
+  const { numExperts: E, dim: D, hidden: H, topK: K, ep } = meta;
+  const get = (name: string): Tensor => {
+    const t = file.tensors.get(name);
+    if (!t) throw new CaseError(`${name} is missing`);
+    return t;
+  };
+  const shaped = (name: string, shape: readonly number[], dtype?: string): Tensor => {
+    const t = get(name);
+    if (t.shape.length !== shape.length || t.shape.some((d, i) => d !== shape[i])) {
+      throw new CaseError(`${name} has shape [${t.shape.join(', ')}], expected [${shape.join(', ')}]`);
+    }
+    if (dtype && t.dtype !== dtype) throw new CaseError(`${name} is ${t.dtype}, expected ${dtype} like experts.up_w`);
+    return t;
+  };
+  const up = get('experts.up_w');
+  if (up.dtype !== 'f32' && up.dtype !== 'f64') throw new CaseError(`experts.up_w is ${up.dtype}, expected f32 or f64`);
+  const dtype = up.dtype;
+  shaped('experts.up_w', [E, D, H]);
+  const down = shaped('experts.down_w', [E, H, D], dtype);
+  const gated = meta.activation === 'silu';
+  const hasGate = file.tensors.has('experts.gate_w');
+  if (gated !== hasGate) throw new CaseError(gated ? 'experts.gate_w is missing (silu experts are SwiGLU)' : `experts.gate_w is present but ${meta.activation} experts have no gate`);
+  const gate = hasGate ? shaped('experts.gate_w', [E, D, H], dtype) : null;
+  const experts = { layout: 'packed', activation: meta.activation, up, gate, down } as PackedExperts<typeof dtype>;
+
+  const ranks: RankInputs[] = [];
+  for (let r = 0; r < ep; r++) {
+    const x = get(`rank${r}.x`);
+    const T = x.shape[0] ?? 0;
+    shaped(`rank${r}.x`, [T, D], dtype);
+    const weights = shaped(`rank${r}.weights`, [T, K], dtype);
+    const indices = shaped(`rank${r}.indices`, [T, K]);
+    const gradOut = shaped(`rank${r}.grad_out`, [T, D], dtype);
+    let idx: Int32Array;
+    try {
+      idx = toIndexArray(indices, `rank${r}.indices`);
+    } catch (err) {
+      throw new CaseError(describeError(err));
+    }
+    idx.forEach((e, i) => {
+      if (e < 0 || e >= E) throw new CaseError(`rank${r}.indices[${Math.floor(i / K)}, ${i % K}] = ${e} is outside [0, ${E}) (num_experts ${E})`);
+    });
+    toFloat64(weights).data.forEach((w, i) => {
+      if (!Number.isFinite(w)) throw new CaseError(`rank${r}.weights[${Math.floor(i / K)}, ${i % K}] = ${w}: routing weights must be finite`);
+    });
+    ranks.push({ x_TD: x, weights_TK: weights, indices_TK: indices, gradOut_TD: gradOut } as RankInputs);
+  }
+  return { meta, dtype, experts, ranks } as CaseData;
+}
+
+/** Read and validate a case file; any problem (unreadable, truncated, invalid) is a CaseError. */
+export async function loadCase(path: string): Promise<CaseData> {
+  let file: SafetensorsFile;
+  try {
+    file = await readSafetensorsFile(path);
+  } catch (err) {
+    throw new CaseError(`${path}: ${describeError(err)}`);
+  }
+  return parseCase(file);
+}
+
+/** One rank's forward and backward over `comm` (null when ep = 1). */
+export async function runRank<F extends FloatDType>(data: CaseData<F>, rank: number, comm: Communicator | null, backend: ExpertBackend): Promise<RankResult<F>> {
+  const { meta } = data;
+  const local = localExperts(data.experts, meta.ep, rank);
+  const experts: ExpertWeights<F> = meta.packed ? local : convertLayout(local, 'unpacked');
+  const ctx = { comm, backend, experts, numExperts: meta.numExperts, topK: meta.topK, gradientScale: meta.gradientScale, layer: 0, microBatch: 0 };
+  const input = data.ranks[rank]!;
+  const { out_TD, saved } = await epForward(ctx, input.x_TD, input.weights_TK, input.indices_TK);
+  const { gradX_TD, gradWeights_TK, grads } = await epBackward(ctx, saved, input.gradOut_TD);
+  return {
+    out_TD,
+    gradX_TD,
+    gradWeights_TK,
+    grads: (grads.layout === 'packed' ? grads : convertLayout(grads, 'packed')) as PackedExperts<F>,
+    rowsSent: saved.sortOrder_S.length,
+    rowsReceived: saved.byExpert_R.length,
+  };
+}
+
+/** Every rank as a concurrent async task over one in-process group (ep = 1: no group). */
+export const inProcessRanks: RankLoop = async (data, backend) => {
+  const { ep } = data.meta;
+  if (ep === 1) return [await runRank(data, 0, null, backend)];
+  const group = createInProcessGroup(ep);
+  return Promise.all(
+    group.members.map(async (comm, rank) => {
+      try {
+        return await runRank(data, rank, comm, backend);
+      } finally {
+        group.finish(rank);
+      }
+    }),
+  );
+};
+
+export async function runCase<F extends FloatDType>(data: CaseData<F>, options: RunOptions = {}): Promise<CaseResult<F>> {
+  const results = await (options.runRanks ?? inProcessRanks)(data, options.backend ?? tsBackend);
+  const zerosLike = (t: Tensor<F>): Tensor<F> => Tensor.zeros(t.dtype, t.shape);
+  const e = data.experts;
+  const grads: PackedExperts<F> = { layout: 'packed', activation: e.activation, up: zerosLike(e.up), gate: e.gate && zerosLike(e.gate), down: zerosLike(e.down) };
+  results.forEach((r, rank) => placeLocalGrads(grads, r.grads, data.meta.ep, rank));
+  return { ranks: results, grads };
+}
+
+/** Result tensors under the case-file names (rank{r}.out, …, grad.up_w, …). */
+export function resultTensors(result: CaseResult): Map<string, Tensor> {
+  const out = new Map<string, Tensor>();
+  result.ranks.forEach((r, rank) => {
+    out.set(`rank${rank}.out`, r.out_TD);
+    out.set(`rank${rank}.grad_x`, r.gradX_TD);
+    out.set(`rank${rank}.grad_weights`, r.gradWeights_TK);
+  });
+  out.set('grad.up_w', result.grads.up);
+  out.set('grad.down_w', result.grads.down);
+  if (result.grads.gate) out.set('grad.gate_w', result.grads.gate);
+  return out;
+}
+
+/** The case's metadata as written into result files. */
+export function caseMetadata(meta: CaseMeta): Record<string, string> {
+  return {
+    ep: String(meta.ep),
+    num_experts: String(meta.numExperts),
+    top_k: String(meta.topK),
+    dim: String(meta.dim),
+    hidden: String(meta.hidden),
+    activation: meta.activation,
+    packed: String(meta.packed),
+    gradient_scale: String(meta.gradientScale),
+  };
+}

@@ -1,0 +1,256 @@
+// The EP layer: KempnerForge's ep_dispatch_and_compute (reference/expert_parallel.py, its
+// non-grouped loop path), forward and backward, written once against a Communicator and
+// an ExpertBackend. Forward issues A fwd.counts, B fwd.dispatch, C fwd.expert_ids,
+// D fwd.combine; backward issues D' bwd.combine and B' bwd.dispatch. Every collective goes
+// through `collective()`, the one place a runtime hooks protocol behaviour.
+//
+// Forward returns an immutable record of what backward needs (as torchtitan's dispatch
+// returns the metadata its combine consumes); nothing is kept on the context.
+import { Tensor, gatherRows, toFloat64, toIndexArray, type DType, type FloatDType } from '../tensor.js';
+import { UsageError } from '../errors.js';
+import { floatTensor } from '../moe/experts.js';
+import type { CollectiveOp, Communicator, ExpertBackend, ExpertForward, ExpertWeights, PackedExperts } from './types.js';
+
+export interface EpContext<F extends FloatDType = FloatDType> {
+  /** The EP communicator; null when ep = 1 (no exchange at all). */
+  readonly comm: Communicator | null;
+  readonly backend: ExpertBackend;
+  /** This rank's experts only: global ids [rank·N, (rank+1)·N). */
+  readonly experts: ExpertWeights<F>;
+  readonly numExperts: number;
+  readonly topK: number;
+  /** The seed's gradient_scale: per-expert output scale (R / N) / c_i. */
+  readonly gradientScale: boolean;
+  readonly layer: number;
+  readonly microBatch: number;
+}
+
+/** What forward leaves for backward. S = T·K dispatch entries; R rows received. */
+export interface EpSaved<F extends FloatDType = FloatDType> {
+  readonly T: number;
+  readonly D: number;
+  readonly K: number;
+  /** sortOrder_S[p] = flat (t, k) entry at send position p (stable sort by target rank). */
+  readonly sortOrder_S: Int32Array;
+  readonly sendCounts: readonly number[];
+  readonly recvCounts: readonly number[];
+  /** byExpert_R[q] = received row at expert-grouped position q. */
+  readonly byExpert_R: Int32Array;
+  readonly rowsPerExpert: readonly number[];
+  /** Gradient-scale factor per expert-grouped row; null when off or nothing was received. */
+  readonly rowScale_R: Float64Array | null;
+  readonly recvGrouped_RD: Tensor<F>;
+  readonly expertFwd: ExpertForward<F>;
+  /** Rows as they came back from D, in send order, before routing weights. */
+  readonly returned_SD: Tensor<F>;
+  readonly weights_S: Float64Array;
+}
+
+export interface EpForwardResult<F extends FloatDType = FloatDType> {
+  readonly out_TD: Tensor<F>;
+  readonly saved: EpSaved<F>;
+}
+
+export interface EpBackwardResult<F extends FloatDType = FloatDType> {
+  readonly gradX_TD: Tensor<F>;
+  readonly gradWeights_TK: Tensor<F>;
+  /** Gradients of this rank's experts, in the layout of ctx.experts. */
+  readonly grads: ExpertWeights<F>;
+}
+
+/** Experts rank `rank` of `ep` owns, as apply_expert_parallel partitions them. */
+export function localExpertRange(numExperts: number, ep: number, rank: number): { start: number; count: number } {
+  if (!Number.isInteger(ep) || ep < 1) throw new UsageError(`ep must be a positive integer, got ${ep}`);
+  if (!Number.isInteger(numExperts) || numExperts % ep !== 0) throw new UsageError(`num_experts (${numExperts}) must be divisible by ep (${ep})`);
+  const count = numExperts / ep;
+  return { start: rank * count, count };
+}
+
+function epSize(ctx: EpContext): { ep: number; rank: number } {
+  return { ep: ctx.comm?.size ?? 1, rank: ctx.comm?.rank ?? 0 };
+}
+
+/**
+ * The one path every collective takes. With no communicator (ep = 1) the exchange is the
+ * identity and nothing is issued.
+ */
+function collective<D extends DType>(ctx: EpContext, op: CollectiveOp, send: Tensor<D>, sendSplits: readonly number[], recvSplits: readonly number[]): Promise<Tensor<D>> | Tensor<D> {
+  if (!ctx.comm) return send;
+  return ctx.comm.allToAll({ op, layer: ctx.layer, microBatch: ctx.microBatch }, send, sendSplits, recvSplits);
+}
+
+/** Stable counting sort of keys in [0, buckets): order[p] = position of the p-th item, plus counts. */
+function stableBucketSort(keys: ArrayLike<number>, buckets: number): { order: Int32Array; counts: number[] } {
+  const counts = new Array<number>(buckets).fill(0);
+  for (let i = 0; i < keys.length; i++) counts[keys[i]!]!++;
+  const next = new Array<number>(buckets);
+  for (let b = 0, at = 0; b < buckets; b++) {
+    next[b] = at;
+    at += counts[b]!;
+  }
+  const order = new Int32Array(keys.length);
+  for (let i = 0; i < keys.length; i++) order[next[keys[i]!]!++] = i;
+  return { order, counts };
+}
+
+function checkShape(t: Tensor, want: readonly number[], what: string): void {
+  if (t.shape.length !== want.length || t.shape.some((d, i) => d !== want[i])) {
+    throw new UsageError(`${what} has shape [${t.shape.join(', ')}], expected [${want.join(', ')}]`);
+  }
+}
+
+export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: Tensor<F>, weights_TK: Tensor, indices_TK: Tensor): Promise<EpForwardResult<F>> {
+  const { ep, rank } = epSize(ctx);
+  const { start, count: N } = localExpertRange(ctx.numExperts, ep, rank);
+  const K = ctx.topK;
+  const T = x_TD.shape[0] ?? 0;
+  const D = x_TD.rowSize;
+  checkShape(x_TD, [T, D], 'x');
+  checkShape(weights_TK, [T, K], 'weights');
+  checkShape(indices_TK, [T, K], 'indices');
+
+  // 1. (t, k) entries t-major; target rank = expert // N; stable sort by target.
+  const idx_S = toIndexArray(indices_TK, 'indices');
+  const target_S = new Int32Array(idx_S.length);
+  idx_S.forEach((e, i) => {
+    if (e < 0 || e >= ctx.numExperts) throw new UsageError(`indices[${Math.floor(i / K)}, ${i % K}] = ${e} is outside [0, ${ctx.numExperts})`);
+    target_S[i] = Math.floor(e / N);
+  });
+  const { order: sortOrder_S, counts: sendCounts } = stableBucketSort(target_S, ep);
+  const tokenOf = (entry: number): number => Math.floor(entry / K);
+  const xSorted_SD = gatherRows(x_TD, Array.from(sortOrder_S, tokenOf));
+  const idsSorted_S = new Tensor('i64', [sortOrder_S.length], BigInt64Array.from(sortOrder_S, (entry) => BigInt(idx_S[entry]!)));
+
+  // 2-4. A counts, B rows, C expert ids (the seed sends ids as f32 [n,1]; i64 [n] is exact for any E).
+  const ones = new Array<number>(ep).fill(1);
+  const recvCountsT = await collective(ctx, 'fwd.counts', Tensor.from('i64', [ep], sendCounts), ones, ones);
+  const recvCounts = Array.from(recvCountsT.data, Number);
+  const recv_RD = await collective(ctx, 'fwd.dispatch', xSorted_SD, sendCounts, recvCounts);
+  const recvIds_R = toIndexArray(await collective(ctx, 'fwd.expert_ids', idsSorted_S, sendCounts, recvCounts), 'received expert ids');
+
+  // 5. Group received rows by local expert (stable) for the backend.
+  const local_R = recvIds_R.map((e) => e - start);
+  local_R.forEach((l, r) => {
+    if (l < 0 || l >= N) throw new Error(`rank ${rank} received a row for expert ${recvIds_R[r]}, outside its experts [${start}, ${start + N})`);
+  });
+  const { order: byExpert_R, counts: rowsPerExpert } = stableBucketSort(local_R, N);
+  const recvGrouped_RD = gatherRows(recv_RD, byExpert_R);
+  const expertFwd = await ctx.backend.forward(ctx.experts, recvGrouped_RD, rowsPerExpert);
+
+  // 6. Gradient scale: rows of local expert i scaled by (R / N) / c_i, in forward too.
+  const R = byExpert_R.length;
+  let rowScale_R: Float64Array | null = null;
+  if (ctx.gradientScale && R > 0) {
+    rowScale_R = new Float64Array(R);
+    let q = 0;
+    for (const c of rowsPerExpert) rowScale_R.fill(R / N / c, q, (q += c));
+  }
+  const local_RD = ungroup(expertFwd.y, byExpert_R, rowScale_R);
+
+  // 7. D: expert outputs go home, splits swapped.
+  const returned_SD = await collective(ctx, 'fwd.combine', local_RD, recvCounts, sendCounts);
+
+  // 8. Unsort, weight, scatter-add into out [T,D].
+  const weightsFlat = toFloat64(weights_TK).data;
+  const weights_S = Float64Array.from(sortOrder_S, (entry) => weightsFlat[entry]!);
+  const out = new Float64Array(T * D);
+  const ret = returned_SD.data;
+  sortOrder_S.forEach((entry, p) => {
+    const w = weights_S[p]!;
+    const o = tokenOf(entry) * D;
+    for (let d = 0; d < D; d++) out[o + d] += w * ret[p * D + d]!;
+  });
+
+  const saved: EpSaved<F> = Object.freeze({
+    T, D, K, sortOrder_S, sendCounts, recvCounts, byExpert_R, rowsPerExpert, rowScale_R, recvGrouped_RD, expertFwd, returned_SD, weights_S,
+  });
+  return { out_TD: floatTensor(x_TD.dtype, [T, D], out), saved };
+}
+
+/** Expert-grouped rows back in received order (row byExpert[q] ← grouped row q), times a per-row scale. */
+function ungroup<F extends FloatDType>(grouped_RD: Tensor<F>, byExpert_R: Int32Array, rowScale_R: Float64Array | null): Tensor<F> {
+  const D = grouped_RD.rowSize;
+  const out = Tensor.zeros(grouped_RD.dtype, grouped_RD.shape);
+  const src = grouped_RD.data;
+  const dst = out.data;
+  byExpert_R.forEach((r, q) => {
+    const s = rowScale_R ? rowScale_R[q]! : 1;
+    for (let d = 0; d < D; d++) dst[r * D + d] = s * src[q * D + d]!;
+  });
+  return out;
+}
+
+export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved: EpSaved<F>, gradOut_TD: Tensor<F>): Promise<EpBackwardResult<F>> {
+  const { T, D, K, sortOrder_S, sendCounts, recvCounts, byExpert_R, rowsPerExpert, rowScale_R, weights_S } = saved;
+  checkShape(gradOut_TD, [T, D], 'grad_out');
+  const g = gradOut_TD.data;
+  const ret = saved.returned_SD.data;
+
+  // Grad of the returned rows (w · grad_out[t]) and of the routing weights (<grad_out[t], row>).
+  const gradReturned = new Float64Array(sortOrder_S.length * D);
+  const gradWeights = new Float64Array(T * K);
+  sortOrder_S.forEach((entry, p) => {
+    const o = Math.floor(entry / K) * D;
+    const w = weights_S[p]!;
+    let dot = 0;
+    for (let d = 0; d < D; d++) {
+      gradReturned[p * D + d] = w * g[o + d]!;
+      dot += g[o + d]! * ret[p * D + d]!;
+    }
+    gradWeights[entry] = dot;
+  });
+
+  // D': grads go to the expert owners; regroup by expert, apply the forward's scale.
+  const gradLocal_RD = await collective(ctx, 'bwd.combine', floatTensor(gradOut_TD.dtype, [sortOrder_S.length, D], gradReturned), sendCounts, recvCounts);
+  const gradY_RD = gatherRows(gradLocal_RD, byExpert_R);
+  if (rowScale_R) {
+    const gy = gradY_RD.data;
+    rowScale_R.forEach((s, q) => {
+      for (let d = 0; d < D; d++) gy[q * D + d] *= s;
+    });
+  }
+  const expertBwd = await ctx.backend.backward(ctx.experts, saved.recvGrouped_RD, rowsPerExpert, saved.expertFwd, gradY_RD);
+
+  // B': grads of the dispatched rows go home; gather-add into grad_x.
+  const gradRecv_RD = ungroup(expertBwd.gradX, byExpert_R, null);
+  const gradSorted_SD = await collective(ctx, 'bwd.dispatch', gradRecv_RD, recvCounts, sendCounts);
+  const gradX = new Float64Array(T * D);
+  const gs = gradSorted_SD.data;
+  sortOrder_S.forEach((entry, p) => {
+    const o = Math.floor(entry / K) * D;
+    for (let d = 0; d < D; d++) gradX[o + d] += gs[p * D + d]!;
+  });
+  return {
+    gradX_TD: floatTensor(gradOut_TD.dtype, [T, D], gradX),
+    gradWeights_TK: floatTensor(gradOut_TD.dtype, [T, K], gradWeights),
+    grads: expertBwd.grads,
+  };
+}
+
+// ---- global <-> local packed weights ----
+
+function sliceRows<F extends FloatDType>(t: Tensor<F>, start: number, count: number): Tensor<F> {
+  const rs = t.rowSize;
+  return new Tensor(t.dtype, [count, ...t.shape.slice(1)], t.data.slice(start * rs, (start + count) * rs) as Tensor<F>['data']);
+}
+
+/** Rank `rank`'s slice [start, start+N) of global packed experts [E, …] (copies, as apply_expert_parallel clones). */
+export function localExperts<F extends FloatDType>(global: PackedExperts<F>, ep: number, rank: number): PackedExperts<F> {
+  const { start, count } = localExpertRange(global.up.shape[0] ?? 0, ep, rank);
+  return {
+    layout: 'packed',
+    activation: global.activation,
+    up: sliceRows(global.up, start, count),
+    gate: global.gate && sliceRows(global.gate, start, count),
+    down: sliceRows(global.down, start, count),
+  };
+}
+
+/** Write rank `rank`'s local packed grads [N, …] into global packed arrays [E, …] (in place). */
+export function placeLocalGrads<F extends FloatDType>(global: PackedExperts<F>, local: PackedExperts<F>, ep: number, rank: number): void {
+  const { start } = localExpertRange(global.up.shape[0] ?? 0, ep, rank);
+  const put = (dst: Tensor<F>, src: Tensor<F>): void => (dst.data as Float64Array).set(src.data as Float64Array, start * dst.rowSize);
+  put(global.up, local.up);
+  put(global.down, local.down);
+  if (global.gate && local.gate) put(global.gate, local.gate);
+}

@@ -1,0 +1,333 @@
+// The TypeScript expert backend: grouped forward and hand-written backward of the three
+// expert MLPs KempnerForge builds (no biases):
+//   silu (SwiGLU): y = (silu(x·gate) ⊙ (x·up))·down
+//   gelu (exact erf form) and relu: y = act(x·up)·down
+// Both weight layouts and f32/f64 are accepted. All arithmetic runs in f64 (JS numbers);
+// f32 results are rounded once when stored, which keeps f32 within a few ulps of torch.
+import { Tensor, type FloatDType } from '../tensor.js';
+import type {
+  Activation,
+  ExpertBackend,
+  ExpertBackward,
+  ExpertForward,
+  ExpertWeights,
+  PackedExperts,
+  UnpackedExpert,
+  UnpackedExperts,
+} from '../ep/types.js';
+
+type Floats = Float32Array | Float64Array;
+
+// ---- scalar math ----
+
+const TWO_OVER_SQRT_PI = 1.1283791670955126; // 2/√π
+const INV_SQRT_PI = 0.5641895835477563; // 1/√π
+const INV_SQRT_2 = 0.7071067811865476;
+const INV_SQRT_2PI = 0.3989422804014327; // 1/√(2π)
+
+/**
+ * erf to about 1e-16 relative in f64. For |x| < 3 the series
+ * erf(x) = 2/√π · e^{-x²} · Σ_n 2^n x^{2n+1} / (1·3·…·(2n+1)) has only positive terms (no
+ * cancellation); beyond, erfc(x) comes from its continued fraction (Lentz), which
+ * converges quickly there and keeps 1 - erfc accurate.
+ */
+export function erf(x: number): number {
+  if (Number.isNaN(x)) return NaN;
+  const ax = Math.abs(x);
+  if (ax < 3) {
+    const x2 = x * x;
+    let term = x;
+    let sum = x;
+    for (let n = 1; n < 200; n++) {
+      term *= (2 * x2) / (2 * n + 1);
+      sum += term;
+      if (Math.abs(term) <= 1e-17 * Math.abs(sum)) break;
+    }
+    return TWO_OVER_SQRT_PI * Math.exp(-x2) * sum;
+  }
+  const r = 1 - erfcLarge(ax);
+  return x < 0 ? -r : r;
+}
+
+/** erfc(x) for x >= 3: e^{-x²}/√π · 1/(x + (1/2)/(x + 1/(x + (3/2)/(x + …)))). */
+function erfcLarge(x: number): number {
+  if (x > 27) return 0; // e^{-x²} underflows
+  const tiny = 1e-300;
+  let f = x;
+  let c = x;
+  let d = 0;
+  for (let n = 1; n < 500; n++) {
+    const a = n / 2;
+    d = x + a * d;
+    d = d === 0 ? tiny : d;
+    c = x + a / c;
+    c = c === 0 ? tiny : c;
+    d = 1 / d;
+    const delta = c * d;
+    f *= delta;
+    if (Math.abs(delta - 1) < 1e-16) break;
+  }
+  return (INV_SQRT_PI * Math.exp(-x * x)) / f;
+}
+
+function sigmoid(a: number): number {
+  return 1 / (1 + Math.exp(-a));
+}
+
+interface ActivationFn {
+  f(a: number): number;
+  /** d f / d a */
+  df(a: number): number;
+}
+
+/** Pointwise activations and their derivatives (relu' at 0 is 0, as torch's threshold_backward). */
+export const ACTIVATION_FNS: Record<Activation, ActivationFn> = {
+  silu: {
+    f: (a) => a * sigmoid(a),
+    df: (a) => {
+      const s = sigmoid(a);
+      return s * (1 + a * (1 - s));
+    },
+  },
+  gelu: {
+    f: (a) => 0.5 * a * (1 + erf(a * INV_SQRT_2)),
+    df: (a) => 0.5 * (1 + erf(a * INV_SQRT_2)) + a * INV_SQRT_2PI * Math.exp(-0.5 * a * a),
+  },
+  relu: {
+    f: (a) => (a > 0 ? a : 0),
+    df: (a) => (a > 0 ? 1 : 0),
+  },
+};
+
+// ---- GEMM kernels over flat row-major arrays (f64 accumulation) ----
+
+/** c[M,N] += a[M,K] · b[K,N] (i-k-j order: the inner loop streams rows of b and c). */
+function mmAdd(a: Floats, aOff: number, b: Floats, bOff: number, c: Float64Array, cOff: number, M: number, K: number, N: number): void {
+  for (let i = 0; i < M; i++) {
+    const aRow = aOff + i * K;
+    const cRow = cOff + i * N;
+    for (let k = 0; k < K; k++) {
+      const av = a[aRow + k]!;
+      if (av === 0) continue;
+      const bRow = bOff + k * N;
+      for (let j = 0; j < N; j++) c[cRow + j] += av * b[bRow + j]!;
+    }
+  }
+}
+
+/** c[M,N] += a[M,K] · b[N,K]ᵀ (dot products of contiguous rows). */
+function mmBtAdd(a: Floats, aOff: number, b: Floats, bOff: number, c: Float64Array, cOff: number, M: number, K: number, N: number): void {
+  for (let i = 0; i < M; i++) {
+    const aRow = aOff + i * K;
+    const cRow = cOff + i * N;
+    for (let j = 0; j < N; j++) {
+      const bRow = bOff + j * K;
+      let s = 0;
+      for (let k = 0; k < K; k++) s += a[aRow + k]! * b[bRow + k]!;
+      c[cRow + j] += s;
+    }
+  }
+}
+
+/** c[K,N] += a[M,K]ᵀ · b[M,N] (outer products of row pairs). */
+function mmAtAdd(a: Floats, aOff: number, b: Floats, bOff: number, c: Float64Array, cOff: number, M: number, K: number, N: number): void {
+  for (let i = 0; i < M; i++) {
+    const aRow = aOff + i * K;
+    const bRow = bOff + i * N;
+    for (let k = 0; k < K; k++) {
+      const av = a[aRow + k]!;
+      if (av === 0) continue;
+      const cRow = cOff + k * N;
+      for (let j = 0; j < N; j++) c[cRow + j] += av * b[bRow + j]!;
+    }
+  }
+}
+
+// ---- layouts ----
+
+/** Weights as packed (in, out) arrays over N local experts, whichever layout they came in. */
+interface PackedMats {
+  readonly N: number;
+  readonly D: number;
+  readonly H: number;
+  readonly up: Floats; // [N,D,H]
+  readonly gate: Floats | null; // [N,D,H]
+  readonly down: Floats; // [N,H,D]
+}
+
+/** Transpose each [rows, cols] block of `src` (n blocks) into [cols, rows]. */
+function transposeBlocks(src: Floats, n: number, rows: number, cols: number, dst: Floats): void {
+  for (let b = 0; b < n; b++) {
+    const off = b * rows * cols;
+    for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) dst[off + c * rows + r] = src[off + r * cols + c]!;
+  }
+}
+
+function stackTransposed(mats: readonly Tensor[], rows: number, cols: number): Float64Array {
+  const src = new Float64Array(mats.length * rows * cols);
+  mats.forEach((m, i) => src.set(m.data as Floats, i * rows * cols));
+  const out = new Float64Array(src.length);
+  transposeBlocks(src, mats.length, rows, cols, out);
+  return out;
+}
+
+function checkShape(t: Tensor, want: readonly number[], what: string): void {
+  if (t.shape.length !== want.length || t.shape.some((d, i) => d !== want[i])) {
+    throw new Error(`${what} has shape [${t.shape.join(', ')}], expected [${want.join(', ')}]`);
+  }
+}
+
+function packedMats(w: ExpertWeights): PackedMats {
+  const gated = w.activation === 'silu';
+  if (w.layout === 'packed') {
+    const [N, D, H] = w.up.shape as [number, number, number];
+    checkShape(w.down, [N, H, D], 'down weights');
+    if (gated !== (w.gate !== null)) throw new Error(`${w.activation} experts ${gated ? 'need' : 'have no'} gate weights`);
+    if (w.gate) checkShape(w.gate, [N, D, H], 'gate weights');
+    return { N, D, H, up: w.up.data, gate: w.gate?.data ?? null, down: w.down.data };
+  }
+  const N = w.experts.length;
+  if (N === 0) return { N, D: 0, H: 0, up: new Float64Array(0), gate: gated ? new Float64Array(0) : null, down: new Float64Array(0) };
+  const [H, D] = w.experts[0]!.up.shape as [number, number];
+  w.experts.forEach((e, i) => {
+    checkShape(e.up, [H, D], `expert ${i} up`);
+    checkShape(e.down, [D, H], `expert ${i} down`);
+    if (gated !== (e.gate !== null)) throw new Error(`${w.activation} expert ${i} ${gated ? 'needs' : 'has no'} gate weights`);
+    if (e.gate) checkShape(e.gate, [H, D], `expert ${i} gate`);
+  });
+  return {
+    N,
+    D,
+    H,
+    up: stackTransposed(w.experts.map((e) => e.up), H, D),
+    gate: gated ? stackTransposed(w.experts.map((e) => e.gate!), H, D) : null,
+    down: stackTransposed(w.experts.map((e) => e.down), D, H),
+  };
+}
+
+/** An f64 array as a tensor of the given float dtype (rounded once for f32). */
+export function floatTensor<F extends FloatDType>(dtype: F, shape: readonly number[], values: Float64Array): Tensor<F> {
+  return new Tensor(dtype, shape, (dtype === 'f64' ? values : new Float32Array(values)) as Tensor<F>['data']);
+}
+
+/** Packed (in, out) f64 arrays over N experts as weights in the given layout. */
+function inLayout<F extends FloatDType>(layout: ExpertWeights['layout'], activation: Activation, dtype: F, dims: { N: number; D: number; H: number }, up: Float64Array, gate: Float64Array | null, down: Float64Array): ExpertWeights<F> {
+  const { N, D, H } = dims;
+  if (layout === 'packed') {
+    return {
+      layout: 'packed',
+      activation,
+      up: floatTensor(dtype, [N, D, H], up),
+      gate: gate && floatTensor(dtype, [N, D, H], gate),
+      down: floatTensor(dtype, [N, H, D], down),
+    };
+  }
+  const block = (src: Float64Array, rows: number, cols: number): Float64Array => {
+    const t = new Float64Array(src.length);
+    transposeBlocks(src, N, rows, cols, t);
+    return t;
+  };
+  const upT = block(up, D, H);
+  const gateT = gate && block(gate, D, H);
+  const downT = block(down, H, D);
+  const size = D * H;
+  const experts: UnpackedExpert<F>[] = [];
+  for (let i = 0; i < N; i++) {
+    experts.push({
+      up: floatTensor(dtype, [H, D], upT.subarray(i * size, (i + 1) * size)),
+      gate: gateT && floatTensor(dtype, [H, D], gateT.subarray(i * size, (i + 1) * size)),
+      down: floatTensor(dtype, [D, H], downT.subarray(i * size, (i + 1) * size)),
+    });
+  }
+  return { layout: 'unpacked', activation, experts };
+}
+
+function weightsDType<F extends FloatDType>(w: ExpertWeights<F>): F {
+  return w.layout === 'packed' ? w.up.dtype : (w.experts[0]?.up.dtype ?? ('f32' as F));
+}
+
+/** The same experts in the other layout (copies): packed [N, …] (in, out) <-> per-expert (out, in) Linears. */
+export function convertLayout<F extends FloatDType>(w: ExpertWeights<F>, layout: ExpertWeights['layout']): ExpertWeights<F> {
+  const m = packedMats(w);
+  const f64 = (a: Floats): Float64Array => Float64Array.from(a);
+  return inLayout(layout, w.activation, weightsDType(w), m, f64(m.up), m.gate && f64(m.gate), f64(m.down));
+}
+
+// ---- the backend ----
+
+interface Saved {
+  readonly aUp: Float64Array; // [R,H] x·up
+  readonly aGate: Float64Array | null; // [R,H] x·gate (silu only)
+  readonly hidden: Float64Array; // [R,H] activation output fed to down
+}
+
+function checkGroups(x: Tensor, m: PackedMats, rowsPerExpert: readonly number[]): number {
+  if (rowsPerExpert.length !== m.N) throw new Error(`rowsPerExpert has ${rowsPerExpert.length} entries for ${m.N} local experts`);
+  const R = rowsPerExpert.reduce((a, b) => a + b, 0);
+  if (R !== (x.shape[0] ?? 0) || x.rowSize !== m.D) throw new Error(`expert input [${x.shape.join(', ')}] does not hold ${R} rows of dim ${m.D}`);
+  return R;
+}
+
+function forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[]): ExpertForward<F> {
+  const m = packedMats(w);
+  const R = checkGroups(x, m, rowsPerExpert);
+  const { D, H } = m;
+  const act = ACTIVATION_FNS[w.activation];
+  const aUp = new Float64Array(R * H);
+  const aGate = m.gate ? new Float64Array(R * H) : null;
+  const hidden = new Float64Array(R * H);
+  const y = new Float64Array(R * D);
+  let row = 0;
+  rowsPerExpert.forEach((c, i) => {
+    if (c === 0) return;
+    mmAdd(x.data, row * D, m.up, i * D * H, aUp, row * H, c, D, H);
+    if (aGate) mmAdd(x.data, row * D, m.gate!, i * D * H, aGate, row * H, c, D, H);
+    for (let p = row * H; p < (row + c) * H; p++) hidden[p] = aGate ? act.f(aGate[p]!) * aUp[p]! : act.f(aUp[p]!);
+    mmAdd(hidden, row * H, m.down, i * H * D, y, row * D, c, H, D);
+    row += c;
+  });
+  const saved: Saved = { aUp, aGate, hidden };
+  return { y: floatTensor(x.dtype, [R, D], y), saved };
+}
+
+function backward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[], fwd: ExpertForward<F>, gradY: Tensor<F>): ExpertBackward<F> {
+  const m = packedMats(w);
+  const R = checkGroups(x, m, rowsPerExpert);
+  checkShape(gradY, [R, m.D], 'gradY');
+  const { N, D, H } = m;
+  const { aUp, aGate, hidden } = fwd.saved as Saved;
+  const act = ACTIVATION_FNS[w.activation];
+  const gUpW = new Float64Array(N * D * H);
+  const gGateW = aGate ? new Float64Array(N * D * H) : null;
+  const gDownW = new Float64Array(N * H * D);
+  const gHidden = new Float64Array(R * H);
+  const gUp = new Float64Array(R * H);
+  const gGate = aGate ? new Float64Array(R * H) : null;
+  const gX = new Float64Array(R * D);
+  let row = 0;
+  rowsPerExpert.forEach((c, i) => {
+    if (c === 0) return;
+    const wDH = i * D * H;
+    mmBtAdd(gradY.data, row * D, m.down, wDH, gHidden, row * H, c, D, H);
+    mmAtAdd(hidden, row * H, gradY.data, row * D, gDownW, wDH, c, H, D);
+    for (let p = row * H; p < (row + c) * H; p++) {
+      if (aGate) {
+        gUp[p] = gHidden[p]! * act.f(aGate[p]!);
+        gGate![p] = gHidden[p]! * aUp[p]! * act.df(aGate[p]!);
+      } else {
+        gUp[p] = gHidden[p]! * act.df(aUp[p]!);
+      }
+    }
+    mmBtAdd(gUp, row * H, m.up, wDH, gX, row * D, c, H, D);
+    mmAtAdd(x.data, row * D, gUp, row * H, gUpW, wDH, c, D, H);
+    if (gGate) {
+      mmBtAdd(gGate, row * H, m.gate!, wDH, gX, row * D, c, H, D);
+      mmAtAdd(x.data, row * D, gGate, row * H, gGateW!, wDH, c, D, H);
+    }
+    row += c;
+  });
+  return { gradX: floatTensor(x.dtype, [R, D], gX), grads: inLayout(w.layout, w.activation, x.dtype, m, gUpW, gGateW, gDownW) };
+}
+
+/** Expert math in TypeScript: the reference backend, and the one used where no addon is built. */
+export const tsBackend: ExpertBackend = { name: 'ts', forward, backward };
