@@ -1,0 +1,104 @@
+// Turning a tracker finding plus every rank's machine snapshot into the diagnosis users
+// read: communicator, position, each rank's op and state, the culprits, and the cause in
+// the user's terms, quoting the guard decisions that took a rank off its peers' path.
+import type { CollectiveOp } from '../src/ep/types.js';
+import type { CollectiveTracker, Finding } from './ledger.js';
+import { expertsWithGrads } from './rankMachine.js';
+import { issuedCollective, statePath, type RankSnapshot } from './protocol.js';
+
+export type VerdictKind = 'ok' | 'mismatch' | 'missing' | 'cycle' | 'crash' | 'timeout' | 'violation';
+
+export interface RankReport {
+  readonly rank: number;
+  readonly state: string;
+  readonly op: CollectiveOp | null;
+  readonly phase: 'forward' | 'backward' | null;
+  readonly layer: number;
+  readonly microBatch: number;
+}
+
+export interface Diagnosis {
+  readonly verdict: VerdictKind;
+  readonly communicator: string | null;
+  readonly position: number | null;
+  readonly culprits: readonly number[];
+  readonly ranks: readonly RankReport[];
+  readonly cause: string;
+  /** From the event that made the verdict certain to the verdict (actor runtime). */
+  detectedAfterMs?: number;
+}
+
+export function rankReports(snapshots: readonly RankSnapshot[], tracker: CollectiveTracker): RankReport[] {
+  return snapshots.map((s, rank) => {
+    const path = statePath(s);
+    const blocked = tracker.blockedOn(rank);
+    const issued = blocked ?? issuedCollective(s);
+    return {
+      rank,
+      state: path,
+      op: issued?.op ?? null,
+      phase: issued?.phase ?? (path.startsWith('forward') ? 'forward' : path.startsWith('backward') ? 'backward' : null),
+      layer: s.context.layer,
+      microBatch: s.context.microBatch,
+    };
+  });
+}
+
+const list = (rs: readonly number[]) => (rs.length === 1 ? `rank ${rs[0]}` : `ranks ${rs.join(', ')}`);
+
+/** The diagnosis for a mismatch, missing or cycle finding. */
+export function diagnose(finding: Finding, snapshots: readonly RankSnapshot[], tracker: CollectiveTracker): Diagnosis {
+  const ranks = rankReports(snapshots, tracker);
+  const waiting = ranks.filter((r) => {
+    const b = tracker.blockedOn(r.rank);
+    return b && b.communicator === finding.communicator && b.position === finding.position;
+  });
+  // Ranks whose own guards removed a collective are the culprits: they left the common path.
+  const skippers = snapshots.flatMap((s, rank) => (s.context.skips.length > 0 ? [rank] : []));
+  const culprits = finding.kind !== 'cycle' && skippers.length > 0 ? skippers : finding.culprits;
+  const parts: string[] = [];
+  for (const rank of culprits) {
+    const ctx = snapshots[rank]!.context;
+    const skip = ctx.skips[ctx.skips.length - 1];
+    if (skip) parts.push(`${skip.fact}; ${ctx.cfg.variant.rule}, so rank ${rank} skipped ${skip.skipped.join(' and ')}`);
+  }
+  if (parts.length === 0) parts.push(finding.detail);
+  const variant = snapshots[0]?.context.cfg.variant;
+  if (variant?.localCapacity && finding.kind === 'mismatch') {
+    parts.push(`${variant.rule}: ${culprits.map((r) => `rank ${r} holds ${snapshots[r]!.context.facts[snapshots[r]!.context.layer]?.tokens ?? 0} tokens`).join(', ')}`);
+  }
+  const blockedEntry = tracker.blockedOn(waiting[0]?.rank ?? -1);
+  if (blockedEntry?.op === 'fsdp.reduce_scatter' && finding.kind === 'mismatch' && skippers.length === 0) {
+    parts.push(
+      `${snapshots[0]!.context.cfg.variant.rule}: ${finding.culprits
+        .map((r) => `rank ${r} has gradients for ${expertsWithGrads(snapshots[r]!.context)} of ${snapshots[r]!.context.cfg.numExperts / snapshots[r]!.context.cfg.ep} local experts`)
+        .join(', ')}`,
+    );
+  }
+  const waiters = waiting.filter((w) => !culprits.includes(w.rank));
+  if (waiters.length > 0 && finding.kind !== 'cycle') {
+    parts.push(`${list(waiters.map((w) => w.rank))} ${waiters.length === 1 ? 'waits' : 'wait'} in ${waiters[0]!.op} (${finding.communicator}, position ${finding.position})`);
+  }
+  if (finding.kind === 'cycle') parts.push(`a wait-for cycle across communicators: ${finding.detail}`);
+  return { verdict: finding.kind, communicator: finding.communicator, position: finding.position, culprits, ranks, cause: parts.join('; ') };
+}
+
+export function okDiagnosis(snapshots: readonly RankSnapshot[], tracker: CollectiveTracker): Diagnosis {
+  const n = tracker.entries.length;
+  return { verdict: 'ok', communicator: null, position: null, culprits: [], ranks: rankReports(snapshots, tracker), cause: `every rank finished the step; ${n} collective calls matched` };
+}
+
+/** A readable, multi-line form of a diagnosis for the terminal. */
+export function formatDiagnosis(d: Diagnosis): string {
+  const head = d.verdict === 'ok' ? 'ok' : `${d.verdict.toUpperCase()}${d.communicator ? ` on ${d.communicator}, position ${d.position}` : ''}`;
+  const lines = [`verdict: ${head}`, `cause:   ${d.cause}`];
+  if (d.culprits.length) lines.push(`culprit: ${list(d.culprits)}`);
+  if (d.detectedAfterMs !== undefined) lines.push(`detected ${d.detectedAfterMs.toFixed(1)} ms after the deciding event`);
+  if (d.verdict !== 'ok') {
+    lines.push('ranks:');
+    for (const r of d.ranks) {
+      lines.push(`  rank ${String(r.rank).padEnd(3)} ${r.state.padEnd(28)} ${(r.op ?? '-').padEnd(20)} layer ${r.layer}${r.microBatch ? ` mb ${r.microBatch}` : ''}`);
+    }
+  }
+  return lines.join('\n');
+}

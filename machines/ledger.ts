@@ -1,0 +1,238 @@
+// Communicator bookkeeping with NCCL's semantics: every communicator orders its collectives
+// by position; the n-th collective of every member must be the same op with consistent
+// sizes; a collective blocks its rank until every member has issued it. The tracker finds
+// mismatch, missing and cycle at the moment the evidence exists. The actor runtime's
+// supervisor and the discrete-event engine both feed it, so they share one implementation
+// of matching and verdicts.
+import type { IssuedCollective } from './protocol.js';
+
+export interface Mesh {
+  readonly ep: number;
+  readonly dp: number;
+}
+
+export interface CommunicatorSpec {
+  readonly id: string;
+  readonly kind: 'ep' | 'dp';
+  /** Global ranks in group-rank order. */
+  readonly members: readonly number[];
+}
+
+/** Global rank g = dpRank · ep + epRank; an ep group per dp index, a dp group per ep index. */
+export function communicators(mesh: Mesh): CommunicatorSpec[] {
+  const out: CommunicatorSpec[] = [];
+  for (let d = 0; d < mesh.dp; d++) {
+    out.push({ id: commId(mesh, 'ep', d), kind: 'ep', members: Array.from({ length: mesh.ep }, (_, e) => d * mesh.ep + e) });
+  }
+  if (mesh.dp > 1) {
+    for (let e = 0; e < mesh.ep; e++) {
+      out.push({ id: commId(mesh, 'dp', e), kind: 'dp', members: Array.from({ length: mesh.dp }, (_, d) => d * mesh.ep + e) });
+    }
+  }
+  return out;
+}
+
+function commId(mesh: Mesh, kind: 'ep' | 'dp', index: number): string {
+  if (kind === 'ep') return mesh.dp > 1 ? `ep[dp=${index}]` : 'ep';
+  return mesh.ep > 1 ? `dp[ep=${index}]` : 'dp';
+}
+
+/** The id of the `kind` communicator that global rank `rank` belongs to. */
+export function commOf(mesh: Mesh, rank: number, kind: 'ep' | 'dp'): string {
+  return kind === 'ep' ? commId(mesh, 'ep', Math.floor(rank / mesh.ep)) : commId(mesh, 'dp', rank % mesh.ep);
+}
+
+export interface LedgerEntry extends IssuedCollective {
+  readonly communicator: string;
+  readonly position: number;
+  readonly rank: number;
+  /** Rank within the communicator. */
+  readonly member: number;
+  readonly dtype: string;
+}
+
+export type Finding =
+  | { kind: 'mismatch'; communicator: string; position: number; culprits: number[]; detail: string }
+  | { kind: 'missing'; communicator: string; position: number; culprits: number[]; detail: string }
+  | { kind: 'cycle'; communicator: string; position: number; culprits: number[]; detail: string };
+
+interface CommState {
+  readonly spec: CommunicatorSpec;
+  /** Entries per open position, indexed by member. */
+  readonly open: Map<number, (LedgerEntry | undefined)[]>;
+  /** Next position each member will issue. */
+  readonly next: number[];
+}
+
+export class CollectiveTracker {
+  readonly mesh: Mesh;
+  /** Every entry in issue order (the ledger). */
+  readonly entries: LedgerEntry[] = [];
+  private readonly comms = new Map<string, CommState>();
+  private readonly blocked = new Map<number, LedgerEntry>();
+  private readonly finished = new Set<number>();
+
+  constructor(mesh: Mesh) {
+    this.mesh = mesh;
+    for (const spec of communicators(mesh)) {
+      this.comms.set(spec.id, { spec, open: new Map(), next: spec.members.map(() => 0) });
+    }
+  }
+
+  /** The entry a rank is blocked on, if any. */
+  blockedOn(rank: number): LedgerEntry | undefined {
+    return this.blocked.get(rank);
+  }
+
+  isFinished(rank: number): boolean {
+    return this.finished.has(rank);
+  }
+
+  /**
+   * Record that `rank` issued `c`. Returns the entries of the position when this completed
+   * it (every member has issued; all of them unblock), and a finding when the issue proves
+   * a mismatch or that a member will never come. Cycles are found by findCycle(), which
+   * callers run when a rank blocks (cheap at actor-runtime sizes) or when nothing else can
+   * move (the discrete-event engine at thousands of ranks).
+   */
+  issue(rank: number, c: IssuedCollective, dtype: string): { entry: LedgerEntry; completed: LedgerEntry[] | null; finding: Finding | null } {
+    if (this.blocked.has(rank)) throw new Error(`rank ${rank} issued ${c.op} while still blocked in ${this.blocked.get(rank)!.op}`);
+    const comm = this.commFor(rank, c.comm);
+    const member = comm.spec.members.indexOf(rank);
+    const position = comm.next[member]!++;
+    const entry: LedgerEntry = { ...c, communicator: comm.spec.id, position, rank, member, dtype };
+    this.entries.push(entry);
+    let slot = comm.open.get(position);
+    if (!slot) comm.open.set(position, (slot = comm.spec.members.map(() => undefined)));
+    slot[member] = entry;
+    this.blocked.set(rank, entry);
+
+    const finding = this.checkConsistency(comm, position, entry) ?? this.checkMissing(comm, position);
+    if (finding) return { entry, completed: null, finding };
+    if (slot.every((e) => e !== undefined)) {
+      comm.open.delete(position);
+      for (const e of slot as LedgerEntry[]) this.blocked.delete(e.rank);
+      return { entry, completed: slot as LedgerEntry[], finding: null };
+    }
+    return { entry, completed: null, finding: null };
+  }
+
+  /** Record that `rank` finished its step (or stopped early); finds peers left waiting on it. */
+  finish(rank: number): Finding | null {
+    this.finished.add(rank);
+    for (const comm of this.comms.values()) {
+      if (!comm.spec.members.includes(rank)) continue;
+      const member = comm.spec.members.indexOf(rank);
+      const finding = this.checkMissing(comm, comm.next[member]!);
+      if (finding) return finding;
+    }
+    return null;
+  }
+
+  /** Open positions at the end of a run (should be none when every rank finished). */
+  openPositions(): { communicator: string; position: number; issuedBy: number[] }[] {
+    const out = [];
+    for (const comm of this.comms.values()) {
+      for (const [position, slot] of comm.open) out.push({ communicator: comm.spec.id, position, issuedBy: slot.flatMap((e) => (e ? [e.rank] : [])) });
+    }
+    return out;
+  }
+
+  private commFor(rank: number, kind: 'ep' | 'dp'): CommState {
+    const id = commOf(this.mesh, rank, kind);
+    const comm = this.comms.get(id);
+    if (!comm) throw new Error(`rank ${rank} issued a ${kind} collective but the mesh (ep=${this.mesh.ep}, dp=${this.mesh.dp}) has no ${kind} communicator`);
+    return comm;
+  }
+
+  /** Same op, layer, micro-batch and dtype; all-to-all splits must pair up (send_i[j] = recv_j[i]). */
+  private checkConsistency(comm: CommState, position: number, e: LedgerEntry): Finding | null {
+    const slot = comm.open.get(position)!;
+    for (const other of slot) {
+      if (!other || other === e) continue;
+      const at = { kind: 'mismatch' as const, communicator: comm.spec.id, position };
+      if (other.op !== e.op || other.layer !== e.layer || other.microBatch !== e.microBatch || other.unit !== e.unit) {
+        return { ...at, culprits: [other.rank, e.rank], detail: `rank ${other.rank} issued ${describe(other)} but rank ${e.rank} issued ${describe(e)}` };
+      }
+      if (other.dtype !== e.dtype) {
+        return { ...at, culprits: [other.rank, e.rank], detail: `rank ${other.rank} sends ${other.dtype} but rank ${e.rank} sends ${e.dtype} in ${e.op}` };
+      }
+      if (e.sendSplits && e.recvSplits && other.sendSplits && other.recvSplits) {
+        const [i, j] = [e.member, other.member];
+        if (e.sendSplits[j] !== other.recvSplits[i]) {
+          return { ...at, culprits: [e.rank, other.rank], detail: `rank ${e.rank} sends ${e.sendSplits[j]} rows to rank ${other.rank} but rank ${other.rank} expects ${other.recvSplits[i]} in ${e.op}` };
+        }
+        if (other.sendSplits[i] !== e.recvSplits[j]) {
+          return { ...at, culprits: [other.rank, e.rank], detail: `rank ${other.rank} sends ${other.sendSplits[i]} rows to rank ${e.rank} but rank ${e.rank} expects ${e.recvSplits[j]} in ${e.op}` };
+        }
+      } else if (other.size !== e.size) {
+        return { ...at, culprits: [other.rank, e.rank], detail: `rank ${other.rank} issued ${e.op} of ${other.size} elements but rank ${e.rank} of ${e.size}` };
+      }
+    }
+    return null;
+  }
+
+  /** A position some members issued while another member has finished without issuing it. */
+  private checkMissing(comm: CommState, position: number): Finding | null {
+    const slot = comm.open.get(position);
+    if (!slot) return null;
+    const gone = comm.spec.members.filter((r, m) => slot[m] === undefined && this.finished.has(r));
+    if (gone.length === 0) return null;
+    const waiting = slot.flatMap((e) => (e ? [e] : []));
+    return {
+      kind: 'missing',
+      communicator: comm.spec.id,
+      position,
+      culprits: gone,
+      detail: `rank${gone.length > 1 ? 's' : ''} ${gone.join(', ')} finished without issuing position ${position}, where rank${waiting.length > 1 ? 's' : ''} ${waiting.map((w) => w.rank).join(', ')} wait in ${waiting[0]!.op}`,
+    };
+  }
+
+  /**
+   * Wait-for graph over blocked ranks: a rank blocked in a collective waits on every member
+   * that has not issued that position yet (AND edges). A cycle of blocked ranks can never
+   * make progress: a deadlock, certain now rather than after a timeout.
+   */
+  findCycle(): Finding | null {
+    const waitsOn = (rank: number): number[] => {
+      const e = this.blocked.get(rank);
+      if (!e) return [];
+      const slot = this.comms.get(e.communicator)!.open.get(e.position);
+      if (!slot) return [];
+      return this.comms.get(e.communicator)!.spec.members.filter((r, m) => slot[m] === undefined && this.blocked.has(r));
+    };
+    const color = new Map<number, 1 | 2>();
+    const stack: number[] = [];
+    const visit = (r: number): number[] | null => {
+      color.set(r, 1);
+      stack.push(r);
+      for (const n of waitsOn(r)) {
+        if (color.get(n) === 1) return stack.slice(stack.indexOf(n));
+        if (!color.has(n)) {
+          const c = visit(n);
+          if (c) return c;
+        }
+      }
+      stack.pop();
+      color.set(r, 2);
+      return null;
+    };
+    for (const r of [...this.blocked.keys()].sort((a, b) => a - b)) {
+      if (color.has(r)) continue;
+      const cycle = visit(r);
+      if (cycle) {
+        const first = this.blocked.get(cycle[0]!)!;
+        const links = cycle.map((r, i) => {
+          const e = this.blocked.get(r)!;
+          return `rank ${r} waits in ${e.op} (${e.communicator}, position ${e.position}) for rank ${cycle[(i + 1) % cycle.length]}`;
+        });
+        return { kind: 'cycle', communicator: first.communicator, position: first.position, culprits: [...cycle].sort((a, b) => a - b), detail: links.join('; ') };
+      }
+    }
+    return null;
+  }
+}
+
+export function describe(e: Pick<LedgerEntry, 'op' | 'layer' | 'microBatch' | 'unit'>): string {
+  return `${e.op}${e.unit ? ` (${e.unit} unit)` : ''} of layer ${e.layer}${e.microBatch ? `, micro-batch ${e.microBatch}` : ''}`;
+}

@@ -1,0 +1,108 @@
+// Reading a rank machine's snapshot: what the rank is doing now and, when it sits in a
+// collective state, the exact collective it issues (op, communicator, splits, and the
+// decisions that led there). Both engines turn snapshots into ledger entries here.
+import { initialTransition, transition, type SnapshotFrom } from 'xstate';
+import type { CollectiveOp } from '../src/ep/types.js';
+import { dataSplits, expertsWithGrads, rankMachine, type CollectiveMeta, type Decision, type RankConfig, type RankContext, type RankEvent } from './rankMachine.js';
+
+export type RankSnapshot = SnapshotFrom<typeof rankMachine>;
+
+/** What a rank is doing: waiting for routing or compute, in a collective, or finished. */
+export type RankActivity = 'routing' | 'compute' | 'collective' | 'done' | 'exited' | 'aborted' | 'failed';
+
+export interface IssuedCollective {
+  readonly comm: 'ep' | 'dp';
+  readonly op: CollectiveOp;
+  readonly unit: string | null;
+  readonly phase: 'forward' | 'backward';
+  readonly layer: number;
+  readonly microBatch: number;
+  /** All-to-alls: rows to and from each peer. Other collectives: element count in `size`. */
+  readonly sendSplits: readonly number[] | null;
+  readonly recvSplits: readonly number[] | null;
+  readonly size: number | null;
+  readonly statePath: string;
+  readonly why: readonly Decision[];
+}
+
+export function startRank(cfg: RankConfig): RankSnapshot {
+  return initialTransition(rankMachine, cfg)[0];
+}
+
+export function stepRank(snapshot: RankSnapshot, event: RankEvent): RankSnapshot {
+  return transition(rankMachine, snapshot, event)[0];
+}
+
+export function statePath(snapshot: RankSnapshot): string {
+  const parts: string[] = [];
+  let v: unknown = snapshot.value;
+  while (v && typeof v === 'object') {
+    const [k, inner] = Object.entries(v as Record<string, unknown>)[0]!;
+    parts.push(k);
+    v = inner;
+  }
+  if (typeof v === 'string') parts.push(v);
+  return parts.join('.');
+}
+
+export function activity(snapshot: RankSnapshot): RankActivity {
+  if (snapshot.status === 'done') return statePath(snapshot) as RankActivity;
+  if (collectiveMeta(snapshot)) return 'collective';
+  const path = statePath(snapshot);
+  if (path === 'forward.route') return 'routing';
+  return 'compute';
+}
+
+function collectiveMeta(snapshot: RankSnapshot): CollectiveMeta | null {
+  for (const meta of Object.values(snapshot.getMeta() as Record<string, { collective?: CollectiveMeta }>)) {
+    if (meta?.collective) return meta.collective;
+  }
+  return null;
+}
+
+/** Parameter elements an FSDP collective moves for `unit`, given which experts have gradients. */
+function fsdpSize(ctx: RankContext, meta: CollectiveMeta): number {
+  const { cfg } = ctx;
+  const nLocal = cfg.numExperts / cfg.ep;
+  const experts = meta.op === 'fsdp.reduce_scatter' ? expertsWithGrads(ctx) : nLocal;
+  switch (meta.unit) {
+    case 'attention':
+      return cfg.attentionParams;
+    case 'block':
+    case undefined:
+      return cfg.attentionParams + experts * cfg.paramsPerExpert;
+    default:
+      return experts * cfg.paramsPerExpert;
+  }
+}
+
+/** The collective a rank in a collective state issues, or null when it is not in one. */
+export function issuedCollective(snapshot: RankSnapshot): IssuedCollective | null {
+  const meta = collectiveMeta(snapshot);
+  if (!meta) return null;
+  const ctx = snapshot.context;
+  const path = statePath(snapshot);
+  const base = {
+    comm: meta.comm,
+    op: meta.op,
+    unit: meta.unit ?? null,
+    phase: path.startsWith('forward') ? ('forward' as const) : ('backward' as const),
+    layer: ctx.layer,
+    microBatch: ctx.microBatch,
+    statePath: path,
+    why: ctx.trail,
+  };
+  if (meta.comm === 'dp') {
+    // The MoE-side unit is the whole block under `block` and the experts alone under `experts`.
+    const unit = meta.unit === 'moe' && (ctx.cfg.fsdp === 'block' || ctx.cfg.fsdp === 'experts') ? ctx.cfg.fsdp : meta.unit;
+    return { ...base, unit: unit ?? null, sendSplits: null, recvSplits: null, size: fsdpSize(ctx, { ...meta, unit }) };
+  }
+  if (meta.op === 'fwd.counts') {
+    const ones = Array.from({ length: ctx.cfg.ep }, () => 1);
+    return { ...base, sendSplits: ones, recvSplits: ones, size: null };
+  }
+  const { send, recv } = dataSplits(ctx);
+  // Forward dispatch-direction exchanges send what routing chose; combine-direction ones swap.
+  const forwardDirection = meta.op === 'fwd.dispatch' || meta.op === 'fwd.expert_ids' || meta.op === 'bwd.combine';
+  return { ...base, sendSplits: forwardDirection ? send : recv, recvSplits: forwardDirection ? recv : send, size: null };
+}

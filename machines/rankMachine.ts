@@ -1,0 +1,334 @@
+// The rank machine: one EP rank's training step as an xstate v5 machine. It is the single
+// source of truth for which collectives a rank issues and in what order. The actor runtime
+// runs it inside each worker (the real EP code asks it before every collective); the
+// discrete-event engine steps it with xstate's pure transition(). Guards are named as the
+// fact they test and every guarded choice records a Decision, so a diagnosis can quote why
+// a rank issued or skipped a collective.
+//
+// Step shape: for each micro-batch, forward over layers 0..L-1 (route, A fwd.counts,
+// B fwd.dispatch, C fwd.expert_ids, expert compute, D fwd.combine), then backward over
+// layers L-1..0 (FSDP all-gather, D' bwd.combine, expert backward, B' bwd.dispatch, FSDP
+// reduce-scatters as the wrap policy places them).
+import { assign, setup } from 'xstate';
+import type { CollectiveOp } from '../src/ep/types.js';
+import type { Variant } from './variants.js';
+
+/** FSDP wrap policies: where the data-parallel collectives land relative to the EP ones. */
+export type WrapPolicy = 'block' | 'split' | 'experts';
+export const WRAP_POLICIES: readonly WrapPolicy[] = ['block', 'split', 'experts'];
+
+export interface RankConfig {
+  /** Global rank, and its coordinates in the dp × ep mesh (rank = dpRank · ep + epRank). */
+  readonly rank: number;
+  readonly epRank: number;
+  readonly dpRank: number;
+  readonly ep: number;
+  readonly dp: number;
+  readonly layers: number;
+  readonly microBatches: number;
+  readonly numExperts: number;
+  readonly topK: number;
+  /** Packed experts: one row reaching any local expert gives every packed parameter a gradient. */
+  readonly packed: boolean;
+  /** FSDP over the dp communicator, or null for none. */
+  readonly fsdp: WrapPolicy | null;
+  /** Parameter elements of one expert and of the rest of a block (attention, router). */
+  readonly paramsPerExpert: number;
+  readonly attentionParams: number;
+  readonly variant: Variant;
+}
+
+/** What routing and the exchanges told the rank about one layer of the current micro-batch. */
+export interface LayerFacts {
+  readonly tokens: number;
+  /** Rows this rank sends to each EP peer (from routing), before any capacity padding. */
+  readonly sendCounts: readonly number[];
+  /** Rows each EP peer sends here (the fwd.counts result). */
+  readonly recvCounts: readonly number[] | null;
+  /** Rows received per local expert (known after fwd.expert_ids). */
+  readonly rowsPerExpert: readonly number[] | null;
+}
+
+/** A guarded choice the machine made, with the facts that decided it. */
+export interface Decision {
+  readonly guard: string;
+  readonly held: boolean;
+  /** Collectives this choice removed from the rank's path (empty when it added or kept them). */
+  readonly skipped: readonly CollectiveOp[];
+  readonly fact: string;
+  readonly layer: number;
+  readonly microBatch: number;
+}
+
+export interface RankContext {
+  readonly cfg: RankConfig;
+  readonly layer: number;
+  readonly microBatch: number;
+  /** Layer calls made so far in this step (early-exit counts them). */
+  readonly layerCalls: number;
+  readonly facts: readonly (LayerFacts | null)[];
+  /** Decisions since the last collective was issued; the next ledger entry carries them. */
+  readonly trail: readonly Decision[];
+  /** Every decision that skipped a collective, for the diagnosis. */
+  readonly skips: readonly Decision[];
+  readonly failure: string | null;
+}
+
+export type RankEvent =
+  | { type: 'layer.routed'; tokens: number; sendCounts: readonly number[] }
+  | { type: 'collective.done'; op: CollectiveOp; recvCounts?: readonly number[]; rowsPerExpert?: readonly number[] }
+  | { type: 'compute.done' }
+  | { type: 'supervisor.abort'; reason: string }
+  | { type: 'rank.failed'; error: string };
+
+/** A collective state's meta: the op the rank issues there and the communicator it uses. */
+export interface CollectiveMeta {
+  readonly op: CollectiveOp;
+  readonly comm: 'ep' | 'dp';
+  /** FSDP unit whose parameters the collective moves. */
+  readonly unit?: 'block' | 'moe' | 'experts' | 'attention';
+}
+
+const collective = (meta: CollectiveMeta) => ({ meta: { collective: meta } });
+
+export function currentFacts(ctx: RankContext): LayerFacts {
+  const f = ctx.facts[ctx.layer];
+  if (!f) throw new Error(`rank ${ctx.cfg.rank}: no routing facts for layer ${ctx.layer}`);
+  return f;
+}
+
+const sum = (xs: readonly number[] | null) => (xs ?? []).reduce((a, b) => a + b, 0);
+const receivedRows = (ctx: RankContext) => sum(currentFacts(ctx).recvCounts);
+const where = (ctx: RankContext, phase: string) =>
+  `in layer ${ctx.layer} ${phase}${ctx.cfg.microBatches > 1 ? ` (micro-batch ${ctx.microBatch})` : ''}`;
+
+/** Experts of this rank whose parameters get a gradient in the current layer's backward. */
+export function expertsWithGrads(ctx: RankContext): number {
+  const { cfg } = ctx;
+  const n = cfg.numExperts / cfg.ep;
+  if (cfg.variant.unusedExpertGrads) return n;
+  const rows = currentFacts(ctx).rowsPerExpert ?? [];
+  if (cfg.packed) return sum(rows) > 0 ? n : 0;
+  return rows.filter((r) => r > 0).length;
+}
+
+/** Rows this rank sends and receives in an all-to-all, as the variant sizes them. */
+export function dataSplits(ctx: RankContext): { send: number[]; recv: number[] } {
+  const { cfg } = ctx;
+  const f = currentFacts(ctx);
+  const cap = cfg.variant.localCapacity;
+  if (cap) {
+    // GShard-style padding to a capacity from local counts: every peer gets n_local · C rows
+    // and the rank expects as many back, whatever its peers computed.
+    const nLocal = cfg.numExperts / cfg.ep;
+    const c = Math.ceil((cap.factor * f.tokens * cfg.topK) / cfg.numExperts);
+    const rows = Array.from({ length: cfg.ep }, () => nLocal * c);
+    return { send: rows, recv: [...rows] };
+  }
+  return { send: [...f.sendCounts], recv: [...(f.recvCounts ?? f.sendCounts.map(() => 0))] };
+}
+
+const decide = (ctx: RankContext, d: Omit<Decision, 'layer' | 'microBatch'>): Partial<RankContext> => {
+  const full: Decision = { ...d, layer: ctx.layer, microBatch: ctx.microBatch };
+  return { trail: [...ctx.trail, full], skips: d.skipped.length ? [...ctx.skips, full] : ctx.skips };
+};
+
+export const rankMachine = setup({
+  types: {
+    context: {} as RankContext,
+    events: {} as RankEvent,
+    input: {} as RankConfig,
+  },
+  guards: {
+    stopsEarly: ({ context: c }) => c.cfg.variant.earlyExit?.rank === c.cfg.epRank && c.layerCalls >= c.cfg.variant.earlyExit.afterLayers,
+    sendsNoRowsAndSkips: ({ context: c }) => c.cfg.variant.skipEmptySends && sum(dataSplits(c).send) === 0,
+    returnsNoRowsAndSkips: ({ context: c }) => c.cfg.variant.skipEmptySends && sum(dataSplits(c).recv) === 0,
+    moreLayersForward: ({ context: c }) => c.layer + 1 < c.cfg.layers,
+    moreLayersBackward: ({ context: c }) => c.layer > 0,
+    moreMicroBatches: ({ context: c }) => c.microBatch + 1 < c.cfg.microBatches,
+    fsdpWrapsMoe: ({ context: c }) => c.cfg.fsdp !== null,
+    expertsUnitHasGrads: ({ context: c }) => c.cfg.fsdp === 'experts' && expertsWithGrads(c) > 0,
+    expertsUnitWithoutGrads: ({ context: c }) => c.cfg.fsdp === 'experts' && expertsWithGrads(c) === 0,
+    keepsDispatchEdge: ({ context: c }) => c.cfg.variant.dispatchEdge || receivedRows(c) > 0,
+    moeUnitReduceScatters: ({ context: c }) => c.cfg.fsdp === 'block' || (c.cfg.fsdp === 'split' && expertsWithGrads(c) > 0),
+    moeUnitWithoutGrads: ({ context: c }) => c.cfg.fsdp === 'split' && expertsWithGrads(c) === 0,
+    attentionIsOwnUnit: ({ context: c }) => c.cfg.fsdp === 'split' || c.cfg.fsdp === 'experts',
+  },
+  actions: {
+    recordRouting: assign(({ context: c, event }) => {
+      if (event.type !== 'layer.routed') return {};
+      const facts = [...c.facts];
+      facts[c.layer] = { tokens: event.tokens, sendCounts: [...event.sendCounts], recvCounts: null, rowsPerExpert: null };
+      return { facts, layerCalls: c.layerCalls + 1 };
+    }),
+    recordExchange: assign(({ context: c, event }) => {
+      if (event.type !== 'collective.done') return { trail: [] };
+      const prev = currentFacts(c);
+      const facts = [...c.facts];
+      facts[c.layer] = {
+        ...prev,
+        recvCounts: event.recvCounts ? [...event.recvCounts] : prev.recvCounts,
+        rowsPerExpert: event.rowsPerExpert ? [...event.rowsPerExpert] : prev.rowsPerExpert,
+      };
+      return { facts, trail: [] };
+    }),
+    clearTrail: assign({ trail: [] }),
+    nextLayer: assign(({ context: c }) => ({ layer: c.layer + 1 })),
+    previousLayer: assign(({ context: c }) => ({ layer: c.layer - 1 })),
+    nextMicroBatch: assign(({ context: c }) => ({ microBatch: c.microBatch + 1, layer: 0, facts: c.facts.map(() => null) })),
+    noteEarlyExit: assign(({ context: c }) =>
+      decide(c, { guard: 'stopsEarly', held: true, skipped: ['fwd.counts'], fact: `rank ${c.cfg.rank} stopped calling the MoE layer after ${c.layerCalls} layer call(s)` }),
+    ),
+    noteSkippedDispatch: assign(({ context: c }) =>
+      decide(c, { guard: 'sendsNoRowsAndSkips', held: true, skipped: ['fwd.dispatch', 'fwd.expert_ids'], fact: `rank ${c.cfg.rank} has 0 rows to send ${where(c, 'forward')}` }),
+    ),
+    noteSkippedCombine: assign(({ context: c }) =>
+      decide(c, { guard: 'returnsNoRowsAndSkips', held: true, skipped: ['fwd.combine'], fact: `rank ${c.cfg.rank} received 0 rows ${where(c, 'forward')}, so it has nothing to return` }),
+    ),
+    noteSkippedCombineGrad: assign(({ context: c }) =>
+      decide(c, { guard: 'sendsNoRowsAndSkips', held: true, skipped: ['bwd.combine'], fact: `rank ${c.cfg.rank} has 0 rows of combine gradient to send ${where(c, 'backward')}` }),
+    ),
+    noteDroppedDispatchEdge: assign(({ context: c }) =>
+      decide(c, { guard: 'keepsDispatchEdge', held: false, skipped: ['bwd.dispatch'], fact: `rank ${c.cfg.rank} received 0 rows ${where(c, 'forward')}` }),
+    ),
+    noteSkippedExpertsReduceScatter: assign(({ context: c }) =>
+      decide(c, { guard: 'expertsUnitHasGrads', held: false, skipped: ['fsdp.reduce_scatter'], fact: `no local expert of rank ${c.cfg.rank} has a gradient ${where(c, 'backward')}` }),
+    ),
+    noteSkippedMoeReduceScatter: assign(({ context: c }) =>
+      decide(c, { guard: 'moeUnitReduceScatters', held: false, skipped: ['fsdp.reduce_scatter'], fact: `no local expert of rank ${c.cfg.rank} has a gradient ${where(c, 'backward')}` }),
+    ),
+    noteFailure: assign(({ event }) => ({ failure: event.type === 'rank.failed' ? event.error : event.type === 'supervisor.abort' ? event.reason : null })),
+  },
+}).createMachine({
+  id: 'rank',
+  context: ({ input }) => ({
+    cfg: input,
+    layer: 0,
+    microBatch: 0,
+    layerCalls: 0,
+    facts: Array.from({ length: input.layers }, () => null),
+    trail: [],
+    skips: [],
+    failure: null,
+  }),
+  initial: 'forward',
+  on: {
+    'supervisor.abort': { target: '.aborted', actions: 'noteFailure' },
+    'rank.failed': { target: '.failed', actions: 'noteFailure' },
+  },
+  states: {
+    forward: {
+      initial: 'route',
+      states: {
+        route: {
+          always: { guard: 'stopsEarly', target: '#rank.exited', actions: 'noteEarlyExit' },
+          on: { 'layer.routed': { target: 'counts', actions: 'recordRouting' } },
+        },
+        counts: {
+          ...collective({ op: 'fwd.counts', comm: 'ep' }),
+          on: {
+            'collective.done': [
+              { guard: 'sendsNoRowsAndSkips', target: 'compute', actions: ['recordExchange', 'noteSkippedDispatch'] },
+              { target: 'dispatch', actions: 'recordExchange' },
+            ],
+          },
+        },
+        dispatch: { ...collective({ op: 'fwd.dispatch', comm: 'ep' }), on: { 'collective.done': { target: 'expertIds', actions: 'recordExchange' } } },
+        expertIds: { ...collective({ op: 'fwd.expert_ids', comm: 'ep' }), on: { 'collective.done': { target: 'compute', actions: 'recordExchange' } } },
+        compute: {
+          on: {
+            'compute.done': [
+              { guard: 'returnsNoRowsAndSkips', target: 'layerDone', actions: 'noteSkippedCombine' },
+              { target: 'combine' },
+            ],
+          },
+        },
+        combine: { ...collective({ op: 'fwd.combine', comm: 'ep' }), on: { 'collective.done': { target: 'layerDone', actions: 'recordExchange' } } },
+        layerDone: {
+          always: [
+            { guard: 'moreLayersForward', target: 'route', actions: 'nextLayer' },
+            { target: '#rank.backward' },
+          ],
+        },
+      },
+    },
+    backward: {
+      initial: 'layerStart',
+      states: {
+        layerStart: {
+          always: [
+            { guard: 'fsdpWrapsMoe', target: 'moeAllGather' },
+            { guard: 'sendsNoRowsAndSkips', target: 'expertBackward', actions: 'noteSkippedCombineGrad' },
+            { target: 'combine' },
+          ],
+        },
+        moeAllGather: {
+          ...collective({ op: 'fsdp.all_gather', comm: 'dp', unit: 'moe' }),
+          on: {
+            'collective.done': [
+              { guard: 'sendsNoRowsAndSkips', target: 'expertBackward', actions: ['recordExchange', 'noteSkippedCombineGrad'] },
+              { target: 'combine', actions: 'recordExchange' },
+            ],
+          },
+        },
+        combine: { ...collective({ op: 'bwd.combine', comm: 'ep' }), on: { 'collective.done': { target: 'expertBackward', actions: 'recordExchange' } } },
+        expertBackward: {
+          on: {
+            'compute.done': [
+              { guard: 'expertsUnitHasGrads', target: 'expertsReduceScatter' },
+              { guard: 'expertsUnitWithoutGrads', target: 'dispatchChoice', actions: 'noteSkippedExpertsReduceScatter' },
+              { target: 'dispatchChoice' },
+            ],
+          },
+        },
+        expertsReduceScatter: {
+          ...collective({ op: 'fsdp.reduce_scatter', comm: 'dp', unit: 'experts' }),
+          on: { 'collective.done': { target: 'dispatchChoice', actions: 'recordExchange' } },
+        },
+        dispatchChoice: {
+          always: [
+            { guard: 'returnsNoRowsAndSkips', target: 'moeDone', actions: 'noteSkippedCombine' },
+            { guard: 'keepsDispatchEdge', target: 'dispatch' },
+            { target: 'moeDone', actions: 'noteDroppedDispatchEdge' },
+          ],
+        },
+        dispatch: { ...collective({ op: 'bwd.dispatch', comm: 'ep' }), on: { 'collective.done': { target: 'moeDone', actions: 'recordExchange' } } },
+        moeDone: {
+          always: [
+            { guard: 'moeUnitReduceScatters', target: 'moeReduceScatter' },
+            { guard: 'moeUnitWithoutGrads', target: 'attentionChoice', actions: 'noteSkippedMoeReduceScatter' },
+            { target: 'attentionChoice' },
+          ],
+        },
+        moeReduceScatter: {
+          ...collective({ op: 'fsdp.reduce_scatter', comm: 'dp', unit: 'moe' }),
+          on: { 'collective.done': { target: 'attentionChoice', actions: 'recordExchange' } },
+        },
+        attentionChoice: {
+          always: [{ guard: 'attentionIsOwnUnit', target: 'attentionAllGather' }, { target: 'layerDone' }],
+        },
+        attentionAllGather: {
+          ...collective({ op: 'fsdp.all_gather', comm: 'dp', unit: 'attention' }),
+          on: { 'collective.done': { target: 'attentionReduceScatter', actions: 'recordExchange' } },
+        },
+        attentionReduceScatter: {
+          ...collective({ op: 'fsdp.reduce_scatter', comm: 'dp', unit: 'attention' }),
+          on: { 'collective.done': { target: 'layerDone', actions: 'recordExchange' } },
+        },
+        layerDone: {
+          always: [
+            { guard: 'moreLayersBackward', target: 'layerStart', actions: 'previousLayer' },
+            { guard: 'moreMicroBatches', target: '#rank.forward', actions: 'nextMicroBatch' },
+            { target: '#rank.done' },
+          ],
+        },
+      },
+    },
+    done: { type: 'final' },
+    exited: { type: 'final' },
+    aborted: { type: 'final' },
+    failed: { type: 'final' },
+  },
+});
+
+export type RankMachine = typeof rankMachine;

@@ -1,0 +1,76 @@
+// Variants remove one of the seed's safeties at a time, so the simulator can reproduce the
+// real hazard each safety exists for. The rank machine's guards read these flags; nothing
+// else branches on the variant name.
+
+export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity'] as const;
+export type VariantName = (typeof VARIANT_NAMES)[number];
+
+export interface Variant {
+  readonly name: VariantName;
+  /** `received_tokens.sum()*0` keeps bwd.dispatch in the autograd graph on a rank that received nothing. */
+  readonly dispatchEdge: boolean;
+  /** Zero contributions keep every expert parameter's gradient hook firing (FSDP2 reduce-scatter sizes agree). */
+  readonly unusedExpertGrads: boolean;
+  /** A rank with nothing to send skips the exchange (old NCCL zero-byte hazard). */
+  readonly skipEmptySends: boolean;
+  /** The rank that stops calling the MoE layer after `afterLayers` layer calls in the step (generation with unequal lengths). */
+  readonly earlyExit: { readonly rank: number; readonly afterLayers: number } | null;
+  /** Capacity per expert from the rank's own token count: ceil(factor · T_r · K / E), rows padded to it (GShard style). */
+  readonly localCapacity: { readonly factor: number } | null;
+  /** One sentence: which safety is gone and what that does. */
+  readonly rule: string;
+}
+
+const SEED: Variant = {
+  name: 'seed',
+  dispatchEdge: true,
+  unusedExpertGrads: true,
+  skipEmptySends: false,
+  earlyExit: null,
+  localCapacity: null,
+  rule: 'the seed keeps every collective on every rank',
+};
+
+export interface VariantOptions {
+  /** early-exit: which rank stops and after how many layer calls (default rank ep-1, one layer). */
+  earlyExitRank?: number;
+  earlyExitAfterLayers?: number;
+  /** local-capacity: the capacity factor (default 1.0). */
+  capacityFactor?: number;
+}
+
+export function makeVariant(name: VariantName, opts: VariantOptions = {}): Variant {
+  switch (name) {
+    case 'seed':
+      return SEED;
+    case 'no-dispatch-edge':
+      return { ...SEED, name, dispatchEdge: false, rule: 'variant no-dispatch-edge drops bwd.dispatch when nothing was received' };
+    case 'no-unused-expert-grads':
+      return {
+        ...SEED,
+        name,
+        unusedExpertGrads: false,
+        rule: 'variant no-unused-expert-grads lets unused experts fire no gradient hook, so FSDP2 leaves their parameters out of the reduce-scatter (and skips a unit with no gradients)',
+      };
+    case 'skip-empty-sends':
+      return { ...SEED, name, skipEmptySends: true, rule: 'variant skip-empty-sends skips an all-to-all in which the rank has no rows to send' };
+    case 'early-exit':
+      return {
+        ...SEED,
+        name,
+        earlyExit: { rank: opts.earlyExitRank ?? -1, afterLayers: opts.earlyExitAfterLayers ?? 1 },
+        rule: 'variant early-exit stops one rank calling the MoE layer before its peers (generation with unequal lengths)',
+      };
+    case 'local-capacity':
+      return {
+        ...SEED,
+        name,
+        localCapacity: { factor: opts.capacityFactor ?? 1 },
+        rule: 'variant local-capacity sizes the all-to-all from a capacity computed from local token counts, so ranks with different token counts disagree on split sizes',
+      };
+  }
+}
+
+export function isVariantName(s: string): s is VariantName {
+  return (VARIANT_NAMES as readonly string[]).includes(s);
+}

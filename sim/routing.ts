@@ -1,0 +1,115 @@
+// Routing generators: which experts each token of each rank picks, per micro-batch and
+// layer, deterministically from the scenario's seed. Generators:
+//   uniform    each token picks top_k distinct experts uniformly
+//   zipf:S     expert popularity ∝ 1/(i+1)^S (skewed load)
+//   starve:R   no row of global rank R's EP group goes to R's experts (the zero-token rank)
+//   hot:E      every token's first choice is expert E, the rest uniform
+//   empty:R    global rank R holds no tokens
+//   explicit   ids given in the scenario (replay files, case files)
+import { UsageError } from '../src/errors.js';
+import type { Scenario } from './scenario.js';
+
+export type RoutingSpec =
+  | { kind: 'uniform' }
+  | { kind: 'zipf'; s: number }
+  | { kind: 'starve'; rank: number }
+  | { kind: 'hot'; expert: number }
+  | { kind: 'empty'; rank: number }
+  | { kind: 'explicit' };
+
+export const ROUTING_HELP = 'uniform | zipf:S | starve:R | hot:E | empty:R | explicit';
+
+export function parseRouting(spec: string, s: Pick<Scenario, 'ep' | 'dp' | 'experts' | 'topK' | 'explicit'>): RoutingSpec {
+  const [kind, arg] = spec.split(':', 2);
+  const num = (what: string) => {
+    const n = Number(arg);
+    if (arg === undefined || arg === '' || !Number.isFinite(n)) throw new UsageError(`routing '${spec}': ${kind} needs a numeric ${what} (${kind}:${what})`);
+    return n;
+  };
+  const intIn = (what: string, hi: number) => {
+    const n = num(what);
+    if (!Number.isInteger(n) || n < 0 || n >= hi) throw new UsageError(`routing '${spec}': ${what} must be an integer in [0, ${hi}), got ${arg}`);
+    return n;
+  };
+  switch (kind) {
+    case 'uniform':
+      return { kind };
+    case 'zipf': {
+      const z = num('S');
+      if (z < 0) throw new UsageError(`routing '${spec}': the zipf exponent must be >= 0`);
+      return { kind, s: z };
+    }
+    case 'starve': {
+      const rank = intIn('R', s.ep * s.dp);
+      const nLocal = s.experts / s.ep;
+      if (s.experts - nLocal < s.topK) throw new UsageError(`routing '${spec}': starving rank ${rank} leaves ${s.experts - nLocal} experts, fewer than top_k (${s.topK})`);
+      return { kind, rank };
+    }
+    case 'hot':
+      return { kind, expert: intIn('E', s.experts) };
+    case 'empty':
+      return { kind, rank: intIn('R', s.ep * s.dp) };
+    case 'explicit':
+      if (!s.explicit) throw new UsageError(`routing 'explicit' needs the scenario's explicit routing table`);
+      return { kind };
+    default:
+      throw new UsageError(`unknown routing generator '${spec}'; one of ${ROUTING_HELP}`);
+  }
+}
+
+/** mulberry32: a small, fast, seedable PRNG; plenty for routing draws. */
+export function prng(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+const mix = (...xs: number[]) => xs.reduce((h, x) => Math.imul(h ^ (x + 0x9e3779b9), 0x85ebca6b) >>> 0, 0x12345678);
+
+/** Global expert ids [T·K] (t-major) for one rank, micro-batch and layer. */
+export function routeTokens(s: Scenario, rank: number, microBatch: number, layer: number): Int32Array {
+  const spec = parseRouting(s.routing, s);
+  if (spec.kind === 'explicit') return Int32Array.from(s.explicit![rank]?.[microBatch]?.[layer] ?? []);
+  const tokens = spec.kind === 'empty' && spec.rank === rank ? 0 : s.tokens;
+  const rand = prng(mix(s.seed, rank, microBatch, layer));
+  const nLocal = s.experts / s.ep;
+  // Starvation is per EP group: with dp > 1 only the starved rank's group avoids its experts,
+  // so its data-parallel peers still compute (what makes FSDP reduce-scatters diverge).
+  const starved = spec.kind === 'starve' && Math.floor(spec.rank / s.ep) === Math.floor(rank / s.ep) ? spec.rank % s.ep : -1;
+  const allowed = Array.from({ length: s.experts }, (_, e) => e).filter((e) => Math.floor(e / nLocal) !== starved);
+  const weightOf = (e: number) => (spec.kind === 'zipf' ? 1 / (e + 1) ** spec.s : 1);
+  const out = new Int32Array(tokens * s.topK);
+  for (let t = 0; t < tokens; t++) {
+    const chosen = new Set<number>();
+    if (spec.kind === 'hot') chosen.add(spec.expert);
+    while (chosen.size < s.topK) chosen.add(weightedPick(allowed, weightOf, chosen, rand));
+    let k = 0;
+    for (const e of chosen) out[t * s.topK + k++] = e;
+  }
+  return out;
+}
+
+function weightedPick(allowed: readonly number[], weightOf: (e: number) => number, taken: Set<number>, rand: () => number): number {
+  let total = 0;
+  for (const e of allowed) if (!taken.has(e)) total += weightOf(e);
+  let x = rand() * total;
+  for (const e of allowed) {
+    if (taken.has(e)) continue;
+    x -= weightOf(e);
+    if (x < 0) return e;
+  }
+  return allowed.filter((e) => !taken.has(e)).at(-1)!;
+}
+
+/** Rows a rank sends to each EP peer: bincount of expert // n_local. */
+export function sendCountsOf(indices: ArrayLike<number>, numExperts: number, ep: number): number[] {
+  const nLocal = numExperts / ep;
+  const counts = new Array<number>(ep).fill(0);
+  for (let i = 0; i < indices.length; i++) counts[Math.floor(indices[i]! / nLocal)]!++;
+  return counts;
+}
