@@ -159,7 +159,7 @@ export async function loadCase(path: string): Promise<CaseData> {
   try {
     file = await readSafetensorsFile(path);
   } catch (err) {
-    throw new CaseError(`${path}: ${describeError(err)}`);
+    throw new CaseError(describeError(err)); // the codec names the file
   }
   return parseCase(file);
 }

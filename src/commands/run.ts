@@ -1,0 +1,69 @@
+// `ep-actors run --case F --out F [--json]`: the EP layer, forward and backward, on the
+// inputs of a case file; results are written to a new safetensors file.
+import { resolve } from 'node:path';
+import { parse } from './args.js';
+import { UsageError } from '../errors.js';
+import { caseMetadata, loadCase, resultTensors, runCase } from '../case.js';
+import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
+
+const HELP = `usage: ep-actors run --case FILE --out FILE [--json]
+
+Run the EP layer (KempnerForge's ep_dispatch_and_compute) forward and backward on the
+inputs of a case file, one task per EP rank over an in-process communicator.
+
+  --case FILE   safetensors case: experts.up_w [E,D,H], experts.down_w [E,H,D],
+                experts.gate_w [E,D,H] (silu only), rank{r}.x [T_r,D],
+                rank{r}.weights [T_r,K], rank{r}.indices [T_r,K] (i64), rank{r}.grad_out [T_r,D];
+                metadata ep, num_experts, top_k, dim, hidden, activation (silu|gelu|relu),
+                packed (true|false), gradient_scale (true|false)
+  --out FILE    results: rank{r}.out, rank{r}.grad_x, rank{r}.grad_weights and the expert
+                grads grad.up_w, grad.down_w, grad.gate_w over all experts (packed layout);
+                written atomically, nothing is written when the case is invalid
+  --json        print one JSON object instead of the summary
+  -h, --help    this text
+
+exit codes: 0 ok, 1 bad usage or an invalid case (one line names the tensor or key)`;
+
+export async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parse(argv, { case: { type: 'string' }, out: { type: 'string' }, json: { type: 'boolean' } }, HELP);
+  if (values.help) {
+    console.log(HELP);
+    return 0;
+  }
+  if (positionals.length > 0) throw new UsageError(`unexpected argument '${positionals[0]}'\n\n${HELP}`);
+  if (typeof values.case !== 'string') throw new UsageError(`--case is required\n\n${HELP}`);
+  if (typeof values.out !== 'string') throw new UsageError(`--out is required\n\n${HELP}`);
+  const casePath = resolve(values.case);
+  const outPath = resolve(values.out);
+
+  const data = await loadCase(casePath);
+  const result = await runCase(data);
+  const tensors = resultTensors(result);
+  await writeSafetensorsFileAtomic(outPath, tensors, caseMetadata(data.meta));
+
+  const { meta } = data;
+  const summary = {
+    case: casePath,
+    out: outPath,
+    ep: meta.ep,
+    numExperts: meta.numExperts,
+    topK: meta.topK,
+    activation: meta.activation,
+    packed: meta.packed,
+    gradientScale: meta.gradientScale,
+    dtype: data.dtype,
+    tokensPerRank: data.ranks.map((r) => r.x_TD.shape[0] ?? 0),
+    rowsReceivedPerRank: result.ranks.map((r) => r.rowsReceived),
+    tensors: [...tensors.keys()],
+  };
+  if (values.json) {
+    console.log(JSON.stringify(summary));
+  } else {
+    const layout = meta.packed ? 'packed' : 'unpacked';
+    console.log(`ran ${casePath}: ep=${meta.ep}, ${meta.numExperts} experts, top-${meta.topK}, ${meta.activation} (${layout}, ${data.dtype})${meta.gradientScale ? ', gradient scale on' : ''}`);
+    console.log(`  tokens per rank:        ${summary.tokensPerRank.join(' ')}`);
+    console.log(`  rows received per rank: ${summary.rowsReceivedPerRank.join(' ')}`);
+    console.log(`wrote ${outPath} (${tensors.size} tensors)`);
+  }
+  return 0;
+}
