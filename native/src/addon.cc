@@ -191,7 +191,7 @@ Napi::Value runExpert(const Napi::CallbackInfo& info, bool backward) {
 
 EpAddon::EpAddon(Napi::Env env, Napi::Object exports) {
   DefineAddon(exports, {
-                           InstanceMethod("init", &EpAddon::SetErrorClass),
+                           InstanceMethod("setErrorClass", &EpAddon::SetErrorClass),
                            InstanceMethod("info", &EpAddon::Info),
                            InstanceMethod("expertForward", &EpAddon::ExpertForward),
                            InstanceMethod("expertBackward", &EpAddon::ExpertBackward),
@@ -214,7 +214,7 @@ void EpAddon::teardown() {
 }
 
 Napi::Value EpAddon::SetErrorClass(const Napi::CallbackInfo& info) {
-  if (!info[0].IsFunction()) throwNative(info.Env(), "BAD_ARGUMENT", "init expects the NativeError class");
+  if (!info[0].IsFunction()) throwNative(info.Env(), "BAD_ARGUMENT", "setErrorClass expects the NativeError class");
   errorCtor = Napi::Persistent(info[0].As<Napi::Function>());
   return info.Env().Undefined();
 }

@@ -1,0 +1,328 @@
+// The native addon's TypeScript face: the loader, the NativeError class the addon throws,
+// and `nativeBackend`, an ExpertBackend over the addon's C++ kernels. Arguments are checked
+// here first; the addon re-checks every length before touching memory.
+import { createRequire } from 'node:module';
+import { existsSync, readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Tensor, type FloatDType, type StorageOf } from '../tensor.js';
+import type {
+  Activation,
+  ExpertBackend,
+  ExpertBackward,
+  ExpertForward,
+  ExpertWeights,
+  PackedExperts,
+  UnpackedExpert,
+} from '../ep/types.js';
+
+/** An error raised inside the addon: `code` is CUDA_ERROR_..., NCCL_..., BAD_ARGUMENT, ... */
+export class NativeError extends Error {
+  override name = 'NativeError';
+  readonly code: string;
+  constructor(message: string, code: string) {
+    super(message);
+    this.code = code;
+  }
+}
+
+type Floats = Float32Array | Float64Array;
+
+/** The job objects the addon reads (native/src/addon.cc, parseJob). */
+export interface ExpertJob {
+  dtype: FloatDType;
+  act: Activation;
+  layout: 'packed' | 'unpacked';
+  d: number;
+  h: number;
+  counts: Int32Array;
+  x: Floats;
+  up: Floats[];
+  gate: Floats[] | null;
+  down: Floats[];
+  saveUp: Floats;
+  saveGate: Floats | null;
+  y?: Floats;
+  gy?: Floats;
+  gx?: Floats;
+  gUp?: Floats[];
+  gGate?: Floats[] | null;
+  gDown?: Floats[];
+  /** Use OpenBLAS for the GEMMs when it loaded (else our own kernels). */
+  blas: boolean;
+}
+
+export interface GemmSpec {
+  dtype?: FloatDType;
+  ta: boolean;
+  tb: boolean;
+  m: number;
+  n: number;
+  k: number;
+  a: Floats;
+  b: Floats;
+  c: Floats;
+  accumulate?: boolean;
+  /** 'own': our kernels; 'blas': OpenBLAS (NativeError BLAS_UNAVAILABLE if absent); 'auto'. */
+  impl: 'own' | 'blas' | 'auto';
+}
+
+export interface NativeInfo {
+  /** The CBLAS library that loaded (e.g. libopenblas.so.0), or null. */
+  blas: string | null;
+  blasReason: string;
+  /** Our GEMM's micro-kernel on this CPU: 'avx2-fma' or 'generic'. */
+  kernel: string;
+  threads: number;
+  cudaBuilt: boolean;
+}
+
+export interface NativeAddon {
+  setErrorClass(ctor: typeof NativeError): void;
+  info(): NativeInfo;
+  expertForward(job: ExpertJob, sync: true): undefined;
+  expertForward(job: ExpertJob, sync?: false): Promise<void>;
+  expertBackward(job: ExpertJob, sync: true): undefined;
+  expertBackward(job: ExpertJob, sync?: false): Promise<void>;
+  gemm(spec: GemmSpec): void;
+  gatherRows(src: Floats, rowSize: number, index: Int32Array, dst: Floats): void;
+  scatterAddWeighted(src: Floats, rowSize: number, index: Int32Array, weight: Floats | null, out: Floats): void;
+  // CUDA (native/src/cuda_backend.cc); each throws NativeError CUDA_NOT_BUILT in a CPU-only build.
+  cudaInfo(): { devices: number; names: string[]; runtimeVersion: number; driverVersion: number };
+  [name: string]: unknown;
+}
+
+function findRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const pkg = join(dir, 'package.json');
+    if (existsSync(pkg) && (JSON.parse(readFileSync(pkg, 'utf8')) as { name?: string }).name === 'ep-actors') return dir;
+    const up = dirname(dir);
+    if (up === dir) throw new Error('ep-actors: cannot find the package root above ' + fileURLToPath(import.meta.url));
+    dir = up;
+  }
+}
+
+/** Where the built addon lives (EP_ACTORS_NATIVE_PATH overrides). */
+export function nativeAddonPath(): string {
+  return process.env.EP_ACTORS_NATIVE_PATH ?? join(findRoot(), 'native', 'build', 'Release', 'ep_actors_native.node');
+}
+
+let loaded: { addon: NativeAddon | null; reason: string | null } | undefined;
+
+/** The addon for this thread (loaded once per thread), or null; nativeUnavailableReason() says why. */
+export function loadNative(): NativeAddon | null {
+  if (loaded) return loaded.addon;
+  if (process.env.EP_ACTORS_NO_NATIVE === '1') {
+    loaded = { addon: null, reason: 'disabled by EP_ACTORS_NO_NATIVE=1' };
+    return null;
+  }
+  const path = nativeAddonPath();
+  if (!existsSync(path)) {
+    loaded = { addon: null, reason: `the native addon is not built (${path} is missing; run \`node native/build.mjs\`)` };
+    return null;
+  }
+  try {
+    const addon = createRequire(import.meta.url)(path) as NativeAddon;
+    addon.setErrorClass(NativeError);
+    loaded = { addon, reason: null };
+  } catch (e) {
+    loaded = { addon: null, reason: `the native addon at ${path} failed to load: ${e instanceof Error ? e.message : String(e)}` };
+  }
+  return loaded.addon;
+}
+
+/** Why loadNative() returned null; null when the addon is loaded. */
+export function nativeUnavailableReason(): string | null {
+  loadNative();
+  return loaded!.reason;
+}
+
+/** The addon, or a NativeError NATIVE_UNAVAILABLE naming the reason. */
+export function requireNative(): NativeAddon {
+  const a = loadNative();
+  if (!a) throw new NativeError(`native backend unavailable: ${loaded!.reason}`, 'NATIVE_UNAVAILABLE');
+  return a;
+}
+
+// ---- the expert backend ----
+
+const SAVED = Symbol('native expert forward');
+
+interface NativeSaved {
+  readonly [SAVED]: true;
+  readonly up: Floats;
+  readonly gate: Floats | null;
+  readonly counts: Int32Array;
+}
+
+function alloc(dtype: FloatDType, n: number): Floats {
+  return dtype === 'f64' ? new Float64Array(n) : new Float32Array(n);
+}
+
+function describe(w: ExpertWeights): { n: number; d: number; h: number } {
+  if (w.layout === 'packed') {
+    const [n, d, h] = w.up.shape as [number, number, number];
+    return { n, d, h };
+  }
+  const first = w.experts[0];
+  if (!first) return { n: 0, d: 0, h: 0 };
+  const [h, d] = first.up.shape as [number, number];
+  return { n: w.experts.length, d, h };
+}
+
+function checkShape(t: Tensor, shape: readonly number[], what: string, dtype: FloatDType): void {
+  if (t.dtype !== dtype) throw new NativeError(`${what} is ${t.dtype}, expected ${dtype}`, 'BAD_ARGUMENT');
+  if (t.shape.length !== shape.length || t.shape.some((s, i) => s !== shape[i]))
+    throw new NativeError(`${what} has shape [${t.shape.join(', ')}], expected [${shape.join(', ')}]`, 'BAD_ARGUMENT');
+}
+
+/** Per-expert views of a weight set (no copies), checked against D, H and the activation. */
+function weightViews(w: ExpertWeights, dtype: FloatDType, d: number, h: number): { up: Floats[]; gate: Floats[] | null; down: Floats[] } {
+  const gated = w.activation === 'silu';
+  if (w.layout === 'packed') {
+    const n = w.up.shape[0] ?? 0;
+    checkShape(w.up, [n, d, h], 'up', dtype);
+    checkShape(w.down, [n, h, d], 'down', dtype);
+    if (gated !== (w.gate !== null)) throw new NativeError(`gate weights must be present exactly for silu (activation ${w.activation})`, 'BAD_ARGUMENT');
+    if (w.gate) checkShape(w.gate, [n, d, h], 'gate', dtype);
+    const views = (t: Tensor) => Array.from({ length: n }, (_, i) => (t.data as Floats).subarray(i * d * h, (i + 1) * d * h));
+    return { up: views(w.up), gate: w.gate ? views(w.gate) : null, down: views(w.down) };
+  }
+  const up: Floats[] = [];
+  const gate: Floats[] = [];
+  const down: Floats[] = [];
+  w.experts.forEach((e: UnpackedExpert, i) => {
+    checkShape(e.up, [h, d], `experts[${i}].up`, dtype);
+    checkShape(e.down, [d, h], `experts[${i}].down`, dtype);
+    if (gated !== (e.gate !== null)) throw new NativeError(`experts[${i}].gate must be present exactly for silu`, 'BAD_ARGUMENT');
+    if (e.gate) {
+      checkShape(e.gate, [h, d], `experts[${i}].gate`, dtype);
+      gate.push(e.gate.data as Floats);
+    }
+    up.push(e.up.data as Floats);
+    down.push(e.down.data as Floats);
+  });
+  return { up, gate: gated ? gate : null, down };
+}
+
+export interface NativeBackendOptions {
+  /** Use OpenBLAS's sgemm/dgemm when it loaded (default true); false measures our own kernels. */
+  blas?: boolean;
+  /** Run on the calling thread instead of libuv's pool (default false). */
+  sync?: boolean;
+}
+
+export class NativeExpertBackend implements ExpertBackend {
+  readonly name: string;
+  readonly #blas: boolean;
+  readonly #sync: boolean;
+
+  constructor(opts: NativeBackendOptions = {}) {
+    this.#blas = opts.blas ?? true;
+    this.#sync = opts.sync ?? false;
+    this.name = this.#blas ? 'native' : 'native-noblas';
+  }
+
+  #job<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[]): { job: ExpertJob; R: number; d: number; h: number } {
+    const { n, d: dW, h } = describe(w);
+    if (x.dtype !== 'f32' && x.dtype !== 'f64') throw new NativeError(`native backend takes f32 or f64, got ${x.dtype}`, 'BAD_ARGUMENT');
+    if (x.shape.length !== 2) throw new NativeError(`x must be [R, D], got [${x.shape.join(', ')}]`, 'BAD_ARGUMENT');
+    const [R, d] = x.shape as [number, number];
+    if (n > 0 && d !== dW) throw new NativeError(`x has D = ${d} but the experts take ${dW}`, 'BAD_ARGUMENT');
+    if (rowsPerExpert.length !== n) throw new NativeError(`${rowsPerExpert.length} row counts for ${n} local experts`, 'BAD_ARGUMENT');
+    let sum = 0;
+    for (const c of rowsPerExpert) {
+      if (!Number.isSafeInteger(c) || c < 0) throw new NativeError(`bad row count ${c}`, 'BAD_ARGUMENT');
+      sum += c;
+    }
+    if (sum !== R) throw new NativeError(`row counts sum to ${sum} but x has ${R} rows`, 'BAD_ARGUMENT');
+    const v = weightViews(w, x.dtype, d, h);
+    const gated = w.activation === 'silu';
+    const job: ExpertJob = {
+      dtype: x.dtype,
+      act: w.activation,
+      layout: w.layout,
+      d,
+      h,
+      counts: Int32Array.from(rowsPerExpert),
+      x: x.data as Floats,
+      up: v.up,
+      gate: v.gate,
+      down: v.down,
+      saveUp: alloc(x.dtype, R * h),
+      saveGate: gated ? alloc(x.dtype, R * h) : null,
+      blas: this.#blas,
+    };
+    return { job, R, d, h };
+  }
+
+  async forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[]): Promise<ExpertForward<F>> {
+    const addon = requireNative();
+    const { job, R, d } = this.#job(w, x, rowsPerExpert);
+    job.y = alloc(x.dtype, R * d);
+    if (this.#sync) addon.expertForward(job, true);
+    else await addon.expertForward(job);
+    const saved: NativeSaved = { [SAVED]: true, up: job.saveUp, gate: job.saveGate, counts: job.counts };
+    return { y: new Tensor(x.dtype, [R, d], job.y as StorageOf[F]), saved };
+  }
+
+  async backward<F extends FloatDType>(
+    w: ExpertWeights<F>,
+    x: Tensor<F>,
+    rowsPerExpert: readonly number[],
+    fwd: ExpertForward<F>,
+    gradY: Tensor<F>,
+  ): Promise<ExpertBackward<F>> {
+    const addon = requireNative();
+    const saved = fwd.saved as NativeSaved | undefined;
+    if (!saved || saved[SAVED] !== true) throw new NativeError('backward needs the ExpertForward of the native backend', 'BAD_ARGUMENT');
+    const { job, R, d, h } = this.#job(w, x, rowsPerExpert);
+    checkShape(gradY, [R, d], 'gradY', x.dtype);
+    if (saved.up.length !== R * h) throw new NativeError('the saved forward does not match these inputs', 'BAD_ARGUMENT');
+    job.saveUp = saved.up;
+    job.saveGate = saved.gate;
+    job.gy = gradY.data as Floats;
+    job.gx = alloc(x.dtype, R * d);
+    const grads = zeroGrads(w, x.dtype, d, h);
+    const v = weightViews(grads, x.dtype, d, h);
+    job.gUp = v.up;
+    job.gGate = v.gate;
+    job.gDown = v.down;
+    if (this.#sync) addon.expertBackward(job, true);
+    else await addon.expertBackward(job);
+    return { gradX: new Tensor(x.dtype, [R, d], job.gx as StorageOf[F]), grads };
+  }
+}
+
+function zeroGrads<F extends FloatDType>(w: ExpertWeights<F>, dtype: FloatDType, d: number, h: number): ExpertWeights<F> {
+  const z = (shape: number[]) => Tensor.zeros(dtype, shape) as Tensor<F>;
+  if (w.layout === 'packed') {
+    const n = w.up.shape[0] ?? 0;
+    const p: PackedExperts<F> = { layout: 'packed', activation: w.activation, up: z([n, d, h]), gate: w.gate ? z([n, d, h]) : null, down: z([n, h, d]) };
+    return p;
+  }
+  return {
+    layout: 'unpacked',
+    activation: w.activation,
+    experts: w.experts.map((e) => ({ up: z([h, d]), gate: e.gate ? z([h, d]) : null, down: z([d, h]) })),
+  };
+}
+
+/** The native CPU backend (OpenBLAS GEMMs when present, else our own kernels). */
+export const nativeBackend: ExpertBackend = new NativeExpertBackend();
+
+/** out[i] = src[index[i]] over rows of `rowSize` elements. */
+export function nativeGatherRows<F extends FloatDType>(src: Tensor<F>, index: Int32Array): Tensor<F> {
+  const rs = src.rowSize;
+  const out = Tensor.zeros(src.dtype, [index.length, ...src.shape.slice(1)]);
+  requireNative().gatherRows(src.data as Floats, rs, index, out.data as Floats);
+  return out;
+}
+
+/** out[index[m]] += weight[m] · src[m] for m in order (deterministic), in place on `out`. */
+export function nativeScatterAddWeighted<F extends FloatDType>(out: Tensor<F>, index: Int32Array, src: Tensor<F>, weight: Tensor<F> | null): void {
+  if (src.dtype !== out.dtype || (weight && weight.dtype !== out.dtype)) throw new NativeError('dtypes of out, src and weight must agree', 'BAD_ARGUMENT');
+  if (src.rowSize !== out.rowSize) throw new NativeError(`row sizes differ: src ${src.rowSize}, out ${out.rowSize}`, 'BAD_ARGUMENT');
+  requireNative().scatterAddWeighted(src.data as Floats, out.rowSize, index, weight ? (weight.data as Floats) : null, out.data as Floats);
+}

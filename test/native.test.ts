@@ -1,0 +1,242 @@
+// The native addon: loads (in worker threads too), agrees with the TypeScript backend,
+// throws NativeError with codes, and reports a missing GPU clearly. A missing addon fails
+// these tests loudly; set EP_ACTORS_NO_NATIVE=1 to run the suite without it on purpose.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { Worker } from 'node:worker_threads';
+import { pathToFileURL } from 'node:url';
+import { join } from 'node:path';
+import { Tensor, relativeError, type FloatDType } from '../src/tensor.js';
+import { ACTIVATIONS, type Activation, type ExpertWeights } from '../src/ep/types.js';
+import { tsBackend, convertLayout } from '../src/moe/experts.js';
+import {
+  NativeError,
+  NativeExpertBackend,
+  loadNative,
+  nativeBackend,
+  nativeGatherRows,
+  nativeScatterAddWeighted,
+  nativeUnavailableReason,
+  type NativeAddon,
+} from '../src/native/backend.js';
+import { repoRoot } from './paths.js';
+
+const disabled = process.env.EP_ACTORS_NO_NATIVE === '1';
+const TOL = 1e-5;
+
+/** Registers a test that needs the addon; with EP_ACTORS_NO_NATIVE=1 it is left out. */
+function nativeTest(name: string, fn: (addon: NativeAddon) => unknown): void {
+  if (!disabled) test(name, async () => { await fn(loadNative()!); });
+}
+
+test('the native addon is built and loads (EP_ACTORS_NO_NATIVE=1 to run without it)', () => {
+  if (disabled) {
+    assert.is(loadNative(), null);
+    assert.match(nativeUnavailableReason() ?? '', /EP_ACTORS_NO_NATIVE/);
+    return;
+  }
+  const a = loadNative();
+  assert.ok(a, `native addon unavailable: ${nativeUnavailableReason()}`);
+  const info = a!.info();
+  assert.ok(['avx2-fma', 'generic'].includes(info.kernel));
+  assert.ok(info.threads >= 1);
+});
+
+// ---- random inputs (a small deterministic generator, so failures reproduce) ----
+
+function rng(seed: number): () => number {
+  let s = seed >>> 0;
+  return () => {
+    s = (s + 0x6d2b79f5) >>> 0;
+    let t = s;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296 - 0.5;
+  };
+}
+
+function randTensor<F extends FloatDType>(dtype: F, shape: number[], r: () => number, scale = 1): Tensor<F> {
+  const n = shape.reduce((a, b) => a * b, 1);
+  return Tensor.from(dtype, shape, Array.from({ length: n }, () => r() * 2 * scale));
+}
+
+function packedWeights<F extends FloatDType>(dtype: F, act: Activation, n: number, d: number, h: number, r: () => number): ExpertWeights<F> {
+  return {
+    layout: 'packed',
+    activation: act,
+    up: randTensor(dtype, [n, d, h], r, 1 / Math.sqrt(d)),
+    gate: act === 'silu' ? randTensor(dtype, [n, d, h], r, 1 / Math.sqrt(d)) : null,
+    down: randTensor(dtype, [n, h, d], r, 1 / Math.sqrt(h)),
+  };
+}
+
+function gradTensors(w: ExpertWeights): Tensor[] {
+  return w.layout === 'packed'
+    ? [w.up, w.down, ...(w.gate ? [w.gate] : [])]
+    : w.experts.flatMap((e) => [e.up, e.down, ...(e.gate ? [e.gate] : [])]);
+}
+
+const COUNTS: number[][] = [[7, 0, 13, 1], [0, 0, 0], [0, 33], [64]];
+
+for (const dtype of ['f32', 'f64'] as const) {
+  for (const act of ACTIVATIONS) {
+    for (const layout of ['packed', 'unpacked'] as const) {
+      nativeTest(`agrees with tsBackend: ${dtype} ${act} ${layout}, zero-row experts included`, async () => {
+        let seed = 1;
+        for (const counts of COUNTS) {
+          const r = rng(seed++);
+          const d = 24;
+          const h = 40;
+          const R = counts.reduce((a, b) => a + b, 0);
+          const packed = packedWeights(dtype, act, counts.length, d, h, r);
+          const w = layout === 'packed' ? packed : convertLayout(packed, 'unpacked');
+          const x = randTensor(dtype, [R, d], r);
+          const gy = randTensor(dtype, [R, d], r);
+          for (const backend of [nativeBackend, new NativeExpertBackend({ blas: false, sync: true })]) {
+            const want = await tsBackend.forward(w, x, counts);
+            const got = await backend.forward(w, x, counts);
+            const where = `${backend.name} counts [${counts}]`;
+            assert.ok(relativeError(got.y, want.y) <= TOL, `${where}: y off by ${relativeError(got.y, want.y)}`);
+            const wb = await tsBackend.backward(w, x, counts, want, gy);
+            const gb = await backend.backward(w, x, counts, got, gy);
+            assert.ok(relativeError(gb.gradX, wb.gradX) <= TOL, `${where}: gradX off by ${relativeError(gb.gradX, wb.gradX)}`);
+            assert.is(gb.grads.layout, layout);
+            const gw = gradTensors(wb.grads);
+            const gg = gradTensors(gb.grads);
+            assert.is(gg.length, gw.length);
+            gg.forEach((t, i) => {
+              const e = relativeError(t, gw[i]!);
+              assert.ok(e <= TOL, `${where}: weight grad ${i} off by ${e}`);
+            });
+          }
+        }
+      });
+    }
+  }
+}
+
+nativeTest('results are bitwise deterministic across runs', async () => {
+  const r = rng(99);
+  const w = packedWeights('f32', 'silu', 3, 64, 96, r);
+  const counts = [100, 0, 57];
+  const x = randTensor('f32', [157, 64], r);
+  const gy = randTensor('f32', [157, 64], r);
+  for (const backend of [nativeBackend, new NativeExpertBackend({ blas: false })]) {
+    const a = await backend.forward(w, x, counts);
+    const b = await backend.forward(w, x, counts);
+    assert.equal(Array.from(a.y.data), Array.from(b.y.data));
+    const ga = await backend.backward(w, x, counts, a, gy);
+    const gb = await backend.backward(w, x, counts, b, gy);
+    assert.equal(Array.from(ga.gradX.data), Array.from(gb.gradX.data));
+  }
+});
+
+nativeTest('own GEMM kernels and OpenBLAS agree with a plain triple loop, all transposes', (addon) => {
+  const r = rng(5);
+  const haveBlas = addon.info().blas !== null;
+  for (const [m, n, k] of [[1, 1, 1], [13, 29, 7], [97, 70, 300], [6, 16, 0]] as const) {
+    for (const ta of [false, true]) {
+      for (const tb of [false, true]) {
+        const a = Float32Array.from({ length: m * k }, r);
+        const b = Float32Array.from({ length: k * n }, r);
+        const c0 = Float32Array.from({ length: m * n }, r);
+        for (const accumulate of [false, true]) {
+          for (const impl of haveBlas ? (['own', 'blas'] as const) : (['own'] as const)) {
+            const c = c0.slice();
+            addon.gemm({ ta, tb, m, n, k, a, b, c, accumulate, impl });
+            for (let i = 0; i < m; i++) {
+              for (let j = 0; j < n; j++) {
+                let s = accumulate ? c0[i * n + j]! : 0;
+                for (let p = 0; p < k; p++) s += (ta ? a[p * m + i]! : a[i * k + p]!) * (tb ? b[j * k + p]! : b[p * n + j]!);
+                if (Math.abs(s - c[i * n + j]!) > 1e-4) assert.unreachable(`${impl} ${m}x${n}x${k} ta=${ta} tb=${tb}: [${i},${j}] ${c[i * n + j]} vs ${s}`);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+});
+
+nativeTest('gatherRows and weighted scatter-add match their definitions; bad indices throw NativeError', () => {
+  const src = Tensor.from('f32', [3, 2], [0, 1, 10, 11, 20, 21]);
+  assert.equal(Array.from(nativeGatherRows(src, Int32Array.from([2, 0, 2])).data), [20, 21, 0, 1, 20, 21]);
+  const out = Tensor.zeros('f32', [2, 2]);
+  nativeScatterAddWeighted(out, Int32Array.from([1, 0, 1]), src, Tensor.from('f32', [3], [0.5, 2, -1]));
+  assert.equal(Array.from(out.data), [20, 22, -20, -20.5]);
+  try {
+    nativeGatherRows(src, Int32Array.from([3]));
+    assert.unreachable('no throw');
+  } catch (e) {
+    assert.instance(e, NativeError);
+    assert.is((e as NativeError).code, 'INDEX_OUT_OF_RANGE');
+    assert.match((e as Error).message, /outside \[0, 3\)/);
+  }
+});
+
+nativeTest('argument errors come back as NativeError with a code, from async work too', async (addon) => {
+  const w = packedWeights('f32', 'relu', 2, 4, 8, rng(3));
+  assert.equal((await nativeBackend.forward(w, Tensor.zeros('f32', [0, 4]), [0, 0])).y.shape, [0, 4]);
+  try {
+    await nativeBackend.forward(w, Tensor.zeros('f32', [3, 4]), [1, 1]);
+    assert.unreachable('no throw');
+  } catch (e) {
+    assert.instance(e, NativeError);
+    assert.is((e as NativeError).code, 'BAD_ARGUMENT');
+  }
+  try {
+    addon.gemm({ ta: false, tb: false, m: 2, n: 2, k: 2, a: new Float32Array(3), b: new Float32Array(4), c: new Float32Array(4), impl: 'own' });
+    assert.unreachable('no throw');
+  } catch (e) {
+    assert.instance(e, NativeError);
+    assert.match((e as Error).message, /job\.a holds 3 elements, expected 4/);
+  }
+});
+
+nativeTest('the CUDA backend reports its state clearly (no CUDA device here, or not built)', (addon) => {
+  const info = addon.info();
+  try {
+    const c = addon.cudaInfo();
+    assert.ok(info.cudaBuilt);
+    assert.ok(c.devices >= 1, 'cudaInfo returned without a device');
+  } catch (e) {
+    assert.instance(e, NativeError);
+    const err = e as NativeError;
+    if (info.cudaBuilt) {
+      assert.is(err.code, 'CUDA_NO_DEVICE');
+      assert.match(err.message, /no CUDA device/);
+    } else {
+      assert.is(err.code, 'CUDA_NOT_BUILT');
+    }
+  }
+});
+
+nativeTest('loads and computes in two worker threads at once, and unloads when they end', async () => {
+  const url = pathToFileURL(join(repoRoot, 'dist', 'src', 'native', 'backend.js')).href;
+  const src = `
+    const { parentPort, workerData } = require('node:worker_threads');
+    import(${JSON.stringify(url)}).then(async (m) => {
+      const a = m.loadNative();
+      if (!a) throw new Error(m.nativeUnavailableReason());
+      const n = 64, x = new Float32Array(n * n).fill(workerData), c = new Float32Array(n * n);
+      a.gemm({ ta: false, tb: false, m: n, n, k: n, a: x, b: x, c, impl: 'own' });
+      let err;
+      try { a.gatherRows(x, n, Int32Array.of(n), new Float32Array(n)); } catch (e) { err = e; }
+      parentPort.postMessage({ c0: c[0], isNative: err instanceof m.NativeError, code: err && err.code });
+    });`;
+  const run = (v: number) =>
+    new Promise<{ c0: number; isNative: boolean; code: string }>((resolve, reject) => {
+      const w = new Worker(src, { eval: true, workerData: v });
+      w.once('message', (msg) => {
+        void w.terminate().then(() => resolve(msg));
+      });
+      w.once('error', reject);
+    });
+  const [a, b] = await Promise.all([run(1), run(2)]);
+  assert.is(a.c0, 64);
+  assert.is(b.c0, 256);
+  assert.ok(a.isNative && b.isNative, 'each worker got its own NativeError class');
+  assert.is(a.code, 'INDEX_OUT_OF_RANGE');
+});
+
+test.run();
