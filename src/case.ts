@@ -12,6 +12,7 @@ import { epBackward, epForward, localExpertRange, localExperts, placeLocalGrads 
 import { createInProcessGroup } from './ep/inprocess.js';
 import { convertLayout, tsBackend } from './moe/experts.js';
 import { readSafetensorsFile, type SafetensorsFile } from './codec/safetensors.js';
+import { randomRouting, randomTensor, seededRng } from './moe/random.js';
 
 export interface CaseMeta {
   readonly ep: number;
@@ -234,4 +235,36 @@ export function caseMetadata(meta: CaseMeta): Record<string, string> {
     packed: String(meta.packed),
     gradient_scale: String(meta.gradientScale),
   };
+}
+
+export interface SyntheticSpec<F extends FloatDType = FloatDType> extends CaseMeta {
+  readonly dtype: F;
+  /** Tokens held by each rank (length ep; 0 allowed). */
+  readonly tokensPerRank: readonly number[];
+  /** Ranks whose experts no token is routed to (they receive nothing). */
+  readonly starvedRanks?: readonly number[];
+}
+
+/** A random, valid case from a seed (weights scaled so activations stay in their interesting range). */
+export function syntheticCase<F extends FloatDType>(spec: SyntheticSpec<F>, seed: number): CaseData<F> {
+  const rng = seededRng(seed);
+  const { ep, numExperts: E, dim: D, hidden: H, topK: K, dtype } = spec;
+  const { count: N } = localExpertRange(E, ep, 0);
+  if (spec.tokensPerRank.length !== ep) throw new Error(`tokensPerRank has ${spec.tokensPerRank.length} entries for ep ${ep}`);
+  const starved = new Set(spec.starvedRanks ?? []);
+  const allowed = Array.from({ length: E }, (_, e) => e).filter((e) => !starved.has(Math.floor(e / N)));
+  const experts: PackedExperts<F> = {
+    layout: 'packed',
+    activation: spec.activation,
+    up: randomTensor(rng, dtype, [E, D, H], 1 / Math.sqrt(D)),
+    gate: spec.activation === 'silu' ? randomTensor(rng, dtype, [E, D, H], 1 / Math.sqrt(D)) : null,
+    down: randomTensor(rng, dtype, [E, H, D], 1 / Math.sqrt(H)),
+  };
+  const ranks = spec.tokensPerRank.map((T) => ({
+    x_TD: randomTensor(rng, dtype, [T, D]),
+    ...randomRouting(rng, dtype, T, E, K, allowed),
+    gradOut_TD: randomTensor(rng, dtype, [T, D]),
+  }));
+  const meta: CaseMeta = { ep, numExperts: E, topK: K, dim: D, hidden: H, activation: spec.activation, packed: spec.packed, gradientScale: spec.gradientScale };
+  return { meta, dtype, experts, ranks };
 }
