@@ -14,7 +14,8 @@ if (!existsSync(testDir)) {
   console.log('0 passed, 1 failed');
   process.exit(1);
 }
-const pattern = process.argv[2] ?? '\\.test\\.js$';
+// An optional argument narrows the run to test files whose names match it (a regex).
+const pattern = process.argv[2] ? `(${process.argv[2]})[^/]*\\.test\\.js$` : '\\.test\\.js$';
 const uvuBin = join(root, 'node_modules', 'uvu', 'bin.js');
 const child = spawn(process.execPath, [uvuBin, testDir, pattern], { cwd: root, stdio: ['ignore', 'pipe', 'inherit'] });
 let out = '';
