@@ -5,6 +5,7 @@
 import { CollectiveTracker, type Finding, type LedgerEntry } from '../machines/ledger.js';
 import { diagnose, okDiagnosis, type Diagnosis } from '../machines/diagnosis.js';
 import { activity, issuedCollective, startRank, stepRank, type RankSnapshot } from '../machines/protocol.js';
+import type { RankEvent } from '../machines/rankMachine.js';
 import { rankConfig, worldSize, type Scenario } from './scenario.js';
 import { routeTokens, sendCountsOf } from './routing.js';
 
@@ -40,12 +41,22 @@ function rowsPerLocalExpert(s: Scenario, routing: RoutingCache, rank: number, mi
   return rows;
 }
 
-export function runDes(s: Scenario): EngineResult {
+export interface DesOptions {
+  /** Called after every machine step (reports use it to record each rank's path). */
+  onStep?: (rank: number, before: RankSnapshot, event: RankEvent, after: RankSnapshot) => void;
+}
+
+export function runDes(s: Scenario, opts: DesOptions = {}): EngineResult {
   const n = worldSize(s);
   const tracker = new CollectiveTracker({ ep: s.ep, dp: s.dp });
   const routing = new RoutingCache(s);
   const snaps: RankSnapshot[] = Array.from({ length: n }, (_, r) => startRank(rankConfig(s, r)));
   const finished = new Set<number>();
+  const step = (r: number, event: RankEvent) => {
+    const before = snaps[r]!;
+    snaps[r] = stepRank(before, event);
+    opts.onStep?.(r, before, event, snaps[r]!);
+  };
   const result = (finding: Finding | null): EngineResult => ({
     diagnosis: finding ? diagnose(finding, snaps, tracker) : okDiagnosis(snaps, tracker),
     ledger: tracker.entries,
@@ -63,7 +74,7 @@ export function runDes(s: Scenario): EngineResult {
       } else if (e.op === 'fwd.expert_ids') {
         extra = { rowsPerExpert: rowsPerLocalExpert(s, routing, e.rank, ctx.microBatch, ctx.layer) };
       }
-      snaps[e.rank] = stepRank(snaps[e.rank]!, { type: 'collective.done', op: e.op, ...extra });
+      step(e.rank, { type: 'collective.done', op: e.op, ...extra });
     }
   };
 
@@ -83,9 +94,9 @@ export function runDes(s: Scenario): EngineResult {
         const what = activity(snap);
         if (what === 'routing') {
           const idx = routing.indices(r, snap.context.microBatch, snap.context.layer);
-          snaps[r] = stepRank(snap, { type: 'layer.routed', tokens: idx.length / s.topK, sendCounts: sendCountsOf(idx, s.experts, s.ep) });
+          step(r, { type: 'layer.routed', tokens: idx.length / s.topK, sendCounts: sendCountsOf(idx, s.experts, s.ep) });
         } else if (what === 'compute') {
-          snaps[r] = stepRank(snap, { type: 'compute.done' });
+          step(r, { type: 'compute.done' });
         } else if (what === 'collective') {
           const issued = tracker.issue(r, issuedCollective(snap)!, 'f32');
           note(issued.finding);
