@@ -108,7 +108,15 @@ const jobs = ['-j', String(Math.max(1, Math.min(4, (await import('node:os')).ava
 // node-gyp's `rebuild` would wipe build/cuda: configure and build separately instead.
 const cfg = run(process.execPath, [nodeGyp, 'configure', ...dirArgs, '--', ...gypDefines], { cwd: here });
 if (!cfg.ok) fallback('node-gyp configure failed', cfg.out);
-const bld = run(process.execPath, [nodeGyp, 'build', ...dirArgs, ...jobs], { cwd: here });
+let bld = run(process.execPath, [nodeGyp, 'build', ...dirArgs, ...jobs], { cwd: here });
+if (!bld.ok && gypDefines[0] === '-Dwith_cuda=1') {
+  // A CUDA link problem should not cost the CPU kernels: try again without CUDA.
+  process.stderr.write(`${bld.out.trim().split('\n').slice(-25).join('\n')}\n`);
+  cudaNote = 'CPU only (building with CUDA failed, shown above)';
+  const again = run(process.execPath, [nodeGyp, 'configure', ...dirArgs, '--', '-Dwith_cuda=0'], { cwd: here });
+  if (!again.ok) fallback('node-gyp configure failed', again.out);
+  bld = run(process.execPath, [nodeGyp, 'build', ...dirArgs, ...jobs], { cwd: here });
+}
 if (!bld.ok) fallback('compilation failed', bld.out);
 const check = run(process.execPath, ['-e', `require(${JSON.stringify(join(buildDir, 'Release', 'ep_actors_native.node'))})`]);
 if (!check.ok) fallback('the built addon does not load', check.out);

@@ -9,8 +9,8 @@ static Napi::Value notBuilt(const Napi::CallbackInfo& info) {
 }
 
 void initCuda(Napi::Env env, Napi::Object exports) {
-  for (const char* name : {"cudaInfo", "cudaExpertForward", "cudaExpertBackward", "cudaPermute", "cudaScatterAdd",
-                           "cudaBench", "cudaSelfTest"})
+  for (const char* name : {"cudaInfo", "cudaSetDevice", "cudaExpertForward", "cudaExpertBackward", "cudaPermute",
+                           "cudaScatterAdd", "cudaBench", "cudaAlloc", "cudaFree", "cudaUpload", "cudaDownload", "cudaCopy"})
     exports.Set(name, Napi::Function::New(env, notBuilt, name));
 }
 
