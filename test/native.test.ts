@@ -6,6 +6,9 @@ import * as assert from 'uvu/assert';
 import { Worker } from 'node:worker_threads';
 import { pathToFileURL } from 'node:url';
 import { join } from 'node:path';
+import { readdirSync } from 'node:fs';
+import { readSafetensorsFile } from '../src/codec/safetensors.js';
+import { parseCase, resultTensors, runCase } from '../src/case.js';
 import { Tensor, relativeError, type FloatDType } from '../src/tensor.js';
 import { ACTIVATIONS, type Activation, type ExpertWeights } from '../src/ep/types.js';
 import { tsBackend, convertLayout } from '../src/moe/experts.js';
@@ -19,7 +22,7 @@ import {
   nativeUnavailableReason,
   type NativeAddon,
 } from '../src/native/backend.js';
-import { repoRoot } from './paths.js';
+import { goldenDir, repoRoot } from './paths.js';
 
 const disabled = process.env.EP_ACTORS_NO_NATIVE === '1';
 const TOL = 1e-5;
@@ -113,6 +116,21 @@ for (const dtype of ['f32', 'f64'] as const) {
       });
     }
   }
+}
+
+for (const name of readdirSync(goldenDir).filter((f) => f.endsWith('.safetensors')).sort()) {
+  nativeTest(`golden ${name} on the native backend (with and without BLAS): every tensor within 1e-5`, async () => {
+    const file = await readSafetensorsFile(join(goldenDir, name));
+    for (const backend of [nativeBackend, new NativeExpertBackend({ blas: false })]) {
+      const got = resultTensors(await runCase(parseCase(file), { backend }));
+      for (const key of [...file.tensors.keys()].filter((k) => k.startsWith('expected.'))) {
+        const have = got.get(key.slice('expected.'.length));
+        assert.ok(have, `${name}: no result for ${key}`);
+        const err = relativeError(have!, file.tensors.get(key)!);
+        assert.ok(err <= TOL, `${name} (${backend.name}): ${key} relative error ${err.toExponential(3)}`);
+      }
+    }
+  });
 }
 
 nativeTest('results are bitwise deterministic across runs', async () => {
