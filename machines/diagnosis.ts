@@ -57,10 +57,16 @@ export function diagnose(finding: Finding, snapshots: readonly RankSnapshot[], t
   const skippers = snapshots.flatMap((s, rank) => (s.context.skips.length > 0 ? [rank] : []));
   const culprits = finding.kind !== 'cycle' && skippers.length > 0 ? skippers : finding.culprits;
   const parts: string[] = [];
-  for (const rank of culprits) {
+  const skipsOf = culprits.flatMap((rank) => {
     const ctx = snapshots[rank]!.context;
     const skip = ctx.skips[ctx.skips.length - 1];
-    if (skip) parts.push(`${skip.fact}; ${ctx.cfg.variant.rule}, so rank ${rank} skipped ${skip.skipped.join(' and ')}`);
+    return skip ? [{ rank, skip, rule: ctx.cfg.variant.rule }] : [];
+  });
+  if (skipsOf.length > 0) {
+    // Facts per rank, the variant's rule once, then what each rank consequently skipped.
+    const skipped = [...new Set(skipsOf.map((x) => x.skip.skipped.join(' and ')))];
+    const who = skipped.map((ops) => `${list(skipsOf.filter((x) => x.skip.skipped.join(' and ') === ops).map((x) => x.rank))} skipped ${ops}`);
+    parts.push(`${skipsOf.map((x) => x.skip.fact).join('; ')}; ${skipsOf[0]!.rule}, so ${who.join(' and ')}`);
   }
   if (parts.length === 0) parts.push(finding.detail);
   const variant = snapshots[0]?.context.cfg.variant;

@@ -2,22 +2,24 @@
 // layer, deterministically from the scenario's seed. Generators:
 //   uniform    each token picks top_k distinct experts uniformly
 //   zipf:S     expert popularity ∝ 1/(i+1)^S (skewed load)
-//   starve:R   no row of global rank R's EP group goes to R's experts (the zero-token rank)
+//   starve:R   no row of global rank R's EP group goes to R's experts (the zero-token rank);
+//              starve:R1,R2 starves several ranks
 //   hot:E      every token's first choice is expert E, the rest uniform
 //   empty:R    global rank R holds no tokens
 //   explicit   ids given in the scenario (replay files, case files)
 import { UsageError } from '../src/errors.js';
 import type { Scenario } from './scenario.js';
+import { seededRng } from '../src/moe/random.js';
 
 export type RoutingSpec =
   | { kind: 'uniform' }
   | { kind: 'zipf'; s: number }
-  | { kind: 'starve'; rank: number }
+  | { kind: 'starve'; ranks: number[] }
   | { kind: 'hot'; expert: number }
   | { kind: 'empty'; rank: number }
   | { kind: 'explicit' };
 
-export const ROUTING_HELP = 'uniform | zipf:S | starve:R | hot:E | empty:R | explicit';
+export const ROUTING_HELP = 'uniform | zipf:S | starve:R[,R...] | hot:E | empty:R | explicit';
 
 export function parseRouting(spec: string, s: Pick<Scenario, 'ep' | 'dp' | 'experts' | 'topK' | 'explicit'>): RoutingSpec {
   const [kind, arg] = spec.split(':', 2);
@@ -40,10 +42,18 @@ export function parseRouting(spec: string, s: Pick<Scenario, 'ep' | 'dp' | 'expe
       return { kind, s: z };
     }
     case 'starve': {
-      const rank = intIn('R', s.ep * s.dp);
+      const ranks = (arg ?? '').split(',').map((r) => {
+        const n = Number(r);
+        if (r === '' || !Number.isInteger(n) || n < 0 || n >= s.ep * s.dp) throw new UsageError(`routing '${spec}': R must be a rank in [0, ${s.ep * s.dp}), got '${r}'`);
+        return n;
+      });
       const nLocal = s.experts / s.ep;
-      if (s.experts - nLocal < s.topK) throw new UsageError(`routing '${spec}': starving rank ${rank} leaves ${s.experts - nLocal} experts, fewer than top_k (${s.topK})`);
-      return { kind, rank };
+      for (let g = 0; g < s.dp; g++) {
+        const inGroup = new Set(ranks.filter((r) => Math.floor(r / s.ep) === g)).size;
+        const left = s.experts - inGroup * nLocal;
+        if (left < s.topK) throw new UsageError(`routing '${spec}': starving ${inGroup} rank(s) of EP group ${g} leaves ${left} experts, fewer than top_k (${s.topK})`);
+      }
+      return { kind, ranks };
     }
     case 'hot':
       return { kind, expert: intIn('E', s.experts) };
@@ -57,18 +67,6 @@ export function parseRouting(spec: string, s: Pick<Scenario, 'ep' | 'dp' | 'expe
   }
 }
 
-/** mulberry32: a small, fast, seedable PRNG; plenty for routing draws. */
-export function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 const mix = (...xs: number[]) => xs.reduce((h, x) => Math.imul(h ^ (x + 0x9e3779b9), 0x85ebca6b) >>> 0, 0x12345678);
 
 /** Global expert ids [T·K] (t-major) for one rank, micro-batch and layer. */
@@ -76,12 +74,13 @@ export function routeTokens(s: Scenario, rank: number, microBatch: number, layer
   const spec = parseRouting(s.routing, s);
   if (spec.kind === 'explicit') return Int32Array.from(s.explicit![rank]?.[microBatch]?.[layer] ?? []);
   const tokens = spec.kind === 'empty' && spec.rank === rank ? 0 : s.tokens;
-  const rand = prng(mix(s.seed, rank, microBatch, layer));
+  const rand = seededRng(mix(s.seed, rank, microBatch, layer));
   const nLocal = s.experts / s.ep;
   // Starvation is per EP group: with dp > 1 only the starved rank's group avoids its experts,
   // so its data-parallel peers still compute (what makes FSDP reduce-scatters diverge).
-  const starved = spec.kind === 'starve' && Math.floor(spec.rank / s.ep) === Math.floor(rank / s.ep) ? spec.rank % s.ep : -1;
-  const allowed = Array.from({ length: s.experts }, (_, e) => e).filter((e) => Math.floor(e / nLocal) !== starved);
+  const group = Math.floor(rank / s.ep);
+  const starved = new Set(spec.kind === 'starve' ? spec.ranks.filter((r) => Math.floor(r / s.ep) === group).map((r) => r % s.ep) : []);
+  const allowed = Array.from({ length: s.experts }, (_, e) => e).filter((e) => !starved.has(Math.floor(e / nLocal)));
   const weightOf = (e: number) => (spec.kind === 'zipf' ? 1 / (e + 1) ** spec.s : 1);
   const out = new Int32Array(tokens * s.topK);
   for (let t = 0; t < tokens; t++) {

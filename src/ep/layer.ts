@@ -9,7 +9,28 @@
 import { Tensor, gatherRows, toFloat64, toIndexArray, type DType, type FloatDType } from '../tensor.js';
 import { UsageError } from '../errors.js';
 import { floatTensor } from '../moe/experts.js';
-import type { CollectiveOp, Communicator, ExpertBackend, ExpertForward, ExpertWeights, PackedExperts } from './types.js';
+import type { CollectiveOp, CollectiveTag, Communicator, ExpertBackend, ExpertForward, ExpertWeights, PackedExperts } from './types.js';
+
+/**
+ * How a runtime drives and checks the layer's collectives (the actor runtime backs it with
+ * the rank machine). The layer reports the facts the protocol's guards need and asks
+ * before each collective whether this rank issues it.
+ */
+export interface LayerProtocol {
+  /** Routing of this layer is known: tokens held and rows for each EP rank. */
+  routed(tokens: number, sendCounts: readonly number[]): Promise<void>;
+  /** true: issue the collective now; false: the protocol skips it on this rank. Throws on a call the protocol does not allow. */
+  admit(tag: CollectiveTag): Promise<boolean>;
+  /** The collective completed; facts learned from it. */
+  completed(tag: CollectiveTag, facts: ExchangeFacts): Promise<void>;
+  /** The local expert compute of this layer finished. */
+  computed(phase: 'forward' | 'backward'): Promise<void>;
+}
+
+export interface ExchangeFacts {
+  readonly recvCounts?: readonly number[];
+  readonly rowsPerExpert?: readonly number[];
+}
 
 export interface EpContext<F extends FloatDType = FloatDType> {
   /** The EP communicator; null when ep = 1 (no exchange at all). */
@@ -23,6 +44,8 @@ export interface EpContext<F extends FloatDType = FloatDType> {
   readonly gradientScale: boolean;
   readonly layer: number;
   readonly microBatch: number;
+  /** Protocol hooks; absent, every collective is issued unconditionally. */
+  readonly protocol?: LayerProtocol;
 }
 
 /** What forward leaves for backward. S = T·K dispatch entries; R rows received. */
@@ -72,11 +95,29 @@ function epSize(ctx: EpContext): { ep: number; rank: number } {
 
 /**
  * The one path every collective takes. With no communicator (ep = 1) the exchange is the
- * identity and nothing is issued.
+ * identity and nothing is issued. A collective the protocol skips yields zero rows from
+ * every peer (filled with `skippedFill`): the rank goes on as its code would, and the
+ * peers that did issue it are left waiting, which is the hazard being reproduced.
  */
-function collective<D extends DType>(ctx: EpContext, op: CollectiveOp, send: Tensor<D>, sendSplits: readonly number[], recvSplits: readonly number[]): Promise<Tensor<D>> | Tensor<D> {
+async function collective<D extends DType>(
+  ctx: EpContext,
+  op: CollectiveOp,
+  send: Tensor<D>,
+  sendSplits: readonly number[],
+  recvSplits: readonly number[],
+  factsOf: (received: Tensor<D>) => ExchangeFacts = () => ({}),
+  skippedFill = 0,
+): Promise<Tensor<D>> {
   if (!ctx.comm) return send;
-  return ctx.comm.allToAll({ op, layer: ctx.layer, microBatch: ctx.microBatch }, send, sendSplits, recvSplits);
+  const tag: CollectiveTag = { op, layer: ctx.layer, microBatch: ctx.microBatch };
+  if (ctx.protocol && !(await ctx.protocol.admit(tag))) {
+    const skipped = Tensor.zeros(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...send.shape.slice(1)]);
+    if (skippedFill !== 0) (skipped.data as BigInt64Array).fill(BigInt(skippedFill));
+    return skipped;
+  }
+  const received = await ctx.comm.allToAll(tag, send, sendSplits, recvSplits);
+  await ctx.protocol?.completed(tag, factsOf(received));
+  return received;
 }
 
 /** Stable counting sort of keys in [0, buckets): order[p] = position of the p-th item, plus counts. */
@@ -122,11 +163,18 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   const idsSorted_S = new Tensor('i64', [sortOrder_S.length], BigInt64Array.from(sortOrder_S, (entry) => BigInt(idx_S[entry]!)));
 
   // 2-4. A counts, B rows, C expert ids (the seed sends ids as f32 [n,1]; i64 [n] is exact for any E).
+  await ctx.protocol?.routed(T, sendCounts);
   const ones = new Array<number>(ep).fill(1);
-  const recvCountsT = await collective(ctx, 'fwd.counts', Tensor.from('i64', [ep], sendCounts), ones, ones);
-  const recvCounts = Array.from(recvCountsT.data, Number);
+  const countsOf = (t: Tensor): number[] => Array.from(t.data as BigInt64Array, Number);
+  const recvCountsT = await collective(ctx, 'fwd.counts', Tensor.from('i64', [ep], sendCounts), ones, ones, (t) => ({ recvCounts: countsOf(t) }));
+  const recvCounts = countsOf(recvCountsT);
   const recv_RD = await collective(ctx, 'fwd.dispatch', xSorted_SD, sendCounts, recvCounts);
-  const recvIds_R = toIndexArray(await collective(ctx, 'fwd.expert_ids', idsSorted_S, sendCounts, recvCounts), 'received expert ids');
+  const rowsPerLocalExpert = (ids: Tensor): ExchangeFacts => {
+    const rows = new Array<number>(N).fill(0);
+    for (const e of ids.data as BigInt64Array) rows[Number(e) - start]!++;
+    return { rowsPerExpert: rows };
+  };
+  const recvIds_R = toIndexArray(await collective(ctx, 'fwd.expert_ids', idsSorted_S, sendCounts, recvCounts, rowsPerLocalExpert, start), 'received expert ids');
 
   // 5. Group received rows by local expert (stable) for the backend.
   const local_R = recvIds_R.map((e) => e - start);
@@ -136,6 +184,7 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   const { order: byExpert_R, counts: rowsPerExpert } = stableBucketSort(local_R, N);
   const recvGrouped_RD = gatherRows(recv_RD, byExpert_R);
   const expertFwd = await ctx.backend.forward(ctx.experts, recvGrouped_RD, rowsPerExpert);
+  await ctx.protocol?.computed('forward');
 
   // 6. Gradient scale: rows of local expert i scaled by (R / N) / c_i, in forward too.
   const R = byExpert_R.length;
@@ -210,6 +259,7 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
     });
   }
   const expertBwd = await ctx.backend.backward(ctx.experts, saved.recvGrouped_RD, rowsPerExpert, saved.expertFwd, gradY_RD);
+  await ctx.protocol?.computed('backward');
 
   // B': grads of the dispatched rows go home; gather-add into grad_x.
   const gradRecv_RD = ungroup(expertBwd.gradX, byExpert_R, null);

@@ -1,0 +1,48 @@
+// Messages between the supervisor (main thread) and rank workers. Tensors never travel in
+// these: rank-to-rank data goes over the MessagePort mesh (actors/transport.ts) and job
+// inputs and results travel msgpack-encoded as `Uint8Array` payloads.
+import type { MessagePort } from 'node:worker_threads';
+import type { IssuedCollective } from '../machines/protocol.js';
+import type { RankContext } from '../machines/rankMachine.js';
+import type { Scenario } from '../sim/scenario.js';
+
+/** Enough of a rank machine's snapshot for the supervisor to rebuild it for a diagnosis. */
+export interface SnapshotWire {
+  readonly value: unknown;
+  readonly context: RankContext;
+}
+
+/** Faults a test or a user injects to check that the runtime reports them. */
+export type Fault =
+  | { kind: 'throw'; rank: number; op: string; layer?: number }
+  | { kind: 'corrupt-message'; rank: number; op: string }
+  | { kind: 'wrong-communicator'; rank: number; op: string }
+  | { kind: 'stale-position'; rank: number; op: string };
+
+/** What a worker runs: a scenario step (sim) or one rank of a case file (run). */
+export interface WorkerJob {
+  readonly rank: number;
+  readonly scenario: Scenario;
+  /** msgpack of `CaseRankJob` when running a case; absent for a generated sim step. */
+  readonly casePayload?: Uint8Array;
+  readonly backend: 'ts' | 'native';
+  readonly faults: readonly Fault[];
+  /** Stream xstate inspection events of this rank to the supervisor. */
+  readonly inspect: boolean;
+}
+
+export type WorkerMessage =
+  | { type: 'issue'; rank: number; collective: IssuedCollective; dtype: string; snapshot: SnapshotWire; at: number }
+  | { type: 'completed'; rank: number; op: string; at: number }
+  | { type: 'state'; rank: number; path: string; at: number }
+  | { type: 'finished'; rank: number; how: 'done' | 'exited'; snapshot: SnapshotWire; result?: Uint8Array; at: number }
+  | { type: 'violation'; rank: number; message: string; snapshot: SnapshotWire; at: number }
+  | { type: 'transport-error'; rank: number; message: string; at: number }
+  | { type: 'inspect'; rank: number; event: unknown };
+
+export type SupervisorMessage = { type: 'start'; ports: Record<number, MessagePort> };
+
+/** Milliseconds on a clock shared by every thread of the process. */
+export function now(): number {
+  return performance.timeOrigin + performance.now();
+}

@@ -1,0 +1,134 @@
+// The rank actor inside a worker: the rank machine running as an xstate actor, answering
+// the EP layer's protocol hooks. The real layer code asks it before every collective; the
+// machine's state says whether the rank issues it, skips it (a guard removed it), or whether
+// the call is one the protocol does not allow here (a violation). Collectives the machine
+// places on the data-parallel communicator (FSDP) are issued by the driver itself.
+import { createActor, type Actor, type InspectionEvent } from 'xstate';
+import { rankMachine, type RankConfig } from '../machines/rankMachine.js';
+import { issuedCollective, statePath, type IssuedCollective, type RankSnapshot } from '../machines/protocol.js';
+import type { ExchangeFacts, LayerProtocol } from '../src/ep/layer.js';
+import type { CollectiveTag } from '../src/ep/types.js';
+import { Tensor } from '../src/tensor.js';
+import type { MeshCommunicator } from './transport.js';
+import { now, type SnapshotWire, type WorkerMessage } from './messages.js';
+
+export class ProtocolViolation extends Error {
+  override name = 'ProtocolViolation';
+}
+
+export class RankDriver implements LayerProtocol {
+  private readonly actor: Actor<typeof rankMachine>;
+  /** Set by fault injection: throw when the layer reaches this op. */
+  throwAt: { op: string; layer?: number } | null = null;
+
+  constructor(
+    readonly cfg: RankConfig,
+    private readonly dp: MeshCommunicator | null,
+    private readonly post: (m: WorkerMessage) => void,
+    inspect: boolean,
+  ) {
+    this.actor = createActor(rankMachine, {
+      input: cfg,
+      inspect: inspect ? (ev: InspectionEvent) => this.post({ type: 'inspect', rank: cfg.rank, event: inspectionJson(ev) }) : undefined,
+    });
+    let last = '';
+    this.actor.subscribe((snap) => {
+      const path = statePath(snap);
+      if (path !== last) this.post({ type: 'state', rank: cfg.rank, path: (last = path), at: now() });
+    });
+    this.actor.start();
+  }
+
+  get snapshot(): RankSnapshot {
+    return this.actor.getSnapshot();
+  }
+
+  /** 'done' or 'exited' once the machine reached a final state, else null. */
+  get finished(): 'done' | 'exited' | null {
+    const s = this.snapshot;
+    if (s.status !== 'done') return null;
+    return statePath(s) === 'exited' ? 'exited' : 'done';
+  }
+
+  wire(): SnapshotWire {
+    const s = this.snapshot;
+    return { value: s.value, context: s.context };
+  }
+
+  async routed(tokens: number, sendCounts: readonly number[]): Promise<void> {
+    await this.drainDataParallel();
+    this.expect('forward.route', 'routing a layer');
+    this.actor.send({ type: 'layer.routed', tokens, sendCounts });
+  }
+
+  async admit(tag: CollectiveTag): Promise<boolean> {
+    if (this.throwAt && this.throwAt.op === tag.op && (this.throwAt.layer === undefined || this.throwAt.layer === tag.layer)) {
+      throw new Error(`injected fault: rank ${this.cfg.rank} throws in ${tag.op} of layer ${tag.layer}`);
+    }
+    await this.drainDataParallel();
+    const snap = this.snapshot;
+    const issued = issuedCollective(snap);
+    if (issued && issued.comm === 'ep' && issued.op === tag.op && issued.layer === tag.layer && issued.microBatch === tag.microBatch) {
+      this.announce(issued);
+      return true;
+    }
+    if (snap.context.trail.some((d) => d.skipped.includes(tag.op))) return false;
+    const expected = issued ? `${issued.op} (layer ${issued.layer}, micro-batch ${issued.microBatch})` : `no collective (state ${statePath(snap)})`;
+    throw this.violation(`rank ${this.cfg.rank} called ${tag.op} (layer ${tag.layer}, micro-batch ${tag.microBatch}) but the protocol expects ${expected}`);
+  }
+
+  async completed(tag: CollectiveTag, facts: ExchangeFacts): Promise<void> {
+    this.post({ type: 'completed', rank: this.cfg.rank, op: tag.op, at: now() });
+    this.actor.send({ type: 'collective.done', op: tag.op, ...facts });
+  }
+
+  async computed(phase: 'forward' | 'backward'): Promise<void> {
+    await this.drainDataParallel();
+    this.expect(phase === 'forward' ? 'forward.compute' : 'backward.expertBackward', `finishing the ${phase} expert compute`);
+    this.actor.send({ type: 'compute.done' });
+  }
+
+  /** After the step's code ends: run any trailing FSDP collectives, then the machine must be final. */
+  async finish(): Promise<'done' | 'exited'> {
+    await this.drainDataParallel();
+    const how = this.finished;
+    if (!how) throw this.violation(`rank ${this.cfg.rank} finished its step but the protocol is still in ${statePath(this.snapshot)}`);
+    return how;
+  }
+
+  /** Issue the data-parallel collectives the machine is waiting in, one after another. */
+  private async drainDataParallel(): Promise<void> {
+    for (let issued = issuedCollective(this.snapshot); issued?.comm === 'dp'; issued = issuedCollective(this.snapshot)) {
+      if (!this.dp) throw this.violation(`rank ${this.cfg.rank} must issue ${issued.op} but the mesh has no dp communicator`);
+      this.announce(issued);
+      const tag = { op: issued.op, layer: issued.layer, microBatch: issued.microBatch };
+      // Stand-in parameter shards of the unit's size: what matters here is who issues what.
+      const size = issued.size ?? 0;
+      if (issued.op === 'fsdp.all_gather') await this.dp.allGather(tag, Tensor.zeros('f32', [Math.ceil(size / this.dp.size)]));
+      else await this.dp.reduceScatter(tag, Tensor.zeros('f32', [size]));
+      await this.completed(tag, {});
+    }
+  }
+
+  private announce(issued: IssuedCollective): void {
+    this.post({ type: 'issue', rank: this.cfg.rank, collective: issued, dtype: 'f32', snapshot: this.wire(), at: now() });
+  }
+
+  private expect(path: string, what: string): void {
+    const at = statePath(this.snapshot);
+    if (at !== path) throw this.violation(`rank ${this.cfg.rank} is ${what} but the protocol is in ${at}`);
+  }
+
+  private violation(message: string): ProtocolViolation {
+    this.post({ type: 'violation', rank: this.cfg.rank, message, snapshot: this.wire(), at: now() });
+    return new ProtocolViolation(message);
+  }
+}
+
+/** An inspection event reduced to what survives a postMessage and reads well as JSON. */
+function inspectionJson(ev: InspectionEvent): unknown {
+  const base = { type: ev.type, actor: ev.actorRef.sessionId };
+  if (ev.type === '@xstate.event') return { ...base, event: ev.event };
+  if (ev.type === '@xstate.snapshot') return { ...base, event: ev.event, value: (ev.snapshot as RankSnapshot).value };
+  return base;
+}

@@ -1,0 +1,76 @@
+// Entry point of one rank's worker thread. It waits for its MessagePorts, builds its
+// communicators and rank actor, and runs the real EP layer for a whole training step:
+// every micro-batch forward over the layers, then backward in reverse, each collective
+// asked of the rank machine first. The supervisor owns the ledger and ends the run.
+import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
+import { communicators } from '../machines/ledger.js';
+import { rankConfig } from '../sim/scenario.js';
+import { encodeMessage } from '../src/codec/msgpack.js';
+import { epBackward, epForward, type EpContext, type EpSaved } from '../src/ep/layer.js';
+import type { ExpertBackend } from '../src/ep/types.js';
+import { tsBackend } from '../src/moe/experts.js';
+import type { Tensor } from '../src/tensor.js';
+import { RankDriver } from './rankDriver.js';
+import { MeshCommunicator, PortMesh } from './transport.js';
+import { now, type SupervisorMessage, type WorkerJob, type WorkerMessage } from './messages.js';
+import { rankInputs, type RankStepInputs } from './inputs.js';
+
+const job = workerData as WorkerJob;
+const post = (m: WorkerMessage) => parentPort!.postMessage(m);
+
+async function loadBackend(name: WorkerJob['backend']): Promise<ExpertBackend> {
+  if (name === 'ts') return tsBackend;
+  const { nativeBackend } = await import('../src/native/backend.js');
+  return nativeBackend;
+}
+
+async function runStep(ports: Record<number, MessagePort>): Promise<void> {
+  const s = job.scenario;
+  const cfg = rankConfig(s, job.rank);
+  const comms = communicators({ ep: s.ep, dp: s.dp }).filter((c) => c.members.includes(job.rank));
+  const mesh = new PortMesh(job.rank, new Map(Object.entries(ports).map(([k, p]) => [Number(k), p])), comms, (message) =>
+    post({ type: 'transport-error', rank: job.rank, message, at: now() }),
+  );
+  const commOf = (kind: 'ep' | 'dp') => {
+    const spec = comms.find((c) => c.kind === kind);
+    return spec ? new MeshCommunicator(spec, job.rank, mesh) : null;
+  };
+  const driver = new RankDriver(cfg, commOf('dp'), post, job.inspect);
+  for (const f of job.faults) {
+    if (f.rank !== job.rank) continue;
+    if (f.kind === 'throw') driver.throwAt = { op: f.op, layer: f.layer };
+    else mesh.fault = { op: f.op, kind: f.kind };
+  }
+  const inputs: RankStepInputs = rankInputs(job);
+  const base = { comm: commOf('ep'), backend: await loadBackend(job.backend), experts: inputs.experts, numExperts: s.experts, topK: s.topK, gradientScale: inputs.gradientScale, protocol: driver };
+  // Case runs (one layer, one micro-batch) send their numbers home; generated steps only their verdict.
+  let result: Uint8Array | undefined;
+
+  step: for (let mb = 0; mb < s.microBatches; mb++) {
+    const saved: { ctx: EpContext; saved: EpSaved; out: Tensor }[] = [];
+    for (let layer = 0; layer < s.layers; layer++) {
+      if (driver.finished) break step; // the machine stopped this rank (early exit)
+      const ctx: EpContext = { ...base, layer, microBatch: mb };
+      const { weights_TK, indices_TK } = inputs.routing(mb, layer);
+      const fwd = await epForward(ctx, inputs.x(mb, layer), weights_TK, indices_TK);
+      saved.push({ ctx, saved: fwd.saved, out: fwd.out_TD });
+    }
+    if (driver.finished) break;
+    for (let layer = s.layers - 1; layer >= 0; layer--) {
+      const { ctx, saved: sv, out } = saved[layer]!;
+      const bwd = await epBackward(ctx, sv, inputs.gradOut(mb, layer));
+      if (job.casePayload) result = encodeMessage({ out, gradX: bwd.gradX_TD, gradWeights: bwd.gradWeights_TK, grads: bwd.grads });
+    }
+  }
+  const how = await driver.finish();
+  post({ type: 'finished', rank: job.rank, how, snapshot: driver.wire(), result, at: now() });
+}
+
+parentPort!.once('message', (m: SupervisorMessage) => {
+  // An exception here ends the worker with an 'error' event: the supervisor's crash verdict.
+  void runStep(m.ports).catch((err: unknown) => {
+    setImmediate(() => {
+      throw err;
+    });
+  });
+});

@@ -1,0 +1,240 @@
+// The supervisor (main thread): spawns one worker thread per rank, wires a MessagePort
+// per pair of ranks that share a communicator, keeps the ledger through the shared
+// CollectiveTracker, and ends the run with a verdict the moment the evidence exists:
+// mismatch, missing, cycle (machines/ledger.ts), crash (a worker threw or exited), a
+// protocol violation or a corrupt message, or timeout (no progress and no proof). Every
+// worker is terminated before the result is returned: no thread outlives a run.
+import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
+import { rankMachine } from '../machines/rankMachine.js';
+import { CollectiveTracker, communicators, type Finding, type LedgerEntry } from '../machines/ledger.js';
+import { diagnose, okDiagnosis, rankReports, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
+import { startRank, type RankSnapshot } from '../machines/protocol.js';
+import { rankConfig, worldSize, type Scenario } from '../sim/scenario.js';
+import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
+
+/** Chrome Trace Event (complete events 'X' and instants 'i'); ts and dur in µs. */
+export interface TraceEvent {
+  name: string;
+  ph: 'X' | 'i' | 'M';
+  ts: number;
+  dur?: number;
+  pid: number;
+  tid: number;
+  s?: 'g' | 'p' | 't';
+  args?: Record<string, unknown>;
+}
+
+export interface RuntimeOptions {
+  backend?: 'ts' | 'native';
+  faults?: readonly Fault[];
+  /** No message from any rank for this long, without proof of a hang: `timeout` (default 10 s). */
+  timeoutMs?: number;
+  /** Per rank, msgpack of a CaseRankJob (ranks compute on these instead of generated inputs). */
+  casePayloads?: readonly Uint8Array[];
+  /** Receives every xstate inspection event of every rank. */
+  onInspect?: (rank: number, event: unknown) => void;
+}
+
+export interface RuntimeResult {
+  readonly diagnosis: Diagnosis;
+  readonly ledger: readonly LedgerEntry[];
+  readonly trace: readonly TraceEvent[];
+  /** Per rank, the machine state paths it went through. */
+  readonly paths: readonly string[][];
+  /** Per rank, the msgpack result a case run sent home (undefined for generated steps). */
+  readonly results: readonly (Uint8Array | undefined)[];
+  readonly wallMs: number;
+}
+
+const WORKER_URL = new URL('./rankWorker.js', import.meta.url);
+/** Quiet time before a wait-for cycle seen by the supervisor counts as proved. */
+const CYCLE_QUIET_MS = 5;
+/** After a verdict, how long peers' in-flight messages may still update the diagnosis. */
+const SETTLE_MS = 15;
+
+export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise<RuntimeResult> {
+  const n = worldSize(s);
+  const t0 = now();
+  const tracker = new CollectiveTracker({ ep: s.ep, dp: s.dp });
+  const wires: (SnapshotWire | null)[] = new Array(n).fill(null);
+  const paths: string[][] = Array.from({ length: n }, () => []);
+  const results: (Uint8Array | undefined)[] = new Array(n).fill(undefined);
+  const trace: TraceEvent[] = [];
+  const openSpans = new Map<number, { name: string; ts: number; args: Record<string, unknown> }>();
+  const finished = new Set<number>();
+  const us = (at: number) => Math.round((at - t0) * 1000);
+
+  const workers = Array.from({ length: n }, (_, rank) => {
+    const job: WorkerJob = { rank, scenario: s, casePayload: opts.casePayloads?.[rank], backend: opts.backend ?? 'ts', faults: opts.faults ?? [], inspect: !!opts.onInspect };
+    return new Worker(WORKER_URL, { workerData: job });
+  });
+  const exited = workers.map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())));
+
+  const snapshots = (): RankSnapshot[] =>
+    wires.map((w, rank) => (w ? rankMachine.resolveState({ value: w.value as never, context: w.context }) : startRank(rankConfig(s, rank))));
+
+  return new Promise<RuntimeResult>((resolve) => {
+    let done = false;
+    let timer: NodeJS.Timeout | undefined;
+    let pendingTransportError: NodeJS.Timeout | undefined;
+    let pendingCycle: NodeJS.Timeout | undefined;
+    // Workers post to the supervisor over separate queues, so a rank's next issue can arrive
+    // before a peer's issue that completed the rank's previous collective. A rank's messages
+    // wait here until the tracker has seen that collective complete.
+    const deferred = new Map<number, WorkerMessage[]>();
+    // Mismatch and missing are proved by each rank's own ordered messages; a cycle is proved
+    // only on a quiet, complete view, so it is confirmed after a short pause with no messages.
+    const confirmCycle = () => {
+      clearTimeout(pendingCycle);
+      if (deferred.size > 0 || !tracker.findCycle()) return;
+      const seen = now();
+      pendingCycle = setTimeout(() => {
+        const cycle = deferred.size === 0 ? tracker.findCycle() : null;
+        if (cycle) verdict(cycle, seen);
+      }, CYCLE_QUIET_MS);
+    };
+
+    const end = (diagnosis: Diagnosis) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      clearTimeout(pendingTransportError);
+      clearTimeout(pendingCycle);
+      for (const [rank, span] of openSpans) trace.push({ name: span.name, ph: 'X', ts: span.ts, dur: us(now()) - span.ts, pid: 0, tid: rank, args: { ...span.args, unfinished: true } });
+      trace.push({ name: `verdict: ${diagnosis.verdict}`, ph: 'i', s: 'g', ts: us(now()), pid: 0, tid: 0, args: { cause: diagnosis.cause } });
+      for (let r = 0; r < n; r++) trace.push({ name: 'thread_name', ph: 'M', ts: 0, pid: 0, tid: r, args: { name: `rank ${r}` } });
+      for (const w of workers) void w.terminate();
+      void Promise.all(exited).then(() => resolve({ diagnosis, ledger: tracker.entries, trace, paths, results, wallMs: now() - t0 }));
+    };
+    // The verdict is fixed the moment it is proved; the diagnosis is written a few ms later,
+    // once the peers' in-flight messages show where each of them ended up.
+    let decided = false;
+    const verdict = (finding: Finding, decidedAt: number) => {
+      if (decided) return;
+      decided = true;
+      const detectedAfterMs = now() - decidedAt;
+      setTimeout(() => end({ ...diagnose(finding, snapshots(), tracker), detectedAfterMs }), SETTLE_MS);
+    };
+    const failure = (verdict: VerdictKind, rank: number | null, cause: string, decidedAt: number) => {
+      if (decided) return;
+      const d: Diagnosis = { verdict, communicator: null, position: null, culprits: rank === null ? [] : [rank], ranks: rankReports(snapshots(), tracker), cause, detectedAfterMs: now() - decidedAt };
+      end(d);
+    };
+    const armTimeout = () => {
+      clearTimeout(timer);
+      const ms = opts.timeoutMs ?? 10_000;
+      timer = setTimeout(() => {
+        const blocked = [...Array(n).keys()].flatMap((r) => {
+          const e = tracker.blockedOn(r);
+          return e ? [`rank ${r} in ${e.op} (${e.communicator}, position ${e.position})`] : [];
+        });
+        failure('timeout', null, `no rank made progress for ${ms} ms and no deadlock was proved${blocked.length ? `; blocked: ${blocked.join(', ')}` : ''}`, now());
+      }, ms);
+    };
+
+    const onMessage = (m: WorkerMessage) => {
+      if (done) return;
+      if (decided) {
+        // Only bookkeeping now: the verdict stands.
+        if (m.type === 'issue' && !tracker.blockedOn(m.rank)) {
+          wires[m.rank] = m.snapshot;
+          tracker.issue(m.rank, m.collective, m.dtype);
+        } else if (m.type === 'state') paths[m.rank]!.push(m.path);
+        return;
+      }
+      armTimeout();
+      clearTimeout(pendingCycle);
+      if ((m.type === 'issue' || m.type === 'finished') && (tracker.blockedOn(m.rank) || deferred.has(m.rank))) {
+        deferred.set(m.rank, [...(deferred.get(m.rank) ?? []), m]);
+        return;
+      }
+      handle(m);
+      confirmCycle();
+    };
+    const release = (ranks: readonly number[]) => {
+      for (const r of ranks) {
+        const queue = deferred.get(r);
+        if (!queue) continue;
+        deferred.delete(r);
+        for (const m of queue) {
+          if (done) return;
+          if (tracker.blockedOn(r) || deferred.has(r)) deferred.set(r, [...(deferred.get(r) ?? []), m]);
+          else handle(m);
+        }
+      }
+    };
+
+    const handle = (m: WorkerMessage) => {
+      switch (m.type) {
+        case 'state':
+          paths[m.rank]!.push(m.path);
+          return;
+        case 'inspect':
+          opts.onInspect?.(m.rank, m.event);
+          return;
+        case 'issue': {
+          wires[m.rank] = m.snapshot;
+          const c = m.collective;
+          openSpans.set(m.rank, { name: c.op, ts: us(m.at), args: { communicator: '', layer: c.layer, microBatch: c.microBatch } });
+          const issued = tracker.issue(m.rank, c, m.dtype);
+          openSpans.get(m.rank)!.args = { communicator: issued.entry.communicator, position: issued.entry.position, layer: c.layer, microBatch: c.microBatch };
+          if (issued.finding) return verdict(issued.finding, m.at);
+          if (issued.completed) release(issued.completed.map((e) => e.rank));
+          return;
+        }
+        case 'completed': {
+          const span = openSpans.get(m.rank);
+          if (span) trace.push({ name: span.name, ph: 'X', ts: span.ts, dur: Math.max(0, us(m.at) - span.ts), pid: 0, tid: m.rank, args: span.args });
+          openSpans.delete(m.rank);
+          return;
+        }
+        case 'finished': {
+          wires[m.rank] = m.snapshot;
+          results[m.rank] = m.result;
+          finished.add(m.rank);
+          const finding = tracker.finish(m.rank);
+          if (finding) return verdict(finding, m.at);
+          if (finished.size === n) {
+            const open = tracker.openPositions();
+            if (open.length === 0) return end(okDiagnosis(snapshots(), tracker));
+            failure('missing', null, `every rank finished but positions were left open: ${JSON.stringify(open)}`, m.at);
+          }
+          return;
+        }
+        case 'violation':
+          wires[m.rank] = m.snapshot;
+          return failure('violation', m.rank, `protocol violation: ${m.message}`, m.at);
+        case 'transport-error':
+          // The ledger usually proves the same divergence from the issue messages, and says
+          // more; give those a moment to arrive before reporting the bare transport error.
+          pendingTransportError ??= setTimeout(() => failure('violation', m.rank, `bad message between actors: ${m.message}`, m.at), 20);
+          return;
+      }
+    };
+
+    workers.forEach((w, rank) => {
+      w.on('message', onMessage);
+      w.on('error', (err) => {
+        if (!done && !decided) failure('crash', rank, `rank ${rank} crashed: ${err.message}; every rank was aborted`, now());
+      });
+      w.on('exit', (code) => {
+        if (!done && !decided && !finished.has(rank)) failure('crash', rank, `rank ${rank} exited (code ${code}) before finishing its step; every rank was aborted`, now());
+      });
+    });
+
+    // One MessageChannel per pair of ranks that share a communicator.
+    const ports: Record<number, MessagePort>[] = Array.from({ length: n }, () => ({}));
+    for (const c of communicators({ ep: s.ep, dp: s.dp })) {
+      for (const a of c.members) {
+        for (const b of c.members) {
+          if (a >= b || ports[a]![b]) continue;
+          const { port1, port2 } = new MessageChannel();
+          ports[a]![b] = port1;
+          ports[b]![a] = port2;
+        }
+      }
+    }
+    workers.forEach((w, rank) => w.postMessage({ type: 'start', ports: ports[rank] }, Object.values(ports[rank]!)));
+    armTimeout();
+  });
+}

@@ -1,0 +1,235 @@
+// The MessagePort mesh inside a rank worker: one port per peer, msgpack messages with the
+// aligned tensor extensions (decoding gives views, not copies), buffers transferred rather
+// than cloned. Every message names its communicator, position and op, so a chunk for the
+// right position but another op, a chunk for a communicator the pair does not share, a
+// stale position or bytes that do not decode are reported at once instead of hanging.
+import type { MessagePort } from 'node:worker_threads';
+import { Tensor, type DType } from '../src/tensor.js';
+import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.js';
+import type { CommunicatorSpec } from '../machines/ledger.js';
+import type { CollectiveTag, Communicator } from '../src/ep/types.js';
+
+export class TransportError extends Error {
+  override name = 'TransportError';
+}
+
+interface Chunk {
+  readonly comm: string;
+  readonly position: number;
+  readonly op: string;
+  readonly from: number;
+  readonly tensor: Tensor;
+}
+
+type Waiter = { op: string; resolve: (t: Tensor) => void };
+
+/** Deliberate damage to outgoing chunks, for tests of the runtime's error reporting. */
+export type ChunkFault = 'corrupt-message' | 'wrong-communicator' | 'stale-position';
+
+export class PortMesh {
+  private readonly arrived = new Map<string, Chunk>();
+  private readonly waiting = new Map<string, Waiter>();
+  /** Highest position consumed per (communicator, peer): anything at or below is stale. */
+  private readonly consumed = new Map<string, number>();
+  /** Communicators each peer shares with this rank. */
+  private readonly shared = new Map<number, Set<string>>();
+  /** Set by a fault injector: how to damage the next outgoing chunk of one op. */
+  fault: { op: string; kind: ChunkFault } | null = null;
+
+  constructor(
+    readonly rank: number,
+    private readonly ports: ReadonlyMap<number, MessagePort>,
+    comms: readonly CommunicatorSpec[],
+    private readonly onError: (message: string) => void,
+  ) {
+    for (const c of comms) {
+      if (!c.members.includes(rank)) continue;
+      for (const m of c.members) {
+        if (!this.shared.has(m)) this.shared.set(m, new Set());
+        this.shared.get(m)!.add(c.id);
+      }
+    }
+    for (const [peer, port] of ports) port.on('message', (bytes: Uint8Array) => this.deliver(peer, bytes));
+  }
+
+  send(peer: number, comm: string, position: number, op: string, tensor: Tensor): void {
+    const port = this.ports.get(peer);
+    if (!port) throw new TransportError(`rank ${this.rank} has no port to rank ${peer}`);
+    let header = { comm, position };
+    let bytes: Uint8Array;
+    if (this.fault?.op === op) {
+      const kind = this.fault.kind;
+      this.fault = null;
+      if (kind === 'corrupt-message') {
+        port.postMessage(Uint8Array.of(0xc1, 0xff, 0x00, 0x13)); // 0xc1 is never valid msgpack
+        return;
+      }
+      header = kind === 'wrong-communicator' ? { comm: `${comm}-bogus`, position } : { comm, position: position - 1 };
+    }
+    bytes = encodeMessage({ ...header, op, from: this.rank, tensor });
+    port.postMessage(bytes, [bytes.buffer as ArrayBuffer]);
+  }
+
+  receive(peer: number, comm: string, position: number, op: string): Promise<Tensor> {
+    const key = `${comm}|${position}|${peer}`;
+    const chunk = this.arrived.get(key);
+    if (chunk) {
+      this.arrived.delete(key);
+      return this.accept(chunk, op);
+    }
+    return new Promise((resolve) => this.waiting.set(key, { op, resolve }));
+  }
+
+  private accept(chunk: Chunk, op: string): Promise<Tensor> {
+    const key = `${chunk.comm}|${chunk.from}`;
+    this.consumed.set(key, Math.max(this.consumed.get(key) ?? -1, chunk.position));
+    if (chunk.op !== op) {
+      return this.stall(`rank ${this.rank} expected ${op} from rank ${chunk.from} at ${chunk.comm} position ${chunk.position} but received ${chunk.op}`);
+    }
+    return Promise.resolve(chunk.tensor);
+  }
+
+  /**
+   * Report a divergence the data itself shows, and leave the collective waiting as NCCL
+   * would: the supervisor decides the verdict (usually from the ledger, which says more).
+   */
+  stall(message: string): Promise<never> {
+    this.onError(message);
+    return new Promise<never>(() => {});
+  }
+
+  private deliver(peer: number, bytes: unknown): void {
+    let chunk: Chunk;
+    try {
+      chunk = this.parse(peer, bytes);
+    } catch (err) {
+      this.onError((err as Error).message);
+      return;
+    }
+    const stale = this.consumed.get(`${chunk.comm}|${peer}`) ?? -1;
+    if (chunk.position <= stale) {
+      this.onError(`rank ${this.rank} received a stale chunk from rank ${peer}: ${chunk.op} for ${chunk.comm} position ${chunk.position}, which it already completed`);
+      return;
+    }
+    const key = `${chunk.comm}|${chunk.position}|${peer}`;
+    const waiter = this.waiting.get(key);
+    if (waiter) {
+      this.waiting.delete(key);
+      void this.accept(chunk, waiter.op).then(waiter.resolve);
+    } else if (this.arrived.has(key)) {
+      this.onError(`rank ${this.rank} received two chunks from rank ${peer} for ${chunk.comm} position ${chunk.position}`);
+    } else {
+      this.arrived.set(key, chunk);
+    }
+  }
+
+  /** Decode and check a peer's message; anything malformed becomes a TransportError naming the sender. */
+  private parse(peer: number, bytes: unknown): Chunk {
+    const from = `rank ${this.rank} received from rank ${peer}`;
+    if (!(bytes instanceof Uint8Array)) throw new TransportError(`${from} a message that is not bytes`);
+    let msg: unknown;
+    try {
+      msg = decodeMessage(bytes);
+    } catch (err) {
+      if (err instanceof CodecError) throw new TransportError(`${from} a corrupt message: ${err.message}`);
+      throw err;
+    }
+    const m = msg as Partial<Chunk> | null;
+    if (!m || typeof m !== 'object' || typeof m.comm !== 'string' || typeof m.op !== 'string' || !Number.isSafeInteger(m.position) || m.from !== peer || !(m.tensor instanceof Tensor)) {
+      throw new TransportError(`${from} a message without a valid communicator, position, op, sender and tensor`);
+    }
+    if (!this.shared.get(peer)?.has(m.comm)) {
+      throw new TransportError(`${from} a chunk for communicator '${m.comm}', which the two ranks do not share`);
+    }
+    return m as Chunk;
+  }
+}
+
+/** A communicator of the mesh as seen from one worker: positions counted locally, exchanges over the PortMesh. */
+export class MeshCommunicator implements Communicator {
+  readonly name: string;
+  readonly rank: number;
+  readonly size: number;
+  private position = 0;
+
+  constructor(
+    readonly spec: CommunicatorSpec,
+    readonly globalRank: number,
+    private readonly mesh: PortMesh,
+  ) {
+    this.name = spec.kind;
+    this.rank = spec.members.indexOf(globalRank);
+    this.size = spec.members.length;
+    if (this.rank < 0) throw new TransportError(`rank ${globalRank} is not a member of ${spec.id}`);
+  }
+
+  async allToAll<D extends DType>(tag: CollectiveTag, send: Tensor<D>, sendSplits: readonly number[], recvSplits: readonly number[]): Promise<Tensor<D>> {
+    const rows = send.shape[0] ?? 0;
+    const rowSize = send.rowSize;
+    if (sendSplits.length !== this.size || recvSplits.length !== this.size) throw new TransportError(`${tag.op}: splits must have ${this.size} entries`);
+    if (sendSplits.reduce((a, b) => a + b, 0) !== rows) throw new TransportError(`${tag.op}: send splits sum to ${sendSplits.reduce((a, b) => a + b, 0)} but the tensor has ${rows} rows`);
+    const position = this.position++;
+    let offset = 0;
+    let own: Tensor<D> | null = null;
+    for (let j = 0; j < this.size; j++) {
+      const chunk = rowsOf(send, offset, sendSplits[j]!);
+      offset += sendSplits[j]!;
+      if (j === this.rank) own = chunk;
+      else this.mesh.send(this.spec.members[j]!, this.spec.id, position, tag.op, chunk);
+    }
+    const parts = await Promise.all(
+      this.spec.members.map(async (peer, j) => {
+        const t = j === this.rank ? own! : ((await this.mesh.receive(peer, this.spec.id, position, tag.op)) as Tensor<D>);
+        if (t.dtype !== send.dtype || (t.shape[0] ?? 0) !== recvSplits[j] || t.rowSize !== rowSize) {
+          return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} sent ${t.shape[0]} rows of ${t.dtype} × ${t.rowSize}, rank ${this.globalRank} expected ${recvSplits[j]} rows of ${send.dtype} × ${rowSize}`);
+        }
+        return t;
+      }),
+    );
+    return concatRows(send.dtype, parts, [...send.shape.slice(1)]);
+  }
+
+  /** Every member's tensor, concatenated in member order (FSDP's parameter all-gather). */
+  async allGather<D extends DType>(tag: CollectiveTag, t: Tensor<D>): Promise<Tensor<D>> {
+    const rows = t.shape[0] ?? 0;
+    const splits = new Array<number>(this.size).fill(rows);
+    const sendAll = concatRows(t.dtype, splits.map(() => t), [...t.shape.slice(1)]);
+    return this.allToAll(tag, sendAll, splits, splits);
+  }
+
+  /** Sum over members of a 1-D f32/f64 tensor; member j keeps elements of chunk j (FSDP's gradient reduce-scatter). */
+  async reduceScatter<D extends 'f32' | 'f64'>(tag: CollectiveTag, t: Tensor<D>): Promise<Tensor<D>> {
+    const n = t.data.length;
+    const chunk = Math.ceil(n / this.size);
+    const splits = Array.from({ length: this.size }, (_, j) => Math.max(0, Math.min(chunk, n - j * chunk)));
+    const mine = splits[this.rank]!;
+    const got = await this.allToAll(tag, new Tensor(t.dtype, [n], t.data), splits, splits.map(() => mine));
+    const out = Tensor.zeros(t.dtype, [mine]);
+    for (let j = 0; j < this.size; j++) for (let i = 0; i < mine; i++) out.data[i] += got.data[j * mine + i]!;
+    return out;
+  }
+
+  /** Sum over members, result everywhere. */
+  async allReduce<D extends 'f32' | 'f64'>(tag: CollectiveTag, t: Tensor<D>): Promise<Tensor<D>> {
+    const gathered = await this.allGather(tag, new Tensor(t.dtype, [1, t.data.length], t.data));
+    const out = Tensor.zeros(t.dtype, t.shape);
+    for (let j = 0; j < this.size; j++) for (let i = 0; i < out.data.length; i++) out.data[i] += gathered.data[j * out.data.length + i]!;
+    return out;
+  }
+}
+
+function rowsOf<D extends DType>(t: Tensor<D>, start: number, count: number): Tensor<D> {
+  const rs = t.rowSize;
+  return new Tensor(t.dtype, [count, ...t.shape.slice(1)], t.data.subarray(start * rs, (start + count) * rs) as Tensor<D>['data']);
+}
+
+function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[]): Tensor<D> {
+  const rows = parts.reduce((a, p) => a + (p.shape[0] ?? 0), 0);
+  const out = Tensor.zeros(dtype, [rows, ...rest]);
+  let at = 0;
+  for (const p of parts) {
+    (out.data as Float32Array).set(p.data as Float32Array, at);
+    at += p.data.length;
+  }
+  return out;
+}
