@@ -99,48 +99,54 @@ export const ACTIVATION_FNS: Record<Activation, ActivationFn> = {
   },
 };
 
-// ---- GEMM kernels over flat row-major arrays (f64 accumulation) ----
+// ---- the one GEMM kernel (f64, row-major) ----
 
-/** c[M,N] += a[M,K] · b[K,N] (i-k-j order: the inner loop streams rows of b and c). */
-function mmAdd(a: Floats, aOff: number, b: Floats, bOff: number, c: Float64Array, cOff: number, M: number, K: number, N: number): void {
-  for (let i = 0; i < M; i++) {
+/**
+ * c[M,N] += a[M,K] · b[K,N]. i-k-j order with four rows of a per pass, so each row of b
+ * loaded is used four times; the inner loop streams contiguous rows of b and c.
+ */
+function mmAdd(a: Float64Array, aOff: number, b: Float64Array, bOff: number, c: Float64Array, cOff: number, M: number, K: number, N: number): void {
+  let i = 0;
+  for (; i + 4 <= M; i += 4) {
+    const a0 = aOff + i * K;
+    const a1 = a0 + K;
+    const a2 = a1 + K;
+    const a3 = a2 + K;
+    const c0 = cOff + i * N;
+    const c1 = c0 + N;
+    const c2 = c1 + N;
+    const c3 = c2 + N;
+    for (let k = 0; k < K; k++) {
+      const v0 = a[a0 + k]!;
+      const v1 = a[a1 + k]!;
+      const v2 = a[a2 + k]!;
+      const v3 = a[a3 + k]!;
+      const bRow = bOff + k * N;
+      for (let j = 0; j < N; j++) {
+        const bv = b[bRow + j]!;
+        c[c0 + j] += v0 * bv;
+        c[c1 + j] += v1 * bv;
+        c[c2 + j] += v2 * bv;
+        c[c3 + j] += v3 * bv;
+      }
+    }
+  }
+  for (; i < M; i++) {
     const aRow = aOff + i * K;
     const cRow = cOff + i * N;
     for (let k = 0; k < K; k++) {
       const av = a[aRow + k]!;
-      if (av === 0) continue;
       const bRow = bOff + k * N;
       for (let j = 0; j < N; j++) c[cRow + j] += av * b[bRow + j]!;
     }
   }
 }
 
-/** c[M,N] += a[M,K] · b[N,K]ᵀ (dot products of contiguous rows). */
-function mmBtAdd(a: Floats, aOff: number, b: Floats, bOff: number, c: Float64Array, cOff: number, M: number, K: number, N: number): void {
-  for (let i = 0; i < M; i++) {
-    const aRow = aOff + i * K;
-    const cRow = cOff + i * N;
-    for (let j = 0; j < N; j++) {
-      const bRow = bOff + j * K;
-      let s = 0;
-      for (let k = 0; k < K; k++) s += a[aRow + k]! * b[bRow + k]!;
-      c[cRow + j] += s;
-    }
-  }
-}
-
-/** c[K,N] += a[M,K]ᵀ · b[M,N] (outer products of row pairs). */
-function mmAtAdd(a: Floats, aOff: number, b: Floats, bOff: number, c: Float64Array, cOff: number, M: number, K: number, N: number): void {
-  for (let i = 0; i < M; i++) {
-    const aRow = aOff + i * K;
-    const bRow = bOff + i * N;
-    for (let k = 0; k < K; k++) {
-      const av = a[aRow + k]!;
-      if (av === 0) continue;
-      const cRow = cOff + k * N;
-      for (let j = 0; j < N; j++) c[cRow + j] += av * b[bRow + j]!;
-    }
-  }
+/** The [cols, rows] transpose of the [rows, cols] block of `src` at `off`. */
+function transposed(src: Float64Array, off: number, rows: number, cols: number): Float64Array {
+  const out = new Float64Array(rows * cols);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = src[off + r * cols + c]!;
+  return out;
 }
 
 // ---- layouts ----
@@ -150,25 +156,21 @@ interface PackedMats {
   readonly N: number;
   readonly D: number;
   readonly H: number;
-  readonly up: Floats; // [N,D,H]
-  readonly gate: Floats | null; // [N,D,H]
-  readonly down: Floats; // [N,H,D]
+  readonly up: Float64Array; // [N,D,H]
+  readonly gate: Float64Array | null; // [N,D,H]
+  readonly down: Float64Array; // [N,H,D]
 }
 
-/** Transpose each [rows, cols] block of `src` (n blocks) into [cols, rows]. */
-function transposeBlocks(src: Floats, n: number, rows: number, cols: number, dst: Floats): void {
-  for (let b = 0; b < n; b++) {
-    const off = b * rows * cols;
-    for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) dst[off + c * rows + r] = src[off + r * cols + c]!;
-  }
-}
-
+/** Per-expert (out, in) matrices [rows, cols] stacked as (in, out) blocks [N, cols, rows]. */
 function stackTransposed(mats: readonly Tensor[], rows: number, cols: number): Float64Array {
-  const src = new Float64Array(mats.length * rows * cols);
-  mats.forEach((m, i) => src.set(m.data as Floats, i * rows * cols));
-  const out = new Float64Array(src.length);
-  transposeBlocks(src, mats.length, rows, cols, out);
+  const out = new Float64Array(mats.length * rows * cols);
+  mats.forEach((m, i) => out.set(transposed(asF64(m.data as Floats), 0, rows, cols), i * rows * cols));
   return out;
+}
+
+/** The values as f64: f64 storage as is, f32 converted (kernels then see a single array type). */
+function asF64(a: Floats): Float64Array {
+  return a instanceof Float64Array ? a : Float64Array.from(a);
 }
 
 function checkShape(t: Tensor, want: readonly number[], what: string): void {
@@ -184,7 +186,7 @@ function packedMats(w: ExpertWeights): PackedMats {
     checkShape(w.down, [N, H, D], 'down weights');
     if (gated !== (w.gate !== null)) throw new Error(`${w.activation} experts ${gated ? 'need' : 'have no'} gate weights`);
     if (w.gate) checkShape(w.gate, [N, D, H], 'gate weights');
-    return { N, D, H, up: w.up.data, gate: w.gate?.data ?? null, down: w.down.data };
+    return { N, D, H, up: asF64(w.up.data), gate: w.gate && asF64(w.gate.data), down: asF64(w.down.data) };
   }
   const N = w.experts.length;
   if (N === 0) return { N, D: 0, H: 0, up: new Float64Array(0), gate: gated ? new Float64Array(0) : null, down: new Float64Array(0) };
@@ -222,21 +224,13 @@ function inLayout<F extends FloatDType>(layout: ExpertWeights['layout'], activat
       down: floatTensor(dtype, [N, H, D], down),
     };
   }
-  const block = (src: Float64Array, rows: number, cols: number): Float64Array => {
-    const t = new Float64Array(src.length);
-    transposeBlocks(src, N, rows, cols, t);
-    return t;
-  };
-  const upT = block(up, D, H);
-  const gateT = gate && block(gate, D, H);
-  const downT = block(down, H, D);
   const size = D * H;
   const experts: UnpackedExpert<F>[] = [];
   for (let i = 0; i < N; i++) {
     experts.push({
-      up: floatTensor(dtype, [H, D], upT.subarray(i * size, (i + 1) * size)),
-      gate: gateT && floatTensor(dtype, [H, D], gateT.subarray(i * size, (i + 1) * size)),
-      down: floatTensor(dtype, [D, H], downT.subarray(i * size, (i + 1) * size)),
+      up: floatTensor(dtype, [H, D], transposed(up, i * size, D, H)),
+      gate: gate && floatTensor(dtype, [H, D], transposed(gate, i * size, D, H)),
+      down: floatTensor(dtype, [D, H], transposed(down, i * size, H, D)),
     });
   }
   return { layout: 'unpacked', activation, experts };
@@ -249,8 +243,8 @@ function weightsDType<F extends FloatDType>(w: ExpertWeights<F>): F {
 /** The same experts in the other layout (copies): packed [N, …] (in, out) <-> per-expert (out, in) Linears. */
 export function convertLayout<F extends FloatDType>(w: ExpertWeights<F>, layout: ExpertWeights['layout']): ExpertWeights<F> {
   const m = packedMats(w);
-  const f64 = (a: Floats): Float64Array => Float64Array.from(a);
-  return inLayout(layout, w.activation, weightsDType(w), m, f64(m.up), m.gate && f64(m.gate), f64(m.down));
+  const copy = (a: Float64Array): Float64Array => a.slice();
+  return inLayout(layout, w.activation, weightsDType(w), m, copy(m.up), m.gate && copy(m.gate), copy(m.down));
 }
 
 // ---- the backend ----
@@ -272,6 +266,7 @@ function forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPe
   const m = packedMats(w);
   const R = checkGroups(x, m, rowsPerExpert);
   const { D, H } = m;
+  const xs = asF64(x.data);
   const act = ACTIVATION_FNS[w.activation];
   const aUp = new Float64Array(R * H);
   const aGate = m.gate ? new Float64Array(R * H) : null;
@@ -279,9 +274,8 @@ function forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPe
   const y = new Float64Array(R * D);
   let row = 0;
   rowsPerExpert.forEach((c, i) => {
-    if (c === 0) return;
-    mmAdd(x.data, row * D, m.up, i * D * H, aUp, row * H, c, D, H);
-    if (aGate) mmAdd(x.data, row * D, m.gate!, i * D * H, aGate, row * H, c, D, H);
+    mmAdd(xs, row * D, m.up, i * D * H, aUp, row * H, c, D, H);
+    if (aGate) mmAdd(xs, row * D, m.gate!, i * D * H, aGate, row * H, c, D, H);
     for (let p = row * H; p < (row + c) * H; p++) hidden[p] = aGate ? act.f(aGate[p]!) * aUp[p]! : act.f(aUp[p]!);
     mmAdd(hidden, row * H, m.down, i * H * D, y, row * D, c, H, D);
     row += c;
@@ -295,6 +289,8 @@ function backward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsP
   const R = checkGroups(x, m, rowsPerExpert);
   checkShape(gradY, [R, m.D], 'gradY');
   const { N, D, H } = m;
+  const xs = asF64(x.data);
+  const gy = asF64(gradY.data);
   const { aUp, aGate, hidden } = fwd.saved as Saved;
   const act = ACTIVATION_FNS[w.activation];
   const gUpW = new Float64Array(N * D * H);
@@ -307,9 +303,10 @@ function backward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsP
   let row = 0;
   rowsPerExpert.forEach((c, i) => {
     if (c === 0) return;
-    const wDH = i * D * H;
-    mmBtAdd(gradY.data, row * D, m.down, wDH, gHidden, row * H, c, D, H);
-    mmAtAdd(hidden, row * H, gradY.data, row * D, gDownW, wDH, c, H, D);
+    const wOff = i * D * H;
+    // Every product is c += a·b; the transposes it needs are formed per expert (small).
+    mmAdd(gy, row * D, transposed(m.down, wOff, H, D), 0, gHidden, row * H, c, D, H);
+    mmAdd(transposed(hidden, row * H, c, H), 0, gy, row * D, gDownW, wOff, H, c, D);
     for (let p = row * H; p < (row + c) * H; p++) {
       if (aGate) {
         gUp[p] = gHidden[p]! * act.f(aGate[p]!);
@@ -318,11 +315,12 @@ function backward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsP
         gUp[p] = gHidden[p]! * act.df(aUp[p]!);
       }
     }
-    mmBtAdd(gUp, row * H, m.up, wDH, gX, row * D, c, H, D);
-    mmAtAdd(x.data, row * D, gUp, row * H, gUpW, wDH, c, D, H);
+    const xT = transposed(xs, row * D, c, D);
+    mmAdd(gUp, row * H, transposed(m.up, wOff, D, H), 0, gX, row * D, c, H, D);
+    mmAdd(xT, 0, gUp, row * H, gUpW, wOff, D, c, H);
     if (gGate) {
-      mmBtAdd(gGate, row * H, m.gate!, wDH, gX, row * D, c, H, D);
-      mmAtAdd(x.data, row * D, gGate, row * H, gGateW!, wDH, c, D, H);
+      mmAdd(gGate, row * H, transposed(m.gate!, wOff, D, H), 0, gX, row * D, c, H, D);
+      mmAdd(xT, 0, gGate, row * H, gGateW!, wOff, D, c, H);
     }
     row += c;
   });

@@ -1,0 +1,45 @@
+// EP layer step (forward + backward) with the TypeScript expert kernels over the in-process
+// group: ep=4, 1024 tokens per rank, D=256, H=512, E=8, top-2, SwiGLU, f32. All four ranks
+// share one thread, so a step costs the sum of the ranks' work; the PyTorch baseline runs
+// one process per rank and reports the slowest rank.
+import { time, type BenchRow } from './harness.js';
+import { DEFAULT_EP_OPTIONS, epStepLabel, torchEpStep } from './torch.js';
+import { runCase, syntheticCase } from '../../src/case.js';
+
+export async function bench(): Promise<BenchRow[]> {
+  const o = DEFAULT_EP_OPTIONS;
+  const data = syntheticCase(
+    {
+      ep: o.ep,
+      numExperts: o.experts,
+      topK: o.topK,
+      dim: o.dim,
+      hidden: o.hidden,
+      activation: 'silu',
+      packed: true,
+      gradientScale: false,
+      dtype: 'f32',
+      tokensPerRank: new Array<number>(o.ep).fill(o.tokens),
+    },
+    1,
+  );
+  const t = await time(() => runCase(data), 3, 1);
+  // Expert GEMMs: 3 in forward, 6 in backward, each 2·rows·D·H flops; rows = T·K per rank.
+  const gflop = (9 * 2 * o.ep * o.tokens * o.topK * o.dim * o.hidden) / 1e9;
+  const baseline = await torchEpStep();
+  const row: BenchRow = {
+    name: epStepLabel('ts kernels, in-process group, f32, all ranks in one thread'),
+    value: t.medianMs,
+    unit: 'ms',
+    note: `min ${t.minMs.toFixed(1)} ms over ${t.runs} runs; ${(gflop / (t.medianMs / 1e3)).toFixed(2)} GFLOP/s on expert GEMMs`,
+  };
+  if ('skipped' in baseline) return [{ ...row, note: `${row.note}; torch baseline skipped: ${baseline.skipped}` }];
+  return [
+    {
+      ...row,
+      baseline: { name: epStepLabel('torch+gloo f32, 1 process/rank'), value: baseline.medianMs, unit: 'ms' },
+      ratio: t.medianMs / baseline.medianMs,
+      note: `${row.note}; ratio = ts / torch (lower is better)`,
+    },
+  ];
+}
