@@ -1,0 +1,45 @@
+// A report input from the discrete-event engine: its diagnosis and ledger, each rank's
+// path (every microstep, so the eventless choice states show too), simulated time, and
+// the routing the scenario's generator chose for the whole step.
+import { getInitialMicrosteps, getMicrosteps } from 'xstate';
+import { rankMachine } from '../../machines/rankMachine.js';
+import { statePath } from '../../machines/protocol.js';
+import { runDes } from '../des.js';
+import { routeTokens, sendCountsOf } from '../routing.js';
+import { rankConfig, worldSize, type Scenario } from '../scenario.js';
+import { simulatedTrace, type ReportInput, type ReportRouting } from './input.js';
+
+export function reportFromDes(scenario: Scenario): ReportInput {
+  const paths = Array.from({ length: worldSize(scenario) }, (_, r) => getInitialMicrosteps(rankMachine, rankConfig(scenario, r)).map(([s]) => statePath(s)));
+  const { diagnosis, ledger } = runDes(scenario, {
+    onStep(rank, before, event) {
+      for (const [s] of getMicrosteps(rankMachine, before, event)) paths[rank]!.push(statePath(s));
+    },
+  });
+  return {
+    scenario,
+    diagnosis,
+    ledger: [...ledger],
+    paths,
+    trace: simulatedTrace(ledger, scenario),
+    routing: routingOf(scenario),
+    clock: 'simulated',
+  };
+}
+
+/** Rows per source→destination pair and per expert over every layer and micro-batch. */
+export function routingOf(s: Scenario): ReportRouting {
+  const n = worldSize(s);
+  const sendRows = Array.from({ length: n }, () => new Array<number>(s.ep).fill(0));
+  const rowsPerExpert = new Array<number>(s.experts).fill(0);
+  for (let r = 0; r < n; r++) {
+    for (let mb = 0; mb < s.microBatches; mb++) {
+      for (let layer = 0; layer < s.layers; layer++) {
+        const idx = routeTokens(s, r, mb, layer);
+        sendCountsOf(idx, s.experts, s.ep).forEach((c, j) => (sendRows[r]![j]! += c));
+        for (const e of idx) rowsPerExpert[e]!++;
+      }
+    }
+  }
+  return { sendRows, rowsPerExpert };
+}

@@ -1,0 +1,117 @@
+// What a report is made from, and the file that carries it. The file is a Chrome Trace
+// Event JSON object (it opens in Perfetto as it is) whose `epActors` key holds the rest of
+// the report input: `{ traceEvents: [...], epActors: { scenario, diagnosis, ledger, paths,
+// routing } }`. Both engines write it (`sim --trace`); `viz report` reads it.
+import type { Diagnosis } from '../../machines/diagnosis.js';
+import { communicators, type LedgerEntry } from '../../machines/ledger.js';
+import type { Scenario } from '../scenario.js';
+
+/** One collective on one rank: a Chrome 'X' (complete) event, times in µs. */
+export interface TraceEvent {
+  readonly name: string;
+  readonly ph: 'X';
+  readonly ts: number;
+  readonly dur: number;
+  readonly pid: 0;
+  /** The global rank: one lane per rank. */
+  readonly tid: number;
+  readonly args: { readonly communicator: string; readonly position: number; readonly layer: number; readonly microBatch: number };
+}
+
+export interface ReportRouting {
+  /** Per source global rank, per destination EP rank: rows sent, summed over layers and micro-batches. */
+  readonly sendRows: readonly (readonly number[])[];
+  /** Per global expert id: rows routed to it, summed the same way. */
+  readonly rowsPerExpert: readonly number[];
+}
+
+export interface ReportInput {
+  readonly scenario: Scenario;
+  readonly diagnosis: Diagnosis;
+  readonly ledger: readonly LedgerEntry[];
+  /** Per rank, the state paths it visited in order (`forward.route`, `forward.counts`, …). */
+  readonly paths: readonly (readonly string[])[];
+  readonly trace: readonly TraceEvent[];
+  readonly routing: ReportRouting;
+  /** What the trace's clock means: wall time of a real run or the engine's simulated time. */
+  readonly clock?: 'real' | 'simulated';
+}
+
+/** A Chrome trace metadata event (lane names for Perfetto). */
+interface MetadataEvent {
+  readonly name: 'thread_name' | 'process_name';
+  readonly ph: 'M';
+  readonly pid: 0;
+  readonly tid: number;
+  readonly args: { readonly name: string };
+}
+
+export interface TraceFile {
+  readonly traceEvents: readonly (TraceEvent | MetadataEvent)[];
+  readonly displayTimeUnit: 'ms';
+  readonly epActors: Omit<ReportInput, 'trace'>;
+}
+
+export function toTraceFile(input: ReportInput): TraceFile {
+  const { trace, ...rest } = input;
+  const ranks = input.paths.length;
+  const names: MetadataEvent[] = [
+    { name: 'process_name', ph: 'M', pid: 0, tid: 0, args: { name: `ep-actors (${input.clock ?? 'simulated'} time)` } },
+    ...Array.from({ length: ranks }, (_, r): MetadataEvent => ({ name: 'thread_name', ph: 'M', pid: 0, tid: r, args: { name: `rank ${r}` } })),
+  ];
+  return { traceEvents: [...names, ...trace], displayTimeUnit: 'ms', epActors: rest };
+}
+
+/** The report input in a parsed trace file; the error says which part is missing. */
+export function fromTraceFile(json: unknown, where = 'trace file'): ReportInput {
+  const fail = (what: string): never => {
+    throw new Error(`${where}: ${what}; expected a Chrome trace {traceEvents, epActors: {scenario, diagnosis, ledger, paths, routing}} as written by \`ep-actors sim --trace\``);
+  };
+  if (!json || typeof json !== 'object') fail('not a JSON object');
+  const f = json as Partial<TraceFile>;
+  if (!Array.isArray(f.traceEvents)) fail('no traceEvents array');
+  const ep = f.epActors;
+  if (!ep || typeof ep !== 'object') fail('no epActors object (a plain Chrome trace has no report data)');
+  for (const key of ['scenario', 'diagnosis', 'ledger', 'paths', 'routing'] as const) if (!(key in ep!)) fail(`epActors has no ${key}`);
+  if (!Array.isArray(ep!.ledger) || !Array.isArray(ep!.paths)) fail('epActors.ledger and epActors.paths must be arrays');
+  const trace = f.traceEvents!.filter((e): e is TraceEvent => e.ph === 'X');
+  return { ...ep!, trace };
+}
+
+/** Simulated time: compute before each collective, a transfer growing with rows moved. */
+const COMPUTE_US = 40;
+const transferUs = (slot: readonly LedgerEntry[]) => 10 + Math.max(...slot.map((e) => (e.sendSplits ? e.sendSplits.reduce((a, b) => a + b, 0) : (e.size ?? 0) / 256)));
+
+/**
+ * A trace for a run without a clock (the discrete-event engine): each rank computes for a
+ * fixed time before each collective, a collective ends when its last member has issued it
+ * plus a transfer time, and a collective that never completes runs to the end of the trace.
+ * Ledger order is issue order, and a rank issues only after its previous collective
+ * completed, so one pass in that order knows every start time when it needs it.
+ */
+export function simulatedTrace(ledger: readonly LedgerEntry[], mesh: { ep: number; dp: number }): TraceEvent[] {
+  const size = new Map(communicators(mesh).map((c) => [c.id, c.members.length]));
+  const start = new Map<LedgerEntry, number>();
+  const slots = new Map<string, LedgerEntry[]>();
+  const slotEnd = new Map<string, number>();
+  const lastOf = new Map<number, LedgerEntry>();
+  const key = (e: LedgerEntry) => `${e.communicator}#${e.position}`;
+  for (const e of ledger) {
+    const prev = lastOf.get(e.rank);
+    start.set(e, (prev ? slotEnd.get(key(prev))! : 0) + COMPUTE_US);
+    lastOf.set(e.rank, e);
+    const slot = [...(slots.get(key(e)) ?? []), e];
+    slots.set(key(e), slot);
+    if (slot.length === size.get(e.communicator)) slotEnd.set(key(e), Math.max(...slot.map((s) => start.get(s)!)) + transferUs(slot));
+  }
+  const horizon = Math.max(0, ...slotEnd.values(), ...start.values()) + COMPUTE_US;
+  return ledger.map((e) => ({
+    name: e.op,
+    ph: 'X',
+    ts: start.get(e)!,
+    dur: (slotEnd.get(key(e)) ?? horizon) - start.get(e)!,
+    pid: 0,
+    tid: e.rank,
+    args: { communicator: e.communicator, position: e.position, layer: e.layer, microBatch: e.microBatch },
+  }));
+}
