@@ -3,7 +3,7 @@
 // decisions that led there). Both engines turn snapshots into ledger entries here.
 import { initialTransition, transition, type SnapshotFrom } from 'xstate';
 import type { CollectiveOp } from '../src/ep/types.js';
-import { dataSplits, expertsWithGrads, rankMachine, type CollectiveMeta, type Decision, type RankConfig, type RankContext, type RankEvent } from './rankMachine.js';
+import { dataSplits, expertsWithGrads, metricSize, rankMachine, type CollectiveMeta, type Decision, type RankConfig, type RankContext, type RankEvent } from './rankMachine.js';
 
 export type RankSnapshot = SnapshotFrom<typeof rankMachine>;
 
@@ -97,6 +97,7 @@ export function issuedCollective(snapshot: RankSnapshot): IssuedCollective | nul
     const unit = meta.unit === 'moe' && (ctx.cfg.fsdp === 'block' || ctx.cfg.fsdp === 'experts') ? ctx.cfg.fsdp : meta.unit;
     return { ...base, unit: unit ?? null, sendSplits: null, recvSplits: null, size: fsdpSize(ctx, { ...meta, unit }) };
   }
+  if (meta.op === 'metric.all_reduce') return { ...base, sendSplits: null, recvSplits: null, size: metricSize(ctx) };
   if (meta.op === 'fwd.counts') {
     const ones = Array.from({ length: ctx.cfg.ep }, () => 1);
     return { ...base, sendSplits: ones, recvSplits: ones, size: null };

@@ -8,7 +8,8 @@
 // Step shape: for each micro-batch, forward over layers 0..L-1 (route, A fwd.counts,
 // B fwd.dispatch, C fwd.expert_ids, expert compute, D fwd.combine), then backward over
 // layers L-1..0 (FSDP all-gather, D' bwd.combine, expert backward, B' bwd.dispatch, FSDP
-// reduce-scatters as the wrap policy places them).
+// reduce-scatters as the wrap policy places them), then, under layer-metric, the aux-loss
+// metric all-reduce.
 import { assign, setup } from 'xstate';
 import type { CollectiveOp } from '../src/ep/types.js';
 import type { Variant } from './variants.js';
@@ -77,7 +78,8 @@ export interface RankContext {
 export type RankEvent =
   | { type: 'layer.routed'; tokens: number; sendCounts: readonly number[] }
   | { type: 'collective.done'; op: CollectiveOp; recvCounts?: readonly number[]; rowsPerExpert?: readonly number[] }
-  | { type: 'compute.done' }
+  /** firstReady: of two collectives this compute makes ready at once, the one whose completion landed first. */
+  | { type: 'compute.done'; firstReady?: CollectiveOp }
   | { type: 'supervisor.abort'; reason: string }
   | { type: 'rank.failed'; error: string };
 
@@ -128,6 +130,12 @@ export function dataSplits(ctx: RankContext): { send: number[]; recv: number[] }
   return { send: [...f.sendCounts], recv: [...(f.recvCounts ?? f.sendCounts.map(() => 0))] };
 }
 
+/** The router recorded into the aux-loss tracker: it routed tokens in some layer of the last micro-batch. */
+const routedTokens = (ctx: RankContext) => ctx.facts.some((f) => f !== null && f.tokens > 0);
+
+/** Elements of the aux-loss metric all-reduce: one per layer, plus the MTP slot the router adds when it records. */
+export const metricSize = (ctx: RankContext) => ctx.cfg.layers + (routedTokens(ctx) ? 1 : 0);
+
 const decide = (ctx: RankContext, d: Omit<Decision, 'layer' | 'microBatch'>): Partial<RankContext> => {
   const full: Decision = { ...d, layer: ctx.layer, microBatch: ctx.microBatch };
   return { trail: [...ctx.trail, full], skips: d.skipped.length ? [...ctx.skips, full] : ctx.skips };
@@ -153,6 +161,9 @@ export const rankMachine = setup({
     moeUnitReduceScatters: ({ context: c }) => c.cfg.fsdp === 'block' || (c.cfg.fsdp === 'split' && expertsWithGrads(c) > 0),
     moeUnitWithoutGrads: ({ context: c }) => c.cfg.fsdp === 'split' && expertsWithGrads(c) === 0,
     attentionIsOwnUnit: ({ context: c }) => c.cfg.fsdp === 'split' || c.cfg.fsdp === 'experts',
+    dispatchReadyFirst: ({ context: c, event }) =>
+      c.cfg.variant.completionOrder && event.type === 'compute.done' && event.firstReady === 'bwd.dispatch' && c.cfg.fsdp === 'experts' && expertsWithGrads(c) > 0,
+    logsLayerMetric: ({ context: c }) => c.cfg.variant.layerMetric,
   },
   actions: {
     recordRouting: assign(({ context: c, event }) => {
@@ -196,6 +207,12 @@ export const rankMachine = setup({
     ),
     noteSkippedMoeReduceScatter: assign(({ context: c }) =>
       decide(c, { guard: 'moeUnitReduceScatters', held: false, skipped: ['fsdp.reduce_scatter'], fact: `no local expert of rank ${c.cfg.rank} has a gradient ${where(c, 'backward')}` }),
+    ),
+    noteDispatchFirst: assign(({ context: c }) =>
+      decide(c, { guard: 'dispatchReadyFirst', held: true, skipped: [], fact: `rank ${c.cfg.rank}'s input gradient completed before its expert-gradient hook ${where(c, 'backward')}, so it issued bwd.dispatch before the experts reduce-scatter` }),
+    ),
+    noteForcedMetric: assign(({ context: c }) =>
+      routedTokens(c) ? {} : decide(c, { guard: 'logsLayerMetric', held: true, skipped: [], fact: `rank ${c.cfg.rank} routed no tokens this step, so its aux-loss tracker was force-initialized with ${c.cfg.layers} slots, without the MTP slot` }),
     ),
     noteFailure: assign(({ event }) => ({ failure: event.type === 'rank.failed' ? event.error : event.type === 'supervisor.abort' ? event.reason : null })),
   },
@@ -275,6 +292,7 @@ export const rankMachine = setup({
         expertBackward: {
           on: {
             'compute.done': [
+              { guard: 'dispatchReadyFirst', target: 'dispatchFirst', actions: 'noteDispatchFirst' },
               { guard: 'expertsUnitHasGrads', target: 'expertsReduceScatter' },
               { guard: 'expertsUnitWithoutGrads', target: 'dispatchChoice', actions: 'noteSkippedExpertsReduceScatter' },
               { target: 'dispatchChoice' },
@@ -293,6 +311,11 @@ export const rankMachine = setup({
           ],
         },
         dispatch: { ...collective({ op: 'bwd.dispatch', comm: 'ep' }), on: { 'collective.done': { target: 'moeDone', actions: 'recordExchange' } } },
+        dispatchFirst: { ...collective({ op: 'bwd.dispatch', comm: 'ep' }), on: { 'collective.done': { target: 'expertsReduceScatterAfterDispatch', actions: 'recordExchange' } } },
+        expertsReduceScatterAfterDispatch: {
+          ...collective({ op: 'fsdp.reduce_scatter', comm: 'dp', unit: 'experts' }),
+          on: { 'collective.done': { target: 'moeDone', actions: 'recordExchange' } },
+        },
         moeDone: {
           always: [
             { guard: 'moeUnitReduceScatters', target: 'moeReduceScatter' },
@@ -319,11 +342,13 @@ export const rankMachine = setup({
           always: [
             { guard: 'moreLayersBackward', target: 'layerStart', actions: 'previousLayer' },
             { guard: 'moreMicroBatches', target: '#rank.forward', actions: 'nextMicroBatch' },
+            { guard: 'logsLayerMetric', target: '#rank.metricAllReduce', actions: 'noteForcedMetric' },
             { target: '#rank.done' },
           ],
         },
       },
     },
+    metricAllReduce: { ...collective({ op: 'metric.all_reduce', comm: 'ep' }), on: { 'collective.done': { target: 'done', actions: 'clearTrail' } } },
     done: { type: 'final' },
     exited: { type: 'final' },
     aborted: { type: 'final' },

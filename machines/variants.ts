@@ -2,7 +2,7 @@
 // real hazard each safety exists for. The rank machine's guards read these flags; nothing
 // else branches on the variant name.
 
-export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity'] as const;
+export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric'] as const;
 export type VariantName = (typeof VARIANT_NAMES)[number];
 
 export interface Variant {
@@ -17,6 +17,10 @@ export interface Variant {
   readonly earlyExit: { readonly rank: number; readonly afterLayers: number } | null;
   /** Capacity per expert from the rank's own token count: ceil(factor · T_r · K / E), rows padded to it (GShard style). */
   readonly localCapacity: { readonly factor: number } | null;
+  /** B′ and the experts' gradient reduce-scatter, made ready by one expert backward, go out in the order their completions land. */
+  readonly completionOrder: boolean;
+  /** An aux-loss metric all-reduce sized layers + 1 where the router recorded, layers where it was force-initialized. */
+  readonly layerMetric: boolean;
   /** One sentence: which safety is gone and what that does. */
   readonly rule: string;
 }
@@ -28,6 +32,8 @@ const SEED: Variant = {
   skipEmptySends: false,
   earlyExit: null,
   localCapacity: null,
+  completionOrder: false,
+  layerMetric: false,
   rule: 'the seed keeps every collective on every rank',
 };
 
@@ -67,6 +73,20 @@ export function makeVariant(name: VariantName, opts: VariantOptions = {}): Varia
         name,
         localCapacity: { factor: opts.capacityFactor ?? 1 },
         rule: 'variant local-capacity sizes the all-to-all from a capacity computed from local token counts, so ranks with different token counts disagree on split sizes',
+      };
+    case 'completion-order':
+      return {
+        ...SEED,
+        name,
+        completionOrder: true,
+        rule: 'variant completion-order issues bwd.dispatch and the experts reduce-scatter, both made ready by the expert backward, in the order their completions land instead of program order',
+      };
+    case 'layer-metric':
+      return {
+        ...SEED,
+        name,
+        layerMetric: true,
+        rule: 'variant layer-metric all-reduces an aux-loss metric sized by the layers the router recorded (plus one MTP slot) on some ranks and force-initialized without it on ranks that routed nothing',
       };
   }
 }
