@@ -14,6 +14,7 @@ import { RankDriver } from './rankDriver.js';
 import { MeshCommunicator, PortMesh } from './transport.js';
 import { now, type SupervisorMessage, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankInputs, type RankStepInputs } from './inputs.js';
+import type { CaseRankOutput } from './caseRanks.js';
 
 const job = workerData as WorkerJob;
 const post = (m: WorkerMessage) => parentPort!.postMessage(m);
@@ -59,7 +60,10 @@ async function runStep(ports: Record<number, MessagePort>): Promise<void> {
     for (let layer = s.layers - 1; layer >= 0; layer--) {
       const { ctx, saved: sv, out } = saved[layer]!;
       const bwd = await epBackward(ctx, sv, inputs.gradOut(mb, layer));
-      if (job.casePayload) result = encodeMessage({ out, gradX: bwd.gradX_TD, gradWeights: bwd.gradWeights_TK, grads: bwd.grads });
+      if (job.casePayload) {
+        const output: CaseRankOutput = { out, gradX: bwd.gradX_TD, gradWeights: bwd.gradWeights_TK, grads: bwd.grads, rowsSent: sv.sortOrder_S.length, rowsReceived: sv.byExpert_R.length };
+        result = encodeMessage(output);
+      }
     }
   }
   const how = await driver.finish();

@@ -10,19 +10,8 @@ import { CollectiveTracker, communicators, type Finding, type LedgerEntry } from
 import { diagnose, okDiagnosis, rankReports, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
 import { startRank, type RankSnapshot } from '../machines/protocol.js';
 import { rankConfig, worldSize, type Scenario } from '../sim/scenario.js';
+import type { TraceEvent } from '../sim/report/input.js';
 import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
-
-/** Chrome Trace Event (complete events 'X' and instants 'i'); ts and dur in µs. */
-export interface TraceEvent {
-  name: string;
-  ph: 'X' | 'i' | 'M';
-  ts: number;
-  dur?: number;
-  pid: number;
-  tid: number;
-  s?: 'g' | 'p' | 't';
-  args?: Record<string, unknown>;
-}
 
 export interface RuntimeOptions {
   backend?: 'ts' | 'native';
@@ -60,7 +49,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   const paths: string[][] = Array.from({ length: n }, () => []);
   const results: (Uint8Array | undefined)[] = new Array(n).fill(undefined);
   const trace: TraceEvent[] = [];
-  const openSpans = new Map<number, { name: string; ts: number; args: Record<string, unknown> }>();
+  const openSpans = new Map<number, { name: string; ts: number; args: TraceEvent['args'] }>();
   const finished = new Set<number>();
   const us = (at: number) => Math.round((at - t0) * 1000);
 
@@ -100,9 +89,8 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
       clearTimeout(timer);
       clearTimeout(pendingTransportError);
       clearTimeout(pendingCycle);
-      for (const [rank, span] of openSpans) trace.push({ name: span.name, ph: 'X', ts: span.ts, dur: us(now()) - span.ts, pid: 0, tid: rank, args: { ...span.args, unfinished: true } });
-      trace.push({ name: `verdict: ${diagnosis.verdict}`, ph: 'i', s: 'g', ts: us(now()), pid: 0, tid: 0, args: { cause: diagnosis.cause } });
-      for (let r = 0; r < n; r++) trace.push({ name: 'thread_name', ph: 'M', ts: 0, pid: 0, tid: r, args: { name: `rank ${r}` } });
+      // Collectives still waiting when the run ended last until its end.
+      for (const [rank, span] of openSpans) trace.push({ name: span.name, ph: 'X', ts: span.ts, dur: us(now()) - span.ts, pid: 0, tid: rank, args: span.args });
       for (const w of workers) void w.terminate();
       void Promise.all(exited).then(() => resolve({ diagnosis, ledger: tracker.entries, trace, paths, results, wallMs: now() - t0 }));
     };
@@ -175,9 +163,8 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
         case 'issue': {
           wires[m.rank] = m.snapshot;
           const c = m.collective;
-          openSpans.set(m.rank, { name: c.op, ts: us(m.at), args: { communicator: '', layer: c.layer, microBatch: c.microBatch } });
           const issued = tracker.issue(m.rank, c, m.dtype);
-          openSpans.get(m.rank)!.args = { communicator: issued.entry.communicator, position: issued.entry.position, layer: c.layer, microBatch: c.microBatch };
+          openSpans.set(m.rank, { name: c.op, ts: us(m.at), args: { communicator: issued.entry.communicator, position: issued.entry.position, layer: c.layer, microBatch: c.microBatch } });
           if (issued.finding) return verdict(issued.finding, m.at);
           if (issued.completed) release(issued.completed.map((e) => e.rank));
           return;

@@ -5,11 +5,13 @@ import { parse } from './args.js';
 import { UsageError } from '../errors.js';
 import { caseMetadata, loadCase, resultTensors, runCase } from '../case.js';
 import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
+import { tsBackend } from '../moe/experts.js';
+import { actorRanks } from '../../actors/caseRanks.js';
 
-const HELP = `usage: ep-actors run --case FILE --out FILE [--json]
+const HELP = `usage: ep-actors run --case FILE --out FILE [--json] [--in-process] [--backend ts|native]
 
 Run the EP layer (KempnerForge's ep_dispatch_and_compute) forward and backward on the
-inputs of a case file, one task per EP rank over an in-process communicator.
+inputs of a case file, each EP rank a worker-thread actor under its rank machine.
 
   --case FILE   safetensors case: experts.up_w [E,D,H], experts.down_w [E,H,D],
                 experts.gate_w [E,D,H] (silu only), rank{r}.x [T_r,D],
@@ -20,12 +22,18 @@ inputs of a case file, one task per EP rank over an in-process communicator.
                 grads grad.up_w, grad.down_w, grad.gate_w over all experts (packed layout);
                 written atomically, nothing is written when the case is invalid
   --json        print one JSON object instead of the summary
+  --in-process  run the ranks as async tasks in one thread instead of worker threads
+  --backend B   expert kernels: ts (TypeScript) or native (the C++ addon)
   -h, --help    this text
 
 exit codes: 0 ok, 1 bad usage or an invalid case (one line names the tensor or key)`;
 
 export async function main(argv: string[]): Promise<number> {
-  const { values, positionals } = parse(argv, { case: { type: 'string' }, out: { type: 'string' }, json: { type: 'boolean' } }, HELP);
+  const { values, positionals } = parse(
+    argv,
+    { case: { type: 'string' }, out: { type: 'string' }, json: { type: 'boolean' }, 'in-process': { type: 'boolean' }, backend: { type: 'string' } },
+    HELP,
+  );
   if (values.help) {
     console.log(HELP);
     return 0;
@@ -36,8 +44,13 @@ export async function main(argv: string[]): Promise<number> {
   const casePath = resolve(values.case);
   const outPath = resolve(values.out);
 
+  const backend = values.backend ?? 'ts';
+  if (backend !== 'ts' && backend !== 'native') throw new UsageError(`--backend must be ts or native, got '${String(backend)}'`);
+
   const data = await loadCase(casePath);
-  const result = await runCase(data);
+  const result = values['in-process']
+    ? await runCase(data, { backend: backend === 'native' ? (await import('../native/backend.js')).nativeBackend : tsBackend })
+    : await runCase(data, { runRanks: actorRanks({ backend }) });
   const tensors = resultTensors(result);
   await writeSafetensorsFileAtomic(outPath, tensors, caseMetadata(data.meta));
 

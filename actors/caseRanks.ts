@@ -1,0 +1,62 @@
+// Running a case file's ranks as worker-thread actors: each worker gets its rank's slice
+// (msgpack), runs the EP layer under its rank machine, and sends its results home.
+import type { RankLoop, RankResult } from '../src/case.js';
+import { encodeMessage, decodeMessage } from '../src/codec/msgpack.js';
+import type { ExpertWeights, PackedExperts } from '../src/ep/types.js';
+import { localExperts } from '../src/ep/layer.js';
+import { convertLayout } from '../src/moe/experts.js';
+import type { Tensor, FloatDType } from '../src/tensor.js';
+import { validateScenario } from '../sim/scenario.js';
+import { formatDiagnosis } from '../machines/diagnosis.js';
+import type { CaseRankJob } from './inputs.js';
+import { runActors, type RuntimeOptions } from './supervisor.js';
+
+/** What a case worker sends home (see actors/rankWorker.ts). */
+export interface CaseRankOutput {
+  readonly out: Tensor;
+  readonly gradX: Tensor;
+  readonly gradWeights: Tensor;
+  readonly grads: ExpertWeights;
+  readonly rowsSent: number;
+  readonly rowsReceived: number;
+}
+
+export class RuntimeVerdictError extends Error {
+  override name = 'RuntimeVerdictError';
+}
+
+export function actorRanks(opts: Pick<RuntimeOptions, 'backend' | 'timeoutMs'> = {}): RankLoop {
+  return async <F extends FloatDType>(data: Parameters<RankLoop>[0] & { dtype: F }) => {
+    const { meta } = data;
+    const scenario = validateScenario({
+      ep: meta.ep, dp: 1, experts: meta.numExperts, topK: meta.topK, dim: meta.dim, hidden: meta.hidden,
+      layers: 1, microBatches: 1, variant: 'seed', packed: meta.packed, activation: meta.activation,
+    });
+    const casePayloads = data.ranks.map((r, rank) => {
+      const job: CaseRankJob = {
+        experts: localExperts(data.experts, meta.ep, rank) as PackedExperts<'f32'>,
+        packed: meta.packed,
+        gradientScale: meta.gradientScale,
+        x_TD: r.x_TD as Tensor<'f32'>,
+        weights_TK: r.weights_TK as Tensor<'f32'>,
+        indices_TK: r.indices_TK as Tensor<'i64'>,
+        gradOut_TD: r.gradOut_TD as Tensor<'f32'>,
+      };
+      return encodeMessage(job);
+    });
+    const run = await runActors(scenario, { ...opts, casePayloads });
+    if (run.diagnosis.verdict !== 'ok') throw new RuntimeVerdictError(`the case did not complete on the actor runtime:\n${formatDiagnosis(run.diagnosis)}`);
+    return run.results.map((bytes, rank): RankResult<F> => {
+      if (!bytes) throw new RuntimeVerdictError(`rank ${rank} finished without sending its results`);
+      const o = decodeMessage(bytes) as CaseRankOutput;
+      return {
+        out_TD: o.out as Tensor<F>,
+        gradX_TD: o.gradX as Tensor<F>,
+        gradWeights_TK: o.gradWeights as Tensor<F>,
+        grads: (o.grads.layout === 'packed' ? o.grads : convertLayout(o.grads, 'packed')) as PackedExperts<F>,
+        rowsSent: o.rowsSent,
+        rowsReceived: o.rowsReceived,
+      };
+    });
+  };
+}
