@@ -5,6 +5,7 @@
 import { UsageError, describeError } from './errors.js';
 
 const COMMANDS: Record<string, { summary: string; load: () => Promise<{ main(argv: string[]): Promise<number> }> }> = {
+  demo: { summary: 'the tour: a real EP step, the seed passing, a hazard caught and explained, a report written', load: () => import('./commands/demo.js') },
   sim: { summary: 'run one scenario through the worker-thread runtime and diagnose hangs', load: () => import('./commands/sim.js') },
   run: { summary: 'run the EP layer on a case file, forward and backward, ranks as actors', load: () => import('./commands/run.js') },
   viz: { summary: 'export the rank machine (Mermaid, DOT, SCXML, JSON) or write the HTML report of a trace', load: () => import('./commands/viz.js') },
