@@ -1,5 +1,7 @@
 #include "addon.h"
 
+#include <algorithm>
+#include <atomic>
 #include <string>
 
 #include "blas.h"
@@ -121,6 +123,21 @@ template <typename T> ExpertJob<T> parseJob(Napi::Env env, Napi::Object o, bool 
   return j;
 }
 
+// Jobs running at once in this process (ranks run concurrently as workers or on the pool):
+// each gets an equal share of the cores, so ranks × GEMM threads never oversubscribe them.
+// Results do not depend on the thread count.
+std::atomic<int> activeJobs{0};
+
+template <typename T> void runJob(ExpertJob<T>& j, bool backward) {
+  struct Guard {
+    int n = ++activeJobs;
+    ~Guard() { --activeJobs; }
+  } guard;
+  j.threads = std::max(1, cpuThreads() / guard.n);
+  if (backward) expertBackward(j);
+  else expertForward(j);
+}
+
 /** Runs a job on libuv's pool; never touches JavaScript off the main thread. */
 template <typename T> class ExpertWorker : public Napi::AsyncWorker {
  public:
@@ -134,8 +151,7 @@ template <typename T> class ExpertWorker : public Napi::AsyncWorker {
 
   void Execute() override {
     try {
-      if (backward_) expertBackward(job_);
-      else expertForward(job_);
+      runJob(job_, backward_);
     } catch (const Failure& f) {
       code_ = f.code;
       msg_ = f.what();
@@ -176,7 +192,7 @@ Napi::Value runExpert(const Napi::CallbackInfo& info, bool backward) {
     using T = decltype(tag);
     ExpertJob<T> j = parseJob<T>(env, job, backward);
     if (sync) {
-      guarded(env, [&] { backward ? expertBackward(j) : expertForward(j); return 0; });
+      guarded(env, [&] { runJob(j, backward); return 0; });
       return env.Undefined();
     }
     auto* w = new ExpertWorker<T>(env, job, std::move(j), backward);
