@@ -1,12 +1,12 @@
 // Running a case file's ranks as worker-thread actors: each worker gets its rank's slice
 // (msgpack), runs the EP layer under its rank machine, and sends its results home.
-import type { RankLoop, RankResult } from '../src/case.js';
+import type { CaseData, CaseMeta, RankLoop, RankResult } from '../src/case.js';
 import { encodeMessage, decodeMessage } from '../src/codec/msgpack.js';
 import type { ExpertWeights, PackedExperts } from '../src/ep/types.js';
 import { localExperts } from '../src/ep/layer.js';
 import { convertLayout } from '../src/moe/experts.js';
 import type { Tensor, FloatDType } from '../src/tensor.js';
-import { validateScenario } from '../sim/scenario.js';
+import { validateScenario, type Scenario } from '../sim/scenario.js';
 import { formatDiagnosis } from '../machines/diagnosis.js';
 import type { CaseRankJob } from './inputs.js';
 import { runActors, type RuntimeOptions } from './supervisor.js';
@@ -25,26 +25,34 @@ export class RuntimeVerdictError extends Error {
   override name = 'RuntimeVerdictError';
 }
 
+/** The scenario a case runs as: its layout, one layer, one micro-batch, the seed's protocol. */
+export function caseScenario(meta: CaseMeta): Scenario {
+  return validateScenario({
+    ep: meta.ep, dp: 1, experts: meta.numExperts, topK: meta.topK, dim: meta.dim, hidden: meta.hidden,
+    layers: 1, microBatches: 1, variant: 'seed', packed: meta.packed, activation: meta.activation,
+  });
+}
+
+/** Each rank's slice of a case (its experts and tensors), msgpack-encoded for its worker. */
+export function casePayloads(data: CaseData): Uint8Array[] {
+  const { meta } = data;
+  return data.ranks.map((r, rank) => {
+    const job: CaseRankJob = {
+      experts: localExperts(data.experts, meta.ep, rank) as PackedExperts<'f32'>,
+      packed: meta.packed,
+      gradientScale: meta.gradientScale,
+      x_TD: r.x_TD as Tensor<'f32'>,
+      weights_TK: r.weights_TK as Tensor<'f32'>,
+      indices_TK: r.indices_TK as Tensor<'i64'>,
+      gradOut_TD: r.gradOut_TD as Tensor<'f32'>,
+    };
+    return encodeMessage(job);
+  });
+}
+
 export function actorRanks(opts: Pick<RuntimeOptions, 'backend' | 'timeoutMs'> = {}): RankLoop {
-  return async <F extends FloatDType>(data: Parameters<RankLoop>[0] & { dtype: F }) => {
-    const { meta } = data;
-    const scenario = validateScenario({
-      ep: meta.ep, dp: 1, experts: meta.numExperts, topK: meta.topK, dim: meta.dim, hidden: meta.hidden,
-      layers: 1, microBatches: 1, variant: 'seed', packed: meta.packed, activation: meta.activation,
-    });
-    const casePayloads = data.ranks.map((r, rank) => {
-      const job: CaseRankJob = {
-        experts: localExperts(data.experts, meta.ep, rank) as PackedExperts<'f32'>,
-        packed: meta.packed,
-        gradientScale: meta.gradientScale,
-        x_TD: r.x_TD as Tensor<'f32'>,
-        weights_TK: r.weights_TK as Tensor<'f32'>,
-        indices_TK: r.indices_TK as Tensor<'i64'>,
-        gradOut_TD: r.gradOut_TD as Tensor<'f32'>,
-      };
-      return encodeMessage(job);
-    });
-    const run = await runActors(scenario, { ...opts, casePayloads });
+  return async <F extends FloatDType>(data: CaseData<F>) => {
+    const run = await runActors(caseScenario(data.meta), { ...opts, casePayloads: casePayloads(data) });
     if (run.diagnosis.verdict !== 'ok') throw new RuntimeVerdictError(`the case did not complete on the actor runtime:\n${formatDiagnosis(run.diagnosis)}`);
     return run.results.map((bytes, rank): RankResult<F> => {
       if (!bytes) throw new RuntimeVerdictError(`rank ${rank} finished without sending its results`);

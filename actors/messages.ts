@@ -29,11 +29,16 @@ export interface WorkerJob {
   readonly faults: readonly Fault[];
   /** Stream xstate inspection events of this rank to the supervisor. */
   readonly inspect: boolean;
+  /** Training steps to run back to back (a fresh rank machine each step). */
+  readonly steps: number;
+  /** Post state paths for reports; off for long benchmark runs. */
+  readonly record: boolean;
 }
 
 export type WorkerMessage =
   | { type: 'issue'; rank: number; collective: IssuedCollective; dtype: string; snapshot: SnapshotWire; at: number }
   | { type: 'completed'; rank: number; op: string; at: number }
+  | { type: 'step'; rank: number; step: number; ms: number }
   | { type: 'state'; rank: number; path: string; at: number }
   | { type: 'finished'; rank: number; how: 'done' | 'exited'; snapshot: SnapshotWire; result?: Uint8Array; at: number }
   | { type: 'violation'; rank: number; message: string; snapshot: SnapshotWire; at: number }

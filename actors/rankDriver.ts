@@ -26,16 +26,19 @@ export class RankDriver implements LayerProtocol {
     private readonly dp: MeshCommunicator | null,
     private readonly post: (m: WorkerMessage) => void,
     inspect: boolean,
+    record = true,
   ) {
     this.actor = createActor(rankMachine, {
       input: cfg,
       inspect: inspect ? (ev: InspectionEvent) => this.post({ type: 'inspect', rank: cfg.rank, event: inspectionJson(ev) }) : undefined,
     });
     let last = '';
-    this.actor.subscribe((snap) => {
-      const path = statePath(snap);
-      if (path !== last) this.post({ type: 'state', rank: cfg.rank, path: (last = path), at: now() });
-    });
+    if (record) {
+      this.actor.subscribe((snap) => {
+        const path = statePath(snap);
+        if (path !== last) this.post({ type: 'state', rank: cfg.rank, path: (last = path), at: now() });
+      });
+    }
     this.actor.start();
   }
 

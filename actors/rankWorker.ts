@@ -25,7 +25,7 @@ async function loadBackend(name: WorkerJob['backend']): Promise<ExpertBackend> {
   return nativeBackend;
 }
 
-async function runStep(ports: Record<number, MessagePort>): Promise<void> {
+async function runRank(ports: Record<number, MessagePort>): Promise<void> {
   const s = job.scenario;
   const cfg = rankConfig(s, job.rank);
   const comms = communicators({ ep: s.ep, dp: s.dp }).filter((c) => c.members.includes(job.rank));
@@ -36,14 +36,31 @@ async function runStep(ports: Record<number, MessagePort>): Promise<void> {
     const spec = comms.find((c) => c.kind === kind);
     return spec ? new MeshCommunicator(spec, job.rank, mesh) : null;
   };
-  const driver = new RankDriver(cfg, commOf('dp'), post, job.inspect);
-  for (const f of job.faults) {
-    if (f.rank !== job.rank) continue;
-    if (f.kind === 'throw') driver.throwAt = { op: f.op, layer: f.layer };
-    else mesh.fault = { op: f.op, kind: f.kind };
-  }
+  const ep = commOf('ep');
+  const dp = commOf('dp');
   const inputs: RankStepInputs = rankInputs(job);
-  const base = { comm: commOf('ep'), backend: await loadBackend(job.backend), experts: inputs.experts, numExperts: s.experts, topK: s.topK, gradientScale: inputs.gradientScale, protocol: driver };
+  const backend = await loadBackend(job.backend);
+  let how: 'done' | 'exited' = 'done';
+  let driver: RankDriver | null = null;
+  let result: Uint8Array | undefined;
+  for (let step = 0; step < job.steps && how === 'done'; step++) {
+    const t0 = performance.now();
+    driver = new RankDriver(cfg, dp, post, job.inspect, job.record);
+    for (const f of step === 0 ? job.faults : []) {
+      if (f.rank !== job.rank) continue;
+      if (f.kind === 'throw') driver.throwAt = { op: f.op, layer: f.layer };
+      else mesh.fault = { op: f.op, kind: f.kind };
+    }
+    result = await runStep(driver, { comm: ep, backend, experts: inputs.experts, numExperts: s.experts, topK: s.topK, gradientScale: inputs.gradientScale, protocol: driver }, inputs);
+    how = await driver.finish();
+    post({ type: 'step', rank: job.rank, step, ms: performance.now() - t0 });
+  }
+  post({ type: 'finished', rank: job.rank, how, snapshot: driver!.wire(), result, at: now() });
+}
+
+/** One training step: every micro-batch forward over the layers, then backward in reverse. */
+async function runStep(driver: RankDriver, base: Omit<EpContext, 'layer' | 'microBatch'>, inputs: RankStepInputs): Promise<Uint8Array | undefined> {
+  const s = job.scenario;
   // Case runs (one layer, one micro-batch) send their numbers home; generated steps only their verdict.
   let result: Uint8Array | undefined;
 
@@ -66,13 +83,12 @@ async function runStep(ports: Record<number, MessagePort>): Promise<void> {
       }
     }
   }
-  const how = await driver.finish();
-  post({ type: 'finished', rank: job.rank, how, snapshot: driver.wire(), result, at: now() });
+  return result;
 }
 
 parentPort!.once('message', (m: SupervisorMessage) => {
   // An exception here ends the worker with an 'error' event: the supervisor's crash verdict.
-  void runStep(m.ports).catch((err: unknown) => {
+  void runRank(m.ports).catch((err: unknown) => {
     setImmediate(() => {
       throw err;
     });

@@ -22,6 +22,10 @@ export interface RuntimeOptions {
   casePayloads?: readonly Uint8Array[];
   /** Receives every xstate inspection event of every rank. */
   onInspect?: (rank: number, event: unknown) => void;
+  /** Training steps back to back in the same workers (default 1). */
+  steps?: number;
+  /** Keep the ledger, state paths and trace (default true; off for long benchmark runs). */
+  record?: boolean;
 }
 
 export interface RuntimeResult {
@@ -32,6 +36,8 @@ export interface RuntimeResult {
   readonly paths: readonly string[][];
   /** Per rank, the msgpack result a case run sent home (undefined for generated steps). */
   readonly results: readonly (Uint8Array | undefined)[];
+  /** Per step, the slowest rank's wall time for it (ms), as measured in the workers. */
+  readonly stepMs: readonly number[];
   readonly wallMs: number;
 }
 
@@ -44,7 +50,9 @@ const SETTLE_MS = 15;
 export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise<RuntimeResult> {
   const n = worldSize(s);
   const t0 = now();
-  const tracker = new CollectiveTracker({ ep: s.ep, dp: s.dp });
+  const record = opts.record ?? true;
+  const tracker = new CollectiveTracker({ ep: s.ep, dp: s.dp }, record);
+  const stepMs: number[] = [];
   const wires: (SnapshotWire | null)[] = new Array(n).fill(null);
   const paths: string[][] = Array.from({ length: n }, () => []);
   const results: (Uint8Array | undefined)[] = new Array(n).fill(undefined);
@@ -54,7 +62,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   const us = (at: number) => Math.round((at - t0) * 1000);
 
   const workers = Array.from({ length: n }, (_, rank) => {
-    const job: WorkerJob = { rank, scenario: s, casePayload: opts.casePayloads?.[rank], backend: opts.backend ?? 'ts', faults: opts.faults ?? [], inspect: !!opts.onInspect };
+    const job: WorkerJob = { rank, scenario: s, casePayload: opts.casePayloads?.[rank], backend: opts.backend ?? 'ts', faults: opts.faults ?? [], inspect: !!opts.onInspect, steps: opts.steps ?? 1, record };
     return new Worker(WORKER_URL, { workerData: job });
   });
   const exited = workers.map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())));
@@ -92,7 +100,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
       // Collectives still waiting when the run ended last until its end.
       for (const [rank, span] of openSpans) trace.push({ name: span.name, ph: 'X', ts: span.ts, dur: us(now()) - span.ts, pid: 0, tid: rank, args: span.args });
       for (const w of workers) void w.terminate();
-      void Promise.all(exited).then(() => resolve({ diagnosis, ledger: tracker.entries, trace, paths, results, wallMs: now() - t0 }));
+      void Promise.all(exited).then(() => resolve({ diagnosis, ledger: tracker.entries, trace, paths, results, stepMs, wallMs: now() - t0 }));
     };
     // The verdict is fixed the moment it is proved; the diagnosis is written a few ms later,
     // once the peers' in-flight messages show where each of them ended up.
@@ -169,9 +177,12 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
           if (issued.completed) release(issued.completed.map((e) => e.rank));
           return;
         }
+        case 'step':
+          stepMs[m.step] = Math.max(stepMs[m.step] ?? 0, m.ms);
+          return;
         case 'completed': {
           const span = openSpans.get(m.rank);
-          if (span) trace.push({ name: span.name, ph: 'X', ts: span.ts, dur: Math.max(0, us(m.at) - span.ts), pid: 0, tid: m.rank, args: span.args });
+          if (span && record) trace.push({ name: span.name, ph: 'X', ts: span.ts, dur: Math.max(0, us(m.at) - span.ts), pid: 0, tid: m.rank, args: span.args });
           openSpans.delete(m.rank);
           return;
         }

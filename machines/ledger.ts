@@ -72,7 +72,11 @@ export class CollectiveTracker {
   private readonly blocked = new Map<number, LedgerEntry>();
   private readonly finished = new Set<number>();
 
-  constructor(mesh: Mesh) {
+  /** retain: keep every entry in `entries` (off for long soaks, where only verdicts matter). */
+  constructor(
+    mesh: Mesh,
+    private readonly retain = true,
+  ) {
     this.mesh = mesh;
     for (const spec of communicators(mesh)) {
       this.comms.set(spec.id, { spec, open: new Map(), next: spec.members.map(() => 0) });
@@ -101,7 +105,7 @@ export class CollectiveTracker {
     const member = comm.spec.members.indexOf(rank);
     const position = comm.next[member]!++;
     const entry: LedgerEntry = { ...c, communicator: comm.spec.id, position, rank, member, dtype };
-    this.entries.push(entry);
+    if (this.retain) this.entries.push(entry);
     let slot = comm.open.get(position);
     if (!slot) comm.open.set(position, (slot = comm.spec.members.map(() => undefined)));
     slot[member] = entry;

@@ -7,6 +7,8 @@ import { Worker } from 'node:worker_threads';
 import { pathToFileURL } from 'node:url';
 import { join } from 'node:path';
 import { readdirSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { launchEnv, ncclVersion } from '../src/native/nccl.js';
 import { readSafetensorsFile } from '../src/codec/safetensors.js';
 import { parseCase, resultTensors, runCase } from '../src/case.js';
 import { Tensor, relativeError, type FloatDType } from '../src/tensor.js';
@@ -227,6 +229,31 @@ nativeTest('the CUDA backend reports its state clearly (no CUDA device here, or 
       assert.is(err.code, 'CUDA_NOT_BUILT');
     }
   }
+});
+
+nativeTest('a missing NCCL library is a NativeError naming the path tried (EP_ACTORS_NCCL or libnccl.so.2)', () => {
+  const url = pathToFileURL(join(repoRoot, 'dist', 'src', 'native', 'nccl.js')).href;
+  const probe = `import(${JSON.stringify(url)}).then((m) => { try { console.log(JSON.stringify(m.ncclVersion())); } catch (e) { console.log(JSON.stringify({ code: e.code, message: e.message })); } });`;
+  const r = spawnSync(process.execPath, ['-e', probe], { env: { ...process.env, EP_ACTORS_NCCL: '/nonexistent/libnccl.so.2' }, encoding: 'utf8' });
+  const got = JSON.parse(r.stdout.trim()) as { code?: string; message?: string };
+  assert.is(got.code, 'NCCL_LIBRARY_NOT_FOUND');
+  assert.match(got.message ?? '', "could not load NCCL from '/nonexistent/libnccl.so.2'");
+  try {
+    const v = ncclVersion(); // this machine may have NCCL installed; then it reports a version
+    assert.ok(v.code > 0);
+  } catch (e) {
+    assert.instance(e, NativeError);
+    assert.is((e as NativeError).code, 'NCCL_LIBRARY_NOT_FOUND');
+    assert.match((e as Error).message, /libnccl\.so\.2/);
+  }
+});
+
+test('launchEnv reads the torchrun/Slurm variables and rejects bad ones', () => {
+  assert.equal(launchEnv({ RANK: '1', WORLD_SIZE: '4', LOCAL_RANK: '1', MASTER_ADDR: 'node0', MASTER_PORT: '29400' }), {
+    rank: 1, worldSize: 4, localRank: 1, masterAddr: 'node0', masterPort: 29400,
+  });
+  assert.throws(() => launchEnv({ RANK: '4', WORLD_SIZE: '4' }), /below WORLD_SIZE/);
+  assert.throws(() => launchEnv({ WORLD_SIZE: '2' }), /RANK must be set/);
 });
 
 nativeTest('loads and computes in two worker threads at once, and unloads when they end', async () => {

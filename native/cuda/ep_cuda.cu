@@ -417,6 +417,12 @@ int epc_sync(void) {
   return cudaStreamSynchronize(s);
 }
 
+int epc_query(void) {
+  cudaStream_t s;
+  CK(stream(&s));
+  return cudaStreamQuery(s);
+}
+
 int epc_expert_forward(const epc_expert_job* j) {
   cudaStream_t s;
   CK(stream(&s));

@@ -25,6 +25,8 @@ int epc_download(void* dst, const void* d_src, size_t bytes);
 /** Device-to-device copy on the calling thread's stream (the device-copy transport). */
 int epc_copy(void* d_dst, const void* d_src, size_t bytes);
 int epc_sync(void);
+/** 0 when the calling thread's stream is idle, cudaErrorNotReady (600) while work is pending. */
+int epc_query(void);
 
 enum { EPC_F32 = 0, EPC_BF16 = 1 };
 enum { EPC_SILU = 0, EPC_GELU = 1, EPC_RELU = 2 };

@@ -1,0 +1,94 @@
+// Actor-runtime benchmarks: the MessagePort all-to-all against memcpy, an EP step on worker
+// ranks against the seed on PyTorch + gloo (same sizes, same run), and a soak of 2,000
+// consecutive steps in one runtime with resident memory at its start and end.
+import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
+import { time, type BenchRow } from './harness.js';
+import { DEFAULT_EP_OPTIONS, epStepLabel, torchEpStep } from './torch.js';
+import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
+import { runActors } from '../../actors/supervisor.js';
+import { syntheticCase } from '../../src/case.js';
+import { validateScenario } from '../scenario.js';
+
+const MiB = 1024 * 1024;
+const median = (xs: readonly number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+async function transport(): Promise<BenchRow> {
+  const ep = 4;
+  const rowSize = 1024; // f32 → 4 KiB rows; 1024 rows = 4 MiB per peer
+  const rowsPerPeer = (4 * MiB) / (rowSize * 4);
+  const iterations = 10;
+  const ports: Record<number, MessagePort>[] = Array.from({ length: ep }, () => ({}));
+  for (let a = 0; a < ep; a++) {
+    for (let b = a + 1; b < ep; b++) {
+      const { port1, port2 } = new MessageChannel();
+      ports[a]![b] = port1;
+      ports[b]![a] = port2;
+    }
+  }
+  const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./transportWorker.js', import.meta.url), { workerData: { rank, ep, rowsPerPeer, rowSize, iterations } }));
+  const samples = await Promise.all(
+    workers.map((w, rank) => {
+      const done = new Promise<number[]>((resolve, reject) => {
+        w.once('message', resolve);
+        w.once('error', reject);
+      });
+      w.postMessage({ ports: ports[rank] }, Object.values(ports[rank]!));
+      return done;
+    }),
+  );
+  await Promise.all(workers.map((w) => w.terminate()));
+  // Per iteration, the slowest rank; each rank sends 3 × 4 MiB to its peers.
+  const perIter = samples[0]!.map((_, i) => Math.max(...samples.map((s) => s[i]!)));
+  const gbps = (3 * 4 * MiB) / (median(perIter) / 1e3) / 1e9;
+  const src = new Float32Array(MiB); // 4 MiB
+  const dst = new Float32Array(MiB);
+  const copy = await time(() => {
+    for (let i = 0; i < 3; i++) dst.set(src);
+  }, 15, 3);
+  const memcpy = (3 * 4 * MiB) / (copy.medianMs / 1e3) / 1e9;
+  return {
+    name: 'all-to-all, 4 worker ranks, 4 MiB per pair (GB/s sent per rank)',
+    value: gbps,
+    unit: 'GB/s',
+    baseline: { name: 'memcpy (TypedArray.set) of the same bytes, one thread', value: memcpy, unit: 'GB/s' },
+    ratio: gbps / memcpy,
+    note: `median of ${iterations}; ratio = all-to-all / memcpy (aim >= 0.5); 4 workers share 2 cores`,
+  };
+}
+
+async function epStep(): Promise<BenchRow> {
+  const o = DEFAULT_EP_OPTIONS;
+  const data = syntheticCase(
+    { ep: o.ep, numExperts: o.experts, topK: o.topK, dim: o.dim, hidden: o.hidden, activation: 'silu', packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: new Array<number>(o.ep).fill(o.tokens) },
+    1,
+  );
+  const steps = 6;
+  const run = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps, record: false, timeoutMs: 120_000 });
+  if (run.diagnosis.verdict !== 'ok') throw new Error(`EP step did not complete: ${run.diagnosis.cause}`);
+  const ms = median(run.stepMs.slice(1)); // the first step pays for JIT warm-up
+  const row: BenchRow = { name: epStepLabel('ts kernels, 4 worker-thread ranks, f32'), value: ms, unit: 'ms', note: `median of ${steps - 1} steps after one warm-up; slowest rank per step` };
+  const torch = await torchEpStep();
+  if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
+  return { ...row, baseline: { name: epStepLabel('seed on torch+gloo, 4 processes'), value: torch.medianMs, unit: 'ms' }, ratio: torch.medianMs / ms, note: `${row.note}; ratio = torch / ours (>1: we are faster); torch BLAS: ${torch.blas}` };
+}
+
+async function soak(): Promise<BenchRow> {
+  const steps = 2000;
+  const rss0 = process.memoryUsage().rss;
+  const t0 = performance.now();
+  const run = await runActors(validateScenario({ ep: 4, experts: 8, topK: 2, tokens: 16 }), { steps, record: false, timeoutMs: 60_000 });
+  const wall = performance.now() - t0;
+  const rss1 = process.memoryUsage().rss;
+  if (run.diagnosis.verdict !== 'ok') throw new Error(`soak did not complete: ${run.diagnosis.cause}`);
+  return {
+    name: `soak: ${steps} consecutive steps, ep=4, one runtime (RSS at end)`,
+    value: rss1 / MiB,
+    unit: 'MiB',
+    baseline: { name: 'RSS at start', value: rss0 / MiB, unit: 'MiB' },
+    note: `${(wall / steps).toFixed(1)} ms per step; median step ${median(run.stepMs).toFixed(1)} ms`,
+  };
+}
+
+export async function bench(): Promise<BenchRow[]> {
+  return [await transport(), await epStep(), await soak()];
+}
