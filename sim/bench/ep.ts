@@ -23,7 +23,11 @@ export async function bench(): Promise<BenchRow[]> {
     },
     1,
   );
+  // CPU time per step alongside wall time: on a shared machine wall time mostly measures the neighbours.
+  const cpu0 = process.cpuUsage();
   const t = await time(() => runCase(data), 3, 1);
+  const cpu = process.cpuUsage(cpu0);
+  const cpuMsPerStep = (cpu.user + cpu.system) / 1e3 / (t.runs + 1);
   // Expert GEMMs: 3 in forward, 6 in backward, each 2·rows·D·H flops; rows = T·K per rank.
   const gflop = (9 * 2 * o.ep * o.tokens * o.topK * o.dim * o.hidden) / 1e9;
   const baseline = await torchEpStep();
@@ -31,7 +35,7 @@ export async function bench(): Promise<BenchRow[]> {
     name: epStepLabel('ts kernels, in-process group, f32, all ranks in one thread'),
     value: t.medianMs,
     unit: 'ms',
-    note: `min ${t.minMs.toFixed(1)} ms over ${t.runs} runs; ${(gflop / (t.medianMs / 1e3)).toFixed(2)} GFLOP/s on expert GEMMs`,
+    note: `min ${t.minMs.toFixed(1)} ms over ${t.runs} runs; ${cpuMsPerStep.toFixed(0)} ms CPU per step; ${(gflop / (t.medianMs / 1e3)).toFixed(2)} GFLOP/s on expert GEMMs (wall)`,
   };
   if ('skipped' in baseline) return [{ ...row, note: `${row.note}; torch baseline skipped: ${baseline.skipped}` }];
   return [
