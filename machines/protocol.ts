@@ -1,7 +1,7 @@
 // Reading a rank machine's snapshot: what the rank is doing now and, when it sits in a
 // collective state, the exact collective it issues (op, communicator, splits, and the
 // decisions that led there). Both engines turn snapshots into ledger entries here.
-import { initialTransition, transition, type SnapshotFrom } from 'xstate';
+import { createActor, initialTransition, type ActorScope, type SnapshotFrom } from 'xstate';
 import type { CollectiveOp } from '../src/ep/types.js';
 import { dataSplits, expertsWithGrads, metricSize, rankMachine, type CollectiveMeta, type Decision, type RankConfig, type RankContext, type RankEvent } from './rankMachine.js';
 
@@ -29,8 +29,22 @@ export function startRank(cfg: RankConfig): RankSnapshot {
   return initialTransition(rankMachine, cfg)[0];
 }
 
+/**
+ * xstate's transition() builds a throwaway actor, and with it a whole initial state (whose
+ * guards throw without input), on every call: most of a step's cost. The rank machine's
+ * actions are all assigns, resolved inside the transition, so one inert scope that runs
+ * nothing serves every step with the same result.
+ */
+let inertScope: ActorScope<RankSnapshot, RankEvent> | undefined;
+
 export function stepRank(snapshot: RankSnapshot, event: RankEvent): RankSnapshot {
-  return transition(rankMachine, snapshot, event)[0];
+  inertScope ??= inert(createActor(rankMachine, { input: undefined as unknown as RankConfig }));
+  return rankMachine.transition(snapshot, event, inertScope);
+}
+
+function inert(self: ActorScope<RankSnapshot, RankEvent>['self']): ActorScope<RankSnapshot, RankEvent> {
+  const nothing = () => {};
+  return { self, system: self.system, id: '', sessionId: '', logger: nothing, defer: nothing, stopChild: nothing, emit: nothing, actionExecutor: nothing };
 }
 
 export function statePath(snapshot: RankSnapshot): string {

@@ -42,12 +42,38 @@ export interface TraceEvent {
  */
 export type FirstReady = (rank: number, layer: number, microBatch: number) => CollectiveOp;
 
+/**
+ * Memo of transitions for callers that run many routings of one layout (the explorer):
+ * transition() is pure, so a snapshot and an event always give the same next snapshot,
+ * and identical prefixes across routing classes cost one xstate step instead of many.
+ */
+export class TransitionMemo {
+  private readonly next = new WeakMap<RankSnapshot, Map<string, RankSnapshot>>();
+
+  step(snapshot: RankSnapshot, event: RankEvent): RankSnapshot {
+    let byEvent = this.next.get(snapshot);
+    if (!byEvent) this.next.set(snapshot, (byEvent = new Map()));
+    const key = JSON.stringify(event);
+    let after = byEvent.get(key);
+    if (!after) byEvent.set(key, (after = stepRank(snapshot, event)));
+    return after;
+  }
+}
+
+/** A scenario that fixes every completion order: per global rank, per layer call (micro-batch · layers + layer). */
+export interface ScheduledScenario extends Scenario {
+  firstReady?: CollectiveOp[][];
+}
+
 export interface DesOptions {
   /** Called after every machine step (reports use it to record each rank's path). */
   readonly onStep?: (rank: number, before: RankSnapshot, event: RankEvent, after: RankSnapshot) => void;
   readonly trace?: boolean;
   readonly cost?: CostModel;
   readonly firstReady?: FirstReady;
+  /** Every rank's initial snapshot, when the caller runs many routings of one layout. */
+  readonly initial?: readonly RankSnapshot[];
+  readonly memo?: TransitionMemo;
 }
 
 export interface DesResult extends EngineResult {
@@ -111,8 +137,10 @@ function doneEvent(s: Scenario, g: GroupRouting, e: LedgerEntry): RankEvent {
   return { type: 'collective.done', op: e.op };
 }
 
-/** Draws each completion order from the scenario's seed: arbitrary, but the same every run. */
-function seededFirstReady(s: Scenario): FirstReady {
+/** The scenario's completion orders, or each drawn from its seed: arbitrary, but the same every run. */
+function scenarioFirstReady(s: ScheduledScenario): FirstReady {
+  const table = s.firstReady;
+  if (table) return (rank, layer, microBatch) => table[rank]?.[microBatch * s.layers + layer] ?? 'fsdp.reduce_scatter';
   return (rank, layer, microBatch) => (seededRng((s.seed * 7919 + rank * 104729 + layer * 31 + microBatch) >>> 0)() < 0.5 ? 'bwd.dispatch' : 'fsdp.reduce_scatter');
 }
 
@@ -124,17 +152,17 @@ export function runDes(s: Scenario, opts: DesOptions = {}): EngineResult {
 /** Run one training step of `s` in simulated time; with `trace`, a Chrome trace of it. */
 export function simulateDes(s: Scenario, opts: DesOptions = {}): DesResult {
   const cost = opts.cost ?? DEFAULT_COST;
-  const firstReady = opts.firstReady ?? seededFirstReady(s);
+  const firstReady = opts.firstReady ?? scenarioFirstReady(s);
   const n = worldSize(s);
   const tracker = new CollectiveTracker({ ep: s.ep, dp: s.dp });
   const routing = new RoutingCache(s);
-  const snaps: RankSnapshot[] = Array.from({ length: n }, (_, r) => startRank(rankConfig(s, r)));
+  const snaps: RankSnapshot[] = opts.initial ? [...opts.initial] : Array.from({ length: n }, (_, r) => startRank(rankConfig(s, r)));
   const clock = new Float64Array(n);
   const issuedAt = new Float64Array(n);
   const finished = new Uint8Array(n);
   const step = (r: number, event: RankEvent) => {
     const before = snaps[r]!;
-    snaps[r] = stepRank(before, event);
+    snaps[r] = opts.memo ? opts.memo.step(before, event) : stepRank(before, event);
     opts.onStep?.(r, before, event, snaps[r]!);
   };
   let finishedCount = 0;
