@@ -15,6 +15,7 @@ import { repoRoot } from './paths.js';
 
 // Page-side globals used inside evaluate(); the project compiles without the DOM library.
 declare const getComputedStyle: (el: unknown) => { backgroundColor: string; stroke: string };
+declare const scrollY: number;
 declare const DOMParser: new () => { parseFromString(s: string, type: string): XmlDoc };
 interface XmlEl {
   getAttribute(name: string): string | null;
@@ -99,6 +100,17 @@ test('starve report: diagram states, highlighted divergence, a lane per rank, no
 
     mkdirSync(artifacts, { recursive: true });
     await page.screenshot({ path: join(artifacts, 'report-starve-ep4.png'), fullPage: true });
+    // The README's picture (docs/report.png is a copy): ledger, timeline and wait-for graph.
+    await page.setViewportSize({ width: 1000, height: 800 });
+    await page.selectOption('#rank-pick', '1');
+    // A full-page capture stitches viewports; the sticky header would land mid-picture.
+    await page.addStyleTag({ content: 'header{position:static}' });
+    const pageY = (sel: string) => page.locator(sel).evaluate((el) => {
+      const r = (el as unknown as { getBoundingClientRect(): { top: number; bottom: number } }).getBoundingClientRect();
+      return { top: r.top + scrollY, bottom: r.bottom + scrollY };
+    });
+    const [from, to] = [await pageY('#ledger'), await pageY('#waitfor')];
+    await page.screenshot({ path: join(artifacts, 'report-summary.png'), fullPage: true, clip: { x: 0, y: from.top - 8, width: 1000, height: to.bottom - from.top + 16 } });
     assert.equal(errors, []);
     assert.equal(requests, []);
   } finally {

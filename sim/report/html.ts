@@ -49,7 +49,7 @@ function pathData(input: ReportInput, d: Diagram): PathData {
  */
 function selectionCss(p: PathData, r: number): string {
   const [nodes, edges] = p.sets[p.of[r]!]!;
-  const rules = [`#ledger [data-r="${r}"]{box-shadow:inset 0 0 0 2px var(--sel)}`, `.lane[data-r="${r}"] .bg{fill:var(--sel-bg)}`];
+  const rules = [`#ledger [data-r="${r}"]{box-shadow:inset 0 0 0 2px var(--sel)}`, `svg.timeline .lane[data-r="${r}"] .bg{fill:var(--sel-bg)}`];
   if (nodes.length) rules.push(`${nodes.map((i) => `#st-${i} rect`).join(',')}{fill:var(--on-fill);stroke:var(--on)}`);
   if (edges.length) rules.push(`${edges.map((i) => `#tr-${i} path`).join(',')}{stroke:var(--on);stroke-width:2.5;opacity:1}`);
   if (p.stop[r]! >= 0) rules.push(`#st-${p.stop[r]} rect{stroke:var(--stop);stroke-width:3.5}`);
@@ -109,7 +109,7 @@ svg.machine .tr path{fill:none;stroke:#6b7280;stroke-width:1.1;marker-end:url(#a
 svg.machine .tr text{font-size:9.5px;fill:#374151}svg.machine .tr.dead path{stroke:#d1d5db;stroke-dasharray:5 3}svg.machine .tr.dead text{fill:#9ca3af}
 svg.machine marker path{fill:#6b7280}.controls{display:flex;gap:16px;align-items:center;flex-wrap:wrap;margin-bottom:6px}
 .key i{display:inline-block;width:12px;height:12px;border-radius:3px;vertical-align:middle;margin:0 4px 0 8px}.k-on{background:var(--on-fill);border:1px solid var(--on)}.k-stop{border:2px solid var(--stop)}
-svg.timeline .bg{fill:transparent}svg.timeline .lane:nth-child(even) .bg{fill:#f9fafb}svg.timeline .lane text{font-size:9px;fill:var(--muted);cursor:pointer}
+svg.timeline{width:100%;min-width:760px;height:auto}svg.timeline .bg{fill:transparent}svg.timeline .lane:nth-child(even) .bg{fill:#f9fafb}svg.timeline .lane text{font-size:9px;fill:var(--muted);cursor:pointer}
 svg.timeline .lane rect:not(.bg){stroke:#475569;stroke-width:.4}.op-A,.op-B,.op-C,.op-D,.op-Dp,.op-Bp,.op-AG,.op-RS,.op-x{fill:currentColor}
 svg.timeline .op-A{fill:#93c5fd}svg.timeline .op-B{fill:#60a5fa}svg.timeline .op-C{fill:#818cf8}svg.timeline .op-D{fill:#22d3ee}svg.timeline .op-Dp{fill:#4ade80}svg.timeline .op-Bp{fill:#16a34a}svg.timeline .op-AG{fill:#c084fc}svg.timeline .op-RS{fill:#e879f9}
 svg.timeline rect.hung{fill:#fca5a5;stroke:#dc2626;stroke-width:1;stroke-dasharray:3 2}svg.timeline .join{stroke:#0f172a;stroke-width:1.5}

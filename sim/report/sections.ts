@@ -174,7 +174,7 @@ export function timelineSection(input: ReportInput): string {
     .join('');
   const h = top + n * laneH + 6;
   const clock = input.clock === 'real' ? 'wall-clock time of the run' : 'simulated time (compute before each collective, transfer growing with the rows moved)';
-  return `<section id="timeline"><h2>Timeline</h2><p>One lane per rank, ${clock}. A vertical line joins the members of each matched collective; a collective drawn hatched never completed.</p><div class="scroll tall"><svg xmlns="http://www.w3.org/2000/svg" class="timeline" width="${labelW + plotW + 10}" height="${h}" viewBox="0 0 ${labelW + plotW + 10} ${h}">${ticks}${lanes.join('')}${joins}</svg></div></section>`;
+  return `<section id="timeline"><h2>Timeline</h2><p>One lane per rank, ${clock}. A vertical line joins the members of each matched collective; a collective drawn hatched never completed.</p><div class="scroll tall"><svg xmlns="http://www.w3.org/2000/svg" class="timeline" viewBox="0 0 ${labelW + plotW + 10} ${h}">${ticks}${lanes.join('')}${joins}</svg></div></section>`;
 }
 
 const splitKey = (k: string): [string, number] => {
