@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { readdirSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
 import { launchEnv, ncclVersion } from '../src/native/nccl.js';
+import { CudaExpertBackend } from '../src/native/cuda.js';
 import { readSafetensorsFile } from '../src/codec/safetensors.js';
 import { parseCase, resultTensors, runCase } from '../src/case.js';
 import { Tensor, relativeError, type FloatDType } from '../src/tensor.js';
@@ -213,7 +214,7 @@ nativeTest('argument errors come back as NativeError with a code, from async wor
   }
 });
 
-nativeTest('the CUDA backend reports its state clearly (no CUDA device here, or not built)', (addon) => {
+nativeTest('the CUDA backend reports its state clearly (no CUDA device here, or not built)', async (addon) => {
   const info = addon.info();
   try {
     const c = addon.cudaInfo();
@@ -227,6 +228,15 @@ nativeTest('the CUDA backend reports its state clearly (no CUDA device here, or 
       assert.match(err.message, /no CUDA device/);
     } else {
       assert.is(err.code, 'CUDA_NOT_BUILT');
+    }
+    // The CUDA expert backend fails the same clear way instead of computing anything.
+    const w = packedWeights('f32', 'relu', 1, 4, 8, rng(1));
+    try {
+      await new CudaExpertBackend('f32').forward(w, Tensor.zeros('f32', [2, 4]), [2]);
+      assert.unreachable('no throw');
+    } catch (e2) {
+      assert.instance(e2, NativeError);
+      assert.is((e2 as NativeError).code, err.code);
     }
   }
 });

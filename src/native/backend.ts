@@ -211,16 +211,23 @@ export interface NativeBackendOptions {
   blas?: boolean;
   /** Run on the calling thread instead of libuv's pool (default false). */
   sync?: boolean;
+  /** Run the prepared jobs elsewhere (the CUDA backend reuses these checks and buffers). */
+  runForward?: (job: ExpertJob) => void;
+  runBackward?: (job: ExpertJob) => void;
 }
 
 export class NativeExpertBackend implements ExpertBackend {
   readonly name: string;
   readonly #blas: boolean;
   readonly #sync: boolean;
+  readonly #runForward: ((job: ExpertJob) => void) | undefined;
+  readonly #runBackward: ((job: ExpertJob) => void) | undefined;
 
   constructor(opts: NativeBackendOptions = {}) {
     this.#blas = opts.blas ?? true;
     this.#sync = opts.sync ?? false;
+    this.#runForward = opts.runForward;
+    this.#runBackward = opts.runBackward;
     this.name = this.#blas ? 'native' : 'native-noblas';
   }
 
@@ -261,7 +268,8 @@ export class NativeExpertBackend implements ExpertBackend {
     const addon = requireNative();
     const { job, R, d } = this.#job(w, x, rowsPerExpert);
     job.y = alloc(x.dtype, R * d);
-    if (this.#sync) addon.expertForward(job, true);
+    if (this.#runForward) this.#runForward(job);
+    else if (this.#sync) addon.expertForward(job, true);
     else await addon.expertForward(job);
     const saved: NativeSaved = { [SAVED]: true, up: job.saveUp, gate: job.saveGate, counts: job.counts };
     return { y: new Tensor(x.dtype, [R, d], job.y as StorageOf[F]), saved };
@@ -289,7 +297,8 @@ export class NativeExpertBackend implements ExpertBackend {
     job.gUp = v.up;
     job.gGate = v.gate;
     job.gDown = v.down;
-    if (this.#sync) addon.expertBackward(job, true);
+    if (this.#runBackward) this.#runBackward(job);
+    else if (this.#sync) addon.expertBackward(job, true);
     else await addon.expertBackward(job);
     return { gradX: new Tensor(x.dtype, [R, d], job.gx as StorageOf[F]), grads };
   }

@@ -1,0 +1,217 @@
+// The JavaScript half of native/gpu-check.sh. `node gpucheck.js run OUT` runs the GPU
+// tests and our CUDA benchmarks into OUT/native.json; `node gpucheck.js table OUT` joins
+// them with OUT/torch.json (native/gpu_bench_torch.py) into OUT/results.md and prints it.
+import { readFileSync, readdirSync, writeFileSync, existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { Tensor, relativeError } from '../tensor.js';
+import { readSafetensorsFile } from '../codec/safetensors.js';
+import { parseCase, resultTensors, runCase, syntheticCase } from '../case.js';
+import { tsBackend } from '../moe/experts.js';
+import { NativeError, nativeAddonPath, requireNative } from './backend.js';
+import { CudaExpertBackend, deviceCopyAllToAll } from './cuda.js';
+import { NcclCommunicator, ncclVersion } from './nccl.js';
+
+interface Check {
+  name: string;
+  ok: boolean;
+  detail: string;
+}
+
+type Addon = Record<string, (...args: unknown[]) => unknown>;
+
+// Realistic MoE shape (DeepSeek-V3-like layer) and a small one; gpu_bench_torch.py uses the same.
+export const SHAPES = [
+  { name: 'realistic', tokens: 4096, topK: 8, experts: 32, d: 7168, h: 2048 },
+  { name: 'small', tokens: 1024, topK: 2, experts: 8, d: 256, h: 512 },
+] as const;
+
+async function check(name: string, fn: () => Promise<string> | string, out: Check[]): Promise<void> {
+  try {
+    out.push({ name, ok: true, detail: await fn() });
+  } catch (e) {
+    const err = e as Error & { code?: string };
+    out.push({ name, ok: false, detail: `${err.code ? `[${err.code}] ` : ''}${err.message}` });
+  }
+  const last = out[out.length - 1]!;
+  console.log(`${last.ok ? 'PASS' : 'FAIL'} ${name}: ${last.detail}`);
+}
+
+function rootDir(): string {
+  return join(nativeAddonPath(), '..', '..', '..', '..');
+}
+
+async function runChecks(): Promise<Check[]> {
+  const a = requireNative() as unknown as Addon;
+  const out: Check[] = [];
+  await check('CUDA device', () => JSON.stringify(a.cudaInfo!()), out);
+  await check('NCCL library', () => JSON.stringify(ncclVersion()), out);
+
+  const golden = join(rootDir(), 'test', 'fixtures', 'golden');
+  for (const f of readdirSync(golden).filter((n) => n.endsWith('.safetensors')).sort()) {
+    await check(`golden ${f} on CUDA fp32 within 1e-5`, async () => {
+      const file = await readSafetensorsFile(join(golden, f));
+      const got = resultTensors(await runCase(parseCase(file), { backend: new CudaExpertBackend('f32') }));
+      let worst = 0;
+      for (const key of [...file.tensors.keys()].filter((k) => k.startsWith('expected.'))) {
+        const err = relativeError(got.get(key.slice(9))!, file.tensors.get(key)!);
+        worst = Math.max(worst, err);
+        if (!(err <= 1e-5)) throw new Error(`${key}: relative error ${err.toExponential(3)}`);
+      }
+      return `worst relative error ${worst.toExponential(2)}`;
+    }, out);
+  }
+
+  for (const activation of ['silu', 'gelu', 'relu'] as const) {
+    await check(`bf16 vs fp32 reference, ${activation}, fresh random inputs with a zero-token rank`, async () => {
+      const data = syntheticCase({ ep: 4, numExperts: 8, topK: 2, dim: 256, hidden: 512, activation, packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: [300, 0, 257, 64], starvedRanks: [2] }, Date.now() % 100000);
+      const want = resultTensors(await runCase(data, { backend: tsBackend }));
+      const got = resultTensors(await runCase(data, { backend: new CudaExpertBackend('bf16') }));
+      let worst = 0;
+      for (const [k, t] of want) {
+        if (t.data.length === 0) continue;
+        const err = relativeError(got.get(k)!, t);
+        worst = Math.max(worst, err);
+        if (!(err <= 3e-2)) throw new Error(`${k}: relative error ${err.toExponential(3)} > 3e-2`);
+      }
+      return `worst relative error ${worst.toExponential(2)} (bf16 tolerance 3e-2)`;
+    }, out);
+  }
+
+  await check('dispatch sort + gather and weighted combine on device match the CPU definitions', () => {
+    const T = 777, K = 4, E = 16, D = 96;
+    const keys = Int32Array.from({ length: T * K }, (_, i) => (i * 7919 + (i >> 3)) % E);
+    const x = Float32Array.from({ length: T * D }, (_, i) => Math.sin(i));
+    const r = a.cudaPermute!(keys, E, x, K) as { order: Int32Array; pos: Int32Array; counts: Int32Array; rows: Float32Array };
+    const want = Array.from(keys.keys()).sort((p, q) => keys[p]! - keys[q]! || p - q);
+    want.forEach((s, p) => {
+      if (r.order[p] !== s || r.pos[s] !== p) throw new Error(`sorted position ${p}: entry ${r.order[p]}, expected ${s}`);
+      for (let c = 0; c < D; c++) if (r.rows[p * D + c] !== x[Math.floor(s / K) * D + c]) throw new Error(`row ${p} differs`);
+    });
+    const w = Float32Array.from({ length: T * K }, (_, i) => (i % 5) / 5);
+    const y = a.cudaScatterAdd!(r.rows, r.pos, w, K) as Float32Array;
+    for (let t = 0; t < T; t++)
+      for (let c = 0; c < D; c++) {
+        let s = 0;
+        for (let k = 0; k < K; k++) s += w[t * K + k]! * x[t * D + c]!;
+        if (Math.abs(s - y[t * D + c]!) > 1e-4) throw new Error(`combine [${t},${c}] ${y[t * D + c]} vs ${s}`);
+      }
+    return `${T * K} entries, ${E} experts, counts ${Array.from(r.counts).join(',')}`;
+  }, out);
+
+  await check('ep=4 on one GPU through the device-copy transport, zero-row pairs included', () => {
+    const n = 4, D = 64;
+    const splits = [[3, 0, 5, 1], [0, 0, 0, 0], [2, 7, 0, 4], [1, 1, 1, 0]];
+    const rowBytes = D * 4;
+    const sends = splits.map((row, i) => Float32Array.from({ length: row.reduce((x, y) => x + y, 0) * D }, (_, k) => i * 1e4 + k));
+    const recvRows = Array.from({ length: n }, (_, j) => splits.reduce((s, row) => s + row[j]!, 0));
+    const sp = sends.map((s) => a.cudaAlloc!(s.byteLength) as bigint);
+    const rp = recvRows.map((r) => a.cudaAlloc!(r * rowBytes) as bigint);
+    try {
+      sends.forEach((s, i) => a.cudaUpload!(sp[i], s));
+      deviceCopyAllToAll(sp, splits, rp, rowBytes);
+      for (let j = 0; j < n; j++) {
+        const got = new Float32Array(recvRows[j]! * D);
+        a.cudaDownload!(rp[j], got);
+        const want: number[] = [];
+        for (let i = 0; i < n; i++) {
+          const off = splits[i]!.slice(0, j).reduce((x, y) => x + y, 0);
+          want.push(...sends[i]!.subarray(off * D, (off + splits[i]![j]!) * D));
+        }
+        if (want.some((v, k) => v !== got[k])) throw new Error(`rank ${j} received the wrong rows`);
+      }
+    } finally {
+      [...sp, ...rp].forEach((p) => a.cudaFree!(p));
+    }
+    return `rows received per rank ${recvRows.join(',')}`;
+  }, out);
+
+  await check('NCCL with one rank: fingerprinted counts exchange and all-to-all', async () => {
+    const comm = await NcclCommunicator.init({ id: (a.ncclGetUniqueId as () => Uint8Array)(), rank: 0, size: 1, device: 0, timeoutMs: 60_000 });
+    try {
+      const counts = await comm.allToAll({ op: 'fwd.counts', layer: 0, microBatch: 0 }, Tensor.from('i64', [1], [5]), [1], [1]);
+      const x = Tensor.from('f32', [5, 3], Array.from({ length: 15 }, (_, i) => i));
+      const y = await comm.allToAll({ op: 'fwd.dispatch', layer: 0, microBatch: 0 }, x, [5], [5]);
+      if (Number((counts.data as BigInt64Array)[0]) !== 5 || relativeError(y, x) !== 0) throw new Error('wrong data back');
+      return 'ok';
+    } finally {
+      comm.destroy();
+    }
+  }, out);
+
+  await check('a CUDA error surfaces as a JavaScript NativeError with the CUDA message', () => {
+    try {
+      a.cudaCopy!(8n, 16n, 1 << 20);
+    } catch (e) {
+      if (e instanceof NativeError && e.code.startsWith('CUDA_ERROR_')) return `${e.code}: ${e.message}`;
+      throw e;
+    }
+    throw new Error('copying from a bogus device pointer did not fail');
+  }, out);
+  return out;
+}
+
+function runBenches(): Record<string, Record<string, number>> {
+  const a = requireNative() as unknown as Addon;
+  const res: Record<string, Record<string, number>> = {};
+  for (const s of SHAPES) {
+    const rows = (s.tokens * s.topK) / s.experts;
+    for (const precision of ['bf16', 'f32'] as const) {
+      const r = a.cudaBench!('gemm', { precision, experts: s.experts, rowsPerExpert: rows, d: s.d, h: s.h, iters: 10 }) as Record<string, number>;
+      res[`gemm.${precision}.${s.name}`] = r;
+      console.log(`bench gemm ${precision} ${s.name}: ${JSON.stringify(r)}`);
+    }
+    const p = a.cudaBench!('permute', { tokens: s.tokens, topK: s.topK, experts: s.experts, d: s.d, iters: 20 }) as Record<string, number>;
+    res[`permute.${s.name}`] = p;
+    console.log(`bench permute ${s.name}: ${JSON.stringify(p)}`);
+  }
+  return res;
+}
+
+function table(outDir: string): string {
+  const ours = JSON.parse(readFileSync(join(outDir, 'native.json'), 'utf8')) as { checks: Check[]; bench: Record<string, Record<string, number>> };
+  const torchPath = join(outDir, 'torch.json');
+  const torch = existsSync(torchPath) ? (JSON.parse(readFileSync(torchPath, 'utf8')) as Record<string, Record<string, number>>) : {};
+  const lines = ['| check | result |', '| --- | --- |', ...ours.checks.map((c) => `| ${c.name} | ${c.ok ? 'PASS' : 'FAIL'}: ${c.detail.replace(/\|/g, '/')} |`), ''];
+  lines.push('| benchmark | ours (ms) | PyTorch (ms) | ratio torch/ours (aim) |', '| --- | --- | --- | --- |');
+  const row = (label: string, o: number | undefined, t: number | undefined, aim: string) =>
+    lines.push(`| ${label} | ${o?.toFixed(3) ?? '-'} | ${t?.toFixed(3) ?? '-'} | ${o && t ? (t / o).toFixed(2) : '-'} (>= ${aim}) |`);
+  for (const s of SHAPES) {
+    for (const p of ['bf16', 'f32']) {
+      const o = ours.bench[`gemm.${p}.${s.name}`];
+      const t = torch[`gemm.${p}.${s.name}`];
+      row(`grouped GEMM fwd ${p} ${s.name}`, o?.forwardMs, t?.forwardMs, '0.9');
+      row(`grouped GEMM bwd ${p} ${s.name}`, o?.backwardMs, t?.backwardMs, '0.9');
+    }
+    const o = ours.bench[`permute.${s.name}`];
+    const t = torch[`permute.${s.name}`];
+    row(`dispatch permutation ${s.name}`, o?.dispatchMs, t?.dispatchMs, '1.5');
+    row(`combine ${s.name}`, o?.combineMs, t?.combineMs, '1.5');
+  }
+  const text = lines.join('\n');
+  writeFileSync(join(outDir, 'results.md'), `${text}\n`);
+  return text;
+}
+
+async function main(): Promise<number> {
+  const [mode, outDir = './gpu-results'] = process.argv.slice(2);
+  if (mode === 'table') {
+    console.log(table(outDir));
+    return 0;
+  }
+  const checks = await runChecks();
+  let bench: Record<string, Record<string, number>> = {};
+  try {
+    bench = runBenches();
+  } catch (e) {
+    checks.push({ name: 'benchmarks', ok: false, detail: (e as Error).message });
+  }
+  writeFileSync(join(outDir, 'native.json'), JSON.stringify({ checks, bench }, null, 2));
+  return checks.every((c) => c.ok) ? 0 : 1;
+}
+
+if (process.argv[1] && import.meta.url.endsWith(process.argv[1].split('/').pop()!)) {
+  main().then((code) => process.exit(code), (e: unknown) => {
+    console.error(e);
+    process.exit(1);
+  });
+}
