@@ -217,10 +217,22 @@ EpAddon::EpAddon(Napi::Env env, Napi::Object exports) {
                        });
   initCuda(env, exports);
   initNccl(env, exports, *this);
-  env.AddCleanupHook([this] { teardown(); });
+  // Worker exit: abort communicators and join their threads before the environment goes.
+  // The hook is removed again if the addon is finalized first, so it never sees a freed this.
+  env_ = env;
+  napi_add_env_cleanup_hook(env, &EpAddon::cleanupHook, this);
 }
 
-EpAddon::~EpAddon() { teardown(); }
+void EpAddon::cleanupHook(void* self) {
+  auto* a = static_cast<EpAddon*>(self);
+  a->hookRan = true;
+  a->teardown();
+}
+
+EpAddon::~EpAddon() {
+  if (!hookRan) napi_remove_env_cleanup_hook(env_, &EpAddon::cleanupHook, this);
+  teardown();
+}
 
 void EpAddon::teardown() {
   if (tornDown) return;

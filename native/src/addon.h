@@ -29,7 +29,10 @@ class EpAddon : public Napi::Addon<EpAddon> {
   Napi::Value GatherRows(const Napi::CallbackInfo& info);
   Napi::Value ScatterAddWeighted(const Napi::CallbackInfo& info);
   void teardown();
+  static void cleanupHook(void* self);
+  napi_env env_ = nullptr;
   bool tornDown = false;
+  bool hookRan = false;
 };
 
 /** The JavaScript NativeError (or a plain Error before init) with `code` and `message`. */
