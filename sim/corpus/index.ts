@@ -1,0 +1,87 @@
+// The corpus: named scenarios, each reproducing a real class of MoE hang with the verdict
+// it must give, and the seed's safeties passing the same scenario. Tests and `sweep` run it.
+import type { VerdictKind } from '../../machines/diagnosis.js';
+import type { ScheduledScenario } from '../des.js';
+import { validateScenario } from '../scenario.js';
+
+export interface CorpusCase {
+  readonly name: string;
+  /** Where the bug was seen and fixed. */
+  readonly source: string;
+  readonly what: string;
+  readonly scenario: ScheduledScenario;
+  readonly expected: VerdictKind;
+  /** The actor runtime runs the real EP code, which has no completion-order or metric hooks. */
+  readonly runtime: boolean;
+}
+
+const make = (c: Omit<CorpusCase, 'scenario'> & { scenario: Partial<ScheduledScenario> }): CorpusCase => ({ ...c, scenario: validateScenario(c.scenario) });
+
+export const CORPUS: readonly CorpusCase[] = [
+  make({
+    name: 'zero-token-rank-skips-bwd-dispatch',
+    source: "the seed's own comment (received_tokens.sum()*0); fixed alike in Megatron-LM and PaddleFormers",
+    what: 'a rank that received no rows has no autograd edge to B′, so it skips bwd.dispatch while its peers wait in it',
+    scenario: { ep: 4, experts: 8, routing: 'starve:1', variant: 'no-dispatch-edge' },
+    expected: 'missing',
+    runtime: true,
+  }),
+  make({
+    name: 'unused-experts-fire-no-grad-hook',
+    source: 'DeepSpeed #4808',
+    what: "experts that got no rows fire no gradient hook, so one data-parallel rank's FSDP reduce-scatter leaves their parameters out",
+    scenario: { ep: 2, dp: 2, experts: 4, fsdp: 'block', routing: 'starve:1', variant: 'no-unused-expert-grads' },
+    expected: 'mismatch',
+    runtime: true,
+  }),
+  make({
+    name: 'zero-byte-send-skipped',
+    source: 'old NCCL versions that could not send zero bytes; callers skipped the all-to-all',
+    what: 'a rank with no tokens skips the exchanges in which it has nothing to send',
+    scenario: { ep: 4, experts: 8, routing: 'empty:2', variant: 'skip-empty-sends' },
+    expected: 'mismatch',
+    runtime: true,
+  }),
+  make({
+    name: 'capacity-from-local-counts',
+    source: 'DeepSpeed #6809',
+    what: 'all-to-all splits padded to a capacity computed from the local token count disagree between ranks holding different counts',
+    scenario: { ep: 4, experts: 8, routing: 'empty:3', variant: 'local-capacity' },
+    expected: 'mismatch',
+    runtime: true,
+  }),
+  make({
+    name: 'rank-stops-calling-the-layer',
+    source: 'DeepSpeed #6634',
+    what: 'in generation with unequal lengths one rank stops calling the MoE layer while its peers still exchange',
+    scenario: { ep: 4, experts: 8, layers: 2, variant: 'early-exit' },
+    expected: 'missing',
+    runtime: true,
+  }),
+  make({
+    name: 'two-ready-collectives-in-completion-order',
+    source: 'Megatron-LM #1810',
+    what: 'one expert backward makes B′ (ep) and the experts reduce-scatter (dp) ready at once; ranks issue them in the order their completions land, crossing communicators',
+    scenario: { ep: 2, dp: 2, experts: 4, fsdp: 'experts', variant: 'completion-order', firstReady: [['bwd.dispatch'], ['fsdp.reduce_scatter'], ['fsdp.reduce_scatter'], ['bwd.dispatch']] },
+    expected: 'cycle',
+    runtime: false,
+  }),
+  make({
+    name: 'reduce-scatter-between-ep-backward-all-to-alls',
+    source: "KempnerForge's split wrap policy (attention and MoE MLP as separate FSDP units)",
+    what: 'with the experts as their own FSDP unit, its reduce-scatter lands between D′ and B′; a rank whose experts got no gradient skips it and waits in B′ while its dp peer waits in the reduce-scatter, around both communicators',
+    // Every row of dp group 0 goes to EP rank 0's experts, every row of group 1 to EP rank 1's:
+    // ranks 1 and 2 skip the reduce-scatter, so 0 → 2 (dp) → 3 (ep) → 1 (dp) → 0 (ep).
+    scenario: { ep: 2, dp: 2, experts: 4, fsdp: 'experts', routing: 'explicit', explicit: [[[[0, 1, 0, 1]]], [[[0, 1, 0, 1]]], [[[2, 3, 2, 3]]], [[[2, 3, 2, 3]]]], variant: 'no-unused-expert-grads' },
+    expected: 'cycle',
+    runtime: true,
+  }),
+  make({
+    name: 'metric-all-reduce-sized-by-layers',
+    source: 'Megatron-LM #3401',
+    what: 'the aux-loss tracker is all-reduced with one slot per layer plus an MTP slot where the router recorded, without it where it was force-initialized',
+    scenario: { ep: 4, experts: 8, layers: 2, routing: 'empty:2', variant: 'layer-metric' },
+    expected: 'mismatch',
+    runtime: false,
+  }),
+];

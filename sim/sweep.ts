@@ -1,0 +1,110 @@
+// Sweeps: many scenarios from one spec (a grid, random samples, or both), split into
+// shards for batch schedulers, run over a piscina pool of discrete-event engines.
+//
+// Spec (JSON): {
+//   "base":    { ...scenario fields },                 every scenario starts from these
+//   "grid":    { "field": [v1, v2, ...], ... },        the cartesian product of the lists
+//   "samples": { "count": N, "seed": S, "fields": { "field": [v1, v2, ...] } }
+//                                                      N scenarios, each field drawn from its list
+// }
+import { availableParallelism } from 'node:os';
+import { Piscina } from 'piscina';
+import { UsageError } from '../src/errors.js';
+import { seededRng } from '../src/moe/random.js';
+import type { VerdictKind } from '../machines/diagnosis.js';
+import { validateScenario, type Scenario } from './scenario.js';
+
+type Values = Record<string, readonly unknown[]>;
+
+export interface SweepSpec {
+  base?: Partial<Scenario>;
+  grid?: Values;
+  samples?: { count: number; seed?: number; fields: Values };
+}
+
+export interface SweepResult {
+  readonly index: number;
+  readonly scenario: Scenario;
+  readonly verdict: VerdictKind;
+  readonly communicator: string | null;
+  readonly position: number | null;
+  readonly culprits: number[];
+  readonly cause: string;
+  readonly collectives: number;
+  readonly simulatedMs: number;
+}
+
+function checkValues(where: string, v: unknown): Values {
+  if (v === undefined) return {};
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new UsageError(`sweep spec: ${where} must be an object of field → list of values`);
+  for (const [k, list] of Object.entries(v)) {
+    if (!Array.isArray(list) || list.length === 0) throw new UsageError(`sweep spec: ${where}.${k} must be a non-empty list, got ${JSON.stringify(list)}`);
+  }
+  return v as Values;
+}
+
+/** Every scenario of the spec, validated, in a fixed order (grid first, then samples). */
+export function expandSweep(spec: SweepSpec): Scenario[] {
+  const grid = checkValues('grid', spec.grid);
+  const out: Partial<Scenario>[] = [];
+  let combos: Record<string, unknown>[] = [{}];
+  for (const [k, list] of Object.entries(grid)) combos = combos.flatMap((c) => list.map((v) => ({ ...c, [k]: v })));
+  if (spec.grid) out.push(...combos.map((c) => ({ ...spec.base, ...c })));
+  if (spec.samples) {
+    const { count, seed = 1 } = spec.samples;
+    if (!Number.isSafeInteger(count) || count < 1) throw new UsageError(`sweep spec: samples.count must be a positive integer, got ${count}`);
+    const fields = checkValues('samples.fields', spec.samples.fields);
+    const rand = seededRng(seed);
+    for (let i = 0; i < count; i++) {
+      const drawn = Object.fromEntries(Object.entries(fields).map(([k, list]) => [k, list[Math.floor(rand() * list.length)]]));
+      out.push({ ...spec.base, ...drawn });
+    }
+  }
+  if (out.length === 0) throw new UsageError('sweep spec: give a "grid", "samples" or both');
+  return out.map((p, i) => {
+    try {
+      return validateScenario(p);
+    } catch (e) {
+      throw new UsageError(`sweep spec: scenario ${i} (${JSON.stringify(p)}): ${(e as Error).message}`);
+    }
+  });
+}
+
+/** Parse `I/N` (0 <= I < N): this machine runs the scenarios whose index is I modulo N. */
+export function parseShard(spec: string): { index: number; count: number } {
+  const m = /^(\d+)\/(\d+)$/.exec(spec);
+  const [index, count] = m ? [Number(m[1]), Number(m[2])] : [NaN, NaN];
+  if (!(count >= 1 && index >= 0 && index < count)) throw new UsageError(`--shard must be I/N with 0 <= I < N (e.g. 0/4), got '${spec}'`);
+  return { index, count };
+}
+
+export const inShard = (i: number, shard: { index: number; count: number }) => i % shard.count === shard.index;
+
+/** Run `scenarios` (indices kept) over `workers` threads; results arrive in completion order. */
+export async function runSweep(
+  scenarios: readonly { index: number; scenario: Scenario }[],
+  opts: { workers?: number; onResult?: (r: SweepResult) => void } = {},
+): Promise<SweepResult[]> {
+  const threads = opts.workers ?? availableParallelism();
+  const pool = new Piscina({ filename: new URL('./sweepWorker.js', import.meta.url).href, minThreads: threads, maxThreads: threads });
+  try {
+    return await Promise.all(
+      scenarios.map(async (job) => {
+        const r = (await pool.run(job)) as SweepResult;
+        opts.onResult?.(r);
+        return r;
+      }),
+    );
+  } finally {
+    await pool.destroy();
+  }
+}
+
+/** Verdict counts, as table rows: verdict, count, share. */
+export function summarize(results: readonly SweepResult[]): string {
+  const counts = new Map<string, number>();
+  for (const r of results) counts.set(r.verdict, (counts.get(r.verdict) ?? 0) + 1);
+  const rows = [...counts].sort((a, b) => b[1] - a[1]);
+  const lines = rows.map(([v, n]) => `${v.padEnd(9)} ${String(n).padStart(7)}  ${((100 * n) / Math.max(results.length, 1)).toFixed(1).padStart(5)}%`);
+  return ['verdict     count  share', ...lines, `${'total'.padEnd(9)} ${String(results.length).padStart(7)}`].join('\n');
+}
