@@ -5,6 +5,7 @@ import type { MessagePort } from 'node:worker_threads';
 import type { IssuedCollective } from '../machines/protocol.js';
 import type { RankContext } from '../machines/rankMachine.js';
 import type { Scenario } from '../sim/scenario.js';
+import type { BackendName } from '../src/backends.js';
 
 /** Enough of a rank machine's snapshot for the supervisor to rebuild it for a diagnosis. */
 export interface SnapshotWire {
@@ -25,7 +26,7 @@ export interface WorkerJob {
   readonly scenario: Scenario;
   /** msgpack of `CaseRankJob` when running a case; absent for a generated sim step. */
   readonly casePayload?: Uint8Array;
-  readonly backend: 'ts' | 'native';
+  readonly backend: BackendName;
   readonly faults: readonly Fault[];
   /** Stream xstate inspection events of this rank to the supervisor. */
   readonly inspect: boolean;

@@ -7,8 +7,7 @@ import { communicators } from '../machines/ledger.js';
 import { rankConfig } from '../sim/scenario.js';
 import { encodeMessage } from '../src/codec/msgpack.js';
 import { epBackward, epForward, type EpContext, type EpSaved } from '../src/ep/layer.js';
-import type { ExpertBackend } from '../src/ep/types.js';
-import { tsBackend } from '../src/moe/experts.js';
+import { loadBackend } from '../src/backends.js';
 import type { Tensor } from '../src/tensor.js';
 import { RankDriver } from './rankDriver.js';
 import { MeshCommunicator, PortMesh } from './transport.js';
@@ -18,12 +17,6 @@ import type { CaseRankOutput } from './caseRanks.js';
 
 const job = workerData as WorkerJob;
 const post = (m: WorkerMessage) => parentPort!.postMessage(m);
-
-async function loadBackend(name: WorkerJob['backend']): Promise<ExpertBackend> {
-  if (name === 'ts') return tsBackend;
-  const { nativeBackend } = await import('../src/native/backend.js');
-  return nativeBackend;
-}
 
 async function runRank(ports: Record<number, MessagePort>): Promise<void> {
   const s = job.scenario;

@@ -11,10 +11,11 @@ import { diagnose, okDiagnosis, rankReports, type Diagnosis, type VerdictKind } 
 import { startRank, type RankSnapshot } from '../machines/protocol.js';
 import { rankConfig, worldSize, type Scenario } from '../sim/scenario.js';
 import type { TraceEvent } from '../sim/report/input.js';
+import type { BackendName } from '../src/backends.js';
 import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
 
 export interface RuntimeOptions {
-  backend?: 'ts' | 'native';
+  backend?: BackendName;
   faults?: readonly Fault[];
   /** No message from any rank for this long, without proof of a hang: `timeout` (default 10 s). */
   timeoutMs?: number;

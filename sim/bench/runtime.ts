@@ -8,6 +8,7 @@ import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
 import { syntheticCase } from '../../src/case.js';
 import { validateScenario } from '../scenario.js';
+import type { BackendName } from '../../src/backends.js';
 
 const MiB = 1024 * 1024;
 const median = (xs: readonly number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
@@ -56,17 +57,16 @@ async function transport(): Promise<BenchRow> {
   };
 }
 
-async function epStep(): Promise<BenchRow> {
+async function epStep(backend: BackendName, steps: number): Promise<BenchRow> {
   const o = DEFAULT_EP_OPTIONS;
   const data = syntheticCase(
     { ep: o.ep, numExperts: o.experts, topK: o.topK, dim: o.dim, hidden: o.hidden, activation: 'silu', packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: new Array<number>(o.ep).fill(o.tokens) },
     1,
   );
-  const steps = 6;
-  const run = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps, record: false, timeoutMs: 120_000 });
+  const run = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps, record: false, timeoutMs: 300_000, backend });
   if (run.diagnosis.verdict !== 'ok') throw new Error(`EP step did not complete: ${run.diagnosis.cause}`);
   const ms = median(run.stepMs.slice(1)); // the first step pays for JIT warm-up
-  const row: BenchRow = { name: epStepLabel('ts kernels, 4 worker-thread ranks, f32'), value: ms, unit: 'ms', note: `median of ${steps - 1} steps after one warm-up; slowest rank per step` };
+  const row: BenchRow = { name: epStepLabel(`${backend} kernels, 4 worker-thread ranks, f32`), value: ms, unit: 'ms', note: `median of ${steps - 1} steps after one warm-up; slowest rank per step` };
   const torch = await torchEpStep();
   if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
   return { ...row, baseline: { name: epStepLabel('seed on torch+gloo, 4 processes'), value: torch.medianMs, unit: 'ms' }, ratio: torch.medianMs / ms, note: `${row.note}; ratio = torch / ours (>1: we are faster); torch BLAS: ${torch.blas}` };
@@ -90,5 +90,12 @@ async function soak(): Promise<BenchRow> {
 }
 
 export async function bench(): Promise<BenchRow[]> {
-  return [await transport(), await epStep(), await soak()];
+  const rows = [await transport()];
+  // The TypeScript kernels take tens of seconds per step here: one warm-up, one timed step.
+  rows.push(await epStep('ts', 2));
+  const native = await import('../../src/native/backend.js');
+  if (native.loadNative()) rows.push(await epStep('native', 6));
+  else rows.push({ name: epStepLabel('native kernels, 4 worker-thread ranks'), value: NaN, unit: 'ms', note: `skipped: ${native.nativeUnavailableReason()}` });
+  rows.push(await soak());
+  return rows;
 }

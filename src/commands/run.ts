@@ -5,10 +5,10 @@ import { parse } from './args.js';
 import { UsageError } from '../errors.js';
 import { caseMetadata, loadCase, resultTensors, runCase } from '../case.js';
 import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
-import { tsBackend } from '../moe/experts.js';
+import { loadBackend, parseBackend } from '../backends.js';
 import { actorRanks } from '../../actors/caseRanks.js';
 
-const HELP = `usage: ep-actors run --case FILE --out FILE [--json] [--in-process] [--backend ts|native]
+const HELP = `usage: ep-actors run --case FILE --out FILE [--json] [--in-process] [--backend ts|native|cuda]
 
 Run the EP layer (KempnerForge's ep_dispatch_and_compute) forward and backward on the
 inputs of a case file, each EP rank a worker-thread actor under its rank machine.
@@ -23,7 +23,7 @@ inputs of a case file, each EP rank a worker-thread actor under its rank machine
                 written atomically, nothing is written when the case is invalid
   --json        print one JSON object instead of the summary
   --in-process  run the ranks as async tasks in one thread instead of worker threads
-  --backend B   expert kernels: ts (TypeScript) or native (the C++ addon)
+  --backend B   expert kernels: ts (TypeScript), native (the C++ addon) or cuda
   -h, --help    this text
 
 exit codes: 0 ok, 1 bad usage or an invalid case (one line names the tensor or key)`;
@@ -44,12 +44,12 @@ export async function main(argv: string[]): Promise<number> {
   const casePath = resolve(values.case);
   const outPath = resolve(values.out);
 
-  const backend = values.backend ?? 'ts';
-  if (backend !== 'ts' && backend !== 'native') throw new UsageError(`--backend must be ts or native, got '${String(backend)}'`);
+  const backend = parseBackend(values.backend);
+  const kernels = await loadBackend(backend); // fails in one line when it cannot run here
 
   const data = await loadCase(casePath);
   const result = values['in-process']
-    ? await runCase(data, { backend: backend === 'native' ? (await import('../native/backend.js')).nativeBackend : tsBackend })
+    ? await runCase(data, { backend: kernels })
     : await runCase(data, { runRanks: actorRanks({ backend }) });
   const tensors = resultTensors(result);
   await writeSafetensorsFileAtomic(outPath, tensors, caseMetadata(data.meta));

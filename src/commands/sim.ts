@@ -9,6 +9,7 @@ import { toTraceFile, type ReportInput } from '../../sim/report/input.js';
 import { renderReport } from '../../sim/report/html.js';
 import type { Scenario } from '../../sim/scenario.js';
 import { intOption, parse } from './args.js';
+import { loadBackend, parseBackend, type BackendName } from '../backends.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 
 const HELP = `usage: ep-actors sim [scenario flags] [--engine actors|des] [--json] [--trace FILE] [--report FILE]
@@ -25,7 +26,7 @@ output:
   --trace FILE           write a Chrome Trace Event JSON (open in Perfetto; \`viz report\` renders it)
   --report FILE          write a self-contained HTML report
   --inspect FILE         stream every rank's xstate inspection events as JSON Lines (- for stdout)
-  --backend B            expert kernels for the actors engine: ts | native (default ts)
+  --backend B            expert kernels for the actors engine: ts | native | cuda (default ts)
   --timeout MS           actors: verdict 'timeout' after this long without progress (default 10000)
 
 exit: 0 the step completes, 2 a hang or mismatch was found, 1 bad usage or an error
@@ -55,8 +56,8 @@ export async function main(argv: string[]): Promise<number> {
   const scenario = await scenarioFromFlags(v);
   const engine = v.engine ?? 'actors';
   if (engine !== 'actors' && engine !== 'des') throw new UsageError(`--engine must be actors or des, got '${String(engine)}'`);
-  const backend = v.backend ?? 'ts';
-  if (backend !== 'ts' && backend !== 'native') throw new UsageError(`--backend must be ts or native, got '${String(backend)}'`);
+  const backend = parseBackend(v.backend);
+  if (engine === 'actors') await loadBackend(backend); // fail here, in one line, if it cannot run
 
   const input = engine === 'des' ? reportFromDes(scenario) : await runOnActors(scenario, backend, intOption(v.timeout, 'timeout', 10_000, 1), typeof v.inspect === 'string' ? v.inspect : undefined);
   if (typeof v.trace === 'string') await writeFile(v.trace, JSON.stringify(toTraceFile(input)));
@@ -66,7 +67,7 @@ export async function main(argv: string[]): Promise<number> {
   return input.diagnosis.verdict === 'ok' ? 0 : 2;
 }
 
-async function runOnActors(scenario: Scenario, backend: 'ts' | 'native', timeoutMs: number, inspect: string | undefined): Promise<ReportInput> {
+async function runOnActors(scenario: Scenario, backend: BackendName, timeoutMs: number, inspect: string | undefined): Promise<ReportInput> {
   let onInspect: ((rank: number, event: unknown) => void) | undefined;
   const lines: string[] = [];
   if (inspect !== undefined) onInspect = (rank, event) => (inspect === '-' ? console.log(JSON.stringify({ rank, event })) : lines.push(JSON.stringify({ rank, event })));
