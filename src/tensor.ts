@@ -20,7 +20,8 @@ export const DTYPES: readonly DType[] = ['f32', 'f64', 'i32', 'i64', 'bf16', 'f1
 /** Bytes per element of each dtype. */
 export const ELEMENT_SIZE: Record<DType, number> = { f32: 4, f64: 8, i32: 4, i64: 8, bf16: 2, f16: 2 };
 
-const CTOR = {
+/** The typed array that stores each dtype (16-bit floats as raw bit patterns). */
+export const STORAGE_CTOR = {
   f32: Float32Array,
   f64: Float64Array,
   i32: Int32Array,
@@ -43,14 +44,14 @@ export class Tensor<D extends DType = DType> {
     if (data.length !== n) {
       throw new TensorError(`shape [${shape.join(', ')}] holds ${n} elements but the ${dtype} data has ${data.length}`);
     }
-    if (!(data instanceof CTOR[dtype])) throw new TensorError(`data for dtype ${dtype} must be a ${CTOR[dtype].name}`);
+    if (!(data instanceof STORAGE_CTOR[dtype])) throw new TensorError(`data for dtype ${dtype} must be a ${STORAGE_CTOR[dtype].name}`);
     this.dtype = dtype;
     this.shape = Object.freeze([...shape]);
     this.data = data;
   }
 
   static zeros<D extends DType>(dtype: D, shape: readonly number[]): Tensor<D> {
-    return new Tensor(dtype, shape, new CTOR[dtype](numel(shape)) as StorageOf[D]);
+    return new Tensor(dtype, shape, new STORAGE_CTOR[dtype](numel(shape)) as StorageOf[D]);
   }
 
   static from<D extends DType>(dtype: D, shape: readonly number[], values: ArrayLike<number> | ArrayLike<bigint>): Tensor<D> {

@@ -8,22 +8,13 @@ import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.j
 import { readSafetensors, SafetensorsError, writeSafetensors } from '../src/codec/safetensors.js';
 import { DTYPES, Tensor } from '../src/tensor.js';
 import { goldenDir } from './paths.js';
+import { seededRng } from '../src/moe/random.js';
 
 const SEED = Number(process.env.FUZZ_SEED ?? 0x5eed1234) >>> 0;
 /** No single input may take longer than this: a sign of a hang or a huge allocation. */
 const SLOW_MS = 200;
 
-function prng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    // mulberry32
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const prng = seededRng;
 
 type Rand = () => number;
 const int = (rand: Rand, n: number) => Math.floor(rand() * n);

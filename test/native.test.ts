@@ -2,6 +2,7 @@
 // throws NativeError with codes, and reports a missing GPU clearly. A missing addon fails
 // these tests loudly; set EP_ACTORS_NO_NATIVE=1 to run the suite without it on purpose.
 import { test } from 'uvu';
+import { seededRng } from '../src/moe/random.js';
 import * as assert from 'uvu/assert';
 import { Worker } from 'node:worker_threads';
 import { pathToFileURL } from 'node:url';
@@ -50,15 +51,10 @@ test('the native addon is built and loads (EP_ACTORS_NO_NATIVE=1 to run without 
 
 // ---- random inputs (a small deterministic generator, so failures reproduce) ----
 
+/** Uniform in [-0.5, 0.5). */
 function rng(seed: number): () => number {
-  let s = seed >>> 0;
-  return () => {
-    s = (s + 0x6d2b79f5) >>> 0;
-    let t = s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296 - 0.5;
-  };
+  const next = seededRng(seed);
+  return () => next() - 0.5;
 }
 
 function randTensor<F extends FloatDType>(dtype: F, shape: number[], r: () => number, scale = 1): Tensor<F> {

@@ -3,26 +3,12 @@
 // share one thread, so a step costs the sum of the ranks' work; the PyTorch baseline runs
 // one process per rank and reports the slowest rank.
 import { time, type BenchRow } from './harness.js';
-import { DEFAULT_EP_OPTIONS, epStepLabel, torchEpStep } from './torch.js';
-import { runCase, syntheticCase } from '../../src/case.js';
+import { DEFAULT_EP_OPTIONS, epStepLabel, torchEpStep, epStepCase } from './torch.js';
+import { runCase } from '../../src/case.js';
 
 export async function bench(): Promise<BenchRow[]> {
   const o = DEFAULT_EP_OPTIONS;
-  const data = syntheticCase(
-    {
-      ep: o.ep,
-      numExperts: o.experts,
-      topK: o.topK,
-      dim: o.dim,
-      hidden: o.hidden,
-      activation: 'silu',
-      packed: true,
-      gradientScale: false,
-      dtype: 'f32',
-      tokensPerRank: new Array<number>(o.ep).fill(o.tokens),
-    },
-    1,
-  );
+  const data = epStepCase();
   // CPU time per step alongside wall time: on a shared machine wall time mostly measures the neighbours.
   const cpu0 = process.cpuUsage();
   const t = await time(() => runCase(data), 3, 1);

@@ -3,8 +3,8 @@
 // libuv's pool) with and without BLAS, against the TypeScript kernels and the seed's
 // algorithm on PyTorch + gloo measured in the same run.
 import { time, type BenchRow } from './harness.js';
-import { DEFAULT_EP_OPTIONS, epStepLabel, torchEpStep } from './torch.js';
-import { runCase, syntheticCase } from '../../src/case.js';
+import { DEFAULT_EP_OPTIONS, epStepLabel, torchEpStep, epStepCase } from './torch.js';
+import { runCase } from '../../src/case.js';
 import { tsBackend } from '../../src/moe/experts.js';
 import { NativeExpertBackend, loadNative, nativeUnavailableReason, type GemmSpec } from '../../src/native/backend.js';
 import type { ExpertBackend } from '../../src/ep/types.js';
@@ -49,21 +49,7 @@ async function gemmRows(): Promise<BenchRow[]> {
 
 async function epRows(): Promise<BenchRow[]> {
   const o = DEFAULT_EP_OPTIONS;
-  const data = syntheticCase(
-    {
-      ep: o.ep,
-      numExperts: o.experts,
-      topK: o.topK,
-      dim: o.dim,
-      hidden: o.hidden,
-      activation: 'silu',
-      packed: true,
-      gradientScale: false,
-      dtype: 'f32',
-      tokensPerRank: new Array<number>(o.ep).fill(o.tokens),
-    },
-    1,
-  );
+  const data = epStepCase();
   const info = loadNative()!.info();
   const backends: { backend: ExpertBackend; label: string; runs: number }[] = [
     ...(info.blas ? [{ backend: new NativeExpertBackend({ blas: true }), label: `native + ${info.blas}`, runs: 7 }] : []),

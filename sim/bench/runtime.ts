@@ -3,10 +3,9 @@
 // consecutive steps in one runtime with resident memory at its start and end.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { time, type BenchRow } from './harness.js';
-import { DEFAULT_EP_OPTIONS, epStepLabel, torchEpStep } from './torch.js';
+import { epStepCase, epStepLabel, torchEpStep } from './torch.js';
 import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
-import { syntheticCase } from '../../src/case.js';
 import { validateScenario } from '../scenario.js';
 import type { BackendName } from '../../src/backends.js';
 
@@ -58,11 +57,7 @@ async function transport(): Promise<BenchRow> {
 }
 
 async function epStep(backend: BackendName, steps: number): Promise<BenchRow> {
-  const o = DEFAULT_EP_OPTIONS;
-  const data = syntheticCase(
-    { ep: o.ep, numExperts: o.experts, topK: o.topK, dim: o.dim, hidden: o.hidden, activation: 'silu', packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: new Array<number>(o.ep).fill(o.tokens) },
-    1,
-  );
+  const data = epStepCase();
   const run = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps, record: false, timeoutMs: 300_000, backend });
   if (run.diagnosis.verdict !== 'ok') throw new Error(`EP step did not complete: ${run.diagnosis.cause}`);
   const ms = median(run.stepMs.slice(1)); // the first step pays for JIT warm-up

@@ -1,6 +1,7 @@
 // The PyTorch baseline for an EP step: the seed's algorithm on PyTorch + gloo, one process
 // per rank (sim/bench/torch_ep_step.py). Other benchmarks (ep.ts) compare against it, so the
 // measurement is memoised per options: one run of the script per `npm run bench`.
+import { syntheticCase, type CaseData } from '../../src/case.js';
 import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
@@ -106,6 +107,14 @@ export function torchEpStep(opts?: Partial<TorchEpOptions>): Promise<TorchEpResu
     cache.set(key, p);
   }
   return p;
+}
+
+/** The EP step's inputs for our side of the comparison: the same sizes, seeded, f32, SwiGLU. */
+export function epStepCase(o: TorchEpOptions = DEFAULT_EP_OPTIONS): CaseData<'f32'> {
+  return syntheticCase(
+    { ep: o.ep, numExperts: o.experts, topK: o.topK, dim: o.dim, hidden: o.hidden, activation: 'silu', packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: new Array<number>(o.ep).fill(o.tokens) },
+    1,
+  );
 }
 
 export function epStepLabel(impl: string, o: TorchEpOptions = DEFAULT_EP_OPTIONS): string {

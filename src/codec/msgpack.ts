@@ -12,7 +12,7 @@
 // small header, its data is left out, and the ext length is patched afterwards. The final
 // message is then assembled into one exact-size buffer, so tensor bytes are copied once.
 import { Decoder, Encoder, ExtData, ExtensionCodec, type ExtensionCodecType } from '@msgpack/msgpack';
-import { DTYPES, ELEMENT_SIZE, Tensor, type DType, type Storage } from '../tensor.js';
+import { DTYPES, ELEMENT_SIZE, STORAGE_CTOR, Tensor, type DType, type Storage } from '../tensor.js';
 
 export class CodecError extends Error {
   override name = 'CodecError';
@@ -27,14 +27,6 @@ const TIMESTAMP_EXT = -1;
 const MAX_NDIM = 32;
 const MAX_DIM = 0xffffffff;
 
-const CTOR = {
-  f32: Float32Array,
-  f64: Float64Array,
-  i32: Int32Array,
-  i64: BigInt64Array,
-  bf16: Uint16Array,
-  f16: Uint16Array,
-} as const;
 
 // Payload bytes are defined as little-endian; typed arrays use the host order.
 if (new Uint8Array(new Uint16Array([1]).buffer)[0] !== 1) throw new Error('ep-actors msgpack codec needs a little-endian host');
@@ -128,7 +120,7 @@ function decodeTensor(data: Uint8Array, dtype: DType): Tensor {
     const needs = Number.isSafeInteger(n) ? `${n * elementSize} bytes` : 'more than 2^53 elements';
     fail(`shape [${shape.join(', ')}] needs ${needs} of data but it holds ${byteLength} bytes`);
   }
-  const ctor = CTOR[dtype];
+  const ctor = STORAGE_CTOR[dtype];
   const offset = data.byteOffset + start;
   let storage: Storage;
   if (offset % elementSize === 0) {

@@ -3,7 +3,7 @@
 // data buffer (offsets are relative to its start). Files come from outside, so every field
 // is checked before any length in it is used to slice or allocate.
 import { open, readFile, rename, rm } from 'node:fs/promises';
-import { ELEMENT_SIZE, Tensor, type DType, type Storage } from '../tensor.js';
+import { ELEMENT_SIZE, STORAGE_CTOR, Tensor, type DType, type Storage } from '../tensor.js';
 
 export class SafetensorsError extends Error {
   override name = 'SafetensorsError';
@@ -16,14 +16,6 @@ export interface SafetensorsFile {
 
 const FILE_DTYPE: Record<string, DType> = { F32: 'f32', F64: 'f64', I32: 'i32', I64: 'i64', BF16: 'bf16', F16: 'f16' };
 const DTYPE_NAME: Record<DType, string> = { f32: 'F32', f64: 'F64', i32: 'I32', i64: 'I64', bf16: 'BF16', f16: 'F16' };
-const CTOR = {
-  f32: Float32Array,
-  f64: Float64Array,
-  i32: Int32Array,
-  i64: BigInt64Array,
-  bf16: Uint16Array,
-  f16: Uint16Array,
-} as const;
 
 /** Headers beyond this are refused before decoding (the Python implementation's cap). */
 const MAX_HEADER = 100_000_000;
@@ -103,7 +95,7 @@ export function readSafetensors(bytes: Uint8Array, what?: string): SafetensorsFi
   const tensors = new Map<string, Tensor>();
   for (const e of entries) {
     // A fresh array: offsets in a file need not be aligned to the element size.
-    const data: Storage = new CTOR[e.dtype]((e.end - e.begin) / ELEMENT_SIZE[e.dtype]);
+    const data: Storage = new STORAGE_CTOR[e.dtype]((e.end - e.begin) / ELEMENT_SIZE[e.dtype]);
     new Uint8Array(data.buffer).set(buffer.subarray(e.begin, e.end));
     tensors.set(e.name, new Tensor(e.dtype, e.shape, data));
   }
