@@ -2,70 +2,39 @@
 // none hangs or give the shortest counterexample, optionally written as a replayable scenario.
 import { writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { intOption, parse } from './args.js';
+import { parse } from './args.js';
+import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { UsageError } from '../errors.js';
 import { formatDiagnosis } from '../../machines/diagnosis.js';
-import { VARIANT_NAMES } from '../../machines/variants.js';
-import { WRAP_POLICIES, type WrapPolicy } from '../../machines/rankMachine.js';
 import { explore } from '../../sim/explorer.js';
-import { validateScenario, type Scenario } from '../../sim/scenario.js';
 
-const HELP = `usage: ep-actors check [--ep N] [--experts E] [--top-k K] [--variant V] [options]
+const HELP = `usage: ep-actors check [scenario flags] [--replay FILE] [--json]
 
 Can any routing hang this layout? Runs every routing class through the discrete-event
 engine: per rank, whether it holds tokens and how many of its local experts receive rows
-(what the rank machine's guards read), one class per orbit of rank permutations. Where a
-variant lets two ready collectives go out in completion order, every order is explored.
-Either proves that no class diverges, or prints the shortest counterexample: fewest
-starved ranks (receiving no rows), then fewest rows.
+(what the rank machine's guards read), one class per orbit of rank permutations; every
+layer and micro-batch is routed the same way. Where a variant lets two ready collectives
+go out in completion order, every order is explored. Either proves that no class
+diverges, or prints the shortest counterexample: fewest starved ranks (receiving no
+rows), then fewest rows. The scenario's own routing, tokens and seed are not used.
 
-  --ep N             EP ranks (default 4)
-  --dp N             data-parallel groups (default 1)
-  --fsdp POLICY      FSDP wrap policy over dp: ${WRAP_POLICIES.join(' | ')} (needs --dp >= 2)
-  --experts E        global experts, divisible by ep (default 8)
-  --top-k K          experts per token (default 2)
-  --layers L         MoE layers per step, each routed the same way (default 1)
-  --micro-batches M  micro-batches per step (default 1)
-  --variant V        ${VARIANT_NAMES.join(' | ')} (default seed)
-  --replay FILE      write the counterexample as a scenario JSON (routing 'explicit') that
-                     'ep-actors sim --scenario FILE' reproduces in either engine
-  --json             one JSON object instead of the summary
-  -h, --help         this text
+  --replay FILE          write the counterexample as a scenario JSON (routing 'explicit')
+                         that 'ep-actors sim --scenario FILE' reproduces in either engine
+  --json                 one JSON object instead of the summary
+  -h, --help             this text
+
+\${SCENARIO_HELP}
 
 exit codes: 0 proved, 2 counterexample found, 1 bad usage`;
 
 export async function main(argv: string[]): Promise<number> {
-  const { values, positionals } = parse(
-    argv,
-    {
-      ep: { type: 'string' },
-      dp: { type: 'string' },
-      fsdp: { type: 'string' },
-      experts: { type: 'string' },
-      'top-k': { type: 'string' },
-      layers: { type: 'string' },
-      'micro-batches': { type: 'string' },
-      variant: { type: 'string' },
-      replay: { type: 'string' },
-      json: { type: 'boolean' },
-    },
-    HELP,
-  );
+  const { values, positionals } = parse(argv, { ...SCENARIO_OPTIONS, replay: { type: 'string' }, json: { type: 'boolean' } }, HELP);
   if (values.help) {
     console.log(HELP);
     return 0;
   }
   if (positionals.length > 0) throw new UsageError(`unexpected argument '${positionals[0]}'\n\n${HELP}`);
-  const layout = validateScenario({
-    ep: intOption(values.ep, 'ep', 4, 1),
-    dp: intOption(values.dp, 'dp', 1, 1),
-    fsdp: typeof values.fsdp === 'string' ? (values.fsdp as WrapPolicy) : null,
-    experts: intOption(values.experts, 'experts', 8, 1),
-    topK: intOption(values['top-k'], 'top-k', 2, 1),
-    layers: intOption(values.layers, 'layers', 1, 1),
-    microBatches: intOption(values['micro-batches'], 'micro-batches', 1, 1),
-    variant: (values.variant ?? 'seed') as Scenario['variant'],
-  });
+  const layout = await scenarioFromFlags(values);
   const tty = !values.json && process.stderr.isTTY;
   const r = explore(layout, { onProgress: tty ? (done, total) => process.stderr.write(`\r${done}/${total} classes`) : undefined });
   if (tty) process.stderr.write('\r\x1b[K');
@@ -84,7 +53,7 @@ export async function main(argv: string[]): Promise<number> {
       const c = r.counterexample;
       console.log(`counterexample after ${r.classesRun} of ${r.classes} classes for ${where} [${speed}]`);
       console.log(`routing: ${c.ranks.map((k, g) => `rank ${g} ${k.holdsTokens ? 'holds tokens' : 'holds none'}, ${k.usedExperts} local expert(s) reached`).join('; ')}`);
-      console.log(`starved ranks: ${c.starvedRanks.length ? c.starvedRanks.join(', ') : 'none'}; rows: ${c.rows}${c.firstReady ? `; issued first: ${c.firstReady.map((o, g) => `rank ${g} ${o.join('/')}`).join(', ')}` : ''}`);
+      console.log(`starved (receiving no rows): ${c.starvedRanks.length ? c.starvedRanks.map((g) => `rank ${g}`).join(', ') : 'none'}; rows: ${c.rows}${c.firstReady ? `; issued first: ${c.firstReady.map((o, g) => `rank ${g} ${o.join('/')}`).join(', ')}` : ''}`);
       console.log(formatDiagnosis(c.diagnosis));
       if (replay) console.log(`wrote ${replay}`);
     }
