@@ -1,9 +1,10 @@
 // The rank actor inside a worker: the rank machine running as an xstate actor, answering
 // the EP layer's protocol hooks. The real layer code asks it before every collective; the
 // machine's state says whether the rank issues it, skips it (a guard removed it), or whether
-// the call is one the protocol does not allow here (a violation). Collectives the machine
-// places on the data-parallel communicator (FSDP) are issued by the driver itself.
-import { createActor, type Actor, type InspectionEvent } from 'xstate';
+// the call is one the protocol does not allow here (a violation). Collectives outside the
+// EP layer (FSDP on the data-parallel communicator, the step's metric all-reduce) are
+// issued by the driver itself.
+import { createActor, getInitialMicrosteps, type Actor, type InspectionEvent } from 'xstate';
 import { rankMachine, type RankConfig } from '../machines/rankMachine.js';
 import { issuedCollective, statePath, type IssuedCollective, type RankSnapshot } from '../machines/protocol.js';
 import type { ExchangeFacts, LayerProtocol } from '../src/ep/layer.js';
@@ -23,22 +24,18 @@ export class RankDriver implements LayerProtocol {
 
   constructor(
     readonly cfg: RankConfig,
-    private readonly dp: MeshCommunicator | null,
+    private readonly comms: { readonly ep: MeshCommunicator | null; readonly dp: MeshCommunicator | null },
     private readonly post: (m: WorkerMessage) => void,
     inspect: boolean,
     record = true,
   ) {
-    this.actor = createActor(rankMachine, {
-      input: cfg,
-      inspect: inspect ? (ev: InspectionEvent) => this.post({ type: 'inspect', rank: cfg.rank, event: inspectionJson(ev) }) : undefined,
-    });
-    let last = '';
-    if (record) {
-      this.actor.subscribe((snap) => {
-        const path = statePath(snap);
-        if (path !== last) this.post({ type: 'state', rank: cfg.rank, path: (last = path), at: now() });
-      });
-    }
+    // Paths record every microstep (eventless choice states too), as the engine's reports do.
+    const onInspect = (ev: InspectionEvent) => {
+      if (record && ev.type === '@xstate.microstep') this.post({ type: 'state', rank: cfg.rank, path: statePath(ev.snapshot as RankSnapshot), at: now() });
+      if (inspect) this.post({ type: 'inspect', rank: cfg.rank, event: inspectionJson(ev) });
+    };
+    this.actor = createActor(rankMachine, { input: cfg, inspect: record || inspect ? onInspect : undefined });
+    if (record) for (const [snap] of getInitialMicrosteps(rankMachine, cfg)) this.post({ type: 'state', rank: cfg.rank, path: statePath(snap), at: now() });
     this.actor.start();
   }
 
@@ -59,7 +56,7 @@ export class RankDriver implements LayerProtocol {
   }
 
   async routed(tokens: number, sendCounts: readonly number[]): Promise<void> {
-    await this.drainDataParallel();
+    await this.drainOwnCollectives();
     this.expect('forward.route', 'routing a layer');
     this.actor.send({ type: 'layer.routed', tokens, sendCounts });
   }
@@ -68,7 +65,7 @@ export class RankDriver implements LayerProtocol {
     if (this.throwAt && this.throwAt.op === tag.op && (this.throwAt.layer === undefined || this.throwAt.layer === tag.layer)) {
       throw new Error(`injected fault: rank ${this.cfg.rank} throws in ${tag.op} of layer ${tag.layer}`);
     }
-    await this.drainDataParallel();
+    await this.drainOwnCollectives();
     const snap = this.snapshot;
     const issued = issuedCollective(snap);
     if (issued && issued.comm === 'ep' && issued.op === tag.op && issued.layer === tag.layer && issued.microBatch === tag.microBatch) {
@@ -86,29 +83,31 @@ export class RankDriver implements LayerProtocol {
   }
 
   async computed(phase: 'forward' | 'backward'): Promise<void> {
-    await this.drainDataParallel();
+    await this.drainOwnCollectives();
     this.expect(phase === 'forward' ? 'forward.compute' : 'backward.expertBackward', `finishing the ${phase} expert compute`);
     this.actor.send({ type: 'compute.done' });
   }
 
   /** After the step's code ends: run any trailing FSDP collectives, then the machine must be final. */
   async finish(): Promise<'done' | 'exited'> {
-    await this.drainDataParallel();
+    await this.drainOwnCollectives();
     const how = this.finished;
     if (!how) throw this.violation(`rank ${this.cfg.rank} finished its step but the protocol is still in ${statePath(this.snapshot)}`);
     return how;
   }
 
-  /** Issue the data-parallel collectives the machine is waiting in, one after another. */
-  private async drainDataParallel(): Promise<void> {
-    for (let issued = issuedCollective(this.snapshot); issued?.comm === 'dp'; issued = issuedCollective(this.snapshot)) {
-      if (!this.dp) throw this.violation(`rank ${this.cfg.rank} must issue ${issued.op} but the mesh has no dp communicator`);
+  /** Issue the collectives outside the EP layer that the machine is waiting in, one after another. */
+  private async drainOwnCollectives(): Promise<void> {
+    for (let issued = issuedCollective(this.snapshot); issued && (issued.comm === 'dp' || issued.op === 'metric.all_reduce'); issued = issuedCollective(this.snapshot)) {
+      const comm = this.comms[issued.comm];
+      if (!comm) throw this.violation(`rank ${this.cfg.rank} must issue ${issued.op} but the mesh has no ${issued.comm} communicator`);
       this.announce(issued);
       const tag = { op: issued.op, layer: issued.layer, microBatch: issued.microBatch };
-      // Stand-in parameter shards of the unit's size: what matters here is who issues what.
+      // Stand-in payloads of the collective's size: what matters here is who issues what.
       const size = issued.size ?? 0;
-      if (issued.op === 'fsdp.all_gather') await this.dp.allGather(tag, Tensor.zeros('f32', [Math.ceil(size / this.dp.size)]));
-      else await this.dp.reduceScatter(tag, Tensor.zeros('f32', [size]));
+      if (issued.op === 'fsdp.all_gather') await comm.allGather(tag, Tensor.zeros('f32', [Math.ceil(size / comm.size)]));
+      else if (issued.op === 'fsdp.reduce_scatter') await comm.reduceScatter(tag, Tensor.zeros('f32', [size]));
+      else await comm.allReduce(tag, Tensor.zeros('f32', [size]));
       await this.completed(tag, {});
     }
   }

@@ -38,7 +38,7 @@ async function runRank(ports: Record<number, MessagePort>): Promise<void> {
   let result: Uint8Array | undefined;
   for (let step = 0; step < job.steps && how === 'done'; step++) {
     const t0 = performance.now();
-    driver = new RankDriver(cfg, dp, post, job.inspect, job.record);
+    driver = new RankDriver(cfg, { ep, dp }, post, job.inspect, job.record);
     for (const f of step === 0 ? job.faults : []) {
       if (f.rank !== job.rank) continue;
       if (f.kind === 'throw') driver.throwAt = { op: f.op, layer: f.layer };

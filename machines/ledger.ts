@@ -58,8 +58,11 @@ export type Finding =
 
 interface CommState {
   readonly spec: CommunicatorSpec;
-  /** Entries per open position, indexed by member. */
+  /** Member index of each global rank in the communicator. */
+  readonly memberOf: Map<number, number>;
+  /** Entries per open position, indexed by member, and how many members have issued it. */
   readonly open: Map<number, (LedgerEntry | undefined)[]>;
+  readonly issued: Map<number, number>;
   /** Next position each member will issue. */
   readonly next: number[];
 }
@@ -79,7 +82,7 @@ export class CollectiveTracker {
   ) {
     this.mesh = mesh;
     for (const spec of communicators(mesh)) {
-      this.comms.set(spec.id, { spec, open: new Map(), next: spec.members.map(() => 0) });
+      this.comms.set(spec.id, { spec, memberOf: new Map(spec.members.map((r, m) => [r, m])), open: new Map(), issued: new Map(), next: spec.members.map(() => 0) });
     }
   }
 
@@ -102,19 +105,22 @@ export class CollectiveTracker {
   issue(rank: number, c: IssuedCollective, dtype: string): { entry: LedgerEntry; completed: LedgerEntry[] | null; finding: Finding | null } {
     if (this.blocked.has(rank)) throw new Error(`rank ${rank} issued ${c.op} while still blocked in ${this.blocked.get(rank)!.op}`);
     const comm = this.commFor(rank, c.comm);
-    const member = comm.spec.members.indexOf(rank);
+    const member = comm.memberOf.get(rank)!;
     const position = comm.next[member]!++;
     const entry: LedgerEntry = { ...c, communicator: comm.spec.id, position, rank, member, dtype };
     if (this.retain) this.entries.push(entry);
     let slot = comm.open.get(position);
-    if (!slot) comm.open.set(position, (slot = comm.spec.members.map(() => undefined)));
+    if (!slot) comm.open.set(position, (slot = new Array<LedgerEntry | undefined>(comm.spec.members.length)));
     slot[member] = entry;
+    const issued = (comm.issued.get(position) ?? 0) + 1;
+    comm.issued.set(position, issued);
     this.blocked.set(rank, entry);
 
     const finding = this.checkConsistency(comm, position, entry) ?? this.checkMissing(comm, position);
     if (finding) return { entry, completed: null, finding };
-    if (slot.every((e) => e !== undefined)) {
+    if (issued === slot.length) {
       comm.open.delete(position);
+      comm.issued.delete(position);
       for (const e of slot as LedgerEntry[]) this.blocked.delete(e.rank);
       return { entry, completed: slot as LedgerEntry[], finding: null };
     }
@@ -125,8 +131,8 @@ export class CollectiveTracker {
   finish(rank: number): Finding | null {
     this.finished.add(rank);
     for (const comm of this.comms.values()) {
-      if (!comm.spec.members.includes(rank)) continue;
-      const member = comm.spec.members.indexOf(rank);
+      const member = comm.memberOf.get(rank);
+      if (member === undefined) continue;
       const finding = this.checkMissing(comm, comm.next[member]!);
       if (finding) return finding;
     }
@@ -152,25 +158,29 @@ export class CollectiveTracker {
   /** Same op, layer, micro-batch and dtype; all-to-all splits must pair up (send_i[j] = recv_j[i]). */
   private checkConsistency(comm: CommState, position: number, e: LedgerEntry): Finding | null {
     const slot = comm.open.get(position)!;
-    for (const other of slot) {
+    const mismatch = (culprits: number[], detail: string): Finding => ({ kind: 'mismatch', communicator: comm.spec.id, position, culprits, detail });
+    const i = e.member;
+    // Every earlier entry agreed with the others, so op, layer, unit and dtype need one comparison.
+    const ref = slot.find((o) => o !== undefined && o !== e);
+    if (!ref) return null;
+    if (ref.op !== e.op || ref.layer !== e.layer || ref.microBatch !== e.microBatch || ref.unit !== e.unit) {
+      return mismatch([ref.rank, e.rank], `rank ${ref.rank} issued ${describe(ref)} but rank ${e.rank} issued ${describe(e)}`);
+    }
+    if (ref.dtype !== e.dtype) return mismatch([ref.rank, e.rank], `rank ${ref.rank} sends ${ref.dtype} but rank ${e.rank} sends ${e.dtype} in ${e.op}`);
+    const send = e.sendSplits;
+    const recv = e.recvSplits;
+    for (let j = 0; j < slot.length; j++) {
+      const other = slot[j];
       if (!other || other === e) continue;
-      const at = { kind: 'mismatch' as const, communicator: comm.spec.id, position };
-      if (other.op !== e.op || other.layer !== e.layer || other.microBatch !== e.microBatch || other.unit !== e.unit) {
-        return { ...at, culprits: [other.rank, e.rank], detail: `rank ${other.rank} issued ${describe(other)} but rank ${e.rank} issued ${describe(e)}` };
-      }
-      if (other.dtype !== e.dtype) {
-        return { ...at, culprits: [other.rank, e.rank], detail: `rank ${other.rank} sends ${other.dtype} but rank ${e.rank} sends ${e.dtype} in ${e.op}` };
-      }
-      if (e.sendSplits && e.recvSplits && other.sendSplits && other.recvSplits) {
-        const [i, j] = [e.member, other.member];
-        if (e.sendSplits[j] !== other.recvSplits[i]) {
-          return { ...at, culprits: [e.rank, other.rank], detail: `rank ${e.rank} sends ${e.sendSplits[j]} rows to rank ${other.rank} but rank ${other.rank} expects ${other.recvSplits[i]} in ${e.op}` };
+      if (send && recv && other.sendSplits && other.recvSplits) {
+        if (send[j] !== other.recvSplits[i]) {
+          return mismatch([e.rank, other.rank], `rank ${e.rank} sends ${send[j]} rows to rank ${other.rank} but rank ${other.rank} expects ${other.recvSplits[i]} in ${e.op}`);
         }
-        if (other.sendSplits[i] !== e.recvSplits[j]) {
-          return { ...at, culprits: [other.rank, e.rank], detail: `rank ${other.rank} sends ${other.sendSplits[i]} rows to rank ${e.rank} but rank ${e.rank} expects ${e.recvSplits[j]} in ${e.op}` };
+        if (other.sendSplits[i] !== recv[j]) {
+          return mismatch([other.rank, e.rank], `rank ${other.rank} sends ${other.sendSplits[i]} rows to rank ${e.rank} but rank ${e.rank} expects ${recv[j]} in ${e.op}`);
         }
       } else if (other.size !== e.size) {
-        return { ...at, culprits: [other.rank, e.rank], detail: `rank ${other.rank} issued ${e.op} of ${other.size} elements but rank ${e.rank} of ${e.size}` };
+        return mismatch([other.rank, e.rank], `rank ${other.rank} issued ${e.op} of ${other.size} elements but rank ${e.rank} of ${e.size}`);
       }
     }
     return null;
@@ -179,7 +189,7 @@ export class CollectiveTracker {
   /** A position some members issued while another member has finished without issuing it. */
   private checkMissing(comm: CommState, position: number): Finding | null {
     const slot = comm.open.get(position);
-    if (!slot) return null;
+    if (!slot || this.finished.size === 0) return null;
     const gone = comm.spec.members.filter((r, m) => slot[m] === undefined && this.finished.has(r));
     if (gone.length === 0) return null;
     const waiting = slot.flatMap((e) => (e ? [e] : []));

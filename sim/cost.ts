@@ -65,12 +65,18 @@ export function collectiveMs(c: CostModel, s: Scenario, entries: readonly Ledger
     const rowBytes = first.op === 'fwd.counts' || first.op === 'fwd.expert_ids' ? INDEX_BYTES : s.dim * c.bytesPerElement;
     let slowest = 0;
     for (const e of entries) {
-      let [intra, inter, crossesNodes] = [0, 0, false];
+      let intra = 0;
+      let inter = 0;
+      let crossesNodes = false;
+      const home = node(e.rank);
       for (let j = 0; j < entries.length; j++) {
         if (j === e.member) continue;
         const rows = Math.max(e.sendSplits![j]!, e.recvSplits![j]!);
-        if (node(entries[j]!.rank) === node(e.rank)) intra += rows;
-        else [inter, crossesNodes] = [inter + rows, true];
+        if (node(entries[j]!.rank) === home) intra += rows;
+        else {
+          inter += rows;
+          crossesNodes = true;
+        }
       }
       const t = Math.max(linkMs(c.intraNode, intra * rowBytes), crossesNodes ? linkMs(c.interNode, inter * rowBytes) : 0);
       slowest = Math.max(slowest, t);

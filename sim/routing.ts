@@ -69,28 +69,69 @@ export function parseRouting(spec: string, s: Pick<Scenario, 'ep' | 'dp' | 'expe
 
 const mix = (...xs: number[]) => xs.reduce((h, x) => Math.imul(h ^ (x + 0x9e3779b9), 0x85ebca6b) >>> 0, 0x12345678);
 
+/** Per scenario (treated as immutable once routed): its parsed generator and, per EP group, the experts its tokens may pick. */
+const plans = new WeakMap<Scenario, { spec: RoutingSpec; allowed: Map<number, number[]> }>();
+
+function planOf(s: Scenario, group: number): { spec: RoutingSpec; allowed: number[] } {
+  let plan = plans.get(s);
+  if (!plan) plans.set(s, (plan = { spec: parseRouting(s.routing, s), allowed: new Map() }));
+  let allowed = plan.allowed.get(group);
+  if (!allowed) {
+    // Starvation is per EP group: with dp > 1 only the starved rank's group avoids its experts,
+    // so its data-parallel peers still compute (what makes FSDP reduce-scatters diverge).
+    const spec = plan.spec;
+    const nLocal = s.experts / s.ep;
+    const starved = new Set(spec.kind === 'starve' ? spec.ranks.filter((r) => Math.floor(r / s.ep) === group).map((r) => r % s.ep) : []);
+    allowed = Array.from({ length: s.experts }, (_, e) => e).filter((e) => !starved.has(Math.floor(e / nLocal)));
+    plan.allowed.set(group, allowed);
+  }
+  return { spec: plan.spec, allowed };
+}
+
 /** Global expert ids [T·K] (t-major) for one rank, micro-batch and layer. */
 export function routeTokens(s: Scenario, rank: number, microBatch: number, layer: number): Int32Array {
-  const spec = parseRouting(s.routing, s);
+  const { spec, allowed } = planOf(s, Math.floor(rank / s.ep));
   if (spec.kind === 'explicit') return Int32Array.from(s.explicit![rank]?.[microBatch]?.[layer] ?? []);
   const tokens = spec.kind === 'empty' && spec.rank === rank ? 0 : s.tokens;
   const rand = seededRng(mix(s.seed, rank, microBatch, layer));
-  const nLocal = s.experts / s.ep;
-  // Starvation is per EP group: with dp > 1 only the starved rank's group avoids its experts,
-  // so its data-parallel peers still compute (what makes FSDP reduce-scatters diverge).
-  const group = Math.floor(rank / s.ep);
-  const starved = new Set(spec.kind === 'starve' ? spec.ranks.filter((r) => Math.floor(r / s.ep) === group).map((r) => r % s.ep) : []);
-  const allowed = Array.from({ length: s.experts }, (_, e) => e).filter((e) => !starved.has(Math.floor(e / nLocal)));
   const weightOf = (e: number) => (spec.kind === 'zipf' ? 1 / (e + 1) ** spec.s : 1);
   const out = new Int32Array(tokens * s.topK);
   for (let t = 0; t < tokens; t++) {
     const chosen = new Set<number>();
     if (spec.kind === 'hot') chosen.add(spec.expert);
-    while (chosen.size < s.topK) chosen.add(weightedPick(allowed, weightOf, chosen, rand));
+    // Uniform picks skip the O(E) weight scan: thousands of ranks route in milliseconds.
+    while (chosen.size < s.topK) chosen.add(spec.kind === 'zipf' ? weightedPick(allowed, weightOf, chosen, rand) : uniformPick(allowed, chosen, rand));
     let k = 0;
     for (const e of chosen) out[t * s.topK + k++] = e;
   }
   return out;
+}
+
+/**
+ * weightedPick with every weight 1, in O(K log K) instead of O(E): it draws the same
+ * number and returns the same expert (the floor(x)-th untaken allowed one), so routings
+ * stay identical while thousands of ranks route in milliseconds. `allowed` is ascending.
+ */
+function uniformPick(allowed: readonly number[], taken: Set<number>, rand: () => number): number {
+  const takenAt: number[] = [];
+  for (const e of taken) {
+    const at = lowerBound(allowed, e);
+    if (allowed[at] === e) takenAt.push(at);
+  }
+  takenAt.sort((a, b) => a - b);
+  let at = Math.floor(rand() * (allowed.length - takenAt.length));
+  for (const p of takenAt) if (p <= at) at++;
+  return allowed[at]!;
+}
+
+function lowerBound(xs: readonly number[], x: number): number {
+  let [lo, hi] = [0, xs.length];
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (xs[mid]! < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
 }
 
 function weightedPick(allowed: readonly number[], weightOf: (e: number) => number, taken: Set<number>, rand: () => number): number {

@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { runActors } from '../actors/supervisor.js';
 import { actorRanks } from '../actors/caseRanks.js';
 import { runDes } from '../sim/des.js';
+import { reportFromDes } from '../sim/report/fromDes.js';
 import { validateScenario, type Scenario } from '../sim/scenario.js';
 import type { LedgerEntry } from '../machines/ledger.js';
 import { loadCase, resultTensors, runCase } from '../src/case.js';
@@ -113,6 +114,20 @@ test('the ledger the workers produce equals the one predicted by stepping the ma
     assert.is(actors.diagnosis.verdict, des.diagnosis.verdict, JSON.stringify(s));
     assert.equal(canonical(actors.ledger), canonical(des.ledger), JSON.stringify(s));
   }
+});
+
+test('each worker records the same state path, microstep by microstep, as the engine report', async () => {
+  const s = validateScenario({ ep: 2, experts: 4, dp: 2, fsdp: 'split', layers: 2, routing: 'starve:1' });
+  const actors = await runActors(s);
+  const des = reportFromDes(s);
+  assert.equal(actors.paths, des.paths);
+});
+
+test('the layer-metric variant runs its metric all-reduce on the workers and is caught on a rank that routed nothing', async () => {
+  await ok({ ep: 4, variant: 'layer-metric' });
+  const d = (await runActors(validateScenario({ ep: 4, variant: 'layer-metric', routing: 'empty:2' }))).diagnosis;
+  assert.is(d.verdict, 'mismatch');
+  assert.ok(d.ranks.every((r) => r.op === 'metric.all_reduce'));
 });
 
 test('a worker that throws mid-collective gives crash at once and leaves no thread alive', async () => {
