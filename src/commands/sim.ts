@@ -1,5 +1,5 @@
 // `ep-actors sim`: one scenario through the worker-thread runtime (or the discrete-event
-// engine), a diagnosis in words or JSON, optionally a Chrome trace and an HTML report.
+// engine), a diagnosis in words or JSON, optionally a Chrome trace, an HTML report and a live page.
 import { writeFile } from 'node:fs/promises';
 import { UsageError } from '../errors.js';
 import { formatDiagnosis, type Diagnosis } from '../../machines/diagnosis.js';
@@ -11,8 +11,9 @@ import type { Scenario } from '../../sim/scenario.js';
 import { intOption, parse } from './args.js';
 import { loadBackend, parseBackend, type BackendName } from '../backends.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
+import { startLive, untilInterrupted } from '../../sim/live/server.js';
 
-const HELP = `usage: ep-actors sim [scenario flags] [--engine actors|des] [--json] [--trace FILE] [--report FILE]
+const HELP = `usage: ep-actors sim [scenario flags] [--engine actors|des] [--json] [--trace FILE] [--report FILE] [--live [PORT]]
 
 Run one training step of a scenario and say whether it completes, or where and why it
 hangs. With the actors engine (default) every rank is a worker thread running the real EP
@@ -26,6 +27,10 @@ output:
   --trace FILE           write a Chrome Trace Event JSON (open in Perfetto; \`viz report\` renders it)
   --report FILE          write a self-contained HTML report
   --inspect FILE         stream every rank's xstate inspection events as JSON Lines (- for stdout)
+  --live [PORT]          actors: watch the ranks on a page at http://127.0.0.1:PORT/ while the run goes
+                         (PORT 0 or none: a free port; the URL is printed on stderr); the page stays
+                         up after the verdict until Ctrl-C
+  --live-exit            with --live: close the page's server once the verdict is sent
   --backend B            expert kernels for the actors engine: ts | native | cuda (default ts)
   --timeout MS           actors: verdict 'timeout' after this long without progress (default 10000)
 
@@ -36,7 +41,7 @@ example:
 
 export async function main(argv: string[]): Promise<number> {
   const { values: v } = parse(
-    argv,
+    withLivePort(argv),
     {
       ...SCENARIO_OPTIONS,
       engine: { type: 'string' },
@@ -44,6 +49,8 @@ export async function main(argv: string[]): Promise<number> {
       trace: { type: 'string' },
       report: { type: 'string' },
       inspect: { type: 'string' },
+      live: { type: 'string' },
+      'live-exit': { type: 'boolean' },
       backend: { type: 'string' },
       timeout: { type: 'string' },
     },
@@ -58,19 +65,47 @@ export async function main(argv: string[]): Promise<number> {
   if (engine !== 'actors' && engine !== 'des') throw new UsageError(`--engine must be actors or des, got '${String(engine)}'`);
   const backend = parseBackend(v.backend);
   if (engine === 'actors') await loadBackend(backend); // fail here, in one line, if it cannot run
+  if (v['live-exit'] && v.live === undefined) throw new UsageError('--live-exit needs --live');
+  if (v.live !== undefined && engine !== 'actors') throw new UsageError('--live watches worker ranks: it needs --engine actors');
 
-  const input = engine === 'des' ? reportFromDes(scenario) : await runOnActors(scenario, backend, intOption(v.timeout, 'timeout', 10_000, 1), typeof v.inspect === 'string' ? v.inspect : undefined);
-  if (typeof v.trace === 'string') await writeFile(v.trace, JSON.stringify(toTraceFile(input)));
-  if (typeof v.report === 'string') await writeFile(v.report, renderReport(input));
-  print(input.diagnosis, !!v.json);
-  if (typeof v.report === 'string' && !v.json) console.log(`report: ${v.report}`);
-  return input.diagnosis.verdict === 'ok' ? 0 : 2;
+  const live = v.live === undefined ? null : await startLive(scenario, intOption(v.live, 'live', 0, 0, 65_535));
+  if (live) console.error(`live view: ${live.url}`);
+  // The server must not keep the process alive when the run throws.
+  try {
+    const input = engine === 'des' ? reportFromDes(scenario) : await runOnActors(scenario, backend, intOption(v.timeout, 'timeout', 10_000, 1), typeof v.inspect === 'string' ? v.inspect : undefined, live?.onInspect);
+    live?.verdict(input.diagnosis);
+    if (typeof v.trace === 'string') await writeFile(v.trace, JSON.stringify(toTraceFile(input)));
+    if (typeof v.report === 'string') await writeFile(v.report, renderReport(input));
+    print(input.diagnosis, !!v.json);
+    if (typeof v.report === 'string' && !v.json) console.log(`report: ${v.report}`);
+    if (live && !v['live-exit']) {
+      console.error(`live view stays up at ${live.url} — Ctrl-C to exit`);
+      await untilInterrupted();
+    }
+    return input.diagnosis.verdict === 'ok' ? 0 : 2;
+  } finally {
+    await live?.close();
+  }
 }
 
-async function runOnActors(scenario: Scenario, backend: BackendName, timeoutMs: number, inspect: string | undefined): Promise<ReportInput> {
-  let onInspect: ((rank: number, event: unknown) => void) | undefined;
+/** `--live` takes an optional port: without one (end of argv or another flag next) it means a free port. */
+function withLivePort(argv: string[]): string[] {
+  return argv.map((a, i) => (a === '--live' && (i + 1 === argv.length || argv[i + 1]!.startsWith('-')) ? '--live=0' : a));
+}
+
+type InspectSink = (rank: number, event: unknown) => void;
+
+async function runOnActors(scenario: Scenario, backend: BackendName, timeoutMs: number, inspect: string | undefined, live: InspectSink | undefined): Promise<ReportInput> {
   const lines: string[] = [];
-  if (inspect !== undefined) onInspect = (rank, event) => (inspect === '-' ? console.log(JSON.stringify({ rank, event })) : lines.push(JSON.stringify({ rank, event })));
+  const jsonLines: InspectSink | undefined =
+    inspect === undefined ? undefined : (rank, event) => (inspect === '-' ? console.log(JSON.stringify({ rank, event })) : lines.push(JSON.stringify({ rank, event })));
+  const onInspect: InspectSink | undefined =
+    jsonLines && live
+      ? (rank, event) => {
+          jsonLines(rank, event);
+          live(rank, event);
+        }
+      : (jsonLines ?? live);
   const r = await runActors(scenario, { backend, timeoutMs, onInspect });
   if (inspect !== undefined && inspect !== '-') await writeFile(inspect, lines.join('\n') + '\n');
   return { scenario, diagnosis: r.diagnosis, ledger: r.ledger, paths: r.paths, trace: r.trace, routing: routingOf(scenario), clock: 'real' };
