@@ -13,15 +13,20 @@ export class TransportError extends Error {
   override name = 'TransportError';
 }
 
-interface Chunk {
+export interface Chunk {
   readonly comm: string;
   readonly position: number;
   readonly op: string;
   readonly from: number;
   readonly tensor: Tensor;
+  /** The message's buffer: the tensor may be a view into it; it goes back to the sender once consumed. */
+  readonly buffer: ArrayBuffer;
 }
 
-type Waiter = { op: string; resolve: (t: Tensor) => void };
+type Waiter = { op: string; resolve: (c: Chunk) => void };
+
+/** Buffers kept per peer for reuse; more than this in flight are dropped to the GC. */
+const POOL_PER_PEER = 4;
 
 /** Deliberate damage to outgoing chunks, for tests of the runtime's error reporting. */
 export type ChunkFault = 'corrupt-message' | 'wrong-communicator' | 'stale-position';
@@ -33,6 +38,8 @@ export class PortMesh {
   private readonly consumed = new Map<string, number>();
   /** Communicators each peer shares with this rank. */
   private readonly shared = new Map<number, Set<string>>();
+  /** Message buffers peers returned after consuming them, reused for the next sends to them. */
+  private readonly pool = new Map<number, ArrayBuffer[]>();
   /** Set by a fault injector: how to damage the next outgoing chunk of one op. */
   fault: { op: string; kind: ChunkFault } | null = null;
 
@@ -49,7 +56,9 @@ export class PortMesh {
         this.shared.get(m)!.add(c.id);
       }
     }
-    for (const [peer, port] of ports) port.on('message', (bytes: Uint8Array) => this.deliver(peer, bytes));
+    for (const [peer, port] of ports) {
+      port.on('message', (m: unknown) => (m instanceof ArrayBuffer ? this.returned(peer, m) : this.deliver(peer, m)));
+    }
   }
 
   send(peer: number, comm: string, position: number, op: string, tensor: Tensor): void {
@@ -66,11 +75,22 @@ export class PortMesh {
       }
       header = kind === 'wrong-communicator' ? { comm: `${comm}-bogus`, position } : { comm, position: position - 1 };
     }
-    bytes = encodeMessage({ ...header, op, from: this.rank, tensor });
+    bytes = encodeMessage({ ...header, op, from: this.rank, tensor }, this.pool.get(peer)?.pop());
     port.postMessage(bytes, [bytes.buffer as ArrayBuffer]);
   }
 
-  receive(peer: number, comm: string, position: number, op: string): Promise<Tensor> {
+  /** Hand a consumed chunk's buffer back to its sender, which will encode into it again. */
+  recycle(chunk: Chunk): void {
+    this.ports.get(chunk.from)?.postMessage(chunk.buffer, [chunk.buffer]);
+  }
+
+  private returned(peer: number, buffer: ArrayBuffer): void {
+    const pool = this.pool.get(peer) ?? [];
+    if (pool.length < POOL_PER_PEER) pool.push(buffer);
+    this.pool.set(peer, pool);
+  }
+
+  receive(peer: number, comm: string, position: number, op: string): Promise<Chunk> {
     const key = `${comm}|${position}|${peer}`;
     const chunk = this.arrived.get(key);
     if (chunk) {
@@ -80,13 +100,13 @@ export class PortMesh {
     return new Promise((resolve) => this.waiting.set(key, { op, resolve }));
   }
 
-  private accept(chunk: Chunk, op: string): Promise<Tensor> {
+  private accept(chunk: Chunk, op: string): Promise<Chunk> {
     const key = `${chunk.comm}|${chunk.from}`;
     this.consumed.set(key, Math.max(this.consumed.get(key) ?? -1, chunk.position));
     if (chunk.op !== op) {
       return this.stall(`rank ${this.rank} expected ${op} from rank ${chunk.from} at ${chunk.comm} position ${chunk.position} but received ${chunk.op}`);
     }
-    return Promise.resolve(chunk.tensor);
+    return Promise.resolve(chunk);
   }
 
   /**
@@ -134,14 +154,14 @@ export class PortMesh {
       if (err instanceof CodecError) throw new TransportError(`${from} a corrupt message: ${err.message}`);
       throw err;
     }
-    const m = msg as Partial<Chunk> | null;
+    const m = msg as Partial<Omit<Chunk, 'buffer'>> | null;
     if (!m || typeof m !== 'object' || typeof m.comm !== 'string' || typeof m.op !== 'string' || !Number.isSafeInteger(m.position) || m.from !== peer || !(m.tensor instanceof Tensor)) {
       throw new TransportError(`${from} a message without a valid communicator, position, op, sender and tensor`);
     }
     if (!this.shared.get(peer)?.has(m.comm)) {
       throw new TransportError(`${from} a chunk for communicator '${m.comm}', which the two ranks do not share`);
     }
-    return m as Chunk;
+    return { ...(m as Omit<Chunk, 'buffer'>), buffer: bytes.buffer as ArrayBuffer };
   }
 }
 
@@ -177,16 +197,20 @@ export class MeshCommunicator implements Communicator {
       if (j === this.rank) own = chunk;
       else this.mesh.send(this.spec.members[j]!, this.spec.id, position, tag.op, chunk);
     }
-    const parts = await Promise.all(
+    const chunks = await Promise.all(
       this.spec.members.map(async (peer, j) => {
-        const t = j === this.rank ? own! : ((await this.mesh.receive(peer, this.spec.id, position, tag.op)) as Tensor<D>);
+        if (j === this.rank) return null;
+        const c = await this.mesh.receive(peer, this.spec.id, position, tag.op);
+        const t = c.tensor;
         if (t.dtype !== send.dtype || (t.shape[0] ?? 0) !== recvSplits[j] || t.rowSize !== rowSize) {
           return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} sent ${t.shape[0]} rows of ${t.dtype} × ${t.rowSize}, rank ${this.globalRank} expected ${recvSplits[j]} rows of ${send.dtype} × ${rowSize}`);
         }
-        return t;
+        return c;
       }),
     );
-    return concatRows(send.dtype, parts, [...send.shape.slice(1)]);
+    const out = concatRows(send.dtype, chunks.map((c) => (c ? (c.tensor as Tensor<D>) : own!)), [...send.shape.slice(1)]);
+    for (const c of chunks) if (c) this.mesh.recycle(c);
+    return out;
   }
 
   /** Every member's tensor, concatenated in member order (FSDP's parameter all-gather). */
@@ -225,7 +249,7 @@ function rowsOf<D extends DType>(t: Tensor<D>, start: number, count: number): Te
 
 function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[]): Tensor<D> {
   const rows = parts.reduce((a, p) => a + (p.shape[0] ?? 0), 0);
-  const out = Tensor.zeros(dtype, [rows, ...rest]);
+  const out = Tensor.uninitialized(dtype, [rows, ...rest]);
   let at = 0;
   for (const p of parts) {
     (out.data as Float32Array).set(p.data as Float32Array, at);

@@ -136,8 +136,13 @@ function decodeTensor(data: Uint8Array, dtype: DType): Tensor {
 const codec = new TensorCodec();
 const encoder = new Encoder({ extensionCodec: codec });
 
-/** Encode any msgpack value; Tensor instances anywhere inside become tensor extensions. */
-export function encodeMessage(value: unknown): Uint8Array {
+/**
+ * Encode any msgpack value; Tensor instances anywhere inside become tensor extensions. The
+ * message owns its ArrayBuffer (so it can be transferred); pass `reuse`, a buffer from an
+ * earlier message that came back, to write into it when it is large enough: fresh
+ * multi-MiB buffers cost page faults on every exchange.
+ */
+export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
   codec.pending = [];
   codec.shift = 0;
   let envelope: Uint8Array;
@@ -152,7 +157,7 @@ export function encodeMessage(value: unknown): Uint8Array {
   const total = envelope.length + codec.shift;
   // Uninitialized memory saves zeroing a buffer that the copies below fill completely.
   // allocUnsafeSlow is never pooled, so the message owns its ArrayBuffer and can be transferred.
-  const out = new Uint8Array(Buffer.allocUnsafeSlow(total).buffer, 0, total);
+  const out = reuse && reuse.byteLength >= total ? new Uint8Array(reuse, 0, total) : new Uint8Array(Buffer.allocUnsafeSlow(total).buffer, 0, total);
   const lengths = new DataView(envelope.buffer, envelope.byteOffset, envelope.byteLength);
   let from = 0;
   let to = 0;
