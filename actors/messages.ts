@@ -16,6 +16,10 @@ export interface SnapshotWire {
 /** Faults a test or a user injects to check that the runtime reports them. */
 export type Fault =
   | { kind: 'throw'; rank: number; op: string; layer?: number }
+  /** The rank stops making progress before `op` without issuing anything (a stuck kernel, say). */
+  | { kind: 'stall'; rank: number; op: string }
+  /** The rank posts the supervisor a message of a kind it does not know. */
+  | { kind: 'garbage-to-supervisor'; rank: number; op: string }
   | { kind: 'corrupt-message'; rank: number; op: string }
   | { kind: 'wrong-communicator'; rank: number; op: string }
   | { kind: 'stale-position'; rank: number; op: string };

@@ -19,8 +19,8 @@ export class ProtocolViolation extends Error {
 
 export class RankDriver implements LayerProtocol {
   private readonly actor: Actor<typeof rankMachine>;
-  /** Set by fault injection: throw when the layer reaches this op. */
-  throwAt: { op: string; layer?: number } | null = null;
+  /** Set by fault injection: what goes wrong when the layer reaches an op. */
+  fault: { kind: 'throw' | 'stall' | 'garbage-to-supervisor'; op: string; layer?: number } | null = null;
 
   constructor(
     readonly cfg: RankConfig,
@@ -62,8 +62,12 @@ export class RankDriver implements LayerProtocol {
   }
 
   async admit(tag: CollectiveTag): Promise<boolean> {
-    if (this.throwAt && this.throwAt.op === tag.op && (this.throwAt.layer === undefined || this.throwAt.layer === tag.layer)) {
-      throw new Error(`injected fault: rank ${this.cfg.rank} throws in ${tag.op} of layer ${tag.layer}`);
+    const f = this.fault;
+    if (f && f.op === tag.op && (f.layer === undefined || f.layer === tag.layer)) {
+      this.fault = null;
+      if (f.kind === 'throw') throw new Error(`injected fault: rank ${this.cfg.rank} throws in ${tag.op} of layer ${tag.layer}`);
+      if (f.kind === 'stall') return new Promise<never>(() => {});
+      this.post({ type: 'issue', rank: this.cfg.rank } as unknown as WorkerMessage);
     }
     await this.drainOwnCollectives();
     const snap = this.snapshot;

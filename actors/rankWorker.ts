@@ -41,7 +41,7 @@ async function runRank(ports: Record<number, MessagePort>): Promise<void> {
     driver = new RankDriver(cfg, { ep, dp }, post, job.inspect, job.record);
     for (const f of step === 0 ? job.faults : []) {
       if (f.rank !== job.rank) continue;
-      if (f.kind === 'throw') driver.throwAt = { op: f.op, layer: f.layer };
+      if (f.kind === 'throw' || f.kind === 'stall' || f.kind === 'garbage-to-supervisor') driver.fault = f;
       else mesh.fault = { op: f.op, kind: f.kind };
     }
     result = await runStep(driver, { comm: ep, backend, experts: inputs.experts, numExperts: s.experts, topK: s.topK, gradientScale: inputs.gradientScale, protocol: driver }, inputs);

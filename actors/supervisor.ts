@@ -43,6 +43,11 @@ export interface RuntimeResult {
 }
 
 const WORKER_URL = new URL('./rankWorker.js', import.meta.url);
+
+function describeMessage(m: unknown): string {
+  const type = m && typeof m === 'object' && 'type' in m ? String((m as { type: unknown }).type) : typeof m;
+  return `type ${type}`;
+}
 /** Quiet time before a wait-for cycle seen by the supervisor counts as proved. */
 const CYCLE_QUIET_MS = 5;
 /** After a verdict, how long peers' in-flight messages may still update the diagnosis. */
@@ -212,7 +217,14 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
     };
 
     workers.forEach((w, rank) => {
-      w.on('message', onMessage);
+      w.on('message', (m: unknown) => {
+        // A worker's message that does not make sense must not take the supervisor down.
+        try {
+          onMessage(m as WorkerMessage);
+        } catch (err) {
+          failure('violation', rank, `rank ${rank} sent the supervisor a message it cannot use (${describeMessage(m)}): ${(err as Error).message}`, now());
+        }
+      });
       w.on('error', (err) => {
         if (!done && !decided) failure('crash', rank, `rank ${rank} crashed: ${err.message}; every rank was aborted`, now());
       });

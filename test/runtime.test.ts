@@ -155,6 +155,19 @@ test('a cross-communicator ordering gives cycle naming the ranks in it', async (
   assert.is(runDes(s).diagnosis.verdict, 'cycle');
 });
 
+test('a rank that stops without issuing anything gives timeout, naming where the others wait', async () => {
+  const r = await runActors(validateScenario({ ep: 4 }), { faults: [{ kind: 'stall', rank: 3, op: 'fwd.dispatch' }], timeoutMs: 400 });
+  assert.is(r.diagnosis.verdict, 'timeout', r.diagnosis.cause);
+  assert.match(r.diagnosis.cause, /no rank made progress for 400 ms/);
+  assert.match(r.diagnosis.cause, /rank 0 in fwd\.dispatch \(ep, position 1\)/);
+});
+
+test('a worker posting the supervisor a malformed message gives violation, not a supervisor crash', async () => {
+  const r = await runActors(validateScenario({ ep: 2, experts: 4 }), { faults: [{ kind: 'garbage-to-supervisor', rank: 1, op: 'fwd.combine' }], timeoutMs: 5000 });
+  assert.is(r.diagnosis.verdict, 'violation', r.diagnosis.cause);
+  assert.match(r.diagnosis.cause, /rank 1 sent the supervisor a message it cannot use \(type issue\)/);
+});
+
 test('malformed and unexpected messages between actors are reported, never crash, never hang', async () => {
   const s = validateScenario({ ep: 4 });
   const cases = [
