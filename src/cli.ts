@@ -2,7 +2,7 @@
 // ep-actors command line. Each subcommand lives in src/commands/<name>.ts and exports
 // `main(argv): Promise<number>` returning the exit code: 0 ok, 2 a hang or mismatch
 // found, 1 bad usage or an error.
-import { UsageError, describeError } from './errors.js';
+import { describeError } from './errors.js';
 
 const COMMANDS: Record<string, { summary: string; load: () => Promise<{ main(argv: string[]): Promise<number> }> }> = {
   demo: { summary: 'the tour: a real EP step, the seed passing, a hazard caught and explained, a report written', load: () => import('./commands/demo.js') },
@@ -49,6 +49,6 @@ main(process.argv.slice(2)).then(
   (err: unknown) => {
     console.error(`ep-actors: ${describeError(err)}`);
     if (process.env.EP_ACTORS_DEBUG && err instanceof Error) console.error(err.stack);
-    process.exitCode = err instanceof UsageError ? 1 : 1;
+    process.exitCode = 1;
   },
 );

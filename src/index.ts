@@ -19,3 +19,33 @@ export { denseMoe } from './moe/dense.js';
 export { seededRng, randInt, randomTensor, randomRouting } from './moe/random.js';
 export type { Rng } from './moe/random.js';
 export type { DenseResult } from './moe/dense.js';
+
+// Codecs
+export { encodeMessage, decodeMessage, CodecError, TENSOR_EXT_TYPES } from './codec/msgpack.js';
+export { readSafetensors, writeSafetensors, readSafetensorsFile, writeSafetensorsFileAtomic, SafetensorsError } from './codec/safetensors.js';
+export type { SafetensorsFile } from './codec/safetensors.js';
+export { BACKEND_NAMES, parseBackend, loadBackend } from './backends.js';
+export type { BackendName } from './backends.js';
+
+// The protocol: the rank machine, the collective tracker, diagnoses, exporters
+export { rankMachine, WRAP_POLICIES } from '../machines/rankMachine.js';
+export type { RankConfig, RankContext, RankEvent, Decision, WrapPolicy } from '../machines/rankMachine.js';
+export { VARIANT_NAMES, makeVariant } from '../machines/variants.js';
+export type { Variant, VariantName } from '../machines/variants.js';
+export { startRank, stepRank, issuedCollective, statePath } from '../machines/protocol.js';
+export { CollectiveTracker, communicators } from '../machines/ledger.js';
+export type { LedgerEntry, Finding, Mesh } from '../machines/ledger.js';
+export { diagnose, formatDiagnosis } from '../machines/diagnosis.js';
+export type { Diagnosis, VerdictKind } from '../machines/diagnosis.js';
+export { machineGraph, exportMachine, EXPORT_FORMATS } from '../machines/exporters.js';
+
+// Engines: the worker-thread runtime and the single-thread engine, scenarios, exploration
+export { runActors } from '../actors/supervisor.js';
+export type { RuntimeOptions, RuntimeResult } from '../actors/supervisor.js';
+export { actorRanks } from '../actors/caseRanks.js';
+export { validateScenario, DEFAULT_SCENARIO } from '../sim/scenario.js';
+export type { Scenario } from '../sim/scenario.js';
+export { runDes, simulateDes } from '../sim/des.js';
+export { explore } from '../sim/explorer.js';
+export { renderReport } from '../sim/report/html.js';
+export { reportFromDes } from '../sim/report/fromDes.js';
