@@ -191,6 +191,81 @@ nativeTest('gatherRows and weighted scatter-add match their definitions; bad ind
   }
 });
 
+nativeTest("the EP layer's row kernels (moveRows, scatterAddF64, routeGrad) match its TypeScript loops bit for bit", (addon) => {
+  const r = rng(7);
+  for (const dtype of ['f32', 'f64'] as const) {
+    const make = (n: number) => Tensor.from(dtype, [n], Array.from({ length: n }, () => r() * 3)).data as Float32Array | Float64Array;
+    const D = 5;
+    const rows = 9;
+    const src = make(rows * D);
+    const index = Int32Array.from([4, 0, 8, 8, 1, 3]);
+    const scale = Float64Array.from(index, () => r() * 2);
+    for (const scatter of [false, true]) {
+      for (const sc of [null, scale]) {
+        const dst = make(rows * D);
+        const want = dst.slice();
+        addon.moveRows(src, D, index, dst, sc, scatter);
+        index.forEach((row, i) => {
+          const [s, o] = scatter ? [i, row] : [row, i];
+          for (let d = 0; d < D; d++) want[o * D + d] = (sc ? sc[i]! : 1) * src[s * D + d]!;
+        });
+        assert.equal(Array.from(dst), Array.from(want), `moveRows ${dtype} scatter=${scatter} scale=${sc !== null}`);
+      }
+    }
+    for (const w of [null, scale]) {
+      const out = new Float64Array(rows * D).map(() => r());
+      const want = out.slice();
+      addon.scatterAddF64(src.subarray(0, index.length * D), D, index, w, out);
+      index.forEach((row, p) => {
+        for (let d = 0; d < D; d++) want[row * D + d] += (w ? w[p]! : 1) * src[p * D + d]!;
+      });
+      assert.equal(Array.from(out), Array.from(want), `scatterAddF64 ${dtype} weight=${w !== null}`);
+    }
+    const S = index.length;
+    const ret = make(S * D);
+    const entry = Int32Array.from([5, 2, 0, 1, 4, 3]);
+    const gr = make(S * D).fill(0);
+    const gw = new Float64Array(S);
+    addon.routeGrad(src, D, ret, index, entry, scale, gr, gw);
+    const wantGr = gr.slice().fill(0);
+    const wantGw = new Float64Array(S);
+    for (let p = 0; p < S; p++) {
+      let dot = 0;
+      for (let d = 0; d < D; d++) {
+        const gv = src[index[p]! * D + d]!;
+        wantGr[p * D + d] = scale[p]! * gv;
+        dot += gv * ret[p * D + d]!;
+      }
+      wantGw[entry[p]!] = dot;
+    }
+    assert.equal(Array.from(gr), Array.from(wantGr), `routeGrad ${dtype} rows`);
+    assert.equal(Array.from(gw), Array.from(wantGw), `routeGrad ${dtype} dots`);
+  }
+  try {
+    addon.moveRows(new Float32Array(4), 2, Int32Array.from([2]), new Float32Array(2), null, false);
+    assert.unreachable('no throw');
+  } catch (e) {
+    assert.instance(e, NativeError);
+    assert.is((e as NativeError).code, 'INDEX_OUT_OF_RANGE');
+  }
+});
+
+nativeTest('GEMM results do not depend on the thread count (own kernels; OpenBLAS in fixed blocks of C)', (addon) => {
+  const r = rng(11);
+  const info = addon.info();
+  for (const impl of info.blas ? (['own', 'blas'] as const) : (['own'] as const)) {
+    for (const [m, n, k, ta, tb] of [[1100, 70, 100, false, true], [64, 1100, 100, true, false]] as const) {
+      const a = Float32Array.from({ length: m * k }, r);
+      const b = Float32Array.from({ length: k * n }, r);
+      const one = new Float32Array(m * n);
+      const many = new Float32Array(m * n);
+      addon.gemm({ ta, tb, m, n, k, a, b, c: one, impl, threads: 1 });
+      addon.gemm({ ta, tb, m, n, k, a, b, c: many, impl, threads: 4 });
+      assert.equal(Array.from(many), Array.from(one), `${impl} ${m}x${n}x${k}`);
+    }
+  }
+});
+
 nativeTest('argument errors come back as NativeError with a code, from async work too', async (addon) => {
   const w = packedWeights('f32', 'relu', 2, 4, 8, rng(3));
   assert.equal((await nativeBackend.forward(w, Tensor.zeros('f32', [0, 4]), [0, 0])).y.shape, [0, 4]);

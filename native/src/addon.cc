@@ -1,7 +1,6 @@
 #include "addon.h"
 
 #include <algorithm>
-#include <atomic>
 #include <string>
 
 #include "blas.h"
@@ -123,17 +122,13 @@ template <typename T> ExpertJob<T> parseJob(Napi::Env env, Napi::Object o, bool 
   return j;
 }
 
-// Jobs running at once in this process (ranks run concurrently as workers or on the pool):
-// each gets an equal share of the cores, so ranks × GEMM threads never oversubscribe them.
-// Results do not depend on the thread count.
-std::atomic<int> activeJobs{0};
-
+// Jobs running at once in this process (ranks run concurrently as workers or on the pool)
+// each hold one core; their GEMMs add helper threads only on cores no job holds (gemm.cc,
+// threadsNow), so ranks × GEMM threads never oversubscribe the machine. Results do not
+// depend on the thread count.
 template <typename T> void runJob(ExpertJob<T>& j, bool backward) {
-  struct Guard {
-    int n = ++activeJobs;
-    ~Guard() { --activeJobs; }
-  } guard;
-  j.threads = std::max(1, cpuThreads() / guard.n);
+  JobSlot slot;
+  j.threads = cpuThreads();
   if (backward) expertBackward(j);
   else expertForward(j);
 }
@@ -214,6 +209,9 @@ EpAddon::EpAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod("gemm", &EpAddon::Gemm),
                            InstanceMethod("gatherRows", &EpAddon::GatherRows),
                            InstanceMethod("scatterAddWeighted", &EpAddon::ScatterAddWeighted),
+                           InstanceMethod("moveRows", &EpAddon::MoveRows),
+                           InstanceMethod("scatterAddF64", &EpAddon::ScatterAddF64),
+                           InstanceMethod("routeGrad", &EpAddon::RouteGrad),
                        });
   initCuda(env, exports);
   initNccl(env, exports, *this);
@@ -266,7 +264,7 @@ Napi::Value EpAddon::Info(const Napi::CallbackInfo& info) {
 Napi::Value EpAddon::ExpertForward(const Napi::CallbackInfo& info) { return runExpert(info, false); }
 Napi::Value EpAddon::ExpertBackward(const Napi::CallbackInfo& info) { return runExpert(info, true); }
 
-// gemm({dtype, ta, tb, m, n, k, a, b, c, accumulate, impl: 'own' | 'blas' | 'auto'})
+// gemm({dtype, ta, tb, m, n, k, a, b, c, accumulate, impl: 'own' | 'blas' | 'auto', threads?})
 Napi::Value EpAddon::Gemm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsObject()) throwNative(env, "BAD_ARGUMENT", "expected a gemm spec object");
@@ -274,6 +272,8 @@ Napi::Value EpAddon::Gemm(const Napi::CallbackInfo& info) {
   const bool ta = o.Get("ta").ToBoolean(), tb = o.Get("tb").ToBoolean(), acc = o.Get("accumulate").ToBoolean();
   const int M = intField(env, o, "m"), N = intField(env, o, "n"), K = intField(env, o, "k");
   const std::string impl = o.Get("impl").ToString();
+  // Optional cap on threads (benchmarks compare one thread against one-thread OpenBLAS).
+  const int threads = o.Get("threads").IsUndefined() ? cpuThreads() : std::max(1, intField(env, o, "threads"));
   if (impl == "blas" && !blas::library().sgemm)
     throwNative(env, "BLAS_UNAVAILABLE", "impl 'blas' asked for, but " + blas::library().reason);
   auto go = [&](auto tag) {
@@ -283,8 +283,8 @@ Napi::Value EpAddon::Gemm(const Napi::CallbackInfo& info) {
     T* C = floatArray<T>(env, o, "c", static_cast<long>(M) * N);
     const int lda = ta ? M : K, ldb = tb ? K : N;
     guarded(env, [&] {
-      if (impl == "own") gemmOwn<T>(ta, tb, M, N, K, A, lda, B, ldb, C, N, acc, cpuThreads());
-      else gemm<T>(ta, tb, M, N, K, A, lda, B, ldb, C, N, acc, true, cpuThreads());
+      if (impl == "own") gemmOwn<T>(ta, tb, M, N, K, A, lda, B, ldb, C, N, acc, threads);
+      else gemm<T>(ta, tb, M, N, K, A, lda, B, ldb, C, N, acc, true, threads);
       return 0;
     });
   };
@@ -330,6 +330,94 @@ Napi::Value EpAddon::ScatterAddWeighted(const Napi::CallbackInfo& info) {
     guarded(env, [&] { scatterAddWeighted<T>(src, m, rowSize, idx, w, out, outLen / rowSize); return 0; });
   };
   if (info[0].IsTypedArray() && info[0].As<Napi::TypedArray>().TypedArrayType() == napi_float64_array) go(double{});
+  else go(float{});
+  return env.Undefined();
+}
+
+static bool isF64(const Napi::Value& v) {
+  return v.IsTypedArray() && v.As<Napi::TypedArray>().TypedArrayType() == napi_float64_array;
+}
+
+static long rowSizeArg(Napi::Env env, const Napi::Value& v) {
+  if (!v.IsNumber()) throwNative(env, "BAD_ARGUMENT", "rowSize must be a number");
+  const long rs = v.As<Napi::Number>().Int64Value();
+  if (rs <= 0) throwNative(env, "BAD_ARGUMENT", "rowSize must be positive");
+  return rs;
+}
+
+static const double* optionalF64(Napi::Env env, const Napi::Value& v, long len, const char* what) {
+  if (v.IsNull() || v.IsUndefined()) return nullptr;
+  return static_cast<const double*>(typedData(env, v, napi_float64_array, len, what));
+}
+
+// moveRows(src, rowSize, index: Int32Array, dst, scale: Float64Array | null, scatter: boolean)
+Napi::Value EpAddon::MoveRows(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const long rs = rowSizeArg(env, info[1]);
+  size_t n = 0, srcLen = 0, dstLen = 0;
+  const int* idx = static_cast<const int*>(typedData(env, info[2], napi_int32_array, -1, "index", &n));
+  const double* scale = optionalF64(env, info[4], static_cast<long>(n), "scale");
+  const bool scatter = info[5].ToBoolean();
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = static_cast<const T*>(typedData(env, info[0], floatType<T>(), -1, "src", &srcLen));
+    T* dst = static_cast<T*>(typedData(env, info[3], floatType<T>(), -1, "dst", &dstLen));
+    if (srcLen % rs || dstLen % rs) throwNative(env, "BAD_ARGUMENT", "src and dst lengths must be multiples of rowSize");
+    if (static_cast<long>(n) > static_cast<long>((scatter ? srcLen : dstLen) / rs))
+      throwNative(env, "BAD_ARGUMENT", "index has more entries than the " + std::string(scatter ? "src" : "dst") + " rows");
+    guarded(env, [&] {
+      moveRows<T>(src, srcLen / rs, rs, idx, n, dst, dstLen / rs, scale, scatter);
+      return 0;
+    });
+  };
+  if (isF64(info[0])) go(double{});
+  else go(float{});
+  return env.Undefined();
+}
+
+// scatterAddF64(src [m,rowSize], rowSize, index: Int32Array [m], weight: Float64Array [m] | null, out: Float64Array)
+Napi::Value EpAddon::ScatterAddF64(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const long rs = rowSizeArg(env, info[1]);
+  size_t m = 0, outLen = 0;
+  const int* idx = static_cast<const int*>(typedData(env, info[2], napi_int32_array, -1, "index", &m));
+  const double* w = optionalF64(env, info[3], static_cast<long>(m), "weight");
+  double* out = static_cast<double*>(typedData(env, info[4], napi_float64_array, -1, "out", &outLen));
+  if (outLen % rs) throwNative(env, "BAD_ARGUMENT", "out length is not a multiple of rowSize");
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = static_cast<const T*>(typedData(env, info[0], floatType<T>(), static_cast<long>(m) * rs, "src"));
+    guarded(env, [&] {
+      scatterAddF64<T>(src, m, rs, idx, w, out, outLen / rs);
+      return 0;
+    });
+  };
+  if (isF64(info[0])) go(double{});
+  else go(float{});
+  return env.Undefined();
+}
+
+// routeGrad(g [T,D], D, ret [S,D], token: Int32Array [S], entry: Int32Array [S], w: Float64Array [S], gr [S,D], gw: Float64Array)
+Napi::Value EpAddon::RouteGrad(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const long D = rowSizeArg(env, info[1]);
+  size_t S = 0, gLen = 0, gwLen = 0;
+  const int* token = static_cast<const int*>(typedData(env, info[3], napi_int32_array, -1, "token", &S));
+  const int* entry = static_cast<const int*>(typedData(env, info[4], napi_int32_array, static_cast<long>(S), "entry"));
+  const double* w = static_cast<const double*>(typedData(env, info[5], napi_float64_array, static_cast<long>(S), "w"));
+  double* gw = static_cast<double*>(typedData(env, info[7], napi_float64_array, -1, "gw", &gwLen));
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    const T* g = static_cast<const T*>(typedData(env, info[0], floatType<T>(), -1, "g", &gLen));
+    if (gLen % D) throwNative(env, "BAD_ARGUMENT", "g length is not a multiple of D");
+    const T* ret = static_cast<const T*>(typedData(env, info[2], floatType<T>(), static_cast<long>(S) * D, "ret"));
+    T* gr = static_cast<T*>(typedData(env, info[6], floatType<T>(), static_cast<long>(S) * D, "gr"));
+    guarded(env, [&] {
+      routeGrad<T>(g, gLen / D, D, ret, S, token, entry, w, gr, gw, gwLen);
+      return 0;
+    });
+  };
+  if (isF64(info[0])) go(double{});
   else go(float{});
   return env.Undefined();
 }

@@ -28,6 +28,9 @@ class EpAddon : public Napi::Addon<EpAddon> {
   Napi::Value Gemm(const Napi::CallbackInfo& info);
   Napi::Value GatherRows(const Napi::CallbackInfo& info);
   Napi::Value ScatterAddWeighted(const Napi::CallbackInfo& info);
+  Napi::Value MoveRows(const Napi::CallbackInfo& info);
+  Napi::Value ScatterAddF64(const Napi::CallbackInfo& info);
+  Napi::Value RouteGrad(const Napi::CallbackInfo& info);
   void teardown();
   static void cleanupHook(void* self);
   napi_env env_ = nullptr;

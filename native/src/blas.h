@@ -15,6 +15,7 @@ struct Library {
   DgemmFn dgemm = nullptr;
   std::string name;   // the soname that loaded, empty if none
   std::string reason; // why none loaded
+  bool singleThreaded = false; // openblas_set_num_threads(1) was applied
 };
 
 /** Loaded once per process (thread-safe); later calls return the same library. */

@@ -1,6 +1,10 @@
 #include "experts.h"
 
+#include <immintrin.h>
+
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -19,7 +23,7 @@ inline double geluGrad(double a) {
 }
 
 /** h = act(up) or silu(gate)·up, elementwise over n values. */
-template <typename T> void activate(Act act, const T* up, const T* gate, T* h, long n) {
+template <typename T> void activateScalar(Act act, const T* up, const T* gate, T* h, long n) {
   switch (act) {
     case Act::Silu:
       for (long i = 0; i < n; i++) {
@@ -37,7 +41,7 @@ template <typename T> void activate(Act act, const T* up, const T* gate, T* h, l
 }
 
 /** From dh: dUp (in place over dh) and dGate (silu only). */
-template <typename T> void activateBackward(Act act, const T* up, const T* gate, T* dh, T* dGate, long n) {
+template <typename T> void activateBackwardScalar(Act act, const T* up, const T* gate, T* dh, T* dGate, long n) {
   switch (act) {
     case Act::Silu:
       for (long i = 0; i < n; i++) {
@@ -55,6 +59,97 @@ template <typename T> void activateBackward(Act act, const T* up, const T* gate,
   }
 }
 
+// ---- SwiGLU in f32 with AVX2: four lanes of double, so values match the scalar path ----
+// libm's exp, one value at a time, cost about as much as a third of the expert GEMMs; this
+// exp is a Cody-Waite reduction and a degree-13 Taylor polynomial (|r| <= ln2/2, error
+// below 1e-17 before rounding), then 2^n built in the exponent bits.
+
+__attribute__((target("avx2,fma"))) inline __m256d exp4(__m256d x) {
+  // exp(±708) stays a normal double; beyond, sigmoid is 0 or 1 to double precision anyway.
+  x = _mm256_min_pd(_mm256_max_pd(x, _mm256_set1_pd(-708.0)), _mm256_set1_pd(708.0));
+  const __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180369123816490e-01), x);
+  r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.90821492927058770002e-10), r);
+  static constexpr double c[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                 1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
+                                 1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
+                                 1.0,                1.0};
+  __m256d p = _mm256_set1_pd(c[0]);
+  for (int i = 1; i < 14; i++) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c[i]));
+  // n + 1.5·2^52 holds n in its low mantissa bits; subtracting the bias's bits leaves n as int64.
+  const __m256d magic = _mm256_set1_pd(6755399441055744.0);
+  const __m256i ni = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(n, magic)), _mm256_castpd_si256(magic));
+  const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(ni, _mm256_set1_epi64x(1023)), 52);
+  return _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
+}
+
+__attribute__((target("avx2,fma"))) inline __m256d sigmoid4(__m256d g) {
+  const __m256d one = _mm256_set1_pd(1.0);
+  return _mm256_div_pd(one, _mm256_add_pd(one, exp4(_mm256_sub_pd(_mm256_setzero_pd(), g))));
+}
+
+/** silu(gate)·up over n floats; returns how many it did (a multiple of 4), the rest is scalar. */
+__attribute__((target("avx2,fma"))) long siluForwardAvx2(const float* up, const float* gate, float* h, long n) {
+  long i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m256d g = _mm256_cvtps_pd(_mm_loadu_ps(gate + i)), u = _mm256_cvtps_pd(_mm_loadu_ps(up + i));
+    // (g · s) · up, as the scalar path rounds it
+    _mm_storeu_ps(h + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(g, sigmoid4(g)), u)));
+  }
+  return i;
+}
+
+__attribute__((target("avx2,fma"))) long siluBackwardAvx2(const float* up, const float* gate, float* dh, float* dGate, long n) {
+  const __m256d one = _mm256_set1_pd(1.0);
+  long i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m256d g = _mm256_cvtps_pd(_mm_loadu_ps(gate + i)), u = _mm256_cvtps_pd(_mm_loadu_ps(up + i));
+    const __m256d d = _mm256_cvtps_pd(_mm_loadu_ps(dh + i)), s = sigmoid4(g);
+    // d·up·s·(1 + g·(1 − s)) and d·g·s, multiplied in the scalar path's order
+    const __m256d t = _mm256_add_pd(one, _mm256_mul_pd(g, _mm256_sub_pd(one, s)));
+    _mm_storeu_ps(dGate + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(d, u), s), t)));
+    _mm_storeu_ps(dh + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(d, g), s)));
+  }
+  return i;
+}
+
+bool hasAvx2Fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+template <typename T> void activate(Act act, const T* up, const T* gate, T* h, long n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (act == Act::Silu && hasAvx2Fma()) {
+      const long done = siluForwardAvx2(up, gate, h, n);
+      activateScalar(act, up + done, gate + done, h + done, n - done);
+      return;
+    }
+  }
+  activateScalar(act, up, gate, h, n);
+}
+
+template <typename T> void activateBackward(Act act, const T* up, const T* gate, T* dh, T* dGate, long n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (act == Act::Silu && hasAvx2Fma()) {
+      const long done = siluBackwardAvx2(up, gate, dh, dGate, n);
+      activateBackwardScalar(act, up + done, gate + done, dh + done, dGate + done, n - done);
+      return;
+    }
+  }
+  activateBackwardScalar(act, up, gate, dh, dGate, n);
+}
+
+/** Per-thread scratch rows, kept between calls (fresh multi-MB vectors per expert meant
+ *  an mmap, page faults and a munmap every time). */
+template <typename T> T* scratch(int which, size_t n) {
+  thread_local std::vector<T> bufs[3];
+  auto& b = bufs[which];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
 template <typename T> void check(const ExpertJob<T>& job) {
   const size_t n = job.counts.size();
   const bool gated = job.act == Act::Silu;
@@ -70,7 +165,6 @@ template <typename T> void expertForward(const ExpertJob<T>& job) {
   check(job);
   const int D = job.D, H = job.H;
   const bool u = job.unpacked, gated = job.act == Act::Silu;
-  std::vector<T> h;
   long r0 = 0;
   for (size_t e = 0; e < job.counts.size(); e++) {
     const int n = job.counts[e];
@@ -81,9 +175,9 @@ template <typename T> void expertForward(const ExpertJob<T>& job) {
     // packed (in,out) [D,H]: x·W; unpacked (out,in) [H,D]: x·Wᵀ
     gemm<T>(false, u, n, H, D, x, D, job.up[e], u ? D : H, a, H, false, job.useBlas, job.threads);
     if (gated) gemm<T>(false, u, n, H, D, x, D, job.gate[e], u ? D : H, g, H, false, job.useBlas, job.threads);
-    h.resize(static_cast<size_t>(n) * H);
-    activate(job.act, a, g, h.data(), static_cast<long>(n) * H);
-    gemm<T>(false, u, n, D, H, h.data(), H, job.down[e], u ? H : D, job.y + r0 * D, D, false, job.useBlas, job.threads);
+    T* h = scratch<T>(0, static_cast<size_t>(n) * H);
+    activate(job.act, a, g, h, static_cast<long>(n) * H);
+    gemm<T>(false, u, n, D, H, h, H, job.down[e], u ? H : D, job.y + r0 * D, D, false, job.useBlas, job.threads);
     r0 += n;
   }
 }
@@ -92,7 +186,6 @@ template <typename T> void expertBackward(const ExpertJob<T>& job) {
   check(job);
   const int D = job.D, H = job.H;
   const bool u = job.unpacked, gated = job.act == Act::Silu;
-  std::vector<T> h, dh, dg;
   long r0 = 0;
   for (size_t e = 0; e < job.counts.size(); e++) {
     const int n = job.counts[e];
@@ -108,27 +201,27 @@ template <typename T> void expertBackward(const ExpertJob<T>& job) {
     const T* gy = job.gy + r0 * D;
     const T* a = job.saveUp + r0 * H;
     const T* g = gated ? job.saveGate + r0 * H : nullptr;
-    h.resize(nh);
-    dh.resize(nh);
-    activate(job.act, a, g, h.data(), nh);
+    T* h = scratch<T>(0, nh);
+    T* dh = scratch<T>(1, nh);
+    T* dg = gated ? scratch<T>(2, nh) : nullptr;
+    activate(job.act, a, g, h, nh);
     // dDown: packed [H,D] = hᵀ·gy; unpacked [D,H] = gyᵀ·h
-    if (u) gemm<T>(true, false, D, H, n, gy, D, h.data(), H, job.gDown[e], H, false, job.useBlas, job.threads);
-    else gemm<T>(true, false, H, D, n, h.data(), H, gy, D, job.gDown[e], D, false, job.useBlas, job.threads);
+    if (u) gemm<T>(true, false, D, H, n, gy, D, h, H, job.gDown[e], H, false, job.useBlas, job.threads);
+    else gemm<T>(true, false, H, D, n, h, H, gy, D, job.gDown[e], D, false, job.useBlas, job.threads);
     // dh = gy·downᵀ: packed down [H,D] is transposed, unpacked [D,H] is not
-    gemm<T>(false, !u, n, H, D, gy, D, job.down[e], u ? H : D, dh.data(), H, false, job.useBlas, job.threads);
-    if (gated) dg.resize(nh);
-    activateBackward(job.act, a, g, dh.data(), gated ? dg.data() : nullptr, nh);
+    gemm<T>(false, !u, n, H, D, gy, D, job.down[e], u ? H : D, dh, H, false, job.useBlas, job.threads);
+    activateBackward(job.act, a, g, dh, dg, nh);
     // dUp: packed [D,H] = xᵀ·dA; unpacked [H,D] = dAᵀ·x (same for gate)
     auto wgrad = [&](const T* d, T* out) {
       if (u) gemm<T>(true, false, H, D, n, d, H, x, D, out, D, false, job.useBlas, job.threads);
       else gemm<T>(true, false, D, H, n, x, D, d, H, out, H, false, job.useBlas, job.threads);
     };
-    wgrad(dh.data(), job.gUp[e]);
-    if (gated) wgrad(dg.data(), job.gGate[e]);
+    wgrad(dh, job.gUp[e]);
+    if (gated) wgrad(dg, job.gGate[e]);
     // gx = dA·upᵀ (+ dG·gateᵀ): packed up [D,H] is transposed, unpacked [H,D] is not
     T* gx = job.gx + r0 * D;
-    gemm<T>(false, !u, n, D, H, dh.data(), H, job.up[e], u ? D : H, gx, D, false, job.useBlas, job.threads);
-    if (gated) gemm<T>(false, !u, n, D, H, dg.data(), H, job.gate[e], u ? D : H, gx, D, true, job.useBlas, job.threads);
+    gemm<T>(false, !u, n, D, H, dh, H, job.up[e], u ? D : H, gx, D, false, job.useBlas, job.threads);
+    if (gated) gemm<T>(false, !u, n, D, H, dg, H, job.gate[e], u ? D : H, gx, D, true, job.useBlas, job.threads);
     r0 += n;
   }
 }
@@ -156,6 +249,75 @@ void scatterAddWeighted(const T* src, long m, long rowSize, const int* index, co
     for (long j = 0; j < rowSize; j++) o[j] += w * s[j];
   }
 }
+
+template <typename T>
+void moveRows(const T* src, long srcRows, long D, const int* index, long n, T* dst, long dstRows, const double* scale,
+              bool scatter) {
+  const long lim = scatter ? dstRows : srcRows;
+  for (long i = 0; i < n; i++) {
+    const long r = index[i];
+    if (r < 0 || r >= lim)
+      fail("INDEX_OUT_OF_RANGE", "row index " + std::to_string(r) + " at position " + std::to_string(i) + " outside [0, " +
+                                     std::to_string(lim) + ")");
+    const T* s = src + (scatter ? i : r) * D;
+    T* o = dst + (scatter ? r : i) * D;
+    if (scale) {
+      const double f = scale[i];
+      for (long d = 0; d < D; d++) o[d] = static_cast<T>(f * static_cast<double>(s[d]));
+    } else {
+      std::memcpy(o, s, sizeof(T) * D);
+    }
+  }
+}
+
+template <typename T>
+void scatterAddF64(const T* src, long m, long D, const int* index, const double* weight, double* out, long outRows) {
+  for (long p = 0; p < m; p++) {
+    const long r = index[p];
+    if (r < 0 || r >= outRows)
+      fail("INDEX_OUT_OF_RANGE", "target row " + std::to_string(r) + " at position " + std::to_string(p) + " outside [0, " +
+                                     std::to_string(outRows) + ")");
+    const T* s = src + p * D;
+    double* o = out + r * D;
+    if (weight) {
+      const double w = weight[p];
+      for (long d = 0; d < D; d++) o[d] += w * static_cast<double>(s[d]);
+    } else {
+      for (long d = 0; d < D; d++) o[d] += static_cast<double>(s[d]);
+    }
+  }
+}
+
+template <typename T>
+void routeGrad(const T* g, long tokens, long D, const T* ret, long S, const int* token, const int* entry, const double* w,
+               T* gr, double* gw, long entries) {
+  for (long p = 0; p < S; p++) {
+    const long t = token[p], e = entry[p];
+    if (t < 0 || t >= tokens || e < 0 || e >= entries)
+      fail("INDEX_OUT_OF_RANGE", "token " + std::to_string(t) + " / entry " + std::to_string(e) + " at position " +
+                                     std::to_string(p) + " out of range");
+    const T* gt = g + t * D;
+    const T* rp = ret + p * D;
+    T* o = gr + p * D;
+    const double wp = w[p];
+    double dot = 0;  // summed in d order, one rounding per step, as the TypeScript loop does
+    for (long d = 0; d < D; d++) {
+      const double gv = gt[d];
+      o[d] = static_cast<T>(wp * gv);
+      dot += gv * static_cast<double>(rp[d]);
+    }
+    gw[e] = dot;
+  }
+}
+
+template void moveRows<float>(const float*, long, long, const int*, long, float*, long, const double*, bool);
+template void moveRows<double>(const double*, long, long, const int*, long, double*, long, const double*, bool);
+template void scatterAddF64<float>(const float*, long, long, const int*, const double*, double*, long);
+template void scatterAddF64<double>(const double*, long, long, const int*, const double*, double*, long);
+template void routeGrad<float>(const float*, long, long, const float*, long, const int*, const int*, const double*, float*,
+                               double*, long);
+template void routeGrad<double>(const double*, long, long, const double*, long, const int*, const int*, const double*,
+                                double*, double*, long);
 
 template void expertForward<float>(const ExpertJob<float>&);
 template void expertForward<double>(const ExpertJob<double>&);

@@ -37,4 +37,19 @@ template <typename T> void gatherRows(const T* src, long rows, long rowSize, con
 template <typename T>
 void scatterAddWeighted(const T* src, long m, long rowSize, const int* index, const T* weight, T* out, long outRows);
 
+// The EP layer's row bookkeeping (src/ep/layer.ts), with the layer's exact arithmetic:
+// products and sums in double, one rounding into T, rows in order (deterministic).
+
+/** gather: dst[i] = src[index[i]]; scatter: dst[index[i]] = src[i]; times scale[i] when given. */
+template <typename T>
+void moveRows(const T* src, long srcRows, long D, const int* index, long n, T* dst, long dstRows, const double* scale,
+              bool scatter);
+/** out[index[p]] += weight[p] · src[p] (weight 1 when null), in double, p in order. */
+template <typename T>
+void scatterAddF64(const T* src, long m, long D, const int* index, const double* weight, double* out, long outRows);
+/** gr[p] = w[p] · g[token[p]] and gw[entry[p]] = <g[token[p]], ret[p]> (the combine's backward). */
+template <typename T>
+void routeGrad(const T* g, long tokens, long D, const T* ret, long S, const int* token, const int* entry, const double* w,
+               T* gr, double* gw, long entries);
+
 }  // namespace ep

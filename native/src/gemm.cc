@@ -4,12 +4,16 @@
 // f64 uses a loop kernel that GCC clones for Haswell and baseline x86-64.
 //
 // Threads split C into disjoint row or column ranges; every element is summed in the same
-// k order whatever the split, so results do not depend on the thread count.
+// k order whatever the split, so results do not depend on the thread count. How many
+// threads a GEMM uses is decided when it starts (threadsNow): one per running job, plus
+// the cores no job holds.
 #include "gemm.h"
 
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -107,6 +111,8 @@ void microKernel(int kc, const double* a, const double* b, double* c, int ldc, b
 }
 
 // ---- packing: panels hold op(A) / op(B) in micro-kernel order, zero-padded at edges ----
+// Each case reads its source contiguously and has no per-element branches (one generic
+// loop had both, which showed in the Aᵀ/Bᵀ GEMMs of the backward).
 
 template <typename T>
 void packA(bool ta, const T* A, int lda, int i0, int mc, int k0, int kc, T* out) {
@@ -114,11 +120,21 @@ void packA(bool ta, const T* A, int lda, int i0, int mc, int k0, int kc, T* out)
   for (int p = 0; p < mc; p += MR) {
     const int rows = std::min(MR, mc - p);
     T* dst = out + static_cast<long>(p) * kc;
-    for (int k = 0; k < kc; k++)
-      for (int r = 0; r < MR; r++) {
-        const long i = i0 + p + r, kk = k0 + k;
-        dst[k * MR + r] = r < rows ? (ta ? A[kk * lda + i] : A[i * lda + kk]) : T(0);
+    if (ta) {  // op(A)(i, k) = A[k, i]: each k holds the panel's rows side by side
+      const T* src = A + static_cast<long>(k0) * lda + i0 + p;
+      for (int k = 0; k < kc; k++, src += lda) {
+        T* d = dst + static_cast<long>(k) * MR;
+        for (int r = 0; r < rows; r++) d[r] = src[r];
+        for (int r = rows; r < MR; r++) d[r] = T(0);
       }
+    } else {  // op(A)(i, k) = A[i, k]: one source row per panel row
+      for (int r = 0; r < rows; r++) {
+        const T* src = A + static_cast<long>(i0 + p + r) * lda + k0;
+        for (int k = 0; k < kc; k++) dst[static_cast<long>(k) * MR + r] = src[k];
+      }
+      for (int r = rows; r < MR; r++)
+        for (int k = 0; k < kc; k++) dst[static_cast<long>(k) * MR + r] = T(0);
+    }
   }
 }
 
@@ -128,48 +144,70 @@ void packB(bool tb, const T* B, int ldb, int k0, int kc, int j0, int nc, T* out)
   for (int q = 0; q < nc; q += NR) {
     const int cols = std::min(NR, nc - q);
     T* dst = out + static_cast<long>(q) * kc;
-    for (int k = 0; k < kc; k++)
-      for (int j = 0; j < NR; j++) {
-        const long kk = k0 + k, jj = j0 + q + j;
-        dst[k * NR + j] = j < cols ? (tb ? B[jj * ldb + kk] : B[kk * ldb + jj]) : T(0);
+    if (!tb) {  // op(B)(k, j) = B[k, j]: each k copies NR contiguous values
+      const T* src = B + static_cast<long>(k0) * ldb + j0 + q;
+      for (int k = 0; k < kc; k++, src += ldb) {
+        T* d = dst + static_cast<long>(k) * NR;
+        if (cols == NR) std::memcpy(d, src, sizeof(T) * NR);
+        else {
+          for (int j = 0; j < cols; j++) d[j] = src[j];
+          for (int j = cols; j < NR; j++) d[j] = T(0);
+        }
       }
+    } else {  // op(B)(k, j) = B[j, k]: one source row per panel column
+      for (int j = 0; j < cols; j++) {
+        const T* src = B + static_cast<long>(j0 + q + j) * ldb + k0;
+        for (int k = 0; k < kc; k++) dst[static_cast<long>(k) * NR + j] = src[k];
+      }
+      for (int j = cols; j < NR; j++)
+        for (int k = 0; k < kc; k++) dst[static_cast<long>(k) * NR + j] = T(0);
+    }
   }
 }
 
-template <typename T> struct AlignedBuf {
-  T* p = nullptr;
-  explicit AlignedBuf(size_t n) : p(static_cast<T*>(std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64))) {
-    if (!p) fail("OUT_OF_MEMORY", "GEMM packing buffer allocation failed");
+/** Packing buffers kept per thread and grown on demand: a fresh 1 MB buffer per GEMM call
+ *  cost an mmap, page faults and a munmap every time. */
+template <typename T> T* scratch(int which, size_t n) {
+  struct Buf {
+    T* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf bufs[2];
+  Buf& b = bufs[which];
+  if (b.n < n) {
+    std::free(b.p);
+    b.p = static_cast<T*>(std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64));
+    b.n = b.p ? n : 0;
+    if (!b.p) fail("OUT_OF_MEMORY", "GEMM packing buffer allocation failed");
   }
-  ~AlignedBuf() { std::free(p); }
-  AlignedBuf(const AlignedBuf&) = delete;
-  AlignedBuf& operator=(const AlignedBuf&) = delete;
-};
+  return b.p;
+}
 
 /** One thread's share: rows [m0, m1) and columns [n0, n1) of C. */
 template <typename T>
 void gemmSerial(bool ta, bool tb, int m0, int m1, int n0, int n1, int K, const T* A, int lda, const T* B, int ldb, T* C,
                 int ldc, bool accumulate) {
   constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR, KC = Tile<T>::KC, MC = Tile<T>::MC, NC = Tile<T>::NC;
-  AlignedBuf<T> bp(static_cast<size_t>(KC) * (NC + NR));
-  AlignedBuf<T> ap(static_cast<size_t>(KC) * (MC + MR));
+  T* const bp = scratch<T>(0, static_cast<size_t>(KC) * (NC + NR));
+  T* const ap = scratch<T>(1, static_cast<size_t>(KC) * (MC + MR));
   alignas(64) T edge[MR * NR];
   for (int jc = n0; jc < n1; jc += NC) {
     const int nc = std::min(NC, n1 - jc);
     for (int pc = 0; pc < K; pc += KC) {
       const int kc = std::min(KC, K - pc);
       const bool acc = accumulate || pc > 0;
-      packB(tb, B, ldb, pc, kc, jc, nc, bp.p);
+      packB(tb, B, ldb, pc, kc, jc, nc, bp);
       for (int ic = m0; ic < m1; ic += MC) {
         const int mc = std::min(MC, m1 - ic);
-        packA(ta, A, lda, ic, mc, pc, kc, ap.p);
+        packA(ta, A, lda, ic, mc, pc, kc, ap);
         for (int jr = 0; jr < nc; jr += NR) {
           const int nr = std::min(NR, nc - jr);
           for (int ir = 0; ir < mc; ir += MR) {
             const int mr = std::min(MR, mc - ir);
             T* c = C + static_cast<long>(ic + ir) * ldc + jc + jr;
-            const T* a = ap.p + static_cast<long>(ir) * kc;
-            const T* b = bp.p + static_cast<long>(jr) * kc;
+            const T* a = ap + static_cast<long>(ir) * kc;
+            const T* b = bp + static_cast<long>(jr) * kc;
             if (mr == MR && nr == NR) {
               microKernel(kc, a, b, c, ldc, acc);
             } else {
@@ -184,37 +222,20 @@ void gemmSerial(bool ta, bool tb, int m0, int m1, int n0, int n1, int K, const T
   }
 }
 
-}  // namespace
-
-template <typename T>
-void gemmOwn(bool ta, bool tb, int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc,
-             bool accumulate, int threads) {
-  if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int i = 0; i < M; i++) std::fill(C + static_cast<long>(i) * ldc, C + static_cast<long>(i) * ldc + N, T(0));
-    return;
-  }
-  // Each thread should get at least ~4 MFLOP, or spawning costs more than it saves.
-  const double flops = 2.0 * M * N * K;
-  int t = std::max(1, std::min(threads, static_cast<int>(flops / 4e6)));
-  const bool byRows = M >= N;
-  const int unit = byRows ? Tile<T>::MR : Tile<T>::NR;
-  const int extent = byRows ? M : N;
-  t = std::min(t, (extent + unit - 1) / unit);
-  if (t <= 1) {
-    gemmSerial(ta, tb, 0, M, 0, N, K, A, lda, B, ldb, C, ldc, accumulate);
-    return;
-  }
+/** Runs fn(lo, hi) over [0, extent) in t parts cut at multiples of `unit`; part 0 on this thread. */
+template <typename F> void splitRange(int t, int extent, int unit, F&& fn) {
   const int units = (extent + unit - 1) / unit;
+  t = std::max(1, std::min(t, units));
+  if (t == 1) {
+    fn(0, extent);
+    return;
+  }
   std::vector<std::thread> pool;
   std::vector<std::exception_ptr> errors(t);
   auto part = [&](int w) {
     const int lo = std::min(extent, units * w / t * unit), hi = std::min(extent, units * (w + 1) / t * unit);
     try {
-      if (lo >= hi) return;
-      if (byRows) gemmSerial(ta, tb, lo, hi, 0, N, K, A, lda, B, ldb, C, ldc, accumulate);
-      else gemmSerial(ta, tb, 0, M, lo, hi, K, A, lda, B, ldb, C, ldc, accumulate);
+      if (lo < hi) fn(lo, hi);
     } catch (...) {
       errors[w] = std::current_exception();
     }
@@ -226,6 +247,44 @@ void gemmOwn(bool ta, bool tb, int M, int N, int K, const T* A, int lda, const T
     if (e) std::rethrow_exception(e);
 }
 
+/** Threads worth using for an M×N×K product: each should get at least ~4 MFLOP, or spawning costs more than it saves. */
+int threadsForFlops(int threads, int M, int N, int K) {
+  const double flops = 2.0 * M * N * K;
+  return std::max(1, std::min(threads, static_cast<int>(flops / 4e6)));
+}
+
+std::atomic<int> busyJobs{0};
+
+}  // namespace
+
+JobSlot::JobSlot() { ++busyJobs; }
+JobSlot::~JobSlot() { --busyJobs; }
+
+int threadsNow(int cap) {
+  // Every running job keeps one core busy; a GEMM adds helpers only on cores nobody holds,
+  // so 4 ranks on 2 cores run one thread each (as torch's one thread per process does)
+  // while a lone job still gets the whole machine. Asked at each GEMM, not once per job.
+  const int idle = cpuThreads() - busyJobs.load(std::memory_order_relaxed);
+  return std::max(1, std::min({cap, cpuThreads(), 1 + std::max(0, idle)}));
+}
+
+template <typename T>
+void gemmOwn(bool ta, bool tb, int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc,
+             bool accumulate, int threads) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (!accumulate)
+      for (int i = 0; i < M; i++) std::fill(C + static_cast<long>(i) * ldc, C + static_cast<long>(i) * ldc + N, T(0));
+    return;
+  }
+  // Every element is summed in the same k order whatever the split: results do not depend on t.
+  const int t = threadsForFlops(threadsNow(threads), M, N, K);
+  if (M >= N)
+    splitRange(t, M, Tile<T>::MR, [&](int lo, int hi) { gemmSerial(ta, tb, lo, hi, 0, N, K, A, lda, B, ldb, C, ldc, accumulate); });
+  else
+    splitRange(t, N, Tile<T>::NR, [&](int lo, int hi) { gemmSerial(ta, tb, 0, M, lo, hi, K, A, lda, B, ldb, C, ldc, accumulate); });
+}
+
 template <typename T>
 void gemm(bool ta, bool tb, int M, int N, int K, const T* A, int lda, const T* B, int ldb, T* C, int ldc, bool accumulate,
           bool useBlas, int threads) {
@@ -234,8 +293,24 @@ void gemm(bool ta, bool tb, int M, int N, int K, const T* A, int lda, const T* B
   if (useBlas && K > 0 && lib.sgemm) {
     const int a = ta ? blas::Trans : blas::NoTrans, b = tb ? blas::Trans : blas::NoTrans;
     const T beta = accumulate ? T(1) : T(0);
-    if constexpr (std::is_same_v<T, float>) lib.sgemm(blas::RowMajor, a, b, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
-    else lib.dgemm(blas::RowMajor, a, b, M, N, K, 1.0, A, lda, B, ldb, beta, C, ldc);
+    auto call = [&](int m, int n, const T* pa, const T* pb, T* pc) {
+      if constexpr (std::is_same_v<T, float>) lib.sgemm(blas::RowMajor, a, b, m, n, K, 1.0f, pa, lda, pb, ldb, beta, pc, ldc);
+      else lib.dgemm(blas::RowMajor, a, b, m, n, K, 1.0, pa, lda, pb, ldb, beta, pc, ldc);
+    };
+    // With OpenBLAS pinned to one thread, C is cut into fixed blocks of 512 rows (or columns)
+    // that threads share out. The cut depends on the shape only: OpenBLAS's result for a row
+    // changes with the block it lands in, so a cut by thread count would not be deterministic.
+    constexpr int block = 512;
+    const bool byRows = M >= N;
+    const int extent = byRows ? M : N, blocks = (extent + block - 1) / block;
+    const int t = lib.singleThreaded ? threadsForFlops(threadsNow(threads), M, N, K) : 1;
+    splitRange(t, blocks, 1, [&](int b0, int b1) {
+      for (int bi = b0; bi < b1; bi++) {
+        const int lo = bi * block, hi = std::min(extent, lo + block);
+        if (byRows) call(hi - lo, N, ta ? A + lo : A + static_cast<long>(lo) * lda, B, C + static_cast<long>(lo) * ldc);
+        else call(M, hi - lo, A, tb ? B + static_cast<long>(lo) * ldb : B + lo, C + lo);
+      }
+    });
     return;
   }
   gemmOwn(ta, tb, M, N, K, A, lda, B, ldb, C, ldc, accumulate, threads);

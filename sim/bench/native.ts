@@ -39,7 +39,7 @@ async function gemmRows(): Promise<BenchRow[]> {
       const blas = spec('blas');
       const tBlas = await time(() => addon.gemm(blas), 9, 2);
       const b = gflops(tBlas.medianMs);
-      out.push({ ...row, baseline: { name: info.blas, value: b, unit: 'GFLOP/s' }, ratio: row.value / b, note: 'ratio = own / OpenBLAS (higher is better)' });
+      out.push({ ...row, baseline: { name: info.blas, value: b, unit: 'GFLOP/s' }, ratio: row.value / b, note: 'ratio = own / OpenBLAS (higher is better); OpenBLAS runs one thread per call, split over the same threads as ours' });
     } else {
       out.push({ ...row, note: `no BLAS to compare: ${info.blasReason}` });
     }

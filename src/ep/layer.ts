@@ -6,9 +6,10 @@
 //
 // Forward returns an immutable record of what backward needs (as torchtitan's dispatch
 // returns the metadata its combine consumes); nothing is kept on the context.
-import { Tensor, gatherRows, toFloat64, toIndexArray, type DType, type FloatDType } from '../tensor.js';
+import { Tensor, toFloat64, toIndexArray, type DType, type FloatDType } from '../tensor.js';
 import { UsageError } from '../errors.js';
 import { floatTensor } from '../moe/experts.js';
+import { loadNative, type NativeAddon } from '../native/backend.js';
 import type { CollectiveOp, CollectiveTag, Communicator, ExpertBackend, ExpertForward, ExpertWeights, PackedExperts } from './types.js';
 
 /**
@@ -140,6 +141,88 @@ function checkShape(t: Tensor, want: readonly number[], what: string): void {
   }
 }
 
+type Floats = Float32Array | Float64Array;
+
+// The row bookkeeping below runs on the one JS thread that serves every in-process rank;
+// as TypeScript loops it cost about 100 ms of CPU per EP step (ep=4, T=1024, D=256), a third
+// of the expert GEMMs. When the addon is loaded the same operations run there, with the same
+// arithmetic (f64 products and sums, one rounding, rows in order), so results do not
+// depend on which path ran; the loops remain for builds without the addon.
+let rowKernels: NativeAddon | null | undefined;
+function native(): NativeAddon | null {
+  if (rowKernels === undefined) rowKernels = loadNative();
+  return rowKernels;
+}
+
+/** dst row i ← src row index[i] (gather), or dst row index[i] ← src row i (scatter); times scale[i] when given. */
+function moveRows(src: Floats, index: Int32Array, D: number, dst: Floats, scale: Float64Array | null, scatter: boolean): void {
+  const addon = native();
+  if (addon && D > 0) {
+    addon.moveRows(src, D, index, dst, scale, scatter);
+    return;
+  }
+  const rows = (scatter ? dst.length : src.length) / D;
+  for (let i = 0; i < index.length; i++) {
+    const r = index[i]!;
+    if (!(r >= 0 && r < rows)) throw new Error(`row index ${r} outside [0, ${rows})`);
+    const s = (scatter ? i : r) * D;
+    const o = (scatter ? r : i) * D;
+    if (scale) {
+      const f = scale[i]!;
+      for (let d = 0; d < D; d++) dst[o + d] = f * src[s + d]!;
+    } else {
+      dst.set(src.subarray(s, s + D), o); // a memcpy: faster than an element loop
+    }
+  }
+}
+
+/** The rows of `t` in a new order: out[i] = t[index[i]] (times scale[i]). */
+function gatherRows<F extends DType>(t: Tensor<F>, index: Int32Array, scale: Float64Array | null = null): Tensor<F> {
+  const out = Tensor.zeros(t.dtype, [index.length, ...t.shape.slice(1)]);
+  moveRows(t.data as Floats, index, t.rowSize, out.data as Floats, scale, false);
+  return out;
+}
+
+/** out[token[p]] += weight[p] · rows[p] for p in order (rows of D values), in f64. */
+function weightedScatterAdd(rows: Floats, token_S: Int32Array, weight_S: Float64Array | null, D: number, out: Float64Array): void {
+  const addon = native();
+  if (addon && D > 0) {
+    addon.scatterAddF64(rows, D, token_S, weight_S, out);
+    return;
+  }
+  for (let p = 0; p < token_S.length; p++) {
+    const o = token_S[p]! * D;
+    const s = p * D;
+    if (weight_S) {
+      const w = weight_S[p]!;
+      for (let d = 0; d < D; d++) out[o + d] += w * rows[s + d]!;
+    } else {
+      for (let d = 0; d < D; d++) out[o + d] += rows[s + d]!;
+    }
+  }
+}
+
+/** gr[p] = w[p] · g[token[p]] (rounded once into gr's dtype); gw[entry[p]] = <g[token[p]], ret[p]> in f64. */
+function routeGrad(g: Floats, D: number, ret: Floats, token_S: Int32Array, entry_S: Int32Array, w_S: Float64Array, gr: Floats, gw: Float64Array): void {
+  const addon = native();
+  if (addon && D > 0) {
+    addon.routeGrad(g, D, ret, token_S, entry_S, w_S, gr, gw);
+    return;
+  }
+  for (let p = 0; p < token_S.length; p++) {
+    const o = token_S[p]! * D;
+    const s = p * D;
+    const w = w_S[p]!;
+    let dot = 0;
+    for (let d = 0; d < D; d++) {
+      const gv = g[o + d]!;
+      gr[s + d] = w * gv;
+      dot += gv * ret[s + d]!;
+    }
+    gw[entry_S[p]!] = dot;
+  }
+}
+
 export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: Tensor<F>, weights_TK: Tensor, indices_TK: Tensor): Promise<EpForwardResult<F>> {
   const { ep, rank } = epSize(ctx);
   const { start, count: N } = localExpertRange(ctx.numExperts, ep, rank);
@@ -152,15 +235,23 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
 
   // 1. (t, k) entries t-major; target rank = expert // N; stable sort by target.
   const idx_S = toIndexArray(indices_TK, 'indices');
-  const target_S = new Int32Array(idx_S.length);
-  idx_S.forEach((e, i) => {
+  const S = idx_S.length;
+  const target_S = new Int32Array(S);
+  for (let i = 0; i < S; i++) {
+    const e = idx_S[i]!;
     if (e < 0 || e >= ctx.numExperts) throw new UsageError(`indices[${Math.floor(i / K)}, ${i % K}] = ${e} is outside [0, ${ctx.numExperts})`);
     target_S[i] = Math.floor(e / N);
-  });
+  }
   const { order: sortOrder_S, counts: sendCounts } = stableBucketSort(target_S, ep);
-  const tokenOf = (entry: number): number => Math.floor(entry / K);
-  const xSorted_SD = gatherRows(x_TD, Array.from(sortOrder_S, tokenOf));
-  const idsSorted_S = new Tensor('i64', [sortOrder_S.length], BigInt64Array.from(sortOrder_S, (entry) => BigInt(idx_S[entry]!)));
+  // token of each send position (entry // K) and its expert id
+  const token_S = new Int32Array(S);
+  const idsSorted_S = new Tensor('i64', [S], new BigInt64Array(S));
+  for (let p = 0; p < S; p++) {
+    const entry = sortOrder_S[p]!;
+    token_S[p] = Math.floor(entry / K);
+    idsSorted_S.data[p] = BigInt(idx_S[entry]!);
+  }
+  const xSorted_SD = gatherRows(x_TD, token_S);
 
   // 2-4. A counts, B rows, C expert ids (the seed sends ids as f32 [n,1]; i64 [n] is exact for any E).
   await ctx.protocol?.routed(T, sendCounts);
@@ -177,10 +268,12 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   const recvIds_R = toIndexArray(await collective(ctx, 'fwd.expert_ids', idsSorted_S, sendCounts, recvCounts, rowsPerLocalExpert, start), 'received expert ids');
 
   // 5. Group received rows by local expert (stable) for the backend.
-  const local_R = recvIds_R.map((e) => e - start);
-  local_R.forEach((l, r) => {
+  const local_R = new Int32Array(recvIds_R.length);
+  for (let r = 0; r < local_R.length; r++) {
+    const l = recvIds_R[r]! - start;
     if (l < 0 || l >= N) throw new Error(`rank ${rank} received a row for expert ${recvIds_R[r]}, outside its experts [${start}, ${start + N})`);
-  });
+    local_R[r] = l;
+  }
   const { order: byExpert_R, counts: rowsPerExpert } = stableBucketSort(local_R, N);
   const recvGrouped_RD = gatherRows(recv_RD, byExpert_R);
   const expertFwd = await ctx.backend.forward(ctx.experts, recvGrouped_RD, rowsPerExpert);
@@ -199,16 +292,12 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   // 7. D: expert outputs go home, splits swapped.
   const returned_SD = await collective(ctx, 'fwd.combine', local_RD, recvCounts, sendCounts);
 
-  // 8. Unsort, weight, scatter-add into out [T,D].
+  // 8. Unsort, weight, scatter-add into out [T,D] (summed in f64 in send order, rounded once).
   const weightsFlat = toFloat64(weights_TK).data;
-  const weights_S = Float64Array.from(sortOrder_S, (entry) => weightsFlat[entry]!);
+  const weights_S = new Float64Array(S);
+  for (let p = 0; p < S; p++) weights_S[p] = weightsFlat[sortOrder_S[p]!]!;
   const out = new Float64Array(T * D);
-  const ret = returned_SD.data;
-  sortOrder_S.forEach((entry, p) => {
-    const w = weights_S[p]!;
-    const o = tokenOf(entry) * D;
-    for (let d = 0; d < D; d++) out[o + d] += w * ret[p * D + d]!;
-  });
+  weightedScatterAdd(returned_SD.data as Floats, token_S, weights_S, D, out);
 
   const saved: EpSaved<F> = Object.freeze({
     T, D, K, sortOrder_S, sendCounts, recvCounts, byExpert_R, rowsPerExpert, rowScale_R, recvGrouped_RD, expertFwd, returned_SD, weights_S,
@@ -218,58 +307,37 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
 
 /** Expert-grouped rows back in received order (row byExpert[q] ← grouped row q), times a per-row scale. */
 function ungroup<F extends FloatDType>(grouped_RD: Tensor<F>, byExpert_R: Int32Array, rowScale_R: Float64Array | null): Tensor<F> {
-  const D = grouped_RD.rowSize;
   const out = Tensor.zeros(grouped_RD.dtype, grouped_RD.shape);
-  const src = grouped_RD.data;
-  const dst = out.data;
-  byExpert_R.forEach((r, q) => {
-    const s = rowScale_R ? rowScale_R[q]! : 1;
-    for (let d = 0; d < D; d++) dst[r * D + d] = s * src[q * D + d]!;
-  });
+  moveRows(grouped_RD.data as Floats, byExpert_R, grouped_RD.rowSize, out.data as Floats, rowScale_R, true);
   return out;
 }
 
 export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved: EpSaved<F>, gradOut_TD: Tensor<F>): Promise<EpBackwardResult<F>> {
   const { T, D, K, sortOrder_S, sendCounts, recvCounts, byExpert_R, rowsPerExpert, rowScale_R, weights_S } = saved;
   checkShape(gradOut_TD, [T, D], 'grad_out');
-  const g = gradOut_TD.data;
-  const ret = saved.returned_SD.data;
+  const g = gradOut_TD.data as Floats;
+  const ret = saved.returned_SD.data as Floats;
+  const S = sortOrder_S.length;
+  const token_S = new Int32Array(S);
+  for (let p = 0; p < S; p++) token_S[p] = Math.floor(sortOrder_S[p]! / K);
 
-  // Grad of the returned rows (w · grad_out[t]) and of the routing weights (<grad_out[t], row>).
-  const gradReturned = new Float64Array(sortOrder_S.length * D);
+  // Grad of the returned rows (w · grad_out[t], rounded once into the dtype) and of the
+  // routing weights (<grad_out[t], row>, summed in f64).
+  const gradReturned = Tensor.zeros(gradOut_TD.dtype, [S, D]);
   const gradWeights = new Float64Array(T * K);
-  sortOrder_S.forEach((entry, p) => {
-    const o = Math.floor(entry / K) * D;
-    const w = weights_S[p]!;
-    let dot = 0;
-    for (let d = 0; d < D; d++) {
-      gradReturned[p * D + d] = w * g[o + d]!;
-      dot += g[o + d]! * ret[p * D + d]!;
-    }
-    gradWeights[entry] = dot;
-  });
+  routeGrad(g, D, ret, token_S, sortOrder_S, weights_S, gradReturned.data as Floats, gradWeights);
 
   // D': grads go to the expert owners; regroup by expert, apply the forward's scale.
-  const gradLocal_RD = await collective(ctx, 'bwd.combine', floatTensor(gradOut_TD.dtype, [sortOrder_S.length, D], gradReturned), sendCounts, recvCounts);
-  const gradY_RD = gatherRows(gradLocal_RD, byExpert_R);
-  if (rowScale_R) {
-    const gy = gradY_RD.data;
-    rowScale_R.forEach((s, q) => {
-      for (let d = 0; d < D; d++) gy[q * D + d] *= s;
-    });
-  }
+  const gradLocal_RD = await collective(ctx, 'bwd.combine', gradReturned, sendCounts, recvCounts);
+  const gradY_RD = gatherRows(gradLocal_RD, byExpert_R, rowScale_R);
   const expertBwd = await ctx.backend.backward(ctx.experts, saved.recvGrouped_RD, rowsPerExpert, saved.expertFwd, gradY_RD);
   await ctx.protocol?.computed('backward');
 
-  // B': grads of the dispatched rows go home; gather-add into grad_x.
+  // B': grads of the dispatched rows go home; gather-add into grad_x (f64, rounded once).
   const gradRecv_RD = ungroup(expertBwd.gradX, byExpert_R, null);
   const gradSorted_SD = await collective(ctx, 'bwd.dispatch', gradRecv_RD, recvCounts, sendCounts);
   const gradX = new Float64Array(T * D);
-  const gs = gradSorted_SD.data;
-  sortOrder_S.forEach((entry, p) => {
-    const o = Math.floor(entry / K) * D;
-    for (let d = 0; d < D; d++) gradX[o + d] += gs[p * D + d]!;
-  });
+  weightedScatterAdd(gradSorted_SD.data as Floats, token_S, null, D, gradX);
   return {
     gradX_TD: floatTensor(gradOut_TD.dtype, [T, D], gradX),
     gradWeights_TK: floatTensor(gradOut_TD.dtype, [T, K], gradWeights),

@@ -65,6 +65,8 @@ export interface GemmSpec {
   accumulate?: boolean;
   /** 'own': our kernels; 'blas': OpenBLAS (NativeError BLAS_UNAVAILABLE if absent); 'auto'. */
   impl: 'own' | 'blas' | 'auto';
+  /** At most this many threads (default: the machine's; fewer while expert jobs hold cores). */
+  threads?: number;
 }
 
 export interface NativeInfo {
@@ -87,6 +89,13 @@ export interface NativeAddon {
   gemm(spec: GemmSpec): void;
   gatherRows(src: Floats, rowSize: number, index: Int32Array, dst: Floats): void;
   scatterAddWeighted(src: Floats, rowSize: number, index: Int32Array, weight: Floats | null, out: Floats): void;
+  // The EP layer's row bookkeeping (src/ep/layer.ts), same arithmetic as its TypeScript loops.
+  /** gather: dst[i] = scale[i]·src[index[i]]; scatter: dst[index[i]] = scale[i]·src[i] (scale 1 when null). */
+  moveRows(src: Floats, rowSize: number, index: Int32Array, dst: Floats, scale: Float64Array | null, scatter: boolean): void;
+  /** out[index[p]] += weight[p]·src[p] in f64, p in order (weight 1 when null). */
+  scatterAddF64(src: Floats, rowSize: number, index: Int32Array, weight: Float64Array | null, out: Float64Array): void;
+  /** gr[p] = w[p]·g[token[p]]; gw[entry[p]] = <g[token[p]], ret[p]> (f64). */
+  routeGrad(g: Floats, D: number, ret: Floats, token: Int32Array, entry: Int32Array, w: Float64Array, gr: Floats, gw: Float64Array): void;
   // CUDA (native/src/cuda_backend.cc); each throws NativeError CUDA_NOT_BUILT in a CPU-only build.
   cudaInfo(): { devices: number; names: string[]; runtimeVersion: number; driverVersion: number };
   [name: string]: unknown;
