@@ -3,7 +3,7 @@
 // the report input: `{ traceEvents: [...], epActors: { scenario, diagnosis, ledger, paths,
 // routing } }`. Both engines write it (`sim --trace`); `viz report` reads it.
 import type { Diagnosis } from '../../machines/diagnosis.js';
-import { communicators, type LedgerEntry } from '../../machines/ledger.js';
+import type { LedgerEntry } from '../../machines/ledger.js';
 import type { Scenario } from '../scenario.js';
 
 /** One collective on one rank: a Chrome 'X' (complete) event, times in µs. */
@@ -76,42 +76,4 @@ export function fromTraceFile(json: unknown, where = 'trace file'): ReportInput 
   if (!Array.isArray(ep!.ledger) || !Array.isArray(ep!.paths)) fail('epActors.ledger and epActors.paths must be arrays');
   const trace = f.traceEvents!.filter((e): e is TraceEvent => e.ph === 'X');
   return { ...ep!, trace };
-}
-
-/** Simulated time: compute before each collective, a transfer growing with rows moved. */
-const COMPUTE_US = 40;
-const transferUs = (slot: readonly LedgerEntry[]) => 10 + Math.max(...slot.map((e) => (e.sendSplits ? e.sendSplits.reduce((a, b) => a + b, 0) : (e.size ?? 0) / 256)));
-
-/**
- * A trace for a run without a clock (the discrete-event engine): each rank computes for a
- * fixed time before each collective, a collective ends when its last member has issued it
- * plus a transfer time, and a collective that never completes runs to the end of the trace.
- * Ledger order is issue order, and a rank issues only after its previous collective
- * completed, so one pass in that order knows every start time when it needs it.
- */
-export function simulatedTrace(ledger: readonly LedgerEntry[], mesh: { ep: number; dp: number }): TraceEvent[] {
-  const size = new Map(communicators(mesh).map((c) => [c.id, c.members.length]));
-  const start = new Map<LedgerEntry, number>();
-  const slots = new Map<string, LedgerEntry[]>();
-  const slotEnd = new Map<string, number>();
-  const lastOf = new Map<number, LedgerEntry>();
-  const key = (e: LedgerEntry) => `${e.communicator}#${e.position}`;
-  for (const e of ledger) {
-    const prev = lastOf.get(e.rank);
-    start.set(e, (prev ? slotEnd.get(key(prev))! : 0) + COMPUTE_US);
-    lastOf.set(e.rank, e);
-    const slot = [...(slots.get(key(e)) ?? []), e];
-    slots.set(key(e), slot);
-    if (slot.length === size.get(e.communicator)) slotEnd.set(key(e), Math.max(...slot.map((s) => start.get(s)!)) + transferUs(slot));
-  }
-  const horizon = Math.max(0, ...slotEnd.values(), ...start.values()) + COMPUTE_US;
-  return ledger.map((e) => ({
-    name: e.op,
-    ph: 'X',
-    ts: start.get(e)!,
-    dur: (slotEnd.get(key(e)) ?? horizon) - start.get(e)!,
-    pid: 0,
-    tid: e.rank,
-    args: { communicator: e.communicator, position: e.position, layer: e.layer, microBatch: e.microBatch },
-  }));
 }
