@@ -25,7 +25,7 @@ async function transport(): Promise<BenchRow> {
       ports[b]![a] = port2;
     }
   }
-  const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./transportWorker.js', import.meta.url), { workerData: { rank, ep, rowsPerPeer, rowSize, iterations } }));
+  const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./workers/transport.js', import.meta.url), { workerData: { rank, ep, rowsPerPeer, rowSize, iterations } }));
   const samples = await Promise.all(
     workers.map((w, rank) => {
       const done = new Promise<number[]>((resolve, reject) => {

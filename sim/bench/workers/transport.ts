@@ -1,9 +1,10 @@
-// Worker side of the transport benchmark: one rank of a 4-rank ep group exchanging equal
+// Worker side of the transport benchmark (kept out of sim/bench itself, where every module is
+// imported as a benchmark): one rank of a 4-rank ep group exchanging equal
 // chunks with every peer over the PortMesh, as the EP layer's all-to-alls do.
 import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
-import { communicators } from '../../machines/ledger.js';
-import { MeshCommunicator, PortMesh } from '../../actors/transport.js';
-import { Tensor } from '../../src/tensor.js';
+import { communicators } from '../../../machines/ledger.js';
+import { MeshCommunicator, PortMesh } from '../../../actors/transport.js';
+import { Tensor } from '../../../src/tensor.js';
 
 const { rank, ep, rowsPerPeer, rowSize, iterations } = workerData as { rank: number; ep: number; rowsPerPeer: number; rowSize: number; iterations: number };
 
