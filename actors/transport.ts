@@ -4,7 +4,7 @@
 // right position but another op, a chunk for a communicator the pair does not share, a
 // stale position or bytes that do not decode are reported at once instead of hanging.
 import type { MessagePort } from 'node:worker_threads';
-import { Tensor, type DType } from '../src/tensor.js';
+import { ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '../src/tensor.js';
 import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.js';
 import type { CommunicatorSpec } from '../machines/ledger.js';
 import type { CollectiveTag, Communicator } from '../src/ep/types.js';
@@ -27,6 +27,8 @@ type Waiter = { op: string; resolve: (c: Chunk) => void };
 
 /** Buffers kept per peer for reuse; more than this in flight are dropped to the GC. */
 const POOL_PER_PEER = 4;
+/** Released result buffers a communicator keeps for reuse. */
+const FREE_BUFFERS = 8;
 
 /** Deliberate damage to outgoing chunks, for tests of the runtime's error reporting. */
 export type ChunkFault = 'corrupt-message' | 'wrong-communicator' | 'stale-position';
@@ -171,6 +173,9 @@ export class MeshCommunicator implements Communicator {
   readonly rank: number;
   readonly size: number;
   private position = 0;
+  /** Output buffers this communicator allocated, and those released back for reuse. */
+  private readonly mine = new WeakSet<ArrayBuffer>();
+  private readonly free: ArrayBuffer[] = [];
 
   constructor(
     readonly spec: CommunicatorSpec,
@@ -208,9 +213,23 @@ export class MeshCommunicator implements Communicator {
         return c;
       }),
     );
-    const out = concatRows(send.dtype, chunks.map((c) => (c ? (c.tensor as Tensor<D>) : own!)), [...send.shape.slice(1)]);
+    const out = concatRows(send.dtype, chunks.map((c) => (c ? (c.tensor as Tensor<D>) : own!)), [...send.shape.slice(1)], (bytes) => this.buffer(bytes));
     for (const c of chunks) if (c) this.mesh.recycle(c);
     return out;
+  }
+
+  release(t: Tensor): void {
+    const buffer = t.data.buffer as ArrayBuffer;
+    if (this.mine.has(buffer) && !this.free.includes(buffer) && this.free.length < FREE_BUFFERS) this.free.push(buffer);
+  }
+
+  /** A buffer of at least `bytes` for a result: a released one that fits (not more than twice as big), else a new one. */
+  private buffer(bytes: number): ArrayBuffer {
+    const i = this.free.findIndex((b) => b.byteLength >= bytes && b.byteLength <= 2 * bytes);
+    if (i >= 0) return this.free.splice(i, 1)[0]!;
+    const b = Buffer.allocUnsafeSlow(Math.max(bytes, 8)).buffer as ArrayBuffer;
+    this.mine.add(b);
+    return b;
   }
 
   /** Every member's tensor, concatenated in member order (FSDP's parameter all-gather). */
@@ -247,9 +266,12 @@ function rowsOf<D extends DType>(t: Tensor<D>, start: number, count: number): Te
   return new Tensor(t.dtype, [count, ...t.shape.slice(1)], t.data.subarray(start * rs, (start + count) * rs) as Tensor<D>['data']);
 }
 
-function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[]): Tensor<D> {
+function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[], buffer: (bytes: number) => ArrayBuffer = (b) => Buffer.allocUnsafeSlow(b).buffer as ArrayBuffer): Tensor<D> {
   const rows = parts.reduce((a, p) => a + (p.shape[0] ?? 0), 0);
-  const out = Tensor.uninitialized(dtype, [rows, ...rest]);
+  const shape = [rows, ...rest];
+  const n = numel(shape);
+  // Every element is written below, so the buffer need not be zeroed.
+  const out = new Tensor(dtype, shape, new STORAGE_CTOR[dtype](buffer(n * ELEMENT_SIZE[dtype]), 0, n) as Tensor<D>['data']);
   let at = 0;
   for (const p of parts) {
     (out.data as Float32Array).set(p.data as Float32Array, at);

@@ -54,12 +54,6 @@ export class Tensor<D extends DType = DType> {
     return new Tensor(dtype, shape, new STORAGE_CTOR[dtype](numel(shape)) as StorageOf[D]);
   }
 
-  /** A tensor whose contents are garbage until written: for outputs that are filled completely. */
-  static uninitialized<D extends DType>(dtype: D, shape: readonly number[]): Tensor<D> {
-    const n = numel(shape);
-    return new Tensor(dtype, shape, new STORAGE_CTOR[dtype](Buffer.allocUnsafeSlow(n * ELEMENT_SIZE[dtype]).buffer, 0, n) as StorageOf[D]);
-  }
-
   static from<D extends DType>(dtype: D, shape: readonly number[], values: ArrayLike<number> | ArrayLike<bigint>): Tensor<D> {
     const t = Tensor.zeros(dtype, shape);
     if (dtype === 'i64') {

@@ -121,6 +121,11 @@ async function collective<D extends DType>(
   return received;
 }
 
+/** Hand an exchange result the layer has copied out of back to the communicator for reuse. */
+function release(ctx: EpContext, t: Tensor): void {
+  ctx.comm?.release?.(t);
+}
+
 /** Stable counting sort of keys in [0, buckets): order[p] = position of the p-th item, plus counts. */
 function stableBucketSort(keys: ArrayLike<number>, buckets: number): { order: Int32Array; counts: number[] } {
   const counts = new Array<number>(buckets).fill(0);
@@ -259,13 +264,16 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   const countsOf = (t: Tensor): number[] => Array.from(t.data as BigInt64Array, Number);
   const recvCountsT = await collective(ctx, 'fwd.counts', Tensor.from('i64', [ep], sendCounts), ones, ones, (t) => ({ recvCounts: countsOf(t) }));
   const recvCounts = countsOf(recvCountsT);
+  release(ctx, recvCountsT);
   const recv_RD = await collective(ctx, 'fwd.dispatch', xSorted_SD, sendCounts, recvCounts);
   const rowsPerLocalExpert = (ids: Tensor): ExchangeFacts => {
     const rows = new Array<number>(N).fill(0);
     for (const e of ids.data as BigInt64Array) rows[Number(e) - start]!++;
     return { rowsPerExpert: rows };
   };
-  const recvIds_R = toIndexArray(await collective(ctx, 'fwd.expert_ids', idsSorted_S, sendCounts, recvCounts, rowsPerLocalExpert, start), 'received expert ids');
+  const recvIds = await collective(ctx, 'fwd.expert_ids', idsSorted_S, sendCounts, recvCounts, rowsPerLocalExpert, start);
+  const recvIds_R = toIndexArray(recvIds, 'received expert ids');
+  release(ctx, recvIds);
 
   // 5. Group received rows by local expert (stable) for the backend.
   const local_R = new Int32Array(recvIds_R.length);
@@ -276,6 +284,7 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   }
   const { order: byExpert_R, counts: rowsPerExpert } = stableBucketSort(local_R, N);
   const recvGrouped_RD = gatherRows(recv_RD, byExpert_R);
+  release(ctx, recv_RD);
   const expertFwd = await ctx.backend.forward(ctx.experts, recvGrouped_RD, rowsPerExpert);
   await ctx.protocol?.computed('forward');
 
@@ -330,6 +339,7 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
   // D': grads go to the expert owners; regroup by expert, apply the forward's scale.
   const gradLocal_RD = await collective(ctx, 'bwd.combine', gradReturned, sendCounts, recvCounts);
   const gradY_RD = gatherRows(gradLocal_RD, byExpert_R, rowScale_R);
+  release(ctx, gradLocal_RD);
   const expertBwd = await ctx.backend.backward(ctx.experts, saved.recvGrouped_RD, rowsPerExpert, saved.expertFwd, gradY_RD);
   await ctx.protocol?.computed('backward');
 
@@ -338,6 +348,7 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
   const gradSorted_SD = await collective(ctx, 'bwd.dispatch', gradRecv_RD, recvCounts, sendCounts);
   const gradX = new Float64Array(T * D);
   weightedScatterAdd(gradSorted_SD.data as Floats, token_S, null, D, gradX);
+  release(ctx, gradSorted_SD);
   return {
     gradX_TD: floatTensor(gradOut_TD.dtype, [T, D], gradX),
     gradWeights_TK: floatTensor(gradOut_TD.dtype, [T, K], gradWeights),

@@ -42,6 +42,12 @@ export interface Communicator {
     sendSplits: readonly number[],
     recvSplits: readonly number[],
   ): Promise<Tensor<D>>;
+  /**
+   * Optional: the caller is done with a tensor this communicator returned, so its memory
+   * may back a later result (fresh multi-MiB buffers per exchange cost page faults and GC).
+   * Tensors the communicator did not return are ignored.
+   */
+  release?(t: Tensor): void;
 }
 
 export type Activation = 'silu' | 'gelu' | 'relu';

@@ -17,12 +17,13 @@ parentPort!.once('message', async (m: { ports: Record<number, MessagePort> }) =>
   const splits = new Array<number>(ep).fill(rowsPerPeer);
   const send = Tensor.zeros('f32', [rowsPerPeer * ep, rowSize]);
   const tag = { op: 'fwd.dispatch' as const, layer: 0, microBatch: 0 };
-  await comm.allToAll(tag, send, splits, splits); // warm-up
+  comm.release(await comm.allToAll(tag, send, splits, splits)); // warm-up
   const samples: number[] = [];
   for (let i = 0; i < iterations; i++) {
     const t0 = performance.now();
-    await comm.allToAll(tag, send, splits, splits);
+    const got = await comm.allToAll(tag, send, splits, splits);
     samples.push(performance.now() - t0);
+    comm.release(got); // the consumer is done with it, as the EP layer releases what it copied out
   }
   parentPort!.postMessage(samples);
   for (const p of Object.values(m.ports)) p.close();
