@@ -23,7 +23,7 @@ rows), then fewest rows. The scenario's own routing, tokens and seed are not use
   --json                 one JSON object instead of the summary
   -h, --help             this text
 
-\${SCENARIO_HELP}
+${SCENARIO_HELP}
 
 exit codes: 0 proved, 2 counterexample found, 1 bad usage`;
 
