@@ -46,6 +46,24 @@ export function rankReports(snapshots: readonly RankSnapshot[], tracker: Collect
 
 const list = (rs: readonly number[]) => (rs.length === 1 ? `rank ${rs[0]}` : `ranks ${rs.join(', ')}`);
 
+/**
+ * At a mismatched position, the ranks that issued something other than what most members
+ * issued (op, layer, micro-batch, unit, element count), when there is a clear majority.
+ * All-to-all splits differ per rank by design, so they are not compared here.
+ */
+function oddOnesOut(finding: Finding, tracker: CollectiveTracker): number[] | null {
+  const groups = new Map<string, number[]>();
+  for (const e of tracker.entries) {
+    if (e.communicator !== finding.communicator || e.position !== finding.position) continue;
+    const key = JSON.stringify([e.op, e.layer, e.microBatch, e.unit, e.size]);
+    groups.set(key, [...(groups.get(key) ?? []), e.rank]);
+  }
+  const bySize = [...groups.values()].sort((a, b) => a.length - b.length);
+  const largest = bySize.at(-1);
+  if (!largest || bySize.length < 2 || bySize.filter((g) => g.length === largest.length).length > 1) return null;
+  return bySize.slice(0, -1).flat().sort((a, b) => a - b);
+}
+
 /** The diagnosis for a mismatch, missing or cycle finding. */
 export function diagnose(finding: Finding, snapshots: readonly RankSnapshot[], tracker: CollectiveTracker): Diagnosis {
   const ranks = rankReports(snapshots, tracker);
@@ -55,7 +73,7 @@ export function diagnose(finding: Finding, snapshots: readonly RankSnapshot[], t
   });
   // Ranks whose own guards removed a collective are the culprits: they left the common path.
   const skippers = snapshots.flatMap((s, rank) => (s.context.skips.length > 0 ? [rank] : []));
-  const culprits = finding.kind !== 'cycle' && skippers.length > 0 ? skippers : finding.culprits;
+  const culprits = finding.kind !== 'cycle' && skippers.length > 0 ? skippers : finding.kind === 'mismatch' ? (oddOnesOut(finding, tracker) ?? finding.culprits) : finding.culprits;
   const parts: string[] = [];
   const skipsOf = culprits.flatMap((rank) => {
     const ctx = snapshots[rank]!.context;
@@ -68,7 +86,12 @@ export function diagnose(finding: Finding, snapshots: readonly RankSnapshot[], t
     const who = skipped.map((ops) => `${list(skipsOf.filter((x) => x.skip.skipped.join(' and ') === ops).map((x) => x.rank))} skipped ${ops}`);
     parts.push(`${skipsOf.map((x) => x.skip.fact).join('; ')}; ${skipsOf[0]!.rule}, so ${who.join(' and ')}`);
   }
-  if (parts.length === 0) parts.push(finding.detail);
+  if (parts.length === 0) {
+    parts.push(finding.detail);
+    // The decisions that shaped what the culprits issued at that position, in their words.
+    const why = tracker.entries.filter((e) => e.communicator === finding.communicator && e.position === finding.position && culprits.includes(e.rank)).flatMap((e) => e.why.map((d) => d.fact));
+    if (why.length > 0) parts.push(`${[...new Set(why)].join('; ')} (${snapshots[culprits[0]!]!.context.cfg.variant.rule})`);
+  }
   const variant = snapshots[0]?.context.cfg.variant;
   if (variant?.localCapacity && finding.kind === 'mismatch') {
     parts.push(`${variant.rule}: ${culprits.map((r) => `rank ${r} holds ${snapshots[r]!.context.facts[snapshots[r]!.context.layer]?.tokens ?? 0} tokens`).join(', ')}`);
