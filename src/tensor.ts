@@ -77,11 +77,6 @@ export class Tensor<D extends DType = DType> {
   get rowSize(): number {
     return this.shape.length === 0 ? 1 : numel(this.shape.slice(1));
   }
-
-  /** Element values as plain numbers (i64 through Number, 16-bit floats decoded). */
-  toNumbers(): number[] {
-    return Array.from(toFloat64(this).data);
-  }
 }
 
 export function numel(shape: readonly number[]): number {
@@ -119,17 +114,6 @@ export function toFloat64(t: Tensor): Tensor<'f64'> {
   return new Tensor('f64', t.shape, out);
 }
 
-/** Convert a tensor to another dtype (always a copy). Integers round toward zero. */
-export function cast<D extends DType>(t: Tensor, dtype: D): Tensor<D> {
-  const src = toFloat64(t).data;
-  if (dtype === 'i32' || dtype === 'i64') {
-    for (let i = 0; i < src.length; i++) {
-      if (!Number.isFinite(src[i]!)) throw new TensorError(`cannot cast non-finite value ${src[i]} to ${dtype}`);
-    }
-    return Tensor.from(dtype, t.shape, src.map(Math.trunc));
-  }
-  return Tensor.from(dtype, t.shape, src);
-}
 
 /** Integer tensor (i32 or i64) as plain numbers, checked to be safe integers. */
 export function toIndexArray(t: Tensor, what: string): Int32Array {
