@@ -232,6 +232,12 @@ export class MeshCommunicator implements Communicator {
     return b;
   }
 
+  /** Returns once every member has entered it: an all-to-all of nothing. */
+  async barrier(tag: CollectiveTag): Promise<void> {
+    const none = new Array<number>(this.size).fill(0);
+    await this.allToAll(tag, Tensor.zeros('f32', [0]), none, none);
+  }
+
   /** Every member's tensor, concatenated in member order (FSDP's parameter all-gather). */
   async allGather<D extends DType>(tag: CollectiveTag, t: Tensor<D>): Promise<Tensor<D>> {
     const rows = t.shape[0] ?? 0;

@@ -46,7 +46,7 @@ test('uneven all-to-all: rows arrive grouped by source rank, in order, empty spl
   close();
 });
 
-test('i64 tensors and the FSDP-style reduce-scatter and all-gather', async () => {
+test('i64 tensors, reduce-scatter, all-gather, all-reduce and barrier', async () => {
   const { comms, close } = group(2);
   const ids = await Promise.all(comms.map((c, r) => c.allToAll(tag, Tensor.from('i64', [2], [10 * r, 10 * r + 1]), [1, 1], [1, 1])));
   assert.equal(ids.map((t) => Array.from(t.data as BigInt64Array, Number)), [[0, 10], [1, 11]]);
@@ -54,6 +54,15 @@ test('i64 tensors and the FSDP-style reduce-scatter and all-gather', async () =>
   assert.equal(sums.map((t) => Array.from(t.data)), [[3, 6], [9, 12]]);
   const gathered = await Promise.all(comms.map((c, r) => c.allGather(tag, Tensor.from('f32', [1, 2], [r, r]))));
   assert.equal(Array.from(gathered[1]!.data), [0, 0, 1, 1]);
+  const reduced = await Promise.all(comms.map((c, r) => c.allReduce(tag, Tensor.from('f64', [3], [r, 1, -r]))));
+  assert.equal(reduced.map((t) => Array.from(t.data)), [[1, 2, -1], [1, 2, -1]]);
+  // A barrier completes only once both have entered it.
+  let entered = 0;
+  const first = comms[0]!.barrier({ ...tag, op: 'barrier' }).then(() => entered);
+  await new Promise((r) => setTimeout(r, 20));
+  entered = 1;
+  await comms[1]!.barrier({ ...tag, op: 'barrier' });
+  assert.is(await first, 1);
   close();
 });
 
