@@ -12,7 +12,7 @@ import { spawnSync } from 'node:child_process';
 import { launchEnv, ncclVersion } from '../src/native/nccl.js';
 import { CudaExpertBackend } from '../src/native/cuda.js';
 import { readSafetensorsFile } from '../src/codec/safetensors.js';
-import { parseCase, resultTensors, runCase } from '../src/case.js';
+import { loadCase, parseCase, resultTensors, runCase } from '../src/case.js';
 import { Tensor, relativeError, type FloatDType } from '../src/tensor.js';
 import { ACTIVATIONS, type Activation, type ExpertWeights } from '../src/ep/types.js';
 import { tsBackend, convertLayout } from '../src/moe/experts.js';
@@ -27,6 +27,7 @@ import {
   type NativeAddon,
 } from '../src/native/backend.js';
 import { goldenDir, repoRoot } from './paths.js';
+import { actorRanks } from '../actors/caseRanks.js';
 
 const disabled = process.env.EP_ACTORS_NO_NATIVE === '1';
 const TOL = 1e-5;
@@ -363,6 +364,16 @@ nativeTest('loads and computes in two worker threads at once, and unloads when t
   assert.is(b.c0, 256);
   assert.ok(a.isNative && b.isNative, 'each worker got its own NativeError class');
   assert.is(a.code, 'INDEX_OUT_OF_RANGE');
+});
+
+nativeTest('golden case on worker-thread ranks with the native backend (the addon loads in every worker)', async () => {
+  const path = join(goldenDir, 'ep4_silu_packed.safetensors');
+  const [data, file] = await Promise.all([loadCase(path), readSafetensorsFile(path)]);
+  const got = resultTensors(await runCase(data, { runRanks: actorRanks({ backend: 'native' }) }));
+  for (const [name, t] of got) {
+    const err = relativeError(t, file.tensors.get(`expected.${name}`)!);
+    assert.ok(err <= TOL, `${name}: relative error ${err}`);
+  }
 });
 
 test.run();
