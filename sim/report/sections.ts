@@ -173,7 +173,7 @@ export function timelineSection(input: ReportInput): string {
     .map((t) => `<line class="tick" x1="${rd(x(t))}" x2="${rd(x(t))}" y1="${top - 4}" y2="${top + n * laneH}"/><text class="tick" x="${rd(x(t))}" y="${top - 8}">${fmtUs(t)}</text>`)
     .join('');
   const h = top + n * laneH + 6;
-  const clock = input.clock === 'real' ? 'wall-clock time of the run' : 'simulated time (compute before each collective, transfer growing with the rows moved)';
+  const clock = input.clock === 'real' ? 'wall-clock time of the run' : "the engine's simulated time (its cost model: expert FLOPs over a compute rate, collectives as latency plus bytes over link bandwidth)";
   return `<section id="timeline"><h2>Timeline</h2><p>One lane per rank, ${clock}. A vertical line joins the members of each matched collective; a collective drawn hatched never completed.</p><div class="scroll tall"><svg xmlns="http://www.w3.org/2000/svg" class="timeline" viewBox="0 0 ${labelW + plotW + 10} ${h}">${ticks}${lanes.join('')}${joins}</svg></div></section>`;
 }
 
