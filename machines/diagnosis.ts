@@ -44,7 +44,20 @@ export function rankReports(snapshots: readonly RankSnapshot[], tracker: Collect
   });
 }
 
-const list = (rs: readonly number[]) => (rs.length === 1 ? `rank ${rs[0]}` : `ranks ${rs.join(', ')}`);
+/** `0, 2–5, 9`: ranks as ranges, so 63 waiting ranks read as one line. */
+export function rankRanges(ranks: readonly number[]): string {
+  const sorted = [...ranks].sort((a, b) => a - b);
+  const out: string[] = [];
+  for (let i = 0; i < sorted.length; ) {
+    let j = i;
+    while (j + 1 < sorted.length && sorted[j + 1] === sorted[j]! + 1) j++;
+    out.push(j === i ? `${sorted[i]}` : j === i + 1 ? `${sorted[i]}, ${sorted[j]}` : `${sorted[i]}–${sorted[j]}`);
+    i = j + 1;
+  }
+  return out.join(', ');
+}
+
+export const rankWord = (ranks: readonly number[]) => (ranks.length === 1 ? `rank ${ranks[0]}` : `ranks ${rankRanges(ranks)}`);
 
 /**
  * At a mismatched position, the ranks that issued something other than what most members
@@ -83,7 +96,7 @@ export function diagnose(finding: Finding, snapshots: readonly RankSnapshot[], t
   if (skipsOf.length > 0) {
     // Facts per rank, the variant's rule once, then what each rank consequently skipped.
     const skipped = [...new Set(skipsOf.map((x) => x.skip.skipped.join(' and ')))];
-    const who = skipped.map((ops) => `${list(skipsOf.filter((x) => x.skip.skipped.join(' and ') === ops).map((x) => x.rank))} skipped ${ops}`);
+    const who = skipped.map((ops) => `${rankWord(skipsOf.filter((x) => x.skip.skipped.join(' and ') === ops).map((x) => x.rank))} skipped ${ops}`);
     parts.push(`${skipsOf.map((x) => x.skip.fact).join('; ')}; ${skipsOf[0]!.rule}, so ${who.join(' and ')}`);
   }
   if (parts.length === 0) {
@@ -106,7 +119,7 @@ export function diagnose(finding: Finding, snapshots: readonly RankSnapshot[], t
   }
   const waiters = waiting.filter((w) => !culprits.includes(w.rank));
   if (waiters.length > 0 && finding.kind !== 'cycle') {
-    parts.push(`${list(waiters.map((w) => w.rank))} ${waiters.length === 1 ? 'waits' : 'wait'} in ${waiters[0]!.op} (${finding.communicator}, position ${finding.position})`);
+    parts.push(`${rankWord(waiters.map((w) => w.rank))} ${waiters.length === 1 ? 'waits' : 'wait'} in ${waiters[0]!.op} (${finding.communicator}, position ${finding.position})`);
   }
   if (finding.kind === 'cycle') parts.push(`a wait-for cycle across communicators: ${finding.detail}`);
   return { verdict: finding.kind, communicator: finding.communicator, position: finding.position, culprits, ranks, cause: parts.join('; ') };
@@ -121,7 +134,7 @@ export function okDiagnosis(snapshots: readonly RankSnapshot[], tracker: Collect
 export function formatDiagnosis(d: Diagnosis): string {
   const head = d.verdict === 'ok' ? 'ok' : `${d.verdict.toUpperCase()}${d.communicator ? ` on ${d.communicator}, position ${d.position}` : ''}`;
   const lines = [`verdict: ${head}`, `cause:   ${d.cause}`];
-  if (d.culprits.length) lines.push(`culprit: ${list(d.culprits)}`);
+  if (d.culprits.length) lines.push(`culprit: ${rankWord(d.culprits)}`);
   if (d.detectedAfterMs !== undefined) lines.push(`detected ${d.detectedAfterMs.toFixed(1)} ms after the deciding event`);
   if (d.verdict !== 'ok') {
     lines.push('ranks:');

@@ -4,7 +4,8 @@
 import { communicators, describe, type CommunicatorSpec, type LedgerEntry } from '../../machines/ledger.js';
 import type { RankReport } from '../../machines/diagnosis.js';
 import { encodePng } from './png.js';
-import { esc, opClass, OP_LEGEND, rankRanges, rankWord, shortOp } from './html-util.js';
+import { esc, opClass, OP_LEGEND, shortOp } from './html-util.js';
+import { rankRanges, rankWord } from '../../machines/diagnosis.js';
 import type { ReportInput } from './input.js';
 
 /** Ranks above this many get the compact forms (short op codes, thin lanes). */
