@@ -6,12 +6,12 @@
 // issued by the driver itself.
 import { createActor, getInitialMicrosteps, type Actor, type InspectionEvent } from 'xstate';
 import { rankMachine, type RankConfig } from '../machines/rankMachine.js';
-import { issuedCollective, statePath, type IssuedCollective, type RankSnapshot } from '../machines/protocol.js';
+import { collectiveDtype, issuedCollective, statePath, type IssuedCollective, type RankSnapshot } from '../machines/protocol.js';
 import type { ExchangeFacts, LayerProtocol } from '../src/ep/layer.js';
 import type { CollectiveTag } from '../src/ep/types.js';
 import { Tensor } from '../src/tensor.js';
 import type { MeshCommunicator } from './transport.js';
-import { now, type SnapshotWire, type WorkerMessage } from './messages.js';
+import { now, type Fault, type SnapshotWire, type WorkerMessage } from './messages.js';
 
 export class ProtocolViolation extends Error {
   override name = 'ProtocolViolation';
@@ -20,7 +20,7 @@ export class ProtocolViolation extends Error {
 export class RankDriver implements LayerProtocol {
   private readonly actor: Actor<typeof rankMachine>;
   /** Set by fault injection: what goes wrong when the layer reaches an op. */
-  fault: { kind: 'throw' | 'stall' | 'garbage-to-supervisor'; op: string; layer?: number } | null = null;
+  fault: Extract<Fault, { kind: 'throw' | 'stall' | 'garbage-to-supervisor' }> | null = null;
 
   constructor(
     readonly cfg: RankConfig,
@@ -63,7 +63,7 @@ export class RankDriver implements LayerProtocol {
 
   async admit(tag: CollectiveTag): Promise<boolean> {
     const f = this.fault;
-    if (f && f.op === tag.op && (f.layer === undefined || f.layer === tag.layer)) {
+    if (f && f.op === tag.op && (f.kind !== 'throw' || f.layer === undefined || f.layer === tag.layer)) {
       this.fault = null;
       if (f.kind === 'throw') throw new Error(`injected fault: rank ${this.cfg.rank} throws in ${tag.op} of layer ${tag.layer}`);
       if (f.kind === 'stall') return new Promise<never>(() => {});
@@ -117,7 +117,7 @@ export class RankDriver implements LayerProtocol {
   }
 
   private announce(issued: IssuedCollective): void {
-    this.post({ type: 'issue', rank: this.cfg.rank, collective: issued, dtype: 'f32', snapshot: this.wire(), at: now() });
+    this.post({ type: 'issue', rank: this.cfg.rank, collective: issued, dtype: collectiveDtype(issued.op), snapshot: this.wire(), at: now() });
   }
 
   private expect(path: string, what: string): void {

@@ -25,6 +25,11 @@ export interface IssuedCollective {
   readonly why: readonly Decision[];
 }
 
+/** The element type an op moves: counts and expert ids are int64, activations and parameters f32. */
+export function collectiveDtype(op: CollectiveOp): 'i64' | 'f32' {
+  return op === 'fwd.counts' || op === 'fwd.expert_ids' ? 'i64' : 'f32';
+}
+
 export function startRank(cfg: RankConfig): RankSnapshot {
   return initialTransition(rankMachine, cfg)[0];
 }

@@ -10,7 +10,7 @@
 // it blocks gives the same times as a global event queue, without one.
 import { CollectiveTracker, type Finding, type LedgerEntry } from '../machines/ledger.js';
 import { diagnose, okDiagnosis, type Diagnosis } from '../machines/diagnosis.js';
-import { activity, issuedCollective, startRank, statePath, stepRank, type RankSnapshot } from '../machines/protocol.js';
+import { activity, collectiveDtype, issuedCollective, startRank, statePath, stepRank, type RankSnapshot } from '../machines/protocol.js';
 import type { RankEvent } from '../machines/rankMachine.js';
 import type { CollectiveOp } from '../src/ep/types.js';
 import { seededRng } from '../src/moe/random.js';
@@ -236,7 +236,8 @@ export function simulateDes(s: Scenario, opts: DesOptions = {}): DesResult {
           computeStep(r, snap, what);
         } else if (what === 'collective') {
           issuedAt[r] = clock[r]!;
-          const issued = tracker.issue(r, issuedCollective(snap)!, 'f32');
+          const c = issuedCollective(snap)!;
+          const issued = tracker.issue(r, c, collectiveDtype(c.op));
           first ??= issued.finding;
           if (issued.completed) complete(issued.completed);
           if (tracker.blockedOn(r)) break;
