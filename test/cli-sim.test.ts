@@ -39,6 +39,15 @@ test('the des engine gives the same verdict', () => {
   assert.equal(JSON.parse(r.stdout).culprits, [1]);
 });
 
+test('routing from a case file: the golden zero-token case hangs without the dispatch edge and passes with the seed', () => {
+  const file = `case:${join(repoRoot, 'test/fixtures/golden/ep4_gelu_unpacked_starve1.safetensors')}`;
+  const hang = cli('--routing', file, '--variant', 'no-dispatch-edge', '--json');
+  assert.is(hang.status, 2, hang.stderr);
+  assert.equal(JSON.parse(hang.stdout).culprits, [1]);
+  const ok = cli('--routing', file, '--json');
+  assert.is(ok.status, 0, ok.stderr);
+});
+
 test('bad usage exits 1 with a message naming the problem', () => {
   const cases: [string[], RegExp][] = [
     [['--ep', '4', '--experts', '6'], /num_experts \(6\) must be divisible by ep \(4\)/],
@@ -47,6 +56,7 @@ test('bad usage exits 1 with a message naming the problem', () => {
     [['--ep', 'four'], /--ep must be an integer/],
     [['--bogus'], /Unknown option '--bogus'/],
     [['--dp', '1', '--fsdp'], /FSDP needs a data-parallel dimension/],
+    [['--routing', 'case:/nonexistent.safetensors'], /--routing case:\/nonexistent\.safetensors: .*cannot read/],
   ];
   for (const [args, pattern] of cases) {
     const r = cli(...args);

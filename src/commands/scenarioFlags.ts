@@ -1,6 +1,8 @@
 // The scenario flags shared by `sim`, `check` and `sweep`: one definition, one help text,
 // one validation path (sim/scenario.ts validateScenario).
 import { readFile } from 'node:fs/promises';
+import { loadCase } from '../case.js';
+import { toIndexArray } from '../tensor.js';
 import { UsageError } from '../errors.js';
 import { DEFAULT_SCENARIO, validateScenario, type Scenario } from '../../sim/scenario.js';
 import { ROUTING_HELP } from '../../sim/routing.js';
@@ -44,7 +46,9 @@ export const SCENARIO_HELP = `scenario:
   --dim D, --hidden H    model and expert hidden size (default ${d.dim}, ${d.hidden})
   --layers L             MoE layers per step (default ${d.layers})
   --micro-batches M      micro-batches per step (default ${d.microBatches})
-  --routing G            ${ROUTING_HELP} (default ${d.routing})
+  --routing G            ${ROUTING_HELP} | case:FILE.safetensors (default ${d.routing})
+                         case:FILE takes the layout (ep, experts, top-k) and every rank's
+                         rank{r}.indices from a case file, for every layer and micro-batch
   --variant V            ${VARIANT_NAMES.join(' | ')} (default ${d.variant})
   --seed S               routing and data seed (default ${d.seed})
   --unpacked             unpacked experts (one Linear per projection) instead of packed
@@ -78,7 +82,8 @@ export async function scenarioFromFlags(v: Parsed['values']): Promise<Scenario> 
   int('seed', 'seed', 0);
   int('early-exit-rank', 'earlyExitRank', 0);
   int('early-exit-after', 'earlyExitAfterLayers', 0);
-  if (typeof v.routing === 'string') base.routing = v.routing;
+  if (typeof v.routing === 'string' && v.routing.startsWith('case:')) Object.assign(base, await routingFromCase(v.routing.slice(5), base));
+  else if (typeof v.routing === 'string') base.routing = v.routing;
   if (typeof v.variant === 'string') base.variant = v.variant as Scenario['variant'];
   if (typeof v.activation === 'string') {
     if (!['silu', 'gelu', 'relu'].includes(v.activation)) throw new UsageError(`--activation must be silu, gelu or relu, got '${v.activation}'`);
@@ -93,4 +98,34 @@ export async function scenarioFromFlags(v: Parsed['values']): Promise<Scenario> 
   if (v.wrap !== undefined && !v.fsdp) throw new UsageError('--wrap needs --fsdp');
   if (v.fsdp) base.fsdp = (typeof v.wrap === 'string' ? v.wrap : 'block') as WrapPolicy;
   return validateScenario(base);
+}
+
+/** Layout and explicit routing from a case file: its rank{r}.indices for every layer and micro-batch. */
+async function routingFromCase(path: string, base: Partial<Scenario>): Promise<Partial<Scenario>> {
+  let data;
+  try {
+    data = await loadCase(path);
+  } catch (err) {
+    throw new UsageError(`--routing case:${path}: ${(err as Error).message}`);
+  }
+  const { meta } = data;
+  const layers = base.layers ?? DEFAULT_SCENARIO.layers;
+  const microBatches = base.microBatches ?? DEFAULT_SCENARIO.microBatches;
+  const explicit = data.ranks.map((r) => {
+    const ids = Array.from(toIndexArray(r.indices_TK, 'indices'));
+    return Array.from({ length: microBatches }, () => Array.from({ length: layers }, () => ids));
+  });
+  return {
+    ep: meta.ep,
+    dp: 1,
+    experts: meta.numExperts,
+    topK: meta.topK,
+    dim: meta.dim,
+    hidden: meta.hidden,
+    activation: meta.activation,
+    packed: meta.packed,
+    tokens: Math.max(0, ...data.ranks.map((r) => r.indices_TK.shape[0] ?? 0)),
+    routing: 'explicit',
+    explicit,
+  };
 }
