@@ -101,43 +101,49 @@ export const ACTIVATION_FNS: Record<Activation, ActivationFn> = {
 // ---- the one GEMM kernel (f64, row-major) ----
 
 /**
- * c[M,N] += a[M,K] · b[K,N]. i-k-j order with four rows of a per pass, so each row of b
- * loaded is used four times; the inner loop streams contiguous rows of b and c.
+ * c[M,N] += a[M,K] · b[K,N]. Blocks of 4 rows × 4 columns of c live in 16 locals while k
+ * runs, so each step does 16 multiply-adds for 8 loads (the JIT keeps them in registers);
+ * edges fall back to one row or column at a time.
  */
 function mmAdd(a: Float64Array, aOff: number, b: Float64Array, bOff: number, c: Float64Array, cOff: number, M: number, K: number, N: number): void {
+  const N4 = N - (N % 4);
   let i = 0;
   for (; i + 4 <= M; i += 4) {
     const a0 = aOff + i * K;
     const a1 = a0 + K;
     const a2 = a1 + K;
     const a3 = a2 + K;
-    const c0 = cOff + i * N;
-    const c1 = c0 + N;
-    const c2 = c1 + N;
-    const c3 = c2 + N;
-    for (let k = 0; k < K; k++) {
-      const v0 = a[a0 + k]!;
-      const v1 = a[a1 + k]!;
-      const v2 = a[a2 + k]!;
-      const v3 = a[a3 + k]!;
-      const bRow = bOff + k * N;
-      for (let j = 0; j < N; j++) {
-        const bv = b[bRow + j]!;
-        c[c0 + j] += v0 * bv;
-        c[c1 + j] += v1 * bv;
-        c[c2 + j] += v2 * bv;
-        c[c3 + j] += v3 * bv;
+    for (let j = 0; j < N4; j += 4) {
+      let c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
+      let c20 = 0, c21 = 0, c22 = 0, c23 = 0, c30 = 0, c31 = 0, c32 = 0, c33 = 0;
+      for (let k = 0, bk = bOff + j; k < K; k++, bk += N) {
+        const b0 = b[bk]!, b1 = b[bk + 1]!, b2 = b[bk + 2]!, b3 = b[bk + 3]!;
+        const v0 = a[a0 + k]!, v1 = a[a1 + k]!, v2 = a[a2 + k]!, v3 = a[a3 + k]!;
+        c00 += v0 * b0; c01 += v0 * b1; c02 += v0 * b2; c03 += v0 * b3;
+        c10 += v1 * b0; c11 += v1 * b1; c12 += v1 * b2; c13 += v1 * b3;
+        c20 += v2 * b0; c21 += v2 * b1; c22 += v2 * b2; c23 += v2 * b3;
+        c30 += v3 * b0; c31 += v3 * b1; c32 += v3 * b2; c33 += v3 * b3;
       }
+      const r0 = cOff + i * N + j;
+      const r1 = r0 + N;
+      const r2 = r1 + N;
+      const r3 = r2 + N;
+      c[r0] += c00; c[r0 + 1] += c01; c[r0 + 2] += c02; c[r0 + 3] += c03;
+      c[r1] += c10; c[r1 + 1] += c11; c[r1 + 2] += c12; c[r1 + 3] += c13;
+      c[r2] += c20; c[r2 + 1] += c21; c[r2 + 2] += c22; c[r2 + 3] += c23;
+      c[r3] += c30; c[r3 + 1] += c31; c[r3 + 2] += c32; c[r3 + 3] += c33;
     }
+    for (let r = i; r < i + 4; r++) mmAddColumns(a, aOff + r * K, b, bOff, c, cOff + r * N, K, N, N4);
   }
-  for (; i < M; i++) {
-    const aRow = aOff + i * K;
-    const cRow = cOff + i * N;
-    for (let k = 0; k < K; k++) {
-      const av = a[aRow + k]!;
-      const bRow = bOff + k * N;
-      for (let j = 0; j < N; j++) c[cRow + j] += av * b[bRow + j]!;
-    }
+  for (; i < M; i++) mmAddColumns(a, aOff + i * K, b, bOff, c, cOff + i * N, K, N, 0);
+}
+
+/** One row of c, columns [from, N): c[j] += Σ_k a[k] · b[k, j]. */
+function mmAddColumns(a: Float64Array, aRow: number, b: Float64Array, bOff: number, c: Float64Array, cRow: number, K: number, N: number, from: number): void {
+  for (let k = 0; k < K; k++) {
+    const av = a[aRow + k]!;
+    const bRow = bOff + k * N;
+    for (let j = from; j < N; j++) c[cRow + j] += av * b[bRow + j]!;
   }
 }
 
