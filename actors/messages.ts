@@ -44,7 +44,8 @@ export type WorkerMessage =
   | { type: 'issue'; rank: number; collective: IssuedCollective; dtype: string; snapshot: SnapshotWire; at: number }
   | { type: 'completed'; rank: number; op: string; at: number }
   | { type: 'step'; rank: number; step: number; ms: number }
-  | { type: 'state'; rank: number; path: string; at: number }
+  /** State paths the rank went through since its last message (sent in batches, not per microstep). */
+  | { type: 'paths'; rank: number; paths: string[] }
   | { type: 'finished'; rank: number; how: 'done' | 'exited'; snapshot: SnapshotWire; result?: Uint8Array; at: number }
   | { type: 'violation'; rank: number; message: string; snapshot: SnapshotWire; at: number }
   | { type: 'transport-error'; rank: number; message: string; at: number }

@@ -19,6 +19,9 @@ export class ProtocolViolation extends Error {
 
 export class RankDriver implements LayerProtocol {
   private readonly actor: Actor<typeof rankMachine>;
+  private readonly record: boolean;
+  /** Microstep paths not yet sent to the supervisor. */
+  private paths: string[] = [];
   /** Set by fault injection: what goes wrong when the layer reaches an op. */
   fault: Extract<Fault, { kind: 'throw' | 'stall' | 'garbage-to-supervisor' }> | null = null;
 
@@ -30,12 +33,15 @@ export class RankDriver implements LayerProtocol {
     record = true,
   ) {
     // Paths record every microstep (eventless choice states too), as the engine's reports do.
+    // They are batched and go out ahead of the rank's next message to the supervisor, so a
+    // large run does not flood the supervisor with one message per microstep.
     const onInspect = (ev: InspectionEvent) => {
-      if (record && ev.type === '@xstate.microstep') this.post({ type: 'state', rank: cfg.rank, path: statePath(ev.snapshot as RankSnapshot), at: now() });
+      if (record && ev.type === '@xstate.microstep') this.paths.push(statePath(ev.snapshot as RankSnapshot));
       if (inspect) this.post({ type: 'inspect', rank: cfg.rank, event: inspectionJson(ev) });
     };
+    this.record = record;
     this.actor = createActor(rankMachine, { input: cfg, inspect: record || inspect ? onInspect : undefined });
-    if (record) for (const [snap] of getInitialMicrosteps(rankMachine, cfg)) this.post({ type: 'state', rank: cfg.rank, path: statePath(snap), at: now() });
+    if (record) for (const [snap] of getInitialMicrosteps(rankMachine, cfg)) this.paths.push(statePath(snap));
     this.actor.start();
   }
 
@@ -48,6 +54,13 @@ export class RankDriver implements LayerProtocol {
     const s = this.snapshot;
     if (s.status !== 'done') return null;
     return statePath(s) === 'exited' ? 'exited' : 'done';
+  }
+
+  /** Send the paths recorded since the last message (before any message that changes the supervisor's view). */
+  flushPaths(): void {
+    if (!this.record || this.paths.length === 0) return;
+    this.post({ type: 'paths', rank: this.cfg.rank, paths: this.paths });
+    this.paths = [];
   }
 
   wire(): SnapshotWire {
@@ -97,6 +110,7 @@ export class RankDriver implements LayerProtocol {
     await this.drainOwnCollectives();
     const how = this.finished;
     if (!how) throw this.violation(`rank ${this.cfg.rank} finished its step but the protocol is still in ${statePath(this.snapshot)}`);
+    this.flushPaths();
     return how;
   }
 
@@ -117,6 +131,7 @@ export class RankDriver implements LayerProtocol {
   }
 
   private announce(issued: IssuedCollective): void {
+    this.flushPaths();
     this.post({ type: 'issue', rank: this.cfg.rank, collective: issued, dtype: collectiveDtype(issued.op), snapshot: this.wire(), at: now() });
   }
 
@@ -126,6 +141,7 @@ export class RankDriver implements LayerProtocol {
   }
 
   private violation(message: string): ProtocolViolation {
+    this.flushPaths();
     this.post({ type: 'violation', rank: this.cfg.rank, message, snapshot: this.wire(), at: now() });
     return new ProtocolViolation(message);
   }

@@ -141,7 +141,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
         if (m.type === 'issue' && !tracker.blockedOn(m.rank)) {
           wires[m.rank] = m.snapshot;
           tracker.issue(m.rank, m.collective, m.dtype);
-        } else if (m.type === 'state') paths[m.rank]!.push(m.path);
+        } else if (m.type === 'paths') paths[m.rank]!.push(...m.paths);
         return;
       }
       armTimeout();
@@ -168,8 +168,8 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
 
     const handle = (m: WorkerMessage) => {
       switch (m.type) {
-        case 'state':
-          paths[m.rank]!.push(m.path);
+        case 'paths':
+          paths[m.rank]!.push(...m.paths);
           return;
         case 'inspect':
           opts.onInspect?.(m.rank, m.event);
