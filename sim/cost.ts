@@ -3,6 +3,7 @@
 // cross (intra-node: NVLink-like; inter-node: InfiniBand-like), with ranks packed onto
 // nodes of `ranksPerNode` consecutive global ranks as launchers place them; compute costs
 // FLOPs / rate. Defaults are H100-node-like, bf16.
+import { collectiveDtype } from '../machines/protocol.js';
 import { UsageError } from '../src/errors.js';
 import type { LedgerEntry } from '../machines/ledger.js';
 import type { Scenario } from './scenario.js';
@@ -62,7 +63,7 @@ export function collectiveMs(c: CostModel, s: Scenario, entries: readonly Ledger
   const node = (rank: number) => Math.floor(rank / c.ranksPerNode);
   const first = entries[0]!;
   if (first.sendSplits) {
-    const rowBytes = first.op === 'fwd.counts' || first.op === 'fwd.expert_ids' ? INDEX_BYTES : s.dim * c.bytesPerElement;
+    const rowBytes = collectiveDtype(first.op) === 'i64' ? INDEX_BYTES : s.dim * c.bytesPerElement;
     let slowest = 0;
     for (const e of entries) {
       let intra = 0;
