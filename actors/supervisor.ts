@@ -117,9 +117,9 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
       const detectedAfterMs = now() - decidedAt;
       setTimeout(() => end({ ...diagnose(finding, snapshots(), tracker), detectedAfterMs }), SETTLE_MS);
     };
-    const failure = (verdict: VerdictKind, rank: number | null, cause: string, decidedAt: number) => {
+    const failure = (kind: VerdictKind, rank: number | null, cause: string, decidedAt: number) => {
       if (decided) return;
-      const d: Diagnosis = { verdict, communicator: null, position: null, culprits: rank === null ? [] : [rank], ranks: rankReports(snapshots(), tracker), cause, detectedAfterMs: now() - decidedAt };
+      const d: Diagnosis = { verdict: kind, communicator: null, position: null, culprits: rank === null ? [] : [rank], ranks: rankReports(snapshots(), tracker), cause, detectedAfterMs: now() - decidedAt };
       end(d);
     };
     const armTimeout = () => {

@@ -30,6 +30,10 @@ export async function time(fn: () => unknown, runs = 7, warmup = 2): Promise<Tim
     await fn();
     samples.push(performance.now() - t0);
   }
-  samples.sort((a, b) => a - b);
-  return { medianMs: samples[Math.floor(samples.length / 2)]!, minMs: samples[0]!, runs };
+  return { medianMs: median(samples), minMs: Math.min(...samples), runs };
+}
+
+/** The middle sample (the upper middle of an even count). */
+export function median(xs: readonly number[]): number {
+  return [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 }

@@ -2,7 +2,7 @@
 // ranks against the seed on PyTorch + gloo (same sizes, same run), and a soak of 2,000
 // consecutive steps in one runtime with resident memory at its start and end.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
-import { time, type BenchRow } from './harness.js';
+import { median, time, type BenchRow } from './harness.js';
 import { epStepCase, epStepLabel, torchEpStep } from './torch.js';
 import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
@@ -10,7 +10,6 @@ import { validateScenario } from '../scenario.js';
 import type { BackendName } from '../../src/backends.js';
 
 const MiB = 1024 * 1024;
-const median = (xs: readonly number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 async function transport(): Promise<BenchRow> {
   const ep = 4;

@@ -1,4 +1,4 @@
-// A report input from the discrete-event engine: its diagnosis and ledger, each rank's
+// Report inputs from the two engines. From the discrete-event engine: its diagnosis and ledger, each rank's
 // path (every microstep, so the eventless choice states show too), simulated time, and
 // the routing the scenario's generator chose for the whole step.
 import { getInitialMicrosteps, getMicrosteps } from 'xstate';
@@ -8,6 +8,7 @@ import { simulateDes, type TraceEvent as EngineEvent } from '../des.js';
 import { routeTokens, sendCountsOf } from '../routing.js';
 import { rankConfig, worldSize, type Scenario } from '../scenario.js';
 import type { ReportInput, ReportRouting, TraceEvent } from './input.js';
+import type { RuntimeResult } from '../../actors/supervisor.js';
 
 export function reportFromDes(scenario: Scenario): ReportInput {
   const paths = Array.from({ length: worldSize(scenario) }, (_, r) => getInitialMicrosteps(rankMachine, rankConfig(scenario, r)).map(([s]) => statePath(s)));
@@ -26,6 +27,11 @@ export function reportFromDes(scenario: Scenario): ReportInput {
     routing: routingOf(scenario),
     clock: 'simulated',
   };
+}
+
+/** A report input from a worker-thread run: its diagnosis, ledger, paths and wall-clock trace. */
+export function reportFromRun(scenario: Scenario, run: Pick<RuntimeResult, 'diagnosis' | 'ledger' | 'paths' | 'trace'>): ReportInput {
+  return { scenario, diagnosis: run.diagnosis, ledger: run.ledger, paths: run.paths, trace: run.trace, routing: routingOf(scenario), clock: 'real' };
 }
 
 /** The engine's collective spans, in the engine's simulated time (its cost model), as report lanes. */

@@ -7,7 +7,7 @@ import { resolve } from 'node:path';
 import { formatDiagnosis } from '../../machines/diagnosis.js';
 import { actorRanks } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
-import { routingOf } from '../../sim/report/fromDes.js';
+import { reportFromRun } from '../../sim/report/fromDes.js';
 import { renderReport } from '../../sim/report/html.js';
 import { validateScenario } from '../../sim/scenario.js';
 import { runCase, syntheticCase } from '../case.js';
@@ -46,7 +46,7 @@ export async function main(argv: string[]): Promise<number> {
   const hang = await runActors(scenario);
   console.log(indent(formatDiagnosis(hang.diagnosis)));
 
-  await writeFile(reportPath, renderReport({ scenario, diagnosis: hang.diagnosis, ledger: hang.ledger, paths: hang.paths, trace: hang.trace, routing: routingOf(scenario), clock: 'real' }));
+  await writeFile(reportPath, renderReport(reportFromRun(scenario, hang)));
   console.log(`\n4. Report of the hang: ${reportPath}`);
   const caught = seed.diagnosis.verdict === 'ok' && hang.diagnosis.verdict !== 'ok';
   console.log(caught ? '\nThe seed passes and the hazard is caught: demo ok.' : '\nUnexpected verdicts: see above.');

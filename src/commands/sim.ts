@@ -4,7 +4,7 @@ import { writeFile } from 'node:fs/promises';
 import { UsageError } from '../errors.js';
 import { formatDiagnosis, type Diagnosis } from '../../machines/diagnosis.js';
 import { runActors } from '../../actors/supervisor.js';
-import { reportFromDes, routingOf } from '../../sim/report/fromDes.js';
+import { reportFromDes, reportFromRun } from '../../sim/report/fromDes.js';
 import { toTraceFile, type ReportInput } from '../../sim/report/input.js';
 import { renderReport } from '../../sim/report/html.js';
 import type { Scenario } from '../../sim/scenario.js';
@@ -108,7 +108,7 @@ async function runOnActors(scenario: Scenario, backend: BackendName, timeoutMs: 
       : (jsonLines ?? live);
   const r = await runActors(scenario, { backend, timeoutMs, onInspect });
   if (inspect !== undefined && inspect !== '-') await writeFile(inspect, lines.join('\n') + '\n');
-  return { scenario, diagnosis: r.diagnosis, ledger: r.ledger, paths: r.paths, trace: r.trace, routing: routingOf(scenario), clock: 'real' };
+  return reportFromRun(scenario, r);
 }
 
 function print(d: Diagnosis, json: boolean): void {
