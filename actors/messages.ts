@@ -5,7 +5,7 @@ import type { MessagePort } from 'node:worker_threads';
 import type { IssuedCollective } from '../machines/protocol.js';
 import type { RankContext } from '../machines/rankMachine.js';
 import type { Scenario } from '../sim/scenario.js';
-import type { BackendName } from '../src/backends.js';
+import type { BackendName, ExchangeName } from '../src/backends.js';
 
 /** Enough of a rank machine's snapshot for the supervisor to rebuild it for a diagnosis. */
 export interface SnapshotWire {
@@ -31,6 +31,11 @@ export interface WorkerJob {
   /** msgpack of `CaseRankJob` when running a case; absent for a generated sim step. */
   readonly casePayload?: Uint8Array;
   readonly backend: BackendName;
+  readonly exchange: ExchangeName;
+  /** The CUDA device this rank uses, when its kernels or its exchange use a GPU. */
+  readonly device?: number;
+  /** The nccl exchange: the unique id of this rank's ep communicator, from the supervisor. */
+  readonly ncclId?: Uint8Array;
   readonly faults: readonly Fault[];
   /** Stream xstate inspection events of this rank to the supervisor. */
   readonly inspect: boolean;

@@ -11,6 +11,9 @@ import { loadBackend } from '../src/backends.js';
 import type { Tensor } from '../src/tensor.js';
 import { RankDriver } from './rankDriver.js';
 import { MeshCommunicator, PortMesh } from './transport.js';
+import { stagingMemory } from './staging.js';
+import { requireNative } from '../src/native/backend.js';
+import type { Communicator } from '../src/ep/types.js';
 import { now, type SupervisorMessage, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankInputs, type RankStepInputs } from './inputs.js';
 import type { CaseRankOutput } from './caseRanks.js';
@@ -25,12 +28,18 @@ async function runRank(ports: Record<number, MessagePort>): Promise<void> {
   const mesh = new PortMesh(job.rank, new Map(Object.entries(ports).map(([k, p]) => [Number(k), p])), comms, (message) =>
     post({ type: 'transport-error', rank: job.rank, message, at: now() }),
   );
+  // The device first: the addon's per-thread CUDA stream is created on the current device.
+  if (job.device !== undefined) (requireNative().cudaSetDevice as (d: number) => void)(job.device);
+  const staging = await stagingMemory(job.exchange);
   const commOf = (kind: 'ep' | 'dp') => {
     const spec = comms.find((c) => c.kind === kind);
-    return spec ? new MeshCommunicator(spec, job.rank, mesh) : null;
+    return spec ? new MeshCommunicator(spec, job.rank, mesh, staging) : null;
   };
-  const ep = commOf('ep');
+  const meshEp = commOf('ep');
   const dp = commOf('dp');
+  // NCCL carries the EP layer's all-to-alls when chosen; the collectives the rank machine
+  // issues outside the layer (FSDP, the metric all-reduce) stay on the mesh.
+  const ep = job.exchange === 'nccl' ? await ncclCommunicator(cfg.epRank) : meshEp;
   const inputs: RankStepInputs = rankInputs(job);
   const backend = await loadBackend(job.backend);
   let how: 'done' | 'exited' = 'done';
@@ -38,7 +47,7 @@ async function runRank(ports: Record<number, MessagePort>): Promise<void> {
   let result: Uint8Array | undefined;
   for (let step = 0; step < job.steps && how === 'done'; step++) {
     const t0 = performance.now();
-    driver = new RankDriver(cfg, { ep, dp }, post, job.inspect, job.record);
+    driver = new RankDriver(cfg, { ep: meshEp, dp }, post, job.inspect, job.record);
     for (const f of step === 0 ? job.faults : []) {
       if (f.rank !== job.rank) continue;
       if (f.kind === 'throw' || f.kind === 'stall' || f.kind === 'garbage-to-supervisor') driver.fault = f;
@@ -49,6 +58,12 @@ async function runRank(ports: Record<number, MessagePort>): Promise<void> {
     post({ type: 'step', rank: job.rank, step, ms: performance.now() - t0 });
   }
   post({ type: 'finished', rank: job.rank, how, snapshot: driver!.wire(), result, at: now() });
+}
+
+async function ncclCommunicator(epRank: number): Promise<Communicator> {
+  if (!job.ncclId || job.device === undefined) throw new Error(`rank ${job.rank}: the nccl exchange needs a unique id and a device from the supervisor`);
+  const { NcclCommunicator } = await import('../src/native/nccl.js');
+  return NcclCommunicator.init({ id: job.ncclId, rank: epRank, size: job.scenario.ep, device: job.device });
 }
 
 /** One training step: every micro-batch forward over the layers, then backward in reverse. */

@@ -6,16 +6,18 @@
 // worker is terminated before the result is returned: no thread outlives a run.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { rankMachine } from '../machines/rankMachine.js';
-import { CollectiveTracker, communicators, type Finding, type LedgerEntry } from '../machines/ledger.js';
+import { CollectiveTracker, commOf, communicators, type Finding, type LedgerEntry } from '../machines/ledger.js';
 import { diagnose, okDiagnosis, rankReports, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
 import { startRank, type RankSnapshot } from '../machines/protocol.js';
 import { rankConfig, worldSize, type Scenario } from '../sim/scenario.js';
 import type { TraceEvent } from '../sim/report/input.js';
-import type { BackendName } from '../src/backends.js';
+import { gpuPlacement, type BackendName, type ExchangeName } from '../src/backends.js';
 import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
 
 export interface RuntimeOptions {
   backend?: BackendName;
+  /** How all-to-all data moves between ranks (default: msgpack over MessagePorts). */
+  exchange?: ExchangeName;
   faults?: readonly Fault[];
   /** No message from any rank for this long, without proof of a hang: `timeout` (default 10 s). */
   timeoutMs?: number;
@@ -67,8 +69,15 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   const finished = new Set<number>();
   const us = (at: number) => Math.round((at - t0) * 1000);
 
+  const backend = opts.backend ?? 'ts';
+  const exchange = opts.exchange ?? 'ports';
+  const comms = communicators({ ep: s.ep, dp: s.dp });
+  const gpu = await gpuPlacement(backend, exchange, n, s.ep, comms.filter((c) => c.kind === 'ep').map((c) => c.id));
   const workers = Array.from({ length: n }, (_, rank) => {
-    const job: WorkerJob = { rank, scenario: s, casePayload: opts.casePayloads?.[rank], backend: opts.backend ?? 'ts', faults: opts.faults ?? [], inspect: !!opts.onInspect, steps: opts.steps ?? 1, record };
+    const job: WorkerJob = {
+      rank, scenario: s, casePayload: opts.casePayloads?.[rank], backend, exchange, device: gpu?.devices[rank], ncclId: gpu?.ncclIds[commOf({ ep: s.ep, dp: s.dp }, rank, 'ep')],
+      faults: opts.faults ?? [], inspect: !!opts.onInspect, steps: opts.steps ?? 1, record,
+    };
     return new Worker(WORKER_URL, { workerData: job });
   });
   const exited = workers.map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())));
@@ -235,7 +244,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
 
     // One MessageChannel per pair of ranks that share a communicator.
     const ports: Record<number, MessagePort>[] = Array.from({ length: n }, () => ({}));
-    for (const c of communicators({ ep: s.ep, dp: s.dp })) {
+    for (const c of comms) {
       for (const a of c.members) {
         for (const b of c.members) {
           if (a >= b || ports[a]![b]) continue;

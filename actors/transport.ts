@@ -1,16 +1,29 @@
 // The MessagePort mesh inside a rank worker: one port per peer, msgpack messages with the
 // aligned tensor extensions (decoding gives views, not copies), buffers transferred rather
-// than cloned. Every message names its communicator, position and op, so a chunk for the
-// right position but another op, a chunk for a communicator the pair does not share, a
-// stale position or bytes that do not decode are reported at once instead of hanging.
+// than cloned; or, for a staged exchange (actors/staging.ts), small announcements saying
+// where the sender staged the peer's rows. Every message names its communicator, position
+// and op, so a chunk for the right position but another op, a chunk for a communicator the
+// pair does not share, a stale position or bytes that do not decode are reported at once
+// instead of hanging.
 import type { MessagePort } from 'node:worker_threads';
-import { ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '../src/tensor.js';
+import { DTYPES, ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '../src/tensor.js';
 import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.js';
 import type { CommunicatorSpec } from '../machines/ledger.js';
 import type { CollectiveTag, Communicator } from '../src/ep/types.js';
+import type { Piece, StagedHandle, StagingMemory } from './staging.js';
 
 export class TransportError extends Error {
   override name = 'TransportError';
+}
+
+/** Where a sender staged one peer's rows, as its announcement says. */
+export interface StagedRows {
+  readonly handle: StagedHandle;
+  /** Byte offset of the rows in the staged region. */
+  readonly offset: number;
+  readonly rows: number;
+  readonly rowSize: number;
+  readonly dtype: DType;
 }
 
 export interface Chunk {
@@ -18,9 +31,26 @@ export interface Chunk {
   readonly position: number;
   readonly op: string;
   readonly from: number;
-  readonly tensor: Tensor;
-  /** The message's buffer: the tensor may be a view into it; it goes back to the sender once consumed. */
-  readonly buffer: ArrayBuffer;
+  /**
+   * The rows: a decoded tensor with its message's buffer (the tensor may be a view into it;
+   * the buffer goes back to the sender once consumed), or where the sender staged them.
+   */
+  readonly rows: { readonly tensor: Tensor; readonly buffer: ArrayBuffer } | { readonly staged: StagedRows };
+}
+
+/** A staged chunk's announcement, as posted (structured clone shares a SharedArrayBuffer). */
+interface Announcement {
+  readonly comm: string;
+  readonly position: number;
+  readonly op: string;
+  readonly from: number;
+  readonly staged: StagedRows;
+}
+
+/** A receiver is done reading a staged chunk. */
+interface Ack {
+  readonly ack: string;
+  readonly position: number;
 }
 
 type Waiter = { op: string; resolve: (c: Chunk) => void };
@@ -42,6 +72,8 @@ export class PortMesh {
   private readonly shared = new Map<number, Set<string>>();
   /** Message buffers peers returned after consuming them, reused for the next sends to them. */
   private readonly pool = new Map<number, ArrayBuffer[]>();
+  /** Staged chunks this rank announced and whose readers have not acknowledged them yet. */
+  private readonly unacked = new Map<string, () => void>();
   /** Set by a fault injector: how to damage the next outgoing chunk of one op. */
   fault: { op: string; kind: ChunkFault } | null = null;
 
@@ -59,15 +91,19 @@ export class PortMesh {
       }
     }
     for (const [peer, port] of ports) {
-      port.on('message', (m: unknown) => (m instanceof ArrayBuffer ? this.returned(peer, m) : this.deliver(peer, m)));
+      port.on('message', (m: unknown) => {
+        if (m instanceof ArrayBuffer) this.returned(peer, m);
+        else if (m && typeof m === 'object' && 'ack' in m) this.acked(peer, m as Ack);
+        else this.deliver(peer, m);
+      });
     }
   }
 
-  send(peer: number, comm: string, position: number, op: string, tensor: Tensor): void {
+  /** Sends a peer its rows: in a msgpack message, or as an announcement of where they are staged. */
+  send(peer: number, comm: string, position: number, op: string, rows: Tensor | StagedRows): void {
     const port = this.ports.get(peer);
     if (!port) throw new TransportError(`rank ${this.rank} has no port to rank ${peer}`);
     let header = { comm, position };
-    let bytes: Uint8Array;
     if (this.fault?.op === op) {
       const kind = this.fault.kind;
       this.fault = null;
@@ -77,19 +113,42 @@ export class PortMesh {
       }
       header = kind === 'wrong-communicator' ? { comm: `${comm}-bogus`, position } : { comm, position: position - 1 };
     }
-    bytes = encodeMessage({ ...header, op, from: this.rank, tensor }, this.pool.get(peer)?.pop());
-    port.postMessage(bytes, [bytes.buffer as ArrayBuffer]);
+    if (rows instanceof Tensor) {
+      const bytes = encodeMessage({ ...header, op, from: this.rank, tensor: rows }, this.pool.get(peer)?.pop());
+      port.postMessage(bytes, [bytes.buffer as ArrayBuffer]);
+    } else {
+      const a: Announcement = { ...header, op, from: this.rank, staged: rows };
+      port.postMessage(a);
+    }
   }
 
-  /** Hand a consumed chunk's buffer back to its sender, which will encode into it again. */
+  /**
+   * Resolves once every peer has acknowledged reading what this rank staged for them at
+   * (comm, position). Call it right after the announcements, before awaiting anything.
+   */
+  acknowledgements(comm: string, position: number, peers: readonly number[]): Promise<void> {
+    return Promise.all(peers.map((peer) => new Promise<void>((resolve) => this.unacked.set(`${comm}|${position}|${peer}`, resolve)))).then(() => undefined);
+  }
+
+  /** The reader is done with a consumed chunk: its buffer goes back to the sender, or its staged region is released. */
   recycle(chunk: Chunk): void {
-    this.ports.get(chunk.from)?.postMessage(chunk.buffer, [chunk.buffer]);
+    const port = this.ports.get(chunk.from);
+    if ('buffer' in chunk.rows) port?.postMessage(chunk.rows.buffer, [chunk.rows.buffer]);
+    else port?.postMessage({ ack: chunk.comm, position: chunk.position } satisfies Ack);
   }
 
   private returned(peer: number, buffer: ArrayBuffer): void {
     const pool = this.pool.get(peer) ?? [];
     if (pool.length < POOL_PER_PEER) pool.push(buffer);
     this.pool.set(peer, pool);
+  }
+
+  private acked(peer: number, m: Ack): void {
+    const key = `${String(m.ack)}|${String(m.position)}|${peer}`;
+    const resolve = this.unacked.get(key);
+    if (!resolve) return this.onError(`rank ${this.rank} received from rank ${peer} an acknowledgement of ${String(m.ack)} position ${String(m.position)}, which it never staged for that rank`);
+    this.unacked.delete(key);
+    resolve();
   }
 
   receive(peer: number, comm: string, position: number, op: string): Promise<Chunk> {
@@ -120,10 +179,10 @@ export class PortMesh {
     return new Promise<never>(() => {});
   }
 
-  private deliver(peer: number, bytes: unknown): void {
+  private deliver(peer: number, message: unknown): void {
     let chunk: Chunk;
     try {
-      chunk = this.parse(peer, bytes);
+      chunk = this.parse(peer, message);
     } catch (err) {
       this.onError((err as Error).message);
       return;
@@ -146,25 +205,45 @@ export class PortMesh {
   }
 
   /** Decode and check a peer's message; anything malformed becomes a TransportError naming the sender. */
-  private parse(peer: number, bytes: unknown): Chunk {
+  private parse(peer: number, message: unknown): Chunk {
     const from = `rank ${this.rank} received from rank ${peer}`;
-    if (!(bytes instanceof Uint8Array)) throw new TransportError(`${from} a message that is not bytes`);
-    let msg: unknown;
-    try {
-      msg = decodeMessage(bytes);
-    } catch (err) {
-      if (err instanceof CodecError) throw new TransportError(`${from} a corrupt message: ${err.message}`);
-      throw err;
+    let m: Partial<Omit<Chunk, 'rows'> & { tensor: unknown; staged: unknown }> | null;
+    if (message instanceof Uint8Array) {
+      try {
+        m = decodeMessage(message) as typeof m;
+      } catch (err) {
+        if (err instanceof CodecError) throw new TransportError(`${from} a corrupt message: ${err.message}`);
+        throw err;
+      }
+    } else if (message && typeof message === 'object' && 'staged' in message) {
+      m = message as typeof m;
+    } else {
+      throw new TransportError(`${from} a message that is neither bytes nor a staged-chunk announcement`);
     }
-    const m = msg as Partial<Omit<Chunk, 'buffer'>> | null;
-    if (!m || typeof m !== 'object' || typeof m.comm !== 'string' || typeof m.op !== 'string' || !Number.isSafeInteger(m.position) || m.from !== peer || !(m.tensor instanceof Tensor)) {
-      throw new TransportError(`${from} a message without a valid communicator, position, op, sender and tensor`);
+    if (!m || typeof m !== 'object' || typeof m.comm !== 'string' || typeof m.op !== 'string' || !Number.isSafeInteger(m.position) || m.from !== peer) {
+      throw new TransportError(`${from} a message without a valid communicator, position, op and sender`);
     }
     if (!this.shared.get(peer)?.has(m.comm)) {
       throw new TransportError(`${from} a chunk for communicator '${m.comm}', which the two ranks do not share`);
     }
-    return { ...(m as Omit<Chunk, 'buffer'>), buffer: bytes.buffer as ArrayBuffer };
+    const header = { comm: m.comm, position: m.position!, op: m.op, from: peer };
+    if (message instanceof Uint8Array) {
+      if (!(m.tensor instanceof Tensor)) throw new TransportError(`${from} a message without a tensor`);
+      return { ...header, rows: { tensor: m.tensor, buffer: message.buffer as ArrayBuffer } };
+    }
+    return { ...header, rows: { staged: stagedRows(m.staged, `${from} a staged-chunk announcement`) } };
   }
+}
+
+/** Checks an announcement's rows field (it came from another thread: trust nothing). */
+function stagedRows(v: unknown, what: string): StagedRows {
+  const r = v as Partial<StagedRows> | null;
+  const count = (x: unknown) => Number.isSafeInteger(x) && (x as number) >= 0;
+  if (!r || typeof r !== 'object' || !(r.handle instanceof SharedArrayBuffer || typeof r.handle === 'bigint')) throw new TransportError(`${what} without a region handle`);
+  if (!count(r.offset) || !count(r.rows) || !count(r.rowSize) || !DTYPES.includes(r.dtype as DType)) throw new TransportError(`${what} with an invalid offset, row count, row size or dtype`);
+  const end = r.offset! + r.rows! * r.rowSize! * ELEMENT_SIZE[r.dtype!];
+  if (r.handle instanceof SharedArrayBuffer && end > r.handle.byteLength) throw new TransportError(`${what} whose rows end at byte ${end}, past its ${r.handle.byteLength}-byte region`);
+  return r as StagedRows;
 }
 
 /** A communicator of the mesh as seen from one worker: positions counted locally, exchanges over the PortMesh. */
@@ -181,6 +260,8 @@ export class MeshCommunicator implements Communicator {
     readonly spec: CommunicatorSpec,
     readonly globalRank: number,
     private readonly mesh: PortMesh,
+    /** Set for a staged exchange: rows are staged here and peers copy them out. */
+    private readonly staging: StagingMemory | null = null,
   ) {
     this.name = spec.kind;
     this.rank = spec.members.indexOf(globalRank);
@@ -194,27 +275,48 @@ export class MeshCommunicator implements Communicator {
     if (sendSplits.length !== this.size || recvSplits.length !== this.size) throw new TransportError(`${tag.op}: splits must have ${this.size} entries`);
     if (sendSplits.reduce((a, b) => a + b, 0) !== rows) throw new TransportError(`${tag.op}: send splits sum to ${sendSplits.reduce((a, b) => a + b, 0)} but the tensor has ${rows} rows`);
     const position = this.position++;
+    const peers = this.spec.members.filter((_, j) => j !== this.rank);
+    const rowBytes = rowSize * ELEMENT_SIZE[send.dtype];
+    const region = this.staging?.stage(bytesOf(send)) ?? null;
     let offset = 0;
     let own: Tensor<D> | null = null;
     for (let j = 0; j < this.size; j++) {
       const chunk = rowsOf(send, offset, sendSplits[j]!);
-      offset += sendSplits[j]!;
       if (j === this.rank) own = chunk;
-      else this.mesh.send(this.spec.members[j]!, this.spec.id, position, tag.op, chunk);
+      else this.mesh.send(this.spec.members[j]!, this.spec.id, position, tag.op, region === null ? chunk : { handle: region, offset: offset * rowBytes, rows: sendSplits[j]!, rowSize, dtype: send.dtype });
+      offset += sendSplits[j]!;
     }
+    const acknowledged = region === null ? null : this.mesh.acknowledgements(this.spec.id, position, peers);
     const chunks = await Promise.all(
       this.spec.members.map(async (peer, j) => {
         if (j === this.rank) return null;
         const c = await this.mesh.receive(peer, this.spec.id, position, tag.op);
-        const t = c.tensor;
-        if (t.dtype !== send.dtype || (t.shape[0] ?? 0) !== recvSplits[j] || t.rowSize !== rowSize) {
-          return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} sent ${t.shape[0]} rows of ${t.dtype} × ${t.rowSize}, rank ${this.globalRank} expected ${recvSplits[j]} rows of ${send.dtype} × ${rowSize}`);
+        const got = 'tensor' in c.rows ? { rows: c.rows.tensor.shape[0] ?? 0, dtype: c.rows.tensor.dtype, rowSize: c.rows.tensor.rowSize } : c.rows.staged;
+        if (got.dtype !== send.dtype || got.rows !== recvSplits[j] || got.rowSize !== rowSize) {
+          return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} sent ${got.rows} rows of ${got.dtype} × ${got.rowSize}, rank ${this.globalRank} expected ${recvSplits[j]} rows of ${send.dtype} × ${rowSize}`);
+        }
+        if ('staged' in c.rows && !this.staging?.isHandle(c.rows.staged.handle)) {
+          return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} staged its rows in memory that rank ${this.globalRank}'s ${this.staging?.name ?? 'ports'} exchange cannot read`);
         }
         return c;
       }),
     );
-    const out = concatRows(send.dtype, chunks.map((c) => (c ? (c.tensor as Tensor<D>) : own!)), [...send.shape.slice(1)], (bytes) => this.buffer(bytes));
+    const rest = [...send.shape.slice(1)];
+    let out: Tensor<D>;
+    if (this.staging) {
+      out = uninitialised(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], (bytes) => this.buffer(bytes));
+      const pieces = chunks.map((c): Piece => {
+        if (!c) return { local: bytesOf(own!) };
+        const s = (c.rows as { staged: StagedRows }).staged;
+        return { handle: s.handle, offset: s.offset, bytes: s.rows * rowBytes };
+      });
+      this.staging.gather(bytesOf(out), pieces);
+    } else {
+      out = concatRows(send.dtype, chunks.map((c) => (c ? ((c.rows as { tensor: Tensor }).tensor as Tensor<D>) : own!)), rest, (bytes) => this.buffer(bytes));
+    }
     for (const c of chunks) if (c) this.mesh.recycle(c);
+    // Peers copy out of the region until they say they are done; this rank need not wait.
+    if (region !== null) void acknowledged!.then(() => this.staging!.unstage(region));
     return out;
   }
 
@@ -267,17 +369,24 @@ export class MeshCommunicator implements Communicator {
   }
 }
 
+function bytesOf(t: Tensor): Uint8Array {
+  return new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+}
+
 function rowsOf<D extends DType>(t: Tensor<D>, start: number, count: number): Tensor<D> {
   const rs = t.rowSize;
   return new Tensor(t.dtype, [count, ...t.shape.slice(1)], t.data.subarray(start * rs, (start + count) * rs) as Tensor<D>['data']);
 }
 
-function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[], buffer: (bytes: number) => ArrayBuffer = (b) => Buffer.allocUnsafeSlow(b).buffer as ArrayBuffer): Tensor<D> {
-  const rows = parts.reduce((a, p) => a + (p.shape[0] ?? 0), 0);
-  const shape = [rows, ...rest];
+/** A tensor whose every element the caller writes, so its buffer need not be zeroed. */
+function uninitialised<D extends DType>(dtype: D, shape: number[], buffer: (bytes: number) => ArrayBuffer = (b) => Buffer.allocUnsafeSlow(b).buffer as ArrayBuffer): Tensor<D> {
   const n = numel(shape);
-  // Every element is written below, so the buffer need not be zeroed.
-  const out = new Tensor(dtype, shape, new STORAGE_CTOR[dtype](buffer(n * ELEMENT_SIZE[dtype]), 0, n) as Tensor<D>['data']);
+  return new Tensor(dtype, shape, new STORAGE_CTOR[dtype](buffer(n * ELEMENT_SIZE[dtype]), 0, n) as Tensor<D>['data']);
+}
+
+function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[], buffer?: (bytes: number) => ArrayBuffer): Tensor<D> {
+  const rows = parts.reduce((a, p) => a + (p.shape[0] ?? 0), 0);
+  const out = uninitialised(dtype, [rows, ...rest], buffer);
   let at = 0;
   for (const p of parts) {
     (out.data as Float32Array).set(p.data as Float32Array, at);

@@ -1,5 +1,6 @@
-// Expert backends by name, as the CLI and the rank workers choose them: the TypeScript
-// kernels, the native C++ kernels, or CUDA through the native addon.
+// Expert backends and exchanges by name, as the CLI and the rank workers choose them: the
+// TypeScript kernels, the native C++ kernels, or CUDA through the native addon; all-to-all
+// data over MessagePorts, host shared memory, one GPU's memory, or NCCL.
 import { UsageError } from './errors.js';
 import type { ExpertBackend } from './ep/types.js';
 import { tsBackend } from './moe/experts.js';
@@ -11,6 +12,58 @@ export function parseBackend(value: unknown): BackendName {
   const name = value ?? 'ts';
   if (!(BACKEND_NAMES as readonly unknown[]).includes(name)) throw new UsageError(`--backend must be one of ${BACKEND_NAMES.join(', ')}, got '${String(name)}'`);
   return name as BackendName;
+}
+
+export const EXCHANGE_NAMES = ['ports', 'shared', 'device-copy', 'nccl'] as const;
+/**
+ * How rank workers move all-to-all data: msgpack chunks over MessagePorts (the default),
+ * staged in host shared memory, staged in one GPU's memory with device-to-device copies
+ * (several ranks on one GPU), or NCCL (one GPU per rank of an ep group).
+ */
+export type ExchangeName = (typeof EXCHANGE_NAMES)[number];
+
+export function parseExchange(value: unknown): ExchangeName {
+  const name = value ?? 'ports';
+  if (!(EXCHANGE_NAMES as readonly unknown[]).includes(name)) throw new UsageError(`--exchange must be one of ${EXCHANGE_NAMES.join(', ')}, got '${String(name)}'`);
+  return name as ExchangeName;
+}
+
+/** Where rank workers run their GPU work: the device per rank, and one NCCL unique id per ep communicator. */
+export interface GpuPlacement {
+  readonly devices: readonly number[];
+  readonly ncclIds: Readonly<Record<string, Uint8Array>>;
+}
+
+/**
+ * The GPU placement for `ranks` ranks in ep groups of `ep` (null when neither the kernels
+ * nor the exchange use a GPU), failing with one clear line when the exchange cannot run
+ * here. device-copy keeps every rank on device 0; nccl and cuda kernels over another
+ * exchange put rank r on device r mod (devices).
+ */
+export async function gpuPlacement(backend: BackendName, exchange: ExchangeName, ranks: number, ep: number, epCommunicators: readonly string[]): Promise<GpuPlacement | null> {
+  const gpuExchange = exchange === 'device-copy' || exchange === 'nccl';
+  if (backend !== 'cuda' && !gpuExchange) return null;
+  const what = gpuExchange ? `the ${exchange} exchange` : 'the cuda backend';
+  const native = await import('./native/backend.js');
+  const addon = native.loadNative();
+  if (!addon) throw new UsageError(`${what} needs the native addon, which is not available: ${native.nativeUnavailableReason()}`);
+  let count = 0;
+  try {
+    count = addon.cudaInfo().devices;
+  } catch (err) {
+    throw new UsageError(`${what} cannot run here: ${(err as Error).message}`);
+  }
+  if (count === 0) throw new UsageError(`${what} cannot run here: no CUDA device`);
+  const ncclIds: Record<string, Uint8Array> = {};
+  if (exchange === 'nccl') {
+    if (ep > count) throw new UsageError(`the nccl exchange needs one GPU per rank of an ep group (NCCL refuses duplicate GPUs): ep=${ep} but ${count} CUDA device${count === 1 ? '' : 's'}; --exchange device-copy runs several ranks on one GPU`);
+    try {
+      for (const id of epCommunicators) ncclIds[id] = (addon.ncclGetUniqueId as () => Uint8Array)();
+    } catch (err) {
+      throw new UsageError(`the nccl exchange cannot run here: ${(err as Error).message}`);
+    }
+  }
+  return { devices: Array.from({ length: ranks }, (_, r) => (exchange === 'device-copy' ? 0 : r % count)), ncclIds };
 }
 
 /** Load a backend, failing with one clear line when it cannot run here (no addon, no CUDA device). */

@@ -19,18 +19,20 @@ import { goldenDir } from './paths.js';
 /** OS threads of this process (Linux): a worker that outlives its run shows up here. */
 const threadCount = () => readdirSync('/proc/self/task').length;
 
-test('golden cases match within 1e-5 with every rank a worker thread', async () => {
+test('golden cases match within 1e-5 with every rank a worker thread, exchanging over MessagePorts and through shared memory', async () => {
   const files = readdirSync(goldenDir).filter((f) => f.endsWith('.safetensors'));
   assert.ok(files.length >= 6);
   for (const f of files) {
     const path = join(goldenDir, f);
     const [data, file] = await Promise.all([loadCase(path), readSafetensorsFile(path)]);
-    const got = resultTensors(await runCase(data, { runRanks: actorRanks() }));
-    for (const [name, t] of got) {
-      const want = file.tensors.get(`expected.${name}`);
-      assert.ok(want, `${f}: expected.${name} missing`);
-      const err = relativeError(t, want!);
-      assert.ok(err <= 1e-5, `${f}: ${name} relative error ${err}`);
+    for (const exchange of ['ports', 'shared'] as const) {
+      const got = resultTensors(await runCase(data, { runRanks: actorRanks({ exchange }) }));
+      for (const [name, t] of got) {
+        const want = file.tensors.get(`expected.${name}`);
+        assert.ok(want, `${f}: expected.${name} missing`);
+        const err = relativeError(t, want!);
+        assert.ok(err <= 1e-5, `${f} over ${exchange}: ${name} relative error ${err}`);
+      }
     }
   }
 });

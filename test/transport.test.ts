@@ -1,14 +1,18 @@
 // The MessagePort mesh and its communicators, driven in one thread: uneven all-to-alls,
-// ring-style collectives built on them, and the reuse of result and message buffers.
+// ring-style collectives built on them, and the reuse of result and message buffers, for
+// msgpack chunks over the ports and for the staged (shared-memory) exchange alike; then
+// what a staged exchange does with announcements and acknowledgements it cannot trust.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
 import { communicators } from '../machines/ledger.js';
 import { MeshCommunicator, PortMesh } from '../actors/transport.js';
+import { sharedMemory, type StagingMemory } from '../actors/staging.js';
 import { Tensor } from '../src/tensor.js';
+import { seededRng } from '../src/moe/random.js';
 
 /** n ranks of one ep group, each with its mesh and communicator, wired by MessageChannels. */
-function group(n: number, onError: (m: string) => void = (m) => assert.unreachable(m)) {
+function group(n: number, staging: (() => StagingMemory) | null, onError: (m: string) => void = (m) => assert.unreachable(m)) {
   const spec = communicators({ ep: n, dp: 1 })[0]!;
   const ports: Map<number, MessagePort>[] = Array.from({ length: n }, () => new Map());
   for (let a = 0; a < n; a++) {
@@ -18,79 +22,159 @@ function group(n: number, onError: (m: string) => void = (m) => assert.unreachab
       ports[b]!.set(a, port2);
     }
   }
-  const comms = ports.map((p, r) => new MeshCommunicator(spec, r, new PortMesh(r, p, [spec], onError)));
+  const meshes = ports.map((p, r) => new PortMesh(r, p, [spec], onError));
+  const comms = meshes.map((m, r) => new MeshCommunicator(spec, r, m, staging?.() ?? null));
   const close = () => ports.forEach((p) => p.forEach((port) => port.close()));
-  return { comms, close };
+  return { comms, meshes, ports, close };
 }
 
 const tag = { op: 'fwd.dispatch' as const, layer: 0, microBatch: 0 };
 
-test('uneven all-to-all: rows arrive grouped by source rank, in order, empty splits included', async () => {
-  const { comms, close } = group(3);
-  // sends[r][j] rows from rank r to rank j; each row holds [r, j, k] for the k-th such row.
-  const sends = [
-    [1, 0, 2],
-    [0, 0, 3],
-    [2, 1, 0],
-  ];
-  const results = await Promise.all(
-    comms.map((c, r) => {
-      const rows = sends[r]!.flatMap((count, j) => Array.from({ length: count }, (_, k) => [r, j, k]));
-      return c.allToAll(tag, Tensor.from('f32', [rows.length, 3], rows.flat()), sends[r]!, sends.map((s) => s[r]!));
-    }),
-  );
-  results.forEach((t, j) => {
-    const want = sends.flatMap((s, r) => Array.from({ length: s[j]! }, (_, k) => [r, j, k]));
-    assert.equal(Array.from(t.data), want.flat(), `rank ${j}`);
+for (const [exchange, memory] of [['ports', null], ['shared', sharedMemory]] as const) {
+  test(`${exchange}: uneven all-to-all: rows arrive grouped by source rank, in order, empty splits included`, async () => {
+    const { comms, close } = group(3, memory);
+    // sends[r][j] rows from rank r to rank j; each row holds [r, j, k] for the k-th such row.
+    const sends = [
+      [1, 0, 2],
+      [0, 0, 3],
+      [2, 1, 0],
+    ];
+    const results = await Promise.all(
+      comms.map((c, r) => {
+        const rows = sends[r]!.flatMap((count, j) => Array.from({ length: count }, (_, k) => [r, j, k]));
+        return c.allToAll(tag, Tensor.from('f32', [rows.length, 3], rows.flat()), sends[r]!, sends.map((s) => s[r]!));
+      }),
+    );
+    results.forEach((t, j) => {
+      const want = sends.flatMap((s, r) => Array.from({ length: s[j]! }, (_, k) => [r, j, k]));
+      assert.equal(Array.from(t.data), want.flat(), `rank ${j}`);
+    });
+    close();
+  });
+
+  test(`${exchange}: i64 tensors, reduce-scatter, all-gather, all-reduce and barrier`, async () => {
+    const { comms, close } = group(2, memory);
+    const ids = await Promise.all(comms.map((c, r) => c.allToAll(tag, Tensor.from('i64', [2], [10 * r, 10 * r + 1]), [1, 1], [1, 1])));
+    assert.equal(ids.map((t) => Array.from(t.data as BigInt64Array, Number)), [[0, 10], [1, 11]]);
+    const sums = await Promise.all(comms.map((c, r) => c.reduceScatter(tag, Tensor.from('f32', [4], [1, 2, 3, 4].map((v) => v * (r + 1))))));
+    assert.equal(sums.map((t) => Array.from(t.data)), [[3, 6], [9, 12]]);
+    const gathered = await Promise.all(comms.map((c, r) => c.allGather(tag, Tensor.from('f32', [1, 2], [r, r]))));
+    assert.equal(Array.from(gathered[1]!.data), [0, 0, 1, 1]);
+    const reduced = await Promise.all(comms.map((c, r) => c.allReduce(tag, Tensor.from('f64', [3], [r, 1, -r]))));
+    assert.equal(reduced.map((t) => Array.from(t.data)), [[1, 2, -1], [1, 2, -1]]);
+    // A barrier completes only once both have entered it.
+    let entered = 0;
+    const first = comms[0]!.barrier({ ...tag, op: 'barrier' }).then(() => entered);
+    await new Promise((r) => setTimeout(r, 20));
+    entered = 1;
+    await comms[1]!.barrier({ ...tag, op: 'barrier' });
+    assert.is(await first, 1);
+    close();
+  });
+
+  test(`${exchange}: a released result backs the next one; foreign tensors are ignored`, async () => {
+    const { comms, close } = group(2, memory);
+    const exchange = () => Promise.all(comms.map((c) => c.allToAll(tag, Tensor.zeros('f32', [4, 256]), [2, 2], [2, 2])));
+    const first = await exchange();
+    const buffers = first.map((t) => t.data.buffer);
+    comms.forEach((c, r) => {
+      c.release(first[r]!);
+      c.release(Tensor.zeros('f32', [4, 256])); // not this communicator's: ignored
+    });
+    const second = await exchange();
+    second.forEach((t, r) => assert.ok(t.data.buffer === buffers[r], `rank ${r} reused its released buffer`));
+    const third = await exchange(); // nothing released since: fresh buffers
+    third.forEach((t, r) => assert.ok(t.data.buffer !== second[r]!.data.buffer));
+    close();
+  });
+
+  test(`${exchange}: a row count that disagrees with the expected split is reported and the collective waits`, async () => {
+    const errors: string[] = [];
+    const { comms, close } = group(2, memory, (m) => errors.push(m));
+    const a = comms[0]!.allToAll(tag, Tensor.zeros('f32', [3, 2]), [1, 2], [1, 1]);
+    const b = comms[1]!.allToAll(tag, Tensor.zeros('f32', [2, 2]), [1, 1], [1, 1]); // expects 1 row from rank 0, gets 2
+    const within100ms = (p: Promise<unknown>) => Promise.race([p.then(() => 'resolved'), new Promise((r) => setTimeout(() => r('waiting'), 100))]);
+    assert.is(await within100ms(a), 'resolved'); // rank 0 got what it expected
+    assert.is(await within100ms(b), 'waiting');
+    assert.match(errors.join('\n'), /rank 0 sent 2 rows of f32 × 2, rank 1 expected 1 rows/);
+    close();
+  });
+}
+
+test('shared: staged regions are reused once every peer has acknowledged them (two per rank at most)', async () => {
+  const regions: SharedArrayBuffer[][] = [];
+  const recording = (): StagingMemory => {
+    const m = sharedMemory();
+    const mine: SharedArrayBuffer[] = [];
+    regions.push(mine);
+    return { ...m, stage: (b) => { const h = m.stage(b) as SharedArrayBuffer; mine.push(h); return h; } };
+  };
+  const { comms, close } = group(3, recording);
+  for (let i = 0; i < 6; i++) await Promise.all(comms.map((c) => c.allToAll(tag, Tensor.zeros('f32', [3, 64]), [1, 1, 1], [1, 1, 1])));
+  // A peer acknowledges exchange i before it announces exchange i + 1 on the same port, so a
+  // rank's region from exchange i is free again by the time it stages exchange i + 2.
+  regions.forEach((mine, r) => {
+    assert.is(mine.length, 6);
+    assert.ok(new Set(mine).size <= 2, `rank ${r} staged into ${new Set(mine).size} regions`);
   });
   close();
 });
 
-test('i64 tensors, reduce-scatter, all-gather, all-reduce and barrier', async () => {
-  const { comms, close } = group(2);
-  const ids = await Promise.all(comms.map((c, r) => c.allToAll(tag, Tensor.from('i64', [2], [10 * r, 10 * r + 1]), [1, 1], [1, 1])));
-  assert.equal(ids.map((t) => Array.from(t.data as BigInt64Array, Number)), [[0, 10], [1, 11]]);
-  const sums = await Promise.all(comms.map((c, r) => c.reduceScatter(tag, Tensor.from('f32', [4], [1, 2, 3, 4].map((v) => v * (r + 1))))));
-  assert.equal(sums.map((t) => Array.from(t.data)), [[3, 6], [9, 12]]);
-  const gathered = await Promise.all(comms.map((c, r) => c.allGather(tag, Tensor.from('f32', [1, 2], [r, r]))));
-  assert.equal(Array.from(gathered[1]!.data), [0, 0, 1, 1]);
-  const reduced = await Promise.all(comms.map((c, r) => c.allReduce(tag, Tensor.from('f64', [3], [r, 1, -r]))));
-  assert.equal(reduced.map((t) => Array.from(t.data)), [[1, 2, -1], [1, 2, -1]]);
-  // A barrier completes only once both have entered it.
-  let entered = 0;
-  const first = comms[0]!.barrier({ ...tag, op: 'barrier' }).then(() => entered);
-  await new Promise((r) => setTimeout(r, 20));
-  entered = 1;
-  await comms[1]!.barrier({ ...tag, op: 'barrier' });
-  assert.is(await first, 1);
-  close();
-});
+/** Waits until messages posted so far have been delivered. */
+const drained = () => new Promise((r) => setTimeout(r, 20));
 
-test('a released result backs the next one; foreign tensors are ignored', async () => {
-  const { comms, close } = group(2);
-  const exchange = () => Promise.all(comms.map((c) => c.allToAll(tag, Tensor.zeros('f32', [4, 256]), [2, 2], [2, 2])));
-  const first = await exchange();
-  const buffers = first.map((t) => t.data.buffer);
-  comms.forEach((c, r) => {
-    c.release(first[r]!);
-    c.release(Tensor.zeros('f32', [4, 256])); // not this communicator's: ignored
-  });
-  const second = await exchange();
-  second.forEach((t, r) => assert.ok(t.data.buffer === buffers[r], `rank ${r} reused its released buffer`));
-  const third = await exchange(); // nothing released since: fresh buffers
-  third.forEach((t, r) => assert.ok(t.data.buffer !== second[r]!.data.buffer));
-  close();
-});
-
-test('a row count that disagrees with the expected split is reported and the collective waits', async () => {
+test('staged announcements that cannot be trusted are reported one error each, never thrown, never delivered', async () => {
   const errors: string[] = [];
-  const { comms, close } = group(2, (m) => errors.push(m));
-  const a = comms[0]!.allToAll(tag, Tensor.zeros('f32', [3, 2]), [1, 2], [1, 1]);
-  const b = comms[1]!.allToAll(tag, Tensor.zeros('f32', [2, 2]), [1, 1], [1, 1]); // expects 1 row from rank 0, gets 2
-  await a;
-  const settled = await Promise.race([b.then(() => 'resolved'), new Promise((r) => setTimeout(() => r('waiting'), 100))]);
+  const { comms, ports, close } = group(2, sharedMemory, (m) => errors.push(m));
+  const fromRank1 = ports[1]!.get(0)!; // what rank 1 posts, rank 0's mesh receives
+  const valid = () => ({ comm: 'ep', position: 0, op: 'fwd.dispatch', from: 1, staged: { handle: new SharedArrayBuffer(64), offset: 0, rows: 2, rowSize: 4, dtype: 'f32' } });
+  const bad: Record<string, unknown[]> = {
+    comm: [undefined, 5, 'ep-bogus', null],
+    position: [0.5, '0', Number.NaN, undefined, 2 ** 60, -1],
+    op: [undefined, 7, null],
+    from: [0, 2, '1', undefined],
+    staged: [null, 5, 'x', {}, { handle: 5, offset: 0, rows: 0, rowSize: 0, dtype: 'f32' }],
+    'staged.offset': [-4, 1.5, '0', 64],
+    'staged.rows': [-1, 2.5, null, 1e9],
+    'staged.rowSize': [-2, undefined],
+    'staged.dtype': ['f8', 3, undefined],
+  };
+  const rng = seededRng(7);
+  const keys = Object.keys(bad);
+  let posted = 0;
+  for (let i = 0; i < 300; i++) {
+    const m = valid() as Record<string, unknown> & { staged: Record<string, unknown> };
+    const key = keys[Math.floor(rng() * keys.length)]!;
+    const values = bad[key]!;
+    const value = values[Math.floor(rng() * values.length)];
+    if (key.startsWith('staged.')) m.staged[key.slice(7)] = value;
+    else m[key] = value;
+    fromRank1.postMessage(m);
+    posted++;
+  }
+  for (const garbage of [null, 42, 'bytes', [1, 2], { ack: 'ep', position: 9 }, new Uint8Array([0xc1]), { staged: true }]) {
+    fromRank1.postMessage(garbage);
+    posted++;
+  }
+  await drained();
+  assert.is(errors.length, posted, errors.slice(0, 5).join('\n'));
+  assert.ok(errors.some((e) => /past its 64-byte region/.test(e)));
+  assert.ok(errors.some((e) => /never staged/.test(e)));
+  // Nothing was delivered: a real exchange at position 0 still works.
+  const done = await Promise.all(comms.map((c) => c.allToAll(tag, Tensor.zeros('f32', [2, 4]), [1, 1], [1, 1])));
+  assert.equal(done.map((t) => t.shape), [[2, 4], [2, 4]]);
+  close();
+});
+
+test('a staged chunk whose region this exchange cannot read is reported and the collective waits', async () => {
+  const errors: string[] = [];
+  const { comms, ports, close } = group(2, sharedMemory, (m) => errors.push(m));
+  // Rank 1 announces a device pointer, which host shared memory cannot read.
+  ports[1]!.get(0)!.postMessage({ comm: 'ep', position: 0, op: 'fwd.dispatch', from: 1, staged: { handle: 0x7f00n, offset: 0, rows: 1, rowSize: 4, dtype: 'f32' } });
+  const a = comms[0]!.allToAll(tag, Tensor.zeros('f32', [2, 4]), [1, 1], [1, 1]);
+  const settled = await Promise.race([a.then(() => 'resolved'), new Promise((r) => setTimeout(() => r('waiting'), 100))]);
   assert.is(settled, 'waiting');
-  assert.match(errors.join('\n'), /rank 0 sent 2 rows of f32 × 2, rank 1 expected 1 rows/);
+  assert.match(errors.join('\n'), /rank 1 staged its rows in memory that rank 0's shared exchange cannot read/);
   close();
 });
 

@@ -48,7 +48,6 @@ async function gemmRows(): Promise<BenchRow[]> {
 }
 
 async function epRows(): Promise<BenchRow[]> {
-  const o = DEFAULT_EP_OPTIONS;
   const data = epStepCase();
   const info = loadNative()!.info();
   const backends: { backend: ExpertBackend; label: string; runs: number }[] = [

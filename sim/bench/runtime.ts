@@ -1,4 +1,4 @@
-// Actor-runtime benchmarks: the MessagePort all-to-all against memcpy, an EP step on worker
+// Actor-runtime benchmarks: the all-to-all over MessagePorts and over shared memory against memcpy, an EP step on worker
 // ranks against the seed on PyTorch + gloo (same sizes, same run), and a soak of 2,000
 // consecutive steps in one runtime with resident memory at its start and end.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
@@ -11,7 +11,7 @@ import type { BackendName } from '../../src/backends.js';
 
 const MiB = 1024 * 1024;
 
-async function transport(): Promise<BenchRow> {
+async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
   const ep = 4;
   const rowSize = 1024; // f32 → 4 KiB rows; 1024 rows = 4 MiB per peer
   const rowsPerPeer = (4 * MiB) / (rowSize * 4);
@@ -24,7 +24,7 @@ async function transport(): Promise<BenchRow> {
       ports[b]![a] = port2;
     }
   }
-  const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./workers/transport.js', import.meta.url), { workerData: { rank, ep, rowsPerPeer, rowSize, iterations } }));
+  const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./workers/transport.js', import.meta.url), { workerData: { rank, ep, rowsPerPeer, rowSize, iterations, exchange } }));
   const samples = await Promise.all(
     workers.map((w, rank) => {
       const done = new Promise<number[]>((resolve, reject) => {
@@ -46,7 +46,7 @@ async function transport(): Promise<BenchRow> {
   }, 15, 3);
   const memcpy = (3 * 4 * MiB) / (copy.medianMs / 1e3) / 1e9;
   return {
-    name: 'all-to-all, 4 worker ranks, 4 MiB per pair (GB/s sent per rank)',
+    name: `all-to-all over ${exchange === 'ports' ? 'MessagePorts (msgpack)' : 'shared memory (staged)'}, 4 worker ranks, 4 MiB per pair (GB/s sent per rank)`,
     value: gbps,
     unit: 'GB/s',
     baseline: { name: 'memcpy (TypedArray.set) of the same bytes, one thread', value: memcpy, unit: 'GB/s' },
@@ -84,7 +84,7 @@ async function soak(): Promise<BenchRow> {
 }
 
 export async function bench(): Promise<BenchRow[]> {
-  const rows = [await transport()];
+  const rows = [await transport('ports'), await transport('shared')];
   // The TypeScript kernels take tens of seconds per step here: one warm-up, one timed step.
   rows.push(await epStep('ts', 2));
   const native = await import('../../src/native/backend.js');

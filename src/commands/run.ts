@@ -5,10 +5,11 @@ import { parse } from './args.js';
 import { UsageError } from '../errors.js';
 import { caseMetadata, loadCase, resultTensors, runCase } from '../case.js';
 import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
-import { loadBackend, parseBackend } from '../backends.js';
+import { loadBackend, parseBackend, parseExchange } from '../backends.js';
 import { actorRanks } from '../../actors/caseRanks.js';
 
 const HELP = `usage: ep-actors run --case FILE --out FILE [--json] [--in-process] [--backend ts|native|cuda]
+                      [--exchange ports|shared|device-copy|nccl]
 
 Run the EP layer (KempnerForge's ep_dispatch_and_compute) forward and backward on the
 inputs of a case file, each EP rank a worker-thread actor under its rank machine.
@@ -24,6 +25,9 @@ inputs of a case file, each EP rank a worker-thread actor under its rank machine
   --json        print one JSON object instead of the summary
   --in-process  run the ranks as async tasks in one thread instead of worker threads
   --backend B   expert kernels: ts (TypeScript), native (the C++ addon) or cuda
+  --exchange X  how worker ranks move all-to-all data: ports (msgpack over MessagePorts,
+                the default), shared (staged in host shared memory), device-copy (staged in
+                one GPU's memory: several ranks on one GPU) or nccl (one GPU per rank)
   -h, --help    this text
 
 exit codes: 0 ok, 1 bad usage or an invalid case (one line names the tensor or key)`;
@@ -31,7 +35,7 @@ exit codes: 0 ok, 1 bad usage or an invalid case (one line names the tensor or k
 export async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parse(
     argv,
-    { case: { type: 'string' }, out: { type: 'string' }, json: { type: 'boolean' }, 'in-process': { type: 'boolean' }, backend: { type: 'string' } },
+    { case: { type: 'string' }, out: { type: 'string' }, json: { type: 'boolean' }, 'in-process': { type: 'boolean' }, backend: { type: 'string' }, exchange: { type: 'string' } },
     HELP,
   );
   if (values.help) {
@@ -46,11 +50,13 @@ export async function main(argv: string[]): Promise<number> {
 
   const backend = parseBackend(values.backend);
   const kernels = await loadBackend(backend); // fails in one line when it cannot run here
+  const exchange = parseExchange(values.exchange);
+  if (values['in-process'] && values.exchange !== undefined) throw new UsageError('--exchange chooses how worker ranks exchange; --in-process ranks share one thread');
 
   const data = await loadCase(casePath);
   const result = values['in-process']
     ? await runCase(data, { backend: kernels })
-    : await runCase(data, { runRanks: actorRanks({ backend }) });
+    : await runCase(data, { runRanks: actorRanks({ backend, exchange }) });
   const tensors = resultTensors(result);
   await writeSafetensorsFileAtomic(outPath, tensors, caseMetadata(data.meta));
 

@@ -9,7 +9,7 @@ import { toTraceFile, type ReportInput } from '../../sim/report/input.js';
 import { renderReport } from '../../sim/report/html.js';
 import type { Scenario } from '../../sim/scenario.js';
 import { intOption, parse } from './args.js';
-import { loadBackend, parseBackend, type BackendName } from '../backends.js';
+import { loadBackend, parseBackend, parseExchange, type BackendName, type ExchangeName } from '../backends.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { startLive, untilInterrupted } from '../../sim/live/server.js';
 
@@ -32,6 +32,9 @@ output:
                          up after the verdict until Ctrl-C
   --live-exit            with --live: close the page's server once the verdict is sent
   --backend B            expert kernels for the actors engine: ts | native | cuda (default ts)
+  --exchange X           actors: how ranks move all-to-all data: ports (msgpack over MessagePorts,
+                         default) | shared (host shared memory) | device-copy (one GPU's memory,
+                         several ranks on one GPU) | nccl (one GPU per rank)
   --timeout MS           actors: verdict 'timeout' after this long without progress (default 10000)
 
 exit: 0 the step completes, 2 a hang or mismatch was found, 1 bad usage or an error
@@ -52,6 +55,7 @@ export async function main(argv: string[]): Promise<number> {
       live: { type: 'string' },
       'live-exit': { type: 'boolean' },
       backend: { type: 'string' },
+      exchange: { type: 'string' },
       timeout: { type: 'string' },
     },
     HELP,
@@ -65,6 +69,8 @@ export async function main(argv: string[]): Promise<number> {
   if (engine !== 'actors' && engine !== 'des') throw new UsageError(`--engine must be actors or des, got '${String(engine)}'`);
   const backend = parseBackend(v.backend);
   if (engine === 'actors') await loadBackend(backend); // fail here, in one line, if it cannot run
+  const exchange = parseExchange(v.exchange);
+  if (v.exchange !== undefined && engine !== 'actors') throw new UsageError('--exchange chooses how worker ranks exchange: it needs --engine actors');
   if (v['live-exit'] && v.live === undefined) throw new UsageError('--live-exit needs --live');
   if (v.live !== undefined && engine !== 'actors') throw new UsageError('--live watches worker ranks: it needs --engine actors');
 
@@ -72,7 +78,7 @@ export async function main(argv: string[]): Promise<number> {
   if (live) console.error(`live view: ${live.url}`);
   // The server must not keep the process alive when the run throws.
   try {
-    const input = engine === 'des' ? reportFromDes(scenario) : await runOnActors(scenario, backend, intOption(v.timeout, 'timeout', 10_000, 1), typeof v.inspect === 'string' ? v.inspect : undefined, live?.onInspect);
+    const input = engine === 'des' ? reportFromDes(scenario) : await runOnActors(scenario, { backend, exchange }, intOption(v.timeout, 'timeout', 10_000, 1), typeof v.inspect === 'string' ? v.inspect : undefined, live?.onInspect);
     live?.verdict(input.diagnosis);
     if (typeof v.trace === 'string') await writeFile(v.trace, JSON.stringify(toTraceFile(input)));
     if (typeof v.report === 'string') await writeFile(v.report, renderReport(input));
@@ -95,7 +101,7 @@ function withLivePort(argv: string[]): string[] {
 
 type InspectSink = (rank: number, event: unknown) => void;
 
-async function runOnActors(scenario: Scenario, backend: BackendName, timeoutMs: number, inspect: string | undefined, live: InspectSink | undefined): Promise<ReportInput> {
+async function runOnActors(scenario: Scenario, how: { backend: BackendName; exchange: ExchangeName }, timeoutMs: number, inspect: string | undefined, live: InspectSink | undefined): Promise<ReportInput> {
   const lines: string[] = [];
   const jsonLines: InspectSink | undefined =
     inspect === undefined ? undefined : (rank, event) => (inspect === '-' ? console.log(JSON.stringify({ rank, event })) : lines.push(JSON.stringify({ rank, event })));
@@ -106,7 +112,7 @@ async function runOnActors(scenario: Scenario, backend: BackendName, timeoutMs: 
           live(rank, event);
         }
       : (jsonLines ?? live);
-  const r = await runActors(scenario, { backend, timeoutMs, onInspect });
+  const r = await runActors(scenario, { ...how, timeoutMs, onInspect });
   if (inspect !== undefined && inspect !== '-') await writeFile(inspect, lines.join('\n') + '\n');
   return reportFromRun(scenario, r);
 }

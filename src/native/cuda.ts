@@ -1,14 +1,19 @@
 // The CUDA expert backend (f32 tensors in and out; 'bf16' rounds inputs and weights to
-// bf16 on the device and accumulates in f32) and the device-copy transport used when
-// several ranks share one GPU (NCCL refuses duplicate GPUs).
+// bf16 on the device and accumulates in f32) and the device-copy exchange's memory, used
+// when several ranks share one GPU (NCCL refuses duplicate GPUs).
 import type { Tensor, FloatDType } from '../tensor.js';
 import type { ExpertBackend, ExpertBackward, ExpertForward, ExpertWeights } from '../ep/types.js';
 import { NativeError, NativeExpertBackend, requireNative, type ExpertJob } from './backend.js';
+import type { StagedHandle, StagingMemory } from '../../actors/staging.js';
 
 interface CudaAddon {
   cudaExpertForward(job: ExpertJob, precision: 'f32' | 'bf16'): void;
   cudaExpertBackward(job: ExpertJob, precision: 'f32' | 'bf16'): void;
   cudaCopy(dst: bigint, src: bigint, bytes: number): void;
+  cudaAlloc(bytes: number): bigint;
+  cudaFree(p: bigint): void;
+  cudaUpload(p: bigint, data: ArrayBufferView): void;
+  cudaDownload(p: bigint, data: ArrayBufferView): void;
 }
 
 /**
@@ -40,23 +45,48 @@ export class CudaExpertBackend implements ExpertBackend {
 }
 
 /**
- * All-to-all among ranks on one GPU by device-to-device copies: rank i's rows for rank j
- * (sendRows[i][j] rows, in order) land in rank j's receive buffer, grouped by source rank.
- * The ranks' buffers are device pointers (bigint) that the rank workers hand the caller.
+ * The device-copy exchange's memory (actors/staging.ts): a rank stages its send rows in
+ * device memory; a receiver copies its pieces device-to-device into one receive buffer and
+ * downloads that into its result. Device pointers are valid in every worker thread of the
+ * process (one CUDA context per device), and every call here completes before it returns,
+ * so a peer's acknowledgement means its copies are finished.
  */
-export function deviceCopyAllToAll(send: readonly bigint[], sendRows: readonly (readonly number[])[], recv: readonly bigint[], rowBytes: number): void {
-  const n = send.length;
-  if (recv.length !== n || sendRows.length !== n || sendRows.some((r) => r.length !== n))
-    throw new NativeError(`device-copy all-to-all needs ${n} send buffers, receive buffers and split rows of ${n}`, 'BAD_ARGUMENT');
+export function deviceCopyMemory(): StagingMemory {
   const a = requireNative() as unknown as CudaAddon;
-  for (let j = 0; j < n; j++) {
-    let recvOff = 0;
-    for (let i = 0; i < n; i++) {
-      let sendOff = 0;
-      for (let k = 0; k < j; k++) sendOff += sendRows[i]![k]!;
-      const rows = sendRows[i]![j]!;
-      if (rows > 0) a.cudaCopy(recv[j]! + BigInt(recvOff * rowBytes), send[i]! + BigInt(sendOff * rowBytes), rows * rowBytes);
-      recvOff += rows;
-    }
-  }
+  const pointer = (h: StagedHandle): bigint => {
+    if (typeof h !== 'bigint') throw new NativeError('the device-copy exchange got a region that is not a device pointer', 'BAD_ARGUMENT');
+    return h;
+  };
+  return {
+    name: 'device-copy',
+    stage(bytes) {
+      const p = a.cudaAlloc(bytes.byteLength);
+      try {
+        if (bytes.byteLength > 0) a.cudaUpload(p, bytes);
+      } catch (err) {
+        a.cudaFree(p);
+        throw err;
+      }
+      return p;
+    },
+    gather(out, pieces) {
+      const recv = a.cudaAlloc(out.byteLength);
+      try {
+        let at = 0;
+        for (const piece of pieces) {
+          const bytes = 'local' in piece ? piece.local.byteLength : piece.bytes;
+          if (bytes > 0) {
+            if ('local' in piece) a.cudaUpload(recv + BigInt(at), piece.local);
+            else a.cudaCopy(recv + BigInt(at), pointer(piece.handle) + BigInt(piece.offset), bytes);
+          }
+          at += bytes;
+        }
+        if (out.byteLength > 0) a.cudaDownload(recv, out);
+      } finally {
+        a.cudaFree(recv);
+      }
+    },
+    unstage: (h) => a.cudaFree(pointer(h)),
+    isHandle: (v): v is bigint => typeof v === 'bigint',
+  };
 }

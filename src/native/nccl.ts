@@ -47,10 +47,15 @@ export function launchEnv(env: NodeJS.ProcessEnv = process.env): LaunchEnv {
 
 const ID_BYTES = 128;
 
-/** Rank 0 creates the unique id and serves it at MASTER_ADDR:MASTER_PORT; the others fetch it. */
-export async function rendezvousUniqueId(e: LaunchEnv, timeoutMs = 300_000): Promise<Uint8Array> {
+/**
+ * Rank 0 creates the unique id (NCCL's, unless `newId` says otherwise) and serves it at
+ * MASTER_ADDR:MASTER_PORT until every other rank has fetched it; the others fetch it,
+ * retrying until the deadline while rank 0 is not up yet.
+ */
+export async function rendezvousUniqueId(e: LaunchEnv, timeoutMs = 300_000, newId: () => Uint8Array = () => addon().ncclGetUniqueId()): Promise<Uint8Array> {
   if (e.rank === 0) {
-    const id = addon().ncclGetUniqueId();
+    const id = newId();
+    if (id.length !== ID_BYTES) throw new NativeError(`rendezvous: a unique id has ${ID_BYTES} bytes, got ${id.length}`, 'BAD_ARGUMENT');
     if (e.worldSize === 1) return id;
     await new Promise<void>((resolve, reject) => {
       let served = 0;
