@@ -25,11 +25,11 @@ export class RuntimeVerdictError extends Error {
   override name = 'RuntimeVerdictError';
 }
 
-/** The scenario a case runs as: its layout, one layer, one micro-batch, the seed's protocol. */
-export function caseScenario(meta: CaseMeta): Scenario {
+/** The scenario a case runs as: its layout, one layer, one micro-batch, the seed's protocol unless told otherwise. */
+export function caseScenario(meta: CaseMeta, variant: Scenario['variant'] = 'seed'): Scenario {
   return validateScenario({
     ep: meta.ep, dp: 1, experts: meta.numExperts, topK: meta.topK, dim: meta.dim, hidden: meta.hidden,
-    layers: 1, microBatches: 1, variant: 'seed', packed: meta.packed, activation: meta.activation,
+    layers: 1, microBatches: 1, variant, packed: meta.packed, activation: meta.activation,
   });
 }
 
@@ -54,17 +54,20 @@ export function actorRanks(opts: Pick<RuntimeOptions, 'backend' | 'exchange' | '
   return async <F extends FloatDType>(data: CaseData<F>) => {
     const run = await runActors(caseScenario(data.meta), { ...opts, casePayloads: casePayloads(data) });
     if (run.diagnosis.verdict !== 'ok') throw new RuntimeVerdictError(`the case did not complete on the actor runtime:\n${formatDiagnosis(run.diagnosis)}`);
-    return run.results.map((bytes, rank): RankResult<F> => {
-      if (!bytes) throw new RuntimeVerdictError(`rank ${rank} finished without sending its results`);
-      const o = decodeMessage(bytes) as CaseRankOutput;
-      return {
-        out_TD: o.out as Tensor<F>,
-        gradX_TD: o.gradX as Tensor<F>,
-        gradWeights_TK: o.gradWeights as Tensor<F>,
-        grads: (o.grads.layout === 'packed' ? o.grads : convertLayout(o.grads, 'packed')) as PackedExperts<F>,
-        rowsSent: o.rowsSent,
-        rowsReceived: o.rowsReceived,
-      };
-    });
+    return run.results.map((bytes, rank) => rankResult<F>(bytes, rank));
+  };
+}
+
+/** A rank's results from the msgpack its step sent home (expert grads in packed layout). */
+export function rankResult<F extends FloatDType>(bytes: Uint8Array | undefined, rank: number): RankResult<F> {
+  if (!bytes) throw new RuntimeVerdictError(`rank ${rank} finished without sending its results`);
+  const o = decodeMessage(bytes) as CaseRankOutput;
+  return {
+    out_TD: o.out as Tensor<F>,
+    gradX_TD: o.gradX as Tensor<F>,
+    gradWeights_TK: o.gradWeights as Tensor<F>,
+    grads: (o.grads.layout === 'packed' ? o.grads : convertLayout(o.grads, 'packed')) as PackedExperts<F>,
+    rowsSent: o.rowsSent,
+    rowsReceived: o.rowsReceived,
   };
 }

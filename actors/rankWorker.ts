@@ -1,102 +1,13 @@
-// Entry point of one rank's worker thread. It waits for its MessagePorts, builds its
-// communicators and rank actor, and runs the real EP layer for a whole training step:
-// every micro-batch forward over the layers, then backward in reverse, each collective
-// asked of the rank machine first. The supervisor owns the ledger and ends the run.
-import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
-import { communicators } from '../machines/ledger.js';
-import { rankConfig } from '../sim/scenario.js';
-import { encodeMessage } from '../src/codec/msgpack.js';
-import { epBackward, epForward, type EpContext, type EpSaved } from '../src/ep/layer.js';
-import { loadBackend } from '../src/backends.js';
-import type { Tensor } from '../src/tensor.js';
-import { RankDriver } from './rankDriver.js';
-import { MeshCommunicator, PortMesh } from './transport.js';
-import { stagingMemory } from './staging.js';
-import { requireNative } from '../src/native/backend.js';
-import type { Communicator } from '../src/ep/types.js';
-import { now, type SupervisorMessage, type WorkerJob, type WorkerMessage } from './messages.js';
-import { rankInputs, type RankStepInputs } from './inputs.js';
-import type { CaseRankOutput } from './caseRanks.js';
-
-const job = workerData as WorkerJob;
-const post = (m: WorkerMessage) => parentPort!.postMessage(m);
-
-async function runRank(ports: Record<number, MessagePort>): Promise<void> {
-  const s = job.scenario;
-  const cfg = rankConfig(s, job.rank);
-  const comms = communicators({ ep: s.ep, dp: s.dp }).filter((c) => c.members.includes(job.rank));
-  const mesh = new PortMesh(job.rank, new Map(Object.entries(ports).map(([k, p]) => [Number(k), p])), comms, (message) =>
-    post({ type: 'transport-error', rank: job.rank, message, at: now() }),
-  );
-  // The device first: the addon's per-thread CUDA stream is created on the current device.
-  if (job.device !== undefined) (requireNative().cudaSetDevice as (d: number) => void)(job.device);
-  const staging = await stagingMemory(job.exchange);
-  const commOf = (kind: 'ep' | 'dp') => {
-    const spec = comms.find((c) => c.kind === kind);
-    return spec ? new MeshCommunicator(spec, job.rank, mesh, staging) : null;
-  };
-  const meshEp = commOf('ep');
-  const dp = commOf('dp');
-  // NCCL carries the EP layer's all-to-alls when chosen; the collectives the rank machine
-  // issues outside the layer (FSDP, the metric all-reduce) stay on the mesh.
-  const ep = job.exchange === 'nccl' ? await ncclCommunicator(cfg.epRank) : meshEp;
-  const inputs: RankStepInputs = rankInputs(job);
-  const backend = await loadBackend(job.backend);
-  let how: 'done' | 'exited' = 'done';
-  let driver: RankDriver | null = null;
-  let result: Uint8Array | undefined;
-  for (let step = 0; step < job.steps && how === 'done'; step++) {
-    const t0 = performance.now();
-    driver = new RankDriver(cfg, { ep: meshEp, dp }, post, job.inspect, job.record);
-    for (const f of step === 0 ? job.faults : []) {
-      if (f.rank !== job.rank) continue;
-      if (f.kind === 'throw' || f.kind === 'stall' || f.kind === 'garbage-to-supervisor') driver.fault = f;
-      else mesh.fault = { op: f.op, kind: f.kind };
-    }
-    result = await runStep(driver, { comm: ep, backend, experts: inputs.experts, numExperts: s.experts, topK: s.topK, gradientScale: inputs.gradientScale, protocol: driver }, inputs);
-    how = await driver.finish();
-    post({ type: 'step', rank: job.rank, step, ms: performance.now() - t0 });
-  }
-  post({ type: 'finished', rank: job.rank, how, snapshot: driver!.wire(), result, at: now() });
-}
-
-async function ncclCommunicator(epRank: number): Promise<Communicator> {
-  if (!job.ncclId || job.device === undefined) throw new Error(`rank ${job.rank}: the nccl exchange needs a unique id and a device from the supervisor`);
-  const { NcclCommunicator } = await import('../src/native/nccl.js');
-  return NcclCommunicator.init({ id: job.ncclId, rank: epRank, size: job.scenario.ep, device: job.device });
-}
-
-/** One training step: every micro-batch forward over the layers, then backward in reverse. */
-async function runStep(driver: RankDriver, base: Omit<EpContext, 'layer' | 'microBatch'>, inputs: RankStepInputs): Promise<Uint8Array | undefined> {
-  const s = job.scenario;
-  // Case runs (one layer, one micro-batch) send their numbers home; generated steps only their verdict.
-  let result: Uint8Array | undefined;
-
-  step: for (let mb = 0; mb < s.microBatches; mb++) {
-    const saved: { ctx: EpContext; saved: EpSaved; out: Tensor }[] = [];
-    for (let layer = 0; layer < s.layers; layer++) {
-      if (driver.finished) break step; // the machine stopped this rank (early exit)
-      const ctx: EpContext = { ...base, layer, microBatch: mb };
-      const { weights_TK, indices_TK } = inputs.routing(mb, layer);
-      const fwd = await epForward(ctx, inputs.x(mb, layer), weights_TK, indices_TK);
-      saved.push({ ctx, saved: fwd.saved, out: fwd.out_TD });
-    }
-    if (driver.finished) break;
-    for (let layer = s.layers - 1; layer >= 0; layer--) {
-      const { ctx, saved: sv, out } = saved[layer]!;
-      const bwd = await epBackward(ctx, sv, inputs.gradOut(mb, layer));
-      if (job.casePayload) {
-        const output: CaseRankOutput = { out, gradX: bwd.gradX_TD, gradWeights: bwd.gradWeights_TK, grads: bwd.grads, rowsSent: sv.sortOrder_S.length, rowsReceived: sv.byExpert_R.length };
-        result = encodeMessage(output);
-      }
-    }
-  }
-  return result;
-}
+// Entry point of one rank's worker thread: it waits for its MessagePorts from the
+// supervisor, then runs its rank (actors/rankRun.ts), reporting to the supervisor.
+import { parentPort, workerData } from 'node:worker_threads';
+import { runRank } from './rankRun.js';
+import type { SupervisorMessage, WorkerJob, WorkerMessage } from './messages.js';
 
 parentPort!.once('message', (m: SupervisorMessage) => {
+  const ports = new Map(Object.entries(m.ports).map(([k, p]) => [Number(k), p]));
   // An exception here ends the worker with an 'error' event: the supervisor's crash verdict.
-  void runRank(m.ports).catch((err: unknown) => {
+  void runRank(workerData as WorkerJob, ports, (msg: WorkerMessage) => parentPort!.postMessage(msg)).catch((err: unknown) => {
     setImmediate(() => {
       throw err;
     });

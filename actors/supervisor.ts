@@ -72,7 +72,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   const backend = opts.backend ?? 'ts';
   const exchange = opts.exchange ?? 'ports';
   const comms = communicators({ ep: s.ep, dp: s.dp });
-  const gpu = await gpuPlacement(backend, exchange, n, s.ep, comms.filter((c) => c.kind === 'ep').map((c) => c.id));
+  const gpu = await gpuPlacement(backend, exchange, n, comms.filter((c) => c.kind === 'ep').map((c) => c.id));
   const workers = Array.from({ length: n }, (_, rank) => {
     const job: WorkerJob = {
       rank, scenario: s, casePayload: opts.casePayloads?.[rank], backend, exchange, device: gpu?.devices[rank], ncclId: gpu?.ncclIds[commOf({ ep: s.ep, dp: s.dp }, rank, 'ep')],

@@ -5,7 +5,6 @@
 // and op, so a chunk for the right position but another op, a chunk for a communicator the
 // pair does not share, a stale position or bytes that do not decode are reported at once
 // instead of hanging.
-import type { MessagePort } from 'node:worker_threads';
 import { DTYPES, ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '../src/tensor.js';
 import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.js';
 import type { CommunicatorSpec } from '../machines/ledger.js';
@@ -55,6 +54,12 @@ interface Ack {
 
 type Waiter = { op: string; resolve: (c: Chunk) => void };
 
+/** What the mesh needs of a connection to a peer: a MessagePort, or a TCP connection (actors/socketPort.ts). */
+export interface PeerPort {
+  postMessage(message: unknown, transfer?: ArrayBuffer[]): void;
+  on(event: 'message', listener: (message: unknown) => void): unknown;
+}
+
 /** Buffers kept per peer for reuse; more than this in flight are dropped to the GC. */
 const POOL_PER_PEER = 4;
 /** Released result buffers a communicator keeps for reuse. */
@@ -79,7 +84,7 @@ export class PortMesh {
 
   constructor(
     readonly rank: number,
-    private readonly ports: ReadonlyMap<number, MessagePort>,
+    private readonly ports: ReadonlyMap<number, PeerPort>,
     comms: readonly CommunicatorSpec[],
     private readonly onError: (message: string) => void,
   ) {

@@ -4,6 +4,7 @@
 import { UsageError } from './errors.js';
 import type { ExpertBackend } from './ep/types.js';
 import { tsBackend } from './moe/experts.js';
+import type { NativeAddon } from './native/backend.js';
 
 export const BACKEND_NAMES = ['ts', 'native', 'cuda'] as const;
 export type BackendName = (typeof BACKEND_NAMES)[number];
@@ -35,15 +36,31 @@ export interface GpuPlacement {
 }
 
 /**
- * The GPU placement for `ranks` ranks in ep groups of `ep` (null when neither the kernels
+ * The GPU placement for `ranks` ranks (null when neither the kernels
  * nor the exchange use a GPU), failing with one clear line when the exchange cannot run
  * here. device-copy keeps every rank on device 0; nccl and cuda kernels over another
  * exchange put rank r on device r mod (devices).
  */
-export async function gpuPlacement(backend: BackendName, exchange: ExchangeName, ranks: number, ep: number, epCommunicators: readonly string[]): Promise<GpuPlacement | null> {
+export async function gpuPlacement(backend: BackendName, exchange: ExchangeName, ranks: number, epCommunicators: readonly string[]): Promise<GpuPlacement | null> {
   const gpuExchange = exchange === 'device-copy' || exchange === 'nccl';
   if (backend !== 'cuda' && !gpuExchange) return null;
-  const what = gpuExchange ? `the ${exchange} exchange` : 'the cuda backend';
+  const { addon, count } = await cudaDevices(gpuExchange ? `the ${exchange} exchange` : 'the cuda backend');
+  const ncclIds: Record<string, Uint8Array> = {};
+  if (exchange === 'nccl') {
+    // One GPU per rank: NCCL refuses duplicate GPUs within a communicator, and communicators of
+    // different ep groups driven from different threads on one GPU can deadlock each other.
+    if (ranks > count) throw new UsageError(`the nccl exchange needs one GPU per rank (NCCL refuses duplicate GPUs): ${ranks} rank${ranks === 1 ? '' : 's'} but ${count} CUDA device${count === 1 ? '' : 's'}; --exchange device-copy runs several ranks on one GPU`);
+    try {
+      for (const id of epCommunicators) ncclIds[id] = (addon.ncclGetUniqueId as () => Uint8Array)();
+    } catch (err) {
+      throw new UsageError(`the nccl exchange cannot run here: ${(err as Error).message}`);
+    }
+  }
+  return { devices: Array.from({ length: ranks }, (_, r) => (exchange === 'device-copy' ? 0 : r % count)), ncclIds };
+}
+
+/** The addon and its CUDA device count, or one clear line saying why `what` cannot run here. */
+export async function cudaDevices(what: string): Promise<{ addon: NativeAddon; count: number }> {
   const native = await import('./native/backend.js');
   const addon = native.loadNative();
   if (!addon) throw new UsageError(`${what} needs the native addon, which is not available: ${native.nativeUnavailableReason()}`);
@@ -54,32 +71,18 @@ export async function gpuPlacement(backend: BackendName, exchange: ExchangeName,
     throw new UsageError(`${what} cannot run here: ${(err as Error).message}`);
   }
   if (count === 0) throw new UsageError(`${what} cannot run here: no CUDA device`);
-  const ncclIds: Record<string, Uint8Array> = {};
-  if (exchange === 'nccl') {
-    if (ep > count) throw new UsageError(`the nccl exchange needs one GPU per rank of an ep group (NCCL refuses duplicate GPUs): ep=${ep} but ${count} CUDA device${count === 1 ? '' : 's'}; --exchange device-copy runs several ranks on one GPU`);
-    try {
-      for (const id of epCommunicators) ncclIds[id] = (addon.ncclGetUniqueId as () => Uint8Array)();
-    } catch (err) {
-      throw new UsageError(`the nccl exchange cannot run here: ${(err as Error).message}`);
-    }
-  }
-  return { devices: Array.from({ length: ranks }, (_, r) => (exchange === 'device-copy' ? 0 : r % count)), ncclIds };
+  return { addon, count };
 }
 
 /** Load a backend, failing with one clear line when it cannot run here (no addon, no CUDA device). */
 export async function loadBackend(name: BackendName): Promise<ExpertBackend> {
   if (name === 'ts') return tsBackend;
-  const native = await import('./native/backend.js');
-  const addon = native.loadNative();
-  if (!addon) throw new UsageError(`the ${name} backend needs the native addon, which is not available: ${native.nativeUnavailableReason()}`);
-  if (name === 'native') return native.nativeBackend;
-  let devices = 0;
-  try {
-    devices = addon.cudaInfo().devices;
-  } catch (err) {
-    throw new UsageError(`the cuda backend cannot run here: ${(err as Error).message}`);
+  if (name === 'cuda') {
+    await cudaDevices('the cuda backend');
+    const { CudaExpertBackend } = await import('./native/cuda.js');
+    return new CudaExpertBackend('f32');
   }
-  if (devices === 0) throw new UsageError('the cuda backend cannot run here: no CUDA device');
-  const { CudaExpertBackend } = await import('./native/cuda.js');
-  return new CudaExpertBackend('f32');
+  const native = await import('./native/backend.js');
+  if (!native.loadNative()) throw new UsageError(`the native backend needs the native addon, which is not available: ${native.nativeUnavailableReason()}`);
+  return native.nativeBackend;
 }

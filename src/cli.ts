@@ -8,6 +8,7 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<{ main(arg
   demo: { summary: 'the tour: a real EP step, the seed passing, a hazard caught and explained, a report written', load: () => import('./commands/demo.js') },
   sim: { summary: 'run one scenario through the worker-thread runtime and diagnose hangs', load: () => import('./commands/sim.js') },
   run: { summary: 'run the EP layer on a case file, forward and backward, ranks as actors', load: () => import('./commands/run.js') },
+  rank: { summary: 'run this process as one EP rank placed by a launcher (torchrun, srun): TCP or NCCL between processes', load: () => import('./commands/rank.js') },
   check: { summary: 'explore every routing class of a layout: prove no hang or give the shortest counterexample', load: () => import('./commands/check.js') },
   sweep: { summary: 'run many scenarios (grids, random samples) over a worker pool; JSON Lines and a verdict table', load: () => import('./commands/sweep.js') },
   viz: { summary: 'export the rank machine (Mermaid, DOT, SCXML, JSON) or write the HTML report of a trace', load: () => import('./commands/viz.js') },

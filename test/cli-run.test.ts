@@ -1,29 +1,18 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { readSafetensors, writeSafetensors } from '../src/codec/safetensors.js';
 import { Tensor, relativeError } from '../src/tensor.js';
-import { goldenDir, repoRoot } from './paths.js';
+import { goldenDir } from './paths.js';
+import { runCli } from './cli.js';
 
-const cli = join(repoRoot, 'dist', 'src', 'cli.js');
 const golden = join(goldenDir, 'ep4_silu_packed.safetensors');
 const goldenBytes = readFileSync(golden);
 const goldenFile = readSafetensors(goldenBytes, golden);
 
-function run(...args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [cli, 'run', ...args]);
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => (stdout += c));
-    child.stderr.on('data', (c) => (stderr += c));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
+const run = (...args: string[]) => runCli(['run', ...args]);
 
 function tmp(): string {
   return mkdtempSync(join(tmpdir(), 'ep-actors-run-'));

@@ -4,7 +4,6 @@
 // GPU, and compute the golden case where there is one.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -15,7 +14,8 @@ import { readSafetensors, readSafetensorsFile } from '../src/codec/safetensors.j
 import { loadNative } from '../src/native/backend.js';
 import { relativeError } from '../src/tensor.js';
 import { seededRng } from '../src/moe/random.js';
-import { goldenDir, repoRoot } from './paths.js';
+import { goldenDir } from './paths.js';
+import { runCli } from './cli.js';
 
 const ordered = (ledger: readonly LedgerEntry[]) =>
   ledger.map((e) => JSON.stringify([e.communicator, e.position, e.rank, e.op, e.layer, e.microBatch, e.sendSplits, e.recvSplits, e.size, e.statePath])).sort();
@@ -61,11 +61,6 @@ test('damaged staged announcements between worker ranks are violations, never cr
   }
 });
 
-const cliRun = (args: string[]) => {
-  const r = spawnSync(process.execPath, [join(repoRoot, 'dist', 'src', 'cli.js'), ...args], { encoding: 'utf8', timeout: 120_000 });
-  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
-};
-
 const cudaDevices = (): number => {
   try {
     return (loadNative()?.cudaInfo().devices as number | undefined) ?? 0;
@@ -80,7 +75,7 @@ test('run --exchange device-copy|nccl: one line where there is no GPU, the golde
     const golden = join(goldenDir, 'ep4_silu_packed.safetensors');
     for (const exchange of ['device-copy', 'nccl']) {
       const out = join(dir, `${exchange}.safetensors`);
-      const r = cliRun(['run', '--case', golden, '--out', out, '--exchange', exchange]);
+      const r = await runCli(['run', '--case', golden, '--out', out, '--exchange', exchange]);
       const gpus = cudaDevices();
       if (gpus === 0 || (exchange === 'nccl' && gpus < 4)) {
         assert.is(r.code, 1, r.stdout);
@@ -108,11 +103,11 @@ test('--exchange is checked: unknown names, --in-process and the des engine are 
     [['sim', '--ep', '2', '--engine', 'des', '--exchange', 'shared'], /needs --engine actors/],
   ];
   for (const [args, pattern] of cases) {
-    const r = cliRun(args);
+    const r = await runCli(args);
     assert.is(r.code, 1, args.join(' '));
     assert.match(r.stderr, pattern);
   }
-  const ok = cliRun(['sim', '--ep', '4', '--experts', '8', '--exchange', 'shared', '--json']);
+  const ok = await runCli(['sim', '--ep', '4', '--experts', '8', '--exchange', 'shared', '--json']);
   assert.is(ok.code, 0, ok.stderr);
   assert.is((JSON.parse(ok.stdout) as { verdict: string }).verdict, 'ok');
 });

@@ -2,7 +2,6 @@
 // throws NativeError with codes, and reports a missing GPU clearly. A missing addon fails
 // these tests loudly; set EP_ACTORS_NO_NATIVE=1 to run the suite without it on purpose.
 import { test } from 'uvu';
-import { createServer, type AddressInfo } from 'node:net';
 import { seededRng } from '../src/moe/random.js';
 import * as assert from 'uvu/assert';
 import { Worker } from 'node:worker_threads';
@@ -10,7 +9,7 @@ import { pathToFileURL } from 'node:url';
 import { join } from 'node:path';
 import { readdirSync } from 'node:fs';
 import { spawnSync } from 'node:child_process';
-import { launchEnv, ncclVersion, rendezvousUniqueId } from '../src/native/nccl.js';
+import { ncclVersion } from '../src/native/nccl.js';
 import { CudaExpertBackend } from '../src/native/cuda.js';
 import { readSafetensorsFile } from '../src/codec/safetensors.js';
 import { loadCase, parseCase, resultTensors, runCase } from '../src/case.js';
@@ -331,36 +330,6 @@ nativeTest('a missing NCCL library is a NativeError naming the path tried (EP_AC
   }
 });
 
-test('TCP rendezvous: every rank gets rank 0\'s id, whichever starts first; a missing rank 0 times out naming the address', async () => {
-  const port = await new Promise<number>((resolve) => {
-    const probe = createServer().listen(0, '127.0.0.1', () => {
-      const p = (probe.address() as AddressInfo).port;
-      probe.close(() => resolve(p));
-    });
-  });
-  const id = Uint8Array.from({ length: 128 }, (_, i) => (i * 37 + 11) & 255);
-  const env = (rank: number) => ({ rank, worldSize: 4, localRank: rank, masterAddr: '127.0.0.1', masterPort: port });
-  const early = [1, 2].map((r) => rendezvousUniqueId(env(r), 10_000)); // before rank 0 listens: they retry
-  await new Promise((r) => setTimeout(r, 300));
-  const got = await Promise.all([rendezvousUniqueId(env(0), 10_000, () => id), ...early, rendezvousUniqueId(env(3), 10_000)]);
-  got.forEach((g, r) => assert.equal(Array.from(g), Array.from(id), `rank ${r}`));
-  try {
-    await rendezvousUniqueId(env(2), 500);
-    assert.unreachable('no rank 0 is listening any more');
-  } catch (e) {
-    assert.instance(e, NativeError);
-    assert.is((e as NativeError).code, 'NCCL_TIMEOUT');
-    assert.match((e as Error).message, `rank 2 could not reach 127.0.0.1:${port}`);
-  }
-});
-
-test('launchEnv reads the torchrun/Slurm variables and rejects bad ones', () => {
-  assert.equal(launchEnv({ RANK: '1', WORLD_SIZE: '4', LOCAL_RANK: '1', MASTER_ADDR: 'node0', MASTER_PORT: '29400' }), {
-    rank: 1, worldSize: 4, localRank: 1, masterAddr: 'node0', masterPort: 29400,
-  });
-  assert.throws(() => launchEnv({ RANK: '4', WORLD_SIZE: '4' }), /below WORLD_SIZE/);
-  assert.throws(() => launchEnv({ WORLD_SIZE: '2' }), /RANK must be set/);
-});
 
 nativeTest('loads and computes in two worker threads at once, and unloads when they end', async () => {
   const url = pathToFileURL(join(repoRoot, 'dist', 'src', 'native', 'backend.js')).href;

@@ -29,6 +29,9 @@ struct StreamHolder {
 thread_local StreamHolder tlsStream;
 
 cudaError_t stream(cudaStream_t* out) {
+  // An error an earlier call already returned stays as this thread's last error and would
+  // fail the next launch check (cudaGetLastError): every entry drops it here.
+  cudaGetLastError();
   if (!tlsStream.s) {
     cudaError_t e = cudaStreamCreateWithFlags(&tlsStream.s, cudaStreamNonBlocking);
     if (e != cudaSuccess) return e;
@@ -174,7 +177,10 @@ cudaError_t grouped(cudaStream_t s, int dtype, bool ta, bool tb, const std::vect
   cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&d), gs.size() * sizeof(Group), s);
   if (e != cudaSuccess) return e;
   e = cudaMemcpyAsync(d, gs.data(), gs.size() * sizeof(Group), cudaMemcpyHostToDevice, s);
-  if (e != cudaSuccess) return e;
+  if (e != cudaSuccess) {
+    cudaFreeAsync(d, s);
+    return e;
+  }
   const dim3 grid((maxN + 63) / 64, (maxM + 63) / 64, static_cast<unsigned>(gs.size()));
   const int acc = accumulate ? 1 : 0;
   if (dtype == EPC_BF16) {
@@ -189,8 +195,8 @@ cudaError_t grouped(cudaStream_t s, int dtype, bool ta, bool tb, const std::vect
     else gemmF32<true, true><<<grid, 256, 0, s>>>(d, acc);
   }
   e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  return cudaFreeAsync(d, s);
+  const cudaError_t f = cudaFreeAsync(d, s);
+  return e != cudaSuccess ? e : f;
 }
 
 // ---- elementwise ----
@@ -356,6 +362,31 @@ __global__ void fillK(float* p, long n, unsigned seed, float scale) {
   }
 }
 
+// Enqueue-only halves of the dispatch and combine entries: the benchmark times them back to
+// back, without the host round trip each entry ends with.
+cudaError_t sortByExpert(cudaStream_t s, const int* keys, int S, int E, int* order, int* pos, int* counts) {
+  if (S == 0) return cudaMemsetAsync(counts, 0, E * sizeof(int), s);
+  const int nb = (S + 255) / 256;
+  Scratch scratch(s);
+  void* hist = nullptr;
+  cudaError_t e = scratch.get(&hist, static_cast<size_t>(E) * nb * sizeof(int));
+  if (e != cudaSuccess) return e;
+  histK<<<nb, 256, E * sizeof(int), s>>>(keys, S, E, nb, static_cast<int*>(hist));
+  scanK<<<1, 1024, 0, s>>>(static_cast<int*>(hist), static_cast<long>(E) * nb, E, nb, counts);
+  placeK<<<nb, 256, 0, s>>>(keys, S, nb, static_cast<int*>(hist), order, pos);
+  return cudaGetLastError();
+}
+
+cudaError_t gatherRows(cudaStream_t s, const float* src, const int* rowOf, int n, int div, int cols, float* dst) {
+  if (n > 0) gatherK<<<n, 128, 0, s>>>(src, rowOf, div, cols, dst);
+  return cudaGetLastError();
+}
+
+cudaError_t weightedCombine(cudaStream_t s, const float* src, const int* pos, const float* w, int T, int K, int cols, float* out) {
+  if (T > 0) combineK<<<T, 128, 0, s>>>(src, pos, w, K, cols, out);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 extern "C" {
@@ -391,6 +422,7 @@ int epc_malloc(void** p, size_t bytes) { return cudaMalloc(p, bytes ? bytes : 1)
 int epc_free(void* p) { return cudaFree(p); }
 
 int epc_upload(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return 0;  // a zero-row rank's empty arrays may have no data pointer at all
   cudaStream_t s;
   CK(stream(&s));
   CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s));
@@ -398,6 +430,7 @@ int epc_upload(void* dst, const void* src, size_t bytes) {
 }
 
 int epc_download(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return 0;
   cudaStream_t s;
   CK(stream(&s));
   CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s));
@@ -405,6 +438,7 @@ int epc_download(void* dst, const void* src, size_t bytes) {
 }
 
 int epc_copy(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return 0;
   cudaStream_t s;
   CK(stream(&s));
   CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, s));
@@ -537,34 +571,21 @@ int epc_sort_by_expert(const int* keys, int S, int E, int* order, int* pos, int*
   cudaStream_t s;
   CK(stream(&s));
   if (E <= 0) return cudaErrorInvalidValue;
-  if (S == 0) {
-    CK(cudaMemsetAsync(counts, 0, E * sizeof(int), s));
-    return cudaStreamSynchronize(s);
-  }
-  const int nb = (S + 255) / 256;
-  Scratch scratch(s);
-  void* hist = nullptr;
-  CK(scratch.get(&hist, static_cast<size_t>(E) * nb * sizeof(int)));
-  histK<<<nb, 256, E * sizeof(int), s>>>(keys, S, E, nb, static_cast<int*>(hist));
-  scanK<<<1, 1024, 0, s>>>(static_cast<int*>(hist), static_cast<long>(E) * nb, E, nb, counts);
-  placeK<<<nb, 256, 0, s>>>(keys, S, nb, static_cast<int*>(hist), order, pos);
-  CK(cudaGetLastError());
+  CK(sortByExpert(s, keys, S, E, order, pos, counts));
   return cudaStreamSynchronize(s);
 }
 
 int epc_gather_rows(const float* src, const int* rowOf, int n, int div, int cols, float* dst) {
   cudaStream_t s;
   CK(stream(&s));
-  if (n > 0) gatherK<<<n, 128, 0, s>>>(src, rowOf, div, cols, dst);
-  CK(cudaGetLastError());
+  CK(gatherRows(s, src, rowOf, n, div, cols, dst));
   return cudaStreamSynchronize(s);
 }
 
 int epc_weighted_combine(const float* src, const int* pos, const float* w, int T, int K, int cols, float* out) {
   cudaStream_t s;
   CK(stream(&s));
-  if (T > 0) combineK<<<T, 128, 0, s>>>(src, pos, w, K, cols, out);
-  CK(cudaGetLastError());
+  CK(weightedCombine(s, src, pos, w, T, K, cols, out));
   return cudaStreamSynchronize(s);
 }
 
@@ -656,8 +677,8 @@ int epc_bench_permute(int T, int K, int E, int D, int iters, float* dispatchMs, 
   CK(cudaEventCreate(&a));
   CK(cudaEventCreate(&b));
   auto dispatch = [&]() -> int {
-    CK(epc_sort_by_expert(static_cast<int*>(dk), static_cast<int>(S), E, static_cast<int*>(order), static_cast<int*>(pos), static_cast<int*>(counts)));
-    return epc_gather_rows(static_cast<float*>(x), static_cast<int*>(order), static_cast<int>(S), K, D, static_cast<float*>(xs));
+    CK(sortByExpert(s, static_cast<int*>(dk), static_cast<int>(S), E, static_cast<int*>(order), static_cast<int*>(pos), static_cast<int*>(counts)));
+    return gatherRows(s, static_cast<float*>(x), static_cast<int*>(order), static_cast<int>(S), K, D, static_cast<float*>(xs));
   };
   CK(dispatch());
   CK(cudaEventRecord(a, s));
@@ -668,7 +689,7 @@ int epc_bench_permute(int T, int K, int E, int D, int iters, float* dispatchMs, 
   *dispatchMs /= iters;
   CK(cudaEventRecord(a, s));
   for (int i = 0; i < iters; i++)
-    CK(epc_weighted_combine(static_cast<float*>(xs), static_cast<int*>(pos), static_cast<float*>(w), T, K, D, static_cast<float*>(out)));
+    CK(weightedCombine(s, static_cast<float*>(xs), static_cast<int*>(pos), static_cast<float*>(w), T, K, D, static_cast<float*>(out)));
   CK(cudaEventRecord(b, s));
   CK(cudaEventSynchronize(b));
   CK(cudaEventElapsedTime(combineMs, a, b));

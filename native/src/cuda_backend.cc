@@ -125,8 +125,13 @@ Napi::Value expert(const Napi::CallbackInfo& info, bool backward) {
   const int* counts = static_cast<const int*>(typedData(env, o.Get("counts"), napi_int32_array, -1, "job.counts", &E));
   j.E = static_cast<int>(E);
   j.counts = counts;
+  if (j.D <= 0 || j.H <= 0) throwNative(env, "BAD_ARGUMENT", "job.d and job.h must be positive");
   long R = 0;
-  for (size_t e = 0; e < E; e++) R += counts[e];
+  for (size_t e = 0; e < E; e++) {
+    // a negative count would shift every later expert's rows (and grid) outside its buffers
+    if (counts[e] < 0) throwNative(env, "BAD_ARGUMENT", "job.counts[" + std::to_string(e) + "] is negative");
+    R += counts[e];
+  }
   const long D = j.D, H = j.H, W = D * H;
   const bool gated = j.act == EPC_SILU;
 

@@ -105,7 +105,7 @@ class Comm {
  public:
   Comm() : th_([this] { loop(); }) {}
   ~Comm() { shutdown(); }
-  ncclComm_t comm = nullptr;
+  ncclComm_t comm = nullptr;  // written under abortM_ (adopt), once init succeeded
   int rank = 0, size = 0;
   std::atomic<bool> aborted{false};
 
@@ -116,8 +116,21 @@ class Comm {
   }
   /** Aborting from this (any) thread unblocks a call in flight on the comm thread. */
   void abort() {
-    bool was = aborted.exchange(true);
-    if (!was && comm) nccl().commAbort(comm);
+    std::lock_guard<std::mutex> l(abortM_);
+    if (!aborted.exchange(true) && comm) nccl().commAbort(comm);
+  }
+  /** Takes the communicator init made; one aborted while init ran is aborted now. */
+  void adopt(ncclComm_t made) {
+    std::lock_guard<std::mutex> l(abortM_);
+    comm = made;
+    if (aborted) nccl().commAbort(made);
+  }
+  /** NCCL's asynchronous error; never asks a communicator that ncclCommAbort has freed. */
+  ncclResult_t asyncError() {
+    std::lock_guard<std::mutex> l(abortM_);
+    ncclResult_t r = ncclSuccess;
+    if (!aborted && comm) nccl().commGetAsyncError(comm, &r);
+    return r;
   }
   void shutdown() {
     {
@@ -145,7 +158,7 @@ class Comm {
       task();
     }
   }
-  std::mutex m_;
+  std::mutex m_, abortM_;
   std::condition_variable cv_;
   std::deque<std::function<void()>> q_;
   bool stop_ = false;
@@ -158,18 +171,18 @@ void waitStream(Comm& c, double timeoutMs, const char* what) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double, std::milli>(timeoutMs);
   for (;;) {
     const int q = epc_query();
-    if (q == 0) return;
-    if (q != 600) {
+    if (q != 0 && q != 600) {
       c.abort();
       fail("CUDA_ERROR", std::string(what) + ": " + epc_error_string(q) + " (" + epc_error_name(q) + ")");
     }
-    ncclResult_t async = ncclSuccess;
-    nccl().commGetAsyncError(c.comm, &async);
+    const ncclResult_t async = c.asyncError();
+    // An abort ends NCCL's kernels early, so a drained stream alone does not mean the data came.
+    if (c.aborted) fail("NCCL_ABORTED", std::string(what) + ": the communicator was aborted");
     if (async != ncclSuccess && async != ncclInProgress) {
       c.abort();
       fail("NCCL_ERROR", std::string(what) + ": " + nccl().getErrorString(async) + "; communicator aborted");
     }
-    if (c.aborted) fail("NCCL_ABORTED", std::string(what) + ": the communicator was aborted");
+    if (q == 0) return;
     if (std::chrono::steady_clock::now() > deadline) {
       c.abort();
       fail("NCCL_TIMEOUT", std::string(what) + " did not finish within " + std::to_string(static_cast<long>(timeoutMs)) +
@@ -182,17 +195,24 @@ void waitStream(Comm& c, double timeoutMs, const char* what) {
 /** Uneven all-to-all of bytes as grouped ncclSend/ncclRecv on the comm thread's stream. */
 void allToAll(Comm& c, const uint8_t* send, const std::vector<size_t>& sendBytes, uint8_t* recv,
               const std::vector<size_t>& recvBytes) {
+  // ncclCommAbort freed the communicator: a later call must not reach NCCL with it
+  if (c.aborted) fail("NCCL_ABORTED", "all-to-all on an aborted communicator");
   void* s = nullptr;
   const int e = epc_stream(&s);
   if (e) fail("CUDA_ERROR", std::string("stream: ") + epc_error_string(e));
   const Nccl& n = nccl();
   nck(n.groupStart(), "ncclGroupStart");
-  size_t so = 0, ro = 0;
-  for (int p = 0; p < c.size; p++) {
-    if (sendBytes[p]) nck(n.send(send + so, sendBytes[p], ncclUint8, p, c.comm, s), "ncclSend");
-    if (recvBytes[p]) nck(n.recv(recv + ro, recvBytes[p], ncclUint8, p, c.comm, s), "ncclRecv");
-    so += sendBytes[p];
-    ro += recvBytes[p];
+  try {
+    size_t so = 0, ro = 0;
+    for (int p = 0; p < c.size; p++) {
+      if (sendBytes[p]) nck(n.send(send + so, sendBytes[p], ncclUint8, p, c.comm, s), "ncclSend");
+      if (recvBytes[p]) nck(n.recv(recv + ro, recvBytes[p], ncclUint8, p, c.comm, s), "ncclRecv");
+      so += sendBytes[p];
+      ro += recvBytes[p];
+    }
+  } catch (...) {
+    n.groupEnd();  // a group left open would swallow this thread's next NCCL calls
+    throw;
   }
   nck(n.groupEnd(), "ncclGroupEnd");
 }
@@ -251,7 +271,7 @@ void initNccl(Napi::Env env, Napi::Object exports, EpAddon& addon) {
   // A worker that ends aborts its communicators and joins their threads.
   addon.onTeardown.push_back([state] {
     for (auto& [h, c] : state->comms) {
-      if (c->comm) c->abort();
+      c->abort();
       c->shutdown();
     }
     state->comms.clear();
@@ -302,7 +322,10 @@ void initNccl(Napi::Env env, Napi::Object exports, EpAddon& addon) {
       const int e = epc_set_device(dev);
       if (e) fail("CUDA_ERROR", std::string("cudaSetDevice: ") + epc_error_string(e));
 #endif
-      nck(nccl().commInitRank(&c.comm, size, id, rank), "ncclCommInitRank");
+      ncclComm_t made = nullptr;
+      nck(nccl().commInitRank(&made, size, id, rank), "ncclCommInitRank");
+      c.adopt(made);
+      if (c.aborted) fail("NCCL_ABORTED", "the communicator was aborted while it was being created");
       return [h](Napi::Env env) { return Napi::Number::New(env, h); };
     });
   }));

@@ -31,3 +31,15 @@ export function intOption(value: unknown, flag: string, fallback: number | undef
   if (n < min || n > max) throw new UsageError(`--${flag} must be in [${min}, ${max}], got ${n}`);
   return n;
 }
+
+/** Refuses positional arguments a command does not take. */
+export function noPositionals(positionals: readonly string[], help: string): void {
+  if (positionals.length > 0) throw new UsageError(`unexpected argument '${positionals[0]}'\n\n${help}`);
+}
+
+/** A string option the command cannot run without. */
+export function requiredString(values: Parsed['values'], flag: string, help: string): string {
+  const v = values[flag];
+  if (typeof v !== 'string') throw new UsageError(`--${flag} is required\n\n${help}`);
+  return v;
+}

@@ -2,9 +2,8 @@
 // none hangs or give the shortest counterexample, optionally written as a replayable scenario.
 import { writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { parse } from './args.js';
+import { noPositionals, parse } from './args.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
-import { UsageError } from '../errors.js';
 import { formatDiagnosis } from '../../machines/diagnosis.js';
 import { explore } from '../../sim/explorer.js';
 
@@ -33,7 +32,7 @@ export async function main(argv: string[]): Promise<number> {
     console.log(HELP);
     return 0;
   }
-  if (positionals.length > 0) throw new UsageError(`unexpected argument '${positionals[0]}'\n\n${HELP}`);
+  noPositionals(positionals, HELP);
   const layout = await scenarioFromFlags(values);
   const tty = !values.json && process.stderr.isTTY;
   const r = explore(layout, { onProgress: tty ? (done, total) => process.stderr.write(`\r${done}/${total} classes`) : undefined });

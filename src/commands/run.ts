@@ -1,7 +1,7 @@
 // `ep-actors run --case F --out F [--json]`: the EP layer, forward and backward, on the
 // inputs of a case file; results are written to a new safetensors file.
 import { resolve } from 'node:path';
-import { parse } from './args.js';
+import { noPositionals, parse, requiredString } from './args.js';
 import { UsageError } from '../errors.js';
 import { caseMetadata, loadCase, resultTensors, runCase } from '../case.js';
 import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
@@ -42,11 +42,9 @@ export async function main(argv: string[]): Promise<number> {
     console.log(HELP);
     return 0;
   }
-  if (positionals.length > 0) throw new UsageError(`unexpected argument '${positionals[0]}'\n\n${HELP}`);
-  if (typeof values.case !== 'string') throw new UsageError(`--case is required\n\n${HELP}`);
-  if (typeof values.out !== 'string') throw new UsageError(`--out is required\n\n${HELP}`);
-  const casePath = resolve(values.case);
-  const outPath = resolve(values.out);
+  noPositionals(positionals, HELP);
+  const casePath = resolve(requiredString(values, 'case', HELP));
+  const outPath = resolve(requiredString(values, 'out', HELP));
 
   const backend = parseBackend(values.backend);
   const kernels = await loadBackend(backend); // fails in one line when it cannot run here

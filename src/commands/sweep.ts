@@ -4,7 +4,7 @@ import { createWriteStream } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { resolve } from 'node:path';
-import { intOption, parse } from './args.js';
+import { intOption, noPositionals, parse, requiredString } from './args.js';
 import { UsageError } from '../errors.js';
 import { expandSweep, inShard, parseShard, runSweep, summarize, type SweepSpec } from '../../sim/sweep.js';
 
@@ -31,13 +31,13 @@ export async function main(argv: string[]): Promise<number> {
     console.log(HELP);
     return 0;
   }
-  if (positionals.length > 0) throw new UsageError(`unexpected argument '${positionals[0]}'\n\n${HELP}`);
-  if (typeof values.spec !== 'string') throw new UsageError(`--spec is required\n\n${HELP}`);
+  noPositionals(positionals, HELP);
+  const specPath = requiredString(values, 'spec', HELP);
   let spec: SweepSpec;
   try {
-    spec = JSON.parse(await readFile(resolve(values.spec), 'utf8')) as SweepSpec;
+    spec = JSON.parse(await readFile(resolve(specPath), 'utf8')) as SweepSpec;
   } catch (e) {
-    throw new UsageError(`--spec ${values.spec}: ${(e as Error).message}`);
+    throw new UsageError(`--spec ${specPath}: ${(e as Error).message}`);
   }
   const shard = parseShard(typeof values.shard === 'string' ? values.shard : '0/1');
   const workers = intOption(values.workers, 'workers', availableParallelism(), 1, 256);

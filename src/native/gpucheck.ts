@@ -30,6 +30,8 @@ export const SHAPES = [
   { name: 'small', tokens: 1024, topK: 2, experts: 8, d: 256, h: 512 },
 ] as const;
 
+let saveProgress: (checks: Check[]) => void = () => {};
+
 async function check(name: string, fn: () => Promise<string> | string, out: Check[]): Promise<void> {
   try {
     out.push({ name, status: 'PASS', detail: await fn() });
@@ -39,6 +41,7 @@ async function check(name: string, fn: () => Promise<string> | string, out: Chec
   }
   const last = out[out.length - 1]!;
   console.log(`${last.status} ${name}: ${last.detail}`);
+  saveProgress(out);
 }
 
 function rootDir(): string {
@@ -152,6 +155,12 @@ async function runChecks(): Promise<Check[]> {
     return goldenWithin('ep4_silu_packed', { runRanks: actorRanks({ backend: 'cuda', exchange: 'nccl', timeoutMs: 120_000 }) });
   }, out);
 
+  return out;
+}
+
+/** Last: a CUDA error may leave the context unusable for whatever runs after it. */
+async function runErrorCheck(out: Check[]): Promise<void> {
+  const a = requireNative() as unknown as Addon;
   await check('a CUDA error surfaces as a JavaScript NativeError with the CUDA message', () => {
     try {
       a.cudaCopy!(8n, 16n, 1 << 20);
@@ -161,7 +170,6 @@ async function runChecks(): Promise<Check[]> {
     }
     throw new Error('copying from a bogus device pointer did not fail');
   }, out);
-  return out;
 }
 
 function runBenches(): Record<string, Record<string, number>> {
@@ -212,14 +220,17 @@ async function main(): Promise<number> {
     console.log(table(outDir));
     return 0;
   }
-  const checks = await runChecks();
   let bench: Record<string, Record<string, number>> = {};
+  // Written after every check, so a run cut short by its time limit still leaves a table.
+  saveProgress = (checks) => writeFileSync(join(outDir, 'native.json'), JSON.stringify({ checks, bench }, null, 2));
+  const checks = await runChecks();
   try {
     bench = runBenches();
   } catch (e) {
     checks.push({ name: 'benchmarks', status: 'FAIL', detail: (e as Error).message });
   }
-  writeFileSync(join(outDir, 'native.json'), JSON.stringify({ checks, bench }, null, 2));
+  await runErrorCheck(checks);
+  saveProgress(checks);
   return checks.some((c) => c.status === 'FAIL') ? 1 : 0;
 }
 

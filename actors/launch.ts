@@ -1,0 +1,149 @@
+// One EP rank in this process, placed by a launcher (torchrun, srun): it meets the other
+// ranks through the rendezvous, connects to each over TCP (or joins an NCCL communicator
+// for the EP layer's all-to-alls), and runs its rank of a case under its rank machine
+// (actors/rankRun.ts), exactly as a worker rank does. With no supervisor to hold the
+// ledger, each rank watches for itself: a peer that finished after issuing fewer
+// collectives than this rank is now waiting in is a missing collective, a connection that
+// closes without a goodbye is a crashed peer, and no progress for the timeout is a stall.
+import { createServer } from 'node:net';
+import type { CaseData, RankResult } from '../src/case.js';
+import type { FloatDType } from '../src/tensor.js';
+import { cudaDevices, type BackendName } from '../src/backends.js';
+import { UsageError } from '../src/errors.js';
+import type { IssuedCollective } from '../machines/protocol.js';
+import { casePayloads, caseScenario, rankResult } from './caseRanks.js';
+import type { Fault, WorkerJob, WorkerMessage } from './messages.js';
+import type { Scenario } from '../sim/scenario.js';
+import { rendezvous, type LaunchEnv } from './rendezvous.js';
+import { runRank } from './rankRun.js';
+import { acceptEarly, socketMesh, type Goodbye } from './socketPort.js';
+
+/** The run stopped because the ranks diverged, a peer crashed or nothing moved: exit code 2. */
+export class LaunchedRankError extends Error {
+  override name = 'LaunchedRankError';
+}
+
+export interface LaunchOptions<F extends FloatDType> {
+  readonly data: CaseData<F>;
+  readonly env: LaunchEnv;
+  /** tcp: msgpack chunks over a TCP connection per pair; nccl: the EP layer's all-to-alls over NCCL. */
+  readonly exchange: 'tcp' | 'nccl';
+  readonly backend: BackendName;
+  /** No progress on this rank for this long: stop with a stall (ms). */
+  readonly timeoutMs: number;
+  readonly rendezvousTimeoutMs?: number;
+  /** The protocol to run (default seed): a hazard variant reproduces its bug on real processes. */
+  readonly variant?: Scenario['variant'];
+  /** Injected faults, for tests of what a rank reports. */
+  readonly faults?: readonly Fault[];
+}
+
+export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>): Promise<RankResult<F>> {
+  const { env, data } = o;
+  if (data.meta.ep !== env.worldSize) throw new UsageError(`the case has ep=${data.meta.ep} but WORLD_SIZE is ${env.worldSize}: launch one process per EP rank`);
+  const gpu = o.exchange === 'nccl' || o.backend === 'cuda' ? await gpuOf(env, o.exchange) : null;
+  const server = createServer();
+  const listening = acceptEarly(server);
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', (err) => reject(new UsageError(`rank ${env.rank} cannot open its data port: ${err.message}`)));
+    server.listen(0, () => resolve());
+  });
+  try {
+    const { peers, id } = await rendezvous(env, (server.address() as { port: number }).port, { timeoutMs: o.rendezvousTimeoutMs, newId: gpu?.newId });
+    return await runConnected(o, listening, peers, id, gpu?.device);
+  } finally {
+    server.close();
+  }
+}
+
+async function gpuOf(env: LaunchEnv, exchange: 'tcp' | 'nccl'): Promise<{ device: number; newId?: () => Uint8Array }> {
+  const { addon, count } = await cudaDevices(exchange === 'nccl' ? 'the nccl exchange' : 'the cuda backend');
+  // LOCAL_RANK picks the GPU, as torchrun intends; NCCL refuses two ranks on one GPU itself.
+  return { device: env.localRank % count, newId: exchange === 'nccl' && env.rank === 0 ? () => (addon.ncclGetUniqueId as () => Uint8Array)() : undefined };
+}
+
+function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: ReturnType<typeof acceptEarly>, peers: Parameters<typeof socketMesh>[1], ncclId: Uint8Array | null, device: number | undefined): Promise<RankResult<F>> {
+  const { rank } = o.env;
+  /** Collectives issued so far per communicator kind, and the one this rank waits in. */
+  const issued: Record<string, number> = {};
+  let waiting: { c: IssuedCollective; position: number } | null = null;
+  const finishedPeers = new Map<number, Goodbye['issued']>();
+  let fail: (err: Error) => void = () => {};
+
+  const describe = (w: { c: IssuedCollective; position: number }) => `${w.c.op} (layer ${w.c.layer}, ${w.c.comm} position ${w.position})`;
+  /** A finished peer that issued no more than `position` collectives on `comm` will never join it. */
+  const missingPeer = (w: { c: IssuedCollective; position: number }) => {
+    for (const [peer, g] of finishedPeers) {
+      if ((g[w.c.comm] ?? 0) <= w.position) {
+        fail(new LaunchedRankError(`missing collective: rank ${rank} waits in ${describe(w)} but rank ${peer} finished its step after issuing ${g[w.c.comm] ?? 0} collective(s) on ${w.c.comm}; under NCCL both would hang until the watchdog`));
+        return;
+      }
+    }
+  };
+
+  return new Promise<RankResult<F>>((resolve, reject) => {
+    let settled = false;
+    let watchdog: NodeJS.Timeout | undefined;
+    let ports: Map<number, { goodbye(g: Goodbye): void }> = new Map();
+    const arm = () => {
+      clearTimeout(watchdog);
+      watchdog = setTimeout(() => fail(new LaunchedRankError(`stall: rank ${rank} made no progress for ${o.timeoutMs} ms${waiting ? ` waiting in ${describe(waiting)}` : ''}`)), o.timeoutMs);
+    };
+    fail = (err) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(watchdog);
+      // Peers hear why this rank stopped, so they report the cause rather than a lost connection.
+      ports.forEach((p) => p.goodbye({ issued, stopped: err.message }));
+      reject(err);
+    };
+    arm();
+    let result: Uint8Array | undefined;
+    const post = (m: WorkerMessage) => {
+      switch (m.type) {
+        case 'issue': {
+          const position = issued[m.collective.comm] ?? 0;
+          issued[m.collective.comm] = position + 1;
+          waiting = { c: m.collective, position };
+          arm();
+          missingPeer(waiting);
+          return;
+        }
+        case 'completed':
+          waiting = null;
+          arm();
+          return;
+        case 'violation':
+          return fail(new LaunchedRankError(`protocol violation: ${m.message}`));
+        case 'transport-error':
+          return fail(new LaunchedRankError(`bad message between ranks: ${m.message}`));
+        case 'finished':
+          result = m.result;
+          return;
+        default:
+          return;
+      }
+    };
+    socketMesh(rank, peers, listening, {
+      broken: (peer, reason) => fail(new LaunchedRankError(`rank ${peer} went away before finishing its step (${reason}): it crashed or was killed${waiting ? `; rank ${rank} waits in ${describe(waiting)}` : ''}`)),
+      finished: (peer, goodbye) => {
+        if (goodbye.stopped !== undefined) return fail(new LaunchedRankError(`rank ${peer} stopped: ${goodbye.stopped}`));
+        finishedPeers.set(peer, goodbye.issued);
+        if (waiting) missingPeer(waiting);
+      },
+    }).then((mesh) => {
+      ports = mesh;
+      const job: WorkerJob = {
+        rank, scenario: caseScenario(o.data.meta, o.variant), casePayload: casePayloads(o.data)[rank], backend: o.backend,
+        exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: ncclId ?? undefined, faults: o.faults ?? [], inspect: false, steps: 1, record: false,
+      };
+      return runRank(job, mesh, post);
+    }).then(() => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(watchdog);
+      ports.forEach((p) => p.goodbye({ issued }));
+      resolve(rankResult<F>(result, rank));
+    }, (err: Error) => fail(err));
+  });
+}

@@ -1,0 +1,88 @@
+// `ep-actors rank --case F --out-dir D`: this process is one EP rank, placed by a launcher
+// (torchrun, srun); it writes its own results to D/rank{r}.safetensors.
+import { mkdirSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { intOption, noPositionals, parse, requiredString } from './args.js';
+import { UsageError } from '../errors.js';
+import { caseMetadata, loadCase } from '../case.js';
+import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
+import { loadBackend, parseBackend } from '../backends.js';
+import { localExpertRange } from '../ep/layer.js';
+import type { Tensor } from '../tensor.js';
+import { launchEnv } from '../../actors/rendezvous.js';
+import { VARIANT_NAMES, type VariantName } from '../../machines/variants.js';
+import { LaunchedRankError, runLaunchedRank } from '../../actors/launch.js';
+
+const HELP = `usage: ep-actors rank --case FILE --out-dir DIR [--exchange tcp|nccl] [--backend ts|native|cuda]
+                       [--variant V] [--timeout MS] [--json]
+
+Run this process as one EP rank of a case, the way launchers place ranks: RANK,
+WORLD_SIZE and LOCAL_RANK as torchrun sets them (else SLURM_PROCID, SLURM_NTASKS,
+SLURM_LOCALID as srun does), and MASTER_ADDR:MASTER_PORT where rank 0 holds the rendezvous
+(default 127.0.0.1:29500). WORLD_SIZE must equal the case's ep. Every rank runs its rank
+machine over the real EP layer, as on worker threads; with no supervisor, each rank stops
+with exit 2 the moment it can tell that a peer finished without issuing a collective this
+rank waits in, that a peer went away without finishing, or that nothing moved for --timeout.
+
+  --case FILE     the case (see \`ep-actors run --help\`); every rank reads it and takes its slice
+  --out-dir DIR   rank r writes DIR/rank{r}.safetensors: rank{r}.out, rank{r}.grad_x,
+                  rank{r}.grad_weights and rank{r}.grad.up_w|down_w|gate_w for its local experts
+                  (metadata first_expert), atomically
+  --exchange X    tcp (default): msgpack chunks over a TCP connection per pair of ranks;
+                  nccl: the EP layer's all-to-alls over NCCL, GPU = LOCAL_RANK mod (GPUs)
+  --backend B     expert kernels: ts | native | cuda (default ts)
+  --variant V     the protocol the ranks run: ${VARIANT_NAMES.join(' | ')}
+                  (default seed); a hazard variant reproduces its bug on real processes
+  --timeout MS    stop with exit 2 after this long without progress (default 600000)
+  --json          print one JSON object instead of the summary
+  -h, --help      this text
+
+example (4 ranks on this machine):
+  torchrun --nproc-per-node 4 --no-python npx ep-actors rank --case C.safetensors --out-dir out/
+
+exit codes: 0 ok, 2 the ranks diverged, a peer crashed or stalled, 1 bad usage or an error`;
+
+export async function main(argv: string[]): Promise<number> {
+  const { values, positionals } = parse(
+    argv,
+    { case: { type: 'string' }, 'out-dir': { type: 'string' }, exchange: { type: 'string' }, backend: { type: 'string' }, timeout: { type: 'string' }, variant: { type: 'string' }, json: { type: 'boolean' } },
+    HELP,
+  );
+  if (values.help) {
+    console.log(HELP);
+    return 0;
+  }
+  noPositionals(positionals, HELP);
+  const casePath = resolve(requiredString(values, 'case', HELP));
+  const outDir = resolve(requiredString(values, 'out-dir', HELP));
+  const exchange = values.exchange ?? 'tcp';
+  if (exchange !== 'tcp' && exchange !== 'nccl') throw new UsageError(`--exchange must be tcp or nccl, got '${String(exchange)}'`);
+  const backend = parseBackend(values.backend);
+  await loadBackend(backend); // fails in one line when it cannot run here
+  const timeoutMs = intOption(values.timeout, 'timeout', 600_000, 1);
+  const variant = values.variant ?? 'seed';
+  if (!(VARIANT_NAMES as readonly unknown[]).includes(variant)) throw new UsageError(`--variant must be one of ${VARIANT_NAMES.join(', ')}, got '${String(variant)}'`);
+  const env = launchEnv();
+  const data = await loadCase(casePath);
+
+  let r;
+  try {
+    r = await runLaunchedRank({ data, env, exchange, backend, timeoutMs, variant: variant as VariantName });
+  } catch (err) {
+    if (!(err instanceof LaunchedRankError)) throw err;
+    console.error(`ep-actors rank ${env.rank}: ${err.message}`);
+    return 2;
+  }
+  const { meta } = data;
+  const { start } = localExpertRange(meta.numExperts, meta.ep, env.rank);
+  const p = `rank${env.rank}`;
+  const tensors = new Map<string, Tensor>([[`${p}.out`, r.out_TD], [`${p}.grad_x`, r.gradX_TD], [`${p}.grad_weights`, r.gradWeights_TK], [`${p}.grad.up_w`, r.grads.up], [`${p}.grad.down_w`, r.grads.down]]);
+  if (r.grads.gate) tensors.set(`${p}.grad.gate_w`, r.grads.gate);
+  mkdirSync(outDir, { recursive: true });
+  const out = join(outDir, `${p}.safetensors`);
+  await writeSafetensorsFileAtomic(out, tensors, { ...caseMetadata(meta), rank: String(env.rank), first_expert: String(start) });
+  const summary = { rank: env.rank, worldSize: env.worldSize, exchange, backend, out, rowsSent: r.rowsSent, rowsReceived: r.rowsReceived, tensors: [...tensors.keys()] };
+  if (values.json) console.log(JSON.stringify(summary));
+  else console.log(`rank ${env.rank} of ${env.worldSize}: sent ${r.rowsSent} rows, received ${r.rowsReceived}; wrote ${out} (${tensors.size} tensors)`);
+  return 0;
+}

@@ -1,0 +1,229 @@
+// Ranks placed by a launcher (`ep-actors rank`): the launcher's environment, the rendezvous,
+// TCP framing, golden cases computed by four processes, and what a rank reports when a
+// peer skips a collective, crashes or stalls.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { EventEmitter } from 'node:events';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { createServer, type AddressInfo, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { launchEnv, rendezvous, RendezvousError, type LaunchEnv } from '../actors/rendezvous.js';
+import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/socketPort.js';
+import { LaunchedRankError, runLaunchedRank } from '../actors/launch.js';
+import { loadCase } from '../src/case.js';
+import { readSafetensors, readSafetensorsFile } from '../src/codec/safetensors.js';
+import { Tensor, relativeError } from '../src/tensor.js';
+import { seededRng } from '../src/moe/random.js';
+import { goldenDir } from './paths.js';
+import { runCli } from './cli.js';
+
+const freePort = () =>
+  new Promise<number>((resolve) => {
+    const probe = createServer().listen(0, '127.0.0.1', () => {
+      const p = (probe.address() as AddressInfo).port;
+      probe.close(() => resolve(p));
+    });
+  });
+
+test('launchEnv reads torchrun\'s variables, falls back to Slurm\'s, and rejects bad ones in one line', () => {
+  assert.equal(launchEnv({ RANK: '1', WORLD_SIZE: '4', LOCAL_RANK: '1', MASTER_ADDR: 'node0', MASTER_PORT: '29400' }), { rank: 1, worldSize: 4, localRank: 1, masterAddr: 'node0', masterPort: 29400 });
+  assert.equal(launchEnv({ SLURM_PROCID: '5', SLURM_NTASKS: '8', SLURM_LOCALID: '1', MASTER_ADDR: 'n1' }), { rank: 5, worldSize: 8, localRank: 1, masterAddr: 'n1', masterPort: 29500 });
+  assert.throws(() => launchEnv({ RANK: '4', WORLD_SIZE: '4' }), /RANK 4 must be below WORLD_SIZE 4/);
+  assert.throws(() => launchEnv({ WORLD_SIZE: '2' }), /RANK or SLURM_PROCID must be set/);
+  assert.throws(() => launchEnv({ RANK: '0', WORLD_SIZE: 'two' }), /WORLD_SIZE must be set to a non-negative integer \(got two\)/);
+});
+
+test('rendezvous: every rank gets the address table and rank 0\'s id, whichever starts first; failures name the address', async () => {
+  const port = await freePort();
+  const id = Uint8Array.from({ length: 128 }, (_, i) => (i * 37 + 11) & 255);
+  const env = (rank: number): LaunchEnv => ({ rank, worldSize: 4, localRank: rank, masterAddr: '127.0.0.1', masterPort: port });
+  const early = [1, 2].map((r) => rendezvous(env(r), 4000 + r, { timeoutMs: 10_000 })); // before rank 0 listens: they retry
+  await new Promise((r) => setTimeout(r, 300));
+  const got = await Promise.all([rendezvous(env(0), 4000, { timeoutMs: 10_000, newId: () => id }), ...early, rendezvous(env(3), 4003, { timeoutMs: 10_000 })]);
+  for (const [r, g] of got.entries()) {
+    assert.equal(g.peers.map((p) => p.port), [4000, 4001, 4002, 4003], `rank ${r}`);
+    assert.ok(g.peers.every((p) => /127\.0\.0\.1/.test(p.host)), JSON.stringify(g.peers));
+    assert.equal(Array.from(g.id!), Array.from(id), `rank ${r}`);
+  }
+  try {
+    await rendezvous(env(2), 4002, { timeoutMs: 500 });
+    assert.unreachable('no rank 0 is listening any more');
+  } catch (e) {
+    assert.instance(e, RendezvousError);
+    assert.match((e as Error).message, `rank 2 could not reach 127.0.0.1:${port}`);
+  }
+  const two = (rank: number): LaunchEnv => ({ ...env(rank), worldSize: 3 });
+  const zero = rendezvous(two(0), 1, { timeoutMs: 5000 });
+  const dup = [rendezvous(two(1), 2, { timeoutMs: 5000 }), rendezvous(two(1), 3, { timeoutMs: 5000 })];
+  const [z] = await Promise.allSettled([zero, ...dup]);
+  assert.is(z.status, 'rejected');
+  assert.match(String((z as PromiseRejectedResult).reason), /rank 1 joined twice/);
+  await Promise.allSettled(dup);
+});
+
+/** A stand-in for a net.Socket: the test feeds it bytes. */
+function fakeSocket() {
+  const s = new EventEmitter() as EventEmitter & { written: Buffer[] };
+  s.written = [];
+  Object.assign(s, { setNoDelay() {}, write: (b: Buffer) => s.written.push(Buffer.from(b)), end() {}, destroy() {} });
+  return s;
+}
+
+test('TCP framing: frames split anywhere arrive whole, in order, 8-aligned; a corrupt length breaks the connection', () => {
+  const rng = seededRng(11);
+  for (let trial = 0; trial < 50; trial++) {
+    const frames = Array.from({ length: 1 + Math.floor(rng() * 6) }, () => Uint8Array.from({ length: 1 + Math.floor(rng() * 300) }, () => Math.floor(rng() * 256) & 0x7f));
+    const wire = Buffer.concat(frames.flatMap((f) => [Buffer.from(Uint32Array.of(f.length).buffer), Buffer.from(f)]));
+    const sock = fakeSocket();
+    const got: Uint8Array[] = [];
+    const port = new SocketPort(sock as unknown as Socket, { broken: (r) => assert.unreachable(r), finished: () => assert.unreachable('goodbye') });
+    let at = 0;
+    // Some bytes arrive before anyone listens: they wait in the backlog, as on a MessagePort.
+    while (at < wire.length) {
+      const n = 1 + Math.floor(rng() * 40);
+      sock.emit('data', wire.subarray(at, at + n));
+      at += n;
+      if (got.length === 0 && at > wire.length / 2) port.on('message', (m) => got.push(m as Uint8Array));
+    }
+    if (got.length === 0) port.on('message', (m) => got.push(m as Uint8Array));
+    assert.equal(got.map((g) => Array.from(g)), frames.map((f) => Array.from(f)));
+    assert.ok(got.every((g) => g.byteOffset % 8 === 0));
+  }
+  const sock = fakeSocket();
+  const broken: string[] = [];
+  new SocketPort(sock as unknown as Socket, { broken: (r) => broken.push(r), finished: () => {} });
+  sock.emit('data', Buffer.from([0xff, 0xff, 0xff, 0xff]));
+  sock.emit('close');
+  assert.equal(broken.length, 1, 'reported once');
+  assert.match(broken[0]!, /frame of 4294967295 bytes/);
+});
+
+test('a goodbye frame ends the connection quietly and reaches the peer with its counts', async () => {
+  const a = fakeSocket();
+  new SocketPort(a as unknown as Socket, { broken: () => {}, finished: () => {} }).goodbye({ issued: { ep: 6 } });
+  const b = fakeSocket();
+  const said: Goodbye[] = [];
+  const broken: string[] = [];
+  new SocketPort(b as unknown as Socket, { broken: (r) => broken.push(r), finished: (g) => said.push(g) });
+  b.emit('data', Buffer.concat(a.written));
+  b.emit('close');
+  await new Promise((r) => setImmediate(r));
+  assert.equal(said, [{ issued: { ep: 6 } }]);
+  assert.equal(broken, []);
+});
+
+/** Runs `ep-actors rank` as `n` processes, as torchrun would place them on this machine. */
+async function launch(n: number, args: string[]) {
+  const port = await freePort();
+  return Promise.all(
+    Array.from({ length: n }, (_, rank) =>
+      runCli(['rank', ...args], { env: { ...process.env, RANK: String(rank), WORLD_SIZE: String(n), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) }, timeoutMs: 60_000 }),
+    ),
+  );
+}
+
+test('golden cases computed by 4 launched processes over TCP match within 1e-5, the zero-token rank included', async () => {
+  for (const name of ['ep4_silu_packed', 'ep4_gelu_unpacked_starve1']) {
+    const dir = mkdtempSync(join(tmpdir(), 'ep-actors-launch-'));
+    try {
+      const golden = join(goldenDir, `${name}.safetensors`);
+      const runs = await launch(4, ['--case', golden, '--out-dir', dir, '--timeout', '30000']);
+      runs.forEach((r, rank) => assert.is(r.code, 0, `${name} rank ${rank}: ${r.stderr}`));
+      const want = await readSafetensorsFile(golden);
+      const grads = new Map<string, Tensor[]>();
+      for (let rank = 0; rank < 4; rank++) {
+        const path = join(dir, `rank${rank}.safetensors`);
+        const file = readSafetensors(readFileSync(path), path);
+        assert.is(file.metadata.first_expert, String(rank * (Number(want.metadata.num_experts) / 4)));
+        for (const [key, t] of file.tensors) {
+          const m = /^rank\d+\.(grad\.\w+)$/.exec(key);
+          if (m) grads.set(m[1]!, [...(grads.get(m[1]!) ?? []), t]);
+          else assert.ok(relativeError(t, want.tensors.get(`expected.${key}`)!) <= 1e-5, `${name}: ${key}`);
+        }
+      }
+      for (const [key, parts] of grads) {
+        const all = Tensor.from('f32', [parts.reduce((a, p) => a + p.shape[0]!, 0), ...parts[0]!.shape.slice(1)], parts.flatMap((p) => Array.from(p.data as Float32Array)));
+        assert.ok(relativeError(all, want.tensors.get(`expected.${key}`)!) <= 1e-5, `${name}: ${key}`);
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+});
+
+test('no-dispatch-edge on 4 processes: the ranks waiting in bwd.dispatch stop at once, naming the rank that finished without it', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ep-actors-launch-'));
+  try {
+    const golden = join(goldenDir, 'ep4_gelu_unpacked_starve1.safetensors');
+    const runs = await launch(4, ['--case', golden, '--out-dir', dir, '--variant', 'no-dispatch-edge', '--timeout', '30000']);
+    assert.is(runs[1]!.code, 0, 'rank 1 finished its own (buggy) code path');
+    for (const r of [runs[0]!, runs[2]!, runs[3]!]) {
+      assert.is(r.code, 2, r.stderr);
+      assert.match(r.stderr, /missing collective: rank \d waits in bwd\.dispatch \(layer 0, ep position 5\) but rank 1 finished its step after issuing 5 collective\(s\) on ep/);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a rank that throws tells its peers why; one that vanishes is reported as gone; one that stalls trips its watchdog', async () => {
+  const data = await loadCase(join(goldenDir, 'ep2_relu_top1_skew.safetensors'));
+  const env = async (): Promise<(rank: number) => LaunchEnv> => {
+    const port = await freePort();
+    return (rank) => ({ rank, worldSize: 2, localRank: rank, masterAddr: '127.0.0.1', masterPort: port });
+  };
+  const base = { data, exchange: 'tcp' as const, backend: 'ts' as const, timeoutMs: 20_000 };
+
+  let at = await env();
+  const thrown = await Promise.allSettled([runLaunchedRank({ ...base, env: at(0) }), runLaunchedRank({ ...base, env: at(1), faults: [{ kind: 'throw', rank: 1, op: 'fwd.combine' }] })]);
+  assert.is(thrown[1].status, 'rejected');
+  const reason0 = (thrown[0] as PromiseRejectedResult).reason as Error;
+  assert.instance(reason0, LaunchedRankError);
+  assert.match(reason0.message, /^rank 1 stopped: /);
+  assert.match(reason0.message, /fwd\.combine/);
+
+  // Rank 1 joins and connects, then its process is gone: no goodbye, just closed connections.
+  at = await env();
+  const server = createServer();
+  const listening = acceptEarly(server);
+  await new Promise<void>((r) => server.listen(0, () => r()));
+  const rank0 = runLaunchedRank({ ...base, env: at(0) });
+  const { peers } = await rendezvous(at(1), (server.address() as AddressInfo).port, { timeoutMs: 5000 });
+  const mesh = await socketMesh(1, peers, listening, { broken: () => {}, finished: () => {} });
+  mesh.get(0)!.socket.destroy();
+  server.close();
+  try {
+    await rank0;
+    assert.unreachable('rank 0 finished without its peer');
+  } catch (e) {
+    assert.instance(e, LaunchedRankError);
+    assert.match((e as Error).message, /rank 1 went away before finishing its step \(.*\): it crashed or was killed/, (e as Error).message);
+  }
+
+  at = await env();
+  const stalled = await Promise.allSettled([runLaunchedRank({ ...base, env: at(0) }), runLaunchedRank({ ...base, timeoutMs: 400, env: at(1), faults: [{ kind: 'stall', rank: 1, op: 'fwd.dispatch' }] })]);
+  assert.match(String((stalled[1] as PromiseRejectedResult).reason), /stall: rank 1 made no progress for 400 ms/);
+  assert.match(String((stalled[0] as PromiseRejectedResult).reason), /rank 1 stopped: stall: rank 1 made no progress/);
+});
+
+test('rank: clear one-line errors for a world size that is not the case\'s ep, a missing RANK, a bad exchange, NCCL without a GPU', async () => {
+  const golden = join(goldenDir, 'ep2_relu_top1_skew.safetensors');
+  const placement = /^(RANK|WORLD_SIZE|LOCAL_RANK|SLURM_\w+)$/;
+  const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !placement.test(k)));
+  const one = (args: string[], env: Record<string, string>) => runCli(['rank', ...args], { env: { ...clean, ...env }, timeoutMs: 30_000 });
+  const cases: [string[], Record<string, string>, RegExp][] = [
+    [['--case', golden, '--out-dir', '/tmp/never'], { RANK: '0', WORLD_SIZE: '3' }, /the case has ep=2 but WORLD_SIZE is 3/],
+    [['--case', golden, '--out-dir', '/tmp/never'], { WORLD_SIZE: '2' }, /RANK or SLURM_PROCID must be set/],
+    [['--case', golden, '--out-dir', '/tmp/never', '--exchange', 'pigeon'], { RANK: '0', WORLD_SIZE: '2' }, /--exchange must be tcp or nccl/],
+    [['--case', golden, '--out-dir', '/tmp/never', '--variant', 'nope'], { RANK: '0', WORLD_SIZE: '2' }, /--variant must be one of seed/],
+  ];
+  for (const [args, env, pattern] of cases) {
+    const r = await one(args, env);
+    assert.is(r.code, 1, r.stderr);
+    assert.is(r.stderr.trim().split('\n').length, 1, r.stderr);
+    assert.match(r.stderr, pattern);
+  }
+});
+
+test.run();
