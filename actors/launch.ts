@@ -36,9 +36,17 @@ export interface LaunchOptions<F extends FloatDType> {
   readonly variant?: Scenario['variant'];
   /** Injected faults, for tests of what a rank reports. */
   readonly faults?: readonly Fault[];
+  /** Training steps back to back (default 1); the results are the last step's. */
+  readonly steps?: number;
 }
 
-export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>): Promise<RankResult<F>> {
+export interface LaunchedRankResult<F extends FloatDType> {
+  readonly result: RankResult<F>;
+  /** This rank's wall time per step (ms). */
+  readonly stepMs: readonly number[];
+}
+
+export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>): Promise<LaunchedRankResult<F>> {
   const { env, data } = o;
   if (data.meta.ep !== env.worldSize) throw new UsageError(`the case has ep=${data.meta.ep} but WORLD_SIZE is ${env.worldSize}: launch one process per EP rank`);
   const gpu = o.exchange === 'nccl' || o.backend === 'cuda' ? await gpuOf(env, o.exchange) : null;
@@ -62,7 +70,7 @@ async function gpuOf(env: LaunchEnv, exchange: 'tcp' | 'nccl'): Promise<{ device
   return { device: env.localRank % count, newId: exchange === 'nccl' && env.rank === 0 ? () => (addon.ncclGetUniqueId as () => Uint8Array)() : undefined };
 }
 
-function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: ReturnType<typeof acceptEarly>, peers: Parameters<typeof socketMesh>[1], ncclId: Uint8Array | null, device: number | undefined): Promise<RankResult<F>> {
+function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: ReturnType<typeof acceptEarly>, peers: Parameters<typeof socketMesh>[1], ncclId: Uint8Array | null, device: number | undefined): Promise<LaunchedRankResult<F>> {
   const { rank } = o.env;
   /** Collectives issued so far per communicator kind, and the one this rank waits in. */
   const issued: Record<string, number> = {};
@@ -81,7 +89,7 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
     }
   };
 
-  return new Promise<RankResult<F>>((resolve, reject) => {
+  return new Promise<LaunchedRankResult<F>>((resolve, reject) => {
     let settled = false;
     let watchdog: NodeJS.Timeout | undefined;
     let ports: Map<number, { goodbye(g: Goodbye): void }> = new Map();
@@ -99,6 +107,7 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
     };
     arm();
     let result: Uint8Array | undefined;
+    const stepMs: number[] = [];
     const post = (m: WorkerMessage) => {
       switch (m.type) {
         case 'issue': {
@@ -117,6 +126,9 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
           return fail(new LaunchedRankError(`protocol violation: ${m.message}`));
         case 'transport-error':
           return fail(new LaunchedRankError(`bad message between ranks: ${m.message}`));
+        case 'step':
+          stepMs[m.step] = m.ms; // positions keep counting across steps, as a communicator's do
+          return;
         case 'finished':
           result = m.result;
           return;
@@ -135,7 +147,7 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
       ports = mesh;
       const job: WorkerJob = {
         rank, scenario: caseScenario(o.data.meta, o.variant), casePayload: casePayloads(o.data)[rank], backend: o.backend,
-        exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: ncclId ?? undefined, faults: o.faults ?? [], inspect: false, steps: 1, record: false,
+        exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: ncclId ?? undefined, faults: o.faults ?? [], inspect: false, steps: o.steps ?? 1, record: false,
       };
       return runRank(job, mesh, post);
     }).then(() => {
@@ -143,7 +155,7 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
       settled = true;
       clearTimeout(watchdog);
       ports.forEach((p) => p.goodbye({ issued }));
-      resolve(rankResult<F>(result, rank));
+      resolve({ result: rankResult<F>(result, rank), stepMs });
     }, (err: Error) => fail(err));
   });
 }

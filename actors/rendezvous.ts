@@ -141,3 +141,15 @@ export async function rendezvous(e: LaunchEnv, dataPort: number, opts: { timeout
     }
   }
 }
+
+/** A TCP port free on this machine right now (for a rendezvous of ranks started together here). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const probe = createServer();
+    probe.once('error', reject);
+    probe.listen(0, '127.0.0.1', () => {
+      const { port } = probe.address() as { port: number };
+      probe.close(() => resolve(port));
+    });
+  });
+}

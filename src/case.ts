@@ -154,6 +154,19 @@ export function parseCase(file: SafetensorsFile): CaseData {
   return { meta, dtype, experts, ranks } as CaseData;
 }
 
+/** A case as the tensors of its file (parseCase's inverse); write them with caseMetadata(meta). */
+export function caseTensors(data: CaseData): Map<string, Tensor> {
+  const out = new Map<string, Tensor>([['experts.up_w', data.experts.up], ['experts.down_w', data.experts.down]]);
+  if (data.experts.gate) out.set('experts.gate_w', data.experts.gate);
+  data.ranks.forEach((r, rank) => {
+    out.set(`rank${rank}.x`, r.x_TD);
+    out.set(`rank${rank}.weights`, r.weights_TK);
+    out.set(`rank${rank}.indices`, r.indices_TK);
+    out.set(`rank${rank}.grad_out`, r.gradOut_TD);
+  });
+  return out;
+}
+
 /** Read and validate a case file; any problem (unreadable, truncated, invalid) is a CaseError. */
 export async function loadCase(path: string): Promise<CaseData> {
   let file: SafetensorsFile;

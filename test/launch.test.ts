@@ -8,7 +8,7 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { createServer, type AddressInfo, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { launchEnv, rendezvous, RendezvousError, type LaunchEnv } from '../actors/rendezvous.js';
+import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv } from '../actors/rendezvous.js';
 import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/socketPort.js';
 import { LaunchedRankError, runLaunchedRank } from '../actors/launch.js';
 import { loadCase } from '../src/case.js';
@@ -17,14 +17,6 @@ import { Tensor, relativeError } from '../src/tensor.js';
 import { seededRng } from '../src/moe/random.js';
 import { goldenDir } from './paths.js';
 import { runCli } from './cli.js';
-
-const freePort = () =>
-  new Promise<number>((resolve) => {
-    const probe = createServer().listen(0, '127.0.0.1', () => {
-      const p = (probe.address() as AddressInfo).port;
-      probe.close(() => resolve(p));
-    });
-  });
 
 test('launchEnv reads torchrun\'s variables, falls back to Slurm\'s, and rejects bad ones in one line', () => {
   assert.equal(launchEnv({ RANK: '1', WORLD_SIZE: '4', LOCAL_RANK: '1', MASTER_ADDR: 'node0', MASTER_PORT: '29400' }), { rank: 1, worldSize: 4, localRank: 1, masterAddr: 'node0', masterPort: 29400 });
@@ -128,8 +120,13 @@ test('golden cases computed by 4 launched processes over TCP match within 1e-5, 
     const dir = mkdtempSync(join(tmpdir(), 'ep-actors-launch-'));
     try {
       const golden = join(goldenDir, `${name}.safetensors`);
-      const runs = await launch(4, ['--case', golden, '--out-dir', dir, '--timeout', '30000']);
-      runs.forEach((r, rank) => assert.is(r.code, 0, `${name} rank ${rank}: ${r.stderr}`));
+      const runs = await launch(4, ['--case', golden, '--out-dir', dir, '--timeout', '30000', '--steps', '2', '--json']);
+      runs.forEach((r, rank) => {
+        assert.is(r.code, 0, `${name} rank ${rank}: ${r.stderr}`);
+        const summary = JSON.parse(r.stdout) as { rank: number; stepMs: number[] };
+        assert.is(summary.rank, rank);
+        assert.is(summary.stepMs.length, 2, 'one time per step');
+      });
       const want = await readSafetensorsFile(golden);
       const grads = new Map<string, Tensor[]>();
       for (let rank = 0; rank < 4; rank++) {

@@ -1,6 +1,7 @@
-// Actor-runtime benchmarks: the all-to-all over MessagePorts and over shared memory against memcpy, an EP step on worker
-// ranks against the seed on PyTorch + gloo (same sizes, same run), and a soak of 2,000
-// consecutive steps in one runtime with resident memory at its start and end.
+// Actor-runtime benchmarks: the all-to-all over MessagePorts and over shared memory against
+// memcpy; an EP step on worker ranks and on launched processes, each against the seed on
+// PyTorch + gloo (same sizes, same run); and a soak of 2,000 consecutive steps in one
+// runtime with resident memory at its start and end.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { median, time, type BenchRow } from './harness.js';
 import { epStepCase, epStepLabel, torchEpStep } from './torch.js';
@@ -8,6 +9,14 @@ import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
 import { validateScenario } from '../scenario.js';
 import type { BackendName } from '../../src/backends.js';
+import { execFile } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { availableParallelism, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { caseMetadata, caseTensors } from '../../src/case.js';
+import { writeSafetensorsFileAtomic } from '../../src/codec/safetensors.js';
+import { freePort } from '../../actors/rendezvous.js';
 
 const MiB = 1024 * 1024;
 
@@ -59,8 +68,42 @@ async function epStep(backend: BackendName, steps: number): Promise<BenchRow> {
   const data = epStepCase();
   const run = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps, record: false, timeoutMs: 300_000, backend });
   if (run.diagnosis.verdict !== 'ok') throw new Error(`EP step did not complete: ${run.diagnosis.cause}`);
-  const ms = median(run.stepMs.slice(1)); // the first step pays for JIT warm-up
-  const row: BenchRow = { name: epStepLabel(`${backend} kernels, 4 worker-thread ranks, f32`), value: ms, unit: 'ms', note: `median of ${steps - 1} steps after one warm-up; slowest rank per step` };
+  return againstTorch(`${backend} kernels, 4 worker-thread ranks, f32`, run.stepMs);
+}
+
+/** The same step with each rank its own process (ep-actors rank), over TCP, as torch+gloo runs it. */
+async function launchedEpStep(backend: BackendName, steps: number): Promise<BenchRow> {
+  const data = epStepCase();
+  const dir = mkdtempSync(join(tmpdir(), 'ep-actors-bench-'));
+  try {
+    const path = join(dir, 'case.safetensors');
+    await writeSafetensorsFileAtomic(path, caseTensors(data), caseMetadata(data.meta));
+    const port = await freePort();
+    const cli = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
+    const ranks = await Promise.all(
+      data.ranks.map((_, rank) => {
+        // One process per rank on a shared machine: each takes its share of the cores, as
+        // the torch baseline's processes run one thread each.
+        const threads = String(Math.max(1, Math.floor(availableParallelism() / data.meta.ep)));
+        const env = { ...process.env, EP_ACTORS_THREADS: threads, RANK: String(rank), WORLD_SIZE: String(data.meta.ep), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) };
+        return new Promise<number[]>((resolve, reject) => {
+          execFile(process.execPath, [cli, 'rank', '--case', path, '--out-dir', dir, '--backend', backend, '--steps', String(steps), '--json'], { env, timeout: 300_000 }, (err, stdout, stderr) =>
+            err ? reject(new Error(`rank ${rank}: ${stderr || err.message}`)) : resolve((JSON.parse(stdout) as { stepMs: number[] }).stepMs),
+          );
+        });
+      }),
+    );
+    const slowest = ranks[0]!.map((_, step) => Math.max(...ranks.map((r) => r[step]!)));
+    return againstTorch(`${backend} kernels, 4 processes over TCP (ep-actors rank), f32`, slowest);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** A row for per-step times (slowest rank per step; the first step pays for JIT warm-up) with torch+gloo measured now. */
+async function againstTorch(impl: string, stepMs: readonly number[]): Promise<BenchRow> {
+  const ms = median(stepMs.slice(1));
+  const row: BenchRow = { name: epStepLabel(impl), value: ms, unit: 'ms', note: `median of ${stepMs.length - 1} steps after one warm-up; slowest rank per step` };
   const torch = await torchEpStep();
   if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
   return { ...row, baseline: { name: epStepLabel('seed on torch+gloo, 4 processes'), value: torch.medianMs, unit: 'ms' }, ratio: torch.medianMs / ms, note: `${row.note}; ratio = torch / ours (>1: we are faster); torch BLAS: ${torch.blas}` };
@@ -88,7 +131,7 @@ export async function bench(): Promise<BenchRow[]> {
   // The TypeScript kernels take tens of seconds per step here: one warm-up, one timed step.
   rows.push(await epStep('ts', 2));
   const native = await import('../../src/native/backend.js');
-  if (native.loadNative()) rows.push(await epStep('native', 6));
+  if (native.loadNative()) rows.push(await epStep('native', 6), await launchedEpStep('native', 6));
   else rows.push({ name: epStepLabel('native kernels, 4 worker-thread ranks'), value: NaN, unit: 'ms', note: `skipped: ${native.nativeUnavailableReason()}` });
   rows.push(await soak());
   return rows;

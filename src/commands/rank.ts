@@ -14,7 +14,7 @@ import { VARIANT_NAMES, type VariantName } from '../../machines/variants.js';
 import { LaunchedRankError, runLaunchedRank } from '../../actors/launch.js';
 
 const HELP = `usage: ep-actors rank --case FILE --out-dir DIR [--exchange tcp|nccl] [--backend ts|native|cuda]
-                       [--variant V] [--timeout MS] [--json]
+                       [--variant V] [--steps N] [--timeout MS] [--json]
 
 Run this process as one EP rank of a case, the way launchers place ranks: RANK,
 WORLD_SIZE and LOCAL_RANK as torchrun sets them (else SLURM_PROCID, SLURM_NTASKS,
@@ -33,6 +33,8 @@ rank waits in, that a peer went away without finishing, or that nothing moved fo
   --backend B     expert kernels: ts | native | cuda (default ts)
   --variant V     the protocol the ranks run: ${VARIANT_NAMES.join(' | ')}
                   (default seed); a hazard variant reproduces its bug on real processes
+  --steps N       training steps back to back (default 1); the file holds the last step's
+                  results and the summary each step's time
   --timeout MS    stop with exit 2 after this long without progress (default 600000)
   --json          print one JSON object instead of the summary
   -h, --help      this text
@@ -45,7 +47,7 @@ exit codes: 0 ok, 2 the ranks diverged, a peer crashed or stalled, 1 bad usage o
 export async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parse(
     argv,
-    { case: { type: 'string' }, 'out-dir': { type: 'string' }, exchange: { type: 'string' }, backend: { type: 'string' }, timeout: { type: 'string' }, variant: { type: 'string' }, json: { type: 'boolean' } },
+    { case: { type: 'string' }, 'out-dir': { type: 'string' }, exchange: { type: 'string' }, backend: { type: 'string' }, timeout: { type: 'string' }, variant: { type: 'string' }, steps: { type: 'string' }, json: { type: 'boolean' } },
     HELP,
   );
   if (values.help) {
@@ -60,19 +62,21 @@ export async function main(argv: string[]): Promise<number> {
   const backend = parseBackend(values.backend);
   await loadBackend(backend); // fails in one line when it cannot run here
   const timeoutMs = intOption(values.timeout, 'timeout', 600_000, 1);
+  const steps = intOption(values.steps, 'steps', 1, 1);
   const variant = values.variant ?? 'seed';
   if (!(VARIANT_NAMES as readonly unknown[]).includes(variant)) throw new UsageError(`--variant must be one of ${VARIANT_NAMES.join(', ')}, got '${String(variant)}'`);
   const env = launchEnv();
   const data = await loadCase(casePath);
 
-  let r;
+  let launched;
   try {
-    r = await runLaunchedRank({ data, env, exchange, backend, timeoutMs, variant: variant as VariantName });
+    launched = await runLaunchedRank({ data, env, exchange, backend, timeoutMs, steps, variant: variant as VariantName });
   } catch (err) {
     if (!(err instanceof LaunchedRankError)) throw err;
     console.error(`ep-actors rank ${env.rank}: ${err.message}`);
     return 2;
   }
+  const { result: r, stepMs } = launched;
   const { meta } = data;
   const { start } = localExpertRange(meta.numExperts, meta.ep, env.rank);
   const p = `rank${env.rank}`;
@@ -81,8 +85,8 @@ export async function main(argv: string[]): Promise<number> {
   mkdirSync(outDir, { recursive: true });
   const out = join(outDir, `${p}.safetensors`);
   await writeSafetensorsFileAtomic(out, tensors, { ...caseMetadata(meta), rank: String(env.rank), first_expert: String(start) });
-  const summary = { rank: env.rank, worldSize: env.worldSize, exchange, backend, out, rowsSent: r.rowsSent, rowsReceived: r.rowsReceived, tensors: [...tensors.keys()] };
+  const summary = { rank: env.rank, worldSize: env.worldSize, exchange, backend, out, rowsSent: r.rowsSent, rowsReceived: r.rowsReceived, stepMs, tensors: [...tensors.keys()] };
   if (values.json) console.log(JSON.stringify(summary));
-  else console.log(`rank ${env.rank} of ${env.worldSize}: sent ${r.rowsSent} rows, received ${r.rowsReceived}; wrote ${out} (${tensors.size} tensors)`);
+  else console.log(`rank ${env.rank} of ${env.worldSize}: sent ${r.rowsSent} rows, received ${r.rowsReceived}; ${steps} step${steps === 1 ? '' : 's'} (${stepMs.map((ms) => ms.toFixed(1)).join(', ')} ms); wrote ${out} (${tensors.size} tensors)`);
   return 0;
 }

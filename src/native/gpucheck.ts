@@ -1,7 +1,9 @@
 // The JavaScript half of native/gpu-check.sh. `node gpucheck.js run OUT` runs the GPU
 // tests and our CUDA benchmarks into OUT/native.json; `node gpucheck.js table OUT` joins
 // them with OUT/torch.json (native/gpu_bench_torch.py) into OUT/results.md and prints it.
-import { readFileSync, readdirSync, writeFileSync, existsSync } from 'node:fs';
+import { readFileSync, readdirSync, writeFileSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { spawn } from 'node:child_process';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Tensor, relativeError } from '../tensor.js';
 import { readSafetensorsFile } from '../codec/safetensors.js';
@@ -10,6 +12,7 @@ import { tsBackend } from '../moe/experts.js';
 import { NativeError, nativeAddonPath, requireNative } from './backend.js';
 import { CudaExpertBackend, deviceCopyMemory } from './cuda.js';
 import { actorRanks } from '../../actors/caseRanks.js';
+import { freePort } from '../../actors/rendezvous.js';
 import { NcclCommunicator, ncclVersion } from './nccl.js';
 
 interface Check {
@@ -150,12 +153,60 @@ async function runChecks(): Promise<Check[]> {
     goldenWithin('ep1_silu', { runRanks: actorRanks({ backend: 'cuda', exchange: 'nccl', timeoutMs: 120_000 }) }), out);
 
   const devices = (a.cudaInfo!() as { devices: number }).devices;
+  await check('golden ep1_silu: a launched rank (ep-actors rank: rendezvous, NCCL id, CUDA kernels) within 1e-5', () => launchedGolden('ep1_silu', 1), out);
+  await check('golden ep2_relu_top1_skew: 2 launched ranks over NCCL, one GPU each', () => {
+    if (devices < 2) throw new Skip(`needs 2 GPUs, this machine has ${devices}`);
+    return launchedGolden('ep2_relu_top1_skew', 2);
+  }, out);
   await check(`golden ep4_silu_packed: 4 worker ranks exchanging over NCCL, one GPU each`, () => {
     if (devices < 4) throw new Skip(`needs 4 GPUs, this machine has ${devices}`);
     return goldenWithin('ep4_silu_packed', { runRanks: actorRanks({ backend: 'cuda', exchange: 'nccl', timeoutMs: 120_000 }) });
   }, out);
 
   return out;
+}
+
+/**
+ * Runs a golden case as `n` processes of `ep-actors rank` (by default over NCCL with CUDA
+ * kernels) and compares each rank's outputs; returns the worst relative error.
+ */
+export async function launchedGolden(name: string, n: number, how: readonly string[] = ['--exchange', 'nccl', '--backend', 'cuda']): Promise<string> {
+  const root = rootDir();
+  const golden = join(root, 'test', 'fixtures', 'golden', `${name}.safetensors`);
+  const want = await readSafetensorsFile(golden);
+  const dir = mkdtempSync(join(tmpdir(), 'gpucheck-rank-'));
+  try {
+    const port = await freePort();
+    const runs = await Promise.all(
+      Array.from({ length: n }, (_, rank) =>
+        new Promise<{ code: number | null; err: string }>((resolve) => {
+          const child = spawn(process.execPath, [join(root, 'dist', 'src', 'cli.js'), 'rank', '--case', golden, '--out-dir', dir, ...how, '--timeout', '60000'], {
+            env: { ...process.env, RANK: String(rank), WORLD_SIZE: String(n), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) },
+            timeout: 120_000,
+          });
+          let err = '';
+          child.stderr.on('data', (c) => (err += c));
+          child.on('close', (code) => resolve({ code, err }));
+        }),
+      ),
+    );
+    runs.forEach((r, rank) => {
+      if (r.code !== 0) throw new Error(`rank ${rank} exited ${r.code}: ${r.err.trim()}`);
+    });
+    let worst = 0;
+    for (let rank = 0; rank < n; rank++) {
+      const file = await readSafetensorsFile(join(dir, `rank${rank}.safetensors`));
+      for (const [key, t] of file.tensors) {
+        if (key.includes('.grad.')) continue; // expert grads are per rank's experts; the outputs and input grads say enough
+        const err = relativeError(t, want.tensors.get(`expected.${key}`)!);
+        worst = Math.max(worst, err);
+        if (!(err <= 1e-5)) throw new Error(`${key}: relative error ${err.toExponential(3)}`);
+      }
+    }
+    return `worst relative error ${worst.toExponential(2)}`;
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 }
 
 /** Last: a CUDA error may leave the context unusable for whatever runs after it. */
