@@ -5,7 +5,9 @@
 // ledger, each rank watches for itself: a peer that finished after issuing fewer
 // collectives than this rank is now waiting in is a missing collective, a connection that
 // closes without a goodbye is a crashed peer, and no progress for the timeout is a stall.
+import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
+import { fileURLToPath } from 'node:url';
 import type { CaseData, RankResult } from '../src/case.js';
 import type { FloatDType } from '../src/tensor.js';
 import { cudaDevices, type BackendName } from '../src/backends.js';
@@ -14,7 +16,7 @@ import type { IssuedCollective } from '../machines/protocol.js';
 import { casePayloads, caseScenario, rankResult } from './caseRanks.js';
 import type { Fault, WorkerJob, WorkerMessage } from './messages.js';
 import type { Scenario } from '../sim/scenario.js';
-import { rendezvous, type LaunchEnv } from './rendezvous.js';
+import { freePort, rendezvous, type LaunchEnv } from './rendezvous.js';
 import { runRank } from './rankRun.js';
 import { acceptEarly, socketMesh, type Goodbye } from './socketPort.js';
 
@@ -158,4 +160,34 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
       resolve({ result: rankResult<F>(result, rank), stepMs });
     }, (err: Error) => fail(err));
   });
+}
+
+export interface LocalRankRun {
+  readonly code: number | null;
+  readonly stdout: string;
+  readonly stderr: string;
+}
+
+/**
+ * Starts `n` processes of `ep-actors rank ...rankArgs` on this machine, placed as
+ * `torchrun --nproc-per-node n` would place them (RANK, WORLD_SIZE, LOCAL_RANK and a free
+ * MASTER_PORT on 127.0.0.1), and waits for all of them.
+ */
+export async function launchLocally(n: number, rankArgs: readonly string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<LocalRankRun[]> {
+  const port = await freePort();
+  const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
+  return Promise.all(
+    Array.from({ length: n }, (_, rank) =>
+      new Promise<LocalRankRun>((resolve, reject) => {
+        const env = { ...(opts.env ?? process.env), RANK: String(rank), WORLD_SIZE: String(n), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) };
+        const child = spawn(process.execPath, [cli, 'rank', ...rankArgs], { env, timeout: opts.timeoutMs ?? 600_000 });
+        let stdout = '';
+        let stderr = '';
+        child.stdout.on('data', (c) => (stdout += c));
+        child.stderr.on('data', (c) => (stderr += c));
+        child.on('error', reject);
+        child.on('close', (code) => resolve({ code, stdout, stderr }));
+      }),
+    ),
+  );
 }

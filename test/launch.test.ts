@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv } from '../actors/rendezvous.js';
 import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/socketPort.js';
-import { LaunchedRankError, runLaunchedRank } from '../actors/launch.js';
+import { LaunchedRankError, launchLocally, runLaunchedRank } from '../actors/launch.js';
 import { loadCase } from '../src/case.js';
 import { readSafetensors, readSafetensorsFile } from '../src/codec/safetensors.js';
 import { Tensor, relativeError } from '../src/tensor.js';
@@ -105,15 +105,7 @@ test('a goodbye frame ends the connection quietly and reaches the peer with its 
   assert.equal(broken, []);
 });
 
-/** Runs `ep-actors rank` as `n` processes, as torchrun would place them on this machine. */
-async function launch(n: number, args: string[]) {
-  const port = await freePort();
-  return Promise.all(
-    Array.from({ length: n }, (_, rank) =>
-      runCli(['rank', ...args], { env: { ...process.env, RANK: String(rank), WORLD_SIZE: String(n), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) }, timeoutMs: 60_000 }),
-    ),
-  );
-}
+const launch = (n: number, args: string[]) => launchLocally(n, args, { timeoutMs: 60_000 });
 
 test('golden cases computed by 4 launched processes over TCP match within 1e-5, the zero-token rank included', async () => {
   for (const name of ['ep4_silu_packed', 'ep4_gelu_unpacked_starve1']) {

@@ -9,14 +9,12 @@ import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
 import { validateScenario } from '../scenario.js';
 import type { BackendName } from '../../src/backends.js';
-import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { caseMetadata, caseTensors } from '../../src/case.js';
 import { writeSafetensorsFileAtomic } from '../../src/codec/safetensors.js';
-import { freePort } from '../../actors/rendezvous.js';
+import { launchLocally } from '../../actors/launch.js';
 
 const MiB = 1024 * 1024;
 
@@ -78,21 +76,14 @@ async function launchedEpStep(backend: BackendName, steps: number): Promise<Benc
   try {
     const path = join(dir, 'case.safetensors');
     await writeSafetensorsFileAtomic(path, caseTensors(data), caseMetadata(data.meta));
-    const port = await freePort();
-    const cli = fileURLToPath(new URL('../../src/cli.js', import.meta.url));
-    const ranks = await Promise.all(
-      data.ranks.map((_, rank) => {
-        // One process per rank on a shared machine: each takes its share of the cores, as
-        // the torch baseline's processes run one thread each.
-        const threads = String(Math.max(1, Math.floor(availableParallelism() / data.meta.ep)));
-        const env = { ...process.env, EP_ACTORS_THREADS: threads, RANK: String(rank), WORLD_SIZE: String(data.meta.ep), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) };
-        return new Promise<number[]>((resolve, reject) => {
-          execFile(process.execPath, [cli, 'rank', '--case', path, '--out-dir', dir, '--backend', backend, '--steps', String(steps), '--json'], { env, timeout: 300_000 }, (err, stdout, stderr) =>
-            err ? reject(new Error(`rank ${rank}: ${stderr || err.message}`)) : resolve((JSON.parse(stdout) as { stepMs: number[] }).stepMs),
-          );
-        });
-      }),
-    );
+    // One process per rank on a shared machine: each takes its share of the cores, as
+    // the torch baseline's processes run one thread each.
+    const threads = String(Math.max(1, Math.floor(availableParallelism() / data.meta.ep)));
+    const runs = await launchLocally(data.meta.ep, ['--case', path, '--out-dir', dir, '--backend', backend, '--steps', String(steps), '--json'], { env: { ...process.env, EP_ACTORS_THREADS: threads }, timeoutMs: 300_000 });
+    const ranks = runs.map((r, rank) => {
+      if (r.code !== 0) throw new Error(`rank ${rank} exited ${r.code}: ${r.stderr}`);
+      return (JSON.parse(r.stdout) as { stepMs: number[] }).stepMs;
+    });
     const slowest = ranks[0]!.map((_, step) => Math.max(...ranks.map((r) => r[step]!)));
     return againstTorch(`${backend} kernels, 4 processes over TCP (ep-actors rank), f32`, slowest);
   } finally {

@@ -1,23 +1,27 @@
 // `npm start`: the main job on the embedded CPU default. A real EP step on generated
 // inputs (ranks as worker threads), the seed variant passing a starved-rank scenario, the
-// no-dispatch-edge variant caught and explained on the same scenario, and the HTML report
-// of that hang written to disk.
-import { writeFile } from 'node:fs/promises';
-import { resolve } from 'node:path';
+// no-dispatch-edge variant caught and explained on the same scenario, the HTML report
+// of that hang written to disk, and the same bug caught on four real processes.
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
 import { formatDiagnosis } from '../../machines/diagnosis.js';
 import { actorRanks } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
 import { reportFromRun } from '../../sim/report/fromDes.js';
 import { renderReport } from '../../sim/report/html.js';
 import { validateScenario } from '../../sim/scenario.js';
-import { runCase, syntheticCase } from '../case.js';
+import { caseMetadata, caseTensors, runCase, syntheticCase } from '../case.js';
+import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
+import { launchLocally } from '../../actors/launch.js';
 import { parse } from './args.js';
 
 const HELP = `usage: ep-actors demo [--report FILE]
 
 The tour: run the EP layer for real on 4 worker-thread ranks, then simulate a rank that
 receives no tokens, first with the seed's safety (passes), then without it (hangs: caught
-at once and explained), and write the HTML report of the hang.
+at once and explained), write the HTML report of the hang, and run the same bug on four
+processes placed as a launcher places them (each rank stops at once, naming the culprit).
 
   --report FILE   where to write the report (default ./ep-actors-report.html)`;
 
@@ -48,9 +52,28 @@ export async function main(argv: string[]): Promise<number> {
 
   await writeFile(reportPath, renderReport(reportFromRun(scenario, hang)));
   console.log(`\n4. Report of the hang: ${reportPath}`);
-  const caught = seed.diagnosis.verdict === 'ok' && hang.diagnosis.verdict !== 'ok';
-  console.log(caught ? '\nThe seed passes and the hazard is caught: demo ok.' : '\nUnexpected verdicts: see above.');
+
+  console.log(`\n5. The same bug on 4 real processes, placed as torchrun places them (ep-actors rank, TCP)`);
+  const ranks = await productionHang();
+  ranks.forEach((r, rank) => console.log(`   rank ${rank}: exit ${r.code}  ${(r.code === 0 ? r.stdout : r.stderr).trim().replace(/^ep-actors rank \d+: /, '').replace(/; wrote .*$/, '')}`));
+  const stopped = ranks.filter((r) => r.code === 2).length;
+
+  const caught = seed.diagnosis.verdict === 'ok' && hang.diagnosis.verdict !== 'ok' && stopped === 3;
+  console.log(caught ? '\nThe seed passes and the hazard is caught, in simulation and on real processes: demo ok.' : '\nUnexpected verdicts: see above.');
   return caught ? 0 : 1;
+}
+
+/** Four `ep-actors rank` processes on a case whose rank 1 receives no tokens, running no-dispatch-edge. */
+async function productionHang() {
+  const dir = await mkdtemp(join(tmpdir(), 'ep-actors-demo-'));
+  try {
+    const data = syntheticCase({ ep: 4, numExperts: 8, topK: 2, dim: 32, hidden: 64, activation: 'silu', packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: [16, 16, 16, 16], starvedRanks: [1] }, 11);
+    const path = join(dir, 'starved.safetensors');
+    await writeSafetensorsFileAtomic(path, caseTensors(data), caseMetadata(data.meta));
+    return await launchLocally(4, ['--case', path, '--out-dir', dir, '--variant', 'no-dispatch-edge', '--timeout', '60000'], { timeoutMs: 120_000 });
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 }
 
 const norm = (xs: ArrayLike<number>) => Math.sqrt(Array.from(xs).reduce((a, x) => a + x * x, 0));

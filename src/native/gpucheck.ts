@@ -2,7 +2,6 @@
 // tests and our CUDA benchmarks into OUT/native.json; `node gpucheck.js table OUT` joins
 // them with OUT/torch.json (native/gpu_bench_torch.py) into OUT/results.md and prints it.
 import { readFileSync, readdirSync, writeFileSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { spawn } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Tensor, relativeError } from '../tensor.js';
@@ -12,7 +11,7 @@ import { tsBackend } from '../moe/experts.js';
 import { NativeError, nativeAddonPath, requireNative } from './backend.js';
 import { CudaExpertBackend, deviceCopyMemory } from './cuda.js';
 import { actorRanks } from '../../actors/caseRanks.js';
-import { freePort } from '../../actors/rendezvous.js';
+import { launchLocally } from '../../actors/launch.js';
 import { NcclCommunicator, ncclVersion } from './nccl.js';
 
 interface Check {
@@ -176,22 +175,9 @@ export async function launchedGolden(name: string, n: number, how: readonly stri
   const want = await readSafetensorsFile(golden);
   const dir = mkdtempSync(join(tmpdir(), 'gpucheck-rank-'));
   try {
-    const port = await freePort();
-    const runs = await Promise.all(
-      Array.from({ length: n }, (_, rank) =>
-        new Promise<{ code: number | null; err: string }>((resolve) => {
-          const child = spawn(process.execPath, [join(root, 'dist', 'src', 'cli.js'), 'rank', '--case', golden, '--out-dir', dir, ...how, '--timeout', '60000'], {
-            env: { ...process.env, RANK: String(rank), WORLD_SIZE: String(n), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) },
-            timeout: 120_000,
-          });
-          let err = '';
-          child.stderr.on('data', (c) => (err += c));
-          child.on('close', (code) => resolve({ code, err }));
-        }),
-      ),
-    );
+    const runs = await launchLocally(n, ['--case', golden, '--out-dir', dir, ...how, '--timeout', '60000'], { timeoutMs: 120_000 });
     runs.forEach((r, rank) => {
-      if (r.code !== 0) throw new Error(`rank ${rank} exited ${r.code}: ${r.err.trim()}`);
+      if (r.code !== 0) throw new Error(`rank ${rank} exited ${r.code}: ${r.stderr.trim()}`);
     });
     let worst = 0;
     for (let rank = 0; rank < n; rank++) {
