@@ -18,7 +18,9 @@ export interface LaunchEnv {
 
 /**
  * RANK, WORLD_SIZE, LOCAL_RANK as torchrun sets them, else SLURM_PROCID, SLURM_NTASKS,
- * SLURM_LOCALID as srun does; MASTER_ADDR (default 127.0.0.1) and MASTER_PORT (default 29500).
+ * SLURM_LOCALID as srun does; MASTER_ADDR (default 127.0.0.1) and the rendezvous port:
+ * EP_ACTORS_PORT, else MASTER_PORT (default 29500), else MASTER_PORT + 1 under torchrun's
+ * agent, which already serves its own store at MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE).
  */
 export function launchEnv(env: NodeJS.ProcessEnv = process.env): LaunchEnv {
   const int = (names: readonly string[], dflt?: number): number => {
@@ -31,7 +33,9 @@ export function launchEnv(env: NodeJS.ProcessEnv = process.env): LaunchEnv {
   const rank = int(['RANK', 'SLURM_PROCID']);
   if (rank >= worldSize) throw new UsageError(`RANK ${rank} must be below WORLD_SIZE ${worldSize}`);
   if (worldSize === 0) throw new UsageError('WORLD_SIZE must be at least 1');
-  return { rank, worldSize, localRank: int(['LOCAL_RANK', 'SLURM_LOCALID'], 0), masterAddr: env.MASTER_ADDR ?? '127.0.0.1', masterPort: int(['MASTER_PORT'], 29500) };
+  const agentStore = env.TORCHELASTIC_USE_AGENT_STORE?.toLowerCase() === 'true';
+  const masterPort = env.EP_ACTORS_PORT !== undefined ? int(['EP_ACTORS_PORT']) : int(['MASTER_PORT'], 29500) + (agentStore ? 1 : 0);
+  return { rank, worldSize, localRank: int(['LOCAL_RANK', 'SLURM_LOCALID'], 0), masterAddr: env.MASTER_ADDR ?? '127.0.0.1', masterPort };
 }
 
 export interface PeerAddress {

@@ -21,6 +21,9 @@ import { runCli } from './cli.js';
 test('launchEnv reads torchrun\'s variables, falls back to Slurm\'s, and rejects bad ones in one line', () => {
   assert.equal(launchEnv({ RANK: '1', WORLD_SIZE: '4', LOCAL_RANK: '1', MASTER_ADDR: 'node0', MASTER_PORT: '29400' }), { rank: 1, worldSize: 4, localRank: 1, masterAddr: 'node0', masterPort: 29400 });
   assert.equal(launchEnv({ SLURM_PROCID: '5', SLURM_NTASKS: '8', SLURM_LOCALID: '1', MASTER_ADDR: 'n1' }), { rank: 5, worldSize: 8, localRank: 1, masterAddr: 'n1', masterPort: 29500 });
+  // torchrun's agent serves its own store at MASTER_PORT: the rendezvous moves one port up unless told where.
+  assert.is(launchEnv({ RANK: '0', WORLD_SIZE: '2', MASTER_PORT: '29400', TORCHELASTIC_USE_AGENT_STORE: 'True' }).masterPort, 29401);
+  assert.is(launchEnv({ RANK: '0', WORLD_SIZE: '2', MASTER_PORT: '29400', TORCHELASTIC_USE_AGENT_STORE: 'True', EP_ACTORS_PORT: '31000' }).masterPort, 31000);
   assert.throws(() => launchEnv({ RANK: '4', WORLD_SIZE: '4' }), /RANK 4 must be below WORLD_SIZE 4/);
   assert.throws(() => launchEnv({ WORLD_SIZE: '2' }), /RANK or SLURM_PROCID must be set/);
   assert.throws(() => launchEnv({ RANK: '0', WORLD_SIZE: 'two' }), /WORLD_SIZE must be set to a non-negative integer \(got two\)/);

@@ -19,7 +19,8 @@ const HELP = `usage: ep-actors rank --case FILE --out-dir DIR [--exchange tcp|nc
 Run this process as one EP rank of a case, the way launchers place ranks: RANK,
 WORLD_SIZE and LOCAL_RANK as torchrun sets them (else SLURM_PROCID, SLURM_NTASKS,
 SLURM_LOCALID as srun does), and MASTER_ADDR:MASTER_PORT where rank 0 holds the rendezvous
-(default 127.0.0.1:29500). WORLD_SIZE must equal the case's ep. Every rank runs its rank
+(default 127.0.0.1:29500; MASTER_PORT+1 under torchrun, whose agent holds MASTER_PORT;
+EP_ACTORS_PORT overrides). WORLD_SIZE must equal the case's ep. Every rank runs its rank
 machine over the real EP layer, as on worker threads; with no supervisor, each rank stops
 with exit 2 the moment it can tell that a peer finished without issuing a collective this
 rank waits in, that a peer went away without finishing, or that nothing moved for --timeout.
@@ -31,8 +32,8 @@ rank waits in, that a peer went away without finishing, or that nothing moved fo
   --exchange X    tcp (default): msgpack chunks over a TCP connection per pair of ranks;
                   nccl: the EP layer's all-to-alls over NCCL, GPU = LOCAL_RANK mod (GPUs)
   --backend B     expert kernels: ts | native | cuda (default ts)
-  --variant V     the protocol the ranks run: ${VARIANT_NAMES.join(' | ')}
-                  (default seed); a hazard variant reproduces its bug on real processes
+  --variant V     the protocol the ranks run (default seed); a hazard variant reproduces its
+                  bug on real processes: ${VARIANT_NAMES.join(', ')}
   --steps N       training steps back to back (default 1); the file holds the last step's
                   results and the summary each step's time
   --timeout MS    stop with exit 2 after this long without progress (default 600000)
@@ -41,6 +42,7 @@ rank waits in, that a peer went away without finishing, or that nothing moved fo
 
 example (4 ranks on this machine):
   torchrun --nproc-per-node 4 --no-python npx ep-actors rank --case C.safetensors --out-dir out/
+  srun -n 4 env MASTER_ADDR=$(hostname) npx ep-actors rank --case C.safetensors --out-dir out/
 
 exit codes: 0 ok, 2 the ranks diverged, a peer crashed or stalled, 1 bad usage or an error`;
 
@@ -74,6 +76,9 @@ export async function main(argv: string[]): Promise<number> {
   } catch (err) {
     if (!(err instanceof LaunchedRankError)) throw err;
     console.error(`ep-actors rank ${env.rank}: ${err.message}`);
+    // An NCCL call still blocked on its comm thread keeps the event loop alive; exiting runs
+    // the addon's teardown, which aborts the communicator and joins that thread.
+    if (exchange === 'nccl') process.exit(2);
     return 2;
   }
   const { result: r, stepMs } = launched;
