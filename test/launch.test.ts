@@ -57,6 +57,24 @@ test('rendezvous: every rank gets the address table and rank 0\'s id, whichever 
   await Promise.allSettled(dup);
 });
 
+test('rendezvous: a rank 0 that answers nonsense is an error naming the address, not a hang or a crash', async () => {
+  for (const [reply, pattern] of [['hello\n', /not a rendezvous message/], ['{"peers":[1]}\n', /answered without a table of 2 addresses/], ['', /closed before a message arrived/]] as const) {
+    const server = createServer((sock) => sock.end(reply));
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+    const port = (server.address() as AddressInfo).port;
+    try {
+      await rendezvous({ rank: 1, worldSize: 2, localRank: 1, masterAddr: '127.0.0.1', masterPort: port }, 1, { timeoutMs: 3000 });
+      assert.unreachable(`accepted ${JSON.stringify(reply)}`);
+    } catch (e) {
+      assert.instance(e, RendezvousError);
+      assert.match((e as Error).message, pattern);
+      assert.match((e as Error).message, `127.0.0.1:${port}`);
+    } finally {
+      server.close();
+    }
+  }
+});
+
 /** A stand-in for a net.Socket: the test feeds it bytes. */
 function fakeSocket() {
   const s = new EventEmitter() as EventEmitter & { written: Buffer[] };
