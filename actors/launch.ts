@@ -9,7 +9,6 @@ import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import type { CaseData, RankResult } from '../src/case.js';
-import type { FloatDType } from '../src/tensor.js';
 import { cudaDevices, type BackendName } from '../src/backends.js';
 import { UsageError } from '../src/errors.js';
 import type { IssuedCollective } from '../machines/protocol.js';
@@ -19,6 +18,9 @@ import type { Scenario } from '../sim/scenario.js';
 import { freePort, rendezvous, type LaunchEnv } from './rendezvous.js';
 import { runRank } from './rankRun.js';
 import { acceptEarly, socketMesh, type Goodbye } from './socketPort.js';
+import { RANK_RECORD_VERSION, type RankRecord } from './rankRecord.js';
+import { sendCountsOf } from '../sim/routing.js';
+import { toIndexArray, type FloatDType } from '../src/tensor.js';
 
 /** The run stopped because the ranks diverged, a peer crashed or nothing moved: exit code 2. */
 export class LaunchedRankError extends Error {
@@ -40,6 +42,8 @@ export interface LaunchOptions<F extends FloatDType> {
   readonly faults?: readonly Fault[];
   /** Training steps back to back (default 1); the results are the last step's. */
   readonly steps?: number;
+  /** Receives this rank's record when it ends, finished or stopped (for `viz report --ranks`). */
+  readonly keep?: (record: RankRecord) => void;
 }
 
 export interface LaunchedRankResult<F extends FloatDType> {
@@ -91,6 +95,10 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
     }
   };
 
+  const job: WorkerJob = {
+    rank, scenario: caseScenario(o.data.meta, o.variant), casePayload: casePayloads(o.data)[rank], backend: o.backend,
+    exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: ncclId ?? undefined, faults: o.faults ?? [], inspect: false, steps: o.steps ?? 1, record: !!o.keep,
+  };
   return new Promise<LaunchedRankResult<F>>((resolve, reject) => {
     let settled = false;
     let watchdog: NodeJS.Timeout | undefined;
@@ -99,9 +107,17 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
       clearTimeout(watchdog);
       watchdog = setTimeout(() => fail(new LaunchedRankError(`stall: rank ${rank} made no progress for ${o.timeoutMs} ms${waiting ? ` waiting in ${describe(waiting)}` : ''}`)), o.timeoutMs);
     };
+    const messages: WorkerMessage[] = [];
+    const keep = (stopped?: string) => {
+      const idx = toIndexArray(o.data.ranks[rank]!.indices_TK, `rank${rank}.indices`);
+      const rowsPerExpert = new Array<number>(o.data.meta.numExperts).fill(0);
+      for (const e of idx) rowsPerExpert[e]!++;
+      o.keep?.({ epActorsRankRecord: RANK_RECORD_VERSION, rank, scenario: job.scenario, sendRows: sendCountsOf(idx, o.data.meta.numExperts, o.data.meta.ep), rowsPerExpert, messages, stopped });
+    };
     fail = (err) => {
       if (settled) return;
       settled = true;
+      keep(err.message);
       clearTimeout(watchdog);
       // Peers hear why this rank stopped, so they report the cause rather than a lost connection.
       ports.forEach((p) => p.goodbye({ issued, stopped: err.message }));
@@ -111,6 +127,7 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
     let result: Uint8Array | undefined;
     const stepMs: number[] = [];
     const post = (m: WorkerMessage) => {
+      if (m.type === 'issue' || m.type === 'completed' || m.type === 'paths' || m.type === 'finished') messages.push(m);
       switch (m.type) {
         case 'issue': {
           const position = issued[m.collective.comm] ?? 0;
@@ -147,14 +164,11 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
       },
     }).then((mesh) => {
       ports = mesh;
-      const job: WorkerJob = {
-        rank, scenario: caseScenario(o.data.meta, o.variant), casePayload: casePayloads(o.data)[rank], backend: o.backend,
-        exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: ncclId ?? undefined, faults: o.faults ?? [], inspect: false, steps: o.steps ?? 1, record: false,
-      };
       return runRank(job, mesh, post);
     }).then(() => {
       if (settled) return;
       settled = true;
+      keep();
       clearTimeout(watchdog);
       ports.forEach((p) => p.goodbye({ issued }));
       resolve({ result: rankResult<F>(result, rank), stepMs });

@@ -5,14 +5,14 @@
 // protocol violation or a corrupt message, or timeout (no progress and no proof). Every
 // worker is terminated before the result is returned: no thread outlives a run.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
-import { rankMachine } from '../machines/rankMachine.js';
 import { CollectiveTracker, commOf, communicators, type Finding, type LedgerEntry } from '../machines/ledger.js';
 import { diagnose, okDiagnosis, rankReports, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
-import { startRank, type RankSnapshot } from '../machines/protocol.js';
-import { rankConfig, worldSize, type Scenario } from '../sim/scenario.js';
+import type { RankSnapshot } from '../machines/protocol.js';
+import { worldSize, type Scenario } from '../sim/scenario.js';
 import type { TraceEvent } from '../sim/report/input.js';
 import { gpuPlacement, type BackendName, type ExchangeName } from '../src/backends.js';
 import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
+import { rankSnapshots } from './rankRecord.js';
 
 export interface RuntimeOptions {
   backend?: BackendName;
@@ -82,8 +82,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   });
   const exited = workers.map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())));
 
-  const snapshots = (): RankSnapshot[] =>
-    wires.map((w, rank) => (w ? rankMachine.resolveState({ value: w.value as never, context: w.context }) : startRank(rankConfig(s, rank))));
+  const snapshots = (): RankSnapshot[] => rankSnapshots(s, wires);
 
   return new Promise<RuntimeResult>((resolve) => {
     let done = false;

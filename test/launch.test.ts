@@ -4,13 +4,17 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { EventEmitter } from 'node:events';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type AddressInfo, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv } from '../actors/rendezvous.js';
 import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/socketPort.js';
 import { LaunchedRankError, launchLocally, runLaunchedRank } from '../actors/launch.js';
+import { checkRankRecords, mergeRankRecords } from '../actors/rankRecord.js';
+import { casePayloads, caseScenario } from '../actors/caseRanks.js';
+import { runActors } from '../actors/supervisor.js';
+import { canonicalLedger } from './ledger.js';
 import { loadCase } from '../src/case.js';
 import { readSafetensors, readSafetensorsFile } from '../src/codec/safetensors.js';
 import { Tensor, relativeError } from '../src/tensor.js';
@@ -74,6 +78,13 @@ test('rendezvous: a rank 0 that answers nonsense is an error naming the address,
     }
   }
 });
+
+/** The rank records `ep-actors rank` left in `dir`. */
+const readRecords = (dir: string) => {
+  const names = readdirSync(dir).filter((f) => f.endsWith('.record.json'));
+  return checkRankRecords(names.map((f) => JSON.parse(readFileSync(join(dir, f), 'utf8')) as unknown), names);
+};
+
 
 /** A stand-in for a net.Socket: the test feeds it bytes. */
 function fakeSocket() {
@@ -156,6 +167,13 @@ test('golden cases computed by 4 launched processes over TCP match within 1e-5, 
         const all = Tensor.from('f32', [parts.reduce((a, p) => a + p.shape[0]!, 0), ...parts[0]!.shape.slice(1)], parts.flatMap((p) => Array.from(p.data as Float32Array)));
         assert.ok(relativeError(all, want.tensors.get(`expected.${key}`)!) <= 1e-5, `${name}: ${key}`);
       }
+      // The ranks' records replay into the ledger the worker runtime keeps for the same case and steps.
+      const merged = mergeRankRecords(readRecords(dir));
+      assert.is(merged.diagnosis.verdict, 'ok', merged.diagnosis.cause);
+      const data = await loadCase(golden);
+      const onWorkers = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps: 2 });
+      assert.equal(canonicalLedger(merged.ledger), canonicalLedger(onWorkers.ledger), name);
+      assert.equal(merged.paths, onWorkers.paths, `${name}: state paths`);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
@@ -172,6 +190,31 @@ test('no-dispatch-edge on 4 processes: the ranks waiting in bwd.dispatch stop at
       assert.is(r.code, 2, r.stderr);
       assert.match(r.stderr, /missing collective: rank \d waits in bwd\.dispatch \(layer 0, ep position 5\) but rank 1 finished its step after issuing 5 collective\(s\) on ep/);
     }
+    // Every rank left its record, the stopped ones too: merged, they give the diagnosis the
+    // worker runtime gives for the same case and variant.
+    const merged = mergeRankRecords(readRecords(dir));
+    const data = await loadCase(golden);
+    const onWorkers = (await runActors(caseScenario(data.meta, 'no-dispatch-edge'), { casePayloads: casePayloads(data) })).diagnosis;
+    const { verdict, communicator, position, culprits, cause } = merged.diagnosis;
+    assert.equal({ verdict, communicator, position, culprits }, { verdict: onWorkers.verdict, communicator: onWorkers.communicator, position: onWorkers.position, culprits: onWorkers.culprits });
+    // The records are complete, so every waiting rank is named (the live runtime names those
+    // whose issue reached the supervisor before it wrote its diagnosis).
+    assert.match(cause, /so rank 1 skipped bwd\.dispatch; ranks 0, 2, 3 wait in bwd\.dispatch \(ep, position 5\)/);
+    assert.is(merged.trace.filter((e) => e.name === 'bwd.dispatch').length, 3, 'three ranks entered bwd.dispatch');
+
+    const html = join(dir, 'report.html');
+    const r = await runCli(['viz', 'report', '--ranks', dir, '--html', html, '--json']);
+    assert.is(r.code, 0, r.stderr);
+    assert.is((JSON.parse(r.stdout) as { verdict: string }).verdict, 'missing');
+    assert.match(readFileSync(html, 'utf8'), /bwd\.dispatch/);
+
+    rmSync(join(dir, 'rank2.record.json'));
+    const gap = await runCli(['viz', 'report', '--ranks', dir, '--html', html]);
+    assert.is(gap.code, 1);
+    assert.match(gap.stderr, /the records are of ranks 0, 1, 3; the scenario has ranks 0\.\.3, one record each/);
+    writeFileSync(join(dir, 'rank2.record.json'), '{"hello": 1}');
+    const bad = await runCli(['viz', 'report', '--ranks', dir, '--html', html]);
+    assert.match(bad.stderr, /rank2\.record\.json: not an ep-actors rank record/);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -9,7 +9,7 @@ import { actorRanks } from '../actors/caseRanks.js';
 import { runDes } from '../sim/des.js';
 import { reportFromDes } from '../sim/report/fromDes.js';
 import { validateScenario, type Scenario } from '../sim/scenario.js';
-import type { LedgerEntry } from '../machines/ledger.js';
+import { canonicalLedger } from './ledger.js';
 import { loadCase, resultTensors, runCase } from '../src/case.js';
 import { readSafetensorsFile } from '../src/codec/safetensors.js';
 import { relativeError } from '../src/tensor.js';
@@ -87,11 +87,6 @@ for (const h of hazards) {
   });
 }
 
-/** A ledger as a set of (communicator, position, rank) → what was issued, order-free. */
-const canonical = (ledger: readonly LedgerEntry[]) =>
-  ledger
-    .map((e) => JSON.stringify([e.communicator, e.position, e.rank, e.op, e.layer, e.microBatch, e.unit, e.sendSplits, e.recvSplits, e.size, e.dtype, e.statePath]))
-    .sort();
 
 test('the ledger the workers produce equals the one predicted by stepping the machines with transition()', async () => {
   const rng = seededRng(20261127);
@@ -114,7 +109,7 @@ test('the ledger the workers produce equals the one predicted by stepping the ma
     const actors = await runActors(s);
     const des = runDes(s);
     assert.is(actors.diagnosis.verdict, des.diagnosis.verdict, JSON.stringify(s));
-    assert.equal(canonical(actors.ledger), canonical(des.ledger), JSON.stringify(s));
+    assert.equal(canonicalLedger(actors.ledger), canonicalLedger(des.ledger), JSON.stringify(s));
   }
 });
 

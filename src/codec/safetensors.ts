@@ -2,7 +2,8 @@
 // {name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the
 // data buffer (offsets are relative to its start). Files come from outside, so every field
 // is checked before any length in it is used to slice or allocate.
-import { open, readFile, rename, rm } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
+import { writeFileAtomic } from '../atomic.js';
 import { ELEMENT_SIZE, STORAGE_CTOR, Tensor, type DType, type Storage } from '../tensor.js';
 
 export class SafetensorsError extends Error {
@@ -180,28 +181,16 @@ export async function readSafetensorsFile(path: string): Promise<SafetensorsFile
   return readSafetensors(bytes, path);
 }
 
-/**
- * Write to `${path}.<pid>.<random>.tmp`, flush it, then rename over `path`, so readers see
- * the old file or the whole new one. On any failure the temporary file is removed.
- */
+/** Write a safetensors file atomically (src/atomic.ts): readers see the old file or the whole new one. */
 export async function writeSafetensorsFileAtomic(
   path: string,
   tensors: Map<string, Tensor> | Record<string, Tensor>,
   metadata?: Record<string, string>,
 ): Promise<void> {
   const bytes = writeSafetensors(tensors, metadata);
-  const tmp = `${path}.${process.pid}.${Math.random().toString(36).slice(2, 10)}.tmp`;
   try {
-    const file = await open(tmp, 'wx');
-    try {
-      await file.writeFile(bytes);
-      await file.sync();
-    } finally {
-      await file.close();
-    }
-    await rename(tmp, path);
+    await writeFileAtomic(path, bytes);
   } catch (e) {
-    await rm(tmp, { force: true }).catch(() => undefined);
     throw new SafetensorsError(`${path}: cannot write: ${(e as Error).message}`, { cause: e });
   }
 }

@@ -10,6 +10,8 @@ import { loadBackend, parseBackend } from '../backends.js';
 import { localExpertRange } from '../ep/layer.js';
 import type { Tensor } from '../tensor.js';
 import { launchEnv } from '../../actors/rendezvous.js';
+import type { RankRecord } from '../../actors/rankRecord.js';
+import { writeFileAtomic } from '../atomic.js';
 import { VARIANT_NAMES, type VariantName } from '../../machines/variants.js';
 import { LaunchedRankError, runLaunchedRank } from '../../actors/launch.js';
 
@@ -28,7 +30,9 @@ rank waits in, that a peer went away without finishing, or that nothing moved fo
   --case FILE     the case (see \`ep-actors run --help\`); every rank reads it and takes its slice
   --out-dir DIR   rank r writes DIR/rank{r}.safetensors: rank{r}.out, rank{r}.grad_x,
                   rank{r}.grad_weights and rank{r}.grad.up_w|down_w|gate_w for its local experts
-                  (metadata first_expert), atomically
+                  (metadata first_expert), atomically; and DIR/rank{r}.record.json, what its
+                  rank machine did, also when it stops: \`ep-actors viz report --ranks DIR\`
+                  merges the records into the ledger, diagnosis and HTML report
   --exchange X    tcp (default): msgpack chunks over a TCP connection per pair of ranks;
                   nccl: the EP layer's all-to-alls over NCCL, GPU = LOCAL_RANK mod (GPUs)
   --backend B     expert kernels: ts | native | cuda (default ts)
@@ -70,12 +74,18 @@ export async function main(argv: string[]): Promise<number> {
   const env = launchEnv();
   const data = await loadCase(casePath);
 
+  mkdirSync(outDir, { recursive: true });
+  // The record is written whether the rank finishes or stops: `viz report --ranks` merges them.
+  const recordPath = join(outDir, `rank${env.rank}.record.json`);
+  let record: RankRecord | undefined;
+  const writeRecord = () => (record ? writeFileAtomic(recordPath, JSON.stringify(record)) : Promise.resolve());
   let launched;
   try {
-    launched = await runLaunchedRank({ data, env, exchange, backend, timeoutMs, steps, variant: variant as VariantName });
+    launched = await runLaunchedRank({ data, env, exchange, backend, timeoutMs, steps, variant: variant as VariantName, keep: (r) => (record = r) });
   } catch (err) {
+    await writeRecord();
     if (!(err instanceof LaunchedRankError)) throw err;
-    console.error(`ep-actors rank ${env.rank}: ${err.message}`);
+    console.error(`ep-actors rank ${env.rank}: ${err.message} (record: ${recordPath})`);
     // An NCCL call still blocked on its comm thread keeps the event loop alive; exiting runs
     // the addon's teardown, which aborts the communicator and joins that thread.
     if (exchange === 'nccl') process.exit(2);
@@ -87,7 +97,7 @@ export async function main(argv: string[]): Promise<number> {
   const p = `rank${env.rank}`;
   const tensors = new Map<string, Tensor>([[`${p}.out`, r.out_TD], [`${p}.grad_x`, r.gradX_TD], [`${p}.grad_weights`, r.gradWeights_TK], [`${p}.grad.up_w`, r.grads.up], [`${p}.grad.down_w`, r.grads.down]]);
   if (r.grads.gate) tensors.set(`${p}.grad.gate_w`, r.grads.gate);
-  mkdirSync(outDir, { recursive: true });
+  await writeRecord();
   const out = join(outDir, `${p}.safetensors`);
   await writeSafetensorsFileAtomic(out, tensors, { ...caseMetadata(meta), rank: String(env.rank), first_expert: String(start) });
   const summary = { rank: env.rank, worldSize: env.worldSize, exchange, backend, out, rowsSent: r.rowsSent, rowsReceived: r.rowsReceived, stepMs, tensors: [...tensors.keys()] };

@@ -1,17 +1,20 @@
 // `ep-actors viz machine|report`: the rank machine exported as Mermaid, DOT, SCXML or JSON,
-// and the self-contained HTML report from a trace file.
-import { readFile, writeFile } from 'node:fs/promises';
-import { resolve } from 'node:path';
-import { parse } from './args.js';
+// and the self-contained HTML report from a trace file or from launched ranks' records.
+import { readdir, readFile, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { parse, requiredString } from './args.js';
 import { UsageError } from '../errors.js';
 import { rankMachine } from '../../machines/rankMachine.js';
 import { EXPORT_FORMATS, exportMachine, liveUnder, machineGraph, rankContexts, type ExportFormat } from '../../machines/exporters.js';
 import { isVariantName, makeVariant, VARIANT_NAMES } from '../../machines/variants.js';
-import { fromTraceFile } from '../../sim/report/input.js';
+import { fromTraceFile, toTraceFile, type ReportInput } from '../../sim/report/input.js';
+import { formatDiagnosis } from '../../machines/diagnosis.js';
+import { checkRankRecords, mergeRankRecords, RankRecordError } from '../../actors/rankRecord.js';
 import { renderReport } from '../../sim/report/html.js';
 
 const HELP = `usage: ep-actors viz machine [--format mermaid|dot|scxml|json] [--variant V] [--out FILE]
        ep-actors viz report TRACE.json --html OUT.html
+       ep-actors viz report --ranks DIR --html OUT.html [--trace OUT.json] [--json]
 
 viz machine   the rank machine, generated from its definition: every state (nested and
               final), every transition with its event (or none: eventless), guard and
@@ -27,12 +30,21 @@ viz report    one self-contained HTML file (no network at view time): the machin
   TRACE.json  a Chrome trace as \`ep-actors sim --trace\` writes it:
               {traceEvents: [...], epActors: {scenario, diagnosis, ledger, paths, routing}}
               (it opens in Perfetto as it is)
+  --ranks DIR the rank{r}.record.json files \`ep-actors rank\` wrote (one per rank):
+              their collectives are replayed through the supervisor's ledger, so a run
+              of launched processes gets the verdict and diagnosis a simulation gives
+              (printed; --json: as one JSON object), and its report
+  --trace F   with --ranks: also write the merged Chrome trace
   --html FILE the report to write
 
 exit codes: 0 ok, 1 bad usage or an unreadable trace`;
 
 export async function main(argv: string[]): Promise<number> {
-  const { values, positionals } = parse(argv, { format: { type: 'string' }, variant: { type: 'string' }, out: { type: 'string' }, html: { type: 'string' } }, HELP);
+  const { values, positionals } = parse(
+    argv,
+    { format: { type: 'string' }, variant: { type: 'string' }, out: { type: 'string' }, html: { type: 'string' }, ranks: { type: 'string' }, trace: { type: 'string' }, json: { type: 'boolean' } },
+    HELP,
+  );
   if (values.help) {
     console.log(HELP);
     return 0;
@@ -53,6 +65,16 @@ export async function main(argv: string[]): Promise<number> {
     else process.stdout.write(text);
     return 0;
   }
+  if (what === 'report' && typeof values.ranks === 'string') {
+    if (rest.length) throw new UsageError(`viz report --ranks takes no trace file\n\n${HELP}`);
+    const html = resolve(requiredString(values, 'html', HELP));
+    const input = await mergeRanksIn(resolve(values.ranks));
+    if (typeof values.trace === 'string') await writeFile(resolve(values.trace), JSON.stringify(toTraceFile(input)));
+    await writeFile(html, renderReport(input));
+    if (values.json) console.log(JSON.stringify(input.diagnosis));
+    else console.log(`${formatDiagnosis(input.diagnosis)}\nreport: ${html}`);
+    return 0;
+  }
   if (what === 'report') {
     if (rest.length !== 1) throw new UsageError(`viz report takes one trace file\n\n${HELP}`);
     if (typeof values.html !== 'string') throw new UsageError(`--html is required\n\n${HELP}`);
@@ -69,4 +91,30 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   }
   throw new UsageError(`viz needs 'machine' or 'report'${what ? `, got '${what}'` : ''}\n\n${HELP}`);
+}
+
+/** Every rank{r}.record.json in `dir`, checked and merged into a report input. */
+async function mergeRanksIn(dir: string): Promise<ReportInput> {
+  let names: string[];
+  try {
+    names = (await readdir(dir)).filter((f) => /^rank\d+\.record\.json$/.test(f)).sort();
+  } catch (e) {
+    throw new UsageError(`cannot read --ranks ${dir}: ${(e as Error).message}`);
+  }
+  if (names.length === 0) throw new UsageError(`--ranks ${dir}: no rank{r}.record.json files (ep-actors rank --out-dir writes them)`);
+  const values = await Promise.all(
+    names.map(async (f) => {
+      try {
+        return JSON.parse(await readFile(join(dir, f), 'utf8')) as unknown;
+      } catch (e) {
+        throw new UsageError(`${join(dir, f)}: ${(e as Error).message}`);
+      }
+    }),
+  );
+  try {
+    return mergeRankRecords(checkRankRecords(values, names.map((f) => join(dir, f))));
+  } catch (e) {
+    if (e instanceof RankRecordError) throw new UsageError(e.message);
+    throw e;
+  }
 }

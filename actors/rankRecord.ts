@@ -1,0 +1,148 @@
+// What a launched rank keeps of its run (`ep-actors rank` writes it next to its results),
+// and the merge of every rank's record into the report a simulation gives: the ranks'
+// collectives replayed through the same CollectiveTracker the supervisor keeps, so a
+// production run gets the same ledger, verdict, diagnosis and HTML report.
+import { rankMachine } from '../machines/rankMachine.js';
+import { CollectiveTracker, commOf, type Finding } from '../machines/ledger.js';
+import { diagnose, okDiagnosis, rankReports, type Diagnosis } from '../machines/diagnosis.js';
+import { startRank, type RankSnapshot } from '../machines/protocol.js';
+import { rankConfig, validateScenario, worldSize, type Scenario } from '../sim/scenario.js';
+import type { ReportInput, ReportRouting, TraceEvent } from '../sim/report/input.js';
+import type { SnapshotWire, WorkerMessage } from './messages.js';
+
+export const RANK_RECORD_VERSION = 1;
+
+export interface RankRecord {
+  readonly epActorsRankRecord: typeof RANK_RECORD_VERSION;
+  readonly rank: number;
+  readonly scenario: Scenario;
+  /** This rank's share of the report's routing: its row of sendRows and the rows it routed to each expert. */
+  readonly sendRows: readonly number[];
+  readonly rowsPerExpert: readonly number[];
+  /** What its rank machine reported, in order (issue, completed, paths, finished), times in ms since the epoch. */
+  readonly messages: readonly WorkerMessage[];
+  /** Why the rank stopped, when it did not finish. */
+  readonly stopped?: string;
+}
+
+export class RankRecordError extends Error {
+  override name = 'RankRecordError';
+}
+
+/** Checks what a file claims to be a set of rank records (it came from disk: trust nothing). */
+export function checkRankRecords(values: readonly unknown[], names: readonly string[]): RankRecord[] {
+  const records = values.map((v, i) => {
+    const r = v as Partial<RankRecord> | null;
+    if (!r || r.epActorsRankRecord !== RANK_RECORD_VERSION || !Number.isSafeInteger(r.rank) || !Array.isArray(r.messages) || !Array.isArray(r.sendRows) || !Array.isArray(r.rowsPerExpert)) {
+      throw new RankRecordError(`${names[i]}: not an ep-actors rank record (version ${RANK_RECORD_VERSION})`);
+    }
+    try {
+      validateScenario(r.scenario ?? {});
+    } catch (err) {
+      throw new RankRecordError(`${names[i]}: its scenario is invalid: ${(err as Error).message}`);
+    }
+    return r as RankRecord;
+  });
+  if (records.length === 0) throw new RankRecordError('no rank records to merge');
+  const s = JSON.stringify(records[0]!.scenario);
+  const n = worldSize(records[0]!.scenario);
+  records.forEach((r, i) => {
+    if (JSON.stringify(r.scenario) !== s) throw new RankRecordError(`${names[i]}: rank ${r.rank} ran another scenario than ${names[0]}`);
+  });
+  const ranks = records.map((r) => r.rank).sort((a, b) => a - b);
+  if (ranks.length !== n || ranks.some((r, i) => r !== i)) throw new RankRecordError(`the records are of ranks ${ranks.join(', ')}; the scenario has ranks 0..${n - 1}, one record each`);
+  return records.slice().sort((a, b) => a.rank - b.rank);
+}
+
+/**
+ * Replays every rank's issued collectives through one CollectiveTracker: each rank's in
+ * its own order, a rank's next one only once its previous one completed (as the
+ * supervisor defers them). The first finding is the verdict; with none, every rank
+ * finishing is ok and a quiet wait-for cycle is a cycle.
+ */
+export function mergeRankRecords(records: readonly RankRecord[]): ReportInput {
+  const s = records[0]!.scenario;
+  const n = worldSize(s);
+  const tracker = new CollectiveTracker({ ep: s.ep, dp: s.dp });
+  const wires: (SnapshotWire | null)[] = new Array(n).fill(null);
+  const queues = records.map((r) => r.messages.filter((m) => m.type === 'issue' || m.type === 'finished'));
+  const t0 = Math.min(...records.flatMap((r) => r.messages.flatMap((m) => ('at' in m ? [m.at] : []))));
+  let finding: Finding | null = null;
+  const finished = new Set<number>();
+  // Issues first, as far as they go; a rank's end only once nothing else can move, so the
+  // ledger holds every collective the others issued before a finish proves one missing.
+  // The first finding is the verdict; the rest still place each rank where it ended.
+  const ready = (r: number, type: WorkerMessage['type']) => queues[r]![0]?.type === type && !tracker.blockedOn(r);
+  for (;;) {
+    let moved = false;
+    for (let r = 0; r < n; r++) {
+      while (ready(r, 'issue')) {
+        const m = queues[r]!.shift() as Extract<WorkerMessage, { type: 'issue' }>;
+        moved = true;
+        wires[r] = m.snapshot;
+        finding ??= tracker.issue(r, m.collective, m.dtype).finding;
+      }
+    }
+    if (moved) continue;
+    const r = queues.findIndex((_, rank) => ready(rank, 'finished'));
+    if (r < 0) break;
+    const m = queues[r]!.shift() as Extract<WorkerMessage, { type: 'finished' }>;
+    wires[r] = m.snapshot;
+    finished.add(r);
+    finding ??= tracker.finish(r);
+  }
+  finding ??= tracker.findCycle();
+  const snapshots = rankSnapshots(s, wires);
+  const stopped = records.filter((r) => r.stopped !== undefined);
+  let diagnosis: Diagnosis;
+  if (finding) diagnosis = diagnose(finding, snapshots, tracker);
+  else if (finished.size === n && tracker.openPositions().length === 0) diagnosis = okDiagnosis(snapshots, tracker);
+  else {
+    const why = stopped.map((r) => `rank ${r.rank}: ${r.stopped}`).join('; ');
+    diagnosis = { verdict: 'timeout', communicator: null, position: null, culprits: stopped.map((r) => r.rank), ranks: rankReports(snapshots, tracker), cause: `the records end without a proof of a hang${why ? `; ${why}` : ''}` };
+  }
+  return {
+    scenario: s,
+    diagnosis,
+    ledger: tracker.entries,
+    paths: records.map((r) => r.messages.flatMap((m) => (m.type === 'paths' ? m.paths : []))),
+    trace: records.flatMap((r) => spans(r, s, t0)),
+    routing: routingOfRecords(records, s),
+    clock: 'real',
+  };
+}
+
+/** Each rank's machine where its last message left it (its start state if it sent none). */
+export function rankSnapshots(s: Scenario, wires: readonly (SnapshotWire | null)[]): RankSnapshot[] {
+  return wires.map((w, rank) => (w ? rankMachine.resolveState({ value: w.value as never, context: w.context }) : startRank(rankConfig(s, rank))));
+}
+
+/** A rank's collectives as timeline spans: each issue to its completion, or to the record's end. */
+function spans(r: RankRecord, s: Scenario, t0: number): TraceEvent[] {
+  const out: TraceEvent[] = [];
+  const positions = new Map<string, number>();
+  let open: { name: string; at: number; args: TraceEvent['args'] } | null = null;
+  const last = Math.max(...r.messages.flatMap((m) => ('at' in m ? [m.at] : [t0])));
+  const close = (at: number) => {
+    if (open) out.push({ name: open.name, ph: 'X', ts: Math.round((open.at - t0) * 1000), dur: Math.max(0, Math.round((at - open.at) * 1000)), pid: 0, tid: r.rank, args: open.args });
+    open = null;
+  };
+  for (const m of r.messages) {
+    if (m.type === 'issue') {
+      close(m.at);
+      const c = m.collective;
+      const communicator = commOf({ ep: s.ep, dp: s.dp }, r.rank, c.comm);
+      const position = positions.get(communicator) ?? 0;
+      positions.set(communicator, position + 1);
+      open = { name: c.op, at: m.at, args: { communicator, position, layer: c.layer, microBatch: c.microBatch } };
+    } else if (m.type === 'completed') close(m.at);
+  }
+  close(last);
+  return out;
+}
+
+function routingOfRecords(records: readonly RankRecord[], s: Scenario): ReportRouting {
+  const rowsPerExpert = new Array<number>(s.experts).fill(0);
+  for (const r of records) r.rowsPerExpert.forEach((c, e) => (rowsPerExpert[e]! += c));
+  return { sendRows: records.map((r) => r.sendRows), rowsPerExpert };
+}
