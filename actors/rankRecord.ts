@@ -41,6 +41,10 @@ export function checkRankRecords(values: readonly unknown[], names: readonly str
     } catch (err) {
       throw new RankRecordError(`${names[i]}: its scenario is invalid: ${(err as Error).message}`);
     }
+    r.messages.forEach((m, k) => {
+      const why = messageProblem(m);
+      if (why) throw new RankRecordError(`${names[i]}: message ${k} ${why}`);
+    });
     return r as RankRecord;
   });
   if (records.length === 0) throw new RankRecordError('no rank records to merge');
@@ -54,6 +58,29 @@ export function checkRankRecords(values: readonly unknown[], names: readonly str
   return records.slice().sort((a, b) => a.rank - b.rank);
 }
 
+/** What is wrong with a recorded message, or null: enough for the replay to rely on its fields. */
+function messageProblem(v: unknown): string | null {
+  const m = v as Partial<Record<string, unknown>> | null;
+  if (!m || typeof m !== 'object') return 'is not an object';
+  const snapshot = (w: unknown) => !!w && typeof w === 'object' && 'value' in w && !!(w as SnapshotWire).context && typeof (w as SnapshotWire).context === 'object';
+  switch (m.type) {
+    case 'issue': {
+      const c = m.collective as Partial<Record<string, unknown>> | null;
+      if (!c || typeof c !== 'object' || (c.comm !== 'ep' && c.comm !== 'dp') || typeof c.op !== 'string' || !Number.isSafeInteger(c.layer) || !Number.isSafeInteger(c.microBatch)) return 'is an issue without a valid collective';
+      if (typeof m.dtype !== 'string' || typeof m.at !== 'number' || !snapshot(m.snapshot)) return 'is an issue without its dtype, time or machine snapshot';
+      return null;
+    }
+    case 'completed':
+      return typeof m.at === 'number' ? null : 'is a completion without a time';
+    case 'paths':
+      return Array.isArray(m.paths) && m.paths.every((p) => typeof p === 'string') ? null : 'has paths that are not strings';
+    case 'finished':
+      return typeof m.at === 'number' && snapshot(m.snapshot) ? null : 'is a finish without its time or machine snapshot';
+    default:
+      return `has unknown type ${JSON.stringify(m.type)}`;
+  }
+}
+
 /**
  * Replays every rank's issued collectives through one CollectiveTracker: each rank's in
  * its own order, a rank's next one only once its previous one completed (as the
@@ -61,6 +88,16 @@ export function checkRankRecords(values: readonly unknown[], names: readonly str
  * finishing is ok and a quiet wait-for cycle is a cycle.
  */
 export function mergeRankRecords(records: readonly RankRecord[]): ReportInput {
+  try {
+    return replay(records);
+  } catch (err) {
+    // A machine snapshot no rank machine could have written, say: name it, do not crash.
+    if (err instanceof RankRecordError) throw err;
+    throw new RankRecordError(`the records do not replay: ${(err as Error).message}`);
+  }
+}
+
+function replay(records: readonly RankRecord[]): ReportInput {
   const s = records[0]!.scenario;
   const n = worldSize(s);
   const tracker = new CollectiveTracker({ ep: s.ep, dp: s.dp });

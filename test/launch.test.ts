@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv } from '../actors/rendezvous.js';
 import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/socketPort.js';
 import { LaunchedRankError, launchLocally, runLaunchedRank } from '../actors/launch.js';
-import { checkRankRecords, mergeRankRecords } from '../actors/rankRecord.js';
+import { checkRankRecords, mergeRankRecords, RankRecordError } from '../actors/rankRecord.js';
 import { casePayloads, caseScenario } from '../actors/caseRanks.js';
 import { runActors } from '../actors/supervisor.js';
 import { canonicalLedger } from './ledger.js';
@@ -258,6 +258,47 @@ test('a rank that throws tells its peers why; one that vanishes is reported as g
   const stalled = await Promise.allSettled([runLaunchedRank({ ...base, env: at(0) }), runLaunchedRank({ ...base, timeoutMs: 400, env: at(1), faults: [{ kind: 'stall', rank: 1, op: 'fwd.dispatch' }] })]);
   assert.match(String((stalled[1] as PromiseRejectedResult).reason), /stall: rank 1 made no progress for 400 ms/);
   assert.match(String((stalled[0] as PromiseRejectedResult).reason), /rank 1 stopped: stall: rank 1 made no progress/);
+});
+
+test('fuzz: damaged rank records merge or fail with a RankRecordError, never another error', async () => {
+  const data = await loadCase(join(goldenDir, 'ep2_relu_top1_skew.safetensors'));
+  const port = await freePort();
+  const records: unknown[] = [];
+  await Promise.all([0, 1].map((rank) => runLaunchedRank({ data, env: { rank, worldSize: 2, localRank: rank, masterAddr: '127.0.0.1', masterPort: port }, exchange: 'tcp', backend: 'ts', timeoutMs: 20_000, keep: (r) => records.push(r) })));
+  const clean = JSON.stringify(records);
+  assert.is(mergeRankRecords(checkRankRecords(JSON.parse(clean) as unknown[], ['a', 'b'])).diagnosis.verdict, 'ok');
+  const rng = seededRng(99);
+  const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rng() * xs.length)]!;
+  const junk = [undefined, null, 'x', -1, 1.5, 1e9, {}, [], true];
+  let failed = 0;
+  for (let i = 0; i < 400; i++) {
+    const recs = JSON.parse(clean) as { messages: Record<string, unknown>[] }[];
+    const rec = pick(recs);
+    const k = Math.floor(rng() * rec.messages.length);
+    const kind = rng();
+    if (kind < 0.15) rec.messages.splice(k, 1);
+    else if (kind < 0.25) rec.messages.splice(k, 0, structuredClone(rec.messages[Math.floor(rng() * rec.messages.length)]!));
+    else {
+      // Damage one field somewhere inside the message (collective, snapshot, context...).
+      let target: Record<string, unknown> = rec.messages[k]!;
+      for (let depth = 0; depth < 3; depth++) {
+        const key = pick(Object.keys(target));
+        const inner = target[key];
+        if (depth < 2 && inner && typeof inner === 'object' && !Array.isArray(inner) && rng() < 0.6) target = inner as Record<string, unknown>;
+        else {
+          target[key] = pick(junk);
+          break;
+        }
+      }
+    }
+    try {
+      mergeRankRecords(checkRankRecords(recs, ['a', 'b']));
+    } catch (e) {
+      if (!(e instanceof RankRecordError)) throw new Error(`mutation ${i}: ${(e as Error).stack}`);
+      failed++;
+    }
+  }
+  assert.ok(failed > 50, `only ${failed} of 400 damaged record sets were refused`);
 });
 
 test('rank: clear one-line errors for a world size that is not the case\'s ep, a missing RANK, a bad exchange, NCCL without a GPU', async () => {
