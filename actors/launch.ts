@@ -123,7 +123,6 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
       ports.forEach((p) => p.goodbye({ issued, stopped: err.message }));
       reject(err);
     };
-    arm();
     let result: Uint8Array | undefined;
     const stepMs: number[] = [];
     const post = (m: WorkerMessage) => {
@@ -164,6 +163,7 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
       },
     }).then((mesh) => {
       ports = mesh;
+      arm(); // the watchdog times the step; the rendezvous and the connections have their own limits
       return runRank(job, mesh, post);
     }).then(() => {
       if (settled) return;

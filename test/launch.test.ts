@@ -255,8 +255,8 @@ test('a rank that throws tells its peers why; one that vanishes is reported as g
   }
 
   at = await env();
-  const stalled = await Promise.allSettled([runLaunchedRank({ ...base, env: at(0) }), runLaunchedRank({ ...base, timeoutMs: 400, env: at(1), faults: [{ kind: 'stall', rank: 1, op: 'fwd.dispatch' }] })]);
-  assert.match(String((stalled[1] as PromiseRejectedResult).reason), /stall: rank 1 made no progress for 400 ms/);
+  const stalled = await Promise.allSettled([runLaunchedRank({ ...base, env: at(0) }), runLaunchedRank({ ...base, timeoutMs: 1500, env: at(1), faults: [{ kind: 'stall', rank: 1, op: 'fwd.dispatch' }] })]);
+  assert.match(String((stalled[1] as PromiseRejectedResult).reason), /stall: rank 1 made no progress for 1500 ms/);
   assert.match(String((stalled[0] as PromiseRejectedResult).reason), /rank 1 stopped: stall: rank 1 made no progress/);
 });
 
