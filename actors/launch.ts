@@ -176,10 +176,24 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
   });
 }
 
-export interface LocalRankRun {
+export interface CliRun {
   readonly code: number | null;
   readonly stdout: string;
   readonly stderr: string;
+}
+
+/** `ep-actors ...args` as a child process of this Node, with its exit code and output; killed after timeoutMs. */
+export function runEpActors(args: readonly string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<CliRun> {
+  const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, [cli, ...args], { env: opts.env ?? process.env, timeout: opts.timeoutMs ?? 600_000 });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c) => (stdout += c));
+    child.stderr.on('data', (c) => (stderr += c));
+    child.on('error', reject);
+    child.on('close', (code) => resolve({ code, stdout, stderr }));
+  });
 }
 
 /**
@@ -187,20 +201,13 @@ export interface LocalRankRun {
  * `torchrun --nproc-per-node n` would place them (RANK, WORLD_SIZE, LOCAL_RANK and a free
  * MASTER_PORT on 127.0.0.1), and waits for all of them.
  */
-export async function launchLocally(n: number, rankArgs: readonly string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<LocalRankRun[]> {
+export async function launchLocally(n: number, rankArgs: readonly string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<CliRun[]> {
   const port = await freePort();
-  const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
   return Promise.all(
     Array.from({ length: n }, (_, rank) =>
-      new Promise<LocalRankRun>((resolve, reject) => {
-        const env = { ...(opts.env ?? process.env), RANK: String(rank), WORLD_SIZE: String(n), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) };
-        const child = spawn(process.execPath, [cli, 'rank', ...rankArgs], { env, timeout: opts.timeoutMs ?? 600_000 });
-        let stdout = '';
-        let stderr = '';
-        child.stdout.on('data', (c) => (stdout += c));
-        child.stderr.on('data', (c) => (stderr += c));
-        child.on('error', reject);
-        child.on('close', (code) => resolve({ code, stdout, stderr }));
+      runEpActors(['rank', ...rankArgs], {
+        env: { ...(opts.env ?? process.env), RANK: String(rank), WORLD_SIZE: String(n), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) },
+        timeoutMs: opts.timeoutMs,
       }),
     ),
   );
