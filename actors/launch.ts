@@ -1,6 +1,6 @@
-// One EP rank in this process, placed by a launcher (torchrun, srun): it meets the other
+// One rank in this process, placed by a launcher (torchrun, srun): it meets the other
 // ranks through the rendezvous, connects to each over TCP (or joins an NCCL communicator
-// for the EP layer's all-to-alls), and runs its rank of a case under its rank machine
+// for the EP layer's all-to-alls), and runs its rank of a case or a scenario under its rank machine
 // (actors/rankRun.ts), exactly as a worker rank does. With no supervisor to hold the
 // ledger, each rank watches for itself: a peer that finished after issuing fewer
 // collectives than this rank is now waiting in is a missing collective, a connection that
@@ -12,14 +12,15 @@ import type { CaseData, RankResult } from '../src/case.js';
 import { cudaDevices, type BackendName } from '../src/backends.js';
 import { UsageError } from '../src/errors.js';
 import type { IssuedCollective } from '../machines/protocol.js';
-import { casePayloads, caseScenario, rankResult } from './caseRanks.js';
+import { casePayloads, rankResult } from './caseRanks.js';
 import type { Fault, WorkerJob, WorkerMessage } from './messages.js';
-import type { Scenario } from '../sim/scenario.js';
+import { worldSize, type Scenario } from '../sim/scenario.js';
 import { freePort, rendezvous, type LaunchEnv } from './rendezvous.js';
 import { runRank } from './rankRun.js';
 import { acceptEarly, socketMesh, type Goodbye } from './socketPort.js';
 import { RANK_RECORD_VERSION, type RankRecord } from './rankRecord.js';
-import { sendCountsOf } from '../sim/routing.js';
+import { routeTokens, sendCountsOf } from '../sim/routing.js';
+import { commOf, communicators } from '../machines/ledger.js';
 import { toIndexArray, type FloatDType } from '../src/tensor.js';
 
 /** The run stopped because the ranks diverged, a peer crashed or nothing moved: exit code 2. */
@@ -28,7 +29,10 @@ export class LaunchedRankError extends Error {
 }
 
 export interface LaunchOptions<F extends FloatDType> {
-  readonly data: CaseData<F>;
+  /** What the ranks run: the protocol, the layout, and (without `data`) the generated inputs. */
+  readonly scenario: Scenario;
+  /** A case's inputs, when the ranks compute on a case (its scenario from caseScenario()). */
+  readonly data?: CaseData<F>;
   readonly env: LaunchEnv;
   /** tcp: msgpack chunks over a TCP connection per pair; nccl: the EP layer's all-to-alls over NCCL. */
   readonly exchange: 'tcp' | 'nccl';
@@ -36,8 +40,6 @@ export interface LaunchOptions<F extends FloatDType> {
   /** No progress on this rank for this long: stop with a stall (ms). */
   readonly timeoutMs: number;
   readonly rendezvousTimeoutMs?: number;
-  /** The protocol to run (default seed): a hazard variant reproduces its bug on real processes. */
-  readonly variant?: Scenario['variant'];
   /** Injected faults, for tests of what a rank reports. */
   readonly faults?: readonly Fault[];
   /** Training steps back to back (default 1); the results are the last step's. */
@@ -47,14 +49,19 @@ export interface LaunchOptions<F extends FloatDType> {
 }
 
 export interface LaunchedRankResult<F extends FloatDType> {
-  readonly result: RankResult<F>;
+  /** The rank's outputs and gradients, for a case run. */
+  readonly result: RankResult<F> | null;
   /** This rank's wall time per step (ms). */
   readonly stepMs: readonly number[];
 }
 
 export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>): Promise<LaunchedRankResult<F>> {
-  const { env, data } = o;
-  if (data.meta.ep !== env.worldSize) throw new UsageError(`the case has ep=${data.meta.ep} but WORLD_SIZE is ${env.worldSize}: launch one process per EP rank`);
+  const { env, scenario } = o;
+  const ranks = worldSize(scenario);
+  if (ranks !== env.worldSize) {
+    const what = o.data ? `the case has ep=${scenario.ep}` : `the scenario has ${ranks} ranks (dp ${scenario.dp} × ep ${scenario.ep})`;
+    throw new UsageError(`${what} but WORLD_SIZE is ${env.worldSize}: launch one process per rank`);
+  }
   const gpu = o.exchange === 'nccl' || o.backend === 'cuda' ? await gpuOf(env, o.exchange) : null;
   const server = createServer();
   const listening = acceptEarly(server);
@@ -83,12 +90,15 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
   let waiting: { c: IssuedCollective; position: number } | null = null;
   const finishedPeers = new Map<number, Goodbye['issued']>();
   let fail: (err: Error) => void = () => {};
+  const mesh = { ep: o.scenario.ep, dp: o.scenario.dp };
+  const membersOf = (kind: 'ep' | 'dp') => communicators(mesh).find((c) => c.id === commOf(mesh, rank, kind))?.members ?? [];
 
   const describe = (w: { c: IssuedCollective; position: number }) => `${w.c.op} (layer ${w.c.layer}, ${w.c.comm} position ${w.position})`;
-  /** A finished peer that issued no more than `position` collectives on `comm` will never join it. */
+  /** A finished member of the communicator that issued no more than `position` collectives on it will never join. */
   const missingPeer = (w: { c: IssuedCollective; position: number }) => {
+    const members = membersOf(w.c.comm);
     for (const [peer, g] of finishedPeers) {
-      if ((g[w.c.comm] ?? 0) <= w.position) {
+      if (members.includes(peer) && (g[w.c.comm] ?? 0) <= w.position) {
         fail(new LaunchedRankError(`missing collective: rank ${rank} waits in ${describe(w)} but rank ${peer} finished its step after issuing ${g[w.c.comm] ?? 0} collective(s) on ${w.c.comm}; under NCCL both would hang until the watchdog`));
         return;
       }
@@ -96,7 +106,7 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
   };
 
   const job: WorkerJob = {
-    rank, scenario: caseScenario(o.data.meta, o.variant), casePayload: casePayloads(o.data)[rank], backend: o.backend,
+    rank, scenario: o.scenario, casePayload: o.data ? casePayloads(o.data)[rank] : undefined, backend: o.backend,
     exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: ncclId ?? undefined, faults: o.faults ?? [], inspect: false, steps: o.steps ?? 1, record: !!o.keep,
   };
   return new Promise<LaunchedRankResult<F>>((resolve, reject) => {
@@ -108,12 +118,7 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
       watchdog = setTimeout(() => fail(new LaunchedRankError(`stall: rank ${rank} made no progress for ${o.timeoutMs} ms${waiting ? ` waiting in ${describe(waiting)}` : ''}`)), o.timeoutMs);
     };
     const messages: WorkerMessage[] = [];
-    const keep = (stopped?: string) => {
-      const idx = toIndexArray(o.data.ranks[rank]!.indices_TK, `rank${rank}.indices`);
-      const rowsPerExpert = new Array<number>(o.data.meta.numExperts).fill(0);
-      for (const e of idx) rowsPerExpert[e]!++;
-      o.keep?.({ epActorsRankRecord: RANK_RECORD_VERSION, rank, scenario: job.scenario, sendRows: sendCountsOf(idx, o.data.meta.numExperts, o.data.meta.ep), rowsPerExpert, messages, stopped });
-    };
+    const keep = (stopped?: string) => o.keep?.({ epActorsRankRecord: RANK_RECORD_VERSION, rank, scenario: o.scenario, ...routingOfRank(o, rank), messages, stopped });
     fail = (err) => {
       if (settled) return;
       settled = true;
@@ -171,9 +176,23 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
       keep();
       clearTimeout(watchdog);
       ports.forEach((p) => p.goodbye({ issued }));
-      resolve({ result: rankResult<F>(result, rank), stepMs });
+      resolve({ result: o.data ? rankResult<F>(result, rank) : null, stepMs });
     }, (err: Error) => fail(err));
   });
+}
+
+/** This rank's row of the report's routing: rows it sends each EP rank and routes to each expert. */
+function routingOfRank(o: LaunchOptions<FloatDType>, rank: number): Pick<RankRecord, 'sendRows' | 'rowsPerExpert'> {
+  const s = o.scenario;
+  const sendRows = new Array<number>(s.ep).fill(0);
+  const rowsPerExpert = new Array<number>(s.experts).fill(0);
+  const add = (idx: ArrayLike<number>) => {
+    sendCountsOf(idx, s.experts, s.ep).forEach((c, j) => (sendRows[j]! += c));
+    for (let i = 0; i < idx.length; i++) rowsPerExpert[idx[i]!]!++;
+  };
+  if (o.data) add(toIndexArray(o.data.ranks[rank]!.indices_TK, `rank${rank}.indices`));
+  else for (let mb = 0; mb < s.microBatches; mb++) for (let layer = 0; layer < s.layers; layer++) add(routeTokens(s, rank, mb, layer));
+  return { sendRows, rowsPerExpert };
 }
 
 export interface CliRun {

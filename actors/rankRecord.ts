@@ -2,6 +2,8 @@
 // and the merge of every rank's record into the report a simulation gives: the ranks'
 // collectives replayed through the same CollectiveTracker the supervisor keeps, so a
 // production run gets the same ledger, verdict, diagnosis and HTML report.
+import { readdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
 import { rankMachine } from '../machines/rankMachine.js';
 import { CollectiveTracker, commOf, type Finding } from '../machines/ledger.js';
 import { diagnose, okDiagnosis, rankReports, type Diagnosis } from '../machines/diagnosis.js';
@@ -106,14 +108,15 @@ function replay(records: readonly RankRecord[]): ReportInput {
   const t0 = Math.min(...records.flatMap((r) => r.messages.flatMap((m) => ('at' in m ? [m.at] : []))));
   let finding: Finding | null = null;
   const finished = new Set<number>();
-  // Issues first, as far as they go; a rank's end only once nothing else can move, so the
-  // ledger holds every collective the others issued before a finish proves one missing.
-  // The first finding is the verdict; the rest still place each rank where it ended.
+  // Issues first, one per rank per round so the ranks advance together (a mismatch is
+  // judged with every rank's entry there, as in a live run); a rank's end only once nothing
+  // else can move, so the ledger holds every collective the others issued before a finish
+  // proves one missing. The first finding is the verdict; the rest still place each rank.
   const ready = (r: number, type: WorkerMessage['type']) => queues[r]![0]?.type === type && !tracker.blockedOn(r);
   for (;;) {
     let moved = false;
     for (let r = 0; r < n; r++) {
-      while (ready(r, 'issue')) {
+      if (ready(r, 'issue')) {
         const m = queues[r]!.shift() as Extract<WorkerMessage, { type: 'issue' }>;
         moved = true;
         wires[r] = m.snapshot;
@@ -182,4 +185,26 @@ function routingOfRecords(records: readonly RankRecord[], s: Scenario): ReportRo
   const rowsPerExpert = new Array<number>(s.experts).fill(0);
   for (const r of records) r.rowsPerExpert.forEach((c, e) => (rowsPerExpert[e]! += c));
   return { sendRows: records.map((r) => r.sendRows), rowsPerExpert };
+}
+
+/** Every rank{r}.record.json in `dir` (as `ep-actors rank --out-dir` leaves them), checked and merged. */
+export async function mergeRankRecordsIn(dir: string): Promise<ReportInput> {
+  let names: string[];
+  try {
+    names = (await readdir(dir)).filter((f) => /^rank\d+\.record\.json$/.test(f)).sort();
+  } catch (e) {
+    throw new RankRecordError(`cannot read ${dir}: ${(e as Error).message}`);
+  }
+  if (names.length === 0) throw new RankRecordError(`${dir}: no rank{r}.record.json files (ep-actors rank --out-dir writes them)`);
+  const paths = names.map((f) => join(dir, f));
+  const values = await Promise.all(
+    paths.map(async (path) => {
+      try {
+        return JSON.parse(await readFile(path, 'utf8')) as unknown;
+      } catch (e) {
+        throw new RankRecordError(`${path}: ${(e as Error).message}`);
+      }
+    }),
+  );
+  return mergeRankRecords(checkRankRecords(values, paths));
 }

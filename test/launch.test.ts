@@ -11,7 +11,9 @@ import { join } from 'node:path';
 import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv } from '../actors/rendezvous.js';
 import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/socketPort.js';
 import { LaunchedRankError, launchLocally, runLaunchedRank } from '../actors/launch.js';
-import { checkRankRecords, mergeRankRecords, RankRecordError } from '../actors/rankRecord.js';
+import { checkRankRecords, mergeRankRecords, mergeRankRecordsIn, RankRecordError } from '../actors/rankRecord.js';
+import { runDes } from '../sim/des.js';
+import { validateScenario, type Scenario } from '../sim/scenario.js';
 import { casePayloads, caseScenario } from '../actors/caseRanks.js';
 import { runActors } from '../actors/supervisor.js';
 import { canonicalLedger } from './ledger.js';
@@ -226,7 +228,7 @@ test('a rank that throws tells its peers why; one that vanishes is reported as g
     const port = await freePort();
     return (rank) => ({ rank, worldSize: 2, localRank: rank, masterAddr: '127.0.0.1', masterPort: port });
   };
-  const base = { data, exchange: 'tcp' as const, backend: 'ts' as const, timeoutMs: 20_000 };
+  const base = { data, scenario: caseScenario(data.meta), exchange: 'tcp' as const, backend: 'ts' as const, timeoutMs: 20_000 };
 
   let at = await env();
   const thrown = await Promise.allSettled([runLaunchedRank({ ...base, env: at(0) }), runLaunchedRank({ ...base, env: at(1), faults: [{ kind: 'throw', rank: 1, op: 'fwd.combine' }] })]);
@@ -260,11 +262,42 @@ test('a rank that throws tells its peers why; one that vanishes is reported as g
   assert.match(String((stalled[0] as PromiseRejectedResult).reason), /rank 1 stopped: stall: rank 1 made no progress/);
 });
 
+test('sim --engine processes: one process per rank reaches the verdict and culprit the discrete-event engine does; ok ledgers are equal', async () => {
+  const cases: Partial<Scenario>[] = [
+    { ep: 4, routing: 'zipf:1.5', layers: 2 },
+    { ep: 2, dp: 2, experts: 4, fsdp: 'split', packed: false, routing: 'starve:1' },
+    { ep: 4, routing: 'starve:2', variant: 'no-dispatch-edge' },
+    { ep: 2, dp: 2, experts: 4, fsdp: 'split', packed: false, routing: 'starve:1', variant: 'no-unused-expert-grads' },
+    { ep: 4, routing: 'empty:2', variant: 'layer-metric' },
+  ];
+  for (const c of cases) {
+    const s = validateScenario(c);
+    const des = runDes(s);
+    const merged = await mergeRankRecordsIn(await runScenarioAsProcesses(s));
+    assert.is(merged.diagnosis.verdict, des.diagnosis.verdict, `${JSON.stringify(c)}: ${merged.diagnosis.cause}`);
+    assert.equal(merged.diagnosis.culprits, des.diagnosis.culprits, JSON.stringify(c));
+    if (des.diagnosis.verdict === 'ok') assert.equal(canonicalLedger(merged.ledger), canonicalLedger(des.ledger), JSON.stringify(c));
+  }
+  const cli = await runCli(['sim', '--ep', '4', '--routing', 'starve:1', '--variant', 'no-dispatch-edge', '--engine', 'processes', '--json']);
+  assert.is(cli.code, 2, cli.stderr);
+  const d = JSON.parse(cli.stdout) as { verdict: string; culprits: number[] };
+  assert.equal([d.verdict, d.culprits], ['missing', [1]]);
+});
+
+/** Runs a scenario as `ep-actors rank` processes; returns the folder with their records. */
+async function runScenarioAsProcesses(s: Scenario): Promise<string> {
+  const dir = mkdtempSync(join(tmpdir(), 'ep-actors-procs-'));
+  writeFileSync(join(dir, 'scenario.json'), JSON.stringify(s));
+  const runs = await launch(s.ep * s.dp, ['--scenario', join(dir, 'scenario.json'), '--out-dir', dir, '--timeout', '20000']);
+  runs.forEach((r, rank) => assert.ok(r.code === 0 || r.code === 2, `rank ${rank}: ${r.stderr}`));
+  return dir;
+}
+
 test('fuzz: damaged rank records merge or fail with a RankRecordError, never another error', async () => {
   const data = await loadCase(join(goldenDir, 'ep2_relu_top1_skew.safetensors'));
   const port = await freePort();
   const records: unknown[] = [];
-  await Promise.all([0, 1].map((rank) => runLaunchedRank({ data, env: { rank, worldSize: 2, localRank: rank, masterAddr: '127.0.0.1', masterPort: port }, exchange: 'tcp', backend: 'ts', timeoutMs: 20_000, keep: (r) => records.push(r) })));
+  await Promise.all([0, 1].map((rank) => runLaunchedRank({ data, scenario: caseScenario(data.meta), env: { rank, worldSize: 2, localRank: rank, masterAddr: '127.0.0.1', masterPort: port }, exchange: 'tcp', backend: 'ts', timeoutMs: 20_000, keep: (r) => records.push(r) })));
   const clean = JSON.stringify(records);
   assert.is(mergeRankRecords(checkRankRecords(JSON.parse(clean) as unknown[], ['a', 'b'])).diagnosis.verdict, 'ok');
   const rng = seededRng(99);

@@ -2,9 +2,12 @@
 // (torchrun, srun); it writes its own results to D/rank{r}.safetensors.
 import { mkdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { intOption, noPositionals, parse, requiredString } from './args.js';
+import { intOption, noPositionals, parse, requiredString, type Parsed } from './args.js';
+import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { UsageError } from '../errors.js';
-import { caseMetadata, loadCase } from '../case.js';
+import { caseMetadata, loadCase, type CaseData } from '../case.js';
+import { caseScenario } from '../../actors/caseRanks.js';
+import type { Scenario } from '../../sim/scenario.js';
 import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
 import { loadBackend, parseBackend } from '../backends.js';
 import { localExpertRange } from '../ep/layer.js';
@@ -15,20 +18,22 @@ import { writeFileAtomic } from '../atomic.js';
 import { VARIANT_NAMES, type VariantName } from '../../machines/variants.js';
 import { LaunchedRankError, runLaunchedRank } from '../../actors/launch.js';
 
-const HELP = `usage: ep-actors rank --case FILE --out-dir DIR [--exchange tcp|nccl] [--backend ts|native|cuda]
-                       [--variant V] [--steps N] [--timeout MS] [--json]
+const HELP = `usage: ep-actors rank (--case FILE [--variant V] | [scenario flags]) --out-dir DIR
+                       [--exchange tcp|nccl] [--backend ts|native|cuda] [--steps N] [--timeout MS] [--json]
 
-Run this process as one EP rank of a case, the way launchers place ranks: RANK,
+Run this process as one rank of a case (or of a generated scenario, as \`sim\` runs it),
+the way launchers place ranks: RANK,
 WORLD_SIZE and LOCAL_RANK as torchrun sets them (else SLURM_PROCID, SLURM_NTASKS,
 SLURM_LOCALID as srun does), and MASTER_ADDR:MASTER_PORT where rank 0 holds the rendezvous
 (default 127.0.0.1:29500; MASTER_PORT+1 under torchrun, whose agent holds MASTER_PORT;
-EP_ACTORS_PORT overrides). WORLD_SIZE must equal the case's ep. Every rank runs its rank
+EP_ACTORS_PORT overrides). WORLD_SIZE must equal the case's ep (the scenario's dp × ep). Every rank runs its rank
 machine over the real EP layer, as on worker threads; with no supervisor, each rank stops
 with exit 2 the moment it can tell that a peer finished without issuing a collective this
 rank waits in, that a peer went away without finishing, or that nothing moved for --timeout.
 
-  --case FILE     the case (see \`ep-actors run --help\`); every rank reads it and takes its slice
-  --out-dir DIR   rank r writes DIR/rank{r}.safetensors: rank{r}.out, rank{r}.grad_x,
+  --case FILE     the case (see \`ep-actors run --help\`); every rank reads it and takes its slice;
+                  without it the scenario flags below say what the ranks run
+  --out-dir DIR   with --case, rank r writes DIR/rank{r}.safetensors: rank{r}.out, rank{r}.grad_x,
                   rank{r}.grad_weights and rank{r}.grad.up_w|down_w|gate_w for its local experts
                   (metadata first_expert), atomically; and DIR/rank{r}.record.json, what its
                   rank machine did, also when it stops: \`ep-actors viz report --ranks DIR\`
@@ -36,13 +41,14 @@ rank waits in, that a peer went away without finishing, or that nothing moved fo
   --exchange X    tcp (default): msgpack chunks over a TCP connection per pair of ranks;
                   nccl: the EP layer's all-to-alls over NCCL, GPU = LOCAL_RANK mod (GPUs)
   --backend B     expert kernels: ts | native | cuda (default ts)
-  --variant V     the protocol the ranks run (default seed); a hazard variant reproduces its
-                  bug on real processes: ${VARIANT_NAMES.join(', ')}
+  --variant V     the protocol (default seed); a hazard variant reproduces its bug on real processes
   --steps N       training steps back to back (default 1); the file holds the last step's
                   results and the summary each step's time
   --timeout MS    stop with exit 2 after this long without progress (default 600000)
   --json          print one JSON object instead of the summary
   -h, --help      this text
+
+${SCENARIO_HELP}
 
 example (4 ranks on this machine):
   torchrun --nproc-per-node 4 --no-python npx ep-actors rank --case C.safetensors --out-dir out/
@@ -53,7 +59,7 @@ exit codes: 0 ok, 2 the ranks diverged, a peer crashed or stalled, 1 bad usage o
 export async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parse(
     argv,
-    { case: { type: 'string' }, 'out-dir': { type: 'string' }, exchange: { type: 'string' }, backend: { type: 'string' }, timeout: { type: 'string' }, variant: { type: 'string' }, steps: { type: 'string' }, json: { type: 'boolean' } },
+    { ...SCENARIO_OPTIONS, case: { type: 'string' }, 'out-dir': { type: 'string' }, exchange: { type: 'string' }, backend: { type: 'string' }, timeout: { type: 'string' }, steps: { type: 'string' }, json: { type: 'boolean' } },
     HELP,
   );
   if (values.help) {
@@ -61,7 +67,6 @@ export async function main(argv: string[]): Promise<number> {
     return 0;
   }
   noPositionals(positionals, HELP);
-  const casePath = resolve(requiredString(values, 'case', HELP));
   const outDir = resolve(requiredString(values, 'out-dir', HELP));
   const exchange = values.exchange ?? 'tcp';
   if (exchange !== 'tcp' && exchange !== 'nccl') throw new UsageError(`--exchange must be tcp or nccl, got '${String(exchange)}'`);
@@ -69,10 +74,8 @@ export async function main(argv: string[]): Promise<number> {
   await loadBackend(backend); // fails in one line when it cannot run here
   const timeoutMs = intOption(values.timeout, 'timeout', 600_000, 1);
   const steps = intOption(values.steps, 'steps', 1, 1);
-  const variant = values.variant ?? 'seed';
-  if (!(VARIANT_NAMES as readonly unknown[]).includes(variant)) throw new UsageError(`--variant must be one of ${VARIANT_NAMES.join(', ')}, got '${String(variant)}'`);
   const env = launchEnv();
-  const data = await loadCase(casePath);
+  const { scenario, data } = await workOf(values);
 
   mkdirSync(outDir, { recursive: true });
   // The record is written whether the rank finishes or stops: `viz report --ranks` merges them.
@@ -81,7 +84,7 @@ export async function main(argv: string[]): Promise<number> {
   const writeRecord = () => (record ? writeFileAtomic(recordPath, JSON.stringify(record)) : Promise.resolve());
   let launched;
   try {
-    launched = await runLaunchedRank({ data, env, exchange, backend, timeoutMs, steps, variant: variant as VariantName, keep: (r) => (record = r) });
+    launched = await runLaunchedRank({ scenario, data, env, exchange, backend, timeoutMs, steps, keep: (r) => (record = r) });
   } catch (err) {
     await writeRecord();
     if (!(err instanceof LaunchedRankError)) throw err;
@@ -91,17 +94,32 @@ export async function main(argv: string[]): Promise<number> {
     if (exchange === 'nccl') process.exit(2);
     return 2;
   }
-  const { result: r, stepMs } = launched;
-  const { meta } = data;
-  const { start } = localExpertRange(meta.numExperts, meta.ep, env.rank);
-  const p = `rank${env.rank}`;
-  const tensors = new Map<string, Tensor>([[`${p}.out`, r.out_TD], [`${p}.grad_x`, r.gradX_TD], [`${p}.grad_weights`, r.gradWeights_TK], [`${p}.grad.up_w`, r.grads.up], [`${p}.grad.down_w`, r.grads.down]]);
-  if (r.grads.gate) tensors.set(`${p}.grad.gate_w`, r.grads.gate);
   await writeRecord();
-  const out = join(outDir, `${p}.safetensors`);
-  await writeSafetensorsFileAtomic(out, tensors, { ...caseMetadata(meta), rank: String(env.rank), first_expert: String(start) });
-  const summary = { rank: env.rank, worldSize: env.worldSize, exchange, backend, out, rowsSent: r.rowsSent, rowsReceived: r.rowsReceived, stepMs, tensors: [...tensors.keys()] };
+  const { result: r, stepMs } = launched;
+  const summary: Record<string, unknown> = { rank: env.rank, worldSize: env.worldSize, exchange, backend, record: recordPath, stepMs };
+  let wrote = '';
+  if (data && r) {
+    const { start } = localExpertRange(data.meta.numExperts, data.meta.ep, env.rank);
+    const p = `rank${env.rank}`;
+    const tensors = new Map<string, Tensor>([[`${p}.out`, r.out_TD], [`${p}.grad_x`, r.gradX_TD], [`${p}.grad_weights`, r.gradWeights_TK], [`${p}.grad.up_w`, r.grads.up], [`${p}.grad.down_w`, r.grads.down]]);
+    if (r.grads.gate) tensors.set(`${p}.grad.gate_w`, r.grads.gate);
+    const out = join(outDir, `${p}.safetensors`);
+    await writeSafetensorsFileAtomic(out, tensors, { ...caseMetadata(data.meta), rank: String(env.rank), first_expert: String(start) });
+    Object.assign(summary, { out, rowsSent: r.rowsSent, rowsReceived: r.rowsReceived, tensors: [...tensors.keys()] });
+    wrote = `sent ${r.rowsSent} rows, received ${r.rowsReceived}; `;
+  }
   if (values.json) console.log(JSON.stringify(summary));
-  else console.log(`rank ${env.rank} of ${env.worldSize}: sent ${r.rowsSent} rows, received ${r.rowsReceived}; ${steps} step${steps === 1 ? '' : 's'} (${stepMs.map((ms) => ms.toFixed(1)).join(', ')} ms); wrote ${out} (${tensors.size} tensors)`);
+  else console.log(`rank ${env.rank} of ${env.worldSize}: ${wrote}${steps} step${steps === 1 ? '' : 's'} (${stepMs.map((ms) => ms.toFixed(1)).join(', ')} ms); wrote ${summary.out ?? recordPath}`);
   return 0;
+}
+
+/** A case (its layout, with --variant) or a scenario from the scenario flags. */
+async function workOf(values: Parsed['values']): Promise<{ scenario: Scenario; data?: CaseData }> {
+  if (typeof values.case !== 'string') return { scenario: await scenarioFromFlags(values) };
+  const layoutFlags = Object.keys(SCENARIO_OPTIONS).filter((k) => k !== 'variant' && values[k] !== undefined);
+  if (layoutFlags.length) throw new UsageError(`--case takes the layout and routing from the file; --${layoutFlags[0]} does not apply (only --variant does)`);
+  const variant = values.variant ?? 'seed';
+  if (!(VARIANT_NAMES as readonly unknown[]).includes(variant)) throw new UsageError(`--variant must be one of ${VARIANT_NAMES.join(', ')}, got '${String(variant)}'`);
+  const data = await loadCase(resolve(values.case));
+  return { scenario: caseScenario(data.meta, variant as VariantName), data };
 }

@@ -1,28 +1,35 @@
 // `ep-actors sim`: one scenario through the worker-thread runtime (or the discrete-event
 // engine), a diagnosis in words or JSON, optionally a Chrome trace, an HTML report and a live page.
-import { writeFile } from 'node:fs/promises';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { launchLocally } from '../../actors/launch.js';
+import { mergeRankRecordsIn } from '../../actors/rankRecord.js';
 import { UsageError } from '../errors.js';
 import { formatDiagnosis, type Diagnosis } from '../../machines/diagnosis.js';
 import { runActors } from '../../actors/supervisor.js';
 import { reportFromDes, reportFromRun } from '../../sim/report/fromDes.js';
 import { toTraceFile, type ReportInput } from '../../sim/report/input.js';
 import { renderReport } from '../../sim/report/html.js';
-import type { Scenario } from '../../sim/scenario.js';
+import { worldSize, type Scenario } from '../../sim/scenario.js';
 import { intOption, parse } from './args.js';
 import { loadBackend, parseBackend, parseExchange, type BackendName, type ExchangeName } from '../backends.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { startLive, untilInterrupted } from '../../sim/live/server.js';
 
-const HELP = `usage: ep-actors sim [scenario flags] [--engine actors|des] [--json] [--trace FILE] [--report FILE] [--live [PORT]]
+const HELP = `usage: ep-actors sim [scenario flags] [--engine actors|des|processes] [--json] [--trace FILE] [--report FILE] [--live [PORT]]
 
 Run one training step of a scenario and say whether it completes, or where and why it
 hangs. With the actors engine (default) every rank is a worker thread running the real EP
-layer under its rank machine; with des the machines are stepped in one thread.
+layer under its rank machine; with des the machines are stepped in one thread; with
+processes every rank is its own process (\`ep-actors rank\` over TCP, placed as torchrun
+places ranks), with no supervisor: each watches for itself, and their records are merged.
 
 ${SCENARIO_HELP}
 
 output:
   --engine E             actors (worker threads, real tensors) | des (single thread, simulated time)
+                         | processes (one OS process per rank over TCP, real tensors)
   --json                 print one JSON object {verdict, communicator, position, culprits, ranks, cause, detectedAfterMs}
   --trace FILE           write a Chrome Trace Event JSON (open in Perfetto; \`viz report\` renders it)
   --report FILE          write a self-contained HTML report
@@ -66,11 +73,12 @@ export async function main(argv: string[]): Promise<number> {
   }
   const scenario = await scenarioFromFlags(v);
   const engine = v.engine ?? 'actors';
-  if (engine !== 'actors' && engine !== 'des') throw new UsageError(`--engine must be actors or des, got '${String(engine)}'`);
+  if (engine !== 'actors' && engine !== 'des' && engine !== 'processes') throw new UsageError(`--engine must be actors, des or processes, got '${String(engine)}'`);
   const backend = parseBackend(v.backend);
-  if (engine === 'actors') await loadBackend(backend); // fail here, in one line, if it cannot run
+  if (engine !== 'des') await loadBackend(backend); // fail here, in one line, if it cannot run
   const exchange = parseExchange(v.exchange);
   if (v.exchange !== undefined && engine !== 'actors') throw new UsageError('--exchange chooses how worker ranks exchange: it needs --engine actors');
+  if (v.inspect !== undefined && engine !== 'actors') throw new UsageError('--inspect streams worker ranks\' machines: it needs --engine actors');
   if (v['live-exit'] && v.live === undefined) throw new UsageError('--live-exit needs --live');
   if (v.live !== undefined && engine !== 'actors') throw new UsageError('--live watches worker ranks: it needs --engine actors');
 
@@ -78,7 +86,11 @@ export async function main(argv: string[]): Promise<number> {
   if (live) console.error(`live view: ${live.url}`);
   // The server must not keep the process alive when the run throws.
   try {
-    const input = engine === 'des' ? reportFromDes(scenario) : await runOnActors(scenario, { backend, exchange }, intOption(v.timeout, 'timeout', 10_000, 1), typeof v.inspect === 'string' ? v.inspect : undefined, live?.onInspect);
+    const timeoutMs = intOption(v.timeout, 'timeout', 10_000, 1);
+    const input =
+      engine === 'des' ? reportFromDes(scenario)
+      : engine === 'processes' ? await runOnProcesses(scenario, backend, timeoutMs)
+      : await runOnActors(scenario, { backend, exchange }, timeoutMs, typeof v.inspect === 'string' ? v.inspect : undefined, live?.onInspect);
     live?.verdict(input.diagnosis);
     if (typeof v.trace === 'string') await writeFile(v.trace, JSON.stringify(toTraceFile(input)));
     if (typeof v.report === 'string') await writeFile(v.report, renderReport(input));
@@ -115,6 +127,22 @@ async function runOnActors(scenario: Scenario, how: { backend: BackendName; exch
   const r = await runActors(scenario, { ...how, timeoutMs, onInspect });
   if (inspect !== undefined && inspect !== '-') await writeFile(inspect, lines.join('\n') + '\n');
   return reportFromRun(scenario, r);
+}
+
+/** Every rank as an `ep-actors rank` process on this machine; their records merged into the report input. */
+async function runOnProcesses(scenario: Scenario, backend: BackendName, timeoutMs: number): Promise<ReportInput> {
+  const dir = await mkdtemp(join(tmpdir(), 'ep-actors-sim-'));
+  try {
+    const file = join(dir, 'scenario.json');
+    await writeFile(file, JSON.stringify(scenario));
+    const runs = await launchLocally(worldSize(scenario), ['--scenario', file, '--out-dir', dir, '--backend', backend, '--timeout', String(timeoutMs)]);
+    // Exit 2 is a rank that stopped on what it saw (the records say what); anything else is a failure to run.
+    const failed = runs.findIndex((r) => r.code !== 0 && r.code !== 2);
+    if (failed >= 0) throw new Error(`rank ${failed} could not run (exit ${runs[failed]!.code}): ${runs[failed]!.stderr.trim()}`);
+    return await mergeRankRecordsIn(dir);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 }
 
 function print(d: Diagnosis, json: boolean): void {

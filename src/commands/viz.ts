@@ -1,7 +1,7 @@
 // `ep-actors viz machine|report`: the rank machine exported as Mermaid, DOT, SCXML or JSON,
 // and the self-contained HTML report from a trace file or from launched ranks' records.
-import { readdir, readFile, writeFile } from 'node:fs/promises';
-import { join, resolve } from 'node:path';
+import { readFile, writeFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
 import { parse, requiredString } from './args.js';
 import { UsageError } from '../errors.js';
 import { rankMachine } from '../../machines/rankMachine.js';
@@ -9,7 +9,7 @@ import { EXPORT_FORMATS, exportMachine, liveUnder, machineGraph, rankContexts, t
 import { isVariantName, makeVariant, VARIANT_NAMES } from '../../machines/variants.js';
 import { fromTraceFile, toTraceFile, type ReportInput } from '../../sim/report/input.js';
 import { formatDiagnosis } from '../../machines/diagnosis.js';
-import { checkRankRecords, mergeRankRecords, RankRecordError } from '../../actors/rankRecord.js';
+import { mergeRankRecordsIn, RankRecordError } from '../../actors/rankRecord.js';
 import { renderReport } from '../../sim/report/html.js';
 
 const HELP = `usage: ep-actors viz machine [--format mermaid|dot|scxml|json] [--variant V] [--out FILE]
@@ -93,26 +93,9 @@ export async function main(argv: string[]): Promise<number> {
   throw new UsageError(`viz needs 'machine' or 'report'${what ? `, got '${what}'` : ''}\n\n${HELP}`);
 }
 
-/** Every rank{r}.record.json in `dir`, checked and merged into a report input. */
 async function mergeRanksIn(dir: string): Promise<ReportInput> {
-  let names: string[];
   try {
-    names = (await readdir(dir)).filter((f) => /^rank\d+\.record\.json$/.test(f)).sort();
-  } catch (e) {
-    throw new UsageError(`cannot read --ranks ${dir}: ${(e as Error).message}`);
-  }
-  if (names.length === 0) throw new UsageError(`--ranks ${dir}: no rank{r}.record.json files (ep-actors rank --out-dir writes them)`);
-  const values = await Promise.all(
-    names.map(async (f) => {
-      try {
-        return JSON.parse(await readFile(join(dir, f), 'utf8')) as unknown;
-      } catch (e) {
-        throw new UsageError(`${join(dir, f)}: ${(e as Error).message}`);
-      }
-    }),
-  );
-  try {
-    return mergeRankRecords(checkRankRecords(values, names.map((f) => join(dir, f))));
+    return await mergeRankRecordsIn(dir);
   } catch (e) {
     if (e instanceof RankRecordError) throw new UsageError(e.message);
     throw e;
