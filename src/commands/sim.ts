@@ -38,11 +38,11 @@ output:
                          (PORT 0 or none: a free port; the URL is printed on stderr); the page stays
                          up after the verdict until Ctrl-C
   --live-exit            with --live: close the page's server once the verdict is sent
-  --backend B            expert kernels for the actors engine: ts | native | cuda (default ts)
+  --backend B            expert kernels for the actors and processes engines: ts | native | cuda (default ts)
   --exchange X           actors: how ranks move all-to-all data: ports (msgpack over MessagePorts,
                          default) | shared (host shared memory) | device-copy (one GPU's memory,
                          several ranks on one GPU) | nccl (one GPU per rank)
-  --timeout MS           actors: verdict 'timeout' after this long without progress (default 10000)
+  --timeout MS           actors, processes: stop after this long without progress (default 10000)
 
 exit: 0 the step completes, 2 a hang or mismatch was found, 1 bad usage or an error
 
