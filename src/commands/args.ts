@@ -43,3 +43,10 @@ export function requiredString(values: Parsed['values'], flag: string, help: str
   if (typeof v !== 'string') throw new UsageError(`--${flag} is required\n\n${help}`);
   return v;
 }
+
+/** Prints the command's help when --help was given; the command then exits 0. */
+export function helpAsked(values: Parsed['values'], help: string): boolean {
+  if (!values.help) return false;
+  console.log(help);
+  return true;
+}

@@ -2,7 +2,7 @@
 // none hangs or give the shortest counterexample, optionally written as a replayable scenario.
 import { writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { noPositionals, parse } from './args.js';
+import { helpAsked, noPositionals, parse } from './args.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { formatDiagnosis } from '../../machines/diagnosis.js';
 import { explore } from '../../sim/explorer.js';
@@ -28,10 +28,7 @@ exit codes: 0 proved, 2 counterexample found, 1 bad usage`;
 
 export async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parse(argv, { ...SCENARIO_OPTIONS, replay: { type: 'string' }, json: { type: 'boolean' } }, HELP);
-  if (values.help) {
-    console.log(HELP);
-    return 0;
-  }
+  if (helpAsked(values, HELP)) return 0;
   noPositionals(positionals, HELP);
   const layout = await scenarioFromFlags(values);
   const tty = !values.json && process.stderr.isTTY;

@@ -14,7 +14,7 @@ import { validateScenario } from '../../sim/scenario.js';
 import { caseMetadata, caseTensors, runCase, syntheticCase } from '../case.js';
 import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
 import { launchLocally } from '../../actors/launch.js';
-import { parse } from './args.js';
+import { helpAsked, parse } from './args.js';
 
 const HELP = `usage: ep-actors demo [--report FILE]
 
@@ -27,10 +27,7 @@ processes placed as a launcher places them (each rank stops at once, naming the 
 
 export async function main(argv: string[]): Promise<number> {
   const { values } = parse(argv, { report: { type: 'string' } }, HELP);
-  if (values.help) {
-    console.log(HELP);
-    return 0;
-  }
+  if (helpAsked(values, HELP)) return 0;
   const reportPath = resolve(typeof values.report === 'string' ? values.report : 'ep-actors-report.html');
 
   console.log('1. A real EP step: ep=4, 8 experts, top-2, SwiGLU, each rank a worker thread');

@@ -2,7 +2,7 @@
 // (torchrun, srun); it writes its own results to D/rank{r}.safetensors.
 import { mkdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { intOption, noPositionals, parse, requiredString, type Parsed } from './args.js';
+import { helpAsked, intOption, noPositionals, parse, requiredString, type Parsed } from './args.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { UsageError } from '../errors.js';
 import { caseMetadata, loadCase, type CaseData } from '../case.js';
@@ -62,10 +62,7 @@ export async function main(argv: string[]): Promise<number> {
     { ...SCENARIO_OPTIONS, case: { type: 'string' }, 'out-dir': { type: 'string' }, exchange: { type: 'string' }, backend: { type: 'string' }, timeout: { type: 'string' }, steps: { type: 'string' }, json: { type: 'boolean' } },
     HELP,
   );
-  if (values.help) {
-    console.log(HELP);
-    return 0;
-  }
+  if (helpAsked(values, HELP)) return 0;
   noPositionals(positionals, HELP);
   const outDir = resolve(requiredString(values, 'out-dir', HELP));
   const exchange = values.exchange ?? 'tcp';

@@ -1,7 +1,7 @@
 // `ep-actors run --case F --out F [--json]`: the EP layer, forward and backward, on the
 // inputs of a case file; results are written to a new safetensors file.
 import { resolve } from 'node:path';
-import { noPositionals, parse, requiredString } from './args.js';
+import { helpAsked, noPositionals, parse, requiredString } from './args.js';
 import { UsageError } from '../errors.js';
 import { caseMetadata, loadCase, resultTensors, runCase } from '../case.js';
 import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
@@ -38,10 +38,7 @@ export async function main(argv: string[]): Promise<number> {
     { case: { type: 'string' }, out: { type: 'string' }, json: { type: 'boolean' }, 'in-process': { type: 'boolean' }, backend: { type: 'string' }, exchange: { type: 'string' } },
     HELP,
   );
-  if (values.help) {
-    console.log(HELP);
-    return 0;
-  }
+  if (helpAsked(values, HELP)) return 0;
   noPositionals(positionals, HELP);
   const casePath = resolve(requiredString(values, 'case', HELP));
   const outPath = resolve(requiredString(values, 'out', HELP));

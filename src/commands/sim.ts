@@ -12,7 +12,7 @@ import { reportFromDes, reportFromRun } from '../../sim/report/fromDes.js';
 import { toTraceFile, type ReportInput } from '../../sim/report/input.js';
 import { renderReport } from '../../sim/report/html.js';
 import { worldSize, type Scenario } from '../../sim/scenario.js';
-import { intOption, parse } from './args.js';
+import { helpAsked, intOption, parse } from './args.js';
 import { loadBackend, parseBackend, parseExchange, type BackendName, type ExchangeName } from '../backends.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { startLive, untilInterrupted } from '../../sim/live/server.js';
@@ -67,10 +67,7 @@ export async function main(argv: string[]): Promise<number> {
     },
     HELP,
   );
-  if (v.help) {
-    console.log(HELP);
-    return 0;
-  }
+  if (helpAsked(v, HELP)) return 0;
   const scenario = await scenarioFromFlags(v);
   const engine = v.engine ?? 'actors';
   if (engine !== 'actors' && engine !== 'des' && engine !== 'processes') throw new UsageError(`--engine must be actors, des or processes, got '${String(engine)}'`);

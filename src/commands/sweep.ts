@@ -4,7 +4,7 @@ import { createWriteStream } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { resolve } from 'node:path';
-import { intOption, noPositionals, parse, requiredString } from './args.js';
+import { helpAsked, intOption, noPositionals, parse, requiredString } from './args.js';
 import { UsageError } from '../errors.js';
 import { expandSweep, inShard, parseShard, runSweep, summarize, type SweepSpec } from '../../sim/sweep.js';
 
@@ -27,10 +27,7 @@ exit codes: 0 every scenario ok, 2 some scenario hangs or mismatches, 1 bad usag
 
 export async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parse(argv, { spec: { type: 'string' }, out: { type: 'string' }, shard: { type: 'string' }, workers: { type: 'string' }, json: { type: 'boolean' } }, HELP);
-  if (values.help) {
-    console.log(HELP);
-    return 0;
-  }
+  if (helpAsked(values, HELP)) return 0;
   noPositionals(positionals, HELP);
   const specPath = requiredString(values, 'spec', HELP);
   let spec: SweepSpec;

@@ -2,7 +2,7 @@
 // and the self-contained HTML report from a trace file or from launched ranks' records.
 import { readFile, writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { parse, requiredString } from './args.js';
+import { helpAsked, parse, requiredString } from './args.js';
 import { UsageError } from '../errors.js';
 import { rankMachine } from '../../machines/rankMachine.js';
 import { EXPORT_FORMATS, exportMachine, liveUnder, machineGraph, rankContexts, type ExportFormat } from '../../machines/exporters.js';
@@ -45,10 +45,7 @@ export async function main(argv: string[]): Promise<number> {
     { format: { type: 'string' }, variant: { type: 'string' }, out: { type: 'string' }, html: { type: 'string' }, ranks: { type: 'string' }, trace: { type: 'string' }, json: { type: 'boolean' } },
     HELP,
   );
-  if (values.help) {
-    console.log(HELP);
-    return 0;
-  }
+  if (helpAsked(values, HELP)) return 0;
   const [what, ...rest] = positionals;
   if (what === 'machine') {
     if (rest.length) throw new UsageError(`unexpected argument '${rest[0]}'\n\n${HELP}`);
