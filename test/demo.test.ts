@@ -17,6 +17,7 @@ test('demo: a real step, the seed passing, the hazard caught in simulation and o
     assert.match(r.stdout, /verdict: MISSING on ep, position 5/);
     for (const rank of [0, 2, 3]) assert.match(r.stdout, new RegExp(`rank ${rank}: exit 2 .*(missing collective|stopped)`));
     assert.match(r.stdout, /rank 1: exit 0 /);
+    assert.match(r.stdout, /their records merged \(viz report --ranks\): MISSING on ep, position 5, culprit rank 1, as simulated/);
     assert.match(r.stdout, /demo ok\.$/m);
     assert.match(readFileSync(report, 'utf8'), /^<!doctype html>/i);
   } finally {

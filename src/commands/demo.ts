@@ -14,6 +14,7 @@ import { validateScenario } from '../../sim/scenario.js';
 import { caseMetadata, caseTensors, runCase, syntheticCase } from '../case.js';
 import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
 import { launchLocally } from '../../actors/launch.js';
+import { mergeRankRecordsIn } from '../../actors/rankRecord.js';
 import { helpAsked, parse } from './args.js';
 
 const HELP = `usage: ep-actors demo [--report FILE]
@@ -51,11 +52,13 @@ export async function main(argv: string[]): Promise<number> {
   console.log(`\n4. Report of the hang: ${reportPath}`);
 
   console.log(`\n5. The same bug on 4 real processes, placed as torchrun places them (ep-actors rank, TCP)`);
-  const ranks = await productionHang();
-  ranks.forEach((r, rank) => console.log(`   rank ${rank}: exit ${r.code}  ${(r.code === 0 ? r.stdout : r.stderr).trim().replace(/^ep-actors rank \d+: /, '').replace(/; wrote .*$/, '')}`));
+  const { ranks, merged } = await productionHang();
+  ranks.forEach((r, rank) => console.log(`   rank ${rank}: exit ${r.code}  ${(r.code === 0 ? r.stdout : r.stderr).trim().replace(/^ep-actors rank \d+: /, '').replace(/ \(record: .*\)$/, '').replace(/; wrote .*$/, '')}`));
   const stopped = ranks.filter((r) => r.code === 2).length;
+  const d = merged.diagnosis;
+  console.log(`   their records merged (viz report --ranks): ${d.verdict.toUpperCase()} on ${d.communicator}, position ${d.position}, culprit ${d.culprits.map((r) => `rank ${r}`).join(', ')}, as simulated`);
 
-  const caught = seed.diagnosis.verdict === 'ok' && hang.diagnosis.verdict !== 'ok' && stopped === 3;
+  const caught = seed.diagnosis.verdict === 'ok' && hang.diagnosis.verdict !== 'ok' && stopped === 3 && d.verdict === hang.diagnosis.verdict;
   console.log(caught ? '\nThe seed passes and the hazard is caught, in simulation and on real processes: demo ok.' : '\nUnexpected verdicts: see above.');
   return caught ? 0 : 1;
 }
@@ -67,7 +70,8 @@ async function productionHang() {
     const data = syntheticCase({ ep: 4, numExperts: 8, topK: 2, dim: 32, hidden: 64, activation: 'silu', packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: [16, 16, 16, 16], starvedRanks: [1] }, 11);
     const path = join(dir, 'starved.safetensors');
     await writeSafetensorsFileAtomic(path, caseTensors(data), caseMetadata(data.meta));
-    return await launchLocally(4, ['--case', path, '--out-dir', dir, '--variant', 'no-dispatch-edge', '--timeout', '60000'], { timeoutMs: 120_000 });
+    const ranks = await launchLocally(4, ['--case', path, '--out-dir', dir, '--variant', 'no-dispatch-edge', '--timeout', '60000'], { timeoutMs: 120_000 });
+    return { ranks, merged: await mergeRankRecordsIn(dir) };
   } finally {
     await rm(dir, { recursive: true, force: true });
   }
