@@ -13,7 +13,7 @@ import { cudaDevices, type BackendName } from '../src/backends.js';
 import { UsageError } from '../src/errors.js';
 import type { IssuedCollective } from '../machines/protocol.js';
 import { casePayloads, rankResult } from './caseRanks.js';
-import type { Fault, WorkerJob, WorkerMessage } from './messages.js';
+import { now, type Fault, type WorkerJob, type WorkerMessage } from './messages.js';
 import { worldSize, type Scenario } from '../sim/scenario.js';
 import { freePort, rendezvous, type LaunchEnv } from './rendezvous.js';
 import { runRank } from './rankRun.js';
@@ -118,7 +118,8 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
       watchdog = setTimeout(() => fail(new LaunchedRankError(`stall: rank ${rank} made no progress for ${o.timeoutMs} ms${waiting ? ` waiting in ${describe(waiting)}` : ''}`)), o.timeoutMs);
     };
     const messages: WorkerMessage[] = [];
-    const keep = (stopped?: string) => o.keep?.({ epActorsRankRecord: RANK_RECORD_VERSION, rank, scenario: o.scenario, ...routingOfRank(o, rank), messages, stopped });
+    const keep = (stopped?: string) =>
+      o.keep?.({ epActorsRankRecord: RANK_RECORD_VERSION, rank, scenario: o.scenario, ...routingOfRank(o, rank), messages, ...(stopped === undefined ? {} : { stopped, stoppedAt: now() }) });
     fail = (err) => {
       if (settled) return;
       settled = true;

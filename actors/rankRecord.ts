@@ -23,8 +23,9 @@ export interface RankRecord {
   readonly rowsPerExpert: readonly number[];
   /** What its rank machine reported, in order (issue, completed, paths, finished), times in ms since the epoch. */
   readonly messages: readonly WorkerMessage[];
-  /** Why the rank stopped, when it did not finish. */
+  /** Why the rank stopped, when it did not finish, and when (ms since the epoch). */
   readonly stopped?: string;
+  readonly stoppedAt?: number;
 }
 
 export class RankRecordError extends Error {
@@ -107,6 +108,14 @@ function replay(records: readonly RankRecord[]): ReportInput {
   const queues = records.map((r) => r.messages.filter((m) => m.type === 'issue' || m.type === 'finished'));
   const t0 = Math.min(...records.flatMap((r) => r.messages.flatMap((m) => ('at' in m ? [m.at] : []))));
   let finding: Finding | null = null;
+  /** When the finding's evidence existed: the issue that conflicted, or a finish once a peer already waited at that position. */
+  let decidedAt: number | null = null;
+  const firstIssueAt = new Map<string, number>();
+  const take = (f: Finding | null, at: number) => {
+    if (finding || !f) return;
+    finding = f;
+    decidedAt = Math.max(at, firstIssueAt.get(`${f.communicator}|${f.position}`) ?? at);
+  };
   const finished = new Set<number>();
   // Issues first, one per rank per round so the ranks advance together (a mismatch is
   // judged with every rank's entry there, as in a live run); a rank's end only once nothing
@@ -120,7 +129,10 @@ function replay(records: readonly RankRecord[]): ReportInput {
         const m = queues[r]!.shift() as Extract<WorkerMessage, { type: 'issue' }>;
         moved = true;
         wires[r] = m.snapshot;
-        finding ??= tracker.issue(r, m.collective, m.dtype).finding;
+        const issued = tracker.issue(r, m.collective, m.dtype);
+        const key = `${issued.entry.communicator}|${issued.entry.position}`;
+        firstIssueAt.set(key, Math.min(firstIssueAt.get(key) ?? m.at, m.at));
+        take(issued.finding, m.at);
       }
     }
     if (moved) continue;
@@ -129,13 +141,16 @@ function replay(records: readonly RankRecord[]): ReportInput {
     const m = queues[r]!.shift() as Extract<WorkerMessage, { type: 'finished' }>;
     wires[r] = m.snapshot;
     finished.add(r);
-    finding ??= tracker.finish(r);
+    take(tracker.finish(r), m.at);
   }
   finding ??= tracker.findCycle();
   const snapshots = rankSnapshots(s, wires);
   const stopped = records.filter((r) => r.stopped !== undefined);
   let diagnosis: Diagnosis;
-  if (finding) diagnosis = diagnose(finding, snapshots, tracker);
+  // How long after the evidence existed the first rank stopped on its own (one clock on one machine; across nodes, up to their skew).
+  const firstStop = Math.min(...stopped.flatMap((r) => (r.stoppedAt === undefined ? [] : [r.stoppedAt])));
+  const detectedAfterMs = decidedAt !== null && Number.isFinite(firstStop) && firstStop >= decidedAt ? firstStop - decidedAt : undefined;
+  if (finding) diagnosis = { ...diagnose(finding, snapshots, tracker), ...(detectedAfterMs === undefined ? {} : { detectedAfterMs }) };
   else if (finished.size === n && tracker.openPositions().length === 0) diagnosis = okDiagnosis(snapshots, tracker);
   else {
     const why = stopped.map((r) => `rank ${r.rank}: ${r.stopped}`).join('; ');

@@ -203,6 +203,8 @@ test('no-dispatch-edge on 4 processes: the ranks waiting in bwd.dispatch stop at
     // whose issue reached the supervisor before it wrote its diagnosis).
     assert.match(cause, /so rank 1 skipped bwd\.dispatch; ranks 0, 2, 3 wait in bwd\.dispatch \(ep, position 5\)/);
     assert.is(merged.trace.filter((e) => e.name === 'bwd.dispatch').length, 3, 'three ranks entered bwd.dispatch');
+    // No watchdog: the first rank stopped within moments of rank 1 finishing.
+    assert.ok(merged.diagnosis.detectedAfterMs !== undefined && merged.diagnosis.detectedAfterMs < 5000, `detected after ${merged.diagnosis.detectedAfterMs} ms`);
 
     const html = join(dir, 'report.html');
     const r = await runCli(['viz', 'report', '--ranks', dir, '--html', html, '--json']);

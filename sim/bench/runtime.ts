@@ -1,7 +1,8 @@
 // Actor-runtime benchmarks: the all-to-all over MessagePorts and over shared memory against
 // memcpy; an EP step on worker ranks and on launched processes, each against the seed on
-// PyTorch + gloo (same sizes, same run); and a soak of 2,000 consecutive steps in one
-// runtime with resident memory at its start and end.
+// PyTorch + gloo (same sizes, same run); how soon launched processes stop on a missing
+// collective; and a soak of 2,000 consecutive steps in one runtime with resident memory at
+// its start and end.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { median, time, type BenchRow } from './harness.js';
 import { epStepCase, epStepLabel, torchEpStep } from './torch.js';
@@ -12,7 +13,8 @@ import type { BackendName } from '../../src/backends.js';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { caseMetadata, caseTensors } from '../../src/case.js';
+import { caseMetadata, caseTensors, syntheticCase } from '../../src/case.js';
+import { mergeRankRecordsIn } from '../../actors/rankRecord.js';
 import { writeSafetensorsFileAtomic } from '../../src/codec/safetensors.js';
 import { launchLocally } from '../../actors/launch.js';
 
@@ -91,6 +93,35 @@ async function launchedEpStep(backend: BackendName, steps: number): Promise<Benc
   }
 }
 
+/**
+ * How soon launched ranks stop on a missing collective: no-dispatch-edge on a case whose
+ * rank 1 receives no tokens, 4 processes over TCP; from the moment the evidence existed
+ * (rank 1 finished while a peer waited at bwd.dispatch) to the first rank stopping.
+ */
+async function launchedDetection(runs: number): Promise<BenchRow> {
+  const data = syntheticCase({ ep: 4, numExperts: 8, topK: 2, dim: 32, hidden: 64, activation: 'silu', packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: [16, 16, 16, 16], starvedRanks: [1] }, 11);
+  const samples: number[] = [];
+  for (let i = 0; i < runs; i++) {
+    const dir = mkdtempSync(join(tmpdir(), 'ep-actors-bench-'));
+    try {
+      const path = join(dir, 'case.safetensors');
+      await writeSafetensorsFileAtomic(path, caseTensors(data), caseMetadata(data.meta));
+      await launchLocally(4, ['--case', path, '--out-dir', dir, '--variant', 'no-dispatch-edge', '--timeout', '60000'], { timeoutMs: 120_000 });
+      const d = (await mergeRankRecordsIn(dir)).diagnosis;
+      if (d.verdict !== 'missing' || d.detectedAfterMs === undefined) throw new Error(`expected a timed missing verdict, got ${d.verdict}: ${d.cause}`);
+      samples.push(d.detectedAfterMs);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
+  return {
+    name: 'missing collective caught on 4 launched processes (no-dispatch-edge, zero-token rank): evidence to first stop',
+    value: median(samples),
+    unit: 'ms',
+    note: `median of ${runs} runs (${samples.map((x) => x.toFixed(1)).join(', ')}); for scale, not a measured baseline: NCCL waits for its watchdog (KempnerForge sets 1800 s)`,
+  };
+}
+
 /** A row for per-step times (slowest rank per step; the first step pays for JIT warm-up) with torch+gloo measured now. */
 async function againstTorch(impl: string, stepMs: readonly number[]): Promise<BenchRow> {
   const ms = median(stepMs.slice(1));
@@ -124,6 +155,7 @@ export async function bench(): Promise<BenchRow[]> {
   const native = await import('../../src/native/backend.js');
   if (native.loadNative()) rows.push(await epStep('native', 6), await launchedEpStep('native', 6));
   else rows.push({ name: epStepLabel('native kernels, 4 worker-thread ranks'), value: NaN, unit: 'ms', note: `skipped: ${native.nativeUnavailableReason()}` });
+  rows.push(await launchedDetection(5));
   rows.push(await soak());
   return rows;
 }

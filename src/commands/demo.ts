@@ -56,7 +56,7 @@ export async function main(argv: string[]): Promise<number> {
   ranks.forEach((r, rank) => console.log(`   rank ${rank}: exit ${r.code}  ${(r.code === 0 ? r.stdout : r.stderr).trim().replace(/^ep-actors rank \d+: /, '').replace(/ \(record: .*\)$/, '').replace(/; wrote .*$/, '')}`));
   const stopped = ranks.filter((r) => r.code === 2).length;
   const d = merged.diagnosis;
-  console.log(`   their records merged (viz report --ranks): ${d.verdict.toUpperCase()} on ${d.communicator}, position ${d.position}, culprit ${d.culprits.map((r) => `rank ${r}`).join(', ')}, as simulated`);
+  console.log(`   their records merged (viz report --ranks): ${d.verdict.toUpperCase()} on ${d.communicator}, position ${d.position}, culprit ${d.culprits.map((r) => `rank ${r}`).join(', ')}, as simulated${d.detectedAfterMs === undefined ? '' : `; the first rank stopped ${d.detectedAfterMs.toFixed(1)} ms after the evidence existed`}`);
 
   const caught = seed.diagnosis.verdict === 'ok' && hang.diagnosis.verdict !== 'ok' && stopped === 3 && d.verdict === hang.diagnosis.verdict;
   console.log(caught ? '\nThe seed passes and the hazard is caught, in simulation and on real processes: demo ok.' : '\nUnexpected verdicts: see above.');
