@@ -18,8 +18,14 @@ import { worldSize, type Scenario } from '../sim/scenario.js';
 import { freePort, rendezvous, type LaunchEnv } from './rendezvous.js';
 import { runRank } from './rankRun.js';
 import { acceptEarly, socketMesh, type Goodbye } from './socketPort.js';
-import { RANK_RECORD_VERSION, type RankRecord } from './rankRecord.js';
-import { routeTokens, sendCountsOf } from '../sim/routing.js';
+import { mergeRankRecordsIn, RANK_RECORD_VERSION, type RankRecord } from './rankRecord.js';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { caseMetadata, caseTensors } from '../src/case.js';
+import { writeSafetensorsFileAtomic } from '../src/codec/safetensors.js';
+import type { ReportInput } from '../sim/report/input.js';
+import { generatedIndices, rankRouting } from '../sim/report/fromDes.js';
 import { commOf, communicators } from '../machines/ledger.js';
 import { toIndexArray, type FloatDType } from '../src/tensor.js';
 
@@ -182,18 +188,9 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
   });
 }
 
-/** This rank's row of the report's routing: rows it sends each EP rank and routes to each expert. */
+/** This rank's row of the report's routing: from the case's indices, or the scenario's generated ones. */
 function routingOfRank(o: LaunchOptions<FloatDType>, rank: number): Pick<RankRecord, 'sendRows' | 'rowsPerExpert'> {
-  const s = o.scenario;
-  const sendRows = new Array<number>(s.ep).fill(0);
-  const rowsPerExpert = new Array<number>(s.experts).fill(0);
-  const add = (idx: ArrayLike<number>) => {
-    sendCountsOf(idx, s.experts, s.ep).forEach((c, j) => (sendRows[j]! += c));
-    for (let i = 0; i < idx.length; i++) rowsPerExpert[idx[i]!]!++;
-  };
-  if (o.data) add(toIndexArray(o.data.ranks[rank]!.indices_TK, `rank${rank}.indices`));
-  else for (let mb = 0; mb < s.microBatches; mb++) for (let layer = 0; layer < s.layers; layer++) add(routeTokens(s, rank, mb, layer));
-  return { sendRows, rowsPerExpert };
+  return rankRouting(o.scenario, o.data ? [toIndexArray(o.data.ranks[rank]!.indices_TK, `rank${rank}.indices`)] : generatedIndices(o.scenario, rank));
 }
 
 export interface CliRun {
@@ -231,4 +228,44 @@ export async function launchLocally(n: number, rankArgs: readonly string[], opts
       }),
     ),
   );
+}
+
+/**
+ * Runs `n` = the work's world size of `ep-actors rank` processes here on a case or a
+ * scenario written to a temporary folder (their --out-dir), hands `use` the runs and the
+ * folder, and removes the folder afterwards.
+ */
+export async function withLaunchedRanks<T>(
+  work: { readonly case: CaseData } | { readonly scenario: Scenario },
+  rankArgs: readonly string[],
+  opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number },
+  use: (runs: CliRun[], dir: string) => Promise<T>,
+): Promise<T> {
+  const dir = await mkdtemp(join(tmpdir(), 'ep-actors-ranks-'));
+  try {
+    let input: string[];
+    let n: number;
+    if ('case' in work) {
+      const path = join(dir, 'case.safetensors');
+      await writeSafetensorsFileAtomic(path, caseTensors(work.case), caseMetadata(work.case.meta));
+      [input, n] = [['--case', path], work.case.meta.ep];
+    } else {
+      const path = join(dir, 'scenario.json');
+      await writeFile(path, JSON.stringify(work.scenario));
+      [input, n] = [['--scenario', path], worldSize(work.scenario)];
+    }
+    return await use(await launchLocally(n, [...input, '--out-dir', dir, ...rankArgs], opts), dir);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+/** A scenario as one `ep-actors rank` process per rank, their records merged (`sim --engine processes`). */
+export function runScenarioOnProcesses(scenario: Scenario, rankArgs: readonly string[] = []): Promise<ReportInput> {
+  return withLaunchedRanks({ scenario }, rankArgs, {}, async (runs, dir) => {
+    // Exit 2 is a rank that stopped on what it saw (the records say what); anything else is a failure to run.
+    const failed = runs.findIndex((r) => r.code !== 0 && r.code !== 2);
+    if (failed >= 0) throw new Error(`rank ${failed} could not run (exit ${runs[failed]!.code}): ${runs[failed]!.stderr.trim()}`);
+    return mergeRankRecordsIn(dir);
+  });
 }

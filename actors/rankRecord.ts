@@ -106,7 +106,8 @@ function replay(records: readonly RankRecord[]): ReportInput {
   const tracker = new CollectiveTracker({ ep: s.ep, dp: s.dp });
   const wires: (SnapshotWire | null)[] = new Array(n).fill(null);
   const queues = records.map((r) => r.messages.filter((m) => m.type === 'issue' || m.type === 'finished'));
-  const t0 = Math.min(...records.flatMap((r) => r.messages.flatMap((m) => ('at' in m ? [m.at] : []))));
+  // reduce, not Math.min(...): a long run's records hold more times than a call takes arguments
+  const t0 = records.reduce((t, r) => r.messages.reduce((u, m) => ('at' in m ? Math.min(u, m.at) : u), t), Infinity);
   let finding: Finding | null = null;
   /** When the finding's evidence existed: the issue that conflicted, or a finish once a peer already waited at that position. */
   let decidedAt: number | null = null;
@@ -177,7 +178,7 @@ function spans(r: RankRecord, s: Scenario, t0: number): TraceEvent[] {
   const out: TraceEvent[] = [];
   const positions = new Map<string, number>();
   let open: { name: string; at: number; args: TraceEvent['args'] } | null = null;
-  const last = Math.max(...r.messages.flatMap((m) => ('at' in m ? [m.at] : [t0])));
+  const last = r.messages.reduce((t, m) => ('at' in m ? Math.max(t, m.at) : t), t0);
   const close = (at: number) => {
     if (open) out.push({ name: open.name, ph: 'X', ts: Math.round((open.at - t0) * 1000), dur: Math.max(0, Math.round((at - open.at) * 1000)), pid: 0, tid: r.rank, args: open.args });
     open = null;

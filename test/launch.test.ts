@@ -10,8 +10,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv } from '../actors/rendezvous.js';
 import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/socketPort.js';
-import { LaunchedRankError, launchLocally, runLaunchedRank } from '../actors/launch.js';
-import { checkRankRecords, mergeRankRecords, mergeRankRecordsIn, RankRecordError } from '../actors/rankRecord.js';
+import { LaunchedRankError, launchLocally, runLaunchedRank, runScenarioOnProcesses } from '../actors/launch.js';
+import { checkRankRecords, mergeRankRecords, RankRecordError } from '../actors/rankRecord.js';
 import { runDes } from '../sim/des.js';
 import { validateScenario, type Scenario } from '../sim/scenario.js';
 import { casePayloads, caseScenario } from '../actors/caseRanks.js';
@@ -275,7 +275,7 @@ test('sim --engine processes: one process per rank reaches the verdict and culpr
   for (const c of cases) {
     const s = validateScenario(c);
     const des = runDes(s);
-    const merged = await mergeRankRecordsIn(await runScenarioAsProcesses(s));
+    const merged = await runScenarioOnProcesses(s, ['--timeout', '20000']);
     assert.is(merged.diagnosis.verdict, des.diagnosis.verdict, `${JSON.stringify(c)}: ${merged.diagnosis.cause}`);
     assert.equal(merged.diagnosis.culprits, des.diagnosis.culprits, JSON.stringify(c));
     if (des.diagnosis.verdict === 'ok') assert.equal(canonicalLedger(merged.ledger), canonicalLedger(des.ledger), JSON.stringify(c));
@@ -285,15 +285,6 @@ test('sim --engine processes: one process per rank reaches the verdict and culpr
   const d = JSON.parse(cli.stdout) as { verdict: string; culprits: number[] };
   assert.equal([d.verdict, d.culprits], ['missing', [1]]);
 });
-
-/** Runs a scenario as `ep-actors rank` processes; returns the folder with their records. */
-async function runScenarioAsProcesses(s: Scenario): Promise<string> {
-  const dir = mkdtempSync(join(tmpdir(), 'ep-actors-procs-'));
-  writeFileSync(join(dir, 'scenario.json'), JSON.stringify(s));
-  const runs = await launch(s.ep * s.dp, ['--scenario', join(dir, 'scenario.json'), '--out-dir', dir, '--timeout', '20000']);
-  runs.forEach((r, rank) => assert.ok(r.code === 0 || r.code === 2, `rank ${rank}: ${r.stderr}`));
-  return dir;
-}
 
 test('fuzz: damaged rank records merge or fail with a RankRecordError, never another error', async () => {
   const data = await loadCase(join(goldenDir, 'ep2_relu_top1_skew.safetensors'));

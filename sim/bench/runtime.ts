@@ -10,13 +10,9 @@ import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
 import { validateScenario } from '../scenario.js';
 import type { BackendName } from '../../src/backends.js';
-import { mkdtempSync, rmSync } from 'node:fs';
-import { availableParallelism, tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { caseMetadata, caseTensors, syntheticCase } from '../../src/case.js';
-import { mergeRankRecordsIn } from '../../actors/rankRecord.js';
-import { writeSafetensorsFileAtomic } from '../../src/codec/safetensors.js';
-import { launchLocally } from '../../actors/launch.js';
+import { availableParallelism } from 'node:os';
+import { withLaunchedRanks } from '../../actors/launch.js';
+import { productionHang } from '../../src/commands/demo.js';
 
 const MiB = 1024 * 1024;
 
@@ -74,45 +70,30 @@ async function epStep(backend: BackendName, steps: number): Promise<BenchRow> {
 /** The same step with each rank its own process (ep-actors rank), over TCP, as torch+gloo runs it. */
 async function launchedEpStep(backend: BackendName, steps: number): Promise<BenchRow> {
   const data = epStepCase();
-  const dir = mkdtempSync(join(tmpdir(), 'ep-actors-bench-'));
-  try {
-    const path = join(dir, 'case.safetensors');
-    await writeSafetensorsFileAtomic(path, caseTensors(data), caseMetadata(data.meta));
-    // One process per rank on a shared machine: each takes its share of the cores, as
-    // the torch baseline's processes run one thread each.
-    const threads = String(Math.max(1, Math.floor(availableParallelism() / data.meta.ep)));
-    const runs = await launchLocally(data.meta.ep, ['--case', path, '--out-dir', dir, '--backend', backend, '--steps', String(steps), '--json'], { env: { ...process.env, EP_ACTORS_THREADS: threads }, timeoutMs: 300_000 });
+  // One process per rank on a shared machine: each takes its share of the cores, as the
+  // torch baseline's processes run one thread each.
+  const threads = String(Math.max(1, Math.floor(availableParallelism() / data.meta.ep)));
+  const slowest = await withLaunchedRanks({ case: data }, ['--backend', backend, '--steps', String(steps), '--json'], { env: { ...process.env, EP_ACTORS_THREADS: threads }, timeoutMs: 300_000 }, async (runs) => {
     const ranks = runs.map((r, rank) => {
       if (r.code !== 0) throw new Error(`rank ${rank} exited ${r.code}: ${r.stderr}`);
       return (JSON.parse(r.stdout) as { stepMs: number[] }).stepMs;
     });
-    const slowest = ranks[0]!.map((_, step) => Math.max(...ranks.map((r) => r[step]!)));
-    return againstTorch(`${backend} kernels, 4 processes over TCP (ep-actors rank), f32`, slowest);
-  } finally {
-    rmSync(dir, { recursive: true, force: true });
-  }
+    return ranks[0]!.map((_, step) => Math.max(...ranks.map((r) => r[step]!)));
+  });
+  return againstTorch(`${backend} kernels, 4 processes over TCP (ep-actors rank), f32`, slowest);
 }
 
 /**
- * How soon launched ranks stop on a missing collective: no-dispatch-edge on a case whose
- * rank 1 receives no tokens, 4 processes over TCP; from the moment the evidence existed
+ * How soon launched ranks stop on a missing collective: the demo's hazard (no-dispatch-edge,
+ * rank 1 receives no tokens, 4 processes over TCP), from the moment the evidence existed
  * (rank 1 finished while a peer waited at bwd.dispatch) to the first rank stopping.
  */
 async function launchedDetection(runs: number): Promise<BenchRow> {
-  const data = syntheticCase({ ep: 4, numExperts: 8, topK: 2, dim: 32, hidden: 64, activation: 'silu', packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: [16, 16, 16, 16], starvedRanks: [1] }, 11);
   const samples: number[] = [];
   for (let i = 0; i < runs; i++) {
-    const dir = mkdtempSync(join(tmpdir(), 'ep-actors-bench-'));
-    try {
-      const path = join(dir, 'case.safetensors');
-      await writeSafetensorsFileAtomic(path, caseTensors(data), caseMetadata(data.meta));
-      await launchLocally(4, ['--case', path, '--out-dir', dir, '--variant', 'no-dispatch-edge', '--timeout', '60000'], { timeoutMs: 120_000 });
-      const d = (await mergeRankRecordsIn(dir)).diagnosis;
-      if (d.verdict !== 'missing' || d.detectedAfterMs === undefined) throw new Error(`expected a timed missing verdict, got ${d.verdict}: ${d.cause}`);
-      samples.push(d.detectedAfterMs);
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    const d = (await productionHang()).merged.diagnosis;
+    if (d.verdict !== 'missing' || d.detectedAfterMs === undefined) throw new Error(`expected a timed missing verdict, got ${d.verdict}: ${d.cause}`);
+    samples.push(d.detectedAfterMs);
   }
   return {
     name: 'missing collective caught on 4 launched processes (no-dispatch-edge, zero-token rank): evidence to first stop',

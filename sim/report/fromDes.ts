@@ -45,17 +45,24 @@ function collectiveSpans(events: readonly EngineEvent[]): TraceEvent[] {
 
 /** Rows per source→destination pair and per expert over every layer and micro-batch. */
 export function routingOf(s: Scenario): ReportRouting {
-  const n = worldSize(s);
-  const sendRows = Array.from({ length: n }, () => new Array<number>(s.ep).fill(0));
+  const rows = Array.from({ length: worldSize(s) }, (_, r) => rankRouting(s, generatedIndices(s, r)));
   const rowsPerExpert = new Array<number>(s.experts).fill(0);
-  for (let r = 0; r < n; r++) {
-    for (let mb = 0; mb < s.microBatches; mb++) {
-      for (let layer = 0; layer < s.layers; layer++) {
-        const idx = routeTokens(s, r, mb, layer);
-        sendCountsOf(idx, s.experts, s.ep).forEach((c, j) => (sendRows[r]![j]! += c));
-        for (const e of idx) rowsPerExpert[e]!++;
-      }
-    }
+  for (const r of rows) r.rowsPerExpert.forEach((c, e) => (rowsPerExpert[e]! += c));
+  return { sendRows: rows.map((r) => r.sendRows), rowsPerExpert };
+}
+
+/** One rank's routing summed over `indices` lists: rows it sends each EP rank and routes to each expert. */
+export function rankRouting(s: Pick<Scenario, 'ep' | 'experts'>, indices: Iterable<ArrayLike<number>>): { sendRows: number[]; rowsPerExpert: number[] } {
+  const sendRows = new Array<number>(s.ep).fill(0);
+  const rowsPerExpert = new Array<number>(s.experts).fill(0);
+  for (const idx of indices) {
+    sendCountsOf(idx, s.experts, s.ep).forEach((c, j) => (sendRows[j]! += c));
+    for (let i = 0; i < idx.length; i++) rowsPerExpert[idx[i]!]!++;
   }
   return { sendRows, rowsPerExpert };
+}
+
+/** A rank's generated expert indices, every micro-batch and layer of the step. */
+export function* generatedIndices(s: Scenario, rank: number): Generator<Int32Array> {
+  for (let mb = 0; mb < s.microBatches; mb++) for (let layer = 0; layer < s.layers; layer++) yield routeTokens(s, rank, mb, layer);
 }

@@ -2,18 +2,17 @@
 // inputs (ranks as worker threads), the seed variant passing a starved-rank scenario, the
 // no-dispatch-edge variant caught and explained on the same scenario, the HTML report
 // of that hang written to disk, and the same bug caught on four real processes.
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join, resolve } from 'node:path';
+import { writeFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
 import { formatDiagnosis } from '../../machines/diagnosis.js';
 import { actorRanks } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
 import { reportFromRun } from '../../sim/report/fromDes.js';
 import { renderReport } from '../../sim/report/html.js';
 import { validateScenario } from '../../sim/scenario.js';
-import { caseMetadata, caseTensors, runCase, syntheticCase } from '../case.js';
-import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
-import { launchLocally } from '../../actors/launch.js';
+import { runCase, syntheticCase } from '../case.js';
+import { withLaunchedRanks, type CliRun } from '../../actors/launch.js';
+import type { ReportInput } from '../../sim/report/input.js';
 import { mergeRankRecordsIn } from '../../actors/rankRecord.js';
 import { helpAsked, parse } from './args.js';
 
@@ -63,18 +62,10 @@ export async function main(argv: string[]): Promise<number> {
   return caught ? 0 : 1;
 }
 
-/** Four `ep-actors rank` processes on a case whose rank 1 receives no tokens, running no-dispatch-edge. */
-async function productionHang() {
-  const dir = await mkdtemp(join(tmpdir(), 'ep-actors-demo-'));
-  try {
-    const data = syntheticCase({ ep: 4, numExperts: 8, topK: 2, dim: 32, hidden: 64, activation: 'silu', packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: [16, 16, 16, 16], starvedRanks: [1] }, 11);
-    const path = join(dir, 'starved.safetensors');
-    await writeSafetensorsFileAtomic(path, caseTensors(data), caseMetadata(data.meta));
-    const ranks = await launchLocally(4, ['--case', path, '--out-dir', dir, '--variant', 'no-dispatch-edge', '--timeout', '60000'], { timeoutMs: 120_000 });
-    return { ranks, merged: await mergeRankRecordsIn(dir) };
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
+/** Four `ep-actors rank` processes on a case whose rank 1 receives no tokens, running no-dispatch-edge, and their records merged. */
+export function productionHang(): Promise<{ ranks: CliRun[]; merged: ReportInput }> {
+  const data = syntheticCase({ ep: 4, numExperts: 8, topK: 2, dim: 32, hidden: 64, activation: 'silu', packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: [16, 16, 16, 16], starvedRanks: [1] }, 11);
+  return withLaunchedRanks({ case: data }, ['--variant', 'no-dispatch-edge', '--timeout', '60000'], { timeoutMs: 120_000 }, async (ranks, dir) => ({ ranks, merged: await mergeRankRecordsIn(dir) }));
 }
 
 const norm = (xs: ArrayLike<number>) => Math.sqrt(Array.from(xs).reduce((a, x) => a + x * x, 0));

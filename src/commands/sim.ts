@@ -1,17 +1,14 @@
 // `ep-actors sim`: one scenario through the worker-thread runtime (or the discrete-event
 // engine), a diagnosis in words or JSON, optionally a Chrome trace, an HTML report and a live page.
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { launchLocally } from '../../actors/launch.js';
-import { mergeRankRecordsIn } from '../../actors/rankRecord.js';
+import { writeFile } from 'node:fs/promises';
+import { runScenarioOnProcesses } from '../../actors/launch.js';
 import { UsageError } from '../errors.js';
 import { formatDiagnosis, type Diagnosis } from '../../machines/diagnosis.js';
 import { runActors } from '../../actors/supervisor.js';
 import { reportFromDes, reportFromRun } from '../../sim/report/fromDes.js';
 import { toTraceFile, type ReportInput } from '../../sim/report/input.js';
 import { renderReport } from '../../sim/report/html.js';
-import { worldSize, type Scenario } from '../../sim/scenario.js';
+import type { Scenario } from '../../sim/scenario.js';
 import { helpAsked, intOption, parse } from './args.js';
 import { loadBackend, parseBackend, parseExchange, type BackendName, type ExchangeName } from '../backends.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
@@ -86,7 +83,7 @@ export async function main(argv: string[]): Promise<number> {
     const timeoutMs = intOption(v.timeout, 'timeout', 10_000, 1);
     const input =
       engine === 'des' ? reportFromDes(scenario)
-      : engine === 'processes' ? await runOnProcesses(scenario, backend, timeoutMs)
+      : engine === 'processes' ? await runScenarioOnProcesses(scenario, ['--backend', backend, '--timeout', String(timeoutMs)])
       : await runOnActors(scenario, { backend, exchange }, timeoutMs, typeof v.inspect === 'string' ? v.inspect : undefined, live?.onInspect);
     live?.verdict(input.diagnosis);
     if (typeof v.trace === 'string') await writeFile(v.trace, JSON.stringify(toTraceFile(input)));
@@ -124,22 +121,6 @@ async function runOnActors(scenario: Scenario, how: { backend: BackendName; exch
   const r = await runActors(scenario, { ...how, timeoutMs, onInspect });
   if (inspect !== undefined && inspect !== '-') await writeFile(inspect, lines.join('\n') + '\n');
   return reportFromRun(scenario, r);
-}
-
-/** Every rank as an `ep-actors rank` process on this machine; their records merged into the report input. */
-async function runOnProcesses(scenario: Scenario, backend: BackendName, timeoutMs: number): Promise<ReportInput> {
-  const dir = await mkdtemp(join(tmpdir(), 'ep-actors-sim-'));
-  try {
-    const file = join(dir, 'scenario.json');
-    await writeFile(file, JSON.stringify(scenario));
-    const runs = await launchLocally(worldSize(scenario), ['--scenario', file, '--out-dir', dir, '--backend', backend, '--timeout', String(timeoutMs)]);
-    // Exit 2 is a rank that stopped on what it saw (the records say what); anything else is a failure to run.
-    const failed = runs.findIndex((r) => r.code !== 0 && r.code !== 2);
-    if (failed >= 0) throw new Error(`rank ${failed} could not run (exit ${runs[failed]!.code}): ${runs[failed]!.stderr.trim()}`);
-    return await mergeRankRecordsIn(dir);
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
 }
 
 function print(d: Diagnosis, json: boolean): void {
