@@ -11,7 +11,7 @@ for (const c of CORPUS) {
   });
 }
 
-for (const c of CORPUS.filter((c) => c.runtime)) {
+for (const c of CORPUS) {
   test(`${c.name} on the worker-thread runtime: ${c.expected} under ${c.scenario.variant}, ok under seed`, async () => {
     const hang = await runActors(c.scenario);
     assert.is(hang.diagnosis.verdict, c.expected, hang.diagnosis.cause);
