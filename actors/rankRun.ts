@@ -44,6 +44,7 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
   let result: Uint8Array | undefined;
   for (let step = 0; step < job.steps && how === 'done'; step++) {
     const t0 = performance.now();
+    post({ type: 'started', rank: job.rank, at: now() });
     driver = new RankDriver(cfg, firstReadyOf(s), { ep: meshEp, dp }, post, job.inspect, job.record);
     for (const f of step === 0 ? job.faults : []) {
       if (f.rank !== job.rank) continue;

@@ -76,7 +76,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   const results: (Uint8Array | undefined)[] = new Array(n).fill(undefined);
   const spans = new CollectiveSpans(t0);
   /** Per rank: since when it has been on its own work (routing, compute; null while in a collective or done), and what that is. */
-  const working: ({ since: number; what: string } | null)[] = Array.from({ length: n }, () => ({ since: t0, what: 'routing layer 0' }));
+  const working: ({ since: number; what: string } | null)[] = Array.from({ length: n }, () => ({ since: t0, what: 'starting its worker' }));
   /** Per rank: since when the collective it is in has had every member's issue, without completing on it. */
   const moving: (number | null)[] = new Array(n).fill(null);
   const lastIssued: (LedgerEntry | undefined)[] = new Array(n).fill(undefined);
@@ -145,7 +145,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
       const stalled = working.flatMap((w, r) => (w && !dead.has(r) && t - w.since > computeTimeoutMs ? [r] : []));
       if (stalled.length > 0) {
         const waiters = [...Array(n).keys()].filter((r) => tracker.blockedOn(r));
-        const what = stalled.map((r) => `rank ${r} has been on ${working[r]!.what} for ${Math.round(t - working[r]!.since)} ms`).join('; ');
+        const what = stalled.map((r) => `rank ${r} has not returned from ${working[r]!.what} for ${Math.round(t - working[r]!.since)} ms`).join('; ');
         return failure('stall', stalled, `${what} (compute limit ${computeTimeoutMs} ms)${waiters.length ? `; ${rankWord(waiters)} wait for it in their collectives, which is not a hang of theirs` : ''}`, t);
       }
       const late = moving.flatMap((since, r) => (since !== null && t - since > timeoutMs ? [r] : []));
@@ -172,6 +172,9 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
           working[m.rank] = null;
           feed.push({ kind: 'issue', rank: m.rank, collective: m.collective, dtype: m.dtype, at: m.at });
           return settle();
+        case 'started':
+          working[m.rank] = { since: m.at, what: 'routing layer 0' };
+          return;
         case 'step':
           stepMs[m.step] = Math.max(stepMs[m.step] ?? 0, m.ms);
           return;

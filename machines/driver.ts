@@ -34,7 +34,7 @@ export function describeAction(a: RankAction): string {
     case 'compute':
       return `the expert ${a.phase} of layer ${a.layer}${a.microBatch ? ` (micro-batch ${a.microBatch})` : ''}`;
     case 'collective':
-      return `${a.collective.op} of layer ${a.collective.layer}`;
+      return `its work before ${a.collective.op} of layer ${a.collective.layer}`;
     case 'final':
       return a.how;
   }

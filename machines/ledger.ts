@@ -172,7 +172,7 @@ export class CollectiveTracker {
   /** Same op, layer, micro-batch and dtype; all-to-all splits must pair up (send_i[j] = recv_j[i]). */
   private checkConsistency(comm: CommState, position: number, e: LedgerEntry): Finding | null {
     const slot = comm.open.get(position)!;
-    const mismatch = (pair: number[], detail: string): Finding => ({ kind: 'mismatch', communicator: comm.spec.id, position, culprits: oddOnesOut(slot) ?? [...pair].sort((a, b) => a - b), detail });
+    const mismatch = (pair: number[], detail: string): Finding => ({ kind: 'mismatch', communicator: comm.spec.id, position, culprits: oddOnesOut(slot) ?? splitOutliers(slot) ?? [...pair].sort((a, b) => a - b), detail });
     const i = e.member;
     // Every earlier entry agreed with the others, so op, layer, unit and dtype need one comparison.
     const ref = slot.find((o) => o !== undefined && o !== e);
@@ -318,6 +318,27 @@ function oddOnesOut(slot: readonly (LedgerEntry | undefined)[]): number[] | null
   const largest = bySize.at(-1);
   if (!largest || bySize.length < 2 || bySize.filter((g) => g.length === largest.length).length > 1) return null;
   return bySize.slice(0, -1).flat().sort((a, b) => a - b);
+}
+
+/**
+ * At a position whose all-to-all splits do not pair up, the members that disagree with the
+ * most others (a rank that sized its splits alone disagrees with every peer; each peer only
+ * with it), when that singles some out.
+ */
+function splitOutliers(slot: readonly (LedgerEntry | undefined)[]): number[] | null {
+  const entries = slot.filter((e): e is LedgerEntry => !!e?.sendSplits && !!e.recvSplits);
+  const disagreements = new Map<number, number>();
+  for (const a of entries) {
+    for (const b of entries) {
+      if (a.member < b.member && (a.sendSplits![b.member] !== b.recvSplits![a.member] || b.sendSplits![a.member] !== a.recvSplits![b.member])) {
+        disagreements.set(a.rank, (disagreements.get(a.rank) ?? 0) + 1);
+        disagreements.set(b.rank, (disagreements.get(b.rank) ?? 0) + 1);
+      }
+    }
+  }
+  const most = Math.max(0, ...disagreements.values());
+  const outliers = [...disagreements].filter(([, n]) => n === most).map(([r]) => r);
+  return most > 1 && outliers.length < disagreements.size ? outliers.sort((a, b) => a - b) : null;
 }
 
 export function describe(e: Pick<LedgerEntry, 'op' | 'layer' | 'microBatch' | 'unit'>): string {
