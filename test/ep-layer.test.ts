@@ -83,11 +83,30 @@ test('property: with gradient scale off, the EP layer equals the dense MoE (outp
   }
 });
 
-test('gradient scale changes outputs by (R / N) / c_i per expert', async () => {
-  const spec = { ep: 2, numExperts: 4, topK: 2, dim: 3, hidden: 4, activation: 'relu' as const, packed: true, dtype: 'f64' as const, tokensPerRank: [6, 5] };
-  const off = await runCase(syntheticCase({ ...spec, gradientScale: false }, 7));
+test('gradient scale multiplies each entry by (R / N) / c_i of its expert, R the rows its owner received', async () => {
+  // top-1, so each token's output is one expert's row: scaled on/off is exactly that factor.
+  const spec = { ep: 2, numExperts: 4, topK: 1, dim: 3, hidden: 4, activation: 'relu' as const, packed: true, dtype: 'f64' as const, tokensPerRank: [6, 5] };
+  const offCase = syntheticCase({ ...spec, gradientScale: false }, 7);
+  const off = await runCase(offCase);
   const on = await runCase(syntheticCase({ ...spec, gradientScale: true }, 7));
-  assert.ok(relativeError(on.ranks[0]!.out_TD, off.ranks[0]!.out_TD) > 1e-3, 'gradient scale should change the output');
+  const N = spec.numExperts / spec.ep;
+  const ids = offCase.ranks.map((r) => Array.from(r.indices_TK.data as BigInt64Array, Number));
+  const rowsOf = new Array<number>(spec.numExperts).fill(0);
+  for (const e of ids.flat()) rowsOf[e]!++;
+  const receivedBy = (owner: number) => rowsOf.slice(owner * N, (owner + 1) * N).reduce((a, b) => a + b, 0);
+  let scaled = 0;
+  ids.forEach((rankIds, rank) => {
+    rankIds.forEach((e, t) => {
+      const factor = receivedBy(Math.floor(e / N)) / N / rowsOf[e]!;
+      if (factor !== 1) scaled++;
+      for (let d = 0; d < spec.dim; d++) {
+        const want = factor * (off.ranks[rank]!.out_TD.data as Float64Array)[t * spec.dim + d]!;
+        const got = (on.ranks[rank]!.out_TD.data as Float64Array)[t * spec.dim + d]!;
+        assert.ok(Math.abs(got - want) <= 1e-12 * Math.max(1, Math.abs(want)), `rank ${rank} token ${t} dim ${d}: ${got} vs ${want} (factor ${factor})`);
+      }
+    });
+  });
+  assert.ok(scaled > 0, 'some expert has a factor other than 1, so the check can fail');
 });
 
 test('E % ep != 0 is an error naming both numbers', async () => {

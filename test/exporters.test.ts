@@ -22,7 +22,8 @@ test('the graph holds every state of the machine, nested and final, with collect
   assert.is(byPath.get('forward')!.kind, 'compound');
   assert.is(byPath.get('forward')!.initial, 'rank.forward.route');
   for (const f of ['done', 'exited', 'aborted', 'failed']) assert.is(byPath.get(f)!.kind, 'final', f);
-  assert.equal(byPath.get('forward.counts')!.meta, { collective: { op: 'fwd.counts', comm: 'ep' } });
+  assert.equal(byPath.get('forward.counts')!.meta, { collective: { op: 'fwd.counts', comm: 'ep', issuer: 'layer' } });
+  assert.equal(byPath.get('backward.moeReduceScatter')!.meta, { collective: { op: 'fsdp.reduce_scatter', comm: 'dp', unit: 'moe', issuer: 'driver' } });
   assert.is(byPath.get('backward.dispatch')!.parent, 'rank.backward');
 });
 
@@ -158,8 +159,13 @@ test('SCXML is well-formed and every transition target and initial state exists'
   assert.throws(() => readXml('<a><b></a></b>'), /closes/);
 });
 
-test('JSON export round-trips the graph', () => {
-  assert.equal(JSON.parse(toJson(graph)), JSON.parse(JSON.stringify(graph)));
+test('JSON export carries the whole machine: read back, it holds every state of xstate\'s tree and rebuilds the other exports exactly', () => {
+  const back = JSON.parse(toJson(graph)) as MachineGraph;
+  assert.equal(back.states.map((s) => s.id).sort(), allIds(rankMachine.root).sort());
+  assert.ok(back.transitions.length > 40, `${back.transitions.length} transitions`);
+  assert.is(toMermaid(back), toMermaid(graph));
+  assert.is(toDot(back), toDot(graph));
+  assert.is(toScxml(back), toScxml(graph));
 });
 
 test('viz machine prints each format and rejects an unknown one', () => {
