@@ -9,8 +9,10 @@ import { LedgerFeed } from '../machines/feed.js';
 import { CollectiveSpans } from '../machines/spans.js';
 import { diagnoseHangs, okDiagnosis, rankReports, type Diagnosis } from '../machines/diagnosis.js';
 import { startRank, type RankSnapshot } from '../machines/protocol.js';
-import { rankConfig, validateScenario, worldSize, type Scenario } from '../sim/scenario.js';
-import type { ReportInput, ReportRouting } from '../sim/report/input.js';
+import { rankConfig, validateScenario, type Scenario } from '../machines/scenario.js';
+import { worldSize } from '../machines/mesh.js';
+import type { ReportInput } from '../machines/record.js';
+import type { ReportRouting } from '../machines/routing.js';
 import type { SnapshotWire, WorkerMessage } from './messages.js';
 
 export const RANK_RECORD_VERSION = 1;

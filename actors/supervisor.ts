@@ -10,15 +10,18 @@
 //   collective limit (bytes that never arrive).
 // Every worker is terminated before the result is returned: no thread outlives a run.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
-import { commOf, communicators, type LedgerEntry } from '../machines/ledger.js';
+import type { LedgerEntry } from '../machines/ledger.js';
+import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import { LedgerFeed } from '../machines/feed.js';
 import { diagnoseHangs, okDiagnosis, rankReports, rankWord, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
 import type { RankSnapshot } from '../machines/protocol.js';
 import { CollectiveSpans, type TraceEvent } from '../machines/spans.js';
-import { worldSize, type Scenario } from '../sim/scenario.js';
+import { type Scenario } from '../machines/scenario.js';
 import { gpuPlacement, type BackendName, type ExchangeName } from '../src/backends.js';
 import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankSnapshots } from './rankRecord.js';
+import type { ReportInput } from '../machines/record.js';
+import { routingOf } from '../machines/routing.js';
 
 export interface RuntimeOptions {
   backend?: BackendName;
@@ -240,4 +243,9 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
     }
     workers.forEach((w, rank) => w.postMessage({ type: 'start', ports: ports[rank] }, Object.values(ports[rank]!)));
   });
+}
+
+/** A report input from a worker-thread run: its diagnosis, ledger, paths and wall-clock trace. */
+export function reportFromRun(scenario: Scenario, run: Pick<RuntimeResult, 'diagnosis' | 'ledger' | 'paths' | 'trace'>): ReportInput {
+  return { scenario, diagnosis: run.diagnosis, ledger: run.ledger, paths: run.paths, trace: run.trace, routing: routingOf(scenario), clock: 'real' };
 }

@@ -5,7 +5,8 @@
 // blocked in a collective whose completion it has not seen yet. Whatever the arrival
 // order, the tracker ends in the same state, and at quiescence (every rank blocked or
 // finished, nothing waiting) its list of hangs is the verdict.
-import { CollectiveTracker, type LedgerEntry, type Mesh } from './ledger.js';
+import { CollectiveTracker, type LedgerEntry } from './ledger.js';
+import type { Mesh } from './mesh.js';
 import type { IssuedCollective } from './protocol.js';
 
 export type RankReport =

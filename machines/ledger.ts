@@ -5,42 +5,7 @@
 // supervisor and the discrete-event engine both feed it, so they share one implementation
 // of matching and verdicts.
 import type { IssuedCollective } from './protocol.js';
-
-export interface Mesh {
-  readonly ep: number;
-  readonly dp: number;
-}
-
-export interface CommunicatorSpec {
-  readonly id: string;
-  readonly kind: 'ep' | 'dp';
-  /** Global ranks in group-rank order. */
-  readonly members: readonly number[];
-}
-
-/** Global rank g = dpRank · ep + epRank; an ep group per dp index, a dp group per ep index. */
-export function communicators(mesh: Mesh): CommunicatorSpec[] {
-  const out: CommunicatorSpec[] = [];
-  for (let d = 0; d < mesh.dp; d++) {
-    out.push({ id: commId(mesh, 'ep', d), kind: 'ep', members: Array.from({ length: mesh.ep }, (_, e) => d * mesh.ep + e) });
-  }
-  if (mesh.dp > 1) {
-    for (let e = 0; e < mesh.ep; e++) {
-      out.push({ id: commId(mesh, 'dp', e), kind: 'dp', members: Array.from({ length: mesh.dp }, (_, d) => d * mesh.ep + e) });
-    }
-  }
-  return out;
-}
-
-function commId(mesh: Mesh, kind: 'ep' | 'dp', index: number): string {
-  if (kind === 'ep') return mesh.dp > 1 ? `ep[dp=${index}]` : 'ep';
-  return mesh.ep > 1 ? `dp[ep=${index}]` : 'dp';
-}
-
-/** The id of the `kind` communicator that global rank `rank` belongs to. */
-export function commOf(mesh: Mesh, rank: number, kind: 'ep' | 'dp'): string {
-  return kind === 'ep' ? commId(mesh, 'ep', Math.floor(rank / mesh.ep)) : commId(mesh, 'dp', rank % mesh.ep);
-}
+import { commOf, communicators, type CommunicatorSpec, type Mesh } from './mesh.js';
 
 export interface LedgerEntry extends IssuedCollective {
   readonly communicator: string;

@@ -12,7 +12,7 @@ import { Piscina } from 'piscina';
 import { UsageError } from '../src/errors.js';
 import { seededRng } from '../src/moe/random.js';
 import type { VerdictKind } from '../machines/diagnosis.js';
-import { validateScenario, type Scenario } from './scenario.js';
+import { validateScenario, type Scenario } from '../machines/scenario.js';
 
 type Values = Record<string, readonly unknown[]>;
 

@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { chromium, type Browser, type Page } from 'playwright-core';
 import { rankMachine } from '../machines/rankMachine.js';
 import { machineGraph, toMermaid, toScxml } from '../machines/exporters.js';
-import { validateScenario } from '../sim/scenario.js';
+import { validateScenario } from '../machines/scenario.js';
 import { reportFromDes } from '../sim/report/fromDes.js';
 import { renderReport } from '../sim/report/html.js';
 import { repoRoot } from './paths.js';

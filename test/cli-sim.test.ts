@@ -5,9 +5,9 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot } from './paths.js';
+import { repoRoot, cliPath } from './paths.js';
 
-const cli = (...args: string[]) => spawnSync(process.execPath, [join(repoRoot, 'dist/src/cli.js'), 'sim', ...args], { encoding: 'utf8', timeout: 60_000 });
+const cli = (...args: string[]) => spawnSync(process.execPath, [cliPath, 'sim', ...args], { encoding: 'utf8', timeout: 60_000 });
 
 test('a starved rank under no-dispatch-edge exits 2 with a JSON diagnosis naming ep, rank 1 and bwd.dispatch', () => {
   const r = cli('--ep', '4', '--experts', '8', '--top-k', '2', '--routing', 'starve:1', '--variant', 'no-dispatch-edge', '--json');

@@ -6,10 +6,10 @@ import { setup, type AnyStateNode } from 'xstate';
 import { rankMachine } from '../machines/rankMachine.js';
 import { makeVariant } from '../machines/variants.js';
 import { liveUnder, machineGraph, rankContexts, toDot, toJson, toMermaid, toScxml, transitionLabel, type MachineGraph } from '../machines/exporters.js';
-import { repoRoot } from './paths.js';
+import { cliPath } from './paths.js';
 
 const graph = machineGraph(rankMachine);
-const cli = join(repoRoot, 'dist', 'src', 'cli.js');
+const cli = cliPath;
 
 /** Every state id in the machine, read straight off xstate's tree, to hold the graph to. */
 function allIds(node: AnyStateNode): string[] {

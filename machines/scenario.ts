@@ -1,28 +1,19 @@
 // A scenario: the layout (dp × ep mesh, FSDP), the model sizes, the step shape (layers,
 // micro-batches), the routing generator and the variant. Both engines take one; `sim`,
 // `check --replay` and sweeps read and write it as JSON.
+import { dpRankOf, epRankOf } from './mesh.js';
 import { UsageError } from '../src/errors.js';
-import { WRAP_POLICIES, type RankConfig, type WrapPolicy } from '../machines/rankMachine.js';
-import { isVariantName, makeVariant, VARIANT_NAMES, type VariantName } from '../machines/variants.js';
-import { parseRouting } from './routing.js';
-import type { FirstReady } from '../machines/driver.js';
+import { WRAP_POLICIES, type RankConfig, type WrapPolicy } from './rankMachine.js';
+import { isVariantName, makeVariant, VARIANT_NAMES, type VariantName } from './variants.js';
+import { parseRouting, type RoutedLayout } from './routing.js';
+import type { FirstReady } from './driver.js';
 import type { CollectiveOp } from '../src/ep/types.js';
 import { seededRng } from '../src/moe/random.js';
 
-export interface Scenario {
-  ep: number;
-  dp: number;
+export interface Scenario extends RoutedLayout {
   fsdp: WrapPolicy | null;
-  experts: number;
-  topK: number;
-  /** Tokens per rank per micro-batch (before a routing generator empties a rank). */
-  tokens: number;
   dim: number;
   hidden: number;
-  layers: number;
-  microBatches: number;
-  /** uniform | zipf:S | starve:R | hot:E | empty:R | explicit (see sim/routing.ts) */
-  routing: string;
   variant: VariantName;
   /** early-exit: the EP rank that stops and after how many layer calls; local-capacity: factor. */
   earlyExitRank?: number;
@@ -30,9 +21,6 @@ export interface Scenario {
   capacityFactor?: number;
   packed: boolean;
   activation: 'silu' | 'gelu' | 'relu';
-  seed: number;
-  /** Explicit routing: per global rank, per micro-batch, per layer, the T·K global expert ids. */
-  explicit?: number[][][][];
   /**
    * completion-order: per global rank, per layer call (micro-batch · layers + layer), which
    * of bwd.dispatch and the experts reduce-scatter the rank issues first. Absent, each is
@@ -86,8 +74,8 @@ export function rankConfig(s: Scenario, rank: number): RankConfig {
   const swiglu = s.activation === 'silu';
   return {
     rank,
-    epRank: rank % s.ep,
-    dpRank: Math.floor(rank / s.ep),
+    epRank: epRankOf(s, rank),
+    dpRank: dpRankOf(s, rank),
     ep: s.ep,
     dp: s.dp,
     layers: s.layers,
@@ -107,7 +95,6 @@ export function rankConfig(s: Scenario, rank: number): RankConfig {
   };
 }
 
-export const worldSize = (s: Scenario) => s.ep * s.dp;
 
 /** The scenario's completion orders, or each drawn from its seed: arbitrary, but the same on every engine and every run. */
 export function firstReadyOf(s: Scenario): FirstReady {

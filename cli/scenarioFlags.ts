@@ -1,13 +1,13 @@
 // The scenario flags shared by `sim`, `check` and `sweep`: one definition, one help text,
 // one validation path (sim/scenario.ts validateScenario).
 import { readFile } from 'node:fs/promises';
-import { loadCase } from '../case.js';
-import { toIndexArray } from '../tensor.js';
-import { UsageError } from '../errors.js';
-import { DEFAULT_SCENARIO, validateScenario, type Scenario } from '../../sim/scenario.js';
-import { ROUTING_HELP } from '../../sim/routing.js';
-import { VARIANT_NAMES } from '../../machines/variants.js';
-import { WRAP_POLICIES, type WrapPolicy } from '../../machines/rankMachine.js';
+import { loadCase } from '../src/case.js';
+import { toIndexArray } from '../src/tensor.js';
+import { UsageError } from '../src/errors.js';
+import { DEFAULT_SCENARIO, validateScenario, type Scenario } from '../machines/scenario.js';
+import { ROUTING_HELP } from '../machines/routing.js';
+import { VARIANT_NAMES } from '../machines/variants.js';
+import { WRAP_POLICIES, type WrapPolicy } from '../machines/rankMachine.js';
 import { intOption, type Options, type Parsed } from './args.js';
 
 export const SCENARIO_OPTIONS: Options = {

@@ -5,8 +5,8 @@ import { readFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { resolve } from 'node:path';
 import { helpAsked, intOption, noPositionals, parse, requiredString } from './args.js';
-import { UsageError } from '../errors.js';
-import { expandSweep, inShard, parseShard, runSweep, summarize, type SweepSpec } from '../../sim/sweep.js';
+import { UsageError } from '../src/errors.js';
+import { expandSweep, inShard, parseShard, runSweep, summarize, type SweepSpec } from '../sim/sweep.js';
 
 const HELP = `usage: ep-actors sweep --spec FILE [--out FILE] [--shard I/N] [--workers N] [--json]
 

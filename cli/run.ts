@@ -2,11 +2,11 @@
 // inputs of a case file; results are written to a new safetensors file.
 import { resolve } from 'node:path';
 import { helpAsked, noPositionals, parse, requiredString } from './args.js';
-import { UsageError } from '../errors.js';
-import { caseMetadata, loadCase, resultTensors, runCase } from '../case.js';
-import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
-import { loadBackend, parseBackend, parseExchange } from '../backends.js';
-import { actorRanks } from '../../actors/caseRanks.js';
+import { UsageError } from '../src/errors.js';
+import { caseMetadata, loadCase, resultTensors, runCase } from '../src/case.js';
+import { writeSafetensorsFileAtomic } from '../src/codec/safetensors.js';
+import { loadBackend, parseBackend, parseExchange } from '../src/backends.js';
+import { actorRanks } from '../actors/caseRanks.js';
 
 const HELP = `usage: ep-actors run --case FILE --out FILE [--json] [--in-process] [--backend ts|native|cuda]
                       [--exchange ports|shared|device-copy|nccl]

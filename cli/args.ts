@@ -1,6 +1,6 @@
 // Small helpers over node:util parseArgs so every subcommand parses and validates the same way.
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { UsageError } from '../errors.js';
+import { UsageError } from '../src/errors.js';
 
 export type Options = NonNullable<ParseArgsConfig['options']>;
 

@@ -1,18 +1,19 @@
 // `ep-actors sim`: one scenario through the worker-thread runtime (or the discrete-event
 // engine), a diagnosis in words or JSON, optionally a Chrome trace, an HTML report and a live page.
 import { writeFile } from 'node:fs/promises';
-import { runScenarioOnProcesses } from '../../actors/launch.js';
-import { UsageError } from '../errors.js';
-import { formatDiagnosis, type Diagnosis } from '../../machines/diagnosis.js';
-import { DEFAULT_COMPUTE_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, runActors, type RuntimeOptions } from '../../actors/supervisor.js';
-import { reportFromDes, reportFromRun } from '../../sim/report/fromDes.js';
-import { toTraceFile, type ReportInput } from '../../sim/report/input.js';
-import { renderReport } from '../../sim/report/html.js';
-import type { Scenario } from '../../sim/scenario.js';
+import { runScenarioOnProcesses } from '../actors/launch.js';
+import { UsageError } from '../src/errors.js';
+import { formatDiagnosis, type Diagnosis } from '../machines/diagnosis.js';
+import { DEFAULT_COMPUTE_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, reportFromRun, runActors, type RuntimeOptions } from '../actors/supervisor.js';
+import { reportFromDes } from '../sim/report/fromDes.js';
+import { toTraceFile } from '../sim/report/input.js';
+import type { ReportInput } from '../machines/record.js';
+import { renderReport } from '../sim/report/html.js';
+import type { Scenario } from '../machines/scenario.js';
 import { helpAsked, intOption, parse } from './args.js';
-import { loadBackend, parseBackend, parseExchange } from '../backends.js';
+import { loadBackend, parseBackend, parseExchange } from '../src/backends.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
-import { startLive, untilInterrupted } from '../../sim/live/server.js';
+import { startLive, untilInterrupted } from '../sim/live/server.js';
 
 const HELP = `usage: ep-actors sim [scenario flags] [--engine actors|des|processes] [--json] [--trace FILE] [--report FILE] [--live [PORT]]
 
