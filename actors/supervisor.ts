@@ -7,7 +7,7 @@
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { CollectiveTracker, commOf, communicators, type Finding, type LedgerEntry } from '../machines/ledger.js';
 import { diagnose, okDiagnosis, rankReports, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
-import type { RankSnapshot } from '../machines/protocol.js';
+import type { IssuedCollective, RankSnapshot } from '../machines/protocol.js';
 import { worldSize, type Scenario } from '../sim/scenario.js';
 import type { TraceEvent } from '../sim/report/input.js';
 import { gpuPlacement, type BackendName, type ExchangeName } from '../src/backends.js';
@@ -25,6 +25,8 @@ export interface RuntimeOptions {
   casePayloads?: readonly Uint8Array[];
   /** Receives every xstate inspection event of every rank. */
   onInspect?: (rank: number, event: unknown) => void;
+  /** Called for every collective a rank issues, in ledger order (progress display). */
+  onIssue?: (rank: number, collective: IssuedCollective) => void;
   /** Training steps back to back in the same workers (default 1). */
   steps?: number;
   /** Keep the ledger, state paths and trace (default true; off for long benchmark runs). */
@@ -186,6 +188,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
           wires[m.rank] = m.snapshot;
           const c = m.collective;
           const issued = tracker.issue(m.rank, c, m.dtype);
+          opts.onIssue?.(m.rank, c);
           openSpans.set(m.rank, { name: c.op, ts: us(m.at), args: { communicator: issued.entry.communicator, position: issued.entry.position, layer: c.layer, microBatch: c.microBatch } });
           if (issued.finding) return verdict(issued.finding, m.at);
           if (issued.completed) release(issued.completed.map((e) => e.rank));
