@@ -17,7 +17,7 @@ export function parseBackend(value: unknown): BackendName {
 
 /**
  * The backend `--backend` names or, when none is named, the native kernels where the addon
- * loads (about 25× faster than ts); otherwise ts, with the reason to tell the user.
+ * loads (much faster than ts); otherwise ts, with the reason to tell the user.
  */
 export async function chooseBackend(value: unknown): Promise<{ name: BackendName; fallback?: string }> {
   if (value !== undefined) return { name: parseBackend(value) };
