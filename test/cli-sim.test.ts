@@ -70,6 +70,8 @@ test('bad usage exits 1 with one line naming the problem, before anything runs',
     [['--routing', `case:${goldenCase}`, '--ep', '8'], /--ep conflicts with --routing case:.*the case file sets the layout/],
     [['--engine', 'des', '--backend', 'native'], /--backend applies to real ranks .*--engine des simulates them/],
     [['--engine', 'des', '--timeout', '100'], /--timeout applies to real ranks/],
+    [['--capacity-factor', '2'], /--capacity-factor applies to --variant local-capacity/],
+    [['--variant', 'no-dispatch-edge', '--early-exit-rank', '1'], /--early-exit-rank applies to --variant early-exit/],
     [['--scenario', scenarioFile({ ep: 4, top_k: 1 })], /unknown field 'top_k'; did you mean 'topK'\?/],
     // A token routed to one expert twice: a top-k router never does it.
     [['--scenario', scenarioFile({ ep: 2, experts: 4, routing: 'explicit', explicit: [[[[0, 1, 2, 3]]], [[[1, 2, 3, 3]]]] })], /rank 1, micro-batch 0, layer 0: token 1 is sent to expert 3 twice/],

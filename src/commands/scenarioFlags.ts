@@ -101,10 +101,17 @@ export async function scenarioFromFlags(v: Parsed['values']): Promise<Scenario> 
     if (!(f > 0)) throw new UsageError(`--capacity-factor must be a positive number, got '${String(v['capacity-factor'])}'`);
     base.capacityFactor = f;
   }
+  // A variant's knobs would be ignored under another variant: say so rather than run without them.
+  for (const [flag, variant] of VARIANT_FLAGS) {
+    if (v[flag] !== undefined && (base.variant ?? DEFAULT_SCENARIO.variant) !== variant) throw new UsageError(`--${flag} applies to --variant ${variant}`);
+  }
   if (v.wrap !== undefined && !v.fsdp) throw new UsageError('--wrap needs --fsdp');
   if (v.fsdp) base.fsdp = (typeof v.wrap === 'string' ? v.wrap : 'block') as WrapPolicy;
   return validateScenario(base);
 }
+
+/** Flags that only a variant reads. */
+const VARIANT_FLAGS = [['early-exit-rank', 'early-exit'], ['early-exit-after', 'early-exit'], ['capacity-factor', 'local-capacity']] as const;
 
 /** The flags whose values `--routing case:FILE` takes from the file. */
 const CASE_LAYOUT_FLAGS = ['ep', 'dp', 'experts', 'top-k', 'tokens', 'dim', 'hidden', 'activation', 'unpacked'] as const;

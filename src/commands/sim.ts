@@ -153,6 +153,7 @@ function layerCallProgress(s: Scenario): { onIssue(rank: number, c: IssuedCollec
   const bar = progressBar(worldSize(s) * 2 * s.layers * s.microBatches, 'layer calls');
   const current = new Map<number, string>();
   let entered = 0;
+  bar.update(0); // drawn while the workers start: at ep=256 that alone takes a while
   return {
     onIssue(rank, c) {
       const call = `${c.microBatch} ${c.phase} ${c.layer}`;
