@@ -3,6 +3,7 @@
 // `check --replay` and sweeps read and write it as JSON.
 import { totalmem } from 'node:os';
 import { UsageError } from '../src/errors.js';
+import { ACTIVATIONS } from '../src/ep/types.js';
 import { WRAP_POLICIES, type RankConfig, type WrapPolicy } from '../machines/rankMachine.js';
 import { isVariantName, makeVariant, VARIANT_NAMES, type VariantName } from '../machines/variants.js';
 import { checkExplicitRouting, parseRouting } from './routing.js';
@@ -96,7 +97,7 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   for (const k of ['tokens', 'seed'] as const) {
     if (!Number.isSafeInteger(s[k]) || s[k] < 0) throw new UsageError(`${k} must be a non-negative integer, got ${s[k]}`);
   }
-  if (!['silu', 'gelu', 'relu'].includes(s.activation)) throw new UsageError(`activation must be silu, gelu or relu, got '${s.activation}'`);
+  if (!ACTIVATIONS.includes(s.activation)) throw new UsageError(`activation must be one of ${ACTIVATIONS.join(', ')}, got '${s.activation}'`);
   if (typeof s.packed !== 'boolean') throw new UsageError(`packed must be true or false, got ${JSON.stringify(s.packed)}`);
   if (typeof s.routing !== 'string') throw new UsageError(`routing must be a string such as 'uniform' or 'starve:1', got ${JSON.stringify(s.routing)}`);
   if (s.experts % s.ep !== 0) throw new UsageError(`num_experts (${s.experts}) must be divisible by ep (${s.ep})`);

@@ -30,7 +30,7 @@ test('shards partition the sweep: each scenario in exactly one shard', () => {
 test('bad spec fields name the scenario and the field', () => {
   assert.throws(() => expandSweep({ grid: { ep: [3] }, base: { experts: 8 } }), /scenario 0.*divisible/);
   assert.throws(() => expandSweep({}), /grid.*samples/);
-  assert.throws(() => expandSweep({ grid: { activation: ['tanh'] } }), /scenario 0.*activation must be silu, gelu or relu, got 'tanh'/);
+  assert.throws(() => expandSweep({ grid: { activation: ['tanh'] } }), /scenario 0.*activation must be one of silu, gelu, relu, got 'tanh'/);
 });
 
 test('unknown spec keys are refused by name, with the near one suggested, instead of running on defaults', () => {
