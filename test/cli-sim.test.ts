@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from './paths.js';
 import { checkFitsMemory, validateScenario } from '../sim/scenario.js';
+import { missing, onPath } from './tools.js';
 
 const cli = (...args: string[]) => spawnSync(process.execPath, [join(repoRoot, 'dist/src/cli.js'), 'sim', ...args], { encoding: 'utf8', timeout: 60_000 });
 const goldenCase = join(repoRoot, 'test/fixtures/golden/ep4_gelu_unpacked_starve1.safetensors');
@@ -130,8 +131,8 @@ test('--inspect - keeps stdout JSON Lines only; the verdict goes to stderr', () 
 });
 
 test('a long sim shows progress on a terminal, and none in a pipe', () => {
-  const script = spawnSync('script', ['-qec', `${JSON.stringify(process.execPath)} ${join(repoRoot, 'dist/src/cli.js')} sim --ep 4 --layers 2`, '/dev/null'], { encoding: 'utf8', timeout: 60_000 });
-  if (script.error) throw script.error;
+  if (!onPath('script')) throw missing('script', 'this test needs it for a terminal', 'apt-get install bsdutils');
+  const script = spawnSync('script', ['-qec', `${JSON.stringify(process.execPath)} ${join(repoRoot, 'dist/src/cli.js')} sim --ep 4 --layers 2 --timeout 60000`, '/dev/null'], { encoding: 'utf8', timeout: 60_000 });
   assert.is(script.status, 0, script.stdout);
   assert.match(script.stdout, /\] \d+\/16 layer calls/);
   assert.match(script.stdout, /verdict: ok/);
