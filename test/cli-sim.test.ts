@@ -16,13 +16,15 @@ test('a starved rank under no-dispatch-edge exits 2 with a JSON diagnosis naming
   const r = cli('--ep', '4', '--experts', '8', '--top-k', '2', '--routing', 'starve:1', '--variant', 'no-dispatch-edge', '--json');
   assert.is(r.status, 2, r.stderr);
   const d = JSON.parse(r.stdout);
-  assert.ok(['missing', 'mismatch'].includes(d.verdict));
+  assert.is(d.verdict, 'missing');
   assert.is(d.communicator, 'ep');
+  assert.is(d.position, 5);
+  assert.equal(d.hangs, [{ verdict: 'missing', communicator: 'ep', position: 5, culprits: [1], detail: d.hangs[0].detail }]);
   assert.equal(d.culprits, [1]);
   assert.match(d.cause, /bwd\.dispatch/);
   assert.is(d.ranks.length, 4);
   for (const key of ['rank', 'state', 'op', 'phase', 'layer', 'microBatch']) assert.ok(key in d.ranks[0], key);
-  assert.ok(d.detectedAfterMs <= 50, `detectedAfterMs ${d.detectedAfterMs}`);
+  assert.ok(d.detectedAfterMs < 5000, `detected after ${d.detectedAfterMs} ms, well before the 10 s collective limit`);
 });
 
 test('the seed exits 0 and --trace writes a Chrome trace with a lane per rank', () => {
@@ -71,6 +73,7 @@ test('bad usage exits 1 with one line naming the problem, before anything runs',
     [['--routing', `case:${goldenCase}`, '--ep', '8'], /--ep conflicts with --routing case:.*the case file sets the layout/],
     [['--engine', 'des', '--backend', 'native'], /--backend applies to real ranks .*--engine des simulates them/],
     [['--engine', 'des', '--timeout', '100'], /--timeout applies to real ranks/],
+    [['--engine', 'processes', '--compute-timeout', '100'], /--compute-timeout .* needs --engine actors/],
     [['--capacity-factor', '2'], /--capacity-factor applies to --variant local-capacity/],
     [['--variant', 'no-dispatch-edge', '--early-exit-rank', '1'], /--early-exit-rank applies to --variant early-exit/],
     [['--scenario', scenarioFile({ ep: 4, top_k: 1 })], /unknown field 'top_k'; did you mean 'topK'\?/],

@@ -44,7 +44,7 @@ test('unknown spec keys are refused by name, with the near one suggested, instea
   ];
   for (const [bad, message] of cases) assert.throws(() => expandSweep(bad as SweepSpec), (e: Error) => message.test(e.message), JSON.stringify(bad));
   // A replay's completion order (check --replay) is a scenario field.
-  assert.is(expandSweep({ base: { ep: 2, experts: 4, firstReady: [[], []] } as SweepSpec['base'], grid: { seed: [1] } }).length, 1);
+  assert.is(expandSweep({ base: { ep: 2, experts: 4, firstReady: [['bwd.dispatch'], ['fsdp.reduce_scatter']] }, grid: { seed: [1] } }).length, 1);
 });
 
 test('the progress bar draws only on a terminal, ends at the total and erases itself', () => {

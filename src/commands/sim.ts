@@ -4,7 +4,7 @@ import { writeFile } from 'node:fs/promises';
 import { runScenarioOnProcesses } from '../../actors/launch.js';
 import { UsageError } from '../errors.js';
 import { formatDiagnosis, type Diagnosis } from '../../machines/diagnosis.js';
-import { runActors } from '../../actors/supervisor.js';
+import { DEFAULT_COMPUTE_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, runActors, type RuntimeOptions } from '../../actors/supervisor.js';
 import { reportFromDes, reportFromRun } from '../../sim/report/fromDes.js';
 import { toTraceFile, type ReportInput } from '../../sim/report/input.js';
 import { renderReport } from '../../sim/report/html.js';
@@ -12,7 +12,7 @@ import { checkFitsMemory, worldSize, type Scenario } from '../../sim/scenario.js
 import type { IssuedCollective } from '../../machines/protocol.js';
 import { helpAsked, intOption, noPositionals, outputFile, parse } from './args.js';
 import { progressBar } from './progress.js';
-import { chooseBackend, loadBackend, parseExchange, type BackendName, type ExchangeName } from '../backends.js';
+import { chooseBackend, loadBackend, parseExchange, type BackendName } from '../backends.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { startLive, untilInterrupted } from '../../sim/live/server.js';
 
@@ -29,7 +29,8 @@ ${SCENARIO_HELP}
 output:
   --engine E             actors (worker threads, real tensors) | des (single thread, simulated time)
                          | processes (one OS process per rank over TCP, real tensors)
-  --json                 print one JSON object {verdict, communicator, position, culprits, ranks, cause, detectedAfterMs}
+  --json                 print one JSON object {verdict, communicator, position, culprits, ranks, cause,
+                         hangs (every hung communicator, the headline first), detectedAfterMs}
   --trace FILE           write a Chrome Trace Event JSON (open in Perfetto; \`viz report\` renders it)
   --report FILE          write a self-contained HTML report
   --inspect FILE         stream every rank's xstate inspection events as JSON Lines (- for stdout;
@@ -43,7 +44,11 @@ output:
   --exchange X           actors: how ranks move all-to-all data: ports (msgpack over MessagePorts,
                          default) | shared (host shared memory) | device-copy (one GPU's memory,
                          several ranks on one GPU) | nccl (one GPU per rank)
-  --timeout MS           actors, processes: stop after this long without progress (default 10000)
+  --timeout MS           actors, processes: a collective every member issued whose data has not
+                         arrived for this long is a timeout (default 10000); ranks waiting for a
+                         peer that computes are not hung
+  --compute-timeout MS   actors: a rank whose own work (routing, expert compute) has not returned
+                         for this long is a stall, naming the rank and its work (default 600000)
 
 Output paths are checked before the run starts; a scenario too large for this machine's
 memory is refused up front. A progress bar is drawn on stderr when it is a terminal.
@@ -68,6 +73,7 @@ export async function main(argv: string[]): Promise<number> {
       backend: { type: 'string' },
       exchange: { type: 'string' },
       timeout: { type: 'string' },
+      'compute-timeout': { type: 'string' },
     },
     HELP,
   );
@@ -87,7 +93,9 @@ export async function main(argv: string[]): Promise<number> {
   if (v.live !== undefined && engine !== 'actors') throw new UsageError('--live watches worker ranks: it needs --engine actors');
   const realRankFlag = (['backend', 'timeout'] as const).find((f) => v[f] !== undefined);
   if (engine === 'des' && realRankFlag) throw new UsageError(`--${realRankFlag} applies to real ranks (--engine actors or processes); --engine des simulates them`);
-  const timeoutMs = intOption(v.timeout, 'timeout', 10_000, 1);
+  if (v['compute-timeout'] !== undefined && engine !== 'actors') throw new UsageError('--compute-timeout watches worker ranks\' compute: it needs --engine actors');
+  const timeoutMs = intOption(v.timeout, 'timeout', DEFAULT_TIMEOUT_MS, 1);
+  const computeTimeoutMs = intOption(v['compute-timeout'], 'compute-timeout', DEFAULT_COMPUTE_TIMEOUT_MS, 1);
   let backend: BackendName = 'ts';
   if (engine !== 'des') {
     checkFitsMemory(scenario, { tensors: true });
@@ -112,7 +120,7 @@ export async function main(argv: string[]): Promise<number> {
     const input =
       engine === 'des' ? reportFromDes(scenario)
       : engine === 'processes' ? await runScenarioOnProcesses(scenario, ['--backend', backend, '--timeout', String(timeoutMs)])
-      : await runOnActors(scenario, { backend, exchange }, timeoutMs, [toInspect, live?.onInspect]);
+      : await runOnActors(scenario, { backend, exchange, timeoutMs, computeTimeoutMs }, [toInspect, live?.onInspect]);
     live?.verdict(input.diagnosis);
     // The verdict first: a file that then fails to write must not take it with it.
     print(input.diagnosis, !!v.json, say);
@@ -137,12 +145,12 @@ function withLivePort(argv: string[]): string[] {
 
 type InspectSink = (rank: number, event: unknown) => void;
 
-async function runOnActors(scenario: Scenario, how: { backend: BackendName; exchange: ExchangeName }, timeoutMs: number, sinks: (InspectSink | undefined)[]): Promise<ReportInput> {
+async function runOnActors(scenario: Scenario, how: Pick<RuntimeOptions, 'backend' | 'exchange' | 'timeoutMs' | 'computeTimeoutMs'>, sinks: (InspectSink | undefined)[]): Promise<ReportInput> {
   const to = sinks.filter((f): f is InspectSink => f !== undefined);
   const onInspect: InspectSink | undefined = to.length === 0 ? undefined : (rank, event) => to.forEach((f) => f(rank, event));
   const progress = layerCallProgress(scenario);
   try {
-    return reportFromRun(scenario, await runActors(scenario, { ...how, timeoutMs, onInspect, onIssue: progress.onIssue }));
+    return reportFromRun(scenario, await runActors(scenario, { ...how, onInspect, onIssue: progress.onIssue }));
   } finally {
     progress.clear();
   }
@@ -167,8 +175,8 @@ function layerCallProgress(s: Scenario): { onIssue(rank: number, c: IssuedCollec
 
 function print(d: Diagnosis, json: boolean, say: (line: string) => void): void {
   if (json) {
-    const { verdict, communicator, position, culprits, ranks, cause, detectedAfterMs } = d;
-    say(JSON.stringify({ verdict, communicator, position, culprits, ranks, cause, detectedAfterMs: detectedAfterMs ?? null }));
+    const { verdict, communicator, position, culprits, ranks, cause, hangs, detectedAfterMs } = d;
+    say(JSON.stringify({ verdict, communicator, position, culprits, ranks, cause, hangs: hangs ?? [], detectedAfterMs: detectedAfterMs ?? null }));
   } else {
     say(formatDiagnosis(d));
   }
