@@ -88,8 +88,7 @@ export async function scenarioFromFlags(v: Parsed['values']): Promise<Scenario> 
     const clash = CASE_LAYOUT_FLAGS.find((f) => v[f] !== undefined);
     if (clash) throw new UsageError(`--${clash} conflicts with --routing ${v.routing}: the case file sets the layout (${CASE_LAYOUT_FLAGS.map((f) => `--${f}`).join(', ')})`);
     Object.assign(base, await routingFromCase(v.routing.slice(5), base));
-  }
-  else if (typeof v.routing === 'string') base.routing = v.routing;
+  } else if (typeof v.routing === 'string') base.routing = v.routing;
   if (typeof v.variant === 'string') base.variant = v.variant as Scenario['variant'];
   if (typeof v.activation === 'string') {
     if (!['silu', 'gelu', 'relu'].includes(v.activation)) throw new UsageError(`--activation must be silu, gelu or relu, got '${v.activation}'`);
