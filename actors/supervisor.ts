@@ -14,7 +14,7 @@ import type { LedgerEntry } from '../machines/ledger.js';
 import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import { LedgerFeed } from '../machines/feed.js';
 import { diagnoseHangs, okDiagnosis, rankReports, rankWord, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
-import type { RankSnapshot } from '../machines/protocol.js';
+import type { IssuedCollective, RankSnapshot } from '../machines/protocol.js';
 import { CollectiveSpans, type TraceEvent } from '../machines/spans.js';
 import { type Scenario } from '../machines/scenario.js';
 import { gpuPlacement, type BackendName, type ExchangeName } from '../src/backends.js';
@@ -36,6 +36,8 @@ export interface RuntimeOptions {
   casePayloads?: readonly Uint8Array[];
   /** Receives every xstate inspection event of every rank. */
   onInspect?: (rank: number, event: unknown) => void;
+  /** Called for every collective a rank issues (progress display). */
+  onIssue?: (rank: number, collective: IssuedCollective) => void;
   /** Training steps back to back in the same workers (default 1). */
   steps?: number;
   /** Keep the ledger, state paths and trace (default true; off for long benchmark runs). */
@@ -174,6 +176,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
           wires[m.rank] = m.snapshot;
           working[m.rank] = null;
           feed.push({ kind: 'issue', rank: m.rank, collective: m.collective, dtype: m.dtype, at: m.at });
+          opts.onIssue?.(m.rank, m.collective);
           return settle();
         case 'started':
           working[m.rank] = { since: m.at, what: 'routing layer 0' };

@@ -9,9 +9,12 @@ import { reportFromDes } from '../sim/report/fromDes.js';
 import { toTraceFile } from '../sim/report/input.js';
 import type { ReportInput } from '../machines/record.js';
 import { renderReport } from '../sim/report/html.js';
-import type { Scenario } from '../machines/scenario.js';
-import { helpAsked, intOption, parse } from './args.js';
-import { loadBackend, parseBackend, parseExchange } from '../src/backends.js';
+import { checkFitsMemory, type Scenario } from '../machines/scenario.js';
+import { worldSize } from '../machines/mesh.js';
+import type { IssuedCollective } from '../machines/protocol.js';
+import { helpAsked, intOption, noPositionals, outputFile, parse } from './args.js';
+import { progressBar } from './progress.js';
+import { chooseBackend, loadBackend, parseExchange, type BackendName } from '../src/backends.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { startLive, untilInterrupted } from '../sim/live/server.js';
 
@@ -32,12 +35,14 @@ output:
                          hangs (every hung communicator, the headline first), detectedAfterMs}
   --trace FILE           write a Chrome Trace Event JSON (open in Perfetto; \`viz report\` renders it)
   --report FILE          write a self-contained HTML report
-  --inspect FILE         stream every rank's xstate inspection events as JSON Lines (- for stdout)
+  --inspect FILE         stream every rank's xstate inspection events as JSON Lines (- for stdout;
+                         everything else then goes to stderr)
   --live [PORT]          actors: watch the ranks on a page at http://127.0.0.1:PORT/ while the run goes
                          (PORT 0 or none: a free port; the URL is printed on stderr); the page stays
                          up after the verdict until Ctrl-C
   --live-exit            with --live: close the page's server once the verdict is sent
-  --backend B            expert kernels for the actors and processes engines: ts | native | cuda (default ts)
+  --backend B            expert kernels for the actors and processes engines: ts | native | cuda
+                         (default native where the addon loaded, else ts with a note)
   --exchange X           actors: how ranks move all-to-all data: ports (msgpack over MessagePorts,
                          default) | shared (host shared memory) | device-copy (one GPU's memory,
                          several ranks on one GPU) | nccl (one GPU per rank)
@@ -47,13 +52,16 @@ output:
   --compute-timeout MS   actors: a rank whose own work (routing, expert compute) has not returned
                          for this long is a stall, naming the rank and its work (default 600000)
 
+Output paths are checked before the run starts; a scenario too large for this machine's
+memory is refused up front. A progress bar is drawn on stderr when it is a terminal.
+
 exit: 0 the step completes, 2 a hang or mismatch was found, 1 bad usage or an error
 
 example:
   ep-actors sim --ep 4 --experts 8 --top-k 2 --routing starve:1 --variant no-dispatch-edge`;
 
 export async function main(argv: string[]): Promise<number> {
-  const { values: v } = parse(
+  const { values: v, positionals } = parse(
     withLivePort(argv),
     {
       ...SCENARIO_OPTIONS,
@@ -72,32 +80,56 @@ export async function main(argv: string[]): Promise<number> {
     HELP,
   );
   if (helpAsked(v, HELP)) return 0;
-  const scenario = await scenarioFromFlags(v);
+  noPositionals(positionals, HELP);
   const engine = v.engine ?? 'actors';
   if (engine !== 'actors' && engine !== 'des' && engine !== 'processes') throw new UsageError(`--engine must be actors, des or processes, got '${String(engine)}'`);
-  const backend = parseBackend(v.backend);
-  if (engine !== 'des') await loadBackend(backend); // fail here, in one line, if it cannot run
+  // Every output path is checked before anything runs: a bad one must not cost the verdict.
+  const tracePath = outputFile(v, 'trace');
+  const reportPath = outputFile(v, 'report');
+  const inspect = v.inspect === '-' ? '-' : outputFile(v, 'inspect');
+  const scenario = await scenarioFromFlags(v);
   const exchange = parseExchange(v.exchange);
   if (v.exchange !== undefined && engine !== 'actors') throw new UsageError('--exchange chooses how worker ranks exchange: it needs --engine actors');
   if (v.inspect !== undefined && engine !== 'actors') throw new UsageError('--inspect streams worker ranks\' machines: it needs --engine actors');
   if (v['live-exit'] && v.live === undefined) throw new UsageError('--live-exit needs --live');
   if (v.live !== undefined && engine !== 'actors') throw new UsageError('--live watches worker ranks: it needs --engine actors');
+  const realRankFlag = (['backend', 'timeout'] as const).find((f) => v[f] !== undefined);
+  if (engine === 'des' && realRankFlag) throw new UsageError(`--${realRankFlag} applies to real ranks (--engine actors or processes); --engine des simulates them`);
+  if (v['compute-timeout'] !== undefined && engine !== 'actors') throw new UsageError('--compute-timeout watches worker ranks\' compute: it needs --engine actors');
+  const timeoutMs = intOption(v.timeout, 'timeout', DEFAULT_TIMEOUT_MS, 1);
+  const computeTimeoutMs = intOption(v['compute-timeout'], 'compute-timeout', DEFAULT_COMPUTE_TIMEOUT_MS, 1);
+  let backend: BackendName = 'ts';
+  if (engine !== 'des') {
+    checkFitsMemory(scenario, { tensors: true });
+    const chosen = await chooseBackend(v.backend);
+    await loadBackend(chosen.name); // fail here, in one line, if it cannot run
+    if (chosen.fallback) console.error(`note: ${chosen.fallback}`);
+    backend = chosen.name;
+  }
+  // With the inspection stream on stdout, everything for people goes to stderr; a reader
+  // that stops early (`| head`) ends the stream, not the run.
+  const say = inspect === '-' ? console.error : console.log;
+  let stdoutClosed = false;
+  if (inspect === '-') process.stdout.on('error', () => (stdoutClosed = true));
 
   const live = v.live === undefined ? null : await startLive(scenario, intOption(v.live, 'live', 0, 0, 65_535));
   if (live) console.error(`live view: ${live.url}`);
   // The server must not keep the process alive when the run throws.
   try {
-    const timeoutMs = intOption(v.timeout, 'timeout', DEFAULT_TIMEOUT_MS, 1);
-    const computeTimeoutMs = intOption(v['compute-timeout'], 'compute-timeout', DEFAULT_COMPUTE_TIMEOUT_MS, 1);
+    const inspectLines: string[] = [];
+    const toInspect: InspectSink | undefined =
+      inspect === undefined ? undefined : inspect === '-' ? (rank, event) => stdoutClosed || console.log(JSON.stringify({ rank, event })) : (rank, event) => inspectLines.push(JSON.stringify({ rank, event }));
     const input =
       engine === 'des' ? reportFromDes(scenario)
       : engine === 'processes' ? await runScenarioOnProcesses(scenario, ['--backend', backend, '--timeout', String(timeoutMs)])
-      : await runOnActors(scenario, { backend, exchange, timeoutMs, computeTimeoutMs }, typeof v.inspect === 'string' ? v.inspect : undefined, live?.onInspect);
+      : await runOnActors(scenario, { backend, exchange, timeoutMs, computeTimeoutMs }, [toInspect, live?.onInspect]);
     live?.verdict(input.diagnosis);
-    if (typeof v.trace === 'string') await writeFile(v.trace, JSON.stringify(toTraceFile(input)));
-    if (typeof v.report === 'string') await writeFile(v.report, renderReport(input));
-    print(input.diagnosis, !!v.json);
-    if (typeof v.report === 'string' && !v.json) console.log(`report: ${v.report}`);
+    // The verdict first: a file that then fails to write must not take it with it.
+    print(input.diagnosis, !!v.json, say);
+    if (inspect !== undefined && inspect !== '-') await writeFile(inspect, inspectLines.join('\n') + '\n');
+    if (tracePath) await writeFile(tracePath, JSON.stringify(toTraceFile(input)));
+    if (reportPath) await writeFile(reportPath, renderReport(input));
+    if (reportPath && !v.json) say(`report: ${reportPath}`);
     if (live && !v['live-exit']) {
       console.error(`live view stays up at ${live.url} — Ctrl-C to exit`);
       await untilInterrupted();
@@ -115,27 +147,39 @@ function withLivePort(argv: string[]): string[] {
 
 type InspectSink = (rank: number, event: unknown) => void;
 
-async function runOnActors(scenario: Scenario, how: Pick<RuntimeOptions, 'backend' | 'exchange' | 'timeoutMs' | 'computeTimeoutMs'>, inspect: string | undefined, live: InspectSink | undefined): Promise<ReportInput> {
-  const lines: string[] = [];
-  const jsonLines: InspectSink | undefined =
-    inspect === undefined ? undefined : (rank, event) => (inspect === '-' ? console.log(JSON.stringify({ rank, event })) : lines.push(JSON.stringify({ rank, event })));
-  const onInspect: InspectSink | undefined =
-    jsonLines && live
-      ? (rank, event) => {
-          jsonLines(rank, event);
-          live(rank, event);
-        }
-      : (jsonLines ?? live);
-  const r = await runActors(scenario, { ...how, onInspect });
-  if (inspect !== undefined && inspect !== '-') await writeFile(inspect, lines.join('\n') + '\n');
-  return reportFromRun(scenario, r);
+async function runOnActors(scenario: Scenario, how: Pick<RuntimeOptions, 'backend' | 'exchange' | 'timeoutMs' | 'computeTimeoutMs'>, sinks: (InspectSink | undefined)[]): Promise<ReportInput> {
+  const to = sinks.filter((f): f is InspectSink => f !== undefined);
+  const onInspect: InspectSink | undefined = to.length === 0 ? undefined : (rank, event) => to.forEach((f) => f(rank, event));
+  const progress = layerCallProgress(scenario);
+  try {
+    return reportFromRun(scenario, await runActors(scenario, { ...how, onInspect, onIssue: progress.onIssue }));
+  } finally {
+    progress.clear();
+  }
 }
 
-function print(d: Diagnosis, json: boolean): void {
+/** Progress on a terminal: the layer calls (each layer's forward and backward, per micro-batch) the ranks have entered. */
+function layerCallProgress(s: Scenario): { onIssue(rank: number, c: IssuedCollective): void; clear(): void } {
+  const bar = progressBar(worldSize(s) * 2 * s.layers * s.microBatches, 'layer calls');
+  const current = new Map<number, string>();
+  let entered = 0;
+  bar.update(0); // drawn while the workers start: at ep=256 that alone takes a while
+  return {
+    onIssue(rank, c) {
+      const call = `${c.microBatch} ${c.phase} ${c.layer}`;
+      if (current.get(rank) === call) return;
+      current.set(rank, call);
+      bar.update(++entered);
+    },
+    clear: () => bar.clear(),
+  };
+}
+
+function print(d: Diagnosis, json: boolean, say: (line: string) => void): void {
   if (json) {
     const { verdict, communicator, position, culprits, ranks, cause, hangs, detectedAfterMs } = d;
-    console.log(JSON.stringify({ verdict, communicator, position, culprits, ranks, cause, hangs: hangs ?? [], detectedAfterMs: detectedAfterMs ?? null }));
+    say(JSON.stringify({ verdict, communicator, position, culprits, ranks, cause, hangs: hangs ?? [], detectedAfterMs: detectedAfterMs ?? null }));
   } else {
-    console.log(formatDiagnosis(d));
+    say(formatDiagnosis(d));
   }
 }

@@ -82,6 +82,34 @@ export function parseRouting(spec: string, s: Pick<RoutedLayout, 'ep' | 'dp' | '
   }
 }
 
+/**
+ * Explicit routing as a top-k router gives it (replay and case files are checked, not
+ * trusted): per global rank, micro-batch and layer, whole tokens of top_k distinct experts in
+ * [0, experts). The model assumes distinct experts per token; a repeat is refused by name.
+ */
+export function checkExplicitRouting(s: Pick<RoutedLayout, 'ep' | 'dp' | 'experts' | 'topK' | 'layers' | 'microBatches' | 'explicit'>): void {
+  const table = s.explicit;
+  const world = s.ep * s.dp;
+  if (!Array.isArray(table) || table.length !== world) throw new UsageError(`explicit routing needs one entry per rank (${world}), got ${Array.isArray(table) ? table.length : typeof table}`);
+  table.forEach((perRank, r) => {
+    for (let mb = 0; mb < s.microBatches; mb++) {
+      for (let layer = 0; layer < s.layers; layer++) {
+        const where = `explicit routing: rank ${r}, micro-batch ${mb}, layer ${layer}`;
+        const ids = perRank?.[mb]?.[layer];
+        if (!Array.isArray(ids)) throw new UsageError(`${where}: no expert ids (the table needs ${s.microBatches} micro-batch(es) × ${s.layers} layer(s) per rank)`);
+        if (ids.length % s.topK !== 0) throw new UsageError(`${where}: ${ids.length} expert ids are not whole tokens of top_k ${s.topK}`);
+        for (let t = 0; t < ids.length / s.topK; t++) {
+          const token = ids.slice(t * s.topK, (t + 1) * s.topK);
+          token.forEach((e, k) => {
+            if (!Number.isInteger(e) || e < 0 || e >= s.experts) throw new UsageError(`${where}: token ${t} picks expert ${JSON.stringify(e)}, outside [0, ${s.experts})`);
+            if (token.indexOf(e) < k) throw new UsageError(`${where}: token ${t} is sent to expert ${e} twice; a top-k router picks ${s.topK} distinct experts`);
+          });
+        }
+      }
+    }
+  });
+}
+
 const mix = (...xs: number[]) => xs.reduce((h, x) => Math.imul(h ^ (x + 0x9e3779b9), 0x85ebca6b) >>> 0, 0x12345678);
 
 /** Per scenario (treated as immutable once routed): its parsed generator and, per EP group, the experts its tokens may pick. */

@@ -7,6 +7,7 @@ import { rankMachine } from '../machines/rankMachine.js';
 import { makeVariant } from '../machines/variants.js';
 import { liveUnder, machineGraph, rankContexts, toDot, toJson, toMermaid, toScxml, transitionLabel, type MachineGraph } from '../machines/exporters.js';
 import { cliPath } from './paths.js';
+import { missing, onPath } from './tools.js';
 
 const graph = machineGraph(rankMachine);
 const cli = cliPath;
@@ -90,8 +91,7 @@ test('Mermaid names every state once by its path and keeps reused keys apart', (
 });
 
 test('Graphviz dot accepts the DOT export', () => {
-  const dot = spawnSync('dot', ['-V'], { encoding: 'utf8' });
-  if (dot.error) assert.unreachable(`Graphviz 'dot' is not installed (${dot.error.message}); install Debian's graphviz (apt-get install graphviz), as .ci/run does`);
+  if (!onPath('dot')) throw missing("Graphviz's dot", 'the DOT check needs it', 'apt-get install graphviz');
   for (const g of [graph, liveUnder(graph, rankMachine, rankContexts(makeVariant('no-dispatch-edge')), 'no-dispatch-edge')]) {
     const run = spawnSync('dot', ['-Tsvg'], { input: toDot(g), encoding: 'utf8' });
     assert.is(run.status, 0, run.stderr);
