@@ -177,7 +177,7 @@ export class CollectiveTracker {
       communicator: comm.spec.id,
       position,
       culprits: gone,
-      detail: `rank${gone.length > 1 ? 's' : ''} ${gone.join(', ')} finished without issuing position ${position}, where rank${waiting.length > 1 ? 's' : ''} ${waiting.map((w) => w.rank).join(', ')} wait in ${waiting[0]!.op}`,
+      detail: `rank${gone.length > 1 ? 's' : ''} ${gone.join(', ')} finished without issuing position ${position}, where rank${waiting.length > 1 ? 's' : ''} ${waiting.map((w) => w.rank).join(', ')} ${waiting.length > 1 ? 'wait' : 'waits'} in ${waiting[0]!.op}`,
     };
   }
 
