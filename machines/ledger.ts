@@ -13,7 +13,8 @@ export interface Mesh {
 
 export interface CommunicatorSpec {
   readonly id: string;
-  readonly kind: 'ep' | 'dp';
+  /** 'group': a process group read from a post-mortem dump that is not one of the mesh's. */
+  readonly kind: 'ep' | 'dp' | 'group';
   /** Global ranks in group-rank order. */
   readonly members: readonly number[];
 }
@@ -75,13 +76,17 @@ export class CollectiveTracker {
   private readonly blocked = new Map<number, LedgerEntry>();
   private readonly finished = new Set<number>();
 
-  /** retain: keep every entry in `entries` (off for long soaks, where only verdicts matter). */
+  /**
+   * retain: keep every entry in `entries` (off for long soaks, where only verdicts matter).
+   * specs: the communicators, when they are not the mesh's (a post-mortem's process groups).
+   */
   constructor(
     mesh: Mesh,
     private readonly retain = true,
+    specs: readonly CommunicatorSpec[] = communicators(mesh),
   ) {
     this.mesh = mesh;
-    for (const spec of communicators(mesh)) {
+    for (const spec of specs) {
       this.comms.set(spec.id, { spec, memberOf: new Map(spec.members.map((r, m) => [r, m])), open: new Map(), issued: new Map(), next: spec.members.map(() => 0) });
     }
   }
@@ -100,11 +105,13 @@ export class CollectiveTracker {
    * it (every member has issued; all of them unblock), and a finding when the issue proves
    * a mismatch or that a member will never come. Cycles are found by findCycle(), which
    * callers run when a rank blocks (cheap at actor-runtime sizes) or when nothing else can
-   * move (the discrete-event engine at thousands of ranks).
+   * move (the discrete-event engine at thousands of ranks). `communicator` names the
+   * communicator when the tracker was given its own specs instead of the mesh's.
    */
-  issue(rank: number, c: IssuedCollective, dtype: string): { entry: LedgerEntry; completed: LedgerEntry[] | null; finding: Finding | null } {
+  issue(rank: number, c: IssuedCollective, dtype: string, communicator?: string): { entry: LedgerEntry; completed: LedgerEntry[] | null; finding: Finding | null } {
     if (this.blocked.has(rank)) throw new Error(`rank ${rank} issued ${c.op} while still blocked in ${this.blocked.get(rank)!.op}`);
-    const comm = this.commFor(rank, c.comm);
+    const comm = communicator === undefined ? this.commFor(rank, c.comm) : this.comms.get(communicator);
+    if (!comm || !comm.memberOf.has(rank)) throw new Error(`rank ${rank} issued ${c.op} on ${communicator}, a communicator it is not a member of`);
     const member = comm.memberOf.get(rank)!;
     const position = comm.next[member]!++;
     const entry: LedgerEntry = { ...c, communicator: comm.spec.id, position, rank, member, dtype };

@@ -3,7 +3,7 @@
 // the report input: `{ traceEvents: [...], epActors: { scenario, diagnosis, ledger, paths,
 // routing } }`. Both engines write it (`sim --trace`); `viz report` reads it.
 import type { Diagnosis } from '../../machines/diagnosis.js';
-import type { LedgerEntry } from '../../machines/ledger.js';
+import type { CommunicatorSpec, LedgerEntry } from '../../machines/ledger.js';
 import type { Scenario } from '../scenario.js';
 
 /** One collective on one rank: a Chrome 'X' (complete) event, times in µs. */
@@ -35,6 +35,10 @@ export interface ReportInput {
   readonly routing: ReportRouting;
   /** What the trace's clock means: wall time of a real run or the engine's simulated time. */
   readonly clock?: 'real' | 'simulated';
+  /** Post-mortem evidence (Flight Recorder dumps): its process groups, when they are not the scenario's mesh. */
+  readonly communicators?: readonly CommunicatorSpec[];
+  /** What the report was read from, said instead of the scenario line (the scenario then only sizes the page). */
+  readonly evidence?: string;
 }
 
 /** A Chrome trace metadata event (lane names for Perfetto). */
