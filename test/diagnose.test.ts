@@ -36,15 +36,15 @@ test('each fixture: the verdict, group, position, seq, op, layer and culprits', 
   };
   for (const [kase, [verdict, communicator, position, seq, op, layer, culprits]] of Object.entries(want)) {
     const pm = analyzeDumps(dumpsIn(kase));
-    const d = pm.report.diagnosis;
-    const here = pm.report.ledger.filter((e) => e.communicator === d.communicator && e.position === d.position);
+    const d = pm.diagnosis;
+    const here = pm.ledger.filter((e) => e.communicator === d.communicator && e.position === d.position);
     const at = here.find((e) => !d.culprits.includes(e.rank)) ?? here[0];
     assert.equal([d.verdict, d.communicator, d.position, pm.seq, at?.op ?? null, at?.layer ?? null, d.culprits], [verdict, communicator, position, seq, op, layer, culprits], `${kase}: ${d.cause}`);
   }
 });
 
 test('the causes read in the EP layer\'s terms and name the hazard', () => {
-  const cause = (kase: string) => analyzeDumps(dumpsIn(kase)).report.diagnosis.cause;
+  const cause = (kase: string) => analyzeDumps(dumpsIn(kase)).diagnosis.cause;
   assert.match(cause('zero-token'), /^rank 1 never issued bwd\.dispatch of layer 0; ranks 0, 2, 3 wait in it \(mesh_ep, seq 6\)/);
   assert.match(cause('zero-token'), /rank 1 received 0 rows in layer 0 \(its fwd\.dispatch returned \[0, 8\]\): the zero-token hazard — variant no-dispatch-edge/);
   assert.match(cause('zero-token'), /called from backward at kempnerforge\/distributed\/expert_parallel\.py:131/);
@@ -62,9 +62,9 @@ test('pickle 2, 4, 5 and JSON forms of one case give the same diagnosis', () => 
   for (const form of ['zero-token-pickle4', 'zero-token-pickle5', 'zero-token-json']) {
     const pm = analyzeDumps(dumpsIn(form));
     const strip = (c: string) => c.replace(/ \(called from [^)]*\)/g, ''); // JSON dumps carry no frames
-    assert.equal({ ...pm.report.diagnosis, cause: strip(pm.report.diagnosis.cause) }, { ...base.report.diagnosis, cause: strip(base.report.diagnosis.cause) }, form);
+    assert.equal({ ...pm.diagnosis, cause: strip(pm.diagnosis.cause) }, { ...base.diagnosis, cause: strip(base.diagnosis.cause) }, form);
     assert.is(pm.seq, base.seq);
-    assert.is(pm.report.ledger.length, base.report.ledger.length);
+    assert.is(pm.ledger.length, base.ledger.length);
   }
 });
 
@@ -123,7 +123,7 @@ function dump(rank: number, entries: E[], opts: { groups?: Record<string, number
   return parseDump(value, `rank${rank}`, rank);
 }
 
-const verdictOf = (dumps: FrDump[]) => analyzeDumps(dumps).report.diagnosis;
+const verdictOf = (dumps: FrDump[]) => analyzeDumps(dumps).diagnosis;
 
 test('analyzer cases: matched, type, size and state mismatches, dtypes', () => {
   assert.is(verdictOf([dump(0, [{}]), dump(1, [{}])]).verdict, 'ok', 'an all-reduce matched with itself');
@@ -202,6 +202,16 @@ test('end to end: version 2.8, a sub-group whose members differ per rank, coales
   // without issuing it, and its peer waits there forever: missing, culprit rank 1.
   const more = verdictOf([dump(0, [{}, { state: 'started' }]), dump(1, [{}])]);
   assert.equal([more.verdict, more.position, more.culprits], ['missing', 1, [1]]);
+});
+
+test('a long ledger: the verdict on all of it, the report a renumbered window around it', () => {
+  const many = (r: number) => dump(r, Array.from({ length: 12_000 }, (_, i): E => (i === 11_990 && r === 1 ? { in: [[5, 4]] } : {})));
+  const pm = analyzeDumps([many(0), many(1)]);
+  assert.equal([pm.diagnosis.verdict, pm.diagnosis.position, pm.seq, pm.ledger.length], ['mismatch', 11_990, 11_991, 24_000 - 18]);
+  assert.ok(pm.report.ledger.length <= 2 * 48, `${pm.report.ledger.length} entries in the report`);
+  assert.is(pm.report.diagnosis.position, 40, 'the verdict 8 positions before the window ends');
+  assert.ok(pm.report.ledger.some((e) => e.position === 40 && e.rank === 1));
+  assert.match(pm.report.evidence!, /the ledger and timeline show 48 positions of each group/);
 });
 
 test('send/recv pair by direction and order; an unmatched send is missing its receive', () => {

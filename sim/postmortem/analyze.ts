@@ -6,7 +6,7 @@
 // analyzer makes (op, sizes by the per-op rules, dtypes, state, all-to-all totals) become
 // tracker findings; the tracker adds missing collectives and cross-group wait-for cycles.
 import { CollectiveTracker, describe, type CommunicatorSpec, type Finding, type LedgerEntry } from '../../machines/ledger.js';
-import { rankWord, type Diagnosis, type RankReport } from '../../machines/diagnosis.js';
+import { rankRanges, rankWord, type Diagnosis, type RankReport } from '../../machines/diagnosis.js';
 import { withDeadRanks } from '../../machines/postmortem.js';
 import { makeVariant } from '../../machines/variants.js';
 import type { IssuedCollective } from '../../machines/protocol.js';
@@ -34,8 +34,11 @@ interface Call {
   dtype: string;
 }
 
-/** What the dumps say, in the tracker's terms: the report input plus the dump's own seq of the verdict. */
+/** What the dumps say, in the tracker's terms: the verdict, the ledger, the report input and the dump's own seq of the verdict. */
 export interface PostMortem {
+  readonly diagnosis: Diagnosis;
+  readonly ledger: readonly LedgerEntry[];
+  /** At most a window of each group's positions, renumbered, past REPORT_LIMIT calls. */
   readonly report: ReportInput;
   /** collective_seq_id of the verdict's position (null when none or not a collective). */
   readonly seq: number | null;
@@ -68,6 +71,9 @@ export function sizeRuleProblem(kind: string, entries: readonly FrEntry[], group
   return null;
 }
 
+/** The ops with a size rule between input and output. */
+const SIZED = new Set(['all_reduce', 'all_gather', 'reduce_scatter']);
+
 const STATE_ORDER: Record<FrState, number> = { scheduled: 0, started: 1, completed: 2 };
 
 /** Reads a set of dumps (one per rank) into the verdict, diagnosis and report input. */
@@ -81,7 +87,8 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
     byRank.set(d.rank, d);
   }
   const groups = groupsOf(dumps);
-  const groupOf = (d: FrDump, pgName: string) => groups.get(groupKey(d.groups.get(pgName)!))!;
+  const perDump = new Map(dumps.map((d) => [d, new Map([...d.groups].map(([name, g]) => [name, groups.get(groupKey(g))!]))]));
+  const groupOf = (d: FrDump, pgName: string) => perDump.get(d)!.get(pgName)!;
   const world = [...new Set([...byRank.keys(), ...[...groups.values()].flatMap((g) => g.spec.members)])].sort((a, b) => a - b);
   const dead = world.filter((r) => !byRank.has(r));
   align(groups, byRank, groupOf, dead);
@@ -117,33 +124,37 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
 
   const tracker = new CollectiveTracker({ ep: 1, dp: 1 }, true, specs);
   const callOf = new Map<LedgerEntry, Call>();
-  const slot = new Map<string, Call[]>();
+  /** Per communicator, per position: the calls issued there so far. */
+  const slot = new Map<string, Call[][]>(specs.map((x) => [x.id, []]));
   let finding: Finding | null = null;
   const frozen = new Set<number>();
   const take = (f: Finding | null) => {
     finding ??= f;
   };
-  const queues = new Map([...calls].map(([r, cs]) => [r, [...cs]]));
+  const specOf = new Map(specs.map((x) => [x.id, x]));
+  /** Each rank's next call to issue. */
+  const next = new Map([...calls.keys()].map((r) => [r, 0]));
+  const pending = (r: number) => next.get(r)! < calls.get(r)!.length;
   const finished = new Set<number>();
   for (;;) {
     let moved = false;
-    for (const [r, q] of queues) {
-      if (!q.length || tracker.blockedOn(r) || frozen.has(r)) continue;
-      const c = q.shift()!;
+    for (const [r, cs] of calls) {
+      if (!pending(r) || tracker.blockedOn(r) || frozen.has(r)) continue;
+      const c = cs[next.get(r)!]!;
+      next.set(r, next.get(r)! + 1);
       moved = true;
       const { entry, finding: f } = tracker.issue(r, c.issued, c.dtype, c.comm);
       callOf.set(entry, c);
-      const key = `${entry.communicator}#${entry.position}`;
-      const here = [...(slot.get(key) ?? []), c];
-      slot.set(key, here);
-      const spec = specs.find((s) => s.id === c.comm)!;
-      const own = f ?? frCheck(c, here, spec, entry.position);
+      const positions = slot.get(entry.communicator)!;
+      const here = (positions[entry.position] ??= []);
+      here.push(c);
+      const own = f ?? frCheck(c, here, specOf.get(c.comm)!, entry.position);
       if (own && !f) for (const x of here) frozen.add(x.rank);
       take(own);
     }
     if (moved) continue;
     // Nothing can move: a rank whose evidence ends, not blocked, has finished (dead ones never do).
-    const r = [...queues.keys()].find((rank) => !queues.get(rank)!.length && !tracker.blockedOn(rank) && !finished.has(rank) && !frozen.has(rank));
+    const r = [...calls.keys()].find((rank) => !pending(rank) && !tracker.blockedOn(rank) && !finished.has(rank) && !frozen.has(rank));
     if (r === undefined) break;
     finished.add(r);
     take(tracker.finish(r));
@@ -161,7 +172,7 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
 
   const g = diagnosis.communicator === null ? undefined : [...groups.values()].find((x) => x.spec.id === diagnosis.communicator);
   const seq = g && diagnosis.position !== null ? g.base + diagnosis.position : null;
-  return { report: reportInput(dumps, world, specs, ledger, diagnosis, calls, groups), seq };
+  return { diagnosis, ledger, report: reportInput(dumps, world, specs, ledger, diagnosis, calls, groups), seq };
 }
 
 const groupKey = (g: { name: string; ranks: readonly number[] }) => `${g.name}|${g.ranks.join(',')}`;
@@ -174,7 +185,8 @@ function groupsOf(dumps: readonly FrDump[]): Map<string, Group> {
   const counts = new Map<string, number>();
   for (const g of found.values()) counts.set(label(g), (counts.get(label(g)) ?? 0) + 1);
   const out = new Map<string, Group>();
-  const sorted = [...found.entries()].sort(([, a], [, b]) => Math.min(...a.ranks) - Math.min(...b.ranks) || Number(a.name) - Number(b.name) || a.name.localeCompare(b.name));
+  const low = (ranks: readonly number[]) => ranks.reduce((m, r) => Math.min(m, r), Infinity);
+  const sorted = [...found.entries()].sort(([, a], [, b]) => low(a.ranks) - low(b.ranks) || Number(a.name) - Number(b.name) || a.name.localeCompare(b.name));
   for (const [key, g] of sorted) {
     const id = counts.get(label(g))! > 1 ? `${label(g)} [${g.ranks.join(', ')}]` : label(g);
     out.set(key, { spec: { id, kind: 'group', members: g.ranks }, name: g.name, base: 1 });
@@ -204,12 +216,13 @@ function align(groups: Map<string, Group>, byRank: Map<number, FrDump>, groupOf:
 }
 
 function call(rank: number, comm: string, seq: number, entries: FrEntry[], kind: string): Call {
-  const members = entries.filter((e) => e.op !== 'coalesced');
+  const single = entries.length === 1 && entries[0]!.op !== 'coalesced';
+  const members = single ? entries : entries.filter((e) => e.op !== 'coalesced');
   const used = members.length ? members : entries;
-  const kinds = [...new Set(used.map((e) => opKind(e.op)))];
-  const k = kind === 'coalesced' || entries.some((e) => e.op === 'coalesced') ? (kinds.length === 1 ? `${kinds[0]}_coalesced` : 'coalesced') : kind;
-  const state = entries.reduce<FrState>((s, e) => (STATE_ORDER[e.state] < STATE_ORDER[s] ? e.state : s), 'completed');
-  const dtypes = (f: 'inputDtypes' | 'outputDtypes') => [...new Set(used.flatMap((e) => e[f]))].join(',');
+  const kinds = single ? [kind] : [...new Set(used.map((e) => opKind(e.op)))];
+  const k = !single && (kind === 'coalesced' || entries.some((e) => e.op === 'coalesced')) ? (kinds.length === 1 ? `${kinds[0]}_coalesced` : 'coalesced') : kind;
+  const state = single ? entries[0]!.state : entries.reduce<FrState>((s, e) => (STATE_ORDER[e.state] < STATE_ORDER[s] ? e.state : s), 'completed');
+  const dtypes = (f: 'inputDtypes' | 'outputDtypes') => (single && used[0]![f].length <= 1 ? (used[0]![f][0] ?? '') : [...new Set(used.flatMap((e) => e[f]))].join(','));
   const dtype = dtypes('inputDtypes') === dtypes('outputDtypes') || !dtypes('outputDtypes') ? dtypes('inputDtypes') : `${dtypes('inputDtypes')}→${dtypes('outputDtypes')}`;
   const all2all = k === 'all_to_all';
   return {
@@ -264,13 +277,16 @@ function mapEpGroups(groups: Map<string, Group>, calls: Map<number, Call[]>): Sk
       const m = mapped[i]!;
       cs.forEach((c, k) => {
         const x = m.ops[k];
-        if (x) c.issued = { ...c.issued, op: x.op, phase: x.op.startsWith('bwd') ? 'backward' : 'forward', layer: x.layer, statePath: STATE_PATH[x.op]! };
+        if (x) c.issued = { ...EP_ISSUED, op: x.op, phase: x.op.startsWith('bwd') ? 'backward' : 'forward', layer: x.layer, statePath: STATE_PATH[x.op]! };
       });
       for (const s of m.skips) skips.push({ rank: g.spec.members[i]!, ...s });
     });
   }
   return skips;
 }
+
+/** An EP all-to-all as the tracker sees it: no per-peer splits in a dump, totals checked by frCheck. */
+const EP_ISSUED = { comm: 'ep', unit: null, microBatch: 0, sendSplits: null, recvSplits: null, size: null, why: [] } as const;
 
 const STATE_PATH: Record<string, string> = {
   'fwd.counts': 'forward.counts',
@@ -348,26 +364,29 @@ function mapEp(cs: readonly Call[], n: number): { ops: ({ op: EpOp; layer: numbe
 /** The analyzer's checks at a position, in the tracker's terms: shapes, state, all-to-all totals. */
 function frCheck(c: Call, here: readonly Call[], spec: CommunicatorSpec, position: number): Finding | null {
   const mismatch = (culprits: number[], detail: string): Finding => ({ kind: 'mismatch', communicator: spec.id, position, culprits, detail });
-  const what = describe(c.issued);
-  const rule = sizeRuleProblem(c.kind.replace(/_coalesced$/, ''), c.entries, spec.members.length);
-  if (rule) return mismatch([c.rank], `rank ${c.rank}: ${rule} in ${what}`);
-  const ref = here.find((x) => x !== c);
+  const what = () => describe(c.issued);
+  const kind = c.kind.replace(/_coalesced$/, '');
+  const rule = SIZED.has(kind) ? sizeRuleProblem(kind, c.entries, spec.members.length) : null;
+  if (rule) return mismatch([c.rank], `rank ${c.rank}: ${rule} in ${what()}`);
+  const ref = here[0] === c ? here[1] : here[0];
   if (ref && ref.kind === c.kind && c.kind !== 'all_to_all') {
     const sig = (x: Call, f: 'inputSizes' | 'outputSizes') => shapeText(x.entries.flatMap((e) => e[f]));
     for (const f of ['inputSizes', 'outputSizes'] as const) {
-      if (sig(ref, f) !== sig(c, f)) return mismatch([ref.rank, c.rank], `rank ${ref.rank}'s ${what} has ${f === 'inputSizes' ? 'input' : 'output'} ${sig(ref, f)} but rank ${c.rank}'s has ${sig(c, f)}`);
+      if (sig(ref, f) !== sig(c, f)) return mismatch([ref.rank, c.rank], `rank ${ref.rank}'s ${what()} has ${f === 'inputSizes' ? 'input' : 'output'} ${sig(ref, f)} but rank ${c.rank}'s has ${sig(c, f)}`);
     }
   }
-  const done = here.find((x) => x.state === 'completed');
-  const waiting = here.find((x) => x.state === 'scheduled');
-  if (done && waiting) return mismatch([waiting.rank], `rank ${done.rank}'s ${what} completed while rank ${waiting.rank}'s is still scheduled: a state mismatch`);
+  if (c.state !== 'started') {
+    const done = here.find((x) => x.state === 'completed');
+    const waiting = here.find((x) => x.state === 'scheduled');
+    if (done && waiting) return mismatch([waiting.rank], `rank ${done.rank}'s ${what()} completed while rank ${waiting.rank}'s is still scheduled: a state mismatch`);
+  }
   if (here.length === spec.members.length && c.kind === 'all_to_all' && here.every((x) => x.entries[0]!.inputSizes.length)) {
     const sent = here.reduce((a, x) => a + numel(x.entries[0]!.inputSizes), 0);
     const received = here.reduce((a, x) => a + numel(x.entries[0]!.outputSizes), 0);
     if (sent !== received) {
       return mismatch(
         here.map((x) => x.rank),
-        `the ranks' ${what} sends ${sent} elements in all but receives ${received}: ${here.map((x) => `rank ${x.rank} ${shapeText(x.entries[0]!.inputSizes)}→${shapeText(x.entries[0]!.outputSizes)}`).join(', ')}`,
+        `the ranks' ${what()} sends ${sent} elements in all but receives ${received}: ${here.map((x) => `rank ${x.rank} ${shapeText(x.entries[0]!.inputSizes)}→${shapeText(x.entries[0]!.outputSizes)}`).join(', ')}`,
       );
     }
   }
@@ -443,14 +462,30 @@ function explain(finding: Finding, tracker: CollectiveTracker, callOf: Map<Ledge
   return { verdict: finding.kind, communicator: finding.communicator, position: finding.position, culprits, ranks, cause: parts.join('; ') };
 }
 
+/**
+ * Past this many calls the report shows a window of each group's positions, renumbered from
+ * the window's start (a page a browser opens at 512 ranks × 2,000 entries); the verdict's
+ * group shows the positions around it, the others their newest.
+ */
+const REPORT_LIMIT = 20_000;
+const REPORT_WINDOW = 48;
+
 /** The report a simulation writes, from the dumps: their groups, ledger, timeline and each rank's path through the machine. */
-function reportInput(dumps: readonly FrDump[], world: readonly number[], specs: readonly CommunicatorSpec[], ledger: readonly LedgerEntry[], diagnosis: Diagnosis, calls: Map<number, Call[]>, groups: Map<string, Group>): ReportInput {
+function reportInput(dumps: readonly FrDump[], world: readonly number[], specs: readonly CommunicatorSpec[], fullLedger: readonly LedgerEntry[], fullDiagnosis: Diagnosis, calls: Map<number, Call[]>, groups: Map<string, Group>): ReportInput {
+  const from = new Map<string, number>();
+  if (fullLedger.length > REPORT_LIMIT) {
+    for (const e of fullLedger) from.set(e.communicator, Math.max(from.get(e.communicator) ?? 0, e.position - REPORT_WINDOW + 1));
+    if (fullDiagnosis.communicator !== null && fullDiagnosis.position !== null) from.set(fullDiagnosis.communicator, Math.max(0, fullDiagnosis.position - REPORT_WINDOW + 8));
+  }
+  const shift = (comm: string, p: number) => p - (from.get(comm) ?? 0);
+  const visible = (comm: string, p: number) => shift(comm, p) >= 0 && shift(comm, p) < REPORT_WINDOW + (from.size ? 0 : Infinity);
+  const ledger = fullLedger.filter((e) => visible(e.communicator, e.position)).map((e) => (from.size ? { ...e, position: shift(e.communicator, e.position) } : e));
+  const diagnosis = from.size && fullDiagnosis.communicator !== null && fullDiagnosis.position !== null ? { ...fullDiagnosis, position: shift(fullDiagnosis.communicator, fullDiagnosis.position) } : fullDiagnosis;
   const ep = [...groups.values()].find((g) => ledger.some((e) => e.communicator === g.spec.id && e.op === 'fwd.counts'));
   const epSize = ep?.spec.members.length ?? 1;
-  const layers = 1 + Math.max(0, ...ledger.map((e) => e.layer));
-  const dp = Math.max(1, Math.ceil(world.length / epSize));
+  const layers = 1 + ledger.reduce((m, e) => Math.max(m, e.layer), 0);
   // The scenario only sizes the page's machine and lanes; the evidence line says what was read.
-  const scenario: Scenario = { ...DEFAULT_SCENARIO, ep: epSize, dp, experts: epSize, topK: 1, layers, tokens: 0 };
+  const scenario: Scenario = { ...DEFAULT_SCENARIO, ep: epSize, dp: Math.max(1, Math.ceil(world.length / epSize)), experts: epSize, topK: 1, layers, tokens: 0 };
   const t0 = dumps.reduce((t, d) => d.entries.reduce((u, e) => (e.createdNs > 0n && e.createdNs < u ? e.createdNs : u), t), BigInt(Number.MAX_SAFE_INTEGER) * 1_000_000n);
   const end = dumps.reduce((t, d) => d.entries.reduce((u, e) => (e.createdNs > u ? e.createdNs : e.completedNs && e.completedNs > u ? e.completedNs : u), t), t0);
   const us = (ns: bigint) => Number((ns - t0) / 1000n);
@@ -460,9 +495,10 @@ function reportInput(dumps: readonly FrDump[], world: readonly number[], specs: 
     for (const c of cs) {
       const p = counters.get(c.comm) ?? 0;
       counters.set(c.comm, p + 1);
+      if (!visible(c.comm, p)) continue;
       const first = c.entries[0]!;
       const stop = c.entries.at(-1)!.completedNs ?? end;
-      trace.push({ name: c.issued.op, ph: 'X', ts: us(first.createdNs), dur: Math.max(0, us(stop) - us(first.createdNs)), pid: 0, tid: rank, args: { communicator: c.comm, position: p, layer: c.issued.layer, microBatch: 0 } });
+      trace.push({ name: c.issued.op, ph: 'X', ts: us(first.createdNs), dur: Math.max(0, us(stop) - us(first.createdNs)), pid: 0, tid: rank, args: { communicator: c.comm, position: shift(c.comm, p), layer: c.issued.layer, microBatch: 0 } });
     }
   }
   const paths = world.map((r) => {
@@ -471,6 +507,7 @@ function reportInput(dumps: readonly FrDump[], world: readonly number[], specs: 
     return (upTo < 0 ? cs : cs.slice(0, upTo + 1)).flatMap((c) => (c.issued.statePath ? [c.issued.statePath] : []));
   });
   const d0 = dumps[0]!;
-  const evidence = `Flight Recorder dumps of ${dumps.length} rank${dumps.length > 1 ? 's' : ''} (trace version ${d0.version}${d0.commLibVersion ? `, ${d0.entries[0]?.backend ?? 'nccl'} ${d0.commLibVersion}` : ''}); groups: ${specs.filter((s) => !s.id.includes('→')).map((s) => `${s.id} (ranks ${s.members.join(', ')})`).join(', ')}`;
+  const cut = from.size ? `; the ledger and timeline show ${REPORT_WINDOW} positions of each group (${ledger.length} of ${fullLedger.length} calls), numbered from the first shown` : '';
+  const evidence = `Flight Recorder dumps of ${dumps.length} rank${dumps.length > 1 ? 's' : ''} (trace version ${d0.version}${d0.commLibVersion ? `, ${d0.entries[0]?.backend ?? 'nccl'} ${d0.commLibVersion}` : ''}); groups: ${specs.filter((s) => !s.id.includes('→')).map((s) => `${s.id} (ranks ${rankRanges(s.members)})`).join(', ')}${cut}`;
   return { scenario, diagnosis, ledger, paths, trace, routing: { sendRows: [], rowsPerExpert: [] }, clock: 'real', communicators: specs, evidence };
 }

@@ -6,8 +6,8 @@ import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { helpAsked, parse } from './args.js';
 import { UsageError } from '../errors.js';
-import { formatDiagnosis, type RankReport } from '../../machines/diagnosis.js';
-import type { VerdictKind } from '../../machines/diagnosis.js';
+import { formatDiagnosis, type Diagnosis, type RankReport, type VerdictKind } from '../../machines/diagnosis.js';
+import type { LedgerEntry } from '../../machines/ledger.js';
 import { mergeRankRecords, RANK_RECORD_NAME, RankRecordError, readRankRecords } from '../../actors/rankRecord.js';
 import { analyzeDumps } from '../../sim/postmortem/analyze.js';
 import { DUMP_NAME, EvidenceError, readDump } from '../../sim/postmortem/flightRecorder.js';
@@ -65,11 +65,19 @@ export interface VerdictJson {
   readonly cause: string;
 }
 
+/** What the evidence says: the verdict on the whole ledger, and the report input (for dumps, a window of it past 20,000 calls). */
+export interface Evidence {
+  readonly diagnosis: Diagnosis;
+  readonly ledger: readonly LedgerEntry[];
+  readonly report: ReportInput;
+  readonly seq: number | null;
+}
+
 /** Dumps this large are refused before reading (a 2,000-entry dump is about a megabyte). */
 const MAX_FILE = 512 * 1024 * 1024;
 
 /** The evidence in PATHs: rank records or Flight Recorder dumps (one kind at a time), read into a report. */
-export async function readEvidence(paths: readonly string[]): Promise<{ report: ReportInput; seq: number | null }> {
+export async function readEvidence(paths: readonly string[]): Promise<Evidence> {
   const files: string[] = [];
   for (const p of paths) {
     const path = resolve(p);
@@ -91,7 +99,10 @@ export async function readEvidence(paths: readonly string[]): Promise<{ report: 
   const dumps = files.filter((f) => !RANK_RECORD_NAME.test(basename(f)));
   if (records.length && dumps.length) throw new UsageError(`the evidence mixes rank records (${basename(records[0]!)}) and Flight Recorder dumps (${basename(dumps[0]!)}); diagnose one run's evidence of one kind`);
   try {
-    if (records.length) return { report: mergeRankRecords(await readRankRecords(records)), seq: null };
+    if (records.length) {
+      const report = mergeRankRecords(await readRankRecords(records));
+      return { diagnosis: report.diagnosis, ledger: report.ledger, report, seq: null };
+    }
     const prefixes = new Set(dumps.map((f) => join(dirname(f), DUMP_NAME.exec(basename(f))?.[1] ?? basename(f))));
     if (prefixes.size > 1) throw new UsageError(`the dumps have different prefixes (${[...prefixes].slice(0, 3).join(', ')}): name one job's files`);
     const read = await Promise.all(
@@ -103,8 +114,7 @@ export async function readEvidence(paths: readonly string[]): Promise<{ report: 
         return readDump(await readFile(f), f, Number(m[2]));
       }),
     );
-    const pm = analyzeDumps(read);
-    return { report: pm.report, seq: pm.seq };
+    return analyzeDumps(read);
   } catch (e) {
     if (e instanceof EvidenceError || e instanceof RankRecordError) throw new UsageError(e.message);
     throw e;
@@ -112,9 +122,8 @@ export async function readEvidence(paths: readonly string[]): Promise<{ report: 
 }
 
 /** The op and layer the verdict is about: what the members that are not culprits issued at its position. */
-export function verdictJson(report: ReportInput, seq: number | null): VerdictJson {
-  const d = report.diagnosis;
-  const at = report.ledger.filter((e) => e.communicator === d.communicator && e.position === d.position);
+export function verdictJson({ diagnosis: d, ledger, seq }: Evidence): VerdictJson {
+  const at = ledger.filter((e) => e.communicator === d.communicator && e.position === d.position);
   const e = at.find((x) => !d.culprits.includes(x.rank)) ?? at[0];
   return { verdict: d.verdict, communicator: d.communicator, position: d.position, seq, op: e?.op ?? null, layer: e?.layer ?? null, culprits: d.culprits, ranks: d.ranks, cause: d.cause };
 }
@@ -127,16 +136,17 @@ export interface RenderOptions {
 
 /** Reads the evidence, writes the report and trace asked for, prints the verdict; returns the exit code. */
 export async function diagnoseEvidence(paths: readonly string[], opts: RenderOptions): Promise<number> {
-  const { report, seq } = await readEvidence(paths);
+  const evidence = await readEvidence(paths);
+  const { report, seq } = evidence;
   if (opts.trace) await writeFile(resolve(opts.trace), JSON.stringify(toTraceFile(report)));
   if (opts.html) await writeFile(resolve(opts.html), renderReport(report));
-  const v = verdictJson(report, seq);
+  const v = verdictJson(evidence);
   if (opts.json) console.log(JSON.stringify(v));
   else {
     const where = seq !== null ? `\nseq:     ${seq} (the dumps' collective_seq_id of that position)` : '';
-    console.log(`${formatDiagnosis(report.diagnosis)}${where}${opts.html ? `\nreport: ${resolve(opts.html)}` : ''}`);
+    console.log(`${formatDiagnosis(evidence.diagnosis)}${where}${opts.html ? `\nreport: ${resolve(opts.html)}` : ''}`);
   }
-  return report.diagnosis.verdict === 'ok' ? 0 : 2;
+  return evidence.diagnosis.verdict === 'ok' ? 0 : 2;
 }
 
 export async function main(argv: string[]): Promise<number> {
