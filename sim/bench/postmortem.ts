@@ -79,25 +79,35 @@ function dumpBytes(rank: number, steps: number): Uint8Array {
   );
 }
 
+/** CPU time of one call (user + system, ms): on a loaded machine wall time says more about the neighbours. */
+function cpuMs(fn: () => unknown): number {
+  const c0 = process.cpuUsage();
+  fn();
+  const c = process.cpuUsage(c0);
+  return (c.user + c.system) / 1000;
+}
+
 export async function bench(): Promise<BenchRow[]> {
   const ranks = EP * DP;
   const steps = Math.ceil(RING / 14) + 2; // 14 collectives per step: the ring buffer overflows
   const files = Array.from({ length: ranks }, (_, r) => dumpBytes(r, steps));
   const mb = files.reduce((a, f) => a + f.length, 0) / 1e6;
   const heap0 = process.memoryUsage().heapUsed;
-  let dumps: FrDump[] = files.map((f, r) => readDump(f, `nccl_trace_rank_${r}`, r));
-  const pm = analyzeDumps(dumps);
+  let dumps: FrDump[] = [];
+  const readCpu = cpuMs(() => (dumps = files.map((f, r) => readDump(f, `nccl_trace_rank_${r}`, r))));
+  let pm = analyzeDumps(dumps);
   const held = (process.memoryUsage().heapUsed - heap0) / 1e6;
+  const analyzeCpu = cpuMs(() => (pm = analyzeDumps(dumps)));
   const d = pm.diagnosis;
-  const read = await time(() => (dumps = files.map((f, r) => readDump(f, `nccl_trace_rank_${r}`, r))), 2, 0);
-  const analyze = await time(() => analyzeDumps(dumps), 2, 0);
+  const read = await time(() => (dumps = files.map((f, r) => readDump(f, `nccl_trace_rank_${r}`, r))), 1, 0);
+  const analyze = await time(() => analyzeDumps(dumps), 1, 0);
   const html = renderReport(pm.report);
   const render = await time(() => renderReport(pm.report), 1, 0);
   const what = `${ranks} ranks × ${RING} entries`;
   return [
-    { name: `read and check the dumps (${what}, ${mb.toFixed(0)} MB of JSON)`, value: read.medianMs, unit: 'ms' },
-    { name: `analyze: verdict and diagnosis (${what})`, value: analyze.medianMs, unit: 'ms', note: `${d.verdict} on ${d.communicator} #${d.position} (seq ${pm.seq}), culprit ${d.culprits.join(', ')}; ${pm.ledger.length} ledger entries` },
+    { name: `read and check the dumps (${what}, ${mb.toFixed(0)} MB of JSON)`, value: read.medianMs, unit: 'ms', note: `${readCpu.toFixed(0)} ms of CPU` },
+    { name: `analyze: verdict and diagnosis (${what})`, value: analyze.medianMs, unit: 'ms', note: `${analyzeCpu.toFixed(0)} ms of CPU; ${d.verdict} on ${d.communicator} #${d.position} (seq ${pm.seq}), culprit ${d.culprits.join(', ')}; ${pm.ledger.length} ledger entries` },
     { name: `heap held by the dumps and the analysis (${what})`, value: held, unit: 'MB' },
-    { name: `report render (${what})`, value: render.medianMs, unit: 'ms', note: `${(Buffer.byteLength(html) / 1e6).toFixed(1)} MB of HTML` },
+    { name: `report render (${what})`, value: render.medianMs, unit: 'ms', note: `${(Buffer.byteLength(html) / 1e6).toFixed(1)} MB of HTML, a window of ${pm.report.ledger.length} calls` },
   ];
 }

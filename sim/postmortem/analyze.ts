@@ -170,8 +170,9 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
       : { verdict: 'timeout', communicator: null, position: null, culprits: [], ranks, cause: 'the dumps end without a proof of a hang: collectives are in flight but no rank is shown to be missing or waiting in a cycle' };
   const diagnosis = withDeadRanks(found, dead, ledger, specs, 'Flight Recorder dump');
 
-  const g = diagnosis.communicator === null ? undefined : [...groups.values()].find((x) => x.spec.id === diagnosis.communicator);
-  const seq = g && diagnosis.position !== null ? g.base + diagnosis.position : null;
+  // The dumps' own number for the verdict's position: the seq id its calls carry there.
+  const there = slot.get(diagnosis.communicator ?? '')?.[diagnosis.position ?? -1]?.[0];
+  const seq = there ? there.seq : null;
   return { diagnosis, ledger, report: reportInput(dumps, world, specs, ledger, diagnosis, calls, groups), seq };
 }
 
@@ -258,7 +259,7 @@ interface Skip {
 }
 
 /**
- * Groups whose calls are all all-to-alls with the EP layer's shape get the rank machine's
+ * Groups whose all-to-alls all have the EP layer's shape get the rank machine's
  * ops: per layer fwd.counts ([ep] Long), fwd.dispatch [S, D]→[R, D], fwd.expert_ids
  * [S, 1]→[R, 1], fwd.combine [R, D]→[S, D]; then per layer in reverse bwd.combine
  * [S, D]→[R, D] and bwd.dispatch [R, D]→[S, D]. A bwd.dispatch the shapes show was skipped
@@ -268,9 +269,9 @@ function mapEpGroups(groups: Map<string, Group>, calls: Map<number, Call[]>): Sk
   const skips: Skip[] = [];
   for (const g of groups.values()) {
     const n = g.spec.members.length;
-    const per = g.spec.members.map((r) => (calls.get(r) ?? []).filter((c) => c.comm === g.spec.id));
-    const all = per.flat();
-    if (!all.length || all.some((c) => c.kind !== 'all_to_all' || c.entries.length !== 1)) continue;
+    // Other collectives on the group (a metric all-reduce, a barrier) stay torch's and do not break the reading.
+    const per = g.spec.members.map((r) => (calls.get(r) ?? []).filter((c) => c.comm === g.spec.id && c.kind === 'all_to_all' && c.entries.length === 1));
+    if (!per.some((cs) => cs.length)) continue;
     const mapped = per.map((cs) => mapEp(cs, n));
     if (mapped.some((m) => m === null)) continue;
     per.forEach((cs, i) => {

@@ -99,25 +99,72 @@ export function readDump(bytes: Uint8Array, file: string, rank: number): FrDump 
 
 const MAX_RANK = 1 << 20;
 
+/** A field that is wrong, named relative to the entry or table it is in; the reader adds where. */
+class FieldError extends Error {
+  constructor(
+    readonly field: string,
+    readonly problem: string,
+  ) {
+    super(`${field} ${problem}`);
+  }
+}
+
+// Checkers that build no message unless a check fails (a dump holds a million fields).
+const obj = (v: unknown, field: string): Record<string, unknown> => {
+  if (v && typeof v === 'object' && !Array.isArray(v)) return v as Record<string, unknown>;
+  throw new FieldError(field, 'is not a dict');
+};
+const list = (v: unknown, field: string): unknown[] => {
+  if (Array.isArray(v)) return v;
+  throw new FieldError(field, 'is not a list');
+};
+const str = (v: unknown, field: string): string => {
+  if (typeof v === 'string') return v;
+  throw new FieldError(field, 'is not a string');
+};
+const int = (v: unknown, field: string): number => {
+  if (typeof v === 'number' && Number.isSafeInteger(v)) return v;
+  // JSON dumps write some counters as strings ("-1" for none).
+  if (typeof v === 'string' && /^-?\d{1,15}$/.test(v)) return Number(v);
+  throw new FieldError(field, 'is not an integer');
+};
+const ns = (v: unknown, field: string): bigint | null => {
+  if (v === null || v === undefined || v === 0) return null;
+  if (typeof v === 'bigint') return v;
+  if (typeof v === 'number' && Number.isFinite(v)) return BigInt(Math.round(v));
+  throw new FieldError(field, 'is not a time in ns');
+};
+const shapes = (v: unknown, field: string): number[][] => {
+  const outer = list(v, field);
+  for (let k = 0; k < outer.length; k++) {
+    const s = outer[k];
+    if (!Array.isArray(s)) throw new FieldError(`${field}[${k}]`, 'is not a list');
+    for (let j = 0; j < s.length; j++) if (typeof s[j] !== 'number' || !Number.isSafeInteger(s[j]) || s[j] < 0) throw new FieldError(`${field}[${k}][${j}]`, 'is not a size');
+  }
+  return outer as number[][];
+};
+const strings = (v: unknown, field: string): string[] => {
+  const out = v === undefined ? [] : list(v, field);
+  for (let k = 0; k < out.length; k++) if (typeof out[k] !== 'string') throw new FieldError(`${field}[${k}]`, 'is not a string');
+  return out as string[];
+};
+const PROFILING = /^([a-z]+):(\S+)(?: (\d+)(->|<-)(\d+))?$/;
+const STATES: readonly string[] = ['scheduled', 'started', 'completed'];
+
 /** Checks a decoded dump; every error names the file and the field. */
 export function parseDump(value: unknown, file: string, rank: number): FrDump {
   const fail = (msg: string): never => {
     throw new EvidenceError(`${file}: ${msg}`);
   };
-  const obj = (v: unknown, what: string): Record<string, unknown> => (v && typeof v === 'object' && !Array.isArray(v) ? (v as Record<string, unknown>) : fail(`${what} is not a dict`));
-  const list = (v: unknown, what: string): unknown[] => (Array.isArray(v) ? v : fail(`${what} is not a list`));
-  const str = (v: unknown, what: string): string => (typeof v === 'string' ? v : fail(`${what} is not a string`));
-  const int = (v: unknown, what: string): number => {
-    // JSON dumps write some counters as strings ("-1" for none).
-    const n = typeof v === 'string' && /^-?\d+$/.test(v) ? Number(v) : v;
-    return typeof n === 'number' && Number.isSafeInteger(n) ? n : fail(`${what} is not an integer`);
-  };
-  const ns = (v: unknown, what: string): bigint | null => {
-    if (v === null || v === undefined || v === 0) return null;
-    if (typeof v === 'bigint') return v;
-    if (typeof v === 'number' && Number.isFinite(v)) return BigInt(Math.round(v));
-    return fail(`${what} is not a time in ns`);
-  };
+  try {
+    return parseFields(value, file, rank, fail);
+  } catch (e) {
+    if (e instanceof FieldError) fail(e.message);
+    throw e;
+  }
+}
+
+function parseFields(value: unknown, file: string, rank: number, fail: (msg: string) => never): FrDump {
   const top = obj(value, 'the dump');
   const version = str(top.version, 'version');
   const m = /^2\.(\d+)$/.exec(version);
@@ -133,50 +180,59 @@ export function parseDump(value: unknown, file: string, rank: number): FrDump {
     if (new Set(ranks).size !== ranks.length) fail(`pg_config[${key}] lists a rank twice`);
     groups.set(String(cfg.name ?? key), { name: String(cfg.name ?? key), desc: typeof cfg.desc === 'string' ? cfg.desc : '', ranks });
   }
-  const entries = list(top.entries ?? [], 'entries').map((raw, i): FrEntry => {
-    const at = `entries[${i}]`;
-    const e = obj(raw, at);
-    const pg = list(e.process_group, `${at}.process_group`);
-    const pgName = str(pg[0], `${at}.process_group[0]`);
-    if (!groups.has(pgName)) fail(`${at} is on process group ${JSON.stringify(pgName)}, which pg_config does not list`);
-    const profilingName = str(e.profiling_name, `${at}.profiling_name`);
-    const pm = /^([a-z]+):(\S+)(?: (\d+)(->|<-)(\d+))?$/.exec(profilingName);
-    if (!pm) fail(`${at}.profiling_name ${JSON.stringify(profilingName.slice(0, 60))} is not backend:op`);
-    const [, backend, op, a, arrow, b] = pm!;
-    if (!(BACKENDS as readonly string[]).includes(backend!)) fail(`${at}.profiling_name has backend ${JSON.stringify(backend)}; known: ${BACKENDS.join(', ')}`);
-    const shapes = (v: unknown, what: string) =>
-      // Before 2.4 all-to-all entries carry no sizes; absent reads as unknown (empty).
-      v === undefined && minor < 4 ? [] : list(v, what).map((s, k) => list(s, `${what}[${k}]`).map((d, j) => int(d, `${what}[${k}][${j}]`)));
-    const dtypes = (v: unknown, what: string) => (v === undefined ? [] : list(v, what).map((d, k) => str(d, `${what}[${k}]`)));
-    const state = str(e.state, `${at}.state`);
-    if (state !== 'scheduled' && state !== 'started' && state !== 'completed') fail(`${at}.state ${JSON.stringify(state)} is not scheduled, started or completed`);
-    const frames = e.frames === undefined ? [] : list(e.frames, `${at}.frames`).map((f, k) => {
-      const fr = obj(f, `${at}.frames[${k}]`);
-      return { name: String(fr.name ?? ''), filename: String(fr.filename ?? ''), line: typeof fr.line === 'number' ? fr.line : 0 };
-    });
-    const p2p = a === undefined ? null : arrow === '->' ? { from: Number(a), to: Number(b) } : { from: Number(b), to: Number(a) };
-    return {
-      recordId: int(e.record_id, `${at}.record_id`),
-      pgName,
-      seq: int(e.collective_seq_id, `${at}.collective_seq_id`),
-      p2pSeq: e.p2p_seq_id === undefined ? 0 : int(e.p2p_seq_id, `${at}.p2p_seq_id`),
-      profilingName,
-      backend: backend!,
-      op: op!,
-      p2p,
-      inputSizes: shapes(e.input_sizes, `${at}.input_sizes`),
-      outputSizes: shapes(e.output_sizes, `${at}.output_sizes`),
-      inputDtypes: dtypes(e.input_dtypes, `${at}.input_dtypes`),
-      outputDtypes: dtypes(e.output_dtypes, `${at}.output_dtypes`),
-      state: state as FrState,
-      createdNs: ns(e.time_created_ns, `${at}.time_created_ns`) ?? 0n,
-      completedNs: ns(e.time_discovered_completed_ns, `${at}.time_discovered_completed_ns`),
-      frames,
-    };
-  });
-  entries.forEach((e, i) => {
+  const raw = list(top.entries ?? [], 'entries');
+  const entries: FrEntry[] = new Array(raw.length);
+  for (let i = 0; i < raw.length; i++) {
+    try {
+      entries[i] = parseEntry(raw[i], groups, minor);
+    } catch (e) {
+      if (e instanceof FieldError) fail(`entries[${i}]${e.field ? `.${e.field}` : ''} ${e.problem}`);
+      throw e;
+    }
+    const e = entries[i]!;
     if (i > 0 && e.recordId <= entries[i - 1]!.recordId) fail(`entries[${i}].record_id ${e.recordId} does not follow ${entries[i - 1]!.recordId}`);
-    if (!groups.get(e.pgName)!.ranks.includes(rank) && groups.get(e.pgName)!.ranks.length > 0) fail(`entries[${i}] is on process group ${e.pgName}, whose ranks do not include ${rank} (the rank its file name gives)`);
-  });
+    const members = groups.get(e.pgName)!.ranks;
+    if (members.length > 0 && !members.includes(rank)) fail(`entries[${i}] is on process group ${e.pgName}, whose ranks do not include ${rank} (the rank its file name gives)`);
+  }
   return { file, rank, version, commLibVersion: lib === null ? null : String(lib), groups, entries, truncated: (entries[0]?.recordId ?? 0) > 0 };
+}
+
+function parseEntry(raw: unknown, groups: ReadonlyMap<string, FrGroup>, minor: number): FrEntry {
+  const e = obj(raw, '');
+  const pgName = str(list(e.process_group, 'process_group')[0], 'process_group[0]');
+  if (!groups.has(pgName)) throw new FieldError('', `is on process group ${JSON.stringify(pgName)}, which pg_config does not list`);
+  const profilingName = str(e.profiling_name, 'profiling_name');
+  const pm = PROFILING.exec(profilingName);
+  if (!pm) throw new FieldError('profiling_name', `${JSON.stringify(profilingName.slice(0, 60))} is not backend:op`);
+  const [, backend, op, a, arrow, b] = pm;
+  if (!(BACKENDS as readonly string[]).includes(backend!)) throw new FieldError('profiling_name', `has backend ${JSON.stringify(backend)}; known: ${BACKENDS.join(', ')}`);
+  // Before 2.4 all-to-all entries carry no sizes; absent reads as unknown (empty).
+  const sizes = (v: unknown, field: string) => (v === undefined && minor < 4 ? [] : shapes(v, field));
+  const state = str(e.state, 'state');
+  if (!STATES.includes(state)) throw new FieldError('state', `${JSON.stringify(state)} is not scheduled, started or completed`);
+  const frames =
+    e.frames === undefined
+      ? []
+      : list(e.frames, 'frames').map((f, k) => {
+          const fr = obj(f, `frames[${k}]`);
+          return { name: String(fr.name ?? ''), filename: String(fr.filename ?? ''), line: typeof fr.line === 'number' ? fr.line : 0 };
+        });
+  return {
+    recordId: int(e.record_id, 'record_id'),
+    pgName,
+    seq: int(e.collective_seq_id, 'collective_seq_id'),
+    p2pSeq: e.p2p_seq_id === undefined ? 0 : int(e.p2p_seq_id, 'p2p_seq_id'),
+    profilingName,
+    backend: backend!,
+    op: op!,
+    p2p: a === undefined ? null : arrow === '->' ? { from: Number(a), to: Number(b) } : { from: Number(b), to: Number(a) },
+    inputSizes: sizes(e.input_sizes, 'input_sizes'),
+    outputSizes: sizes(e.output_sizes, 'output_sizes'),
+    inputDtypes: strings(e.input_dtypes, 'input_dtypes'),
+    outputDtypes: strings(e.output_dtypes, 'output_dtypes'),
+    state: state as FrState,
+    createdNs: ns(e.time_created_ns, 'time_created_ns') ?? 0n,
+    completedNs: ns(e.time_discovered_completed_ns, 'time_discovered_completed_ns'),
+    frames,
+  };
 }
