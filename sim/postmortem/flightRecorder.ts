@@ -64,10 +64,13 @@ type Plain = null | boolean | number | bigint | string | Plain[] | { [k: string]
 
 /** Dicts to objects and tuples to arrays, so pickle and JSON dumps read through one path. */
 function plain(v: PickleValue): Plain {
-  if (v instanceof Map) return Object.fromEntries([...v].map(([k, x]) => [String(k), plain(x)]));
-  if (isTuple(v)) return v.tuple.map(plain);
-  if (Array.isArray(v)) return v.map(plain);
-  return v;
+  if (v === null || typeof v !== 'object') return v;
+  if (v instanceof Map) {
+    const o: { [k: string]: Plain } = {};
+    for (const [k, x] of v) o[String(k)] = plain(x);
+    return o;
+  }
+  return (isTuple(v) ? v.tuple : v).map(plain);
 }
 
 /** A Flight Recorder dump's file name: prefix, rank (`nccl_trace_rank_3`, `fr_dump_12.json`). */

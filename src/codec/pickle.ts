@@ -42,6 +42,7 @@ export const isTuple = (v: unknown): v is PickleTuple => typeof v === 'object' &
  */
 export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
   const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const latin1 = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const stack: StackItem[] = [];
   const marks: number[] = [];
   const memo: StackItem[] = [];
@@ -66,6 +67,12 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
   const text = (n: number) => {
     need(n);
     pos += n;
+    // Dumps are mostly short ASCII keys and names: read as latin1 (the same bytes) without a TextDecoder call each.
+    if (n <= 256) {
+      let ascii = true;
+      for (let i = pos - n; i < pos && ascii; i++) ascii = bytes[i]! < 0x80;
+      if (ascii) return latin1.toString('latin1', pos - n, pos);
+    }
     try {
       return utf8.decode(bytes.subarray(pos - n, pos));
     } catch {
@@ -87,7 +94,10 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
   const popMark = (): PickleValue[] => {
     const m = marks.pop();
     if (m === undefined) fail('closes a MARK that was never opened');
-    return stack.splice(m!).slice(1).map(value);
+    const items = stack.splice(m! + 1);
+    stack.pop(); // the MARK itself
+    for (const v of items) value(v);
+    return items as PickleValue[];
   };
   const push = (v: StackItem) => stack.push(v);
   const put = (slot: number) => {
@@ -98,18 +108,48 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
     if (memo[slot] === undefined) fail(`memo slot ${slot} was never stored`);
     push(memo[slot]!);
   };
+  /**
+   * Nesting is checked as it is built: a container's depth is final once it is put inside
+   * another (then it is sealed: a memo get may share it, never change it), so depths add up
+   * at each insertion and no container can come to contain itself.
+   */
+  const depth = new Map<object, number>();
+  const sealed = new Set<object>();
+  const nest = (parent: object, child: PickleValue) => {
+    if (child === null || typeof child !== 'object') return;
+    if (child === parent) fail('a container that contains itself');
+    const d = (depth.get(child) ?? 1) + 1;
+    if (d > MAX_DEPTH) fail(`nests deeper than ${MAX_DEPTH} levels`);
+    if (d > (depth.get(parent) ?? 1)) depth.set(parent, d);
+    if (!isTuple(child)) sealed.add(child);
+  };
+  const target = (c: StackItem, what: string): object => {
+    if (sealed.has(c as object)) fail(`${what} changes a container already nested in another (a dump never does)`);
+    return c as object;
+  };
   const setItems = (dict: StackItem, items: PickleValue[]) => {
     if (!(dict instanceof Map)) fail('SETITEMS on something that is not a dict');
     if (items.length % 2) fail('SETITEMS with an odd number of items');
+    const d = target(dict, 'SETITEMS') as PickleDict;
     for (let i = 0; i < items.length; i += 2) {
       const k = items[i]!;
       if (typeof k !== 'string' && typeof k !== 'number' && typeof k !== 'bigint') fail(`dict key of type ${describe(k)}`);
-      (dict as PickleDict).set(k as string | number | bigint, items[i + 1]!);
+      nest(d, items[i + 1]!);
+      d.set(k as string | number | bigint, items[i + 1]!);
     }
   };
   const appendTo = (list: StackItem, items: PickleValue[]) => {
     if (!Array.isArray(list)) fail('APPENDS on something that is not a list');
-    for (const item of items) (list as PickleValue[]).push(item);
+    const l = target(list, 'APPENDS') as PickleValue[];
+    for (const item of items) {
+      nest(l, item);
+      l.push(item);
+    }
+  };
+  const tuple = (items: PickleValue[]): PickleTuple => {
+    const t = { tuple: items };
+    for (const item of items) nest(t, item);
+    return t;
   };
 
   for (;;) {
@@ -127,10 +167,7 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
         // STOP
         if (marks.length) fail('STOP inside an open MARK');
         if (stack.length !== 1) fail(`STOP with ${stack.length} values on the stack`);
-        const root = value(stack[0]!);
-        const why = shapeProblem(root);
-        if (why) fail(why);
-        return root;
+        return value(stack[0]!);
       }
       case 0x28: // MARK
         if (marks.length >= MAX_DEPTH) fail(`nests deeper than ${MAX_DEPTH} levels`);
@@ -144,10 +181,10 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
         push([]);
         break;
       case 0x29: // EMPTY_TUPLE
-        push({ tuple: [] });
+        push(tuple([]));
         break;
       case 0x74: // TUPLE
-        push({ tuple: popMark() });
+        push(tuple(popMark()));
         break;
       case 0x85: // TUPLE1
       case 0x86: // TUPLE2
@@ -156,12 +193,16 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
         const n = op - 0x84;
         const items: PickleValue[] = [];
         for (let i = 0; i < n; i++) items.unshift(value(pop()));
-        push({ tuple: items });
+        push(tuple(items));
         break;
       }
-      case 0x6c: // LIST
-        push(popMark());
+      case 0x6c: {
+        // LIST
+        const l: PickleValue[] = [];
+        appendTo(l, popMark());
+        push(l);
         break;
+      }
       case 0x64: {
         // DICT
         const d: PickleDict = new Map();
@@ -274,45 +315,6 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
         fail(`unsupported opcode 0x${op.toString(16).padStart(2, '0')} (a Flight Recorder dump uses plain data only)`);
     }
   }
-}
-
-const children = (v: PickleValue): readonly PickleValue[] | null =>
-  Array.isArray(v) ? v : v instanceof Map ? [...v.values()] : isTuple(v) ? v.tuple : null;
-
-/**
- * Memo gets can share a container or put one inside itself. Shared is fine; a cycle or
- * nesting past MAX_DEPTH is refused, so whatever walks the result recursively is safe. One
- * pass over the containers (each one's depth computed once), iterative.
- */
-function shapeProblem(root: PickleValue): string | null {
-  const depth = new Map<object, number>(); // -1 while on the current path
-  const path: { node: object; kids: readonly PickleValue[]; next: number; deepest: number }[] = [];
-  const enter = (v: PickleValue): string | null => {
-    const kids = children(v);
-    if (!kids) return null;
-    const known = depth.get(v as object);
-    if (known === -1) return 'a container that contains itself';
-    if (known !== undefined) {
-      if (path.length) path[path.length - 1]!.deepest = Math.max(path[path.length - 1]!.deepest, known);
-      return null;
-    }
-    if (path.length >= MAX_DEPTH) return `nests deeper than ${MAX_DEPTH} levels`;
-    depth.set(v as object, -1);
-    path.push({ node: v as object, kids, next: 0, deepest: 0 });
-    return null;
-  };
-  let why = enter(root);
-  while (!why && path.length) {
-    const top = path[path.length - 1]!;
-    if (top.next < top.kids.length) {
-      why = enter(top.kids[top.next++]!);
-      continue;
-    }
-    path.pop();
-    depth.set(top.node, top.deepest + 1);
-    if (path.length) path[path.length - 1]!.deepest = Math.max(path[path.length - 1]!.deepest, top.deepest + 1);
-  }
-  return why;
 }
 
 function describe(v: PickleValue): string {
