@@ -123,7 +123,6 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
   for (const [r, cs] of calls) calls.set(r, cs.filter((c) => c.kind === 'p2p' || c.seq >= baseOf.get(c.comm)!));
 
   const tracker = new CollectiveTracker({ ep: 1, dp: 1 }, true, specs);
-  const callOf = new Map<LedgerEntry, Call>();
   /** Per communicator, per position: the calls issued there so far. */
   const slot = new Map<string, Call[][]>(specs.map((x) => [x.id, []]));
   let finding: Finding | null = null;
@@ -144,7 +143,6 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
       next.set(r, next.get(r)! + 1);
       moved = true;
       const { entry, finding: f } = tracker.issue(r, c.issued, c.dtype, c.comm);
-      callOf.set(entry, c);
       const positions = slot.get(entry.communicator)!;
       const here = (positions[entry.position] ??= []);
       here.push(c);
@@ -164,7 +162,7 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
   const ranks = rankReports(world, calls);
   const ledger = tracker.entries;
   const found: Diagnosis = finding
-    ? explain(finding, tracker, callOf, ranks, skips)
+    ? explain(finding, tracker, (e) => slot.get(e.communicator)![e.position]!.find((c) => c.rank === e.rank)!, ranks, skips)
     : finished.size === world.length && tracker.openPositions().length === 0
       ? { verdict: 'ok', communicator: null, position: null, culprits: [], ranks, cause: `every rank's collectives matched; ${ledger.length} collective calls from ${dumps.length} dumps` }
       : { verdict: 'timeout', communicator: null, position: null, culprits: [], ranks, cause: 'the dumps end without a proof of a hang: collectives are in flight but no rank is shown to be missing or waiting in a cycle' };
@@ -225,30 +223,21 @@ function call(rank: number, comm: string, seq: number, entries: FrEntry[], kind:
   const state = single ? entries[0]!.state : entries.reduce<FrState>((s, e) => (STATE_ORDER[e.state] < STATE_ORDER[s] ? e.state : s), 'completed');
   const dtypes = (f: 'inputDtypes' | 'outputDtypes') => (single && used[0]![f].length <= 1 ? (used[0]![f][0] ?? '') : [...new Set(used.flatMap((e) => e[f]))].join(','));
   const dtype = dtypes('inputDtypes') === dtypes('outputDtypes') || !dtypes('outputDtypes') ? dtypes('inputDtypes') : `${dtypes('inputDtypes')}→${dtypes('outputDtypes')}`;
-  const all2all = k === 'all_to_all';
-  return {
-    rank,
-    comm,
-    seq,
-    entries: used,
-    kind: k,
-    state,
-    dtype,
-    issued: {
-      comm: 'ep',
-      op: `torch.${k === 'p2p' ? 'send/recv' : k}`,
-      unit: null,
-      phase: 'forward',
-      layer: 0,
-      microBatch: 0,
-      sendSplits: null,
-      recvSplits: null,
-      // NCCL pairs counts, not shapes: the tracker compares elements; all-to-alls by totals below.
-      size: all2all ? null : numel(used.flatMap((e) => e.inputSizes)),
-      statePath: '',
-      why: [],
-    },
-  };
+  // NCCL pairs counts, not shapes: the tracker compares elements; all-to-alls by totals (frCheck).
+  const size = k === 'all_to_all' ? null : numel(single ? used[0]!.inputSizes : used.flatMap((e) => e.inputSizes));
+  return { rank, comm, seq, entries: used, kind: k, state, dtype, issued: torchIssued(k, size) };
+}
+
+/** One shared object per (op, size), as epIssued. */
+const torchIssuedCache = new Map<string, IssuedCollective>();
+function torchIssued(kind: string, size: number | null): IssuedCollective {
+  const key = `${kind}|${size}`;
+  let i = torchIssuedCache.get(key);
+  if (!i) {
+    if (torchIssuedCache.size > 100_000) torchIssuedCache.clear(); // a bound for a long-lived process; only sharing is lost
+    torchIssuedCache.set(key, (i = { ...ISSUED_BASE, op: `torch.${kind === 'p2p' ? 'send/recv' : kind}`, phase: 'forward', layer: 0, size, statePath: '' }));
+  }
+  return i;
 }
 
 /** A skipped collective a rank's own shapes prove: it received no rows in that layer. */
@@ -278,7 +267,7 @@ function mapEpGroups(groups: Map<string, Group>, calls: Map<number, Call[]>): Sk
       const m = mapped[i]!;
       cs.forEach((c, k) => {
         const x = m.ops[k];
-        if (x) c.issued = { ...EP_ISSUED, op: x.op, phase: x.op.startsWith('bwd') ? 'backward' : 'forward', layer: x.layer, statePath: STATE_PATH[x.op]! };
+        if (x) c.issued = epIssued(x.op, x.layer);
       });
       for (const s of m.skips) skips.push({ rank: g.spec.members[i]!, ...s });
     });
@@ -286,8 +275,17 @@ function mapEpGroups(groups: Map<string, Group>, calls: Map<number, Call[]>): Sk
   return skips;
 }
 
-/** An EP all-to-all as the tracker sees it: no per-peer splits in a dump, totals checked by frCheck. */
-const EP_ISSUED = { comm: 'ep', unit: null, microBatch: 0, sendSplits: null, recvSplits: null, size: null, why: [] } as const;
+/** What every call from a dump shares: no per-peer splits (totals are checked by frCheck), no guards; `comm` is unused (calls name their group). */
+const ISSUED_BASE = { comm: 'ep', unit: null, microBatch: 0, sendSplits: null, recvSplits: null, size: null, why: [] } as const;
+
+/** One shared object per (op, layer): a million calls need a dozen of them. */
+const epIssuedCache = new Map<string, IssuedCollective>();
+function epIssued(op: EpOp, layer: number): IssuedCollective {
+  const key = `${op}|${layer}`;
+  let i = epIssuedCache.get(key);
+  if (!i) epIssuedCache.set(key, (i = { ...ISSUED_BASE, op, phase: op.startsWith('bwd') ? 'backward' : 'forward', layer, statePath: STATE_PATH[op]! }));
+  return i;
+}
 
 const STATE_PATH: Record<string, string> = {
   'fwd.counts': 'forward.counts',
@@ -405,9 +403,9 @@ function rankReports(world: readonly number[], calls: Map<number, Call[]>): Rank
 }
 
 /** Majority at a position: the ranks whose call differs from what most members issued. */
-function oddOnes(entries: readonly LedgerEntry[], callOf: Map<LedgerEntry, Call>): number[] | null {
+function oddOnes(entries: readonly LedgerEntry[], callOf: (e: LedgerEntry) => Call): number[] | null {
   const sig = (e: LedgerEntry) => {
-    const c = callOf.get(e)!;
+    const c = callOf(e);
     return JSON.stringify([e.op, e.layer, e.dtype, e.size, c.kind === 'all_to_all' ? null : c.entries.map((x) => [x.inputSizes, x.outputSizes])]);
   };
   const groups = new Map<string, number[]>();
@@ -427,15 +425,15 @@ const zeroToken = (proof: readonly Skip[]) =>
   `${proof.map((s) => `rank ${s.rank} received 0 rows in layer ${s.layer} (its fwd.dispatch returned [${s.dispatchOut.join(', ')}])`).join('; ')}: the zero-token hazard — ${makeVariant('no-dispatch-edge').rule}; the seed keeps it with \`received_tokens.sum()*0\``;
 
 /** The finding in the user's terms: the EP op and layer, the hazard class it belongs to, where each side waits. */
-function explain(finding: Finding, tracker: CollectiveTracker, callOf: Map<LedgerEntry, Call>, ranks: RankReport[], skips: readonly Skip[]): Diagnosis {
+function explain(finding: Finding, tracker: CollectiveTracker, callOf: (e: LedgerEntry) => Call, ranks: RankReport[], skips: readonly Skip[]): Diagnosis {
   const at = tracker.entries.filter((e) => e.communicator === finding.communicator && e.position === finding.position);
-  const seqOf = (e: LedgerEntry | undefined) => (e ? callOf.get(e)!.seq : null);
+  const seqOf = (e: LedgerEntry | undefined) => (e ? callOf(e).seq : null);
   const parts: string[] = [];
   let culprits = finding.culprits;
   const where = (e: LedgerEntry) => `${finding.communicator}, seq ${seqOf(e)}`;
   if (finding.kind === 'missing') {
     const w = at[0]!;
-    parts.push(`${rankWord(culprits)} never issued ${describe(w)}; ${rankWord(at.map((e) => e.rank))} ${at.length > 1 ? 'wait' : 'waits'} in it (${where(w)})${frameText(callOf.get(w))}`);
+    parts.push(`${rankWord(culprits)} never issued ${describe(w)}; ${rankWord(at.map((e) => e.rank))} ${at.length > 1 ? 'wait' : 'waits'} in it (${where(w)})${frameText(callOf(w))}`);
     const proof = skips.filter((s) => culprits.includes(s.rank) && w.op === 'bwd.dispatch' && s.layer === w.layer);
     if (proof.length) parts.push(zeroToken(proof));
   } else if (finding.kind === 'mismatch') {
@@ -453,7 +451,7 @@ function explain(finding: Finding, tracker: CollectiveTracker, callOf: Map<Ledge
         parts.push(`a reduce-scatter whose size differs by rank is the unused-experts hazard: ${makeVariant('no-unused-expert-grads').rule}; the seed adds zero contributions from unused experts' parameters`);
       }
       if (/sends \d+ elements in all but receives/.test(finding.detail)) parts.push('the ranks disagree on the split sizes (NCCL pairs them by position and never checks them: it hangs or reads garbage)');
-      parts.push(`at ${where(w)}${frameText(callOf.get(w))}`);
+      parts.push(`at ${where(w)}${frameText(callOf(w))}`);
     }
   } else {
     const comms = [...new Set(finding.culprits.flatMap((r) => tracker.blockedOn(r)?.communicator ?? []))];
