@@ -21,7 +21,7 @@ export function withDeadRanks(found: Diagnosis, dead: readonly number[], ledger:
  * `specs` order) where members issued a position the dead rank never did, the earliest
  * such position, and who waits there.
  */
-export function crashDiagnosis(dead: readonly number[], ledger: readonly LedgerEntry[], specs: readonly CommunicatorSpec[], ranks: readonly RankReport[], evidence: string): Diagnosis {
+function crashDiagnosis(dead: readonly number[], ledger: readonly LedgerEntry[], specs: readonly CommunicatorSpec[], ranks: readonly RankReport[], evidence: string): Diagnosis {
   const byPosition = new Map<string, LedgerEntry[]>();
   for (const e of ledger) {
     const k = `${e.communicator}#${e.position}`;

@@ -31,6 +31,7 @@ test('each fixture: the verdict, group, position, seq, op, layer and culprits', 
     'dead-rank': ['crash', 'mesh_ep', 0, 2, 'fwd.dispatch', 0, [3]],
     'size-mismatch': ['mismatch', 'mesh_dp [0, 2]', 1, 2, 'torch.reduce_scatter', 0, [0, 2]],
     'dtype-mismatch': ['mismatch', 'mesh_ep', 1, 2, 'fwd.dispatch', 0, [2]],
+    'fsdp-rs-vs-ag': ['mismatch', 'mesh_dp [0, 2]', 1, 2, 'torch.reduce_scatter', 0, [0, 2]],
     cycle: ['cycle', 'mesh_dp [0, 2]', 0, 1, 'torch.all_gather', 0, [0, 1, 2, 3]],
     'a2a-totals': ['mismatch', 'mesh_ep', 1, 2, 'fwd.dispatch', 0, [0, 1, 2, 3]],
   };
@@ -51,6 +52,7 @@ test('the causes read in the EP layer\'s terms and name the hazard', () => {
   // Shapes tell layer 0's bwd.combine (what rank 2 issued) from layer 1's bwd.dispatch (what it skipped).
   assert.match(cause('zero-token-layer1'), /rank 2 never issued bwd\.dispatch of layer 1: at that position rank 2 issued bwd\.combine of layer 0; ranks 0, 1, 3 wait in bwd\.dispatch/);
   assert.match(cause('size-mismatch'), /128 elements but rank 2 of 96.*unused-experts hazard/);
+  assert.match(cause('fsdp-rs-vs-ag'), /rank 0 issued torch\.reduce_scatter .* but rank 2 issued torch\.all_gather.*unused-experts hazard/);
   assert.match(cause('dtype-mismatch'), /rank 0 sends Float but rank 2 sends BFloat16 in fwd\.dispatch/);
   assert.match(cause('cycle'), /a wait-for cycle across groups mesh_dp \[0, 2\], mesh_ep \[2, 3\], mesh_dp \[1, 3\] and mesh_ep \[0, 1\]|a wait-for cycle across groups .*mesh_dp.*mesh_ep/);
   assert.match(cause('dead-rank'), /^rank 3 left no Flight Recorder dump: it died .*; ranks 0–2 wait for it in fwd\.dispatch of layer 0/);

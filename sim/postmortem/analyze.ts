@@ -447,8 +447,8 @@ function explain(finding: Finding, tracker: CollectiveTracker, callOf: (e: Ledge
       parts.push(zeroToken(proof));
     } else {
       parts.push(finding.detail);
-      if (w.op === 'torch.reduce_scatter' && /elements|input|output/.test(finding.detail)) {
-        parts.push(`a reduce-scatter whose size differs by rank is the unused-experts hazard: ${makeVariant('no-unused-expert-grads').rule}; the seed adds zero contributions from unused experts' parameters`);
+      if (at.some((e) => e.op === 'torch.reduce_scatter')) {
+        parts.push(`a reduce-scatter that differs by rank (in size, or missing on a rank) is the unused-experts hazard: ${makeVariant('no-unused-expert-grads').rule}; the seed adds zero contributions from unused experts' parameters`);
       }
       if (/sends \d+ elements in all but receives/.test(finding.detail)) parts.push('the ranks disagree on the split sizes (NCCL pairs them by position and never checks them: it hangs or reads garbage)');
       parts.push(`at ${where(w)}${frameText(callOf(w))}`);
