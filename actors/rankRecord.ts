@@ -187,20 +187,25 @@ function deadRankRecord(dead: number, records: readonly RankRecord[]): RankRecor
   const mesh = { ep: s.ep, dp: s.dp };
   const specs = communicators(mesh).filter((c) => c.members.includes(dead));
   /** Per communicator and position: each live member's issue, and whether it completed. */
-  const seen = new Map<string, { member: number; m: Extract<WorkerMessage, { type: 'issue' }>; completed: boolean }[]>();
+  type Seen = { member: number; m: Extract<WorkerMessage, { type: 'issue' }>; completed: boolean };
+  const seen = new Map<string, Seen[]>();
   for (const r of records) {
     const positions = new Map<string, number>();
-    r.messages.forEach((m, k) => {
-      if (m.type !== 'issue') return;
+    // A rank's collectives complete in order: a completion belongs to its latest issue.
+    let latest: Seen | null = null;
+    for (const m of r.messages) {
+      if (m.type === 'completed' && latest) latest.completed = true;
+      if (m.type !== 'issue') continue;
+      latest = null;
       const comm = commOf(mesh, r.rank, m.collective.comm);
       const spec = specs.find((c) => c.id === comm);
-      if (!spec) return;
+      if (!spec) continue;
       const p = positions.get(comm) ?? 0;
       positions.set(comm, p + 1);
-      const next = r.messages.slice(k + 1).find((x) => x.type === 'issue' || x.type === 'completed');
       const key = `${comm}#${p}`;
-      seen.set(key, [...(seen.get(key) ?? []), { member: spec.members.indexOf(r.rank), m, completed: next?.type === 'completed' }]);
-    });
+      latest = { member: spec.members.indexOf(r.rank), m, completed: false };
+      seen.set(key, [...(seen.get(key) ?? []), latest]);
+    }
   }
   const start = startRank(rankConfig(s, dead));
   const snapshot: SnapshotWire = { value: start.value, context: start.context };
