@@ -22,6 +22,8 @@ export type PickleDict = Map<string | number | bigint, PickleValue>;
 const MAX_DEPTH = 64;
 /** Memo slots beyond this are refused before any array grows to them. */
 const MAX_MEMO = 1 << 24;
+const MIN_SAFE = BigInt(Number.MIN_SAFE_INTEGER);
+const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 const TORCH_LIST_TAGS = new Set(['build_intlist', 'build_doublelist', 'build_boollist', 'build_tensorlist', 'restore_type_tag']);
 
 const MARK = Symbol('mark');
@@ -113,18 +115,20 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
    * another (then it is sealed: a memo get may share it, never change it), so depths add up
    * at each insertion and no container can come to contain itself.
    */
+  /** Depth of each container holding containers; negative once sealed (nested in another). */
   const depth = new Map<object, number>();
-  const sealed = new Set<object>();
   const nest = (parent: object, child: PickleValue) => {
     if (child === null || typeof child !== 'object') return;
     if (child === parent) fail('a container that contains itself');
-    const d = (depth.get(child) ?? 1) + 1;
+    const c = depth.get(child) ?? 1;
+    const d = Math.abs(c) + 1;
     if (d > MAX_DEPTH) fail(`nests deeper than ${MAX_DEPTH} levels`);
-    if (d > (depth.get(parent) ?? 1)) depth.set(parent, d);
-    if (!isTuple(child)) sealed.add(child);
+    const p = depth.get(parent) ?? 1;
+    if (d > p) depth.set(parent, d);
+    if (c > 0 && !isTuple(child)) depth.set(child, -c);
   };
   const target = (c: StackItem, what: string): object => {
-    if (sealed.has(c as object)) fail(`${what} changes a container already nested in another (a dump never does)`);
+    if ((depth.get(c as object) ?? 1) < 0) fail(`${what} changes a container already nested in another (a dump never does)`);
     return c as object;
   };
   const setItems = (dict: StackItem, items: PickleValue[]) => {
@@ -213,7 +217,10 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
       case 0x61: {
         // APPEND
         const v = value(pop());
-        appendTo(top(), [v]);
+        const list = top();
+        if (!Array.isArray(list)) fail('APPEND on something that is not a list');
+        nest(target(list, 'APPEND'), v);
+        (list as PickleValue[]).push(v);
         break;
       }
       case 0x65: {
@@ -259,11 +266,19 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
         // LONG1: n-byte two's-complement little-endian
         const n = u8();
         need(n);
-        let v = 0n;
-        for (let i = n - 1; i >= 0; i--) v = (v << 8n) | BigInt(bytes[pos + i]!);
-        if (n > 0 && bytes[pos + n - 1]! & 0x80) v -= 1n << BigInt(8 * n);
+        const negative = n > 0 && (bytes[pos + n - 1]! & 0x80) !== 0;
+        if (n <= 6) {
+          // Up to 48 bits: exact in a double, no BigInt made.
+          let v = 0;
+          for (let i = n - 1; i >= 0; i--) v = v * 256 + bytes[pos + i]!;
+          push(negative ? v - 2 ** (8 * n) : v);
+        } else {
+          let v = 0n;
+          for (let i = n - 1; i >= 0; i--) v = (v << 8n) | BigInt(bytes[pos + i]!);
+          if (negative) v -= 1n << BigInt(8 * n);
+          push(v >= MIN_SAFE && v <= MAX_SAFE ? Number(v) : v);
+        }
         pos += n;
-        push(v >= BigInt(Number.MIN_SAFE_INTEGER) && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v);
         break;
       }
       case 0x47: // BINFLOAT: big-endian double
