@@ -44,6 +44,15 @@ test('each fixture: the verdict, group, position, seq, op, layer and culprits', 
   }
 });
 
+test('clean steps read as the rank machine\'s ops, layer by layer, step after step', () => {
+  const pm = analyzeDumps(dumpsIn('healthy'));
+  const count = (op: string, layer: number) => pm.ledger.filter((e) => e.op === op && e.layer === layer).length;
+  // 4 ranks × 2 steps of each op in each of the 2 layers; nothing left as a bare torch.all_to_all.
+  for (const op of ['fwd.counts', 'fwd.dispatch', 'fwd.expert_ids', 'fwd.combine', 'bwd.combine', 'bwd.dispatch']) for (const layer of [0, 1]) assert.is(count(op, layer), 8, `${op} layer ${layer}`);
+  assert.is(pm.ledger.length, 4 * 2 * 12);
+  assert.equal(pm.ledger.filter((e) => e.rank === 0).slice(8, 12).map((e) => `${e.op}@${e.layer}`), ['bwd.combine@1', 'bwd.dispatch@1', 'bwd.combine@0', 'bwd.dispatch@0']);
+});
+
 test('the causes read in the EP layer\'s terms and name the hazard', () => {
   const cause = (kase: string) => analyzeDumps(dumpsIn(kase)).diagnosis.cause;
   assert.match(cause('zero-token'), /^rank 1 never issued bwd\.dispatch of layer 0; ranks 0, 2, 3 wait in it \(mesh_ep, seq 6\)/);

@@ -311,9 +311,16 @@ function mapEp(cs: readonly Call[], n: number): { ops: ({ op: EpOp; layer: numbe
     if (!inS || !outS || e.inputSizes.length !== 1 || e.outputSizes.length !== 1) return null;
     const isLong = e.inputDtypes[0] === 'Long';
     if (isLong && same(inS, [n]) && same(outS, [n])) {
-      // fwd.counts: a new layer, or (after backward) a new step.
-      if (expect !== null && expect !== 'counts-or-backward' && backward.length === 0) return null;
-      if (backward.length || expect === null) layers = [];
+      // fwd.counts: the next layer (after a combine), or a new step (after the backward, or at the start).
+      if (expect === 'fwd.dispatch' || expect === 'fwd.expert_ids' || expect === 'fwd.combine') return null;
+      if (expect !== null && expect !== 'counts-or-backward') {
+        // What the backward still expected must be B′s the shapes show skipped (R = 0), nothing else.
+        for (const x of backward) {
+          if (x.op !== 'bwd.dispatch' || x.in[0] !== 0) return null;
+          skips.push({ layer: x.layer, dispatchOut: x.in });
+        }
+      }
+      if (expect !== 'counts-or-backward') layers = [];
       backward = [];
       ops.push({ op: 'fwd.counts', layer: layers.length });
       expect = 'fwd.dispatch';
