@@ -507,10 +507,12 @@ function reportInput(dumps: readonly FrDump[], world: readonly number[], specs: 
       trace.push({ name: c.issued.op, ph: 'X', ts: us(first.createdNs), dur: Math.max(0, us(stop) - us(first.createdNs)), pid: 0, tid: rank, args: { communicator: c.comm, position: shift(c.comm, p), layer: c.issued.layer, microBatch: 0 } });
     }
   }
+  // Each rank's path through the machine up to where it stopped (in a windowed report, its last REPORT_WINDOW calls).
   const paths = world.map((r) => {
     const cs = calls.get(r) ?? [];
     const upTo = cs.findIndex((c) => c.state !== 'completed');
-    return (upTo < 0 ? cs : cs.slice(0, upTo + 1)).flatMap((c) => (c.issued.statePath ? [c.issued.statePath] : []));
+    const mine = upTo < 0 ? cs : cs.slice(0, upTo + 1);
+    return (from.size ? mine.slice(-REPORT_WINDOW) : mine).flatMap((c) => (c.issued.statePath ? [c.issued.statePath] : []));
   });
   const d0 = dumps[0]!;
   const cut = from.size ? `; the ledger and timeline show ${REPORT_WINDOW} positions of each group (${ledger.length} of ${fullLedger.length} calls), numbered from the first shown` : '';
