@@ -313,7 +313,7 @@ test('diagnose: exit codes, --json shape, --html report, --help, and one-line er
     assert.match(none.stderr, /no Flight Recorder dumps .* or rank records .* in it/);
     writeFileSync(join(dir, 'nccl_trace_rank_0'), readFileSync(join(fixtures, 'zero-token', 'nccl_trace_rank_0')));
     writeFileSync(join(dir, 'rank0.record.json'), '{}');
-    const mixed = await runCli(['diagnose', dir]);
+    const mixed = await runCli(['diagnose', join(dir, 'rank0.record.json'), join(dir, 'nccl_trace_rank_0')]);
     assert.is(mixed.code, 1);
     assert.match(mixed.stderr, /mixes rank records .* and Flight Recorder dumps/);
   } finally {

@@ -91,7 +91,10 @@ export async function readEvidence(paths: readonly string[]): Promise<Evidence> 
       files.push(path);
       continue;
     }
-    const inDir = (await readdir(path, { withFileTypes: true })).filter((f) => f.isFile() && (RANK_RECORD_NAME.test(f.name) || DUMP_NAME.test(f.name))).map((f) => join(path, f.name));
+    const names = (await readdir(path, { withFileTypes: true })).filter((f) => f.isFile()).map((f) => f.name);
+    // A folder of rank records (`rank --out-dir`) holds other outputs too: there only the records count.
+    const recordsHere = names.filter((f) => RANK_RECORD_NAME.test(f));
+    const inDir = (recordsHere.length ? recordsHere : names.filter((f) => DUMP_NAME.test(f))).map((f) => join(path, f));
     if (inDir.length === 0) throw new UsageError(`${path}: no Flight Recorder dumps (<prefix><rank>, e.g. nccl_trace_rank_0) or rank records (rank<r>.record.json) in it`);
     files.push(...inDir.sort());
   }
