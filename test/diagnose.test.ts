@@ -15,6 +15,7 @@ import { runLaunchedRank } from '../actors/launch.js';
 import type { RankRecord } from '../actors/rankRecord.js';
 import { validateScenario } from '../sim/scenario.js';
 import { seededRng } from '../src/moe/random.js';
+import { isTuple, readPickle, type PickleValue } from '../src/codec/pickle.js';
 import { repoRoot } from './paths.js';
 import { runCli } from './cli.js';
 
@@ -274,6 +275,42 @@ test('fuzz: 5,000 mutated dump files read as a diagnosis or an EvidenceError, ne
     }
   }
   assert.ok(refused > 1000, `only ${refused} of 5000 damaged dumps were refused`);
+});
+
+test('fuzz: 3,000 dumps with damaged fields and structure (seq ids, states, sizes, ops, groups, lost entries and dumps) give a diagnosis or an EvidenceError', () => {
+  const rand = seededRng(0x5e91);
+  const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
+  const plain = (v: PickleValue): unknown => (v instanceof Map ? Object.fromEntries([...v].map(([k, x]) => [String(k), plain(x)])) : isTuple(v) ? v.tuple.map(plain) : Array.isArray(v) ? v.map(plain) : v);
+  type Raw = { pg_config: Record<string, { ranks: string }>; entries: Record<string, unknown>[] };
+  const kases = readdirSync(fixtures).filter((k) => !k.includes('.') && !k.endsWith('json'));
+  const sets = kases.map((k) => readdirSync(join(fixtures, k)).map((f) => [Number(/(\d+)$/.exec(f)![1]), plain(readPickle(readFileSync(join(fixtures, k, f))))] as [number, Raw]));
+  let refused = 0;
+  for (let i = 0; i < 3000; i++) {
+    const ds = structuredClone(pick(sets));
+    for (let k = 0; k < 1 + Math.floor(rand() * 3); k++) {
+      const d = pick(ds)[1];
+      const e = d.entries.length ? pick(d.entries) : null;
+      if (!e) continue;
+      const m = Math.floor(rand() * 10);
+      if (m === 0) e.collective_seq_id = Math.floor(rand() * 10) - 1;
+      else if (m === 1) e.state = pick(['scheduled', 'started', 'completed']);
+      else if (m === 2) e.input_sizes = pick([[], [[]], [[0]], [[3, 2], [1]], [[4]]]);
+      else if (m === 3) e.profiling_name = pick(['nccl:coalesced', 'nccl:send 0->1', 'nccl:recv 1<-0', 'nccl:all_reduce', 'gloo:barrier', 'nccl:send 0->9']);
+      else if (m === 4) d.entries.splice(d.entries.indexOf(e), 1);
+      else if (m === 5) e.process_group = [pick(Object.keys(d.pg_config)), 'x'];
+      else if (m === 6) d.entries.push({ ...e, record_id: (e.record_id as number) + 1000 });
+      else if (m === 7) e.output_sizes = pick([[], [[1]], [[8, 8]], [[0, 8]]]);
+      else if (m === 8) ds.splice(ds.findIndex((x) => x[1] === d), 1);
+      else d.pg_config[pick(Object.keys(d.pg_config))]!.ranks = pick(['[0, 1]', '[1, 2]', '[0, 1, 2, 3]', '[3]', '[]']);
+    }
+    try {
+      analyzeDumps(ds.map(([r, v]) => parseDump(v, `r${r}`, r)));
+    } catch (e) {
+      if (!(e instanceof EvidenceError)) throw new Error(`mutation ${i}: ${(e as Error).stack}`);
+      refused++;
+    }
+  }
+  assert.ok(refused > 100 && refused < 2900, `${refused} of 3000 refused`);
 });
 
 // ---------------------------------------------------------------- the command

@@ -195,7 +195,7 @@ function parseFields(value: unknown, file: string, rank: number, fail: (msg: str
     const e = entries[i]!;
     if (i > 0 && e.recordId <= entries[i - 1]!.recordId) fail(`entries[${i}].record_id ${e.recordId} does not follow ${entries[i - 1]!.recordId}`);
     const members = groups.get(e.pgName)!.ranks;
-    if (members.length > 0 && !members.includes(rank)) fail(`entries[${i}] is on process group ${e.pgName}, whose ranks do not include ${rank} (the rank its file name gives)`);
+    if (!members.includes(rank)) fail(`entries[${i}] is on process group ${e.pgName}, whose ranks do not include ${rank} (the rank its file name gives)`);
   }
   return { file, rank, version, commLibVersion: lib === null ? null : String(lib), groups, entries, truncated: (entries[0]?.recordId ?? 0) > 0 };
 }
