@@ -138,7 +138,7 @@ export function renderReport(input: ReportInput): string {
   return `<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>${esc(title)}</title><style>${CSS}</style><style id="sel-style">${selectionCss(paths, first)}</style></head>
-<body><header><h1>${esc(title)}</h1><nav><a href="#diagnosis">diagnosis</a><a href="#machine">machine</a><a href="#ledger">ledger</a><a href="#timeline">timeline</a><a href="#waitfor">wait-for</a><a href="#load">load</a></nav></header>
+<body><header><h1>${esc(title)}</h1><nav><a href="#diagnosis">diagnosis</a><a href="#machine">machine</a><a href="#ledger">ledger</a><a href="#timeline">timeline</a><a href="#waitfor">wait-for</a>${input.routing.sendRows.length ? '<a href="#load">load</a>' : ''}</nav></header>
 <main>${diagnosisSection(input)}${machine}${ledgerSection(input)}${timelineSection(input)}${waitForSection(input)}${input.routing.sendRows.length ? loadSection(input) : ''}</main>
 <script type="application/json" id="path-data">${jsonForScript(paths)}</script>
 <script>${SCRIPT}</script></body></html>
