@@ -17,7 +17,8 @@ import { diagnoseHangs, okDiagnosis, rankReports, rankWord, type Diagnosis, type
 import type { IssuedCollective, RankSnapshot } from '../machines/protocol.js';
 import { CollectiveSpans, type TraceEvent } from '../machines/spans.js';
 import { type Scenario } from '../machines/scenario.js';
-import { gpuPlacement, type BackendName, type ExchangeName } from '../src/backends.js';
+import type { BackendName } from '../src/backends.js';
+import { gpuPlacement, type ExchangeName } from './exchanges.js';
 import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankSnapshots } from './rankRecord.js';
 import type { ReportInput } from '../machines/record.js';
