@@ -168,17 +168,17 @@ test('a cross-communicator ordering gives cycle naming the ranks in it', async (
 });
 
 test('a rank whose own work never returns is a stall naming it and its work; the ranks waiting for it are not hung', async () => {
-  const r = await runActors(validateScenario({ ep: 4 }), { faults: [{ kind: 'stall', rank: 3, op: 'fwd.dispatch' }], timeoutMs: 50, computeTimeoutMs: 1500 });
+  const r = await runActors(validateScenario({ ep: 4 }), { faults: [{ kind: 'stall', rank: 3, op: 'fwd.dispatch' }], timeoutMs: 50, computeTimeoutMs: 5000 });
   assert.is(r.diagnosis.verdict, 'stall', r.diagnosis.cause);
   assert.equal(r.diagnosis.culprits, [3]);
-  assert.match(r.diagnosis.cause, /rank 3 has not returned from its work before fwd\.dispatch of layer 0 for \d+ ms \(compute limit 1500 ms\)/);
+  assert.match(r.diagnosis.cause, /rank 3 has not returned from its work before fwd\.dispatch of layer 0 for \d+ ms \(compute limit 5000 ms\)/);
   assert.match(r.diagnosis.cause, /ranks 0–2 wait for it in their collectives, which is not a hang of theirs/);
 });
 
 test('a healthy step whose compute outlasts the collective limit is ok: waiting for a computing peer is not a hang', async () => {
   // The TypeScript kernels take well over 1 s for this layer (the issue's example); only collectives are held to the limit.
   const r = await runActors(validateScenario({ ep: 2, experts: 4, topK: 2, tokens: 2048, dim: 256, hidden: 512 }), { timeoutMs: 1000 });
-  assert.ok(r.stepMs[0]! > 1000, `the step took ${r.stepMs[0]} ms: too fast to show the point`);
+  assert.ok(r.wallMs > 1000, `the run took ${r.wallMs} ms: too fast to show the point`);
   assert.is(r.diagnosis.verdict, 'ok', r.diagnosis.cause);
 });
 
