@@ -168,7 +168,7 @@ test('a cross-communicator ordering gives cycle naming the ranks in it', async (
 });
 
 test('a rank whose own work never returns is a stall naming it and its work; the ranks waiting for it are not hung', async () => {
-  const r = await runActors(validateScenario({ ep: 4 }), { faults: [{ kind: 'stall', rank: 3, op: 'fwd.dispatch' }], timeoutMs: 50, computeTimeoutMs: 5000 });
+  const r = await runActors(validateScenario({ ep: 4 }), { faults: [{ kind: 'stall', rank: 3, op: 'fwd.dispatch' }], timeoutMs: 2000, computeTimeoutMs: 5000 });
   assert.is(r.diagnosis.verdict, 'stall', r.diagnosis.cause);
   assert.equal(r.diagnosis.culprits, [3]);
   assert.match(r.diagnosis.cause, /rank 3 has not returned from its work before fwd\.dispatch of layer 0 for \d+ ms \(compute limit 5000 ms\)/);
