@@ -31,7 +31,7 @@ export { rankMachine, WRAP_POLICIES } from './machines/rankMachine.js';
 export type { RankConfig, RankContext, RankEvent, Decision, WrapPolicy } from './machines/rankMachine.js';
 export { VARIANT_NAMES, makeVariant } from './machines/variants.js';
 export type { Variant, VariantName } from './machines/variants.js';
-export { startRank, stepRank, issuedCollective, statePath } from './machines/protocol.js';
+export { startRank, stepRank, issuedCollective, statePath } from './machines/snapshot.js';
 export { CollectiveTracker } from './machines/ledger.js';
 export type { LedgerEntry, Finding } from './machines/ledger.js';
 export { communicators, commOf } from './machines/mesh.js';

@@ -5,7 +5,7 @@
 // Unlike NCCL, a disagreement is reported at once: every waiting member's call rejects
 // with the tracker's finding instead of hanging or corrupting data.
 import { CollectiveTracker } from '../machines/ledger.js';
-import type { IssuedCollective } from '../machines/protocol.js';
+import type { IssuedCollective } from '../machines/snapshot.js';
 import { runCaseRank, type RankLoop } from '../src/case.js';
 import { Tensor, type DType } from '../src/tensor.js';
 import type { CollectiveTag, Communicator } from '../src/ep/types.js';

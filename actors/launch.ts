@@ -11,7 +11,7 @@ import { fileURLToPath } from 'node:url';
 import type { CaseData, RankResult } from '../src/case.js';
 import { cudaDevices, type BackendName } from '../src/backends.js';
 import { UsageError } from '../src/errors.js';
-import type { IssuedCollective } from '../machines/protocol.js';
+import type { IssuedCollective } from '../machines/snapshot.js';
 import { casePayloads, rankResult } from './caseRanks.js';
 import { now, type Fault, type WorkerJob, type WorkerMessage } from './messages.js';
 import { type Scenario } from '../machines/scenario.js';

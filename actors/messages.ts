@@ -2,7 +2,7 @@
 // these: rank-to-rank data goes over the MessagePort mesh (actors/transport.ts) and job
 // inputs and results travel msgpack-encoded as `Uint8Array` payloads.
 import type { MessagePort } from 'node:worker_threads';
-import type { IssuedCollective } from '../machines/protocol.js';
+import type { IssuedCollective } from '../machines/snapshot.js';
 import type { RankContext } from '../machines/rankMachine.js';
 import type { Scenario } from '../machines/scenario.js';
 import type { BackendName } from '../src/backends.js';

@@ -6,7 +6,7 @@
 // issued by the driver itself.
 import { createActor, getInitialMicrosteps, type Actor, type InspectionEvent } from 'xstate';
 import { rankMachine, type RankConfig } from '../machines/rankMachine.js';
-import { collectiveDtype, statePath, type IssuedCollective, type RankSnapshot } from '../machines/protocol.js';
+import { collectiveDtype, statePath, type IssuedCollective, type RankSnapshot } from '../machines/snapshot.js';
 import { admission, completedEvent, computedEvent, describeAction, nextAction, routedEvent, type FirstReady } from '../machines/driver.js';
 import type { LayerProtocol } from '../src/ep/layer.js';
 import type { CollectiveTag } from '../src/ep/types.js';

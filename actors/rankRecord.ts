@@ -9,7 +9,7 @@ import { LedgerFeed } from '../machines/feed.js';
 import { CollectiveSpans } from '../machines/spans.js';
 import { diagnoseHangs, okDiagnosis, rankReports, type Diagnosis } from '../machines/diagnosis.js';
 import { withDeadRanks } from '../machines/postmortem.js';
-import { startRank, type RankSnapshot } from '../machines/protocol.js';
+import { startRank, type RankSnapshot } from '../machines/snapshot.js';
 import { rankConfig, validateScenario, type Scenario } from '../machines/scenario.js';
 import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import type { ReportInput } from '../machines/record.js';

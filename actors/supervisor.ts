@@ -14,7 +14,7 @@ import type { LedgerEntry } from '../machines/ledger.js';
 import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import { LedgerFeed } from '../machines/feed.js';
 import { diagnoseHangs, okDiagnosis, rankReports, rankWord, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
-import type { IssuedCollective, RankSnapshot } from '../machines/protocol.js';
+import type { IssuedCollective, RankSnapshot } from '../machines/snapshot.js';
 import { CollectiveSpans, type TraceEvent } from '../machines/spans.js';
 import { type Scenario } from '../machines/scenario.js';
 import type { BackendName } from '../src/backends.js';

@@ -11,7 +11,7 @@ import type { ReportInput } from '../machines/record.js';
 import { renderReport } from '../sim/report/html.js';
 import { checkFitsMemory, type Scenario } from '../machines/scenario.js';
 import { worldSize } from '../machines/mesh.js';
-import type { IssuedCollective } from '../machines/protocol.js';
+import type { IssuedCollective } from '../machines/snapshot.js';
 import { helpAsked, intOption, noPositionals, outputFile, parse } from './args.js';
 import { progressBar } from './progress.js';
 import { chooseBackend, loadBackend, type BackendName } from '../src/backends.js';

@@ -7,7 +7,7 @@
 // finished, nothing waiting) its list of hangs is the verdict.
 import { CollectiveTracker, type LedgerEntry } from './ledger.js';
 import type { Mesh } from './mesh.js';
-import type { IssuedCollective } from './protocol.js';
+import type { IssuedCollective } from './snapshot.js';
 
 export type RankReport =
   | { readonly kind: 'issue'; readonly rank: number; readonly collective: IssuedCollective; readonly dtype: string; readonly at: number }

@@ -4,7 +4,7 @@
 // mismatch, missing and cycle at the moment the evidence exists. The actor runtime's
 // supervisor and the discrete-event engine both feed it, so they share one implementation
 // of matching and verdicts.
-import type { IssuedCollective } from './protocol.js';
+import type { IssuedCollective } from './snapshot.js';
 import { commOf, communicators, type CommunicatorSpec, type Mesh } from './mesh.js';
 
 export interface LedgerEntry extends IssuedCollective {

@@ -13,7 +13,7 @@ import type { LedgerEntry } from '../machines/ledger.js';
 import { LedgerFeed } from '../machines/feed.js';
 import { CollectiveSpans, type TraceEvent as CollectiveSpan } from '../machines/spans.js';
 import { diagnoseHangs, okDiagnosis, type Diagnosis } from '../machines/diagnosis.js';
-import { collectiveDtype, startRank, stepRank, type RankSnapshot } from '../machines/protocol.js';
+import { collectiveDtype, startRank, stepRank, type RankSnapshot } from '../machines/snapshot.js';
 import { completedEvent, computedEvent, nextAction, routedEvent, type FirstReady } from '../machines/driver.js';
 import type { RankEvent } from '../machines/rankMachine.js';
 import { collectiveMs, computeMs, DEFAULT_COST, expertFlops, routerFlops, type CostModel } from './cost.js';

@@ -18,8 +18,8 @@
 import { UsageError } from '../src/errors.js';
 import type { CollectiveOp } from '../src/ep/types.js';
 import type { Diagnosis } from '../machines/diagnosis.js';
-import type { RankSnapshot } from '../machines/protocol.js';
-import { startRank } from '../machines/protocol.js';
+import type { RankSnapshot } from '../machines/snapshot.js';
+import { startRank } from '../machines/snapshot.js';
 import { simulateDes, TransitionMemo } from './des.js';
 import { rankConfig, validateScenario, type Scenario } from '../machines/scenario.js';
 import { worldSize } from '../machines/mesh.js';

@@ -10,7 +10,7 @@ import type { CommunicatorSpec } from '../../machines/mesh.js';
 import { rankRanges, rankWord, type Diagnosis, type RankReport } from '../../machines/diagnosis.js';
 import { withDeadRanks } from '../../machines/postmortem.js';
 import { makeVariant } from '../../machines/variants.js';
-import type { IssuedCollective } from '../../machines/protocol.js';
+import type { IssuedCollective } from '../../machines/snapshot.js';
 import type { CollectiveOp } from '../../src/ep/types.js';
 import { DEFAULT_SCENARIO, type Scenario } from '../../machines/scenario.js';
 import type { ReportInput } from '../../machines/record.js';
