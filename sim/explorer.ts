@@ -26,7 +26,7 @@ import type { RankSnapshot } from '../machines/protocol.js';
 import { startRank } from '../machines/protocol.js';
 import { simulateDes, TransitionMemo, type ScheduledScenario } from './des.js';
 import { rankConfig, validateScenario, worldSize, type Scenario } from './scenario.js';
-import { alphabet, classesAtLevel, realize, type ColumnClass, type Realized } from './explore/classes.js';
+import { alphabet, classesAtLevel, realize, withExtras, type Realized } from './explore/classes.js';
 import { observe } from './explore/kinds.js';
 
 export const RESULT_FORMAT = 'ep-actors.check/1';
@@ -118,9 +118,12 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
   const a = alphabet(s, o, reduced);
   const shard = opts.shard ?? { index: 0, count: 1 };
   const limit = opts.maxClasses ?? DEFAULT_MAX_CLASSES;
-  const heapCap = (opts.heapFraction ?? 0.7) * getHeapStatistics().heap_size_limit;
+  const heapLimit = getHeapStatistics().heap_size_limit;
+  const heapCap = (opts.heapFraction ?? 0.7) * heapLimit;
   const movable = s.ep - o.fixedEpRanks.length;
   const maxLevel = worldSize(s);
+  // A held class costs about an object, a typed array and a slot; a level may take a quarter of the heap.
+  const maxHeld = Math.floor((heapLimit / 4) / (160 + 2 * movable));
   // Classes of one layout share every rank's initial snapshot (the config, not the routing).
   const initial: RankSnapshot[] = Array.from({ length: worldSize(s) }, (_, r) => startRank(rankConfig(s, r)));
   let memo = new TransitionMemo();
@@ -162,12 +165,9 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
   if (reduced && a.columns <= movable) {
     // Every column kind at once (per choice of the singled-out columns): if these pass, all do.
     const all = Array.from({ length: a.columns }, (_, c) => c);
-    const least = all.reduce((m, c) => (a.starved[c]! < a.starved[m]! ? c : m), 0);
-    const columns = [...all, ...Array.from({ length: movable - all.length }, () => least)].sort((x, y) => x - y);
-    const fixedSets = o.fixedEpRanks.length ? all.map((c) => [c]) : [[]];
-    const reps = fixedSets.map((fixed) => realize(s, o, a, { fixed, columns }));
-    if (reps.every((r): r is Realized => r !== null)) {
-      everyKindAtOnce = reps.every((r) => run(r).diagnosis.verdict === 'ok');
+    const reps = (o.fixedEpRanks.length ? all.map((c) => [c]) : [[]]).map((fixed) => withExtras(s, o, a, fixed, all));
+    if (reps.every((r) => r !== null)) {
+      everyKindAtOnce = reps.every((r) => run(realize(s, o, a, r!.cls)!).diagnosis.verdict === 'ok');
       if (everyKindAtOnce) {
         levelsDone = maxLevel + 1;
         return finish('proved', null, null);
@@ -178,13 +178,12 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
   let index = 0;
   let lastReport = 0;
   for (let level = 0; level <= maxLevel; level++) {
-    const held: { cls: ColumnClass; rows: number }[] = [];
-    for (const cls of classesAtLevel(a, reduced, movable, o.fixedEpRanks.length, level)) {
-      const r = realize(s, o, a, cls);
-      if (!r) continue;
+    // One level's classes, as column codes (a dp group's letters fit 16 bits, MAX_COLUMNS).
+    const held: { fixed: readonly number[]; columns: Uint16Array; rows: number }[] = [];
+    for (const { cls, plan } of classesAtLevel(s, o, a, reduced, level)) {
       if (held.length >= limit) return finish('stopped', null, { reason: 'level', index, level });
-      if (held.length % 4096 === 4095 && heapUsed() > heapCap) return finish('stopped', null, { reason: 'memory', index, level });
-      held.push({ cls, rows: r.rows });
+      if (held.length >= maxHeld || (held.length % 1024 === 1023 && heapUsed() > heapCap)) return finish('stopped', null, { reason: 'memory', index, level });
+      held.push({ fixed: cls.fixed, columns: Uint16Array.from(cls.columns), rows: plan.rows });
     }
     held.sort((x, y) => x.rows - y.rows); // stable: ties keep the enumeration order
     for (let i = 0; i < held.length; i++) {
@@ -192,7 +191,7 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
       if (at % shard.count !== shard.index) continue;
       if (classesRun >= limit) return finish('stopped', null, { reason: 'max-classes', index: at, level });
       if (classesRun % 256 === 255 && heapUsed() > heapCap) return finish('stopped', null, { reason: 'memory', index: at, level });
-      const r = realize(s, o, a, held[i]!.cls)!;
+      const r = realize(s, o, a, { fixed: held[i]!.fixed, columns: [...held[i]!.columns] })!;
       const { scenario, diagnosis } = run(r);
       if (diagnosis.verdict !== 'ok') return finish('counterexample', counterexample(at, r, scenario, diagnosis), null);
       const now = performance.now();

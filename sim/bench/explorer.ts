@@ -9,6 +9,6 @@ export async function bench(): Promise<BenchRow[]> {
     { ep: 8, experts: 16 },
   ].map((layout) => {
     const r = explore(validateScenario({ ...layout, topK: 2 }));
-    return { name: `classes/s, seed, ep=${layout.ep} E=${layout.experts} top-2`, value: r.classesRun / (r.elapsedMs / 1000), unit: 'classes/s', note: `${r.verdict} over ${r.classes} classes in ${(r.elapsedMs / 1000).toFixed(2)} s` };
+    return { name: `classes/s, seed, ep=${layout.ep} E=${layout.experts} top-2`, value: r.classesRun / (r.elapsedMs / 1000), unit: "classes/s", note: `${r.verdict} over ${r.classesRun} classes in ${(r.elapsedMs / 1000).toFixed(2)} s` };
   });
 }

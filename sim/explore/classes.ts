@@ -4,7 +4,7 @@
 // columns, up to a permutation of the dp groups, plus the columns the variant singles out.
 //
 // Two alphabets. Exhaustive: a letter per rank kind, every multiset enumerated. Reduced: a
-// letter per observable kind, and a class is the SET of columns present (cutoff 1): the
+// letter per observable kind (split by starved or not, which orders the search), and a class is the SET of columns present (cutoff 1): the
 // guards read a rank's own facts only and two ranks of one kind issue identical, mutually
 // consistent collectives, so a second rank of a kind adds no behaviour; extra EP ranks
 // repeat one present column (the one that starves fewest).
@@ -15,7 +15,7 @@
 import type { CollectiveOp } from '../../src/ep/types.js';
 import { UsageError } from '../../src/errors.js';
 import type { Scenario } from '../scenario.js';
-import { observedKey, rankKinds, type Observation, type RankKind } from './kinds.js';
+import { reducedKey, rankKinds, type Observation, type RankKind } from './kinds.js';
 
 export interface Alphabet {
   /** Per letter, the rank kinds it stands for, the cheapest realization first. */
@@ -40,7 +40,7 @@ export function alphabet(s: Scenario, o: Observation, reduced: boolean): Alphabe
   let letters: RankKind[][];
   if (reduced) {
     const groups = new Map<string, RankKind[]>();
-    for (const k of kinds) groups.set(observedKey(o, k), [...(groups.get(observedKey(o, k)) ?? []), k]);
+    for (const k of kinds) groups.set(reducedKey(o, k), [...(groups.get(reducedKey(o, k)) ?? []), k]);
     letters = [...groups.values()].map((g) => g.sort(byCost));
   } else {
     letters = kinds.map((k) => [k]);
@@ -109,25 +109,31 @@ function* fixedChoices(a: Alphabet, count: number): Generator<number[]> {
 }
 
 /**
- * Every canonical class with `level` starved ranks. Exhaustive: multisets of `movable`
- * columns. Reduced: sets S of columns, the EP ranks beyond |S| repeating the first column
- * of S that starves fewest; the level is then additive in each column's excess over that.
+ * Every canonical class with `level` starved ranks that some routing has, with its plan.
+ * Exhaustive: multisets of the movable columns. Reduced: sets S of columns (see withExtras);
+ * the level is then additive in each column's excess over the least-starved one.
  */
-export function* classesAtLevel(a: Alphabet, reduced: boolean, movable: number, fixedCount: number, level: number): Generator<ColumnClass> {
+export function* classesAtLevel(s: Scenario, o: Observation, a: Alphabet, reduced: boolean, level: number): Generator<{ cls: ColumnClass; plan: Plan }> {
+  const movable = s.ep - o.fixedEpRanks.length;
   const order = Array.from({ length: a.columns }, (_, c) => c).sort((x, y) => a.starved[x]! - a.starved[y]! || x - y);
   const st = order.map((c) => a.starved[c]!);
-  for (const fixed of fixedChoices(a, fixedCount)) {
+  for (const fixed of fixedChoices(a, o.fixedEpRanks.length)) {
     const budget = level - fixed.reduce((n, c) => n + a.starved[c]!, 0);
     if (budget < 0) continue;
     const picked: number[] = [];
+    const emit = function* (cls: ColumnClass) {
+      const p = canonical(a, cls) ? plan(s, o, a, cls) : null;
+      if (p) yield { cls, plan: p };
+    };
+    if (movable === 0) {
+      if (budget === 0) yield* emit({ fixed, columns: [] });
+      continue;
+    }
     if (!reduced) {
       // Non-decreasing positions in `order`: one sequence per multiset.
-      function* multisets(pos: number, left: number, b: number): Generator<ColumnClass> {
+      const multisets = function* (pos: number, left: number, b: number): Generator<{ cls: ColumnClass; plan: Plan }> {
         if (left === 0) {
-          if (b === 0) {
-            const cls = { fixed, columns: picked.map((i) => order[i]!).sort((x, y) => x - y) };
-            if (canonical(a, cls)) yield cls;
-          }
+          if (b === 0) yield* emit({ fixed, columns: picked.map((i) => order[i]!).sort((x, y) => x - y) });
           return;
         }
         if (b > left * a.dp) return;
@@ -137,14 +143,8 @@ export function* classesAtLevel(a: Alphabet, reduced: boolean, movable: number, 
           yield* multisets(i, left - 1, b - st[i]!);
           picked.pop();
         }
-      }
-      if (movable === 0) {
-        if (budget === 0 && canonical(a, { fixed, columns: [] })) yield { fixed, columns: [] };
-      } else yield* multisets(0, movable, budget);
-      continue;
-    }
-    if (movable === 0) {
-      if (budget === 0 && canonical(a, { fixed, columns: [] })) yield { fixed, columns: [] };
+      };
+      yield* multisets(0, movable, budget);
       continue;
     }
     for (let m = 0; m <= a.dp; m++) {
@@ -153,31 +153,52 @@ export function* classesAtLevel(a: Alphabet, reduced: boolean, movable: number, 
       const first = st.indexOf(m);
       if (first < 0) continue;
       // Sets of positions from `first` on (columns starving >= m), holding one that starves m.
-      function* sets(pos: number, b: number): Generator<ColumnClass> {
+      const sets = function* (pos: number, b: number): Generator<{ cls: ColumnClass; plan: Plan }> {
         for (let i = pos; i < order.length && picked.length < movable; i++) {
           const e = st[i]! - m;
           if (e > b) break;
           picked.push(i);
-          if (b - e === 0 && st[picked[0]!] === m) {
-            const set = picked.map((j) => order[j]!);
-            const bulk = Array.from({ length: movable - set.length }, () => set[0]!);
-            const cls = { fixed, columns: [...set, ...bulk].sort((x, y) => x - y) };
-            if (canonical(a, { fixed, columns: [...set].sort((x, y) => x - y) })) yield cls;
+          if (b === e && st[picked[0]!] === m) {
+            const set = picked.map((j) => order[j]!).sort((x, y) => x - y);
+            const found = canonical(a, { fixed, columns: set }) ? withExtras(s, o, a, fixed, set) : null;
+            if (found) yield found;
           }
           yield* sets(i + 1, b - e);
           picked.pop();
         }
-      }
+      };
       yield* sets(first, excess);
     }
   }
 }
 
-/** A class's concrete routing: the representative the engine runs. */
-export interface Realized {
+/**
+ * The reduced class holding exactly the columns `set` (sorted): EP ranks beyond |S| repeat
+ * one column of S that starves fewest, the one giving a routing with the fewest rows.
+ */
+export function withExtras(s: Scenario, o: Observation, a: Alphabet, fixed: readonly number[], set: readonly number[]): { cls: ColumnClass; plan: Plan } | null {
+  const extras = s.ep - o.fixedEpRanks.length - set.length;
+  const least = Math.min(...set.map((c) => a.starved[c]!));
+  let best: { cls: ColumnClass; plan: Plan } | null = null;
+  for (const bulk of set.filter((c) => a.starved[c] === least)) {
+    const cls = { fixed, columns: [...set, ...Array.from({ length: extras }, () => bulk)].sort((x, y) => x - y) };
+    const p = plan(s, o, a, cls);
+    if (p && (!best || p.rows < best.plan.rows)) best = { cls, plan: p };
+  }
+  return best;
+}
+
+/** The rank kinds a class's representative gives every rank, and what that costs. */
+export interface Plan {
   readonly kinds: readonly RankKind[];
   readonly starved: readonly number[];
   readonly rows: number;
+  /** Tokens each holder of dp group d holds (one capacity level per group). */
+  readonly perHolder: readonly number[];
+}
+
+/** A class's concrete routing: the representative the engine runs. */
+export interface Realized extends Plan {
   /** Per global rank, per micro-batch, per layer, the expert ids its tokens pick. */
   readonly explicit: number[][][][];
   readonly tokens: number;
@@ -190,30 +211,28 @@ export interface Realized {
  * when no routing has these facts. Every holder of a group holds the same number of tokens
  * (one capacity level), the fewest that reach every used expert.
  */
-export function realize(s: Scenario, o: Observation, a: Alphabet, cls: ColumnClass): Realized | null {
+export function plan(s: Scenario, o: Observation, a: Alphabet, cls: ColumnClass): Plan | null {
   const L = a.letters.length;
-  const nLocal = s.experts / s.ep;
   const world: number[] = [];
   let next = 0;
   for (let e = 0; e < s.ep; e++) {
     const fi = o.fixedEpRanks.indexOf(e);
     world.push(fi >= 0 ? cls.fixed[fi]! : cls.columns[next++]!);
   }
-  const kinds: RankKind[] = new Array(s.ep * s.dp);
-  const explicit: number[][][][] = new Array(s.ep * s.dp);
-  const starved: number[] = [];
+  const kinds: RankKind[] = [];
+  const perHolder: number[] = [];
   let rows = 0;
-  let tokensMax = 0;
   for (let d = 0; d < s.dp; d++) {
     const options = world.map((code) => a.letters[letterOf(L, code, d)]!);
     const group = options.map((opts) => opts[0]!);
     const held = () => group.filter((k) => k.holdsTokens).length;
     const used = () => group.reduce((n, k) => n + k.usedExperts, 0);
+    const same = (k: RankKind, e: number, h: boolean, u: number) => k.holdsTokens === h && k.usedExperts === u && k.schedule === group[e]!.schedule;
     if (used() > 0 && held() === 0) {
       // Someone must hold the tokens: the first rank whose letter allows it, keeping its reach.
-      const e = options.findIndex((opts, i) => opts.some((k) => k.holdsTokens && k.usedExperts === group[i]!.usedExperts));
+      const e = options.findIndex((opts, i) => opts.some((k) => same(k, i, true, group[i]!.usedExperts)));
       if (e < 0) return null;
-      group[e] = options[e]!.find((k) => k.holdsTokens && k.usedExperts === group[e]!.usedExperts)!;
+      group[e] = options[e]!.find((k) => same(k, e, true, group[e]!.usedExperts))!;
     }
     for (let e = 0; e < s.ep && held() > 0 && used() < s.topK; e++) {
       // Reach more experts, within what each rank's letter allows.
@@ -225,26 +244,34 @@ export function realize(s: Scenario, o: Observation, a: Alphabet, cls: ColumnCla
     const H = held();
     const U = used();
     if (H > 0 ? U < s.topK : U > 0) return null;
+    perHolder.push(H > 0 ? Math.ceil(Math.ceil(U / s.topK) / H) : 0);
+    rows += H * perHolder[d]! * s.topK;
+    kinds.push(...group);
+  }
+  const starved = kinds.flatMap((k, g) => (k.usedExperts === 0 ? [g] : []));
+  return { kinds, starved, rows, perHolder };
+}
+
+/** The plan as explicit routing: token t of a group picks top_k consecutive used experts from t·top_k. */
+export function realize(s: Scenario, o: Observation, a: Alphabet, cls: ColumnClass): Realized | null {
+  const p = plan(s, o, a, cls);
+  if (!p) return null;
+  const nLocal = s.experts / s.ep;
+  const explicit: number[][][][] = [];
+  for (let d = 0; d < s.dp; d++) {
+    const group = p.kinds.slice(d * s.ep, (d + 1) * s.ep);
     const experts = group.flatMap((k, e) => Array.from({ length: k.usedExperts }, (_, i) => e * nLocal + i));
-    const perHolder = H > 0 ? Math.ceil(Math.ceil(U / s.topK) / H) : 0;
     let token = 0;
-    group.forEach((k, e) => {
-      const g = d * s.ep + e;
-      kinds[g] = k;
-      if (k.usedExperts === 0) starved.push(g);
+    for (const k of group) {
       const ids: number[] = [];
-      if (k.holdsTokens) {
-        // Token t picks top_k consecutive used experts from t·top_k: distinct, and together every one.
-        for (let t = 0; t < perHolder; t++, token++) for (let i = 0; i < s.topK; i++) ids.push(experts[(token * s.topK + i) % U]!);
-      }
-      rows += ids.length;
-      tokensMax = Math.max(tokensMax, perHolder * Number(k.holdsTokens));
-      explicit[g] = Array.from({ length: s.microBatches }, () => Array.from({ length: s.layers }, () => [...ids]));
-    });
+      // Consecutive picks are distinct (top_k <= used experts) and together reach every one.
+      if (k.holdsTokens) for (let t = 0; t < p.perHolder[d]!; t++, token++) for (let i = 0; i < s.topK; i++) ids.push(experts[(token * s.topK + i) % experts.length]!);
+      explicit.push(Array.from({ length: s.microBatches }, () => Array.from({ length: s.layers }, () => [...ids])));
+    }
   }
   const firstReady =
     o.layerCalls > 0
-      ? kinds.map((k) => Array.from({ length: o.layerCalls }, (_, c) => ((k.schedule >> c) & 1 ? 'bwd.dispatch' : 'fsdp.reduce_scatter') as CollectiveOp))
+      ? p.kinds.map((k) => Array.from({ length: o.layerCalls }, (_, c) => ((k.schedule >> c) & 1 ? 'bwd.dispatch' : 'fsdp.reduce_scatter') as CollectiveOp))
       : null;
-  return { kinds, starved: starved.sort((x, y) => x - y), rows, explicit, tokens: tokensMax, firstReady };
+  return { ...p, explicit, tokens: Math.max(0, ...p.perHolder), firstReady };
 }

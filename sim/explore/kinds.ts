@@ -75,3 +75,6 @@ export function observedKey(o: Observation, k: RankKind): string {
   const grads = o.grads === 'none' ? 1 : o.grads === 'any' ? Number(k.usedExperts > 0) : k.usedExperts;
   return [o.tokens ? Number(k.holdsTokens) : '', o.received ? Number(k.usedExperts > 0) : '', o.grads !== 'none' ? grads : '', o.layerCalls > 0 && grads > 0 ? k.schedule : ''].join('/');
 }
+
+/** A letter of the reduced search: the observable facts, and whether the rank is starved (the search's order reads it). */
+export const reducedKey = (o: Observation, k: RankKind) => `${observedKey(o, k)}|${Number(k.usedExperts > 0)}`;

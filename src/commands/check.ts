@@ -72,7 +72,7 @@ function progressLine(p: Progress): string {
 function stopLine(r: ExploreResult, maxClasses: number): string {
   const s = r.stopped!;
   const got = `check: stopped at class ${s.index} in search order (starved level ${s.level} of ${r.layout.ep * r.layout.dp}, ${r.classesRun} classes run, no counterexample so far)`;
-  if (s.reason === 'memory') return `${got}: the heap is nearly full; split the run with --shard I/N, or give node more heap (NODE_OPTIONS=--max-old-space-size=MB)`;
+  if (s.reason === 'memory') return `${got}: the heap is nearly full; give node more heap (NODE_OPTIONS=--max-old-space-size=MB)${r.reduction.cutoff === null ? ' or drop --exhaustive' : ''}, or split the run with --shard I/N`;
   if (s.reason === 'level') return `${got}: starved level ${s.level} alone holds more than --max-classes ${maxClasses} classes; raise --max-classes (memory grows with it)${r.reduction.cutoff === null ? ', or drop --exhaustive' : ''}`;
   return `${got}: --max-classes ${maxClasses} reached; split the run with --shard I/N (then --merge), or raise --max-classes`;
 }
