@@ -16,8 +16,9 @@
 // passes, every class passes: one run proves the layout. Otherwise, and to find a
 // shortest counterexample, the sets of kinds are searched in order.
 //
-// Sharding: classes are numbered in search order; shard i/n runs those with number ≡ i
-// (mod n). Results of the shards merge (mergeResults) into one proof or counterexample.
+// Sharding: within a starved level, shard i/n keeps the classes enumerated at positions ≡ i
+// (mod n), so each holds 1/n of a level; its results merge (mergeResults) into one proof or
+// counterexample by the search-order key (level, rows, position).
 import { getHeapStatistics } from 'node:v8';
 import type { CollectiveOp } from '../src/ep/types.js';
 import { UsageError } from '../src/errors.js';
@@ -43,9 +44,16 @@ export interface Shard {
   readonly count: number;
 }
 
+/**
+ * A class's place in the search order: starved ranks, rows, then its position in the level's
+ * enumeration (the same in every shard, so shards need not share a level to agree on it).
+ */
+export type OrderKey = readonly [level: number, rows: number, seq: number];
+
+const before = (x: OrderKey, y: OrderKey) => x[0] - y[0] || x[1] - y[1] || x[2] - y[2];
+
 export interface Counterexample {
-  /** Position in the search order (every shard numbers classes alike), and its starved level. */
-  readonly index: number;
+  readonly key: OrderKey;
   readonly ranks: readonly RankClass[];
   readonly starvedRanks: readonly number[];
   readonly rows: number;
@@ -70,9 +78,8 @@ export interface Reduction {
 export interface Stop {
   /** max-classes: that many run; level: one starved level holds more than that; memory: the heap is nearly full. */
   readonly reason: 'max-classes' | 'level' | 'memory';
-  /** Search-order position of the first class not run, and its starved level. */
-  readonly index: number;
-  readonly level: number;
+  /** Every class of this shard before this key was run and passed; none from it on. */
+  readonly key: OrderKey;
 }
 
 export interface ExploreResult {
@@ -140,8 +147,8 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
     const scenario = scenarioOf(r);
     return { scenario, diagnosis: simulateDes(scenario, { initial, memo }).diagnosis };
   };
-  const counterexample = (index: number, r: Realized, scenario: ScheduledScenario, diagnosis: Diagnosis): Counterexample => ({
-    index,
+  const counterexample = (key: OrderKey, r: Realized, scenario: ScheduledScenario, diagnosis: Diagnosis): Counterexample => ({
+    key,
     ranks: r.kinds.map((k) => ({ holdsTokens: k.holdsTokens, usedExperts: k.usedExperts })),
     starvedRanks: r.starved,
     rows: r.rows,
@@ -175,39 +182,40 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
     }
   }
 
-  let index = 0;
   let lastReport = 0;
   for (let level = 0; level <= maxLevel; level++) {
-    // One level's classes, as column codes (a dp group's letters fit 16 bits, MAX_COLUMNS).
-    const held: { fixed: readonly number[]; columns: Uint16Array; rows: number }[] = [];
+    // This shard's classes of the level (every count-th in enumeration order), as column codes
+    // (a dp group's letters fit 16 bits, MAX_COLUMNS), then run by rows.
+    const held: { fixed: readonly number[]; columns: Uint16Array; key: OrderKey }[] = [];
+    const stopHere = (reason: Stop['reason']) => finish('stopped', null, { reason, key: [level, -1, -1] });
+    let seq = 0;
     for (const { cls, plan } of classesAtLevel(s, o, a, reduced, level)) {
-      if (held.length >= limit) return finish('stopped', null, { reason: 'level', index, level });
-      if (held.length >= maxHeld || (held.length % 1024 === 1023 && heapUsed() > heapCap)) return finish('stopped', null, { reason: 'memory', index, level });
-      held.push({ fixed: cls.fixed, columns: Uint16Array.from(cls.columns), rows: plan.rows });
+      if (seq++ % shard.count !== shard.index) continue;
+      if (held.length >= limit) return stopHere('level');
+      if (held.length >= maxHeld || (held.length % 1024 === 1023 && heapUsed() > heapCap)) return stopHere('memory');
+      held.push({ fixed: cls.fixed, columns: Uint16Array.from(cls.columns), key: [level, plan.rows, seq - 1] });
     }
-    held.sort((x, y) => x.rows - y.rows); // stable: ties keep the enumeration order
+    held.sort((x, y) => before(x.key, y.key));
     for (let i = 0; i < held.length; i++) {
-      const at = index + i;
-      if (at % shard.count !== shard.index) continue;
-      if (classesRun >= limit) return finish('stopped', null, { reason: 'max-classes', index: at, level });
-      if (classesRun % 256 === 255 && heapUsed() > heapCap) return finish('stopped', null, { reason: 'memory', index: at, level });
+      const { key } = held[i]!;
+      if (classesRun >= limit) return finish('stopped', null, { reason: 'max-classes', key });
+      if (classesRun % 256 === 255 && heapUsed() > heapCap) return finish('stopped', null, { reason: 'memory', key });
       const r = realize(s, o, a, { fixed: held[i]!.fixed, columns: [...held[i]!.columns] })!;
       const { scenario, diagnosis } = run(r);
-      if (diagnosis.verdict !== 'ok') return finish('counterexample', counterexample(at, r, scenario, diagnosis), null);
+      if (diagnosis.verdict !== 'ok') return finish('counterexample', counterexample(key, r, scenario, diagnosis), null);
       const now = performance.now();
       if (opts.onProgress && now - lastReport > 200) {
         lastReport = now;
         opts.onProgress({ level, maxLevel, levelDone: i + 1, levelSize: held.length, classesRun, elapsedMs: now - t0 });
       }
     }
-    index += held.length;
     levelsDone = level + 1;
   }
   return finish('proved', null, null);
 }
 
-/** Which of this shard's classes were run and passed: every one below the returned position. */
-const coveredBelow = (r: ExploreResult) => r.counterexample?.index ?? r.stopped?.index ?? Infinity;
+/** Every class of the shard before this key was run and passed (null: all of them). */
+const coveredBelow = (r: ExploreResult): OrderKey | null => r.counterexample?.key ?? r.stopped?.key ?? null;
 
 export interface MergedResult {
   readonly verdict: ExploreResult['verdict'];
@@ -244,7 +252,7 @@ export function mergeResults(parts: readonly ExploreResult[]): MergedResult {
   const best = parts
     .map((p) => p.counterexample)
     .filter((c): c is Counterexample => c !== null)
-    .sort((x, y) => x.index - y.index)[0];
+    .sort((x, y) => before(x.key, y.key))[0];
   // A proof from one class holding every kind covers every shard.
   const proof = parts.find((p) => p.verdict === 'proved' && p.reduction.everyKindAtOnce);
   const stopped = proof ? [] : parts.flatMap((p) => (p.stopped ? [{ ...p.stopped, shard: p.shard.index }] : []));
@@ -257,7 +265,7 @@ export function mergeResults(parts: readonly ExploreResult[]): MergedResult {
     classesRun: parts.reduce((n, p) => n + p.classesRun, 0),
     elapsedMs: parts.reduce((n, p) => n + p.elapsedMs, 0),
     counterexample: best ?? null,
-    shortest: best ? parts.every((p) => coveredBelow(p) >= best.index) : null,
+    shortest: best ? parts.every((p) => coveredBelow(p) === null || before(coveredBelow(p)!, best.key) >= 0) : null,
     stopped,
   };
 }

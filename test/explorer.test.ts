@@ -5,7 +5,7 @@ import { alphabet, classesAtLevel, realize, withExtras, type Alphabet, type Colu
 import { observe, reducedKey, type Observation } from '../sim/explore/kinds.js';
 import { runDes, simulateDes } from '../sim/des.js';
 import { validateScenario, worldSize, type Scenario } from '../sim/scenario.js';
-import { VARIANT_NAMES } from '../machines/variants.js';
+import { VARIANT_NAMES, type VariantName } from '../machines/variants.js';
 import { WRAP_POLICIES } from '../machines/rankMachine.js';
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, writeFileSync } from 'node:fs';
@@ -42,13 +42,14 @@ function reducedOf(s: Scenario, o: Observation, full: Alphabet, red: Alphabet, c
 const CROSS: Partial<Scenario>[] = [
   ...[2, 3, 4, 5].map((ep) => ({ ep, experts: 2 * ep, topK: 2, microBatches: 2 })),
   ...WRAP_POLICIES.flatMap((fsdp) => [true, false].map((packed) => ({ ep: 2, dp: 2, experts: 4, topK: 2, fsdp, packed }))),
-  { ep: 3, dp: 2, experts: 6, topK: 2, fsdp: 'experts', packed: false },
 ];
+// ep=3, dp=2 for the variants whose FSDP facts differ (completion order there is 142k classes).
+const CROSS_WIDE: [Partial<Scenario>, readonly VariantName[]][] = [[{ ep: 3, dp: 2, experts: 6, topK: 2, fsdp: 'experts', packed: false }, ['no-unused-expert-grads', 'no-dispatch-edge']]];
 
 test('cutoff: every class of the exhaustive search has the verdict of its reduced class, for every variant and wrap policy', () => {
   let compared = 0;
-  for (const layout of CROSS) {
-    for (const variant of VARIANT_NAMES) {
+  for (const [layout, variants] of [...CROSS.map((l) => [l, VARIANT_NAMES] as const), ...CROSS_WIDE]) {
+    for (const variant of variants) {
       const s = validateScenario({ ...layout, variant });
       const o = observe(s);
       const full = alphabet(s, o, false);
@@ -233,7 +234,7 @@ test('shards split the search and merge into the unsharded answer', () => {
     const m = mergeResults(JSON.parse(JSON.stringify(parts)));
     assert.is(m.verdict, whole.verdict, variant);
     if (whole.counterexample) {
-      assert.is(m.counterexample!.index, whole.counterexample.index);
+      assert.equal(m.counterexample!.key, whole.counterexample.key);
       assert.ok(m.shortest);
     } else {
       assert.is(m.classesRun, whole.classesRun);

@@ -36,8 +36,9 @@ give every holder one capacity level, so unequal holders are not explored.
                          experts reached), for cross-checks; grows like ep^(kinds-1)
   --max-classes N        run at most N classes, and hold at most N for one starved level
                          (default ${DEFAULT_MAX_CLASSES}); past it, stop and exit 1
-  --shard I/N            run only classes whose search-order number is I modulo N; without
-                         it, a Slurm array task (SLURM_ARRAY_TASK_ID, _COUNT, _MIN) is a shard
+  --shard I/N            run only the classes enumerated at positions I modulo N of each
+                         starved level (each shard holds 1/N of a level); without it, a
+                         Slurm array task (SLURM_ARRAY_TASK_ID, _COUNT, _MIN) is a shard
   --merge FILE...        join the --json results of every shard of one run into one proof
                          or counterexample (the one earliest in search order)
   --replay FILE          write the counterexample as a scenario JSON (routing 'explicit',
@@ -71,9 +72,9 @@ function progressLine(p: Progress): string {
 
 function stopLine(r: ExploreResult, maxClasses: number): string {
   const s = r.stopped!;
-  const got = `check: stopped at class ${s.index} in search order (starved level ${s.level} of ${r.layout.ep * r.layout.dp}, ${r.classesRun} classes run, no counterexample so far)`;
+  const got = `check: stopped in starved level ${s.key[0]} of ${r.layout.ep * r.layout.dp} (${r.classesRun} classes run, every class before passed, no counterexample so far)`;
   if (s.reason === 'memory') return `${got}: the heap is nearly full; give node more heap (NODE_OPTIONS=--max-old-space-size=MB)${r.reduction.cutoff === null ? ' or drop --exhaustive' : ''}, or split the run with --shard I/N`;
-  if (s.reason === 'level') return `${got}: starved level ${s.level} alone holds more than --max-classes ${maxClasses} classes; raise --max-classes (memory grows with it)${r.reduction.cutoff === null ? ', or drop --exhaustive' : ''}`;
+  if (s.reason === 'level') return `${got}: starved level ${s.key[0]} alone holds more than --max-classes ${maxClasses} classes; raise --max-classes (memory grows with it)${r.reduction.cutoff === null ? ', or drop --exhaustive' : ''}`;
   return `${got}: --max-classes ${maxClasses} reached; split the run with --shard I/N (then --merge), or raise --max-classes`;
 }
 
@@ -88,7 +89,7 @@ function printSummary(r: ExploreResult | MergedResult, replay: string | null): v
     if (red.everyKindAtOnce) console.log(`one class held all ${red.columnKinds} column kind(s) and passed; a class holding fewer kinds can only hang if it does`);
     return;
   }
-  console.log(`counterexample at class ${c.index} in search order for ${where(r.layout)} [${speed}]`);
+  console.log(`counterexample, the first in search order (starved level ${c.key[0]}, ${c.key[1]} rows) for ${where(r.layout)} [${speed}]`);
   if (red.cutoff !== null) console.log(`cutoff: 1 rank per kind; the guards read per rank: ${observed}`);
   console.log(`routing: ${runs(c.ranks.map((k) => `${k.holdsTokens ? 'hold' : 'hold no'} tokens, ${k.usedExperts} local expert(s) reached`)).join('; ')}`);
   console.log(`starved (receiving no rows): ${c.starvedRanks.length ? c.starvedRanks.map((g) => `rank ${g}`).join(', ') : 'none'}; rows: ${c.rows}${c.firstReady ? `; issued first: ${c.firstReady.map((o, g) => `rank ${g} ${o.join('/')}`).join(', ')}` : ''}`);
@@ -138,7 +139,7 @@ export async function main(argv: string[]): Promise<number> {
     if (replay && m.counterexample) await writeFile(replay, JSON.stringify(m.counterexample.scenario, null, 2) + '\n');
     if (values.json) console.log(JSON.stringify({ ...m, replay: m.counterexample ? replay : null }));
     else if (m.verdict === 'stopped') {
-      console.error(`check --merge: no counterexample, but shard(s) ${m.stopped.map((s) => `${s.shard} (stopped at class ${s.index}, ${s.reason})`).join(', ')} did not finish: rerun them with a higher --max-classes or more shards`);
+      console.error(`check --merge: no counterexample, but shard(s) ${m.stopped.map((s) => `${s.shard} (stopped in starved level ${s.key[0]}, ${s.reason})`).join(', ')} did not finish: rerun them with a higher --max-classes or more shards`);
     } else {
       printSummary(m, replay);
       if (m.shortest === false) console.log('a shard stopped before this class, so a shorter counterexample may exist');
