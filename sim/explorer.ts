@@ -32,6 +32,8 @@ import { observe } from './explore/kinds.js';
 
 export const RESULT_FORMAT = 'ep-actors.check/1';
 export const DEFAULT_MAX_CLASSES = 1_000_000;
+/** Heap in use past which the transition memo starts over (it only saves time). */
+const MEMO_HEAP = 256 * 2 ** 20;
 
 /** One rank's routing facts in a class. */
 export interface RankClass {
@@ -129,8 +131,8 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
   const heapCap = (opts.heapFraction ?? 0.7) * heapLimit;
   const movable = s.ep - o.fixedEpRanks.length;
   const maxLevel = worldSize(s);
-  // A held class costs about an object, a typed array and a slot; a level may take a quarter of the heap.
-  const maxHeld = Math.floor((heapLimit / 4) / (160 + 2 * movable));
+  // A held class costs about an object, a typed array and a slot (measured: ~200 bytes + 2 per column).
+  const heldBytes = 256 + 2 * movable;
   // Classes of one layout share every rank's initial snapshot (the config, not the routing).
   const initial: RankSnapshot[] = Array.from({ length: worldSize(s) }, (_, r) => startRank(rankConfig(s, r)));
   let memo = new TransitionMemo();
@@ -143,7 +145,7 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
   const run = (r: Realized) => {
     classesRun++;
     // The memo only saves time: start a new one before it crowds the heap.
-    if (classesRun % 64 === 0 && heapUsed() > heapCap / 3) memo = new TransitionMemo();
+    if (classesRun % 64 === 0 && heapUsed() > Math.min(heapCap / 3, MEMO_HEAP)) memo = new TransitionMemo();
     const scenario = scenarioOf(r);
     return { scenario, diagnosis: simulateDes(scenario, { initial, memo }).diagnosis };
   };
@@ -186,18 +188,20 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
   for (let level = 0; level <= maxLevel; level++) {
     // This shard's classes of the level (every count-th in enumeration order), as column codes
     // (a dp group's letters fit 16 bits, MAX_COLUMNS), then run by rows.
-    const held: { fixed: readonly number[]; columns: Uint16Array; key: OrderKey }[] = [];
+    const held: { fixed: readonly number[]; columns: Uint16Array; rows: number; seq: number }[] = [];
     const stopHere = (reason: Stop['reason']) => finish('stopped', null, { reason, key: [level, -1, -1] });
+    // The level may take half of the heap still free below the cap.
+    const maxHeld = Math.max(0, (heapCap - heapUsed()) / 2 / heldBytes);
     let seq = 0;
     for (const { cls, plan } of classesAtLevel(s, o, a, reduced, level)) {
       if (seq++ % shard.count !== shard.index) continue;
       if (held.length >= limit) return stopHere('level');
       if (held.length >= maxHeld || (held.length % 1024 === 1023 && heapUsed() > heapCap)) return stopHere('memory');
-      held.push({ fixed: cls.fixed, columns: Uint16Array.from(cls.columns), key: [level, plan.rows, seq - 1] });
+      held.push({ fixed: cls.fixed, columns: Uint16Array.from(cls.columns), rows: plan.rows, seq: seq - 1 });
     }
-    held.sort((x, y) => before(x.key, y.key));
+    held.sort((x, y) => x.rows - y.rows || x.seq - y.seq);
     for (let i = 0; i < held.length; i++) {
-      const { key } = held[i]!;
+      const key: OrderKey = [level, held[i]!.rows, held[i]!.seq];
       if (classesRun >= limit) return finish('stopped', null, { reason: 'max-classes', key });
       if (classesRun % 256 === 255 && heapUsed() > heapCap) return finish('stopped', null, { reason: 'memory', key });
       const r = realize(s, o, a, { fixed: held[i]!.fixed, columns: [...held[i]!.columns] })!;

@@ -4,10 +4,10 @@
 // columns, up to a permutation of the dp groups, plus the columns the variant singles out.
 //
 // Two alphabets. Exhaustive: a letter per rank kind, every multiset enumerated. Reduced: a
-// letter per observable kind (split by starved or not, which orders the search), and a class is the SET of columns present (cutoff 1): the
-// guards read a rank's own facts only and two ranks of one kind issue identical, mutually
-// consistent collectives, so a second rank of a kind adds no behaviour; extra EP ranks
-// repeat one present column (the one that starves fewest).
+// letter per observable kind (split by starved or not, which orders the search), and a
+// class is the SET of columns present (cutoff 1): the guards read a rank's own facts only
+// and two ranks of one kind issue identical, mutually consistent collectives, so a second
+// rank of a kind adds no behaviour; extra EP ranks repeat one present column.
 //
 // Order: classes stream one starved level at a time (ranks receiving no rows), and within a
 // level by rows, so the first counterexample is a shortest one. Only one level's classes
@@ -69,7 +69,7 @@ const letterOf = (L: number, code: number, d: number) => Math.floor(code / L ** 
 
 /** Permutations of 0..n-1, the identity first. */
 function permutations(n: number): number[][] {
-  if (n > 6) throw new UsageError(`check: dp=${n} gives ${'' + factorial(n)} dp-group symmetries; at most dp=6`);
+  if (n > 6) throw new UsageError(`check: dp=${n}: every class is checked against all dp! orders of the dp groups; at most dp=6`);
   const out: number[][] = [];
   const rec = (prefix: number[], rest: number[]) => {
     if (rest.length === 0) out.push(prefix);
@@ -78,8 +78,6 @@ function permutations(n: number): number[][] {
   rec([], Array.from({ length: n }, (_, i) => i));
   return out;
 }
-
-const factorial = (n: number): number => (n <= 1 ? 1 : n * factorial(n - 1));
 
 /** A class: codes of the singled-out columns, and the other columns' codes, sorted. */
 export interface ColumnClass {
