@@ -32,6 +32,8 @@ import { observe } from './explore/kinds.js';
 
 export const RESULT_FORMAT = 'ep-actors.check/1';
 export const DEFAULT_MAX_CLASSES = 1_000_000;
+/** Most ranks a class runs with: the engine holds every rank's routing facts (ep=4096: ~40 s and 2 GB a class). */
+export const MAX_WORLD = 4096;
 /** Heap in use past which the transition memo starts over (it only saves time). */
 const MEMO_HEAP = 256 * 2 ** 20;
 
@@ -122,6 +124,7 @@ export interface ExploreOptions {
 export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreResult {
   const t0 = performance.now();
   const s = validateScenario({ ...layout, routing: 'uniform', explicit: undefined });
+  if (worldSize(s) > MAX_WORLD) throw new UsageError(`check: ${worldSize(s)} ranks (ep=${s.ep} × dp=${s.dp}); every class runs at full size through the engine, up to ${MAX_WORLD} ranks`);
   const o = observe(s);
   const reduced = opts.reduce ?? true;
   const a = alphabet(s, o, reduced);

@@ -297,6 +297,7 @@ test('past the limits: one line, exit 1, no V8 fatal error', () => {
     [['--ep', '2', '--dp', '7', '--experts', '4'], /at most dp=6/],
     [['--ep', '2', '--dp', '2', '--fsdp', '--wrap', 'experts', '--layers', '5', '--variant', 'completion-order', '--experts', '4'], /at most 4 layer calls/],
     [['--ep', '4', '--shard', '4/4'], /--shard must be I\/N/],
+    [['--ep', '65536', '--experts', '65536', '--top-k', '1'], /up to 4096 ranks/],
   ];
   for (const [args, line] of cases) {
     const r = cli(['check', ...args]);

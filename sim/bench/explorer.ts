@@ -24,7 +24,7 @@ function check(cli: string, args: string[], heapMb: number | null, timeoutMs: nu
   const ms = performance.now() - t0;
   const rss = /maxrss_kb=(\d+)/.exec(r.stderr ?? '');
   const rssMb = rss ? Number(rss[1]) / 1024 : null;
-  if (r.error || r.signal) return { ms, rssMb, verdict: r.signal === 'SIGTERM' ? `timed out after ${(timeoutMs / 1000).toFixed(0)} s` : `killed (${r.signal ?? r.error?.message})`, classes: null };
+  if (r.error || r.signal) return { ms, rssMb, verdict: r.signal === "SIGTERM" ? `timed out after ${(timeoutMs / 1000).toFixed(0)} s` : `killed (${r.signal ?? r.error?.message}) after ${(ms / 1000).toFixed(1)} s`, classes: null };
   if (r.status !== 0 && r.status !== 2) return { ms, rssMb, verdict: /heap out of memory/.test(r.stderr) ? `out of memory after ${(ms / 1000).toFixed(1)} s` : `exit ${r.status}: ${r.stderr.trim().split('\n')[0]}`, classes: null };
   const json = JSON.parse(r.stdout) as { verdict: string; classesRun: number };
   return { ms, rssMb, verdict: json.verdict, classes: json.classesRun };

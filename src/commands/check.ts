@@ -67,7 +67,7 @@ const where = (l: Scenario) =>
 function progressLine(p: Progress): string {
   const rate = p.classesRun / Math.max(p.elapsedMs / 1000, 1e-3);
   const eta = (p.levelSize - p.levelDone) / Math.max(rate, 1e-9);
-  return `\r\x1b[Kstarved level ${p.level}/${p.maxLevel}: ${p.levelDone}/${p.levelSize} · ${p.classesRun} classes run, ${rate.toFixed(0)}/s · level done in ~${eta < 1 ? '<1' : eta.toFixed(0)} s`;
+  return `\r\x1b[Kstarved level ${p.level}/${p.maxLevel}: ${p.levelDone}/${p.levelSize} · ${p.classesRun} classes run, ${rate.toFixed(0)}/s · level done in ${eta < 1 ? 'under 1' : `~${eta.toFixed(0)}`} s`;
 }
 
 function stopLine(r: ExploreResult, maxClasses: number): string {
