@@ -27,7 +27,7 @@ import type { RankSnapshot } from '../machines/protocol.js';
 import { startRank } from '../machines/protocol.js';
 import { simulateDes, TransitionMemo, type ScheduledScenario } from './des.js';
 import { rankConfig, validateScenario, worldSize, type Scenario } from './scenario.js';
-import { alphabet, classesAtLevel, realize, withExtras, type Realized } from './explore/classes.js';
+import { alphabet, classesAtLevel, realize, replayScenario, withExtras, type Realized } from './explore/classes.js';
 import { observe } from './explore/kinds.js';
 
 export const RESULT_FORMAT = 'ep-actors.check/1';
@@ -144,12 +144,11 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
   let everyKindAtOnce = false;
 
   const heapUsed = () => getHeapStatistics().used_heap_size;
-  const scenarioOf = (r: Realized): ScheduledScenario => ({ ...s, routing: 'explicit', explicit: r.explicit, tokens: r.tokens, ...(r.firstReady ? { firstReady: r.firstReady } : {}) });
   const run = (r: Realized) => {
     classesRun++;
     // The memo only saves time: start a new one before it crowds the heap.
     if (classesRun % 64 === 0 && heapUsed() > Math.min(heapCap / 3, MEMO_HEAP)) memo = new TransitionMemo();
-    const scenario = scenarioOf(r);
+    const scenario = replayScenario(s, r);
     return { scenario, diagnosis: simulateDes(scenario, { initial, memo }).diagnosis };
   };
   const counterexample = (key: OrderKey, r: Realized, scenario: ScheduledScenario, diagnosis: Diagnosis): Counterexample => ({

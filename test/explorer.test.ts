@@ -1,7 +1,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { explore, mergeResults, type ExploreResult } from '../sim/explorer.js';
-import { alphabet, classesAtLevel, realize, withExtras, type Alphabet, type ColumnClass } from '../sim/explore/classes.js';
+import { alphabet, classesAtLevel, realize, replayScenario, withExtras, type Alphabet, type ColumnClass } from '../sim/explore/classes.js';
 import { observe, reducedKey, type Observation } from '../sim/explore/kinds.js';
 import { runDes, simulateDes } from '../sim/des.js';
 import { validateScenario, worldSize, type Scenario } from '../sim/scenario.js';
@@ -21,7 +21,7 @@ function* everyClass(s: Scenario, o: Observation, a: Alphabet, reduced: boolean)
   for (let level = 0; level <= worldSize(s); level++) {
     for (const { cls } of classesAtLevel(s, o, a, reduced, level)) {
       const r = realize(s, o, a, cls)!;
-      yield { cls, verdict: simulateDes({ ...s, routing: 'explicit', explicit: r.explicit, tokens: r.tokens, ...(r.firstReady ? { firstReady: r.firstReady } : {}) }).diagnosis.verdict };
+      yield { cls, verdict: simulateDes(replayScenario(s, r)).diagnosis.verdict };
     }
   }
 }
@@ -65,7 +65,7 @@ test('cutoff: every class of the exhaustive search has the verdict of its reduce
         const key = JSON.stringify(rc);
         if (!reducedVerdict.has(key)) {
           const r = realize(s, o, red, rc)!;
-          reducedVerdict.set(key, simulateDes({ ...s, routing: 'explicit', explicit: r.explicit, tokens: r.tokens, ...(r.firstReady ? { firstReady: r.firstReady } : {}) }).diagnosis.verdict);
+          reducedVerdict.set(key, simulateDes(replayScenario(s, r)).diagnosis.verdict);
         }
         assert.is(reducedVerdict.get(key) === 'ok', verdict === 'ok', `${variant} ${JSON.stringify(layout)}: class ${JSON.stringify(cls)} is ${verdict}, its reduced class ${reducedVerdict.get(key)}`);
         if (verdict !== 'ok') hangs++;

@@ -15,6 +15,7 @@
 import type { CollectiveOp } from '../../src/ep/types.js';
 import { UsageError } from '../../src/errors.js';
 import type { Scenario } from '../scenario.js';
+import type { ScheduledScenario } from '../des.js';
 import { reducedKey, rankKinds, type Observation, type RankKind } from './kinds.js';
 
 export interface Alphabet {
@@ -273,3 +274,12 @@ export function realize(s: Scenario, o: Observation, a: Alphabet, cls: ColumnCla
       : null;
   return { ...p, explicit, tokens: Math.max(0, ...p.perHolder), firstReady };
 }
+
+/** The scenario that replays a realized class: explicit routing, and its completion orders. */
+export const replayScenario = (s: Scenario, r: Realized): ScheduledScenario => ({
+  ...s,
+  routing: 'explicit',
+  explicit: r.explicit,
+  tokens: r.tokens,
+  ...(r.firstReady ? { firstReady: r.firstReady } : {}),
+});
