@@ -33,7 +33,8 @@ variant and FSDP wrap policy. local-capacity sizes splits from token counts: its
 give every holder one capacity level, so unequal holders are not explored.
 
   --exhaustive           no cutoff: every class of rank kinds (holds tokens x local
-                         experts reached), for cross-checks; grows like ep^(kinds-1)
+                         experts reached x completion orders), for cross-checks; grows
+                         like ep^(kinds-1)
   --max-classes N        run at most N classes, and hold at most N for one starved level
                          (default ${DEFAULT_MAX_CLASSES}); past it, stop and exit 1
   --shard I/N            run only the classes enumerated at positions I modulo N of each
@@ -48,6 +49,8 @@ give every holder one capacity level, so unequal holders are not explored.
   -h, --help             this text
 
 Progress and an estimate for the current level are drawn on stderr when it is a terminal.
+Limits, each one line and exit 1: at most 4096 ranks, dp <= 6, 4 completion-order layer
+calls; a starved level that would fill the heap stops the run (shard it or add heap).
 
 ${SCENARIO_HELP}
 
