@@ -5,6 +5,8 @@
 // ledger, each rank watches for itself: a peer that finished after issuing fewer
 // collectives than this rank is now waiting in is a missing collective, a connection that
 // closes without a goodbye is a crashed peer, and no progress for the timeout is a stall.
+// A rank that stops (on what it saw, on a peer's stop, or on SIGTERM) drops its own work,
+// tells every peer why in its goodbye, and ends once its connections have closed.
 import { spawn } from 'node:child_process';
 import { createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
@@ -15,9 +17,10 @@ import type { IssuedCollective } from '../machines/protocol.js';
 import { casePayloads, rankResult } from './caseRanks.js';
 import { now, type Fault, type WorkerJob, type WorkerMessage } from './messages.js';
 import { worldSize, type Scenario } from '../sim/scenario.js';
-import { freePort, rendezvous, type LaunchEnv } from './rendezvous.js';
+import { freePort, rendezvous, type LaunchEnv, type Rendezvous } from './rendezvous.js';
 import { runRank } from './rankRun.js';
 import { acceptEarly, socketMesh, type Goodbye } from './socketPort.js';
+import type { RefusedConnection, RunIdentity } from './runIdentity.js';
 import { mergeRankRecordsIn, RANK_RECORD_VERSION, type RankRecord } from './rankRecord.js';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -32,6 +35,18 @@ import { toIndexArray, type FloatDType } from '../src/tensor.js';
 /** The run stopped because the ranks diverged, a peer crashed or nothing moved: exit code 2. */
 export class LaunchedRankError extends Error {
   override name = 'LaunchedRankError';
+  constructor(
+    message: string,
+    /** When a peer's stop stopped this rank: the rank that stopped first and its reason, passed on in this rank's goodbye. */
+    readonly origin?: { readonly rank: number; readonly reason: string },
+  ) {
+    super(message);
+  }
+}
+
+/** The rank was told to stop (SIGTERM, SIGINT) and told its peers: an error, exit code 1. */
+export class TerminatedRankError extends Error {
+  override name = 'TerminatedRankError';
 }
 
 export interface LaunchOptions<F extends FloatDType> {
@@ -40,12 +55,19 @@ export interface LaunchOptions<F extends FloatDType> {
   /** A case's inputs, when the ranks compute on a case (its scenario from caseScenario()). */
   readonly data?: CaseData<F>;
   readonly env: LaunchEnv;
+  /** Which job this rank is of: every connection's hello carries it. */
+  readonly identity: RunIdentity;
   /** tcp: msgpack chunks over a TCP connection per pair; nccl: the EP layer's all-to-alls over NCCL. */
   readonly exchange: 'tcp' | 'nccl';
   readonly backend: BackendName;
-  /** No progress on this rank for this long: stop with a stall (ms). */
+  /** No progress on this rank for this long: stop with a stall (ms); the rendezvous and the connections give up after it too. */
   readonly timeoutMs: number;
-  readonly rendezvousTimeoutMs?: number;
+  /** Aborted (its reason the signal's name, say): the rank stops, tells its peers, and rejects with a TerminatedRankError. */
+  readonly signal?: AbortSignal;
+  /** Hears each connection the hello refused, as it happens (it is in the record too). */
+  readonly refused?: (r: RefusedConnection) => void;
+  /** Hears the run id once this rank is connected to every peer. */
+  readonly connected?: (runId: string) => void;
   /** Injected faults, for tests of what a rank reports. */
   readonly faults?: readonly Fault[];
   /** Training steps back to back (default 1); the results are the last step's. */
@@ -69,6 +91,11 @@ export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>)
     throw new UsageError(`${what} but WORLD_SIZE is ${env.worldSize}: launch one process per rank`);
   }
   const gpu = o.exchange === 'nccl' || o.backend === 'cuda' ? await gpuOf(env, o.exchange) : null;
+  const refusals: NonNullable<RankRecord['refused']>[number][] = [];
+  const refused = (r: RefusedConnection) => {
+    refusals.push({ at: now(), from: r.from, line: r.line });
+    o.refused?.(r);
+  };
   const server = createServer();
   const listening = acceptEarly(server);
   await new Promise<void>((resolve, reject) => {
@@ -76,11 +103,21 @@ export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>)
     server.listen(0, () => resolve());
   });
   try {
-    const { peers, id } = await rendezvous(env, (server.address() as { port: number }).port, { timeoutMs: o.rendezvousTimeoutMs, newId: gpu?.newId });
-    return await runConnected(o, listening, peers, id, gpu?.device);
+    const rdv = rendezvous(env, (server.address() as { port: number }).port, { timeoutMs: o.timeoutMs, identity: o.identity, newId: gpu?.newId, refused });
+    const met = await (o.signal ? Promise.race([rdv, terminated(o.signal)]) : rdv);
+    return await runConnected(o, listening, met, gpu?.device, { refusals, refused });
   } finally {
-    server.close();
+    if (server.listening) server.close();
   }
+}
+
+/** Rejects with a TerminatedRankError once `signal` aborts. */
+function terminated(signal: AbortSignal): Promise<never> {
+  return new Promise((_, reject) => {
+    const stop = () => reject(new TerminatedRankError(`terminated by ${String(signal.reason)}`));
+    if (signal.aborted) stop();
+    else signal.addEventListener('abort', stop, { once: true });
+  });
 }
 
 async function gpuOf(env: LaunchEnv, exchange: 'tcp' | 'nccl'): Promise<{ device: number; newId?: () => Uint8Array }> {
@@ -89,7 +126,13 @@ async function gpuOf(env: LaunchEnv, exchange: 'tcp' | 'nccl'): Promise<{ device
   return { device: env.localRank % count, newId: exchange === 'nccl' && env.rank === 0 ? () => (addon.ncclGetUniqueId as () => Uint8Array)() : undefined };
 }
 
-function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: ReturnType<typeof acceptEarly>, peers: Parameters<typeof socketMesh>[1], ncclId: Uint8Array | null, device: number | undefined): Promise<LaunchedRankResult<F>> {
+function runConnected<F extends FloatDType>(
+  o: LaunchOptions<F>,
+  listening: ReturnType<typeof acceptEarly>,
+  met: Rendezvous,
+  device: number | undefined,
+  refusing: { readonly refusals: NonNullable<RankRecord['refused']>; refused(r: RefusedConnection): void },
+): Promise<LaunchedRankResult<F>> {
   const { rank } = o.env;
   /** Collectives issued so far per communicator kind, and the one this rank waits in. */
   const issued: Record<string, number> = {};
@@ -113,31 +156,47 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
 
   const job: WorkerJob = {
     rank, scenario: o.scenario, casePayload: o.data ? casePayloads(o.data)[rank] : undefined, backend: o.backend,
-    exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: ncclId ?? undefined, faults: o.faults ?? [], inspect: false, steps: o.steps ?? 1, record: !!o.keep,
+    exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: met.id ?? undefined, faults: o.faults ?? [], inspect: false, steps: o.steps ?? 1, record: !!o.keep,
   };
   return new Promise<LaunchedRankResult<F>>((resolve, reject) => {
     let settled = false;
     let watchdog: NodeJS.Timeout | undefined;
-    let ports: Map<number, { goodbye(g: Goodbye): void }> = new Map();
+    let ports: Map<number, { goodbye(g: Goodbye): Promise<void> }> = new Map();
     const arm = () => {
       clearTimeout(watchdog);
       watchdog = setTimeout(() => fail(new LaunchedRankError(`stall: rank ${rank} made no progress for ${o.timeoutMs} ms${waiting ? ` waiting in ${describe(waiting)}` : ''}`)), o.timeoutMs);
     };
     const messages: WorkerMessage[] = [];
     const keep = (stopped?: string) =>
-      o.keep?.({ epActorsRankRecord: RANK_RECORD_VERSION, rank, scenario: o.scenario, ...routingOfRank(o, rank), messages, ...(stopped === undefined ? {} : { stopped, stoppedAt: now() }) });
+      o.keep?.({
+        epActorsRankRecord: RANK_RECORD_VERSION, rank, scenario: o.scenario, ...routingOfRank(o, rank), messages,
+        ...(stopped === undefined ? {} : { stopped, stoppedAt: now() }),
+        ...(refusing.refusals.length ? { refused: refusing.refusals } : {}),
+      });
+    const onAbort = () => fail(new TerminatedRankError(`terminated by ${String(o.signal!.reason)}`));
+    o.signal?.addEventListener('abort', onAbort, { once: true });
+    /** What this rank said when its run ended: peers connected after that hear it too. */
+    let farewell: Goodbye | null = null;
+    /** The run is over for this rank: say goodbye to every peer, and settle once the connections have closed. */
+    const end = (goodbye: Goodbye, settle: () => void) => {
+      settled = true;
+      farewell = goodbye;
+      clearTimeout(watchdog);
+      o.signal?.removeEventListener('abort', onAbort);
+      void Promise.all([...ports.values()].map((p) => p.goodbye(goodbye))).then(settle);
+    };
     fail = (err) => {
       if (settled) return;
-      settled = true;
       keep(err.message);
-      clearTimeout(watchdog);
-      // Peers hear why this rank stopped, so they report the cause rather than a lost connection.
-      ports.forEach((p) => p.goodbye({ issued, stopped: err.message }));
-      reject(err);
+      // Peers hear why the run stopped and which rank stopped it first, so they report the cause rather than a lost connection.
+      const origin = err instanceof LaunchedRankError && err.origin ? err.origin : { rank, reason: err.message };
+      end({ issued, stopped: origin.reason, stoppedBy: origin.rank }, () => reject(err));
     };
+    if (o.signal?.aborted) onAbort();
     let result: Uint8Array | undefined;
     const stepMs: number[] = [];
     const post = (m: WorkerMessage) => {
+      if (settled) return; // a stopped rank's layer may still be finishing a compute: what it reports no longer counts
       if (m.type === 'issue' || m.type === 'completed' || m.type === 'paths' || m.type === 'finished') messages.push(m);
       switch (m.type) {
         case 'issue': {
@@ -166,25 +225,32 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
           return;
       }
     };
-    socketMesh(rank, peers, listening, {
+    socketMesh({ run: met.runId, rank, world: o.env.worldSize }, o.identity.secret, met.peers, listening, {
       broken: (peer, reason) => fail(new LaunchedRankError(`rank ${peer} went away before finishing its step (${reason}): it crashed or was killed${waiting ? `; rank ${rank} waits in ${describe(waiting)}` : ''}`)),
       finished: (peer, goodbye) => {
-        if (goodbye.stopped !== undefined) return fail(new LaunchedRankError(`rank ${peer} stopped: ${goodbye.stopped}`));
+        if (goodbye.stopped !== undefined) {
+          const by = goodbye.stoppedBy ?? peer;
+          return fail(new LaunchedRankError(`rank ${by} stopped: ${goodbye.stopped}`, { rank: by, reason: goodbye.stopped }));
+        }
         finishedPeers.set(peer, goodbye.issued);
         if (waiting) missingPeer(waiting);
       },
-    }).then((mesh) => {
+      refused: refusing.refused,
+    }, o.timeoutMs).then((mesh) => {
       ports = mesh;
+      if (farewell) {
+        // Stopped while connecting (a signal): the peers still hear why.
+        mesh.forEach((p) => void p.goodbye(farewell!));
+        return;
+      }
+      o.connected?.(met.runId);
       arm(); // the watchdog times the step; the rendezvous and the connections have their own limits
-      return runRank(job, mesh, post);
-    }).then(() => {
-      if (settled) return;
-      settled = true;
-      keep();
-      clearTimeout(watchdog);
-      ports.forEach((p) => p.goodbye({ issued }));
-      resolve({ result: o.data ? rankResult<F>(result, rank) : null, stepMs });
-    }, (err: Error) => fail(err));
+      return runRank(job, mesh, post).then(() => {
+        if (settled) return;
+        keep();
+        end({ issued }, () => resolve({ result: o.data ? rankResult<F>(result, rank) : null, stepMs }));
+      });
+    }).catch((err: Error) => fail(err));
   });
 }
 

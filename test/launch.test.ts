@@ -10,6 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv } from '../actors/rendezvous.js';
 import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/socketPort.js';
+import type { RunIdentity } from '../actors/runIdentity.js';
 import { LaunchedRankError, launchLocally, runLaunchedRank, runScenarioOnProcesses } from '../actors/launch.js';
 import { checkRankRecords, mergeRankRecords, RankRecordError } from '../actors/rankRecord.js';
 import { runDes } from '../sim/des.js';
@@ -23,6 +24,9 @@ import { Tensor, relativeError } from '../src/tensor.js';
 import { seededRng } from '../src/moe/random.js';
 import { goldenDir } from './paths.js';
 import { runCli } from './cli.js';
+
+/** No run id from a launcher, no secret: rank 0 makes the run id up. */
+const anon: RunIdentity = { runId: null, source: 'rank 0', secret: null };
 
 test('launchEnv reads torchrun\'s variables, falls back to Slurm\'s, and rejects bad ones in one line', () => {
   assert.equal(launchEnv({ RANK: '1', WORLD_SIZE: '4', LOCAL_RANK: '1', MASTER_ADDR: 'node0', MASTER_PORT: '29400' }), { rank: 1, worldSize: 4, localRank: 1, masterAddr: 'node0', masterPort: 29400 });
@@ -39,24 +43,24 @@ test('rendezvous: every rank gets the address table and rank 0\'s id, whichever 
   const port = await freePort();
   const id = Uint8Array.from({ length: 128 }, (_, i) => (i * 37 + 11) & 255);
   const env = (rank: number): LaunchEnv => ({ rank, worldSize: 4, localRank: rank, masterAddr: '127.0.0.1', masterPort: port });
-  const early = [1, 2].map((r) => rendezvous(env(r), 4000 + r, { timeoutMs: 10_000 })); // before rank 0 listens: they retry
+  const early = [1, 2].map((r) => rendezvous(env(r), 4000 + r, { timeoutMs: 10_000, identity: anon })); // before rank 0 listens: they retry
   await new Promise((r) => setTimeout(r, 300));
-  const got = await Promise.all([rendezvous(env(0), 4000, { timeoutMs: 10_000, newId: () => id }), ...early, rendezvous(env(3), 4003, { timeoutMs: 10_000 })]);
+  const got = await Promise.all([rendezvous(env(0), 4000, { timeoutMs: 10_000, identity: anon, newId: () => id }), ...early, rendezvous(env(3), 4003, { timeoutMs: 10_000, identity: anon })]);
   for (const [r, g] of got.entries()) {
     assert.equal(g.peers.map((p) => p.port), [4000, 4001, 4002, 4003], `rank ${r}`);
     assert.ok(g.peers.every((p) => /127\.0\.0\.1/.test(p.host)), JSON.stringify(g.peers));
     assert.equal(Array.from(g.id!), Array.from(id), `rank ${r}`);
   }
   try {
-    await rendezvous(env(2), 4002, { timeoutMs: 500 });
+    await rendezvous(env(2), 4002, { timeoutMs: 500, identity: anon });
     assert.unreachable('no rank 0 is listening any more');
   } catch (e) {
     assert.instance(e, RendezvousError);
     assert.match((e as Error).message, `rank 2 could not reach 127.0.0.1:${port}`);
   }
   const two = (rank: number): LaunchEnv => ({ ...env(rank), worldSize: 3 });
-  const zero = rendezvous(two(0), 1, { timeoutMs: 5000 });
-  const dup = [rendezvous(two(1), 2, { timeoutMs: 5000 }), rendezvous(two(1), 3, { timeoutMs: 5000 })];
+  const zero = rendezvous(two(0), 1, { timeoutMs: 5000, identity: anon });
+  const dup = [rendezvous(two(1), 2, { timeoutMs: 5000, identity: anon }), rendezvous(two(1), 3, { timeoutMs: 5000, identity: anon })];
   const [z] = await Promise.allSettled([zero, ...dup]);
   assert.is(z.status, 'rejected');
   assert.match(String((z as PromiseRejectedResult).reason), /rank 1 joined twice/);
@@ -69,7 +73,7 @@ test('rendezvous: a rank 0 that answers nonsense is an error naming the address,
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
     const port = (server.address() as AddressInfo).port;
     try {
-      await rendezvous({ rank: 1, worldSize: 2, localRank: 1, masterAddr: '127.0.0.1', masterPort: port }, 1, { timeoutMs: 3000 });
+      await rendezvous({ rank: 1, worldSize: 2, localRank: 1, masterAddr: '127.0.0.1', masterPort: port }, 1, { timeoutMs: 3000, identity: anon });
       assert.unreachable(`accepted ${JSON.stringify(reply)}`);
     } catch (e) {
       assert.instance(e, RendezvousError);
@@ -230,7 +234,7 @@ test('a rank that throws tells its peers why; one that vanishes is reported as g
     const port = await freePort();
     return (rank) => ({ rank, worldSize: 2, localRank: rank, masterAddr: '127.0.0.1', masterPort: port });
   };
-  const base = { data, scenario: caseScenario(data.meta), exchange: 'tcp' as const, backend: 'ts' as const, timeoutMs: 20_000 };
+  const base = { data, scenario: caseScenario(data.meta), identity: anon, exchange: 'tcp' as const, backend: 'ts' as const, timeoutMs: 20_000 };
 
   let at = await env();
   const thrown = await Promise.allSettled([runLaunchedRank({ ...base, env: at(0) }), runLaunchedRank({ ...base, env: at(1), faults: [{ kind: 'throw', rank: 1, op: 'fwd.combine' }] })]);
@@ -246,8 +250,8 @@ test('a rank that throws tells its peers why; one that vanishes is reported as g
   const listening = acceptEarly(server);
   await new Promise<void>((r) => server.listen(0, () => r()));
   const rank0 = runLaunchedRank({ ...base, env: at(0) });
-  const { peers } = await rendezvous(at(1), (server.address() as AddressInfo).port, { timeoutMs: 5000 });
-  const mesh = await socketMesh(1, peers, listening, { broken: () => {}, finished: () => {} });
+  const { peers, runId } = await rendezvous(at(1), (server.address() as AddressInfo).port, { timeoutMs: 5000, identity: anon });
+  const mesh = await socketMesh({ run: runId, rank: 1, world: 2 }, null, peers, listening, { broken: () => {}, finished: () => {}, refused: () => {} });
   mesh.get(0)!.socket.destroy();
   server.close();
   try {
@@ -290,7 +294,7 @@ test('fuzz: damaged rank records merge or fail with a RankRecordError, never ano
   const data = await loadCase(join(goldenDir, 'ep2_relu_top1_skew.safetensors'));
   const port = await freePort();
   const records: unknown[] = [];
-  await Promise.all([0, 1].map((rank) => runLaunchedRank({ data, scenario: caseScenario(data.meta), env: { rank, worldSize: 2, localRank: rank, masterAddr: '127.0.0.1', masterPort: port }, exchange: 'tcp', backend: 'ts', timeoutMs: 20_000, keep: (r) => records.push(r) })));
+  await Promise.all([0, 1].map((rank) => runLaunchedRank({ data, scenario: caseScenario(data.meta), env: { rank, worldSize: 2, localRank: rank, masterAddr: '127.0.0.1', masterPort: port }, identity: anon, exchange: 'tcp', backend: 'ts', timeoutMs: 20_000, keep: (r) => records.push(r) })));
   const clean = JSON.stringify(records);
   assert.is(mergeRankRecords(checkRankRecords(JSON.parse(clean) as unknown[], ['a', 'b'])).diagnosis.verdict, 'ok');
   const rng = seededRng(99);
