@@ -7,7 +7,7 @@
 // closes without a goodbye is a crashed peer, and no progress for the timeout is a stall.
 // A rank that stops (on what it saw, on a peer's stop, or on SIGTERM) drops its own work,
 // tells every peer why in its goodbye, and ends once its connections have closed.
-import { spawn } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import type { CaseData, RankResult } from '../src/case.js';
@@ -265,11 +265,20 @@ export interface CliRun {
   readonly stderr: string;
 }
 
-/** `ep-actors ...args` as a child process of this Node, with its exit code and output; killed after timeoutMs. */
-export function runEpActors(args: readonly string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<CliRun> {
+export interface SpawnOptions {
+  readonly env?: NodeJS.ProcessEnv;
+  /** Killed (SIGKILL: nothing it does can delay it) after this long; its code is then null. */
+  readonly timeoutMs?: number;
+  /** Hears each process as it starts (to signal it, say). */
+  readonly started?: (child: ChildProcess) => void;
+}
+
+/** `ep-actors ...args` as a child process of this Node, with its exit code and output. */
+export function runEpActors(args: readonly string[], opts: SpawnOptions = {}): Promise<CliRun> {
   const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [cli, ...args], { env: opts.env ?? process.env, timeout: opts.timeoutMs ?? 600_000 });
+    const child = spawn(process.execPath, [cli, ...args], { env: opts.env ?? process.env, timeout: opts.timeoutMs ?? 600_000, killSignal: 'SIGKILL' });
+    opts.started?.(child);
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (c) => (stdout += c));
@@ -282,15 +291,16 @@ export function runEpActors(args: readonly string[], opts: { env?: NodeJS.Proces
 /**
  * Starts `n` processes of `ep-actors rank ...rankArgs` on this machine, placed as
  * `torchrun --nproc-per-node n` would place them (RANK, WORLD_SIZE, LOCAL_RANK and a free
- * MASTER_PORT on 127.0.0.1), and waits for all of them.
+ * MASTER_PORT on 127.0.0.1, or `port`), and waits for all of them; `ranks` starts only those.
  */
-export async function launchLocally(n: number, rankArgs: readonly string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<CliRun[]> {
-  const port = await freePort();
+export async function launchLocally(n: number, rankArgs: readonly string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number; port?: number; ranks?: readonly number[]; started?: (child: ChildProcess, rank: number) => void } = {}): Promise<CliRun[]> {
+  const port = opts.port ?? (await freePort());
   return Promise.all(
-    Array.from({ length: n }, (_, rank) =>
+    (opts.ranks ?? Array.from({ length: n }, (_, rank) => rank)).map((rank) =>
       runEpActors(['rank', ...rankArgs], {
         env: { ...(opts.env ?? process.env), RANK: String(rank), WORLD_SIZE: String(n), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) },
         timeoutMs: opts.timeoutMs,
+        started: (child) => opts.started?.(child, rank),
       }),
     ),
   );

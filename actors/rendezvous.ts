@@ -177,7 +177,9 @@ export async function rendezvous(e: LaunchEnv, dataPort: number, opts: Rendezvou
       connected = true; // rank 0 is up: from here on a failure is final, not a retry
       const hello = await helloAsDialer(sock, side, (l) => (l.rank === 0 ? null : 'it is not rank 0'));
       sock.write(`${JSON.stringify({ port: dataPort })}\n`);
-      const { value } = await readLine(sock, { timeoutMs: Math.max(1, deadline - Date.now()), max: MAX_REPLY, pending: hello.rest });
+      const { value } = await readLine(sock, { timeoutMs: Math.max(1, deadline - Date.now()), max: MAX_REPLY, pending: hello.rest }).catch((err: Error) => {
+        throw new RendezvousError(`rendezvous at ${where}: rank 0 did not hand out the address table within ${timeoutMs} ms (${err.message}); rank 0 says which ranks did not join`);
+      });
       const { peers, id, run } = (value ?? {}) as { peers?: PeerAddress[]; id?: string | null; run?: unknown };
       if (!Array.isArray(peers) || peers.length !== e.worldSize || peers.some((p) => !p || typeof p.host !== 'string' || !Number.isSafeInteger(p.port))) {
         throw new RendezvousError(`rendezvous at ${where}: rank 0 answered without a table of ${e.worldSize} addresses`);

@@ -156,11 +156,11 @@ const send = (sock: Socket, v: unknown) => sock.write(`${JSON.stringify(v)}\n`);
 const addressOf = (sock: Socket) => `${sock.remoteAddress ?? '?'}:${sock.remotePort ?? '?'}`;
 
 /** Says why, closes, and gives the error for this side. */
-function refuse(sock: Socket, side: Side, line: string): RefusedConnection {
+function refuse(sock: Socket, from: string, line: string): RefusedConnection {
   send(sock, { protocol: PROTOCOL, refused: line });
   sock.end();
   setTimeout(() => sock.destroy(), 1000).unref(); // a peer that keeps it open does not keep this rank
-  return new RefusedConnection(line, addressOf(sock));
+  return new RefusedConnection(line, from);
 }
 
 /** The other side refused us: its line, else what arrived instead. */
@@ -184,25 +184,26 @@ function mismatch(side: Side, them: Hello & { mac?: unknown }, expectedMac: stri
  * refuses. Resolves with the dialer's hello and the bytes that followed it.
  */
 export async function helloAsListener(sock: Socket, side: Side, expect: (dialer: Hello) => string | null): Promise<{ peer: Hello; rest: Buffer }> {
+  const from = addressOf(sock);
   const nonce = randomBytes(18).toString('base64');
   send(sock, { protocol: PROTOCOL, ...side.me, nonce });
-  const who = `rank ${side.me.rank} (${describeHello(side.me)}) refused a connection from ${addressOf(sock)}`;
+  const who = `rank ${side.me.rank} (${describeHello(side.me)}) refused a connection from ${from}`;
   let line: Line;
   try {
     line = await readLine(sock, { timeoutMs: side.timeoutMs, max: MAX_HELLO });
   } catch (err) {
-    throw refuse(sock, side, `${who}: not an ep-actors hello (${(err as Error).message})`);
+    throw refuse(sock, from, `${who}: not an ep-actors hello (${(err as Error).message})`);
   }
   const refusal = theirRefusal(line.value);
   if (refusal !== null) {
     sock.destroy();
-    throw new RefusedConnection(refusal, addressOf(sock));
+    throw new RefusedConnection(refusal, from);
   }
   const them = helloOf(line.value);
-  if (!them) throw refuse(sock, side, `${who}: not an ep-actors hello`);
+  if (!them) throw refuse(sock, from, `${who}: not an ep-actors hello`);
   const expected = side.secret ? mac(side.secret, 'dial', them.run, them.rank, side.me.rank, side.me.world, nonce) : null;
   const why = mismatch(side, them, expected) ?? expect(them);
-  if (why !== null) throw refuse(sock, side, `${who}, which says it is ${describeHello(them)}: ${why}`);
+  if (why !== null) throw refuse(sock, from, `${who}, which says it is ${describeHello(them)}: ${why}`);
   send(sock, { protocol: PROTOCOL, ok: true, ...(side.secret ? { mac: mac(side.secret, 'listen', them.run, them.rank, side.me.rank, side.me.world, them.nonce) } : {}) });
   return { peer: them, rest: line.rest };
 }
@@ -213,19 +214,20 @@ export async function helloAsListener(sock: Socket, side: Side, expect: (dialer:
  * and reads the answer. Resolves with the listener's hello and the bytes after the answer.
  */
 export async function helloAsDialer(sock: Socket, side: Side, expect: (listener: Hello) => string | null): Promise<{ peer: Hello; rest: Buffer }> {
-  const who = (them: string) => `rank ${side.me.rank} (${describeHello(side.me)}) refused ${addressOf(sock)}${them}`;
+  const from = addressOf(sock);
+  const who = (them: string) => `rank ${side.me.rank} (${describeHello(side.me)}) refused ${from}${them}`;
   let line: Line;
   try {
     line = await readLine(sock, { timeoutMs: side.timeoutMs, max: MAX_HELLO });
   } catch (err) {
     sock.destroy(); // nothing came from the listener: a failed connection, not a refusal
-    throw new Error(`no hello from ${addressOf(sock)}: ${(err as Error).message}`);
+    throw new Error(`no hello from ${from}: ${(err as Error).message}`);
   }
   const them = helloOf(line.value);
-  if (!them) throw refuse(sock, side, `${who('')}: not an ep-actors rank`);
+  if (!them) throw refuse(sock, from, `${who('')}: not an ep-actors rank`);
   const me = { ...side.me, run: side.me.run ?? them.run };
   const why = mismatch(side, them, null) ?? expect(them);
-  if (why !== null) throw refuse(sock, side, `${who(`, which says it is ${describeHello(them)}`)}: ${why}`);
+  if (why !== null) throw refuse(sock, from, `${who(`, which says it is ${describeHello(them)}`)}: ${why}`);
   const nonce = randomBytes(18).toString('base64');
   send(sock, { protocol: PROTOCOL, ...me, nonce, ...(side.secret ? { mac: mac(side.secret, 'dial', me.run, me.rank, them.rank, me.world, them.nonce) } : {}) });
   let answer: Line;
@@ -233,17 +235,17 @@ export async function helloAsDialer(sock: Socket, side: Side, expect: (listener:
     answer = await readLine(sock, { timeoutMs: side.timeoutMs, max: MAX_HELLO, pending: line.rest });
   } catch (err) {
     sock.destroy();
-    throw new Error(`no answer from ${describeHello(them)} at ${addressOf(sock)} to this rank's hello: ${(err as Error).message}`);
+    throw new Error(`no answer from ${describeHello(them)} at ${from} to this rank's hello: ${(err as Error).message}`);
   }
   const refusal = theirRefusal(answer.value);
   if (refusal !== null) {
     sock.destroy();
-    throw new RefusedConnection(refusal, addressOf(sock));
+    throw new RefusedConnection(refusal, from);
   }
   const ok = answer.value as { protocol?: unknown; ok?: unknown; mac?: unknown } | null;
-  if (!ok || ok.protocol !== PROTOCOL || ok.ok !== true) throw refuse(sock, side, `${who(`, ${describeHello(them)}`)}: its answer is not an ep-actors acceptance`);
+  if (!ok || ok.protocol !== PROTOCOL || ok.ok !== true) throw refuse(sock, from, `${who(`, ${describeHello(them)}`)}: its answer is not an ep-actors acceptance`);
   if (side.secret && !macMatches(mac(side.secret, 'listen', me.run, me.rank, them.rank, me.world, nonce), ok.mac)) {
-    throw refuse(sock, side, `${who(`, which says it is ${describeHello(them)}`)}: its MAC does not match (another secret, or a replayed answer)`);
+    throw refuse(sock, from, `${who(`, which says it is ${describeHello(them)}`)}: its MAC does not match (another secret, or a replayed answer)`);
   }
   return { peer: { ...them }, rest: answer.rest };
 }
