@@ -111,8 +111,8 @@ export function readLine(sock: Socket, opts: { timeoutMs: number; max: number; p
       if (nl > opts.max) return done(new Error(`a line of ${nl} bytes, over ${opts.max}`));
       try {
         done(null, { value: JSON.parse(buf.subarray(0, nl).toString('utf8')), rest: buf.subarray(nl + 1) });
-      } catch (err) {
-        done(new Error(`not JSON (${(err as Error).message})`));
+      } catch {
+        done(new Error('not JSON')); // the parser's message would quote the stranger's bytes
       }
     };
     const onError = (err: Error) => done(err);
@@ -153,7 +153,8 @@ function helloOf(v: unknown): (Hello & { nonce: string; mac?: unknown }) | null 
 }
 
 const send = (sock: Socket, v: unknown) => sock.write(`${JSON.stringify(v)}\n`);
-const addressOf = (sock: Socket) => `${sock.remoteAddress ?? '?'}:${sock.remotePort ?? '?'}`;
+/** host:port of the other end (an IPv4 peer of a dual-stack listener without its ::ffff: prefix). */
+const addressOf = (sock: Socket) => `${sock.remoteAddress?.replace(/^::ffff:(?=\d+\.\d+\.\d+\.\d+$)/, '') ?? '?'}:${sock.remotePort ?? '?'}`;
 
 /** Says why, closes, and gives the error for this side. */
 function refuse(sock: Socket, from: string, line: string): RefusedConnection {
@@ -163,16 +164,17 @@ function refuse(sock: Socket, from: string, line: string): RefusedConnection {
   return new RefusedConnection(line, from);
 }
 
-/** The other side refused us: its line, else what arrived instead. */
+/** The other side refused us: its line (it came from anyone: one line, bounded), else null. */
 const theirRefusal = (v: unknown): string | null => {
   const r = v as { protocol?: unknown; refused?: unknown } | null;
-  return r && r.protocol === PROTOCOL && typeof r.refused === 'string' ? r.refused.slice(0, 1000) : null;
+  return r && r.protocol === PROTOCOL && typeof r.refused === 'string' ? r.refused.slice(0, 1000).replace(/[\x00-\x1f\x7f]/g, ' ') : null;
 };
 
 /** What this side holds against the other's hello, or null when it is a rank of this job. */
 function mismatch(side: Side, them: Hello & { mac?: unknown }, expectedMac: string | null): string | null {
   if (side.me.run !== null && them.run !== null && side.me.run !== them.run) return 'the run ids differ';
   if (them.world !== side.me.world) return 'the world sizes differ';
+  if (expectedMac === null && them.mac !== undefined) return 'it carries a MAC and this rank has no secret (set EP_ACTORS_SECRET or --secret-file on every rank)';
   if (expectedMac !== null && them.mac === undefined) return 'it carries no MAC and this rank requires one (EP_ACTORS_SECRET or --secret-file)';
   if (expectedMac !== null && !macMatches(expectedMac, them.mac)) return 'its MAC does not match (another secret, or a replayed hello)';
   return null;
@@ -205,7 +207,7 @@ export async function helloAsListener(sock: Socket, side: Side, expect: (dialer:
   const why = mismatch(side, them, expected) ?? expect(them);
   if (why !== null) throw refuse(sock, from, `${who}, which says it is ${describeHello(them)}: ${why}`);
   send(sock, { protocol: PROTOCOL, ok: true, ...(side.secret ? { mac: mac(side.secret, 'listen', them.run, them.rank, side.me.rank, side.me.world, them.nonce) } : {}) });
-  return { peer: them, rest: line.rest };
+  return { peer: { run: them.run, rank: them.rank, world: them.world }, rest: line.rest };
 }
 
 /**
@@ -247,5 +249,5 @@ export async function helloAsDialer(sock: Socket, side: Side, expect: (listener:
   if (side.secret && !macMatches(mac(side.secret, 'listen', me.run, me.rank, them.rank, me.world, nonce), ok.mac)) {
     throw refuse(sock, from, `${who(`, which says it is ${describeHello(them)}`)}: its MAC does not match (another secret, or a replayed answer)`);
   }
-  return { peer: { ...them }, rest: answer.rest };
+  return { peer: { run: them.run, rank: them.rank, world: them.world }, rest: answer.rest };
 }

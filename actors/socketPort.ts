@@ -248,7 +248,7 @@ export async function socketMesh(
         },
         (err: Error) => {
           sock.destroy();
-          if (err instanceof RefusedConnection && !over) events.refused(err);
+          if (err instanceof RefusedConnection) events.refused(err);
         },
       );
     };

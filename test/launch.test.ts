@@ -81,7 +81,7 @@ test('rendezvous: a rank 0 that answers nonsense is an error naming the address,
   const side = { me: { run: 'r', rank: 0, world: 2 }, secret: null, timeoutMs: 3000 };
   // Before the hello (not a rank at all), and after it (a rank 0 whose table is wrong).
   const answers: [(sock: Socket) => void, RegExp, typeof RendezvousError | typeof UsageError][] = [
-    [(sock) => sock.end('hello\n'), /no hello from 127\.0\.0\.1:\d+: not JSON/, RendezvousError],
+    [(sock) => sock.end('hello\n'), /no hello from 127\.0\.0\.1:\d+: not JSON$/, RendezvousError],
     [(sock) => sock.end('{"peers":[1]}\n'), /refused 127\.0\.0\.1:\d+: not an ep-actors rank/, UsageError],
     [(sock) => sock.end(''), /no hello from .*closed before a message arrived/, RendezvousError],
     [(sock) => void helloAsListener(sock, side, () => null).then(() => sock.end('{"peers":[1],"run":"r"}\n')), /answered without a table of 2 addresses/, RendezvousError],
