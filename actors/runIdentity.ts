@@ -24,7 +24,7 @@ export interface RunIdentity {
 const RUN_ID = /^[\w.:@+-]{1,128}$/;
 
 /**
- * The run id from `--run-id`, else TORCHELASTIC_RUN_ID (torchrun), else SLURM_JOB_ID and
+ * The run id from `--run-id`, else TORCHELASTIC_RUN_ID (torchrun's --rdzv-id, unless its default 'none'), else SLURM_JOB_ID and
  * SLURM_STEP_ID (srun), else none (rank 0 makes one up); the secret from `--secret-file`,
  * else EP_ACTORS_SECRET.
  */
@@ -32,7 +32,8 @@ export function runIdentity(flags: { runId?: string; secretFile?: string }, env:
   let runId: string | null = null;
   let source = 'rank 0';
   if (flags.runId !== undefined) [runId, source] = [flags.runId, '--run-id'];
-  else if (env.TORCHELASTIC_RUN_ID) [runId, source] = [env.TORCHELASTIC_RUN_ID, 'TORCHELASTIC_RUN_ID'];
+  // torchrun's default --rdzv-id is 'none': every job would share it, so it names nothing.
+  else if (env.TORCHELASTIC_RUN_ID && env.TORCHELASTIC_RUN_ID !== 'none') [runId, source] = [env.TORCHELASTIC_RUN_ID, 'TORCHELASTIC_RUN_ID'];
   else if (env.SLURM_JOB_ID) [runId, source] = [`slurm-${env.SLURM_JOB_ID}.${env.SLURM_STEP_ID ?? '0'}`, 'SLURM_JOB_ID.SLURM_STEP_ID'];
   if (runId !== null && !RUN_ID.test(runId)) throw new UsageError(`the run id from ${source} must be 1 to 128 letters, digits or . _ : @ + -, got '${runId}'`);
   let secret: Buffer | null = null;
@@ -189,7 +190,7 @@ export async function helloAsListener(sock: Socket, side: Side, expect: (dialer:
   const from = addressOf(sock);
   const nonce = randomBytes(18).toString('base64');
   send(sock, { protocol: PROTOCOL, ...side.me, nonce });
-  const who = `rank ${side.me.rank} (${describeHello(side.me)}) refused a connection from ${from}`;
+  const who = `${describeHello(side.me)} refused a connection from ${from}`;
   let line: Line;
   try {
     line = await readLine(sock, { timeoutMs: side.timeoutMs, max: MAX_HELLO });
@@ -217,7 +218,7 @@ export async function helloAsListener(sock: Socket, side: Side, expect: (dialer:
  */
 export async function helloAsDialer(sock: Socket, side: Side, expect: (listener: Hello) => string | null): Promise<{ peer: Hello; rest: Buffer }> {
   const from = addressOf(sock);
-  const who = (them: string) => `rank ${side.me.rank} (${describeHello(side.me)}) refused ${from}${them}`;
+  const who = (them: string) => `${describeHello(side.me)} refused ${from}${them}`;
   let line: Line;
   try {
     line = await readLine(sock, { timeoutMs: side.timeoutMs, max: MAX_HELLO });

@@ -31,6 +31,7 @@ test('the run id: --run-id, else TORCHELASTIC_RUN_ID, else SLURM_JOB_ID.SLURM_ST
   assert.equal(runIdentity({ runId: 'mine' }, env), { runId: 'mine', source: '--run-id', secret: null });
   assert.equal(runIdentity({}, env).runId, 'te-1');
   assert.equal(runIdentity({}, { SLURM_JOB_ID: '77', SLURM_STEP_ID: '3' }).runId, 'slurm-77.3');
+  assert.equal(runIdentity({}, { ...env, TORCHELASTIC_RUN_ID: 'none' }).runId, 'slurm-77.3', "torchrun's default id names no job");
   assert.equal(runIdentity({}, {}), { runId: null, source: 'rank 0', secret: null });
   assert.equal(runIdentity({}, { EP_ACTORS_SECRET: 'swordfish' }).secret, Buffer.from('swordfish'));
   const dir = mkdtempSync(join(tmpdir(), 'ep-actors-id-'));

@@ -39,7 +39,7 @@ Every connection between ranks (the rendezvous and the data connections) opens w
 hello carrying the run id, the sender's rank and the world size; a connection from another
 run (a job that picked the same port), or from anything that is not a rank, is refused with
 one line on both sides naming both identities, closed, and listed in the rank's record; the
-run goes on. The run id is --run-id, else TORCHELASTIC_RUN_ID (torchrun), else
+run goes on. The run id is --run-id, else TORCHELASTIC_RUN_ID (torchrun's --rdzv-id), else
 SLURM_JOB_ID.SLURM_STEP_ID (srun), else one rank 0 makes up and hands out in the rendezvous
 (then two such jobs on one port cannot be told apart at the rendezvous). A run id tells
 jobs apart; it is not a password: anyone who can reach the ports and knows or guesses it
