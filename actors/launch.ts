@@ -173,8 +173,6 @@ function runConnected<F extends FloatDType>(
         ...(stopped === undefined ? {} : { stopped, stoppedAt: now() }),
         ...(refusing.refusals.length ? { refused: refusing.refusals } : {}),
       });
-    const onAbort = () => fail(new TerminatedRankError(`terminated by ${String(o.signal!.reason)}`));
-    o.signal?.addEventListener('abort', onAbort, { once: true });
     /** What this rank said when its run ended: peers connected after that hear it too. */
     let farewell: Goodbye | null = null;
     /** The run is over for this rank: say goodbye to every peer, and settle once the connections have closed. */
@@ -182,7 +180,6 @@ function runConnected<F extends FloatDType>(
       settled = true;
       farewell = goodbye;
       clearTimeout(watchdog);
-      o.signal?.removeEventListener('abort', onAbort);
       void Promise.all([...ports.values()].map((p) => p.goodbye(goodbye))).then(settle);
     };
     fail = (err) => {
@@ -192,7 +189,7 @@ function runConnected<F extends FloatDType>(
       const origin = err instanceof LaunchedRankError && err.origin ? err.origin : { rank, reason: err.message };
       end({ issued, stopped: origin.reason, stoppedBy: origin.rank }, () => reject(err));
     };
-    if (o.signal?.aborted) onAbort();
+    if (o.signal) terminated(o.signal).catch((err: Error) => fail(err));
     let result: Uint8Array | undefined;
     const stepMs: number[] = [];
     const post = (m: WorkerMessage) => {

@@ -24,6 +24,7 @@ import { readSafetensors, readSafetensorsFile } from '../src/codec/safetensors.j
 import { Tensor, relativeError } from '../src/tensor.js';
 import { seededRng } from '../src/moe/random.js';
 import { goldenDir } from './paths.js';
+import { within } from './within.js';
 import { runCli } from './cli.js';
 import { UsageError } from '../src/errors.js';
 
@@ -185,12 +186,6 @@ test('after a goodbye, either way, nothing more is written; a peer that reads a 
   assert.equal(broken, [], 'the reset after the goodbye is not a crash');
   assert.is(b.written.length, 0, 'nothing written to a peer that said goodbye');
 });
-
-/** Rejects when `p` has not settled within `ms`: no test waits without a bound. */
-function within<T>(ms: number, what: string, p: Promise<T>): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what}: not within ${ms} ms`)), ms)))]).finally(() => clearTimeout(timer));
-}
 
 const launch = (n: number, args: string[]) => launchLocally(n, args, { timeoutMs: 60_000 });
 

@@ -17,14 +17,9 @@ import { relativeError } from '../src/tensor.js';
 import { UsageError } from '../src/errors.js';
 import { seededRng } from '../src/moe/random.js';
 import { goldenDir } from './paths.js';
+import { within } from './within.js';
 
 const golden = join(goldenDir, 'ep2_relu_top1_skew.safetensors');
-
-/** Rejects when `p` has not settled within `ms`: no test waits without a bound. */
-function within<T>(ms: number, what: string, p: Promise<T>): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  return Promise.race([p, new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`${what}: not within ${ms} ms`)), ms)))]).finally(() => clearTimeout(timer));
-}
 
 test('the run id: --run-id, else TORCHELASTIC_RUN_ID, else SLURM_JOB_ID.SLURM_STEP_ID, else rank 0 makes it up; the secret from --secret-file or EP_ACTORS_SECRET', () => {
   const env = { TORCHELASTIC_RUN_ID: 'te-1', SLURM_JOB_ID: '77', SLURM_STEP_ID: '3' };
