@@ -137,19 +137,26 @@ function runConnected<F extends FloatDType>(
   /** Collectives issued so far per communicator kind, and the one this rank waits in. */
   const issued: Record<string, number> = {};
   let waiting: { c: IssuedCollective; position: number } | null = null;
-  const finishedPeers = new Map<number, Goodbye['issued']>();
+  /** Peers that ended: finished (with what they issued), or stopped or went away (the error that says so). */
+  const endedPeers = new Map<number, Goodbye['issued'] | (() => LaunchedRankError)>();
   let fail: (err: Error) => void = () => {};
   const mesh = { ep: o.scenario.ep, dp: o.scenario.dp };
   const membersOf = (kind: 'ep' | 'dp') => communicators(mesh).find((c) => c.id === commOf(mesh, rank, kind))?.members ?? [];
 
   const describe = (w: { c: IssuedCollective; position: number }) => `${w.c.op} (layer ${w.c.layer}, ${w.c.comm} position ${w.position})`;
-  /** A finished member of the communicator that issued no more than `position` collectives on it will never join. */
+  /**
+   * A member of the communicator this rank waits on that will never join: one that
+   * finished after issuing no more than `position` collectives on it, or that stopped or
+   * went away. A peer this rank does not wait on does not stop it: ranks that need none of
+   * the ended ones finish their step.
+   */
   const missingPeer = (w: { c: IssuedCollective; position: number }) => {
     const members = membersOf(w.c.comm);
-    for (const [peer, g] of finishedPeers) {
-      if (members.includes(peer) && (g[w.c.comm] ?? 0) <= w.position) {
-        fail(new LaunchedRankError(`missing collective: rank ${rank} waits in ${describe(w)} but rank ${peer} finished its step after issuing ${g[w.c.comm] ?? 0} collective(s) on ${w.c.comm}; under NCCL both would hang until the watchdog`));
-        return;
+    for (const [peer, ended] of endedPeers) {
+      if (!members.includes(peer)) continue;
+      if (typeof ended === 'function') return fail(ended());
+      if ((ended[w.c.comm] ?? 0) <= w.position) {
+        return fail(new LaunchedRankError(`missing collective: rank ${rank} waits in ${describe(w)} but rank ${peer} finished its step after issuing ${ended[w.c.comm] ?? 0} collective(s) on ${w.c.comm}; under NCCL both would hang until the watchdog`));
       }
     }
   };
@@ -222,15 +229,17 @@ function runConnected<F extends FloatDType>(
           return;
       }
     };
+    const ended = (peer: number, how: Goodbye['issued'] | (() => LaunchedRankError)) => {
+      endedPeers.set(peer, how);
+      if (waiting) missingPeer(waiting);
+    };
     socketMesh({ run: met.runId, rank, world: o.env.worldSize }, o.identity.secret, met.peers, listening, {
-      broken: (peer, reason) => fail(new LaunchedRankError(`rank ${peer} went away before finishing its step (${reason}): it crashed or was killed${waiting ? `; rank ${rank} waits in ${describe(waiting)}` : ''}`)),
+      broken: (peer, reason) => ended(peer, () => new LaunchedRankError(`rank ${peer} went away before finishing its step (${reason}): it crashed or was killed${waiting ? `; rank ${rank} waits in ${describe(waiting)}` : ''}`)),
       finished: (peer, goodbye) => {
-        if (goodbye.stopped !== undefined) {
-          const by = goodbye.stoppedBy ?? peer;
-          return fail(new LaunchedRankError(`rank ${by} stopped: ${goodbye.stopped}`, { rank: by, reason: goodbye.stopped }));
-        }
-        finishedPeers.set(peer, goodbye.issued);
-        if (waiting) missingPeer(waiting);
+        const { stopped } = goodbye;
+        if (stopped === undefined) return ended(peer, goodbye.issued);
+        const by = goodbye.stoppedBy ?? peer;
+        ended(peer, () => new LaunchedRankError(`rank ${by} stopped: ${stopped}`, { rank: by, reason: stopped }));
       },
       refused: refusing.refused,
     }, o.timeoutMs).then((mesh) => {
