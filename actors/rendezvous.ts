@@ -167,7 +167,7 @@ export async function rendezvous(e: LaunchEnv, dataPort: number, opts: Rendezvou
   for (;;) {
     const sock = connect(e.masterPort, e.masterAddr);
     // The deadline bounds every wait: a connect that hangs, a rank 0 that never answers.
-    const timer = setTimeout(() => sock.destroy(new Error(`no answer within ${timeoutMs} ms`)), Math.max(0, deadline - Date.now()));
+    const timer = setTimeout(() => sock.destroy(new Error('timed out')), Math.max(0, deadline - Date.now()));
     let connected = false;
     try {
       await new Promise<void>((resolve, reject) => {
