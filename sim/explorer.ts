@@ -20,7 +20,7 @@ import type { CollectiveOp } from '../src/ep/types.js';
 import type { Diagnosis } from '../machines/diagnosis.js';
 import type { RankSnapshot } from '../machines/protocol.js';
 import { startRank } from '../machines/protocol.js';
-import { simulateDes, TransitionMemo, type ScheduledScenario } from './des.js';
+import { simulateDes, TransitionMemo } from './des.js';
 import { rankConfig, validateScenario, worldSize, type Scenario } from './scenario.js';
 
 /** One rank's routing facts in a class. */
@@ -37,7 +37,7 @@ export interface Counterexample {
   readonly rows: number;
   /** Per global rank and layer call, the collective issued first where two were ready (completion-order), else null. */
   readonly firstReady: readonly CollectiveOp[][] | null;
-  readonly scenario: ScheduledScenario;
+  readonly scenario: Scenario;
   readonly diagnosis: Diagnosis;
 }
 

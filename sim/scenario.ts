@@ -5,6 +5,9 @@ import { UsageError } from '../src/errors.js';
 import { WRAP_POLICIES, type RankConfig, type WrapPolicy } from '../machines/rankMachine.js';
 import { isVariantName, makeVariant, VARIANT_NAMES, type VariantName } from '../machines/variants.js';
 import { parseRouting } from './routing.js';
+import type { FirstReady } from '../machines/driver.js';
+import type { CollectiveOp } from '../src/ep/types.js';
+import { seededRng } from '../src/moe/random.js';
 
 export interface Scenario {
   ep: number;
@@ -30,6 +33,12 @@ export interface Scenario {
   seed: number;
   /** Explicit routing: per global rank, per micro-batch, per layer, the T·K global expert ids. */
   explicit?: number[][][][];
+  /**
+   * completion-order: per global rank, per layer call (micro-batch · layers + layer), which
+   * of bwd.dispatch and the experts reduce-scatter the rank issues first. Absent, each is
+   * drawn from the seed. Every engine follows it, so a counterexample replays anywhere.
+   */
+  firstReady?: CollectiveOp[][];
 }
 
 export const DEFAULT_SCENARIO: Scenario = {
@@ -64,6 +73,10 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   if (s.fsdp !== null && !WRAP_POLICIES.includes(s.fsdp)) throw new UsageError(`unknown FSDP wrap policy '${s.fsdp}'; one of ${WRAP_POLICIES.join(', ')}`);
   if (s.fsdp !== null && s.dp < 2) throw new UsageError(`FSDP needs a data-parallel dimension: dp must be at least 2, got ${s.dp}`);
   if (s.earlyExitRank !== undefined && (s.earlyExitRank < 0 || s.earlyExitRank >= s.ep)) throw new UsageError(`earlyExitRank must be an EP rank in [0, ${s.ep}), got ${s.earlyExitRank}`);
+  if (s.firstReady !== undefined) {
+    const ok = Array.isArray(s.firstReady) && s.firstReady.length === s.ep * s.dp && s.firstReady.every((row) => Array.isArray(row) && row.length === s.layers * s.microBatches && row.every((o) => o === 'bwd.dispatch' || o === 'fsdp.reduce_scatter'));
+    if (!ok) throw new UsageError(`firstReady must list, for each of the ${s.ep * s.dp} ranks, ${s.layers * s.microBatches} entries of 'bwd.dispatch' or 'fsdp.reduce_scatter' (one per layer call)`);
+  }
   parseRouting(s.routing, s); // throws a UsageError naming the generator and what is wrong
   return s;
 }
@@ -95,3 +108,10 @@ export function rankConfig(s: Scenario, rank: number): RankConfig {
 }
 
 export const worldSize = (s: Scenario) => s.ep * s.dp;
+
+/** The scenario's completion orders, or each drawn from its seed: arbitrary, but the same on every engine and every run. */
+export function firstReadyOf(s: Scenario): FirstReady {
+  const table = s.firstReady;
+  if (table) return (rank, layer, microBatch) => table[rank]?.[microBatch * s.layers + layer] ?? 'fsdp.reduce_scatter';
+  return (rank, layer, microBatch) => (seededRng((s.seed * 7919 + rank * 104729 + layer * 31 + microBatch) >>> 0)() < 0.5 ? 'bwd.dispatch' : 'fsdp.reduce_scatter');
+}

@@ -13,13 +13,15 @@ test('a starved rank under no-dispatch-edge exits 2 with a JSON diagnosis naming
   const r = cli('--ep', '4', '--experts', '8', '--top-k', '2', '--routing', 'starve:1', '--variant', 'no-dispatch-edge', '--json');
   assert.is(r.status, 2, r.stderr);
   const d = JSON.parse(r.stdout);
-  assert.ok(['missing', 'mismatch'].includes(d.verdict));
+  assert.is(d.verdict, 'missing');
   assert.is(d.communicator, 'ep');
+  assert.is(d.position, 5);
+  assert.equal(d.hangs, [{ verdict: 'missing', communicator: 'ep', position: 5, culprits: [1], detail: d.hangs[0].detail }]);
   assert.equal(d.culprits, [1]);
   assert.match(d.cause, /bwd\.dispatch/);
   assert.is(d.ranks.length, 4);
   for (const key of ['rank', 'state', 'op', 'phase', 'layer', 'microBatch']) assert.ok(key in d.ranks[0], key);
-  assert.ok(d.detectedAfterMs <= 50, `detectedAfterMs ${d.detectedAfterMs}`);
+  assert.ok(d.detectedAfterMs < 5000, `detected after ${d.detectedAfterMs} ms, well before the 10 s collective limit`);
 });
 
 test('the seed exits 0 and --trace writes a Chrome trace with a lane per rank', () => {

@@ -4,15 +4,15 @@
 import { getInitialMicrosteps, getMicrosteps } from 'xstate';
 import { rankMachine } from '../../machines/rankMachine.js';
 import { statePath } from '../../machines/protocol.js';
-import { simulateDes, type TraceEvent as EngineEvent } from '../des.js';
+import { simulateDes } from '../des.js';
 import { routeTokens, sendCountsOf } from '../routing.js';
 import { rankConfig, worldSize, type Scenario } from '../scenario.js';
-import type { ReportInput, ReportRouting, TraceEvent } from './input.js';
+import type { ReportInput, ReportRouting } from './input.js';
 import type { RuntimeResult } from '../../actors/supervisor.js';
 
 export function reportFromDes(scenario: Scenario): ReportInput {
   const paths = Array.from({ length: worldSize(scenario) }, (_, r) => getInitialMicrosteps(rankMachine, rankConfig(scenario, r)).map(([s]) => statePath(s)));
-  const { diagnosis, ledger, trace } = simulateDes(scenario, {
+  const { diagnosis, ledger, spans } = simulateDes(scenario, {
     trace: true,
     onStep(rank, before, event) {
       for (const [s] of getMicrosteps(rankMachine, before, event)) paths[rank]!.push(statePath(s));
@@ -23,7 +23,7 @@ export function reportFromDes(scenario: Scenario): ReportInput {
     diagnosis,
     ledger: [...ledger],
     paths,
-    trace: collectiveSpans(trace ?? []),
+    trace: spans ?? [],
     routing: routingOf(scenario),
     clock: 'simulated',
   };
@@ -32,15 +32,6 @@ export function reportFromDes(scenario: Scenario): ReportInput {
 /** A report input from a worker-thread run: its diagnosis, ledger, paths and wall-clock trace. */
 export function reportFromRun(scenario: Scenario, run: Pick<RuntimeResult, 'diagnosis' | 'ledger' | 'paths' | 'trace'>): ReportInput {
   return { scenario, diagnosis: run.diagnosis, ledger: run.ledger, paths: run.paths, trace: run.trace, routing: routingOf(scenario), clock: 'real' };
-}
-
-/** The engine's collective spans, in the engine's simulated time (its cost model), as report lanes. */
-function collectiveSpans(events: readonly EngineEvent[]): TraceEvent[] {
-  return events.flatMap((e): TraceEvent[] => {
-    if (e.ph !== 'X' || e.cat !== 'collective') return [];
-    const a = e.args as TraceEvent['args'];
-    return [{ name: e.name, ph: 'X', ts: e.ts, dur: e.dur ?? 0, pid: 0, tid: e.tid, args: { communicator: a.communicator, position: a.position, layer: a.layer, microBatch: a.microBatch } }];
-  });
 }
 
 /** Rows per source→destination pair and per expert over every layer and micro-batch. */

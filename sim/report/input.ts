@@ -5,18 +5,9 @@
 import type { Diagnosis } from '../../machines/diagnosis.js';
 import type { LedgerEntry } from '../../machines/ledger.js';
 import type { Scenario } from '../scenario.js';
+import type { TraceEvent } from '../../machines/spans.js';
 
-/** One collective on one rank: a Chrome 'X' (complete) event, times in µs. */
-export interface TraceEvent {
-  readonly name: string;
-  readonly ph: 'X';
-  readonly ts: number;
-  readonly dur: number;
-  readonly pid: 0;
-  /** The global rank: one lane per rank. */
-  readonly tid: number;
-  readonly args: { readonly communicator: string; readonly position: number; readonly layer: number; readonly microBatch: number };
-}
+export type { TraceEvent } from '../../machines/spans.js';
 
 export interface ReportRouting {
   /** Per source global rank, per destination EP rank: rows sent, summed over layers and micro-batches. */

@@ -4,13 +4,13 @@ import { writeFile } from 'node:fs/promises';
 import { runScenarioOnProcesses } from '../../actors/launch.js';
 import { UsageError } from '../errors.js';
 import { formatDiagnosis, type Diagnosis } from '../../machines/diagnosis.js';
-import { runActors } from '../../actors/supervisor.js';
+import { DEFAULT_COMPUTE_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, runActors, type RuntimeOptions } from '../../actors/supervisor.js';
 import { reportFromDes, reportFromRun } from '../../sim/report/fromDes.js';
 import { toTraceFile, type ReportInput } from '../../sim/report/input.js';
 import { renderReport } from '../../sim/report/html.js';
 import type { Scenario } from '../../sim/scenario.js';
 import { helpAsked, intOption, parse } from './args.js';
-import { loadBackend, parseBackend, parseExchange, type BackendName, type ExchangeName } from '../backends.js';
+import { loadBackend, parseBackend, parseExchange } from '../backends.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { startLive, untilInterrupted } from '../../sim/live/server.js';
 
@@ -27,7 +27,8 @@ ${SCENARIO_HELP}
 output:
   --engine E             actors (worker threads, real tensors) | des (single thread, simulated time)
                          | processes (one OS process per rank over TCP, real tensors)
-  --json                 print one JSON object {verdict, communicator, position, culprits, ranks, cause, detectedAfterMs}
+  --json                 print one JSON object {verdict, communicator, position, culprits, ranks, cause,
+                         hangs (every hung communicator, the headline first), detectedAfterMs}
   --trace FILE           write a Chrome Trace Event JSON (open in Perfetto; \`viz report\` renders it)
   --report FILE          write a self-contained HTML report
   --inspect FILE         stream every rank's xstate inspection events as JSON Lines (- for stdout)
@@ -39,7 +40,11 @@ output:
   --exchange X           actors: how ranks move all-to-all data: ports (msgpack over MessagePorts,
                          default) | shared (host shared memory) | device-copy (one GPU's memory,
                          several ranks on one GPU) | nccl (one GPU per rank)
-  --timeout MS           actors, processes: stop after this long without progress (default 10000)
+  --timeout MS           actors, processes: a collective every member issued whose data has not
+                         arrived for this long is a timeout (default 10000); ranks waiting for a
+                         peer that computes are not hung
+  --compute-timeout MS   actors: a rank whose own work (routing, expert compute) has not returned
+                         for this long is a stall, naming the rank and its work (default 600000)
 
 exit: 0 the step completes, 2 a hang or mismatch was found, 1 bad usage or an error
 
@@ -61,6 +66,7 @@ export async function main(argv: string[]): Promise<number> {
       backend: { type: 'string' },
       exchange: { type: 'string' },
       timeout: { type: 'string' },
+      'compute-timeout': { type: 'string' },
     },
     HELP,
   );
@@ -80,11 +86,12 @@ export async function main(argv: string[]): Promise<number> {
   if (live) console.error(`live view: ${live.url}`);
   // The server must not keep the process alive when the run throws.
   try {
-    const timeoutMs = intOption(v.timeout, 'timeout', 10_000, 1);
+    const timeoutMs = intOption(v.timeout, 'timeout', DEFAULT_TIMEOUT_MS, 1);
+    const computeTimeoutMs = intOption(v['compute-timeout'], 'compute-timeout', DEFAULT_COMPUTE_TIMEOUT_MS, 1);
     const input =
       engine === 'des' ? reportFromDes(scenario)
       : engine === 'processes' ? await runScenarioOnProcesses(scenario, ['--backend', backend, '--timeout', String(timeoutMs)])
-      : await runOnActors(scenario, { backend, exchange }, timeoutMs, typeof v.inspect === 'string' ? v.inspect : undefined, live?.onInspect);
+      : await runOnActors(scenario, { backend, exchange, timeoutMs, computeTimeoutMs }, typeof v.inspect === 'string' ? v.inspect : undefined, live?.onInspect);
     live?.verdict(input.diagnosis);
     if (typeof v.trace === 'string') await writeFile(v.trace, JSON.stringify(toTraceFile(input)));
     if (typeof v.report === 'string') await writeFile(v.report, renderReport(input));
@@ -107,7 +114,7 @@ function withLivePort(argv: string[]): string[] {
 
 type InspectSink = (rank: number, event: unknown) => void;
 
-async function runOnActors(scenario: Scenario, how: { backend: BackendName; exchange: ExchangeName }, timeoutMs: number, inspect: string | undefined, live: InspectSink | undefined): Promise<ReportInput> {
+async function runOnActors(scenario: Scenario, how: Pick<RuntimeOptions, 'backend' | 'exchange' | 'timeoutMs' | 'computeTimeoutMs'>, inspect: string | undefined, live: InspectSink | undefined): Promise<ReportInput> {
   const lines: string[] = [];
   const jsonLines: InspectSink | undefined =
     inspect === undefined ? undefined : (rank, event) => (inspect === '-' ? console.log(JSON.stringify({ rank, event })) : lines.push(JSON.stringify({ rank, event })));
@@ -118,15 +125,15 @@ async function runOnActors(scenario: Scenario, how: { backend: BackendName; exch
           live(rank, event);
         }
       : (jsonLines ?? live);
-  const r = await runActors(scenario, { ...how, timeoutMs, onInspect });
+  const r = await runActors(scenario, { ...how, onInspect });
   if (inspect !== undefined && inspect !== '-') await writeFile(inspect, lines.join('\n') + '\n');
   return reportFromRun(scenario, r);
 }
 
 function print(d: Diagnosis, json: boolean): void {
   if (json) {
-    const { verdict, communicator, position, culprits, ranks, cause, detectedAfterMs } = d;
-    console.log(JSON.stringify({ verdict, communicator, position, culprits, ranks, cause, detectedAfterMs: detectedAfterMs ?? null }));
+    const { verdict, communicator, position, culprits, ranks, cause, hangs, detectedAfterMs } = d;
+    console.log(JSON.stringify({ verdict, communicator, position, culprits, ranks, cause, hangs: hangs ?? [], detectedAfterMs: detectedAfterMs ?? null }));
   } else {
     console.log(formatDiagnosis(d));
   }
