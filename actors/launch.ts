@@ -16,20 +16,20 @@ import { UsageError } from '../src/errors.js';
 import type { IssuedCollective } from '../machines/protocol.js';
 import { casePayloads, rankResult } from './caseRanks.js';
 import { now, type Fault, type WorkerJob, type WorkerMessage } from './messages.js';
-import { worldSize, type Scenario } from '../sim/scenario.js';
+import { type Scenario } from '../machines/scenario.js';
 import { freePort, rendezvous, type LaunchEnv, type Rendezvous } from './rendezvous.js';
 import { runRank } from './rankRun.js';
 import { acceptEarly, socketMesh, type Goodbye } from './socketPort.js';
-import type { RefusedConnection, RunIdentity } from './runIdentity.js';
+import { runIdentity, type RefusedConnection, type RunIdentity } from './runIdentity.js';
 import { mergeRankRecordsIn, RANK_RECORD_VERSION, type RankRecord } from './rankRecord.js';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { caseMetadata, caseTensors } from '../src/case.js';
 import { writeSafetensorsFileAtomic } from '../src/codec/safetensors.js';
-import type { ReportInput } from '../sim/report/input.js';
-import { generatedIndices, rankRouting } from '../sim/report/fromDes.js';
-import { commOf, communicators } from '../machines/ledger.js';
+import type { ReportInput } from '../machines/record.js';
+import { generatedIndices, rankRouting } from '../machines/routing.js';
+import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import { toIndexArray, type FloatDType } from '../src/tensor.js';
 
 /** The run stopped because the ranks diverged, a peer crashed or nothing moved: exit code 2. */
@@ -55,8 +55,8 @@ export interface LaunchOptions<F extends FloatDType> {
   /** A case's inputs, when the ranks compute on a case (its scenario from caseScenario()). */
   readonly data?: CaseData<F>;
   readonly env: LaunchEnv;
-  /** Which job this rank is of: every connection's hello carries it. */
-  readonly identity: RunIdentity;
+  /** Which job this rank is of: every connection's hello carries it (default: no run id, rank 0 makes one up; no secret). */
+  readonly identity?: RunIdentity;
   /** tcp: msgpack chunks over a TCP connection per pair; nccl: the EP layer's all-to-alls over NCCL. */
   readonly exchange: 'tcp' | 'nccl';
   readonly backend: BackendName;
@@ -91,6 +91,7 @@ export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>)
     throw new UsageError(`${what} but WORLD_SIZE is ${env.worldSize}: launch one process per rank`);
   }
   const gpu = o.exchange === 'nccl' || o.backend === 'cuda' ? await gpuOf(env, o.exchange) : null;
+  const identity = o.identity ?? runIdentity({}, {});
   const refusals: NonNullable<RankRecord['refused']>[number][] = [];
   const refused = (r: RefusedConnection) => {
     refusals.push({ at: now(), from: r.from, line: r.line });
@@ -103,9 +104,9 @@ export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>)
     server.listen(0, () => resolve());
   });
   try {
-    const rdv = rendezvous(env, (server.address() as { port: number }).port, { timeoutMs: o.timeoutMs, identity: o.identity, newId: gpu?.newId, refused });
+    const rdv = rendezvous(env, (server.address() as { port: number }).port, { timeoutMs: o.timeoutMs, identity, newId: gpu?.newId, refused });
     const met = await (o.signal ? Promise.race([rdv, terminated(o.signal)]) : rdv);
-    return await runConnected(o, listening, met, gpu?.device, { refusals, refused });
+    return await runConnected(o, identity.secret, listening, met, gpu?.device, { refusals, refused });
   } finally {
     if (server.listening) server.close();
   }
@@ -128,6 +129,7 @@ async function gpuOf(env: LaunchEnv, exchange: 'tcp' | 'nccl'): Promise<{ device
 
 function runConnected<F extends FloatDType>(
   o: LaunchOptions<F>,
+  secret: Buffer | null,
   listening: ReturnType<typeof acceptEarly>,
   met: Rendezvous,
   device: number | undefined,
@@ -233,7 +235,7 @@ function runConnected<F extends FloatDType>(
       endedPeers.set(peer, how);
       if (waiting) missingPeer(waiting);
     };
-    socketMesh({ run: met.runId, rank, world: o.env.worldSize }, o.identity.secret, met.peers, listening, {
+    socketMesh({ run: met.runId, rank, world: o.env.worldSize }, secret, met.peers, listening, {
       broken: (peer, reason) => ended(peer, () => new LaunchedRankError(`rank ${peer} went away before finishing its step (${reason}): it crashed or was killed${waiting ? `; rank ${rank} waits in ${describe(waiting)}` : ''}`)),
       finished: (peer, goodbye) => {
         const { stopped } = goodbye;
@@ -281,7 +283,7 @@ export interface SpawnOptions {
 
 /** `ep-actors ...args` as a child process of this Node, with its exit code and output. */
 export function runEpActors(args: readonly string[], opts: SpawnOptions = {}): Promise<CliRun> {
-  const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
+  const cli = fileURLToPath(new URL('../cli/main.js', import.meta.url));
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [cli, ...args], { env: opts.env ?? process.env, timeout: opts.timeoutMs ?? 600_000, killSignal: 'SIGKILL' });
     opts.started?.(child);

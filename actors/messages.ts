@@ -4,7 +4,7 @@
 import type { MessagePort } from 'node:worker_threads';
 import type { IssuedCollective } from '../machines/protocol.js';
 import type { RankContext } from '../machines/rankMachine.js';
-import type { Scenario } from '../sim/scenario.js';
+import type { Scenario } from '../machines/scenario.js';
 import type { BackendName, ExchangeName } from '../src/backends.js';
 
 /** Enough of a rank machine's snapshot for the supervisor to rebuild it for a diagnosis. */

@@ -3,8 +3,8 @@
 // rank actor, and runs the real EP layer for whole training steps: every micro-batch
 // forward over the layers, then backward in reverse, each collective asked of the rank
 // machine first. What it reports goes to `post` (the supervisor, or the launcher's watch).
-import { communicators } from '../machines/ledger.js';
-import { firstReadyOf, rankConfig } from '../sim/scenario.js';
+import { communicators } from '../machines/mesh.js';
+import { firstReadyOf, rankConfig } from '../machines/scenario.js';
 import { encodeMessage } from '../src/codec/msgpack.js';
 import { epBackward, epForward, type EpContext, type EpSaved } from '../src/ep/layer.js';
 import { loadBackend } from '../src/backends.js';

@@ -10,15 +10,18 @@
 //   collective limit (bytes that never arrive).
 // Every worker is terminated before the result is returned: no thread outlives a run.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
-import { commOf, communicators, type LedgerEntry } from '../machines/ledger.js';
+import type { LedgerEntry } from '../machines/ledger.js';
+import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import { LedgerFeed } from '../machines/feed.js';
 import { diagnoseHangs, okDiagnosis, rankReports, rankWord, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
-import type { RankSnapshot } from '../machines/protocol.js';
+import type { IssuedCollective, RankSnapshot } from '../machines/protocol.js';
 import { CollectiveSpans, type TraceEvent } from '../machines/spans.js';
-import { worldSize, type Scenario } from '../sim/scenario.js';
+import { type Scenario } from '../machines/scenario.js';
 import { gpuPlacement, type BackendName, type ExchangeName } from '../src/backends.js';
 import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankSnapshots } from './rankRecord.js';
+import type { ReportInput } from '../machines/record.js';
+import { routingOf } from '../machines/routing.js';
 
 export interface RuntimeOptions {
   backend?: BackendName;
@@ -33,6 +36,8 @@ export interface RuntimeOptions {
   casePayloads?: readonly Uint8Array[];
   /** Receives every xstate inspection event of every rank. */
   onInspect?: (rank: number, event: unknown) => void;
+  /** Called for every collective a rank issues (progress display). */
+  onIssue?: (rank: number, collective: IssuedCollective) => void;
   /** Training steps back to back in the same workers (default 1). */
   steps?: number;
   /** Keep the ledger, state paths and trace (default true; off for long benchmark runs). */
@@ -127,9 +132,19 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
     const failure = (kind: VerdictKind, culprits: readonly number[], cause: string, decidedAt: number) => {
       end({ verdict: kind, communicator: null, position: null, culprits, ranks: rankReports(snapshots(), tracker), cause, detectedAfterMs: now() - decidedAt });
     };
-    /** Quiescent: the tracker's hangs are the verdict (or every rank finished). */
+    /**
+     * Quiescent: the tracker's hangs are the verdict (or every rank finished). Once a finding
+     * exists, a rank whose transport let it past a collective the tracker proved inconsistent
+     * (its reports wait behind that collective forever) counts as held there, as NCCL would
+     * hold it, once it has stopped computing.
+     */
+    const heldPastFinding = () =>
+      feed.evidenceAt !== null &&
+      working.every((w, r) => w === null || dead.has(r)) &&
+      moving.every((m) => m === null) &&
+      [...Array(n).keys()].every((r) => tracker.isFinished(r) || tracker.blockedOn(r) || dead.has(r) || feed.hasWaiting(r));
     const settle = () => {
-      if (done || !feed.quiescent(n, dead)) return;
+      if (done || !(feed.quiescent(n, dead) || heldPastFinding())) return;
       const hangs = tracker.hangs();
       if (hangs.length > 0) {
         const evidence = feed.evidenceAt ?? feed.lastAt;
@@ -171,6 +186,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
           wires[m.rank] = m.snapshot;
           working[m.rank] = null;
           feed.push({ kind: 'issue', rank: m.rank, collective: m.collective, dtype: m.dtype, at: m.at });
+          opts.onIssue?.(m.rank, m.collective);
           return settle();
         case 'started':
           working[m.rank] = { since: m.at, what: 'routing layer 0' };
@@ -240,4 +256,9 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
     }
     workers.forEach((w, rank) => w.postMessage({ type: 'start', ports: ports[rank] }, Object.values(ports[rank]!)));
   });
+}
+
+/** A report input from a worker-thread run: its diagnosis, ledger, paths and wall-clock trace. */
+export function reportFromRun(scenario: Scenario, run: Pick<RuntimeResult, 'diagnosis' | 'ledger' | 'paths' | 'trace'>): ReportInput {
+  return { scenario, diagnosis: run.diagnosis, ledger: run.ledger, paths: run.paths, trace: run.trace, routing: routingOf(scenario), clock: 'real' };
 }

@@ -7,7 +7,7 @@
 // instead of hanging.
 import { DTYPES, ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '../src/tensor.js';
 import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.js';
-import type { CommunicatorSpec } from '../machines/ledger.js';
+import type { CommunicatorSpec } from '../machines/mesh.js';
 import type { CollectiveTag, Communicator } from '../src/ep/types.js';
 import type { Piece, StagedHandle, StagingMemory } from './staging.js';
 

@@ -40,7 +40,7 @@ export function rankReports(snapshots: readonly RankSnapshot[], tracker: Collect
       rank,
       state: path,
       op: issued?.op ?? null,
-      phase: issued?.phase ?? (path.startsWith('forward') ? 'forward' : path.startsWith('backward') ? 'backward' : null),
+      phase: issued?.phase ?? (s.matches('forward') ? 'forward' : s.matches('backward') ? 'backward' : null),
       layer: s.context.layer,
       microBatch: s.context.microBatch,
     };

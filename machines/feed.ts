@@ -5,7 +5,8 @@
 // blocked in a collective whose completion it has not seen yet. Whatever the arrival
 // order, the tracker ends in the same state, and at quiescence (every rank blocked or
 // finished, nothing waiting) its list of hangs is the verdict.
-import { CollectiveTracker, type LedgerEntry, type Mesh } from './ledger.js';
+import { CollectiveTracker, type LedgerEntry } from './ledger.js';
+import type { Mesh } from './mesh.js';
 import type { IssuedCollective } from './protocol.js';
 
 export type RankReport =
@@ -49,6 +50,11 @@ export class LedgerFeed {
   /** Reports still waiting for a completion the tracker has not seen. */
   get pending(): boolean {
     return this.waiting.size > 0;
+  }
+
+  /** Whether `rank` has reports waiting: it went on past a collective the tracker holds it in. */
+  hasWaiting(rank: number): boolean {
+    return this.waiting.has(rank);
   }
 
   /** Every rank blocked in a collective or finished (`gone`: ranks that will report nothing more), and no report waiting. */

@@ -97,7 +97,7 @@ export function issuedCollective(snapshot: RankSnapshot): IssuedCollective | nul
     op: meta.op,
     issuer: meta.issuer,
     unit: meta.unit ?? null,
-    phase: path.startsWith('forward') ? ('forward' as const) : ('backward' as const),
+    phase: snapshot.matches('forward') ? ('forward' as const) : ('backward' as const),
     layer: ctx.layer,
     microBatch: ctx.microBatch,
     statePath: path,

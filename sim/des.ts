@@ -8,6 +8,7 @@
 // plus its latency + bytes / bandwidth, and sets every member's clock to that moment.
 // Ranks are sequential programs that only meet in collectives, so running each rank until
 // it blocks gives the same times as a global event queue, without one.
+import { dpRankOf, epRankOf, globalRank, worldSize } from '../machines/mesh.js';
 import type { LedgerEntry } from '../machines/ledger.js';
 import { LedgerFeed } from '../machines/feed.js';
 import { CollectiveSpans, type TraceEvent as CollectiveSpan } from '../machines/spans.js';
@@ -16,8 +17,8 @@ import { collectiveDtype, startRank, stepRank, type RankSnapshot } from '../mach
 import { completedEvent, computedEvent, nextAction, routedEvent, type FirstReady } from '../machines/driver.js';
 import type { RankEvent } from '../machines/rankMachine.js';
 import { collectiveMs, computeMs, DEFAULT_COST, expertFlops, routerFlops, type CostModel } from './cost.js';
-import { firstReadyOf, rankConfig, worldSize, type Scenario } from './scenario.js';
-import { routeTokens } from './routing.js';
+import { firstReadyOf, rankConfig, type Scenario } from '../machines/scenario.js';
+import { routeTokens } from '../machines/routing.js';
 
 export interface EngineResult {
   readonly diagnosis: Diagnosis;
@@ -94,7 +95,7 @@ class RoutingCache {
 
   group(rank: number, microBatch: number, layer: number): GroupRouting {
     const { ep, experts, topK } = this.s;
-    const base = rank - (rank % ep);
+    const base = globalRank(this.s, dpRankOf(this.s, rank), 0);
     const key = `${base}/${microBatch}/${layer}`;
     let g = this.groups.get(key);
     if (g) return g;
@@ -115,7 +116,7 @@ class RoutingCache {
 
 /** A completed exchange's facts, read off the group's routing (the engine moves no tensors). */
 function outcomeOf(s: Scenario, g: GroupRouting, rank: number) {
-  const epRank = rank % s.ep;
+  const epRank = epRankOf(s, rank);
   const nLocal = s.experts / s.ep;
   return {
     // recv_counts[j] = what EP peer j routes to this rank: column epRank of the matrix.
@@ -185,7 +186,7 @@ export function simulateDes(s: Scenario, opts: DesOptions = {}): DesResult {
     const t0 = clock[r]!;
     if (what === 'route') {
       const g = routing.group(r, ctx.microBatch, ctx.layer);
-      const epRank = r % s.ep;
+      const epRank = epRankOf(s, r);
       clock[r] = t0 + computeMs(cost, routerFlops(s, g.tokens[epRank]!));
       span(r, 'route', 'compute', t0, clock[r]!, { layer: ctx.layer, microBatch: ctx.microBatch });
       step(r, routedEvent(g.tokens[epRank]!, Array.from(g.sendCounts.subarray(epRank * s.ep, (epRank + 1) * s.ep))));

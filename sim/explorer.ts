@@ -21,7 +21,8 @@ import type { Diagnosis } from '../machines/diagnosis.js';
 import type { RankSnapshot } from '../machines/protocol.js';
 import { startRank } from '../machines/protocol.js';
 import { simulateDes, TransitionMemo } from './des.js';
-import { rankConfig, validateScenario, worldSize, type Scenario } from './scenario.js';
+import { rankConfig, validateScenario, type Scenario } from '../machines/scenario.js';
+import { worldSize } from '../machines/mesh.js';
 
 /** One rank's routing facts in a class. */
 export interface RankClass {

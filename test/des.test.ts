@@ -2,7 +2,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { runDes, simulateDes } from '../sim/des.js';
 import { costModel } from '../sim/cost.js';
-import { validateScenario } from '../sim/scenario.js';
+import { validateScenario } from '../machines/scenario.js';
 
 test('seed scenario finishes ok; runDes and simulateDes write the same ledger', () => {
   const s = validateScenario({ ep: 4, experts: 8, layers: 2, microBatches: 2 });

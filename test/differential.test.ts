@@ -7,6 +7,10 @@ import * as assert from 'uvu/assert';
 import { simulateDes } from '../sim/des.js';
 import { VARIANT_NAMES } from '../machines/variants.js';
 import { disagreement, randomScenarios } from './differential.js';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { runCli } from './cli.js';
 
 const onWorkers = randomScenarios(20261130, 64);
 const onProcesses = randomScenarios(7, 10);
@@ -37,6 +41,26 @@ test(`${onProcesses.length} random scenarios: launched processes give the engine
     if (d) failures.push(d);
   }
   assert.ok(failures.length === 0, `${failures.length} of ${onProcesses.length} disagree:\n${failures.join('\n\n')}`);
+});
+
+test('a completion-order counterexample from check --replay reproduces on all three engines', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ep-replay-'));
+  const file = join(dir, 'cx.json');
+  try {
+    const check = await runCli(['check', '--ep', '2', '--dp', '2', '--experts', '4', '--fsdp', '--wrap', 'experts', '--variant', 'completion-order', '--replay', file]);
+    assert.is(check.code, 2, check.stderr);
+    const verdicts = [];
+    for (const engine of ['des', 'actors', 'processes']) {
+      const r = await runCli(['sim', '--scenario', file, '--engine', engine, '--json']);
+      assert.is(r.code, 2, `${engine}: ${r.stderr}`);
+      const { verdict, communicator, position, culprits, hangs } = JSON.parse(r.stdout);
+      verdicts.push({ engine, verdict, communicator, position, culprits, hangs });
+    }
+    assert.is(verdicts[0]!.verdict, 'cycle');
+    for (const v of verdicts.slice(1)) assert.equal({ ...v, engine: 'des' }, verdicts[0], `${v.engine} differs from des`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
 });
 
 test.run();

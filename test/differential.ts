@@ -9,7 +9,7 @@ import { VARIANT_NAMES } from '../machines/variants.js';
 import { runActors } from '../actors/supervisor.js';
 import { runScenarioOnProcesses } from '../actors/launch.js';
 import { simulateDes } from '../sim/des.js';
-import { validateScenario, type Scenario } from '../sim/scenario.js';
+import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { seededRng, type Rng } from '../src/moe/random.js';
 import { UsageError } from '../src/errors.js';
 import { canonicalLedger } from './ledger.js';
@@ -31,10 +31,10 @@ export function randomScenario(rng: Rng): Scenario {
 function drawScenario(rng: Rng): Scenario {
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rng() * xs.length)]!;
   const ep = pick([1, 2, 2, 3, 4, 4]);
-  const dp = pick([1, 1, 2]);
+  const dp = pick([1, 2]);
   const experts = ep * pick([1, 2, 3]);
   const variant = pick(VARIANT_NAMES);
-  const fsdp = dp > 1 ? pick([null, ...WRAP_POLICIES]) : null;
+  const fsdp = dp > 1 ? pick([null, ...WRAP_POLICIES, 'experts' as const]) : null;
   const layers = pick([1, 1, 2, 3]);
   const zeroRank = Math.floor(rng() * ep * dp);
   return validateScenario({

@@ -10,9 +10,9 @@ import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runActors } from '../actors/supervisor.js';
-import { validateScenario } from '../sim/scenario.js';
+import { validateScenario } from '../machines/scenario.js';
 import { startLive, type RankView } from '../sim/live/server.js';
-import { repoRoot } from './paths.js';
+import { cliPath } from './paths.js';
 
 const STARVE = { ep: 4, routing: 'starve:1', variant: 'no-dispatch-edge' } as const;
 const STARVE_FLAGS = ['--ep', '4', '--routing', 'starve:1', '--variant', 'no-dispatch-edge'];
@@ -175,7 +175,7 @@ test('the page: one row per rank, inline script and style, no other origin; unkn
   }
 });
 
-const CLI = join(repoRoot, 'dist/src/cli.js');
+const CLI = cliPath;
 
 /** Resolves with the first match of `pattern` in what the child has written to stderr. */
 function stderrMatch(child: ReturnType<typeof spawn>, pattern: RegExp): Promise<RegExpMatchArray> {

@@ -8,7 +8,7 @@ import { runActors } from '../actors/supervisor.js';
 import { actorRanks } from '../actors/caseRanks.js';
 import { runDes } from '../sim/des.js';
 import { reportFromDes } from '../sim/report/fromDes.js';
-import { validateScenario, type Scenario } from '../sim/scenario.js';
+import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { canonicalLedger } from './ledger.js';
 import { loadCase, resultTensors, runCase } from '../src/case.js';
 import { readSafetensorsFile } from '../src/codec/safetensors.js';
@@ -27,6 +27,10 @@ test('golden cases match within 1e-5 with every rank a worker thread, exchanging
     const [data, file] = await Promise.all([loadCase(path), readSafetensorsFile(path)]);
     for (const exchange of ['ports', 'shared'] as const) {
       const got = resultTensors(await runCase(data, { runRanks: actorRanks({ exchange }) }));
+      // Exactly the results the seed wrote: none missing, none extra, so the loop below checks them all.
+      const expected = [...file.tensors.keys()].filter((k) => k.startsWith('expected.')).map((k) => k.slice('expected.'.length));
+      assert.ok(expected.length > 0, `${f}: no expected.* tensors`);
+      assert.equal([...got.keys()].sort(), expected.sort(), `${f} over ${exchange}`);
       for (const [name, t] of got) {
         const want = file.tensors.get(`expected.${name}`);
         assert.ok(want, `${f}: expected.${name} missing`);

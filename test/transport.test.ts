@@ -5,7 +5,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { MessageChannel, type MessagePort } from 'node:worker_threads';
-import { communicators } from '../machines/ledger.js';
+import { communicators } from '../machines/mesh.js';
 import { MeshCommunicator, PortMesh } from '../actors/transport.js';
 import { sharedMemory, type StagingMemory } from '../actors/staging.js';
 import { Tensor } from '../src/tensor.js';

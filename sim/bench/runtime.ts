@@ -8,11 +8,11 @@ import { median, time, type BenchRow } from './harness.js';
 import { epStepCase, epStepLabel, torchEpStep } from './torch.js';
 import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
-import { validateScenario } from '../scenario.js';
+import { validateScenario } from '../../machines/scenario.js';
 import type { BackendName } from '../../src/backends.js';
 import { availableParallelism } from 'node:os';
 import { withLaunchedRanks } from '../../actors/launch.js';
-import { productionHang } from '../../src/commands/demo.js';
+import { productionHang } from '../../cli/demo.js';
 
 const MiB = 1024 * 1024;
 

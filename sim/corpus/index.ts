@@ -1,7 +1,7 @@
 // The corpus: named scenarios, each reproducing a real class of MoE hang with the verdict
 // it must give, and the seed's safeties passing the same scenario. Tests and `sweep` run it.
 import type { VerdictKind } from '../../machines/diagnosis.js';
-import { validateScenario, type Scenario } from '../scenario.js';
+import { validateScenario, type Scenario } from '../../machines/scenario.js';
 
 export interface CorpusCase {
   readonly name: string;

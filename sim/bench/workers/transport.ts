@@ -2,7 +2,7 @@
 // imported as a benchmark): one rank of a 4-rank ep group exchanging equal
 // chunks with every peer over the PortMesh (or staged in shared memory), as the EP layer's all-to-alls do.
 import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
-import { communicators } from '../../../machines/ledger.js';
+import { communicators } from '../../../machines/mesh.js';
 import { MeshCommunicator, PortMesh } from '../../../actors/transport.js';
 import { stagingMemory } from '../../../actors/staging.js';
 import { Tensor } from '../../../src/tensor.js';
