@@ -30,6 +30,8 @@ export interface RankRecord {
   /** Why the rank stopped, when it did not finish, and when (ms since the epoch). */
   readonly stopped?: string;
   readonly stoppedAt?: number;
+  /** Connections refused by the hello (another job's rank, a stranger, a wrong secret): when, the other end's address, and the one-line reason. */
+  readonly refused?: readonly { readonly at: number; readonly from: string; readonly line: string }[];
 }
 
 export class RankRecordError extends Error {
