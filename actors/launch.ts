@@ -21,7 +21,7 @@ import { freePort, rendezvous, type LaunchEnv, type Rendezvous } from './rendezv
 import { runRank } from './rankRun.js';
 import { acceptEarly, socketMesh, type Goodbye } from './socketPort.js';
 import { runIdentity, type RefusedConnection, type RunIdentity } from './runIdentity.js';
-import { mergeRankRecordsIn, RANK_RECORD_VERSION, type RankRecord } from './rankRecord.js';
+import { mergeRankRecordsIn, RANK_RECORD_VERSION, STALL, type RankRecord } from './rankRecord.js';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -31,6 +31,7 @@ import type { ReportInput } from '../machines/record.js';
 import { generatedIndices, rankRouting } from '../machines/routing.js';
 import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import { toIndexArray, type FloatDType } from '../src/tensor.js';
+import { DEFAULT_COMPUTE_TIMEOUT_MS } from './supervisor.js';
 
 /** The run stopped because the ranks diverged, a peer crashed or nothing moved: exit code 2. */
 export class LaunchedRankError extends Error {
@@ -60,8 +61,14 @@ export interface LaunchOptions<F extends FloatDType> {
   /** tcp: msgpack chunks over a TCP connection per pair; nccl: the EP layer's all-to-alls over NCCL. */
   readonly exchange: 'tcp' | 'nccl';
   readonly backend: BackendName;
-  /** No progress on this rank for this long: stop with a stall (ms); the rendezvous and the connections give up after it too. */
+  /**
+   * The collective limit (ms): a rank waiting in a collective this long past the compute
+   * limit (by then a peer that computes would have reported its own stall) stops with a
+   * timeout; the rendezvous and the connections give up after it too.
+   */
   readonly timeoutMs: number;
+  /** A compute of this rank (routing, expert forward or backward) that has not returned for this long: a stall (ms; default 10 min). */
+  readonly computeTimeoutMs?: number;
   /** Aborted (its reason the signal's name, say): the rank stops, tells its peers, and rejects with a TerminatedRankError. */
   readonly signal?: AbortSignal;
   /** Hears each connection the hello refused, as it happens (it is in the record too). */
@@ -171,9 +178,15 @@ function runConnected<F extends FloatDType>(
     let settled = false;
     let watchdog: NodeJS.Timeout | undefined;
     let ports: Map<number, { goodbye(g: Goodbye): Promise<void> }> = new Map();
+    /** What this rank computes now (set when a collective completes), for a stall. */
+    let computing = 'routing layer 0';
+    const computeTimeoutMs = o.computeTimeoutMs ?? DEFAULT_COMPUTE_TIMEOUT_MS;
     const arm = () => {
       clearTimeout(watchdog);
-      watchdog = setTimeout(() => fail(new LaunchedRankError(`stall: rank ${rank} made no progress for ${o.timeoutMs} ms${waiting ? ` waiting in ${describe(waiting)}` : ''}`)), o.timeoutMs);
+      const w = waiting;
+      watchdog = w
+        ? setTimeout(() => fail(new LaunchedRankError(`timeout: rank ${rank} waited in ${describe(w)} for ${computeTimeoutMs + o.timeoutMs} ms (compute limit plus collective limit) and no peer reported why`)), computeTimeoutMs + o.timeoutMs)
+        : setTimeout(() => fail(new LaunchedRankError(`${STALL}rank ${rank} has not returned from ${computing} for ${computeTimeoutMs} ms (compute limit)`)), computeTimeoutMs);
     };
     const messages: WorkerMessage[] = [];
     const keep = (stopped?: string) =>
@@ -215,6 +228,7 @@ function runConnected<F extends FloatDType>(
         }
         case 'completed':
           waiting = null;
+          computing = m.next;
           arm();
           return;
         case 'violation':

@@ -18,6 +18,7 @@ import { writeFileAtomic } from '../src/atomic.js';
 import { VARIANT_NAMES, type VariantName } from '../machines/variants.js';
 import { LaunchedRankError, runLaunchedRank, TerminatedRankError } from '../actors/launch.js';
 import { runIdentity } from '../actors/runIdentity.js';
+import { DEFAULT_COMPUTE_TIMEOUT_MS } from '../actors/supervisor.js';
 
 const HELP = `usage: ep-actors rank (--case FILE [--variant V] | [scenario flags]) --out-dir DIR
                        [--exchange tcp|nccl] [--backend ts|native|cuda] [--steps N] [--timeout MS]
@@ -63,8 +64,13 @@ traffic, run the ranks over one you trust.
   --variant V     the protocol (default seed); a hazard variant reproduces its bug on real processes
   --steps N       training steps back to back (default 1); the file holds the last step's
                   results and the summary each step's time
-  --timeout MS    stop with exit 2 after this long without progress (default 600000); the
-                  rendezvous and the connections between ranks give up after it too (exit 1)
+  --timeout MS    the collective limit (default 600000): a rank waiting in a collective this long
+                  past the compute limit, with no peer saying why, stops with exit 2 (timeout);
+                  the rendezvous and the connections between ranks give up after it too (exit 1)
+  --compute-timeout MS
+                  a compute of this rank (routing, expert forward or backward) that has not
+                  returned for this long stops it with exit 2 (stall), and its peers hear why
+                  (default 600000)
   --run-id ID     this job's run id (letters, digits, . _ : @ + -; see above)
   --secret-file F a file holding the secret every rank shares (instead of EP_ACTORS_SECRET)
   --json          print one JSON object instead of the summary
@@ -82,7 +88,7 @@ an error (a rendezvous that did not complete in time, a refused rendezvous, a te
 export async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parse(
     argv,
-    { ...SCENARIO_OPTIONS, case: { type: 'string' }, 'out-dir': { type: 'string' }, exchange: { type: 'string' }, backend: { type: 'string' }, timeout: { type: 'string' }, steps: { type: 'string' }, json: { type: 'boolean' }, 'run-id': { type: 'string' }, 'secret-file': { type: 'string' } },
+    { ...SCENARIO_OPTIONS, case: { type: 'string' }, 'out-dir': { type: 'string' }, exchange: { type: 'string' }, backend: { type: 'string' }, timeout: { type: 'string' }, 'compute-timeout': { type: 'string' }, steps: { type: 'string' }, json: { type: 'boolean' }, 'run-id': { type: 'string' }, 'secret-file': { type: 'string' } },
     HELP,
   );
   if (helpAsked(values, HELP)) return 0;
@@ -93,6 +99,7 @@ export async function main(argv: string[]): Promise<number> {
   const backend = parseBackend(values.backend);
   await loadBackend(backend); // fails in one line when it cannot run here
   const timeoutMs = intOption(values.timeout, 'timeout', 600_000, 1);
+  const computeTimeoutMs = intOption(values['compute-timeout'], 'compute-timeout', DEFAULT_COMPUTE_TIMEOUT_MS, 1);
   const steps = intOption(values.steps, 'steps', 1, 1);
   const env = launchEnv();
   const identity = runIdentity({ runId: values['run-id'] as string | undefined, secretFile: values['secret-file'] as string | undefined });
@@ -110,7 +117,7 @@ export async function main(argv: string[]): Promise<number> {
   let launched;
   try {
     launched = await runLaunchedRank({
-      scenario, data, env, identity, exchange, backend, timeoutMs, steps, signal: stop.signal,
+      scenario, data, env, identity, exchange, backend, timeoutMs, computeTimeoutMs, steps, signal: stop.signal,
       keep: (r) => (record = r),
       refused: (r) => say(r.line),
       connected: (runId) => say(`connected to its ${env.worldSize - 1} peer${env.worldSize === 2 ? '' : 's'} in run '${runId}'`),

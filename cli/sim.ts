@@ -50,7 +50,7 @@ output:
   --timeout MS           actors, processes: a collective every member issued whose data has not
                          arrived for this long is a timeout (default 10000); ranks waiting for a
                          peer that computes are not hung
-  --compute-timeout MS   actors: a rank whose own work (routing, expert compute) has not returned
+  --compute-timeout MS   actors, processes: a rank whose own work (routing, expert compute) has not returned
                          for this long is a stall, naming the rank and its work (default 600000)
 
 Output paths are checked before the run starts; a scenario too large for this machine's
@@ -96,7 +96,7 @@ export async function main(argv: string[]): Promise<number> {
   if (v.live !== undefined && engine !== 'actors') throw new UsageError('--live watches worker ranks: it needs --engine actors');
   const realRankFlag = (['backend', 'timeout'] as const).find((f) => v[f] !== undefined);
   if (engine === 'des' && realRankFlag) throw new UsageError(`--${realRankFlag} applies to real ranks (--engine actors or processes); --engine des simulates them`);
-  if (v['compute-timeout'] !== undefined && engine !== 'actors') throw new UsageError('--compute-timeout watches worker ranks\' compute: it needs --engine actors');
+  if (v['compute-timeout'] !== undefined && engine === 'des') throw new UsageError('--compute-timeout watches real ranks\' compute: the des engine simulates it');
   const timeoutMs = intOption(v.timeout, 'timeout', DEFAULT_TIMEOUT_MS, 1);
   const computeTimeoutMs = intOption(v['compute-timeout'], 'compute-timeout', DEFAULT_COMPUTE_TIMEOUT_MS, 1);
   let backend: BackendName = 'ts';
@@ -122,7 +122,7 @@ export async function main(argv: string[]): Promise<number> {
       inspect === undefined ? undefined : inspect === '-' ? (rank, event) => stdoutClosed || console.log(JSON.stringify({ rank, event })) : (rank, event) => inspectLines.push(JSON.stringify({ rank, event }));
     const input =
       engine === 'des' ? reportFromDes(scenario)
-      : engine === 'processes' ? await runScenarioOnProcesses(scenario, ['--backend', backend, '--timeout', String(timeoutMs)])
+      : engine === 'processes' ? await runScenarioOnProcesses(scenario, ['--backend', backend, '--timeout', String(timeoutMs), '--compute-timeout', String(computeTimeoutMs)])
       : await runOnActors(scenario, { backend, exchange, timeoutMs, computeTimeoutMs }, [toInspect, live?.onInspect]);
     live?.verdict(input.diagnosis);
     // The verdict first: a file that then fails to write must not take it with it.
