@@ -47,7 +47,7 @@ export { actorRanks } from './actors/caseRanks.js';
 export { InProcessGroup, CollectiveError, createInProcessGroup, inProcessRanks } from './actors/inprocess.js';
 export { validateScenario, DEFAULT_SCENARIO } from './machines/scenario.js';
 export type { Scenario } from './machines/scenario.js';
-export { runDes, simulateDes } from './sim/des.js';
+export { simulateDes } from './sim/des.js';
 export { explore } from './sim/explorer.js';
 export { renderReport } from './sim/report/html.js';
 export { reportFromDes } from './sim/report/fromDes.js';

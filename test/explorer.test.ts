@@ -3,7 +3,7 @@ import * as assert from 'uvu/assert';
 import { explore, mergeResults, type ExploreResult } from '../sim/explorer.js';
 import { alphabet, classesAtLevel, realize, replayScenario, withExtras, type Alphabet, type ColumnClass } from '../sim/explore/classes.js';
 import { observe, reducedKey, type Observation } from '../sim/explore/kinds.js';
-import { runDes, simulateDes } from '../sim/des.js';
+import { simulateDes } from '../sim/des.js';
 import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { worldSize } from '../machines/mesh.js';
 import { VARIANT_NAMES, type VariantName } from '../machines/variants.js';
@@ -163,7 +163,7 @@ test('no-dispatch-edge: the shortest counterexample starves exactly one rank, an
     // The scenario written by --replay reproduces it, through JSON and validation.
     const replay = validateScenario(JSON.parse(JSON.stringify(c.scenario)));
     assert.is(replay.routing, 'explicit');
-    const again = runDes(replay).diagnosis;
+    const again = simulateDes(replay).diagnosis;
     assert.is(again.verdict, 'missing');
     assert.equal(again.culprits, c.starvedRanks);
   }
@@ -222,7 +222,7 @@ test('per-rank classes lose nothing: every zero/non-zero pattern of rows per (so
         return [[ids]];
       });
       const tokens = Math.max(...explicit.map((r) => r[0]![0]!.length));
-      const verdict = runDes(validateScenario({ ...base, variant, tokens, routing: 'explicit', explicit })).diagnosis.verdict;
+      const verdict = simulateDes(validateScenario({ ...base, variant, tokens, routing: 'explicit', explicit })).diagnosis.verdict;
       if (verdict !== 'ok') pairHangs++;
     }
     const r = explore(validateScenario({ ...base, variant }));
@@ -243,7 +243,7 @@ test('top-k >= E - n_local + 1 under FSDP: no-dispatch-edge is proved, and every
           const m = choices[Math.floor(x / choices.length ** g) % choices.length];
           return [[m === null ? [] : [0, 1, 2, 3].filter((e) => m & (1 << e))]];
         });
-        if (runDes(validateScenario({ ...base, tokens: 1, routing: 'explicit', explicit })).diagnosis.verdict !== 'ok') hangs++;
+        if (simulateDes(validateScenario({ ...base, tokens: 1, routing: 'explicit', explicit })).diagnosis.verdict !== 'ok') hangs++;
       }
       const r = explore(validateScenario(base));
       assert.is(r.verdict, topK === 3 ? 'proved' : 'counterexample', `${fsdp} top-${topK}`);
@@ -285,7 +285,7 @@ test('check --shard (and a Slurm array task) writes results that check --merge j
   const merged = cli(['check', '--merge', ...files, '--replay', replay]);
   assert.is(merged.status, 2, merged.stderr);
   assert.match(merged.stdout, /merged 2 shard/);
-  assert.is(runDes(validateScenario(JSON.parse(spawnSync('cat', [replay], { encoding: 'utf8' }).stdout))).diagnosis.verdict, 'missing');
+  assert.is(simulateDes(validateScenario(JSON.parse(spawnSync('cat', [replay], { encoding: 'utf8' }).stdout))).diagnosis.verdict, 'missing');
   const bad = cli(['check', '--merge', files[0]!]);
   assert.is(bad.status, 1);
   assert.match(bad.stderr, /shard 1\/2 missing/);

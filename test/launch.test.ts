@@ -14,7 +14,7 @@ import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/soc
 import { helloAsListener, type RunIdentity } from '../actors/runIdentity.js';
 import { LaunchedRankError, launchLocally, runLaunchedRank, runScenarioOnProcesses } from '../actors/launch.js';
 import { checkRankRecords, mergeRankRecords, RankRecordError } from '../actors/rankRecord.js';
-import { runDes } from '../sim/des.js';
+import { simulateDes } from '../sim/des.js';
 import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { casePayloads, caseScenario } from '../actors/caseRanks.js';
 import { runActors } from '../actors/supervisor.js';
@@ -402,7 +402,7 @@ test('sim --engine processes: one process per rank reaches the verdict and culpr
   ];
   for (const c of cases) {
     const s = validateScenario(c);
-    const des = runDes(s);
+    const des = simulateDes(s);
     const merged = await runScenarioOnProcesses(s, ['--timeout', '20000']);
     assert.is(merged.diagnosis.verdict, des.diagnosis.verdict, `${JSON.stringify(c)}: ${merged.diagnosis.cause}`);
     assert.equal(merged.diagnosis.culprits, des.diagnosis.culprits, JSON.stringify(c));

@@ -6,7 +6,7 @@ import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { runActors } from '../actors/supervisor.js';
 import { actorRanks } from '../actors/caseRanks.js';
-import { runDes } from '../sim/des.js';
+import { simulateDes } from '../sim/des.js';
 import { reportFromDes } from '../sim/report/fromDes.js';
 import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { canonicalLedger } from './ledger.js';
@@ -87,7 +87,7 @@ for (const h of hazards) {
     const d = (await runActors(s)).diagnosis;
     assert.is(d.verdict, h.verdict, `${h.variant}: ${d.cause}`);
     assert.equal([...d.culprits], h.culprits);
-    const engine = runDes(s).diagnosis;
+    const engine = simulateDes(s).diagnosis;
     assert.equal([d.communicator, d.position, d.hangs], [engine.communicator, engine.position, engine.hangs]);
     assert.match(d.cause, new RegExp(`variant ${h.variant}`));
     await ok({ ep: 4, variant: h.variant, ...h.harmless });
@@ -98,7 +98,7 @@ test('early exit at the next micro-batch, after the backward\'s FSDP collectives
   // The rank's machine reaches its exit only once the driver has issued the trailing FSDP collectives.
   const s = validateScenario({ ep: 3, dp: 2, fsdp: 'experts', experts: 3, topK: 2, tokens: 0, layers: 1, microBatches: 2, routing: 'zipf:1.5', variant: 'early-exit', earlyExitRank: 2, earlyExitAfterLayers: 1, seed: 698021888 });
   const d = (await runActors(s)).diagnosis;
-  const engine = runDes(s).diagnosis;
+  const engine = simulateDes(s).diagnosis;
   assert.is(d.verdict, 'missing', d.cause);
   assert.equal([d.communicator, d.position, d.culprits, d.hangs], [engine.communicator, engine.position, engine.culprits, engine.hangs]);
 });
@@ -122,7 +122,7 @@ test('the ledger the workers produce equals the one predicted by stepping the ma
       seed: Math.floor(rng() * 1e6),
     });
     const actors = await runActors(s);
-    const des = runDes(s);
+    const des = simulateDes(s);
     assert.is(actors.diagnosis.verdict, des.diagnosis.verdict, JSON.stringify(s));
     assert.equal(canonicalLedger(actors.ledger), canonicalLedger(des.ledger), JSON.stringify(s));
   }
@@ -164,7 +164,7 @@ test('a cross-communicator ordering gives cycle naming the ranks in it', async (
   assert.is(r.diagnosis.verdict, 'cycle', r.diagnosis.cause);
   assert.equal([...r.diagnosis.culprits], [0, 1, 4, 5]);
   assert.match(r.diagnosis.cause, /wait-for cycle across communicators/);
-  assert.is(runDes(s).diagnosis.verdict, 'cycle');
+  assert.is(simulateDes(s).diagnosis.verdict, 'cycle');
 });
 
 test('a rank whose own work never returns is a stall naming it and its work; the ranks waiting for it are not hung', async () => {

@@ -16,7 +16,7 @@ export async function bench(): Promise<BenchRow[]> {
   const render = await time(() => renderReport(input), 5, 1);
   return [
     { name: `report size (${what})`, value: Buffer.byteLength(html) / 1024, unit: 'KiB', note: `${input.ledger.length} ledger entries, ${input.trace.length} trace events` },
-    { name: `report input from the engine (${what})`, value: engine.medianMs, unit: 'ms', note: 'runDes with every microstep recorded' },
+    { name: `report input from the engine (${what})`, value: engine.medianMs, unit: 'ms', note: 'the engine with every microstep recorded' },
     { name: `report render (${what})`, value: render.medianMs, unit: 'ms' },
   ];
 }
