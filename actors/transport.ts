@@ -1,15 +1,21 @@
 // The MessagePort mesh inside a rank worker: one port per peer, msgpack messages with the
 // aligned tensor extensions (decoding gives views, not copies), buffers transferred rather
 // than cloned; or, for a staged exchange (actors/staging.ts), small announcements saying
-// where the sender staged the peer's rows. Every message names its communicator, position
+// where the sender staged the peer's rows. Between worker threads of one process, small
+// messages take the fast lane instead (actors/lane.ts): the same msgpack bytes in a shared
+// ring, signalled through Atomics, and a receiver expecting only such messages blocks for
+// them briefly rather than waiting on its event loop. Every message names its communicator, position
 // and op, so a chunk for the right position but another op, a chunk for a communicator the
 // pair does not share, a stale position or bytes that do not decode are reported at once
 // instead of hanging.
+import { MessagePort, threadId } from 'node:worker_threads';
+import { performance } from 'node:perf_hooks';
 import { DTYPES, ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '../src/tensor.js';
 import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.js';
 import type { CommunicatorSpec } from '../machines/ledger.js';
 import type { CollectiveTag, Communicator } from '../src/ep/types.js';
 import type { Piece, StagedHandle, StagingMemory } from './staging.js';
+import { Inbox, Outbox, isLaneHello } from './lane.js';
 
 export class TransportError extends Error {
   override name = 'TransportError';
@@ -32,9 +38,10 @@ export interface Chunk {
   readonly from: number;
   /**
    * The rows: a decoded tensor with its message's buffer (the tensor may be a view into it;
-   * the buffer goes back to the sender once consumed), or where the sender staged them.
+   * the buffer goes back to the sender once consumed; null when it came by the fast lane,
+   * as a copy), or where the sender staged them.
    */
-  readonly rows: { readonly tensor: Tensor; readonly buffer: ArrayBuffer } | { readonly staged: StagedRows };
+  readonly rows: { readonly tensor: Tensor; readonly buffer: ArrayBuffer | null } | { readonly staged: StagedRows };
 }
 
 /** A staged chunk's announcement, as posted (structured clone shares a SharedArrayBuffer). */
@@ -62,6 +69,14 @@ export interface PeerPort {
 
 /** Buffers kept per peer for reuse; more than this in flight are dropped to the GC. */
 const POOL_PER_PEER = 4;
+/** Room a chunk's msgpack header (communicator, position, op, tensor header) takes beyond its rows. */
+const HEADER_ROOM = 256;
+/**
+ * How long a rank blocks for fast-lane chunks before waiting on its event loop instead:
+ * long enough for peers a little behind, short enough that a missing peer costs nothing
+ * the supervisor would notice (it decides hangs from what ranks issued, not from this).
+ */
+const LANE_WAIT_MS = 20;
 /** Released result buffers a communicator keeps for reuse. */
 const FREE_BUFFERS = 8;
 
@@ -81,6 +96,14 @@ export class PortMesh {
   private readonly unacked = new Map<string, () => void>();
   /** Set by a fault injector: how to damage the next outgoing chunk of one op. */
   fault: { op: string; kind: ChunkFault } | null = null;
+  /** Small messages from worker-thread peers land here (null when no peer is a MessagePort). */
+  private readonly inbox: Inbox | null;
+  /** Peers in other threads whose inboxes this rank writes small messages to. */
+  private readonly lanes = new Map<number, Outbox>();
+  /** Whether a wait for the inbox's doorbell is pending on the event loop. */
+  private armed = false;
+  /** Reused to encode fast-lane messages, which are copied into the peer's ring. */
+  private scratch: ArrayBuffer | undefined;
 
   constructor(
     readonly rank: number,
@@ -95,13 +118,64 @@ export class PortMesh {
         this.shared.get(m)!.add(c.id);
       }
     }
+    const threadPeers = [...ports].filter(([, port]) => port instanceof MessagePort).map(([peer]) => peer);
+    this.inbox = threadPeers.length ? new Inbox(threadPeers) : null;
     for (const [peer, port] of ports) {
       port.on('message', (m: unknown) => {
         if (m instanceof ArrayBuffer) this.returned(peer, m);
         else if (m && typeof m === 'object' && 'ack' in m) this.acked(peer, m as Ack);
-        else this.deliver(peer, m);
+        else if (isLaneHello(m)) this.hello(peer, m);
+        else this.deliver(peer, m, false);
       });
     }
+    for (const peer of threadPeers) ports.get(peer)!.postMessage(this.inbox!.hello(peer, threadId));
+  }
+
+  /** A peer's inbox: written to only from another thread (a rank in this thread could never block for it). */
+  private hello(peer: number, m: { lane: unknown; rings: unknown; ring: unknown; thread: unknown }): void {
+    if (m.thread === threadId) return;
+    const lane = Outbox.of(m);
+    if (!lane) return this.onError(`rank ${this.rank} received from rank ${peer} a fast-lane offer that describes no well-formed inbox`);
+    this.lanes.set(peer, lane);
+    this.drainLane();
+  }
+
+  /** Whether a message of `bytes` rows to (or from) `peer` goes by the fast lane. */
+  laneCarries(peer: number, bytes: number): boolean {
+    const lane = this.lanes.get(peer);
+    return !!lane && bytes + HEADER_ROOM <= lane.capacity;
+  }
+
+  private drainLane(): void {
+    this.inbox?.drain((peer, bytes) => this.deliver(peer, bytes, true));
+  }
+
+  /**
+   * Blocks this thread, at most LANE_WAIT_MS, until the chunks of (comm, position) from
+   * `peers` have come by the fast lane; whatever has not by then is awaited as usual.
+   */
+  awaitLane(comm: string, position: number, peers: readonly number[]): void {
+    if (!this.inbox || peers.length === 0) return;
+    const keys = peers.map((p) => `${comm}|${position}|${p}`);
+    const deadline = performance.now() + LANE_WAIT_MS;
+    for (;;) {
+      this.drainLane();
+      const missing = keys.filter((k) => !this.arrived.has(k)).length;
+      if (missing === 0) return;
+      const left = deadline - performance.now();
+      if (left <= 0 || !this.inbox.waitSync(left, missing)) return;
+    }
+  }
+
+  /** While receives wait, the event loop also listens for the inbox's doorbell. */
+  private armLane(): void {
+    if (!this.inbox || this.lanes.size === 0 || this.armed) return;
+    this.armed = true;
+    void this.inbox.waitAsync().then(() => {
+      this.armed = false;
+      this.drainLane();
+      if (this.waiting.size) this.armLane();
+    });
   }
 
   /** Sends a peer its rows: in a msgpack message, or as an announcement of where they are staged. */
@@ -119,7 +193,16 @@ export class PortMesh {
       header = kind === 'wrong-communicator' ? { comm: `${comm}-bogus`, position } : { comm, position: position - 1 };
     }
     if (rows instanceof Tensor) {
-      const bytes = encodeMessage({ ...header, op, from: this.rank, tensor: rows }, this.pool.get(peer)?.pop());
+      const message = { ...header, op, from: this.rank, tensor: rows };
+      if (this.laneCarries(peer, rows.data.byteLength)) {
+        const bytes = encodeMessage(message, this.scratch);
+        this.scratch = bytes.buffer as ArrayBuffer;
+        if (this.lanes.get(peer)!.write(bytes)) return;
+        this.scratch = undefined; // the ring is full: these bytes go by the port instead
+        port.postMessage(bytes, [bytes.buffer as ArrayBuffer]);
+        return;
+      }
+      const bytes = encodeMessage(message, this.pool.get(peer)?.pop());
       port.postMessage(bytes, [bytes.buffer as ArrayBuffer]);
     } else {
       const a: Announcement = { ...header, op, from: this.rank, staged: rows };
@@ -138,7 +221,9 @@ export class PortMesh {
   /** The reader is done with a consumed chunk: its buffer goes back to the sender, or its staged region is released. */
   recycle(chunk: Chunk): void {
     const port = this.ports.get(chunk.from);
-    if ('buffer' in chunk.rows) port?.postMessage(chunk.rows.buffer, [chunk.rows.buffer]);
+    if ('buffer' in chunk.rows) {
+      if (chunk.rows.buffer) port?.postMessage(chunk.rows.buffer, [chunk.rows.buffer]);
+    }
     else port?.postMessage({ ack: chunk.comm, position: chunk.position } satisfies Ack);
   }
 
@@ -158,11 +243,13 @@ export class PortMesh {
 
   receive(peer: number, comm: string, position: number, op: string): Promise<Chunk> {
     const key = `${comm}|${position}|${peer}`;
+    if (!this.arrived.has(key)) this.drainLane();
     const chunk = this.arrived.get(key);
     if (chunk) {
       this.arrived.delete(key);
       return this.accept(chunk, op);
     }
+    this.armLane();
     return new Promise((resolve) => this.waiting.set(key, { op, resolve }));
   }
 
@@ -184,10 +271,10 @@ export class PortMesh {
     return new Promise<never>(() => {});
   }
 
-  private deliver(peer: number, message: unknown): void {
+  private deliver(peer: number, message: unknown, viaLane: boolean): void {
     let chunk: Chunk;
     try {
-      chunk = this.parse(peer, message);
+      chunk = this.parse(peer, message, viaLane);
     } catch (err) {
       this.onError((err as Error).message);
       return;
@@ -210,7 +297,7 @@ export class PortMesh {
   }
 
   /** Decode and check a peer's message; anything malformed becomes a TransportError naming the sender. */
-  private parse(peer: number, message: unknown): Chunk {
+  private parse(peer: number, message: unknown, viaLane: boolean): Chunk {
     const from = `rank ${this.rank} received from rank ${peer}`;
     let m: Partial<Omit<Chunk, 'rows'> & { tensor: unknown; staged: unknown }> | null;
     if (message instanceof Uint8Array) {
@@ -234,7 +321,7 @@ export class PortMesh {
     const header = { comm: m.comm, position: m.position!, op: m.op, from: peer };
     if (message instanceof Uint8Array) {
       if (!(m.tensor instanceof Tensor)) throw new TransportError(`${from} a message without a tensor`);
-      return { ...header, rows: { tensor: m.tensor, buffer: message.buffer as ArrayBuffer } };
+      return { ...header, rows: { tensor: m.tensor, buffer: viaLane ? null : (message.buffer as ArrayBuffer) } };
     }
     return { ...header, rows: { staged: stagedRows(m.staged, `${from} a staged-chunk announcement`) } };
   }
@@ -280,18 +367,22 @@ export class MeshCommunicator implements Communicator {
     if (sendSplits.length !== this.size || recvSplits.length !== this.size) throw new TransportError(`${tag.op}: splits must have ${this.size} entries`);
     if (sendSplits.reduce((a, b) => a + b, 0) !== rows) throw new TransportError(`${tag.op}: send splits sum to ${sendSplits.reduce((a, b) => a + b, 0)} but the tensor has ${rows} rows`);
     const position = this.position++;
-    const peers = this.spec.members.filter((_, j) => j !== this.rank);
     const rowBytes = rowSize * ELEMENT_SIZE[send.dtype];
-    const region = this.staging?.stage(bytesOf(send)) ?? null;
+    const members = this.spec.members;
+    // Small chunks take the fast lane whatever the exchange; the rest are staged when it stages.
+    const staged = this.staging ? members.filter((peer, j) => j !== this.rank && !this.mesh.laneCarries(peer, sendSplits[j]! * rowBytes)) : [];
+    const region = staged.length ? this.staging!.stage(bytesOf(send)) : null;
     let offset = 0;
     let own: Tensor<D> | null = null;
     for (let j = 0; j < this.size; j++) {
       const chunk = rowsOf(send, offset, sendSplits[j]!);
+      const peer = members[j]!;
       if (j === this.rank) own = chunk;
-      else this.mesh.send(this.spec.members[j]!, this.spec.id, position, tag.op, region === null ? chunk : { handle: region, offset: offset * rowBytes, rows: sendSplits[j]!, rowSize, dtype: send.dtype });
+      else this.mesh.send(peer, this.spec.id, position, tag.op, region && staged.includes(peer) ? { handle: region, offset: offset * rowBytes, rows: sendSplits[j]!, rowSize, dtype: send.dtype } : chunk);
       offset += sendSplits[j]!;
     }
-    const acknowledged = region === null ? null : this.mesh.acknowledgements(this.spec.id, position, peers);
+    const acknowledged = region === null ? null : this.mesh.acknowledgements(this.spec.id, position, staged);
+    this.mesh.awaitLane(this.spec.id, position, members.filter((peer, j) => j !== this.rank && this.mesh.laneCarries(peer, recvSplits[j]! * rowBytes)));
     const chunks = await Promise.all(
       this.spec.members.map(async (peer, j) => {
         if (j === this.rank) return null;
@@ -312,7 +403,8 @@ export class MeshCommunicator implements Communicator {
       out = uninitialised(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], (bytes) => this.buffer(bytes));
       const pieces = chunks.map((c): Piece => {
         if (!c) return { local: bytesOf(own!) };
-        const s = (c.rows as { staged: StagedRows }).staged;
+        if ('tensor' in c.rows) return { local: bytesOf(c.rows.tensor) };
+        const s = c.rows.staged;
         return { handle: s.handle, offset: s.offset, bytes: s.rows * rowBytes };
       });
       this.staging.gather(bytesOf(out), pieces);

@@ -24,7 +24,8 @@
 
 namespace ep {
 
-int cpuThreads() {
+namespace {
+int defaultThreads() {
   static const int n = [] {
     const char* e = std::getenv("EP_ACTORS_THREADS");
     int v = e ? std::atoi(e) : 0;
@@ -33,6 +34,16 @@ int cpuThreads() {
   }();
   return n;
 }
+// Process-wide, as the cores are: a benchmark pins every rank thread to one kernel thread.
+std::atomic<int> threadCap{0};
+}  // namespace
+
+int cpuThreads() {
+  const int cap = threadCap.load(std::memory_order_relaxed);
+  return cap > 0 ? cap : defaultThreads();
+}
+
+void setCpuThreads(int n) { threadCap.store(n > 0 ? std::min(n, 64) : 0, std::memory_order_relaxed); }
 
 namespace {
 

@@ -5,6 +5,7 @@
 // its start and end.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { median, time, type BenchRow } from './harness.js';
+import type { TransportJob } from './workers/transport.js';
 import { epStepCase, epStepLabel, torchEpStep } from './torch.js';
 import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
@@ -16,11 +17,9 @@ import { productionHang } from '../../src/commands/demo.js';
 
 const MiB = 1024 * 1024;
 
-async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
+/** Per iteration, the slowest rank's time (ms) for `iterations` back-to-back all-to-alls on 4 worker ranks. */
+async function exchangeTimes(job: Omit<TransportJob, 'rank' | 'ep'>): Promise<number[]> {
   const ep = 4;
-  const rowSize = 1024; // f32 → 4 KiB rows; 1024 rows = 4 MiB per peer
-  const rowsPerPeer = (4 * MiB) / (rowSize * 4);
-  const iterations = 10;
   const ports: Record<number, MessagePort>[] = Array.from({ length: ep }, () => ({}));
   for (let a = 0; a < ep; a++) {
     for (let b = a + 1; b < ep; b++) {
@@ -29,7 +28,7 @@ async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
       ports[b]![a] = port2;
     }
   }
-  const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./workers/transport.js', import.meta.url), { workerData: { rank, ep, rowsPerPeer, rowSize, iterations, exchange } }));
+  const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./workers/transport.js', import.meta.url), { workerData: { ...job, rank, ep } satisfies TransportJob }));
   const samples = await Promise.all(
     workers.map((w, rank) => {
       const done = new Promise<number[]>((resolve, reject) => {
@@ -41,8 +40,14 @@ async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
     }),
   );
   await Promise.all(workers.map((w) => w.terminate()));
-  // Per iteration, the slowest rank; each rank sends 3 × 4 MiB to its peers.
-  const perIter = samples[0]!.map((_, i) => Math.max(...samples.map((s) => s[i]!)));
+  return samples[0]!.map((_, i) => Math.max(...samples.map((s) => s[i]!)));
+}
+
+async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
+  const rowSize = 1024; // f32 → 4 KiB rows; 1024 rows = 4 MiB per peer
+  const iterations = 10;
+  const perIter = await exchangeTimes({ rows: { perPeer: (4 * MiB) / (rowSize * 4), rowSize }, iterations, exchange });
+  // Each rank sends 3 × 4 MiB to its peers.
   const gbps = (3 * 4 * MiB) / (median(perIter) / 1e3) / 1e9;
   const src = new Float32Array(MiB); // 4 MiB
   const dst = new Float32Array(MiB);
@@ -56,8 +61,23 @@ async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
     unit: 'GB/s',
     baseline: { name: 'memcpy (TypedArray.set) of the same bytes, one thread', value: memcpy, unit: 'GB/s' },
     ratio: gbps / memcpy,
-    note: `median of ${iterations}; ratio = all-to-all / memcpy (aim >= 0.5); 4 workers share 2 cores`,
+    note: `median of ${iterations}; ratio = ours / memcpy (aim >= 0.25); 4 workers share the cores`,
   };
+}
+
+/** The EP layer's first exchange alone: one i64 per peer, back to back, against gloo's on 4 torch processes. */
+async function countsExchange(exchange: 'ports' | 'shared'): Promise<BenchRow> {
+  const iterations = 200;
+  const us = median(await exchangeTimes({ rows: null, iterations, exchange })) * 1e3;
+  const row: BenchRow = {
+    name: `counts all-to-all (fwd.counts: one i64 per peer) over ${exchange === 'ports' ? 'MessagePorts (msgpack)' : 'shared memory'}, 4 worker ranks, back to back`,
+    value: us,
+    unit: 'µs',
+    note: `median of ${iterations}, slowest rank per exchange`,
+  };
+  const torch = await torchEpStep();
+  if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
+  return { ...row, baseline: { name: 'gloo all_to_all_single of the same counts, 4 torch processes', value: torch.countsUs, unit: 'µs' }, ratio: torch.countsUs / us, note: `${row.note}; ratio = gloo / ours (>1: we are faster)` };
 }
 
 async function epStep(backend: BackendName, steps: number): Promise<BenchRow> {
@@ -130,7 +150,7 @@ async function soak(): Promise<BenchRow> {
 }
 
 export async function bench(): Promise<BenchRow[]> {
-  const rows = [await transport('ports'), await transport('shared')];
+  const rows = [await countsExchange('ports'), await countsExchange('shared'), await transport('ports'), await transport('shared')];
   // The TypeScript kernels take tens of seconds per step here: one warm-up, one timed step.
   rows.push(await epStep('ts', 2));
   const native = await import('../../src/native/backend.js');

@@ -82,6 +82,8 @@ export interface NativeInfo {
 export interface NativeAddon {
   setErrorClass(ctor: typeof NativeError): void;
   info(): NativeInfo;
+  /** Caps every CPU kernel of this process (worker threads included) at n threads; 0 restores EP_ACTORS_THREADS or the cores. */
+  setThreads(n: number): void;
   expertForward(job: ExpertJob, sync: true): undefined;
   expertForward(job: ExpertJob, sync?: false): Promise<void>;
   expertBackward(job: ExpertJob, sync: true): undefined;
