@@ -8,7 +8,7 @@
 // and op, so a chunk for the right position but another op, a chunk for a communicator the
 // pair does not share, a stale position or bytes that do not decode are reported at once
 // instead of hanging.
-import { MessagePort, threadId } from 'node:worker_threads';
+import { BroadcastChannel, MessagePort, threadId } from 'node:worker_threads';
 import { performance } from 'node:perf_hooks';
 import { DTYPES, ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '../src/tensor.js';
 import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.js';
@@ -16,6 +16,7 @@ import type { CommunicatorSpec } from '../machines/ledger.js';
 import type { CollectiveTag, Communicator } from '../src/ep/types.js';
 import type { Piece, StagedHandle, StagingMemory } from './staging.js';
 import { Inbox, Outbox, isLaneHello } from './lane.js';
+import { now } from './messages.js';
 
 export class TransportError extends Error {
   override name = 'TransportError';
@@ -36,6 +37,8 @@ export interface Chunk {
   readonly position: number;
   readonly op: string;
   readonly from: number;
+  /** When the sender sent it (ms, the process-wide clock), if it was profiling. */
+  readonly at?: number;
   /**
    * The rows: a decoded tensor with its message's buffer (the tensor may be a view into it;
    * the buffer goes back to the sender once consumed; null when it came by the fast lane,
@@ -79,6 +82,42 @@ const HEADER_ROOM = 256;
 const LANE_WAIT_MS = 20;
 /** Released result buffers a communicator keeps for reuse. */
 const FREE_BUFFERS = 8;
+
+/**
+ * With EP_ACTORS_PROFILE=1 in the environment (worker threads inherit it), every all-to-all
+ * of every rank is timed and posted on this BroadcastChannel, for the step profile in
+ * sim/bench/profile.ts; chunks then carry their send time.
+ */
+export const PROFILE_CHANNEL = 'ep-actors:collective-profile';
+
+/** One all-to-all of one rank, in ms on the process-wide clock (actors/messages.ts `now`). */
+export interface CollectiveProfile {
+  readonly rank: number;
+  readonly comm: string;
+  readonly op: string;
+  readonly position: number;
+  /** Entered the collective. */
+  readonly enter: number;
+  /** Its chunks were encoded or staged and sent. */
+  readonly sent: number;
+  /** The last peer sent its chunk to this rank (enter, for a collective with no peers). */
+  readonly peerSent: number;
+  /** Every peer's chunk had been received. */
+  readonly arrived: number;
+  /** The result was assembled. */
+  readonly done: number;
+}
+
+const profiling = process.env.EP_ACTORS_PROFILE === '1';
+let profileChannel: BroadcastChannel | null = null;
+
+function reportProfile(p: CollectiveProfile): void {
+  if (!profileChannel) {
+    profileChannel = new BroadcastChannel(PROFILE_CHANNEL);
+    profileChannel.unref();
+  }
+  profileChannel.postMessage(p);
+}
 
 /** Deliberate damage to outgoing chunks, for tests of the runtime's error reporting. */
 export type ChunkFault = 'corrupt-message' | 'wrong-communicator' | 'stale-position';
@@ -182,7 +221,7 @@ export class PortMesh {
   send(peer: number, comm: string, position: number, op: string, rows: Tensor | StagedRows): void {
     const port = this.ports.get(peer);
     if (!port) throw new TransportError(`rank ${this.rank} has no port to rank ${peer}`);
-    let header = { comm, position };
+    let header: { comm: string; position: number; at?: number } = profiling ? { comm, position, at: now() } : { comm, position };
     if (this.fault?.op === op) {
       const kind = this.fault.kind;
       this.fault = null;
@@ -190,7 +229,7 @@ export class PortMesh {
         port.postMessage(Uint8Array.of(0xc1, 0xff, 0x00, 0x13)); // 0xc1 is never valid msgpack
         return;
       }
-      header = kind === 'wrong-communicator' ? { comm: `${comm}-bogus`, position } : { comm, position: position - 1 };
+      header = kind === 'wrong-communicator' ? { ...header, comm: `${comm}-bogus` } : { ...header, position: position - 1 };
     }
     if (rows instanceof Tensor) {
       const message = { ...header, op, from: this.rank, tensor: rows };
@@ -318,7 +357,7 @@ export class PortMesh {
     if (!this.shared.get(peer)?.has(m.comm)) {
       throw new TransportError(`${from} a chunk for communicator '${m.comm}', which the two ranks do not share`);
     }
-    const header = { comm: m.comm, position: m.position!, op: m.op, from: peer };
+    const header = { comm: m.comm, position: m.position!, op: m.op, from: peer, ...(typeof m.at === 'number' ? { at: m.at } : {}) };
     if (message instanceof Uint8Array) {
       if (!(m.tensor instanceof Tensor)) throw new TransportError(`${from} a message without a tensor`);
       return { ...header, rows: { tensor: m.tensor, buffer: viaLane ? null : (message.buffer as ArrayBuffer) } };
@@ -367,6 +406,7 @@ export class MeshCommunicator implements Communicator {
     if (sendSplits.length !== this.size || recvSplits.length !== this.size) throw new TransportError(`${tag.op}: splits must have ${this.size} entries`);
     if (sendSplits.reduce((a, b) => a + b, 0) !== rows) throw new TransportError(`${tag.op}: send splits sum to ${sendSplits.reduce((a, b) => a + b, 0)} but the tensor has ${rows} rows`);
     const position = this.position++;
+    const enter = profiling ? now() : 0;
     const rowBytes = rowSize * ELEMENT_SIZE[send.dtype];
     const members = this.spec.members;
     // Small chunks take the fast lane whatever the exchange; the rest are staged when it stages.
@@ -382,6 +422,7 @@ export class MeshCommunicator implements Communicator {
       offset += sendSplits[j]!;
     }
     const acknowledged = region === null ? null : this.mesh.acknowledgements(this.spec.id, position, staged);
+    const sent = profiling ? now() : 0;
     this.mesh.awaitLane(this.spec.id, position, members.filter((peer, j) => j !== this.rank && this.mesh.laneCarries(peer, recvSplits[j]! * rowBytes)));
     const chunks = await Promise.all(
       this.spec.members.map(async (peer, j) => {
@@ -397,6 +438,7 @@ export class MeshCommunicator implements Communicator {
         return c;
       }),
     );
+    const arrived = profiling ? now() : 0;
     const rest = [...send.shape.slice(1)];
     let out: Tensor<D>;
     if (this.staging) {
@@ -414,6 +456,10 @@ export class MeshCommunicator implements Communicator {
     for (const c of chunks) if (c) this.mesh.recycle(c);
     // Peers copy out of the region until they say they are done; this rank need not wait.
     if (region !== null) void acknowledged!.then(() => this.staging!.unstage(region));
+    if (profiling) {
+      const peerSent = Math.max(enter, ...chunks.map((c) => c?.at ?? enter));
+      reportProfile({ rank: this.globalRank, comm: this.spec.id, op: tag.op, position, enter, sent, peerSent, arrived, done: now() });
+    }
     return out;
   }
 

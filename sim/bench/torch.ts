@@ -6,6 +6,7 @@ import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import type { BenchRow } from './harness.js';
+import { loadNative } from '../../src/native/backend.js';
 
 export interface TorchEpOptions {
   ep: number;
@@ -111,6 +112,14 @@ export function torchEpStep(opts?: Partial<TorchEpOptions>): Promise<TorchEpResu
     cache.set(key, p);
   }
   return p;
+}
+
+/**
+ * Gives every CPU kernel of this process (its worker-thread ranks included) at most as many
+ * threads as each torch process has, so each rank computes on `o.threads` threads as torch's do.
+ */
+export function pinKernelThreads(o: TorchEpOptions = DEFAULT_EP_OPTIONS): void {
+  loadNative()?.setThreads(o.threads);
 }
 
 /** The EP step's inputs for our side of the comparison: the same sizes, seeded, f32, SwiGLU. */
