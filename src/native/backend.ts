@@ -73,7 +73,7 @@ export interface NativeInfo {
   /** The CBLAS library that loaded (e.g. libopenblas.so.0), or null. */
   blas: string | null;
   blasReason: string;
-  /** Our GEMM's micro-kernel on this CPU: 'avx2-fma' or 'generic'. */
+  /** Our GEMM's micro-kernel on this CPU: 'avx512', 'avx2-fma' or 'generic'. */
   kernel: string;
   threads: number;
   cudaBuilt: boolean;
