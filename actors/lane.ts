@@ -1,5 +1,5 @@
 // The fast lane between rank workers of one process: small messages (the counts and expert
-// ids exchanges, acknowledgements' worth of bytes) written into the receiver's inbox, a
+// ids exchanges) written into the receiver's inbox, a
 // SharedArrayBuffer of one ring per peer, and signalled with Atomics.notify on one doorbell
 // word, instead of a MessagePort round trip that waits for both threads' event loops. The
 // bytes are the same msgpack messages the ports carry and are checked the same way;
@@ -16,13 +16,13 @@ interface AtomicsWaitAsync {
   waitAsync(a: Int32Array, index: number, value: number): { async: false; value: string } | { async: true; value: Promise<string> };
 }
 
-/** Slots per ring: a sender may run this many messages ahead of its reader. */
+/** Slots per ring (a power of two): a sender may run this many messages ahead of its reader. */
 const SLOTS = 4;
 /** Bytes of all rings of one inbox together: small enough for hundreds of ranks per process. */
 const INBOX_BYTES = 256 * 1024;
+/** Slot sizes: the largest that fits INBOX_BYTES, within these bounds (a counts message takes ~100 bytes). */
 const MIN_CAPACITY = 256;
 const MAX_CAPACITY = 16 * 1024;
-
 
 function capacityFor(peers: number): number {
   let c = MAX_CAPACITY;
@@ -82,7 +82,7 @@ export class Inbox {
       const written = Atomics.load(this.words, 2 + 2 * s);
       for (let read = this.words[3 + 2 * s]!; read !== written; read = (read + 1) | 0) {
         const at = slotAt(this.peerOf.length, this.capacity, s, read);
-        const length = Math.min(this.words[at / 4]!, this.capacity);
+        const length = Math.max(0, Math.min(this.words[at / 4]!, this.capacity)); // a peer is trusted with nothing
         const bytes = new Uint8Array(length);
         bytes.set(new Uint8Array(this.sab, at + 8, length));
         Atomics.store(this.words, 3 + 2 * s, (read + 1) | 0);

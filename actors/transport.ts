@@ -3,11 +3,11 @@
 // than cloned; or, for a staged exchange (actors/staging.ts), small announcements saying
 // where the sender staged the peer's rows. Between worker threads of one process, small
 // messages take the fast lane instead (actors/lane.ts): the same msgpack bytes in a shared
-// ring, signalled through Atomics, and a receiver expecting only such messages blocks for
-// them briefly rather than waiting on its event loop. Every message names its communicator, position
-// and op, so a chunk for the right position but another op, a chunk for a communicator the
-// pair does not share, a stale position or bytes that do not decode are reported at once
-// instead of hanging.
+// ring, signalled through Atomics, and a receiver blocks for them briefly rather than
+// waiting on its event loop. Every message names its communicator, position and op, so a
+// chunk for the right position but another op, a chunk for a communicator the pair does
+// not share, a stale position or bytes that do not decode are reported at once instead of
+// hanging.
 import { BroadcastChannel, MessagePort, threadId } from 'node:worker_threads';
 import { performance } from 'node:perf_hooks';
 import { DTYPES, ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '../src/tensor.js';
@@ -260,10 +260,8 @@ export class PortMesh {
   /** The reader is done with a consumed chunk: its buffer goes back to the sender, or its staged region is released. */
   recycle(chunk: Chunk): void {
     const port = this.ports.get(chunk.from);
-    if ('buffer' in chunk.rows) {
-      if (chunk.rows.buffer) port?.postMessage(chunk.rows.buffer, [chunk.rows.buffer]);
-    }
-    else port?.postMessage({ ack: chunk.comm, position: chunk.position } satisfies Ack);
+    if (!('buffer' in chunk.rows)) port?.postMessage({ ack: chunk.comm, position: chunk.position } satisfies Ack);
+    else if (chunk.rows.buffer) port?.postMessage(chunk.rows.buffer, [chunk.rows.buffer]);
   }
 
   private returned(peer: number, buffer: ArrayBuffer): void {
