@@ -6,7 +6,7 @@ import type { ExpertWeights, PackedExperts } from '../src/ep/types.js';
 import { localExperts } from '../src/ep/layer.js';
 import { convertLayout } from '../src/moe/experts.js';
 import type { Tensor, FloatDType } from '../src/tensor.js';
-import { validateScenario, type Scenario } from '../sim/scenario.js';
+import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { formatDiagnosis } from '../machines/diagnosis.js';
 import type { CaseRankJob } from './inputs.js';
 import { runActors, type RuntimeOptions } from './supervisor.js';

@@ -2,13 +2,14 @@
 // generated scenario, seeded random experts (the same on every rank), activations and the
 // scenario's routing. Layers of a generated step are independent draws: the protocol, not
 // the numbers, is what a simulation checks.
+import { epRankOf } from '../machines/mesh.js';
 import { decodeMessage } from '../src/codec/msgpack.js';
 import type { ExpertWeights, PackedExperts } from '../src/ep/types.js';
 import { localExperts } from '../src/ep/layer.js';
 import { convertLayout } from '../src/moe/experts.js';
 import { randomTensor, seededRng } from '../src/moe/random.js';
 import { Tensor } from '../src/tensor.js';
-import { routeTokens } from '../sim/routing.js';
+import { routeTokens } from '../machines/routing.js';
 import type { WorkerJob } from './messages.js';
 
 export interface RankStepInputs {
@@ -51,7 +52,7 @@ export function rankInputs(job: WorkerJob): RankStepInputs {
     gate: s.activation === 'silu' ? randomTensor(rng, 'f32', [E, D, H], 1 / Math.sqrt(D)) : null,
     down: randomTensor(rng, 'f32', [E, H, D], 1 / Math.sqrt(H)),
   };
-  const local = localExperts(global, s.ep, job.rank % s.ep);
+  const local = localExperts(global, s.ep, epRankOf(s, job.rank));
   const draw = (microBatch: number, layer: number, salt: number) => seededRng((s.seed * 7919 + job.rank * 104729 + microBatch * 1299709 + layer * 15485863 + salt) >>> 0);
   const indicesOf = (mb: number, layer: number) => routeTokens(s, job.rank, mb, layer);
   return {

@@ -14,7 +14,7 @@ import { UsageError } from '../src/errors.js';
 import type { IssuedCollective } from '../machines/protocol.js';
 import { casePayloads, rankResult } from './caseRanks.js';
 import { now, type Fault, type WorkerJob, type WorkerMessage } from './messages.js';
-import { worldSize, type Scenario } from '../sim/scenario.js';
+import { type Scenario } from '../machines/scenario.js';
 import { freePort, rendezvous, type LaunchEnv } from './rendezvous.js';
 import { runRank } from './rankRun.js';
 import { acceptEarly, socketMesh, type Goodbye } from './socketPort.js';
@@ -24,9 +24,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { caseMetadata, caseTensors } from '../src/case.js';
 import { writeSafetensorsFileAtomic } from '../src/codec/safetensors.js';
-import type { ReportInput } from '../sim/report/input.js';
-import { generatedIndices, rankRouting } from '../sim/report/fromDes.js';
-import { commOf, communicators } from '../machines/ledger.js';
+import type { ReportInput } from '../machines/record.js';
+import { generatedIndices, rankRouting } from '../machines/routing.js';
+import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import { toIndexArray, type FloatDType } from '../src/tensor.js';
 
 /** The run stopped because the ranks diverged, a peer crashed or nothing moved: exit code 2. */
@@ -201,7 +201,7 @@ export interface CliRun {
 
 /** `ep-actors ...args` as a child process of this Node, with its exit code and output; killed after timeoutMs. */
 export function runEpActors(args: readonly string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<CliRun> {
-  const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
+  const cli = fileURLToPath(new URL('../cli/main.js', import.meta.url));
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [cli, ...args], { env: opts.env ?? process.env, timeout: opts.timeoutMs ?? 600_000 });
     let stdout = '';

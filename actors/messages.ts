@@ -4,7 +4,7 @@
 import type { MessagePort } from 'node:worker_threads';
 import type { IssuedCollective } from '../machines/protocol.js';
 import type { RankContext } from '../machines/rankMachine.js';
-import type { Scenario } from '../sim/scenario.js';
+import type { Scenario } from '../machines/scenario.js';
 import type { BackendName, ExchangeName } from '../src/backends.js';
 
 /** Enough of a rank machine's snapshot for the supervisor to rebuild it for a diagnosis. */
@@ -47,7 +47,10 @@ export interface WorkerJob {
 
 export type WorkerMessage =
   | { type: 'issue'; rank: number; collective: IssuedCollective; dtype: string; snapshot: SnapshotWire; at: number }
-  | { type: 'completed'; rank: number; op: string; at: number }
+  /** next: what the rank does now, in words (the supervisor names it if that never ends). */
+  | { type: 'completed'; rank: number; op: string; next: string; at: number }
+  /** The rank's worker is up and begins a training step (its own work starts here). */
+  | { type: 'started'; rank: number; at: number }
   | { type: 'step'; rank: number; step: number; ms: number }
   /** State paths the rank went through since its last message (sent in batches, not per microstep). */
   | { type: 'paths'; rank: number; paths: string[] }

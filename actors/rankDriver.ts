@@ -6,8 +6,9 @@
 // issued by the driver itself.
 import { createActor, getInitialMicrosteps, type Actor, type InspectionEvent } from 'xstate';
 import { rankMachine, type RankConfig } from '../machines/rankMachine.js';
-import { collectiveDtype, issuedCollective, statePath, type IssuedCollective, type RankSnapshot } from '../machines/protocol.js';
-import type { ExchangeFacts, LayerProtocol } from '../src/ep/layer.js';
+import { collectiveDtype, statePath, type IssuedCollective, type RankSnapshot } from '../machines/protocol.js';
+import { admission, completedEvent, computedEvent, describeAction, nextAction, routedEvent, type FirstReady } from '../machines/driver.js';
+import type { LayerProtocol } from '../src/ep/layer.js';
 import type { CollectiveTag } from '../src/ep/types.js';
 import { Tensor } from '../src/tensor.js';
 import type { MeshCommunicator } from './transport.js';
@@ -27,6 +28,8 @@ export class RankDriver implements LayerProtocol {
 
   constructor(
     readonly cfg: RankConfig,
+    /** The scenario's completion orders (variant completion-order), as every engine follows them. */
+    private readonly firstReady: FirstReady,
     private readonly comms: { readonly ep: MeshCommunicator | null; readonly dp: MeshCommunicator | null },
     private readonly post: (m: WorkerMessage) => void,
     inspect: boolean,
@@ -70,8 +73,8 @@ export class RankDriver implements LayerProtocol {
 
   async routed(tokens: number, sendCounts: readonly number[]): Promise<void> {
     await this.drainOwnCollectives();
-    this.expect('forward.route', 'routing a layer');
-    this.actor.send({ type: 'layer.routed', tokens, sendCounts });
+    this.expect('route', 'routing a layer');
+    this.actor.send(routedEvent(tokens, sendCounts));
   }
 
   async admit(tag: CollectiveTag): Promise<boolean> {
@@ -83,26 +86,33 @@ export class RankDriver implements LayerProtocol {
       this.post({ type: 'issue', rank: this.cfg.rank } as unknown as WorkerMessage);
     }
     await this.drainOwnCollectives();
-    const snap = this.snapshot;
-    const issued = issuedCollective(snap);
-    if (issued && issued.comm === 'ep' && issued.op === tag.op && issued.layer === tag.layer && issued.microBatch === tag.microBatch) {
-      this.announce(issued);
-      return true;
-    }
-    if (snap.context.trail.some((d) => d.skipped.includes(tag.op))) return false;
-    const expected = issued ? `${issued.op} (layer ${issued.layer}, micro-batch ${issued.microBatch})` : `no collective (state ${statePath(snap)})`;
-    throw this.violation(`rank ${this.cfg.rank} called ${tag.op} (layer ${tag.layer}, micro-batch ${tag.microBatch}) but the protocol expects ${expected}`);
+    const a = admission(this.snapshot, tag);
+    if (a.kind === 'violation') throw this.violation(a.message);
+    if (a.kind === 'skip') return false;
+    this.announce(a.collective);
+    return true;
   }
 
-  async completed(tag: CollectiveTag, facts: ExchangeFacts): Promise<void> {
-    this.post({ type: 'completed', rank: this.cfg.rank, op: tag.op, at: now() });
-    this.actor.send({ type: 'collective.done', op: tag.op, ...facts });
+  async completed(tag: CollectiveTag, received: Tensor): Promise<void> {
+    const { numExperts, ep, epRank } = this.cfg;
+    const nLocal = numExperts / ep;
+    this.actor.send(
+      completedEvent(tag.op, {
+        recvCounts: () => Array.from(received.data as BigInt64Array, Number),
+        rowsPerExpert: () => {
+          const rows = new Array<number>(nLocal).fill(0);
+          for (const e of received.data as BigInt64Array) rows[Number(e) - epRank * nLocal]!++;
+          return rows;
+        },
+      }),
+    );
+    this.post({ type: 'completed', rank: this.cfg.rank, op: tag.op, next: describeAction(nextAction(this.snapshot)), at: now() });
   }
 
   async computed(phase: 'forward' | 'backward'): Promise<void> {
     await this.drainOwnCollectives();
-    this.expect(phase === 'forward' ? 'forward.compute' : 'backward.expertBackward', `finishing the ${phase} expert compute`);
-    this.actor.send({ type: 'compute.done' });
+    this.expect('compute', `finishing the ${phase} expert compute`);
+    this.actor.send(computedEvent(this.snapshot, this.firstReady));
   }
 
   /** After the step's code ends: run any trailing FSDP collectives, then the machine must be final. */
@@ -114,19 +124,21 @@ export class RankDriver implements LayerProtocol {
     return how;
   }
 
-  /** Issue the collectives outside the EP layer that the machine is waiting in, one after another. */
+  /** Issue the collectives the driver issues itself (FSDP, the metric all-reduce) while the machine waits in one. */
   private async drainOwnCollectives(): Promise<void> {
-    for (let issued = issuedCollective(this.snapshot); issued && (issued.comm === 'dp' || issued.op === 'metric.all_reduce'); issued = issuedCollective(this.snapshot)) {
+    for (let a = nextAction(this.snapshot); a.kind === 'collective' && a.issuer === 'driver'; a = nextAction(this.snapshot)) {
+      const issued = a.collective;
       const comm = this.comms[issued.comm];
       if (!comm) throw this.violation(`rank ${this.cfg.rank} must issue ${issued.op} but the mesh has no ${issued.comm} communicator`);
       this.announce(issued);
       const tag = { op: issued.op, layer: issued.layer, microBatch: issued.microBatch };
       // Stand-in payloads of the collective's size: what matters here is who issues what.
       const size = issued.size ?? 0;
-      if (issued.op === 'fsdp.all_gather') await comm.allGather(tag, Tensor.zeros('f32', [Math.ceil(size / comm.size)]));
-      else if (issued.op === 'fsdp.reduce_scatter') await comm.reduceScatter(tag, Tensor.zeros('f32', [size]));
-      else await comm.allReduce(tag, Tensor.zeros('f32', [size]));
-      await this.completed(tag, {});
+      let received: Tensor;
+      if (issued.op === 'fsdp.all_gather') received = await comm.allGather(tag, Tensor.zeros('f32', [Math.ceil(size / comm.size)]));
+      else if (issued.op === 'fsdp.reduce_scatter') received = await comm.reduceScatter(tag, Tensor.zeros('f32', [size]));
+      else received = await comm.allReduce(tag, Tensor.zeros('f32', [size]));
+      await this.completed(tag, received);
     }
   }
 
@@ -135,9 +147,9 @@ export class RankDriver implements LayerProtocol {
     this.post({ type: 'issue', rank: this.cfg.rank, collective: issued, dtype: collectiveDtype(issued.op), snapshot: this.wire(), at: now() });
   }
 
-  private expect(path: string, what: string): void {
-    const at = statePath(this.snapshot);
-    if (at !== path) throw this.violation(`rank ${this.cfg.rank} is ${what} but the protocol is in ${at}`);
+  private expect(kind: 'route' | 'compute', what: string): void {
+    const a = nextAction(this.snapshot);
+    if (a.kind !== kind) throw this.violation(`rank ${this.cfg.rank} is ${what} but the protocol is in ${statePath(this.snapshot)}`);
   }
 
   private violation(message: string): ProtocolViolation {

@@ -5,11 +5,14 @@
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { rankMachine } from '../machines/rankMachine.js';
-import { CollectiveTracker, commOf, type Finding } from '../machines/ledger.js';
-import { diagnose, okDiagnosis, rankReports, type Diagnosis } from '../machines/diagnosis.js';
+import { LedgerFeed } from '../machines/feed.js';
+import { CollectiveSpans } from '../machines/spans.js';
+import { diagnoseHangs, okDiagnosis, rankReports, type Diagnosis } from '../machines/diagnosis.js';
 import { startRank, type RankSnapshot } from '../machines/protocol.js';
-import { rankConfig, validateScenario, worldSize, type Scenario } from '../sim/scenario.js';
-import type { ReportInput, ReportRouting, TraceEvent } from '../sim/report/input.js';
+import { rankConfig, validateScenario, type Scenario } from '../machines/scenario.js';
+import { worldSize } from '../machines/mesh.js';
+import type { ReportInput } from '../machines/record.js';
+import type { ReportRouting } from '../machines/routing.js';
 import type { SnapshotWire, WorkerMessage } from './messages.js';
 
 export const RANK_RECORD_VERSION = 1;
@@ -85,10 +88,8 @@ function messageProblem(v: unknown): string | null {
 }
 
 /**
- * Replays every rank's issued collectives through one CollectiveTracker: each rank's in
- * its own order, a rank's next one only once its previous one completed (as the
- * supervisor defers them). The first finding is the verdict; with none, every rank
- * finishing is ok and a quiet wait-for cycle is a cycle.
+ * Replays every rank's reports through the ledger feed every engine uses: the tracker's
+ * hangs at the end are the verdict; with none, every rank finishing is ok.
  */
 export function mergeRankRecords(records: readonly RankRecord[]): ReportInput {
   try {
@@ -103,66 +104,47 @@ export function mergeRankRecords(records: readonly RankRecord[]): ReportInput {
 function replay(records: readonly RankRecord[]): ReportInput {
   const s = records[0]!.scenario;
   const n = worldSize(s);
-  const tracker = new CollectiveTracker({ ep: s.ep, dp: s.dp });
   const wires: (SnapshotWire | null)[] = new Array(n).fill(null);
-  const queues = records.map((r) => r.messages.filter((m) => m.type === 'issue' || m.type === 'finished'));
   // reduce, not Math.min(...): a long run's records hold more times than a call takes arguments
   const t0 = records.reduce((t, r) => r.messages.reduce((u, m) => ('at' in m ? Math.min(u, m.at) : u), t), Infinity);
-  let finding: Finding | null = null;
-  /** When the finding's evidence existed: the issue that conflicted, or a finish once a peer already waited at that position. */
-  let decidedAt: number | null = null;
-  const firstIssueAt = new Map<string, number>();
-  const take = (f: Finding | null, at: number) => {
-    if (finding || !f) return;
-    finding = f;
-    decidedAt = Math.max(at, firstIssueAt.get(`${f.communicator}|${f.position}`) ?? at);
-  };
-  const finished = new Set<number>();
-  // Issues first, one per rank per round so the ranks advance together (a mismatch is
-  // judged with every rank's entry there, as in a live run); a rank's end only once nothing
-  // else can move, so the ledger holds every collective the others issued before a finish
-  // proves one missing. The first finding is the verdict; the rest still place each rank.
-  const ready = (r: number, type: WorkerMessage['type']) => queues[r]![0]?.type === type && !tracker.blockedOn(r);
-  for (;;) {
-    let moved = false;
-    for (let r = 0; r < n; r++) {
-      if (ready(r, 'issue')) {
-        const m = queues[r]!.shift() as Extract<WorkerMessage, { type: 'issue' }>;
-        moved = true;
-        wires[r] = m.snapshot;
-        const issued = tracker.issue(r, m.collective, m.dtype);
-        const key = `${issued.entry.communicator}|${issued.entry.position}`;
-        firstIssueAt.set(key, Math.min(firstIssueAt.get(key) ?? m.at, m.at));
-        take(issued.finding, m.at);
+  const spans = new CollectiveSpans(t0);
+  // Each rank's reports in its own order through the feed every engine uses; the order of
+  // ranks does not matter to what the tracker ends with.
+  const feed = new LedgerFeed({ ep: s.ep, dp: s.dp }, { issued: (e, at) => spans.issue(e, at) });
+  const tracker = feed.tracker;
+  for (const r of records) {
+    for (const m of r.messages) {
+      if (m.type === 'issue') {
+        wires[r.rank] = m.snapshot;
+        feed.push({ kind: 'issue', rank: r.rank, collective: m.collective, dtype: m.dtype, at: m.at });
+      } else if (m.type === 'completed') spans.complete(r.rank, m.at);
+      else if (m.type === 'finished') {
+        wires[r.rank] = m.snapshot;
+        feed.push({ kind: 'finish', rank: r.rank, at: m.at });
       }
     }
-    if (moved) continue;
-    const r = queues.findIndex((_, rank) => ready(rank, 'finished'));
-    if (r < 0) break;
-    const m = queues[r]!.shift() as Extract<WorkerMessage, { type: 'finished' }>;
-    wires[r] = m.snapshot;
-    finished.add(r);
-    take(tracker.finish(r), m.at);
   }
-  finding ??= tracker.findCycle();
   const snapshots = rankSnapshots(s, wires);
   const stopped = records.filter((r) => r.stopped !== undefined);
+  const hangs = tracker.hangs();
   let diagnosis: Diagnosis;
   // How long after the evidence existed the first rank stopped on its own (one clock on one machine; across nodes, up to their skew).
   const firstStop = Math.min(...stopped.flatMap((r) => (r.stoppedAt === undefined ? [] : [r.stoppedAt])));
-  const detectedAfterMs = decidedAt !== null && Number.isFinite(firstStop) && firstStop >= decidedAt ? firstStop - decidedAt : undefined;
-  if (finding) diagnosis = { ...diagnose(finding, snapshots, tracker), ...(detectedAfterMs === undefined ? {} : { detectedAfterMs }) };
-  else if (finished.size === n && tracker.openPositions().length === 0) diagnosis = okDiagnosis(snapshots, tracker);
+  const evidence = feed.evidenceAt ?? (hangs.length > 0 ? feed.lastAt : null);
+  const detectedAfterMs = evidence !== null && Number.isFinite(firstStop) && firstStop >= evidence ? firstStop - evidence : undefined;
+  if (hangs.length > 0) diagnosis = { ...diagnoseHangs(hangs, snapshots, tracker), ...(detectedAfterMs === undefined ? {} : { detectedAfterMs }) };
+  else if (records.every((r) => tracker.isFinished(r.rank))) diagnosis = okDiagnosis(snapshots, tracker);
   else {
     const why = stopped.map((r) => `rank ${r.rank}: ${r.stopped}`).join('; ');
     diagnosis = { verdict: 'timeout', communicator: null, position: null, culprits: stopped.map((r) => r.rank), ranks: rankReports(snapshots, tracker), cause: `the records end without a proof of a hang${why ? `; ${why}` : ''}` };
   }
+  const last = records.reduce((t, r) => r.messages.reduce((u, m) => ('at' in m ? Math.max(u, m.at) : u), t), t0);
   return {
     scenario: s,
     diagnosis,
     ledger: tracker.entries,
     paths: records.map((r) => r.messages.flatMap((m) => (m.type === 'paths' ? m.paths : []))),
-    trace: records.flatMap((r) => spans(r, s, t0)),
+    trace: spans.close(last),
     routing: routingOfRecords(records, s),
     clock: 'real',
   };
@@ -171,30 +153,6 @@ function replay(records: readonly RankRecord[]): ReportInput {
 /** Each rank's machine where its last message left it (its start state if it sent none). */
 export function rankSnapshots(s: Scenario, wires: readonly (SnapshotWire | null)[]): RankSnapshot[] {
   return wires.map((w, rank) => (w ? rankMachine.resolveState({ value: w.value as never, context: w.context }) : startRank(rankConfig(s, rank))));
-}
-
-/** A rank's collectives as timeline spans: each issue to its completion, or to the record's end. */
-function spans(r: RankRecord, s: Scenario, t0: number): TraceEvent[] {
-  const out: TraceEvent[] = [];
-  const positions = new Map<string, number>();
-  let open: { name: string; at: number; args: TraceEvent['args'] } | null = null;
-  const last = r.messages.reduce((t, m) => ('at' in m ? Math.max(t, m.at) : t), t0);
-  const close = (at: number) => {
-    if (open) out.push({ name: open.name, ph: 'X', ts: Math.round((open.at - t0) * 1000), dur: Math.max(0, Math.round((at - open.at) * 1000)), pid: 0, tid: r.rank, args: open.args });
-    open = null;
-  };
-  for (const m of r.messages) {
-    if (m.type === 'issue') {
-      close(m.at);
-      const c = m.collective;
-      const communicator = commOf({ ep: s.ep, dp: s.dp }, r.rank, c.comm);
-      const position = positions.get(communicator) ?? 0;
-      positions.set(communicator, position + 1);
-      open = { name: c.op, at: m.at, args: { communicator, position, layer: c.layer, microBatch: c.microBatch } };
-    } else if (m.type === 'completed') close(m.at);
-  }
-  close(last);
-  return out;
 }
 
 function routingOfRecords(records: readonly RankRecord[], s: Scenario): ReportRouting {

@@ -3,8 +3,8 @@
 // rank actor, and runs the real EP layer for whole training steps: every micro-batch
 // forward over the layers, then backward in reverse, each collective asked of the rank
 // machine first. What it reports goes to `post` (the supervisor, or the launcher's watch).
-import { communicators } from '../machines/ledger.js';
-import { rankConfig } from '../sim/scenario.js';
+import { communicators } from '../machines/mesh.js';
+import { firstReadyOf, rankConfig } from '../machines/scenario.js';
 import { encodeMessage } from '../src/codec/msgpack.js';
 import { epBackward, epForward, type EpContext, type EpSaved } from '../src/ep/layer.js';
 import { loadBackend } from '../src/backends.js';
@@ -44,7 +44,8 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
   let result: Uint8Array | undefined;
   for (let step = 0; step < job.steps && how === 'done'; step++) {
     const t0 = performance.now();
-    driver = new RankDriver(cfg, { ep: meshEp, dp }, post, job.inspect, job.record);
+    post({ type: 'started', rank: job.rank, at: now() });
+    driver = new RankDriver(cfg, firstReadyOf(s), { ep: meshEp, dp }, post, job.inspect, job.record);
     for (const f of step === 0 ? job.faults : []) {
       if (f.rank !== job.rank) continue;
       if (f.kind === 'throw' || f.kind === 'stall' || f.kind === 'garbage-to-supervisor') driver.fault = f;

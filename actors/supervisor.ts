@@ -1,30 +1,43 @@
 // The supervisor (main thread): spawns one worker thread per rank, wires a MessagePort
-// per pair of ranks that share a communicator, keeps the ledger through the shared
-// CollectiveTracker, and ends the run with a verdict the moment the evidence exists:
-// mismatch, missing, cycle (machines/ledger.ts), crash (a worker threw or exited), a
-// protocol violation or a corrupt message, or timeout (no progress and no proof). Every
-// worker is terminated before the result is returned: no thread outlives a run.
+// per pair of ranks that share a communicator, feeds the ranks' reports to the collective
+// tracker (machines/feed.ts, as every engine does), and ends the run with a verdict:
+// - at quiescence (every rank blocked in a collective or finished), the tracker's hangs
+//   (mismatch, missing, cycle), or ok when every rank finished;
+// - crash (a worker threw or exited), a protocol violation, or a corrupt message, at once;
+// - stall: a rank's own work (routing, expert compute) has not returned for the compute
+//   limit — the ranks waiting for it are not hung, they wait for a compute;
+// - timeout: a collective every member issued has not completed on a rank for the
+//   collective limit (bytes that never arrive).
+// Every worker is terminated before the result is returned: no thread outlives a run.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
-import { CollectiveTracker, commOf, communicators, type Finding, type LedgerEntry } from '../machines/ledger.js';
-import { diagnose, okDiagnosis, rankReports, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
-import type { RankSnapshot } from '../machines/protocol.js';
-import { worldSize, type Scenario } from '../sim/scenario.js';
-import type { TraceEvent } from '../sim/report/input.js';
+import type { LedgerEntry } from '../machines/ledger.js';
+import { commOf, communicators, worldSize } from '../machines/mesh.js';
+import { LedgerFeed } from '../machines/feed.js';
+import { diagnoseHangs, okDiagnosis, rankReports, rankWord, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
+import type { IssuedCollective, RankSnapshot } from '../machines/protocol.js';
+import { CollectiveSpans, type TraceEvent } from '../machines/spans.js';
+import { type Scenario } from '../machines/scenario.js';
 import { gpuPlacement, type BackendName, type ExchangeName } from '../src/backends.js';
 import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankSnapshots } from './rankRecord.js';
+import type { ReportInput } from '../machines/record.js';
+import { routingOf } from '../machines/routing.js';
 
 export interface RuntimeOptions {
   backend?: BackendName;
   /** How all-to-all data moves between ranks (default: msgpack over MessagePorts). */
   exchange?: ExchangeName;
   faults?: readonly Fault[];
-  /** No message from any rank for this long, without proof of a hang: `timeout` (default 10 s). */
+  /** A collective every member issued that has not completed on a rank for this long: `timeout` (default 10 s). */
   timeoutMs?: number;
+  /** A rank's own work (routing, expert compute) that has not returned for this long: `stall` (default 10 min). */
+  computeTimeoutMs?: number;
   /** Per rank, msgpack of a CaseRankJob (ranks compute on these instead of generated inputs). */
   casePayloads?: readonly Uint8Array[];
   /** Receives every xstate inspection event of every rank. */
   onInspect?: (rank: number, event: unknown) => void;
+  /** Called for every collective a rank issues (progress display). */
+  onIssue?: (rank: number, collective: IssuedCollective) => void;
   /** Training steps back to back in the same workers (default 1). */
   steps?: number;
   /** Keep the ledger, state paths and trace (default true; off for long benchmark runs). */
@@ -46,28 +59,49 @@ export interface RuntimeResult {
 
 const WORKER_URL = new URL('./rankWorker.js', import.meta.url);
 
+export const DEFAULT_TIMEOUT_MS = 10_000;
+export const DEFAULT_COMPUTE_TIMEOUT_MS = 600_000;
+
 function describeMessage(m: unknown): string {
   const type = m && typeof m === 'object' && 'type' in m ? String((m as { type: unknown }).type) : typeof m;
   return `type ${type}`;
 }
-/** Quiet time before a wait-for cycle seen by the supervisor counts as proved. */
-const CYCLE_QUIET_MS = 5;
-/** After a verdict, how long peers' in-flight messages may still update the diagnosis. */
-const SETTLE_MS = 15;
+/** A transport error waits this long for the ledger to prove the divergence it shows (the ledger says more). */
+const TRANSPORT_GRACE_MS = 20;
 
 export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise<RuntimeResult> {
   const n = worldSize(s);
   const t0 = now();
   const record = opts.record ?? true;
-  const tracker = new CollectiveTracker({ ep: s.ep, dp: s.dp }, record);
+  const timeoutMs = opts.timeoutMs ?? DEFAULT_TIMEOUT_MS;
+  const computeTimeoutMs = opts.computeTimeoutMs ?? DEFAULT_COMPUTE_TIMEOUT_MS;
   const stepMs: number[] = [];
   const wires: (SnapshotWire | null)[] = new Array(n).fill(null);
   const paths: string[][] = Array.from({ length: n }, () => []);
   const results: (Uint8Array | undefined)[] = new Array(n).fill(undefined);
-  const trace: TraceEvent[] = [];
-  const openSpans = new Map<number, { name: string; ts: number; args: TraceEvent['args'] }>();
-  const finished = new Set<number>();
-  const us = (at: number) => Math.round((at - t0) * 1000);
+  const spans = new CollectiveSpans(t0);
+  /** Per rank: since when it has been on its own work (routing, compute; null while in a collective or done), and what that is. */
+  const working: ({ since: number; what: string } | null)[] = Array.from({ length: n }, () => ({ since: t0, what: 'starting its worker' }));
+  /** Per rank: since when the collective it is in has had every member's issue, without completing on it. */
+  const moving: (number | null)[] = new Array(n).fill(null);
+  const lastIssued: (LedgerEntry | undefined)[] = new Array(n).fill(undefined);
+  const feed = new LedgerFeed(
+    { ep: s.ep, dp: s.dp },
+    {
+      issued: (e, at) => {
+        lastIssued[e.rank] = e;
+        if (record) spans.issue(e, at);
+      },
+      completed: (entries) => {
+        const at = now();
+        for (const e of entries) moving[e.rank] = at;
+      },
+    },
+    record,
+  );
+  const tracker = feed.tracker;
+  /** Ranks that died after the ledger already held a finding: a consequence, not the cause. */
+  const dead = new Set<number>();
 
   const backend = opts.backend ?? 'ts';
   const exchange = opts.exchange ?? 'ports';
@@ -86,93 +120,49 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
 
   return new Promise<RuntimeResult>((resolve) => {
     let done = false;
-    let timer: NodeJS.Timeout | undefined;
     let pendingTransportError: NodeJS.Timeout | undefined;
-    let pendingCycle: NodeJS.Timeout | undefined;
-    // Workers post to the supervisor over separate queues, so a rank's next issue can arrive
-    // before a peer's issue that completed the rank's previous collective. A rank's messages
-    // wait here until the tracker has seen that collective complete.
-    const deferred = new Map<number, WorkerMessage[]>();
-    // Mismatch and missing are proved by each rank's own ordered messages; a cycle is proved
-    // only on a quiet, complete view, so it is confirmed after a short pause with no messages.
-    const confirmCycle = () => {
-      clearTimeout(pendingCycle);
-      if (deferred.size > 0 || !tracker.findCycle()) return;
-      const seen = now();
-      pendingCycle = setTimeout(() => {
-        const cycle = deferred.size === 0 ? tracker.findCycle() : null;
-        if (cycle) verdict(cycle, seen);
-      }, CYCLE_QUIET_MS);
-    };
-
     const end = (diagnosis: Diagnosis) => {
       if (done) return;
       done = true;
-      clearTimeout(timer);
+      clearInterval(watch);
       clearTimeout(pendingTransportError);
-      clearTimeout(pendingCycle);
-      // Collectives still waiting when the run ended last until its end.
-      for (const [rank, span] of openSpans) trace.push({ name: span.name, ph: 'X', ts: span.ts, dur: us(now()) - span.ts, pid: 0, tid: rank, args: span.args });
       for (const w of workers) void w.terminate();
-      void Promise.all(exited).then(() => resolve({ diagnosis, ledger: tracker.entries, trace, paths, results, stepMs, wallMs: now() - t0 }));
+      void Promise.all(exited).then(() => resolve({ diagnosis, ledger: tracker.entries, trace: spans.close(now()), paths, results, stepMs, wallMs: now() - t0 }));
     };
-    // The verdict is fixed the moment it is proved; the diagnosis is written a few ms later,
-    // once the peers' in-flight messages show where each of them ended up.
-    let decided = false;
-    const verdict = (finding: Finding, decidedAt: number) => {
-      if (decided) return;
-      decided = true;
-      const detectedAfterMs = now() - decidedAt;
-      setTimeout(() => end({ ...diagnose(finding, snapshots(), tracker), detectedAfterMs }), SETTLE_MS);
+    const failure = (kind: VerdictKind, culprits: readonly number[], cause: string, decidedAt: number) => {
+      end({ verdict: kind, communicator: null, position: null, culprits, ranks: rankReports(snapshots(), tracker), cause, detectedAfterMs: now() - decidedAt });
     };
-    const failure = (kind: VerdictKind, rank: number | null, cause: string, decidedAt: number) => {
-      if (decided) return;
-      const d: Diagnosis = { verdict: kind, communicator: null, position: null, culprits: rank === null ? [] : [rank], ranks: rankReports(snapshots(), tracker), cause, detectedAfterMs: now() - decidedAt };
-      end(d);
+    /** Quiescent: the tracker's hangs are the verdict (or every rank finished). */
+    const settle = () => {
+      if (done || !feed.quiescent(n, dead)) return;
+      const hangs = tracker.hangs();
+      if (hangs.length > 0) {
+        const evidence = feed.evidenceAt ?? feed.lastAt;
+        end({ ...diagnoseHangs(hangs, snapshots(), tracker), detectedAfterMs: Math.max(0, now() - evidence) });
+      } else if (dead.size > 0) {
+        failure('crash', [...dead], `${rankWord([...dead])} died and no hang explains it`, now());
+      } else end(okDiagnosis(snapshots(), tracker));
     };
-    const armTimeout = () => {
-      clearTimeout(timer);
-      const ms = opts.timeoutMs ?? 10_000;
-      timer = setTimeout(() => {
-        const blocked = [...Array(n).keys()].flatMap((r) => {
-          const e = tracker.blockedOn(r);
-          return e ? [`rank ${r} in ${e.op} (${e.communicator}, position ${e.position})`] : [];
-        });
-        failure('timeout', null, `no rank made progress for ${ms} ms and no deadlock was proved${blocked.length ? `; blocked: ${blocked.join(', ')}` : ''}`, now());
-      }, ms);
-    };
-
-    const onMessage = (m: WorkerMessage) => {
+    // The limits: a rank's own work that never returns, or a collective whose bytes never arrive.
+    const check = () => {
       if (done) return;
-      if (decided) {
-        // Only bookkeeping now: the verdict stands.
-        if (m.type === 'issue' && !tracker.blockedOn(m.rank)) {
-          wires[m.rank] = m.snapshot;
-          tracker.issue(m.rank, m.collective, m.dtype);
-        } else if (m.type === 'paths') paths[m.rank]!.push(...m.paths);
-        return;
+      const t = now();
+      const stalled = working.flatMap((w, r) => (w && !dead.has(r) && t - w.since > computeTimeoutMs ? [r] : []));
+      if (stalled.length > 0) {
+        const waiters = [...Array(n).keys()].filter((r) => tracker.blockedOn(r));
+        const what = stalled.map((r) => `rank ${r} has not returned from ${working[r]!.what} for ${Math.round(t - working[r]!.since)} ms`).join('; ');
+        return failure('stall', stalled, `${what} (compute limit ${computeTimeoutMs} ms)${waiters.length ? `; ${rankWord(waiters)} wait for it in their collectives, which is not a hang of theirs` : ''}`, t);
       }
-      armTimeout();
-      clearTimeout(pendingCycle);
-      if ((m.type === 'issue' || m.type === 'finished') && (tracker.blockedOn(m.rank) || deferred.has(m.rank))) {
-        deferred.set(m.rank, [...(deferred.get(m.rank) ?? []), m]);
-        return;
-      }
-      handle(m);
-      confirmCycle();
-    };
-    const release = (ranks: readonly number[]) => {
-      for (const r of ranks) {
-        const queue = deferred.get(r);
-        if (!queue) continue;
-        deferred.delete(r);
-        for (const m of queue) {
-          if (done) return;
-          if (tracker.blockedOn(r) || deferred.has(r)) deferred.set(r, [...(deferred.get(r) ?? []), m]);
-          else handle(m);
-        }
+      const late = moving.flatMap((since, r) => (since !== null && t - since > timeoutMs ? [r] : []));
+      if (late.length > 0) {
+        const where = late.map((r) => {
+          const e = lastIssued[r];
+          return `rank ${r}${e ? ` in ${e.op} (${e.communicator}, position ${e.position})` : ''}`;
+        });
+        return failure('timeout', late, `every member issued the collective but its data has not arrived for ${timeoutMs} ms: ${where.join(', ')}`, t);
       }
     };
+    const watch = setInterval(check, Math.max(5, Math.min(500, Math.min(timeoutMs, computeTimeoutMs) / 10)));
 
     const handle = (m: WorkerMessage) => {
       switch (m.type) {
@@ -182,63 +172,64 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
         case 'inspect':
           opts.onInspect?.(m.rank, m.event);
           return;
-        case 'issue': {
+        case 'issue':
           wires[m.rank] = m.snapshot;
-          const c = m.collective;
-          const issued = tracker.issue(m.rank, c, m.dtype);
-          openSpans.set(m.rank, { name: c.op, ts: us(m.at), args: { communicator: issued.entry.communicator, position: issued.entry.position, layer: c.layer, microBatch: c.microBatch } });
-          if (issued.finding) return verdict(issued.finding, m.at);
-          if (issued.completed) release(issued.completed.map((e) => e.rank));
+          working[m.rank] = null;
+          feed.push({ kind: 'issue', rank: m.rank, collective: m.collective, dtype: m.dtype, at: m.at });
+          opts.onIssue?.(m.rank, m.collective);
+          return settle();
+        case 'started':
+          working[m.rank] = { since: m.at, what: 'routing layer 0' };
           return;
-        }
         case 'step':
           stepMs[m.step] = Math.max(stepMs[m.step] ?? 0, m.ms);
           return;
-        case 'completed': {
-          const span = openSpans.get(m.rank);
-          if (span && record) trace.push({ name: span.name, ph: 'X', ts: span.ts, dur: Math.max(0, us(m.at) - span.ts), pid: 0, tid: m.rank, args: span.args });
-          openSpans.delete(m.rank);
+        case 'completed':
+          if (record) spans.complete(m.rank, m.at);
+          moving[m.rank] = null;
+          working[m.rank] = { since: m.at, what: m.next };
           return;
-        }
-        case 'finished': {
+        case 'finished':
           wires[m.rank] = m.snapshot;
           results[m.rank] = m.result;
-          finished.add(m.rank);
-          const finding = tracker.finish(m.rank);
-          if (finding) return verdict(finding, m.at);
-          if (finished.size === n) {
-            const open = tracker.openPositions();
-            if (open.length === 0) return end(okDiagnosis(snapshots(), tracker));
-            failure('missing', null, `every rank finished but positions were left open: ${JSON.stringify(open)}`, m.at);
-          }
-          return;
-        }
+          working[m.rank] = null;
+          feed.push({ kind: 'finish', rank: m.rank, at: m.at });
+          return settle();
         case 'violation':
           wires[m.rank] = m.snapshot;
-          return failure('violation', m.rank, `protocol violation: ${m.message}`, m.at);
+          return failure('violation', [m.rank], `protocol violation: ${m.message}`, m.at);
         case 'transport-error':
-          // The ledger usually proves the same divergence from the issue messages, and says
-          // more; give those a moment to arrive before reporting the bare transport error.
-          pendingTransportError ??= setTimeout(() => failure('violation', m.rank, `bad message between actors: ${m.message}`, m.at), 20);
+          // The data shows a divergence; the ledger usually proves it from the issues and
+          // says more. Without that proof it is a bad message between actors.
+          pendingTransportError ??= setTimeout(() => {
+            if (feed.evidenceAt === null) failure('violation', [m.rank], `bad message between actors: ${m.message}`, m.at);
+          }, TRANSPORT_GRACE_MS);
           return;
       }
+    };
+    const died = (rank: number, cause: string) => {
+      if (done || tracker.isFinished(rank)) return;
+      // After a proved divergence a rank may fail on the data it was sent: the ledger has the cause.
+      if (feed.evidenceAt !== null) {
+        dead.add(rank);
+        working[rank] = null;
+        return settle();
+      }
+      failure('crash', [rank], cause, now());
     };
 
     workers.forEach((w, rank) => {
       w.on('message', (m: unknown) => {
+        if (done) return;
         // A worker's message that does not make sense must not take the supervisor down.
         try {
-          onMessage(m as WorkerMessage);
+          handle(m as WorkerMessage);
         } catch (err) {
-          failure('violation', rank, `rank ${rank} sent the supervisor a message it cannot use (${describeMessage(m)}): ${(err as Error).message}`, now());
+          failure('violation', [rank], `rank ${rank} sent the supervisor a message it cannot use (${describeMessage(m)}): ${(err as Error).message}`, now());
         }
       });
-      w.on('error', (err) => {
-        if (!done && !decided) failure('crash', rank, `rank ${rank} crashed: ${err.message}; every rank was aborted`, now());
-      });
-      w.on('exit', (code) => {
-        if (!done && !decided && !finished.has(rank)) failure('crash', rank, `rank ${rank} exited (code ${code}) before finishing its step; every rank was aborted`, now());
-      });
+      w.on('error', (err) => died(rank, `rank ${rank} crashed: ${err.message}; every rank was aborted`));
+      w.on('exit', (code) => died(rank, `rank ${rank} exited (code ${code}) before finishing its step; every rank was aborted`));
     });
 
     // One MessageChannel per pair of ranks that share a communicator.
@@ -254,6 +245,10 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
       }
     }
     workers.forEach((w, rank) => w.postMessage({ type: 'start', ports: ports[rank] }, Object.values(ports[rank]!)));
-    armTimeout();
   });
+}
+
+/** A report input from a worker-thread run: its diagnosis, ledger, paths and wall-clock trace. */
+export function reportFromRun(scenario: Scenario, run: Pick<RuntimeResult, 'diagnosis' | 'ledger' | 'paths' | 'trace'>): ReportInput {
+  return { scenario, diagnosis: run.diagnosis, ledger: run.ledger, paths: run.paths, trace: run.trace, routing: routingOf(scenario), clock: 'real' };
 }

@@ -12,7 +12,7 @@ import { BroadcastChannel, MessagePort, threadId } from 'node:worker_threads';
 import { performance } from 'node:perf_hooks';
 import { DTYPES, ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '../src/tensor.js';
 import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.js';
-import type { CommunicatorSpec } from '../machines/ledger.js';
+import type { CommunicatorSpec } from '../machines/mesh.js';
 import type { CollectiveTag, Communicator } from '../src/ep/types.js';
 import type { Piece, StagedHandle, StagingMemory } from './staging.js';
 import { Inbox, Outbox, isLaneHello } from './lane.js';

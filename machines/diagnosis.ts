@@ -6,7 +6,8 @@ import type { CollectiveTracker, Finding } from './ledger.js';
 import { expertsWithGrads } from './rankMachine.js';
 import { issuedCollective, statePath, type RankSnapshot } from './protocol.js';
 
-export type VerdictKind = 'ok' | 'mismatch' | 'missing' | 'cycle' | 'crash' | 'timeout' | 'violation';
+/** stall: a rank's compute (routing, expert forward or backward) never returned; the others only wait for it. */
+export type VerdictKind = 'ok' | 'mismatch' | 'missing' | 'cycle' | 'crash' | 'timeout' | 'stall' | 'violation';
 
 export interface RankReport {
   readonly rank: number;
@@ -24,6 +25,8 @@ export interface Diagnosis {
   readonly culprits: readonly number[];
   readonly ranks: readonly RankReport[];
   readonly cause: string;
+  /** Every hung communicator at quiescence, in canonical order (the headline first); absent when none hung. */
+  readonly hangs?: readonly HangSummary[];
   /** From the event that made the verdict certain to the verdict (actor runtime). */
   detectedAfterMs?: number;
 }
@@ -37,7 +40,7 @@ export function rankReports(snapshots: readonly RankSnapshot[], tracker: Collect
       rank,
       state: path,
       op: issued?.op ?? null,
-      phase: issued?.phase ?? (path.startsWith('forward') ? 'forward' : path.startsWith('backward') ? 'backward' : null),
+      phase: issued?.phase ?? (s.matches('forward') ? 'forward' : s.matches('backward') ? 'backward' : null),
       layer: s.context.layer,
       microBatch: s.context.microBatch,
     };
@@ -59,34 +62,37 @@ export function rankRanges(ranks: readonly number[]): string {
 
 export const rankWord = (ranks: readonly number[]) => (ranks.length === 1 ? `rank ${ranks[0]}` : `ranks ${rankRanges(ranks)}`);
 
-/**
- * At a mismatched position, the ranks that issued something other than what most members
- * issued (op, layer, micro-batch, unit, element count), when there is a clear majority.
- * All-to-all splits differ per rank by design, so they are not compared here.
- */
-function oddOnesOut(finding: Finding, tracker: CollectiveTracker): number[] | null {
-  const groups = new Map<string, number[]>();
-  for (const e of tracker.entries) {
-    if (e.communicator !== finding.communicator || e.position !== finding.position) continue;
-    const key = JSON.stringify([e.op, e.layer, e.microBatch, e.unit, e.size]);
-    groups.set(key, [...(groups.get(key) ?? []), e.rank]);
-  }
-  const bySize = [...groups.values()].sort((a, b) => a.length - b.length);
-  const largest = bySize.at(-1);
-  if (!largest || bySize.length < 2 || bySize.filter((g) => g.length === largest.length).length > 1) return null;
-  return bySize.slice(0, -1).flat().sort((a, b) => a - b);
+/** One hung communicator of a run, as the JSON lists them (the first is the headline). */
+export interface HangSummary {
+  readonly verdict: Finding['kind'];
+  readonly communicator: string;
+  readonly position: number;
+  readonly culprits: readonly number[];
+  readonly detail: string;
 }
 
-/** The diagnosis for a mismatch, missing or cycle finding. */
+/** The diagnosis of a hung run: the first hang (canonical order, machines/ledger.ts hangs()) as the headline, every hang listed. */
+export function diagnoseHangs(hangs: readonly Finding[], snapshots: readonly RankSnapshot[], tracker: CollectiveTracker): Diagnosis {
+  const headline = hangs[0];
+  if (!headline) throw new Error('diagnoseHangs: no hang to diagnose');
+  return { ...diagnose(headline, snapshots, tracker), hangs: hangs.map((h) => ({ verdict: h.kind, communicator: h.communicator, position: h.position, culprits: h.culprits, detail: h.detail })) };
+}
+
+/**
+ * The diagnosis of one finding. Culprits come from the ledger (the finding's); the machine's
+ * skip decisions explain why they departed. Where the ledger cannot tell the departing
+ * member (two members, two different collectives) the ones whose guards skipped something
+ * are named; where the machine's decisions point elsewhere, the cause says so.
+ */
 export function diagnose(finding: Finding, snapshots: readonly RankSnapshot[], tracker: CollectiveTracker): Diagnosis {
   const ranks = rankReports(snapshots, tracker);
   const waiting = ranks.filter((r) => {
     const b = tracker.blockedOn(r.rank);
     return b && b.communicator === finding.communicator && b.position === finding.position;
   });
-  // Ranks whose own guards removed a collective are the culprits: they left the common path.
-  const skippers = snapshots.flatMap((s, rank) => (s.context.skips.length > 0 ? [rank] : []));
-  const culprits = finding.kind !== 'cycle' && skippers.length > 0 ? skippers : finding.kind === 'mismatch' ? (oddOnesOut(finding, tracker) ?? finding.culprits) : finding.culprits;
+  const skipped = (rank: number) => snapshots[rank]!.context.skips.length > 0;
+  const skippersAmong = finding.culprits.filter(skipped);
+  const culprits = finding.kind === 'mismatch' && skippersAmong.length > 0 ? skippersAmong : finding.culprits;
   const parts: string[] = [];
   const skipsOf = culprits.flatMap((rank) => {
     const ctx = snapshots[rank]!.context;
@@ -95,22 +101,23 @@ export function diagnose(finding: Finding, snapshots: readonly RankSnapshot[], t
   });
   if (skipsOf.length > 0) {
     // Facts per rank, the variant's rule once, then what each rank consequently skipped.
-    const skipped = [...new Set(skipsOf.map((x) => x.skip.skipped.join(' and ')))];
-    const who = skipped.map((ops) => `${rankWord(skipsOf.filter((x) => x.skip.skipped.join(' and ') === ops).map((x) => x.rank))} skipped ${ops}`);
+    const skippedOps = [...new Set(skipsOf.map((x) => x.skip.skipped.join(' and ')))];
+    const who = skippedOps.map((ops) => `${rankWord(skipsOf.filter((x) => x.skip.skipped.join(' and ') === ops).map((x) => x.rank))} skipped ${ops}`);
     parts.push(`${skipsOf.map((x) => x.skip.fact).join('; ')}; ${skipsOf[0]!.rule}, so ${who.join(' and ')}`);
-  }
-  if (parts.length === 0) {
+  } else {
     parts.push(finding.detail);
     // The decisions that shaped what the culprits issued at that position, in their words.
     const why = tracker.entries.filter((e) => e.communicator === finding.communicator && e.position === finding.position && culprits.includes(e.rank)).flatMap((e) => e.why.map((d) => d.fact));
     if (why.length > 0) parts.push(`${[...new Set(why)].join('; ')} (${snapshots[culprits[0]!]!.context.cfg.variant.rule})`);
+    const elsewhere = snapshots.flatMap((s, rank) => (skipped(rank) ? [rank] : []));
+    if (finding.kind !== 'cycle' && elsewhere.length > 0) parts.push(`the machines' skip decisions name ${rankWord(elsewhere)}, not the ledger's culprit${culprits.length > 1 ? 's' : ''}`);
   }
   const variant = snapshots[0]?.context.cfg.variant;
   if (variant?.localCapacity && finding.kind === 'mismatch') {
     parts.push(`${variant.rule}: ${culprits.map((r) => `rank ${r} holds ${snapshots[r]!.context.facts[snapshots[r]!.context.layer]?.tokens ?? 0} tokens`).join(', ')}`);
   }
   const blockedEntry = tracker.blockedOn(waiting[0]?.rank ?? -1);
-  if (blockedEntry?.op === 'fsdp.reduce_scatter' && finding.kind === 'mismatch' && skippers.length === 0) {
+  if (blockedEntry?.op === 'fsdp.reduce_scatter' && finding.kind === 'mismatch' && skippersAmong.length === 0) {
     parts.push(
       `${snapshots[0]!.context.cfg.variant.rule}: ${finding.culprits
         .map((r) => `rank ${r} has gradients for ${expertsWithGrads(snapshots[r]!.context)} of ${snapshots[r]!.context.cfg.numExperts / snapshots[r]!.context.cfg.ep} local experts`)
@@ -122,7 +129,7 @@ export function diagnose(finding: Finding, snapshots: readonly RankSnapshot[], t
     parts.push(`${rankWord(waiters.map((w) => w.rank))} ${waiters.length === 1 ? 'waits' : 'wait'} in ${waiters[0]!.op} (${finding.communicator}, position ${finding.position})`);
   }
   if (finding.kind === 'cycle') parts.push(`a wait-for cycle across communicators: ${finding.detail}`);
-  return { verdict: finding.kind, communicator: finding.communicator, position: finding.position, culprits, ranks, cause: parts.join('; ') };
+  return { verdict: finding.kind === 'blocked' ? 'timeout' : finding.kind, communicator: finding.communicator, position: finding.position, culprits, ranks, cause: parts.join('; ') };
 }
 
 export function okDiagnosis(snapshots: readonly RankSnapshot[], tracker: CollectiveTracker): Diagnosis {
@@ -135,6 +142,7 @@ export function formatDiagnosis(d: Diagnosis): string {
   const head = d.verdict === 'ok' ? 'ok' : `${d.verdict.toUpperCase()}${d.communicator ? ` on ${d.communicator}, position ${d.position}` : ''}`;
   const lines = [`verdict: ${head}`, `cause:   ${d.cause}`];
   if (d.culprits.length) lines.push(`culprit: ${rankWord(d.culprits)}`);
+  for (const h of d.hangs?.slice(1) ?? []) lines.push(`also:    ${h.verdict} on ${h.communicator}, position ${h.position} (${rankWord(h.culprits)}): ${h.detail}`);
   if (d.detectedAfterMs !== undefined) lines.push(`detected ${d.detectedAfterMs.toFixed(1)} ms after the deciding event`);
   if (d.verdict !== 'ok') {
     lines.push('ranks:');

@@ -5,42 +5,7 @@
 // supervisor and the discrete-event engine both feed it, so they share one implementation
 // of matching and verdicts.
 import type { IssuedCollective } from './protocol.js';
-
-export interface Mesh {
-  readonly ep: number;
-  readonly dp: number;
-}
-
-export interface CommunicatorSpec {
-  readonly id: string;
-  readonly kind: 'ep' | 'dp';
-  /** Global ranks in group-rank order. */
-  readonly members: readonly number[];
-}
-
-/** Global rank g = dpRank · ep + epRank; an ep group per dp index, a dp group per ep index. */
-export function communicators(mesh: Mesh): CommunicatorSpec[] {
-  const out: CommunicatorSpec[] = [];
-  for (let d = 0; d < mesh.dp; d++) {
-    out.push({ id: commId(mesh, 'ep', d), kind: 'ep', members: Array.from({ length: mesh.ep }, (_, e) => d * mesh.ep + e) });
-  }
-  if (mesh.dp > 1) {
-    for (let e = 0; e < mesh.ep; e++) {
-      out.push({ id: commId(mesh, 'dp', e), kind: 'dp', members: Array.from({ length: mesh.dp }, (_, d) => d * mesh.ep + e) });
-    }
-  }
-  return out;
-}
-
-function commId(mesh: Mesh, kind: 'ep' | 'dp', index: number): string {
-  if (kind === 'ep') return mesh.dp > 1 ? `ep[dp=${index}]` : 'ep';
-  return mesh.ep > 1 ? `dp[ep=${index}]` : 'dp';
-}
-
-/** The id of the `kind` communicator that global rank `rank` belongs to. */
-export function commOf(mesh: Mesh, rank: number, kind: 'ep' | 'dp'): string {
-  return kind === 'ep' ? commId(mesh, 'ep', Math.floor(rank / mesh.ep)) : commId(mesh, 'dp', rank % mesh.ep);
-}
+import { commOf, communicators, type CommunicatorSpec, type Mesh } from './mesh.js';
 
 export interface LedgerEntry extends IssuedCollective {
   readonly communicator: string;
@@ -51,10 +16,19 @@ export interface LedgerEntry extends IssuedCollective {
   readonly dtype: string;
 }
 
-export type Finding =
-  | { kind: 'mismatch'; communicator: string; position: number; culprits: number[]; detail: string }
-  | { kind: 'missing'; communicator: string; position: number; culprits: number[]; detail: string }
-  | { kind: 'cycle'; communicator: string; position: number; culprits: number[]; detail: string };
+/**
+ * A hung communicator. mismatch, missing and cycle are causes; `blocked` is a communicator
+ * that waits on a member blocked in another hung one (listed, never the headline). Culprits
+ * come from the ledger: the members whose issued sequence departs from the others at the
+ * position, that finished without it, or that wait on each other in a cycle.
+ */
+export interface Finding {
+  readonly kind: 'mismatch' | 'missing' | 'cycle' | 'blocked';
+  readonly communicator: string;
+  readonly position: number;
+  readonly culprits: number[];
+  readonly detail: string;
+}
 
 interface CommState {
   readonly spec: CommunicatorSpec;
@@ -63,6 +37,8 @@ interface CommState {
   /** Entries per open position, indexed by member, and how many members have issued it. */
   readonly open: Map<number, (LedgerEntry | undefined)[]>;
   readonly issued: Map<number, number>;
+  /** Positions proved inconsistent: they never complete, whoever issues them later. */
+  readonly broken: Set<number>;
   /** Next position each member will issue. */
   readonly next: number[];
 }
@@ -82,7 +58,7 @@ export class CollectiveTracker {
   ) {
     this.mesh = mesh;
     for (const spec of communicators(mesh)) {
-      this.comms.set(spec.id, { spec, memberOf: new Map(spec.members.map((r, m) => [r, m])), open: new Map(), issued: new Map(), next: spec.members.map(() => 0) });
+      this.comms.set(spec.id, { spec, memberOf: new Map(spec.members.map((r, m) => [r, m])), open: new Map(), issued: new Map(), broken: new Set(), next: spec.members.map(() => 0) });
     }
   }
 
@@ -116,11 +92,14 @@ export class CollectiveTracker {
     comm.issued.set(position, issued);
     this.blocked.set(rank, entry);
 
-    const finding = this.checkConsistency(comm, position, entry) ?? this.checkMissing(comm, position);
+    const inconsistent = this.checkConsistency(comm, position, entry);
+    if (inconsistent) comm.broken.add(position);
+    const finding = inconsistent ?? this.checkMissing(comm, position);
     if (finding) return { entry, completed: null, finding };
-    if (issued === slot.length) {
+    if (issued === slot.length && !comm.broken.has(position)) {
       comm.open.delete(position);
       comm.issued.delete(position);
+      comm.broken.delete(position);
       for (const e of slot as LedgerEntry[]) this.blocked.delete(e.rank);
       return { entry, completed: slot as LedgerEntry[], finding: null };
     }
@@ -158,7 +137,7 @@ export class CollectiveTracker {
   /** Same op, layer, micro-batch and dtype; all-to-all splits must pair up (send_i[j] = recv_j[i]). */
   private checkConsistency(comm: CommState, position: number, e: LedgerEntry): Finding | null {
     const slot = comm.open.get(position)!;
-    const mismatch = (culprits: number[], detail: string): Finding => ({ kind: 'mismatch', communicator: comm.spec.id, position, culprits, detail });
+    const mismatch = (pair: number[], detail: string): Finding => ({ kind: 'mismatch', communicator: comm.spec.id, position, culprits: oddOnesOut(slot) ?? splitOutliers(slot) ?? [...pair].sort((a, b) => a - b), detail });
     const i = e.member;
     // Every earlier entry agreed with the others, so op, layer, unit and dtype need one comparison.
     const ref = slot.find((o) => o !== undefined && o !== e);
@@ -198,8 +177,49 @@ export class CollectiveTracker {
       communicator: comm.spec.id,
       position,
       culprits: gone,
-      detail: `rank${gone.length > 1 ? 's' : ''} ${gone.join(', ')} finished without issuing position ${position}, where rank${waiting.length > 1 ? 's' : ''} ${waiting.map((w) => w.rank).join(', ')} wait in ${waiting[0]!.op}`,
+      detail: `rank${gone.length > 1 ? 's' : ''} ${gone.join(', ')} finished without issuing position ${position}, where rank${waiting.length > 1 ? 's' : ''} ${waiting.map((w) => w.rank).join(', ')} ${waiting.length > 1 ? 'wait' : 'waits'} in ${waiting[0]!.op}`,
     };
+  }
+
+  /**
+   * Every hung communicator, once the run is quiescent (every rank blocked or finished), in
+   * a canonical order: causes (mismatch, missing, cycle) by communicator, then communicators
+   * that only wait on a member blocked elsewhere. The state at quiescence does not depend on
+   * the order events arrived in, so neither does this list: its first entry is the verdict
+   * every engine gives.
+   */
+  hangs(): Finding[] {
+    const causes: Finding[] = [];
+    const blocked: Finding[] = [];
+    const cycle = this.findCycle();
+    const inCycle = new Set(cycle ? cycle.culprits.map((r) => this.blocked.get(r)!.communicator) : []);
+    for (const comm of this.comms.values()) {
+      for (const position of [...comm.open.keys()].sort((a, b) => a - b)) {
+        const slot = comm.open.get(position)!;
+        const found = this.inconsistencyAt(comm, position) ?? this.checkMissing(comm, position);
+        if (found) causes.push(found);
+        else if (inCycle.has(comm.spec.id)) {
+          if (cycle!.communicator === comm.spec.id) causes.push(cycle!);
+        } else {
+          const elsewhere = comm.spec.members.flatMap((r, m) => {
+            const e = slot[m] ? undefined : this.blocked.get(r);
+            return e ? [`rank ${r} is blocked in ${e.op} (${e.communicator}, position ${e.position})`] : [];
+          });
+          const culprits = comm.spec.members.filter((r, m) => !slot[m]);
+          blocked.push({ kind: 'blocked', communicator: comm.spec.id, position, culprits, detail: `waits on ${elsewhere.join(', ') || 'members that never issued it'}` });
+        }
+      }
+    }
+    return [...causes, ...blocked];
+  }
+
+  /** A consistency finding at an open position, judged over every entry there. */
+  private inconsistencyAt(comm: CommState, position: number): Finding | null {
+    for (const e of comm.open.get(position)!) {
+      const f = e && this.checkConsistency(comm, position, e);
+      if (f) return f;
+    }
+    return null;
   }
 
   /**
@@ -245,6 +265,45 @@ export class CollectiveTracker {
     }
     return null;
   }
+}
+
+/**
+ * At a mismatched position, the members that issued something other than what most
+ * issued (op, layer, micro-batch, unit, element count), when there is a clear majority.
+ * All-to-all splits differ per rank by design, so they are not compared here.
+ */
+function oddOnesOut(slot: readonly (LedgerEntry | undefined)[]): number[] | null {
+  const groups = new Map<string, number[]>();
+  for (const e of slot) {
+    if (!e) continue;
+    const key = JSON.stringify([e.op, e.layer, e.microBatch, e.unit, e.size, e.dtype]);
+    groups.set(key, [...(groups.get(key) ?? []), e.rank]);
+  }
+  const bySize = [...groups.values()].sort((a, b) => a.length - b.length);
+  const largest = bySize.at(-1);
+  if (!largest || bySize.length < 2 || bySize.filter((g) => g.length === largest.length).length > 1) return null;
+  return bySize.slice(0, -1).flat().sort((a, b) => a - b);
+}
+
+/**
+ * At a position whose all-to-all splits do not pair up, the members that disagree with the
+ * most others (a rank that sized its splits alone disagrees with every peer; each peer only
+ * with it), when that singles some out.
+ */
+function splitOutliers(slot: readonly (LedgerEntry | undefined)[]): number[] | null {
+  const entries = slot.filter((e): e is LedgerEntry => !!e?.sendSplits && !!e.recvSplits);
+  const disagreements = new Map<number, number>();
+  for (const a of entries) {
+    for (const b of entries) {
+      if (a.member < b.member && (a.sendSplits![b.member] !== b.recvSplits![a.member] || b.sendSplits![a.member] !== a.recvSplits![b.member])) {
+        disagreements.set(a.rank, (disagreements.get(a.rank) ?? 0) + 1);
+        disagreements.set(b.rank, (disagreements.get(b.rank) ?? 0) + 1);
+      }
+    }
+  }
+  const most = Math.max(0, ...disagreements.values());
+  const outliers = [...disagreements].filter(([, n]) => n === most).map(([r]) => r);
+  return most > 1 && outliers.length < disagreements.size ? outliers.sort((a, b) => a - b) : null;
 }
 
 export function describe(e: Pick<LedgerEntry, 'op' | 'layer' | 'microBatch' | 'unit'>): string {

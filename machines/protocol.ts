@@ -7,12 +7,11 @@ import { dataSplits, expertsWithGrads, metricSize, rankMachine, type CollectiveM
 
 export type RankSnapshot = SnapshotFrom<typeof rankMachine>;
 
-/** What a rank is doing: waiting for routing or compute, in a collective, or finished. */
-export type RankActivity = 'routing' | 'compute' | 'collective' | 'done' | 'exited' | 'aborted' | 'failed';
-
 export interface IssuedCollective {
   readonly comm: 'ep' | 'dp';
   readonly op: CollectiveOp;
+  /** Who issues it in a real run: the EP layer, or the driver on its behalf (FSDP, metric). */
+  readonly issuer: CollectiveMeta['issuer'];
   readonly unit: string | null;
   readonly phase: 'forward' | 'backward';
   readonly layer: number;
@@ -64,14 +63,6 @@ export function statePath(snapshot: RankSnapshot): string {
   return parts.join('.');
 }
 
-export function activity(snapshot: RankSnapshot): RankActivity {
-  if (snapshot.status === 'done') return statePath(snapshot) as RankActivity;
-  if (collectiveMeta(snapshot)) return 'collective';
-  const path = statePath(snapshot);
-  if (path === 'forward.route') return 'routing';
-  return 'compute';
-}
-
 function collectiveMeta(snapshot: RankSnapshot): CollectiveMeta | null {
   for (const meta of Object.values(snapshot.getMeta() as Record<string, { collective?: CollectiveMeta }>)) {
     if (meta?.collective) return meta.collective;
@@ -104,8 +95,9 @@ export function issuedCollective(snapshot: RankSnapshot): IssuedCollective | nul
   const base = {
     comm: meta.comm,
     op: meta.op,
+    issuer: meta.issuer,
     unit: meta.unit ?? null,
-    phase: path.startsWith('forward') ? ('forward' as const) : ('backward' as const),
+    phase: snapshot.matches('forward') ? ('forward' as const) : ('backward' as const),
     layer: ctx.layer,
     microBatch: ctx.microBatch,
     statePath: path,

@@ -87,11 +87,26 @@ export type RankEvent =
 export interface CollectiveMeta {
   readonly op: CollectiveOp;
   readonly comm: 'ep' | 'dp';
+  /**
+   * Who issues it in a real run: the EP layer's own code (which asks the machine first), or
+   * the driver on the layer's behalf (FSDP's collectives and the step's metric all-reduce,
+   * which sit outside the layer).
+   */
+  readonly issuer: 'layer' | 'driver';
   /** FSDP unit whose parameters the collective moves. */
   readonly unit?: 'block' | 'moe' | 'experts' | 'attention';
 }
 
-const collective = (meta: CollectiveMeta) => ({ meta: { collective: meta } });
+/**
+ * Kinds of state, as xstate tags, so engines ask what a rank is doing instead of matching
+ * state paths: waiting for the layer's routing, computing its experts, or in a collective.
+ */
+export const STATE_TAGS = { routing: 'routing', computing: 'computing', collective: 'collective' } as const;
+
+const collective = (meta: Omit<CollectiveMeta, 'issuer'>) => ({
+  tags: [STATE_TAGS.collective],
+  meta: { collective: { ...meta, issuer: meta.comm === 'dp' || meta.op === 'metric.all_reduce' ? 'driver' : 'layer' } satisfies CollectiveMeta },
+});
 
 export function currentFacts(ctx: RankContext): LayerFacts {
   const f = ctx.facts[ctx.layer];
@@ -199,6 +214,9 @@ export const rankMachine = setup({
     noteSkippedCombineGrad: assign(({ context: c }) =>
       decide(c, { guard: 'sendsNoRowsAndSkips', held: true, skipped: ['bwd.combine'], fact: `rank ${c.cfg.rank} has 0 rows of combine gradient to send ${where(c, 'backward')}` }),
     ),
+    noteSkippedDispatchGrad: assign(({ context: c }) =>
+      decide(c, { guard: 'returnsNoRowsAndSkips', held: true, skipped: ['bwd.dispatch'], fact: `rank ${c.cfg.rank} received 0 rows ${where(c, 'forward')}, so it has no input gradient to return ${where(c, 'backward')}` }),
+    ),
     noteDroppedDispatchEdge: assign(({ context: c }) =>
       decide(c, { guard: 'keepsDispatchEdge', held: false, skipped: ['bwd.dispatch'], fact: `rank ${c.cfg.rank} received 0 rows ${where(c, 'forward')}` }),
     ),
@@ -238,6 +256,7 @@ export const rankMachine = setup({
       initial: 'route',
       states: {
         route: {
+          tags: [STATE_TAGS.routing],
           always: { guard: 'stopsEarly', target: '#rank.exited', actions: 'noteEarlyExit' },
           on: { 'layer.routed': { target: 'counts', actions: 'recordRouting' } },
         },
@@ -253,6 +272,7 @@ export const rankMachine = setup({
         dispatch: { ...collective({ op: 'fwd.dispatch', comm: 'ep' }), on: { 'collective.done': { target: 'expertIds', actions: 'recordExchange' } } },
         expertIds: { ...collective({ op: 'fwd.expert_ids', comm: 'ep' }), on: { 'collective.done': { target: 'compute', actions: 'recordExchange' } } },
         compute: {
+          tags: [STATE_TAGS.computing],
           on: {
             'compute.done': [
               { guard: 'returnsNoRowsAndSkips', target: 'layerDone', actions: 'noteSkippedCombine' },
@@ -290,6 +310,7 @@ export const rankMachine = setup({
         },
         combine: { ...collective({ op: 'bwd.combine', comm: 'ep' }), on: { 'collective.done': { target: 'expertBackward', actions: 'recordExchange' } } },
         expertBackward: {
+          tags: [STATE_TAGS.computing],
           on: {
             'compute.done': [
               { guard: 'dispatchReadyFirst', target: 'dispatchFirst', actions: 'noteDispatchFirst' },
@@ -305,7 +326,7 @@ export const rankMachine = setup({
         },
         dispatchChoice: {
           always: [
-            { guard: 'returnsNoRowsAndSkips', target: 'moeDone', actions: 'noteSkippedCombine' },
+            { guard: 'returnsNoRowsAndSkips', target: 'moeDone', actions: 'noteSkippedDispatchGrad' },
             { guard: 'keepsDispatchEdge', target: 'dispatch' },
             { target: 'moeDone', actions: 'noteDroppedDispatchEdge' },
           ],
@@ -356,4 +377,3 @@ export const rankMachine = setup({
   },
 });
 
-export type RankMachine = typeof rankMachine;

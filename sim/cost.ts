@@ -6,7 +6,7 @@
 import { collectiveDtype } from '../machines/protocol.js';
 import { UsageError } from '../src/errors.js';
 import type { LedgerEntry } from '../machines/ledger.js';
-import type { Scenario } from './scenario.js';
+import type { Scenario } from '../machines/scenario.js';
 
 export interface LinkClass {
   /** Per-message latency, microseconds. */

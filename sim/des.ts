@@ -8,15 +8,17 @@
 // plus its latency + bytes / bandwidth, and sets every member's clock to that moment.
 // Ranks are sequential programs that only meet in collectives, so running each rank until
 // it blocks gives the same times as a global event queue, without one.
-import { CollectiveTracker, type Finding, type LedgerEntry } from '../machines/ledger.js';
-import { diagnose, okDiagnosis, type Diagnosis } from '../machines/diagnosis.js';
-import { activity, collectiveDtype, issuedCollective, startRank, statePath, stepRank, type RankSnapshot } from '../machines/protocol.js';
+import { dpRankOf, epRankOf, globalRank, worldSize } from '../machines/mesh.js';
+import type { LedgerEntry } from '../machines/ledger.js';
+import { LedgerFeed } from '../machines/feed.js';
+import { CollectiveSpans, type TraceEvent as CollectiveSpan } from '../machines/spans.js';
+import { diagnoseHangs, okDiagnosis, type Diagnosis } from '../machines/diagnosis.js';
+import { collectiveDtype, startRank, stepRank, type RankSnapshot } from '../machines/protocol.js';
+import { completedEvent, computedEvent, nextAction, routedEvent, type FirstReady } from '../machines/driver.js';
 import type { RankEvent } from '../machines/rankMachine.js';
-import type { CollectiveOp } from '../src/ep/types.js';
-import { seededRng } from '../src/moe/random.js';
 import { collectiveMs, computeMs, DEFAULT_COST, expertFlops, routerFlops, type CostModel } from './cost.js';
-import { rankConfig, worldSize, type Scenario } from './scenario.js';
-import { routeTokens } from './routing.js';
+import { firstReadyOf, rankConfig, type Scenario } from '../machines/scenario.js';
+import { routeTokens } from '../machines/routing.js';
 
 export interface EngineResult {
   readonly diagnosis: Diagnosis;
@@ -37,12 +39,6 @@ export interface TraceEvent {
 }
 
 /**
- * Which of two collectives made ready by one compute a rank issues first (variant
- * completion-order); the explorer enumerates these, a plain run draws them from the seed.
- */
-export type FirstReady = (rank: number, layer: number, microBatch: number) => CollectiveOp;
-
-/**
  * Memo of transitions for callers that run many routings of one layout (the explorer):
  * transition() is pure, so a snapshot and an event always give the same next snapshot,
  * and identical prefixes across routing classes cost one xstate step instead of many.
@@ -60,16 +56,12 @@ export class TransitionMemo {
   }
 }
 
-/** A scenario that fixes every completion order: per global rank, per layer call (micro-batch · layers + layer). */
-export interface ScheduledScenario extends Scenario {
-  firstReady?: CollectiveOp[][];
-}
-
 export interface DesOptions {
   /** Called after every machine step (reports use it to record each rank's path). */
   readonly onStep?: (rank: number, before: RankSnapshot, event: RankEvent, after: RankSnapshot) => void;
   readonly trace?: boolean;
   readonly cost?: CostModel;
+  /** Completion orders to follow instead of the scenario's (the explorer enumerates them). */
   readonly firstReady?: FirstReady;
   /** Every rank's initial snapshot, when the caller runs many routings of one layout. */
   readonly initial?: readonly RankSnapshot[];
@@ -77,7 +69,10 @@ export interface DesOptions {
 }
 
 export interface DesResult extends EngineResult {
+  /** With `trace`: compute spans and lane names (Chrome trace events), in simulated time. */
   readonly trace?: TraceEvent[];
+  /** With `trace`: each rank's collectives as report lanes, in simulated time. */
+  readonly spans?: CollectiveSpan[];
   /** Simulated step time: the latest rank clock, ms. */
   readonly simulatedMs: number;
 }
@@ -100,7 +95,7 @@ class RoutingCache {
 
   group(rank: number, microBatch: number, layer: number): GroupRouting {
     const { ep, experts, topK } = this.s;
-    const base = rank - (rank % ep);
+    const base = globalRank(this.s, dpRankOf(this.s, rank), 0);
     const key = `${base}/${microBatch}/${layer}`;
     let g = this.groups.get(key);
     if (g) return g;
@@ -119,29 +114,15 @@ class RoutingCache {
   }
 }
 
-/** The event that answers a rank waiting for routing, or a completed exchange, with its facts. */
-function routedEvent(s: Scenario, g: GroupRouting, epRank: number): RankEvent {
-  return { type: 'layer.routed', tokens: g.tokens[epRank]!, sendCounts: Array.from(g.sendCounts.subarray(epRank * s.ep, (epRank + 1) * s.ep)) };
-}
-
-function doneEvent(s: Scenario, g: GroupRouting, e: LedgerEntry): RankEvent {
-  const epRank = e.rank % s.ep;
-  if (e.op === 'fwd.counts') {
+/** A completed exchange's facts, read off the group's routing (the engine moves no tensors). */
+function outcomeOf(s: Scenario, g: GroupRouting, rank: number) {
+  const epRank = epRankOf(s, rank);
+  const nLocal = s.experts / s.ep;
+  return {
     // recv_counts[j] = what EP peer j routes to this rank: column epRank of the matrix.
-    return { type: 'collective.done', op: e.op, recvCounts: Array.from({ length: s.ep }, (_, j) => g.sendCounts[j * s.ep + epRank]!) };
-  }
-  if (e.op === 'fwd.expert_ids') {
-    const nLocal = s.experts / s.ep;
-    return { type: 'collective.done', op: e.op, rowsPerExpert: Array.from(g.rowsPerExpert.subarray(epRank * nLocal, (epRank + 1) * nLocal)) };
-  }
-  return { type: 'collective.done', op: e.op };
-}
-
-/** The scenario's completion orders, or each drawn from its seed: arbitrary, but the same every run. */
-function scenarioFirstReady(s: ScheduledScenario): FirstReady {
-  const table = s.firstReady;
-  if (table) return (rank, layer, microBatch) => table[rank]?.[microBatch * s.layers + layer] ?? 'fsdp.reduce_scatter';
-  return (rank, layer, microBatch) => (seededRng((s.seed * 7919 + rank * 104729 + layer * 31 + microBatch) >>> 0)() < 0.5 ? 'bwd.dispatch' : 'fsdp.reduce_scatter');
+    recvCounts: () => Array.from({ length: s.ep }, (_, j) => g.sendCounts[j * s.ep + epRank]!),
+    rowsPerExpert: () => Array.from(g.rowsPerExpert.subarray(epRank * nLocal, (epRank + 1) * nLocal)),
+  };
 }
 
 export function runDes(s: Scenario, opts: DesOptions = {}): EngineResult {
@@ -152,13 +133,14 @@ export function runDes(s: Scenario, opts: DesOptions = {}): EngineResult {
 /** Run one training step of `s` in simulated time; with `trace`, a Chrome trace of it. */
 export function simulateDes(s: Scenario, opts: DesOptions = {}): DesResult {
   const cost = opts.cost ?? DEFAULT_COST;
-  const firstReady = opts.firstReady ?? scenarioFirstReady(s);
+  const firstReady = opts.firstReady ?? firstReadyOf(s);
   const n = worldSize(s);
-  const tracker = new CollectiveTracker({ ep: s.ep, dp: s.dp });
+  const collectiveSpans = opts.trace ? new CollectiveSpans() : null;
+  const feed = new LedgerFeed({ ep: s.ep, dp: s.dp }, { issued: (e) => collectiveSpans?.issue(e, clock[e.rank]!), completed: (entries) => complete(entries) });
+  const tracker = feed.tracker;
   const routing = new RoutingCache(s);
   const snaps: RankSnapshot[] = opts.initial ? [...opts.initial] : Array.from({ length: n }, (_, r) => startRank(rankConfig(s, r)));
   const clock = new Float64Array(n);
-  const issuedAt = new Float64Array(n);
   const finished = new Uint8Array(n);
   const step = (r: number, event: RankEvent) => {
     const before = snaps[r]!;
@@ -170,59 +152,56 @@ export function simulateDes(s: Scenario, opts: DesOptions = {}): DesResult {
   const span = (rank: number, name: string, cat: string, startMs: number, endMs: number, args: Record<string, unknown>) =>
     trace?.push({ name, cat, ph: 'X', ts: startMs * 1e3, dur: (endMs - startMs) * 1e3, pid: 0, tid: rank, args });
 
-  const result = (finding: Finding | null): DesResult => {
-    if (trace) {
-      // Collectives that never completed: a span from the issue to the end of simulated time.
-      const end = Math.max(...clock);
-      for (let r = 0; r < n; r++) {
-        const b = tracker.blockedOn(r);
-        if (b) span(r, b.op, 'collective', issuedAt[r]!, end, { communicator: b.communicator, position: b.position, layer: b.layer, microBatch: b.microBatch, completed: false });
-        trace.push({ name: 'thread_name', cat: '__metadata', ph: 'M', ts: 0, pid: 0, tid: r, args: { name: `rank ${r}` } });
-      }
-    }
+  const result = (): DesResult => {
+    const hangs = tracker.hangs();
+    if (hangs.length === 0 && finishedCount < n) throw new Error('engine stalled: ranks are blocked with no hang the tracker can name (a bug in the tracker)');
+    for (let r = 0; r < n && trace; r++) trace.push({ name: 'thread_name', cat: '__metadata', ph: 'M', ts: 0, pid: 0, tid: r, args: { name: `rank ${r}` } });
     return {
-      diagnosis: finding ? diagnose(finding, snaps, tracker) : okDiagnosis(snaps, tracker),
+      diagnosis: hangs.length > 0 ? diagnoseHangs(hangs, snaps, tracker) : okDiagnosis(snaps, tracker),
       ledger: tracker.entries,
       snapshots: snaps,
       trace,
+      // Collectives that never completed last until the end of simulated time.
+      spans: collectiveSpans?.close(Math.max(0, ...clock)),
       simulatedMs: Math.max(0, ...clock),
     };
   };
 
-  const complete = (entries: readonly LedgerEntry[]) => {
+  /** Every member issued: the collective ends for all of them at the last issue plus its cost. */
+  function complete(entries: readonly LedgerEntry[]) {
     let start = 0;
-    for (const e of entries) start = Math.max(start, issuedAt[e.rank]!);
+    for (const e of entries) start = Math.max(start, clock[e.rank]!);
     const end = start + collectiveMs(cost, s, entries);
     for (const e of entries) {
       const ctx = snaps[e.rank]!.context;
-      step(e.rank, doneEvent(s, routing.group(e.rank, ctx.microBatch, ctx.layer), e));
-      span(e.rank, e.op, 'collective', issuedAt[e.rank]!, end, { communicator: e.communicator, position: e.position, layer: e.layer, microBatch: e.microBatch });
+      step(e.rank, completedEvent(e.op, outcomeOf(s, routing.group(e.rank, ctx.microBatch, ctx.layer), e.rank)));
+      collectiveSpans?.complete(e.rank, end);
       clock[e.rank] = end;
     }
-  };
+  }
 
   /** Advance rank r through routing or compute (no collective involved). */
-  const computeStep = (r: number, snap: RankSnapshot, what: 'routing' | 'compute') => {
+  const computeStep = (r: number, snap: RankSnapshot, what: 'route' | 'compute') => {
     const ctx = snap.context;
     const t0 = clock[r]!;
-    if (what === 'routing') {
+    if (what === 'route') {
       const g = routing.group(r, ctx.microBatch, ctx.layer);
-      clock[r] = t0 + computeMs(cost, routerFlops(s, g.tokens[r % s.ep]!));
+      const epRank = epRankOf(s, r);
+      clock[r] = t0 + computeMs(cost, routerFlops(s, g.tokens[epRank]!));
       span(r, 'route', 'compute', t0, clock[r]!, { layer: ctx.layer, microBatch: ctx.microBatch });
-      step(r, routedEvent(s, g, r % s.ep));
+      step(r, routedEvent(g.tokens[epRank]!, Array.from(g.sendCounts.subarray(epRank * s.ep, (epRank + 1) * s.ep))));
       return;
     }
-    const backward = statePath(snap).startsWith('backward');
+    const backward = snap.matches('backward');
     const rows = (ctx.facts[ctx.layer]?.recvCounts ?? []).reduce((a, b) => a + b, 0);
     // Backward computes the input gradient and the weight gradients: twice the forward FLOPs.
     clock[r] = t0 + computeMs(cost, expertFlops(s, rows) * (backward ? 2 : 1));
     span(r, backward ? 'expert backward' : 'expert forward', 'compute', t0, clock[r]!, { layer: ctx.layer, microBatch: ctx.microBatch, rows });
-    step(r, backward ? { type: 'compute.done', firstReady: firstReady(r, ctx.layer, ctx.microBatch) } : { type: 'compute.done' });
+    step(r, computedEvent(snap, firstReady));
   };
 
-  // The first finding is the verdict, but every other rank still runs until it blocks, so
-  // the diagnosis shows where each one ends up (e.g. all peers waiting in bwd.dispatch).
-  let first: Finding | null = null;
+  // Every rank runs until it blocks or finishes; at quiescence the tracker lists every hung
+  // communicator, in the order every engine gives.
   for (;;) {
     let progressed = false;
     for (let r = 0; r < n; r++) {
@@ -230,32 +209,21 @@ export function simulateDes(s: Scenario, opts: DesOptions = {}): DesResult {
       // Run rank r until it blocks in a collective or finishes.
       for (;;) {
         const snap = snaps[r]!;
-        const what = activity(snap);
+        const action = nextAction(snap);
         progressed = true;
-        if (what === 'routing' || what === 'compute') {
-          computeStep(r, snap, what);
-        } else if (what === 'collective') {
-          issuedAt[r] = clock[r]!;
-          const c = issuedCollective(snap)!;
-          const issued = tracker.issue(r, c, collectiveDtype(c.op));
-          first ??= issued.finding;
-          if (issued.completed) complete(issued.completed);
+        if (action.kind === 'route' || action.kind === 'compute') {
+          computeStep(r, snap, action.kind);
+        } else if (action.kind === 'collective') {
+          feed.push({ kind: 'issue', rank: r, collective: action.collective, dtype: collectiveDtype(action.collective.op), at: clock[r]! });
           if (tracker.blockedOn(r)) break;
         } else {
           finished[r] = 1;
           finishedCount++;
-          first ??= tracker.finish(r);
+          feed.push({ kind: 'finish', rank: r, at: clock[r]! });
           break;
         }
       }
     }
-    if (finishedCount === n) return result(first);
-    if (!progressed) {
-      if (first) return result(first);
-      // Only when nothing can move: a wait-for cycle is then the one explanation left.
-      const cycle = tracker.findCycle();
-      if (cycle) return result(cycle);
-      throw new Error('engine stalled: ranks are blocked with no cycle and no missing member (a bug in the tracker)');
-    }
+    if (finishedCount === n || !progressed) return result();
   }
 }

@@ -20,8 +20,9 @@ import type { CollectiveOp } from '../src/ep/types.js';
 import type { Diagnosis } from '../machines/diagnosis.js';
 import type { RankSnapshot } from '../machines/protocol.js';
 import { startRank } from '../machines/protocol.js';
-import { simulateDes, TransitionMemo, type ScheduledScenario } from './des.js';
-import { rankConfig, validateScenario, worldSize, type Scenario } from './scenario.js';
+import { simulateDes, TransitionMemo } from './des.js';
+import { rankConfig, validateScenario, type Scenario } from '../machines/scenario.js';
+import { worldSize } from '../machines/mesh.js';
 
 /** One rank's routing facts in a class. */
 export interface RankClass {
@@ -37,7 +38,7 @@ export interface Counterexample {
   readonly rows: number;
   /** Per global rank and layer call, the collective issued first where two were ready (completion-order), else null. */
   readonly firstReady: readonly CollectiveOp[][] | null;
-  readonly scenario: ScheduledScenario;
+  readonly scenario: Scenario;
   readonly diagnosis: Diagnosis;
 }
 

@@ -12,7 +12,7 @@ import { Piscina } from 'piscina';
 import { UsageError } from '../src/errors.js';
 import { seededRng } from '../src/moe/random.js';
 import type { VerdictKind } from '../machines/diagnosis.js';
-import { validateScenario, type Scenario } from './scenario.js';
+import { checkKeys, SCENARIO_FIELDS, validateScenario, type Scenario } from '../machines/scenario.js';
 
 type Values = Record<string, readonly unknown[]>;
 
@@ -37,6 +37,7 @@ export interface SweepResult {
 function checkValues(where: string, v: unknown): Values {
   if (v === undefined) return {};
   if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new UsageError(`sweep spec: ${where} must be an object of field → list of values`);
+  checkKeys(v, SCENARIO_FIELDS, `sweep spec: ${where}: `);
   for (const [k, list] of Object.entries(v)) {
     if (!Array.isArray(list) || list.length === 0) throw new UsageError(`sweep spec: ${where}.${k} must be a non-empty list, got ${JSON.stringify(list)}`);
   }
@@ -45,6 +46,13 @@ function checkValues(where: string, v: unknown): Values {
 
 /** Every scenario of the spec, validated, in a fixed order (grid first, then samples). */
 export function expandSweep(spec: SweepSpec): Scenario[] {
+  if (typeof spec !== 'object' || spec === null || Array.isArray(spec)) throw new UsageError('sweep spec: not a JSON object');
+  checkKeys(spec, ['base', 'grid', 'samples'], 'sweep spec: ');
+  if (spec.base !== undefined) {
+    if (typeof spec.base !== 'object' || spec.base === null || Array.isArray(spec.base)) throw new UsageError('sweep spec: base must be an object of scenario fields');
+    checkKeys(spec.base, SCENARIO_FIELDS, 'sweep spec: base: ');
+  }
+  if (spec.samples !== undefined) checkKeys(spec.samples, ['count', 'seed', 'fields'], 'sweep spec: samples: ');
   const grid = checkValues('grid', spec.grid);
   const out: Partial<Scenario>[] = [];
   let combos: Record<string, unknown>[] = [{}];

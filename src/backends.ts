@@ -15,6 +15,17 @@ export function parseBackend(value: unknown): BackendName {
   return name as BackendName;
 }
 
+/**
+ * The backend `--backend` names or, when none is named, the native kernels where the addon
+ * loads (much faster than ts); otherwise ts, with the reason to tell the user.
+ */
+export async function chooseBackend(value: unknown): Promise<{ name: BackendName; fallback?: string }> {
+  if (value !== undefined) return { name: parseBackend(value) };
+  const native = await import('./native/backend.js');
+  if (native.loadNative()) return { name: 'native' };
+  return { name: 'ts', fallback: `using the TypeScript kernels: the native addon is not available (${native.nativeUnavailableReason()})` };
+}
+
 export const EXCHANGE_NAMES = ['ports', 'shared', 'device-copy', 'nccl'] as const;
 /**
  * How rank workers move all-to-all data: msgpack chunks over MessagePorts (the default),

@@ -2,14 +2,12 @@
 // on every rank, collect the results. Validation happens before anything runs, so every
 // bad input becomes one CaseError naming the tensor or metadata key and what is wrong.
 //
-// runCase takes the rank loop as a parameter: by default all ranks run as async tasks over
-// an in-process communicator group; the actor runtime passes one that runs `runRank` on
-// worker threads instead.
-import { Tensor, toFloat64, toIndexArray, type FloatDType } from './tensor.js';
+// runCase takes the rank loop as a parameter: the runtime's in-process ranks (async tasks
+// over one communicator group) or its worker-thread ranks, each running `runCaseRank`.
+import { Tensor, toIndexArray, type FloatDType } from './tensor.js';
 import { CaseError, describeError } from './errors.js';
 import { ACTIVATIONS, type Activation, type Communicator, type ExpertBackend, type ExpertWeights, type PackedExperts } from './ep/types.js';
 import { epBackward, epForward, localExpertRange, localExperts, placeLocalGrads } from './ep/layer.js';
-import { createInProcessGroup } from './ep/inprocess.js';
 import { convertLayout, tsBackend } from './moe/experts.js';
 import { readSafetensorsFile, type SafetensorsFile } from './codec/safetensors.js';
 import { randomRouting, randomTensor, seededRng } from './moe/random.js';
@@ -61,7 +59,8 @@ export type RankLoop = <F extends FloatDType>(data: CaseData<F>, backend: Expert
 
 export interface RunOptions {
   readonly backend?: ExpertBackend;
-  readonly runRanks?: RankLoop;
+  /** How the ranks run: in-process tasks (actors/inprocess.ts), worker threads (actors/caseRanks.ts). */
+  readonly runRanks: RankLoop;
 }
 
 const META_KEYS = ['ep', 'num_experts', 'top_k', 'dim', 'hidden', 'activation', 'packed', 'gradient_scale'] as const;
@@ -101,6 +100,18 @@ function parseMeta(meta: Record<string, string>): CaseMeta {
   return m;
 }
 
+/** Refuses a NaN or infinite element, naming the tensor and its index: it would poison every result silently. */
+function requireFinite(name: string, t: Tensor): void {
+  const at = (t.data as Float32Array | Float64Array).findIndex((v) => !Number.isFinite(v));
+  if (at < 0) return;
+  const index: number[] = [];
+  for (let rest = at, d = t.shape.length - 1; d >= 0; d--) {
+    index.unshift(rest % t.shape[d]!);
+    rest = Math.floor(rest / t.shape[d]!);
+  }
+  throw new CaseError(`${name}[${index.join(', ')}] = ${t.data[at]}: inputs must be finite`);
+}
+
 /** Validate a parsed case file and pull out its inputs (other tensors, e.g. expected.*, are ignored). */
 export function parseCase(file: SafetensorsFile): CaseData {
   const meta = parseMeta(file.metadata);
@@ -128,6 +139,7 @@ export function parseCase(file: SafetensorsFile): CaseData {
   if (gated !== hasGate) throw new CaseError(gated ? 'experts.gate_w is missing (silu experts are SwiGLU)' : `experts.gate_w is present but ${meta.activation} experts have no gate`);
   const gate = hasGate ? shaped('experts.gate_w', [E, D, H], dtype) : null;
   const experts = { layout: 'packed', activation: meta.activation, up, gate, down } as PackedExperts<typeof dtype>;
+  for (const [name, t] of [['experts.up_w', up], ['experts.gate_w', gate], ['experts.down_w', down]] as const) if (t) requireFinite(name, t);
 
   const ranks: RankInputs[] = [];
   for (let r = 0; r < ep; r++) {
@@ -145,10 +157,11 @@ export function parseCase(file: SafetensorsFile): CaseData {
     }
     idx.forEach((e, i) => {
       if (e < 0 || e >= E) throw new CaseError(`rank${r}.indices[${Math.floor(i / K)}, ${i % K}] = ${e} is outside [0, ${E}) (num_experts ${E})`);
+      // A top-k router picks distinct experts; the layer's combine assumes it.
+      const first = idx.subarray(i - (i % K), i).indexOf(e);
+      if (first >= 0) throw new CaseError(`rank${r}.indices[${Math.floor(i / K)}]: rank ${r} sends token ${Math.floor(i / K)} to expert ${e} twice (columns ${first} and ${i % K}); a top-k router picks distinct experts`);
     });
-    toFloat64(weights).data.forEach((w, i) => {
-      if (!Number.isFinite(w)) throw new CaseError(`rank${r}.weights[${Math.floor(i / K)}, ${i % K}] = ${w}: routing weights must be finite`);
-    });
+    for (const [name, t] of [[`rank${r}.x`, x], [`rank${r}.weights`, weights], [`rank${r}.grad_out`, gradOut]] as const) requireFinite(name, t);
     ranks.push({ x_TD: x, weights_TK: weights, indices_TK: indices, gradOut_TD: gradOut } as RankInputs);
   }
   return { meta, dtype, experts, ranks } as CaseData;
@@ -179,7 +192,7 @@ export async function loadCase(path: string): Promise<CaseData> {
 }
 
 /** One rank's forward and backward over `comm` (null when ep = 1). */
-export async function runRank<F extends FloatDType>(data: CaseData<F>, rank: number, comm: Communicator | null, backend: ExpertBackend): Promise<RankResult<F>> {
+export async function runCaseRank<F extends FloatDType>(data: CaseData<F>, rank: number, comm: Communicator | null, backend: ExpertBackend): Promise<RankResult<F>> {
   const { meta } = data;
   const local = localExperts(data.experts, meta.ep, rank);
   const experts: ExpertWeights<F> = meta.packed ? local : convertLayout(local, 'unpacked');
@@ -197,24 +210,8 @@ export async function runRank<F extends FloatDType>(data: CaseData<F>, rank: num
   };
 }
 
-/** Every rank as a concurrent async task over one in-process group (ep = 1: no group). */
-export const inProcessRanks: RankLoop = async (data, backend) => {
-  const { ep } = data.meta;
-  if (ep === 1) return [await runRank(data, 0, null, backend)];
-  const group = createInProcessGroup(ep);
-  return Promise.all(
-    group.members.map(async (comm, rank) => {
-      try {
-        return await runRank(data, rank, comm, backend);
-      } finally {
-        group.finish(rank);
-      }
-    }),
-  );
-};
-
-export async function runCase<F extends FloatDType>(data: CaseData<F>, options: RunOptions = {}): Promise<CaseResult<F>> {
-  const results = await (options.runRanks ?? inProcessRanks)(data, options.backend ?? tsBackend);
+export async function runCase<F extends FloatDType>(data: CaseData<F>, options: RunOptions): Promise<CaseResult<F>> {
+  const results = await options.runRanks(data, options.backend ?? tsBackend);
   const zerosLike = (t: Tensor<F>): Tensor<F> => Tensor.zeros(t.dtype, t.shape);
   const e = data.experts;
   const grads: PackedExperts<F> = { layout: 'packed', activation: e.activation, up: zerosLike(e.up), gate: e.gate && zerosLike(e.gate), down: zerosLike(e.down) };

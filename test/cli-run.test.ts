@@ -7,6 +7,7 @@ import { readSafetensors, writeSafetensors } from '../src/codec/safetensors.js';
 import { Tensor, relativeError } from '../src/tensor.js';
 import { goldenDir } from './paths.js';
 import { runCli } from './cli.js';
+import { loadNative } from '../src/native/backend.js';
 
 const golden = join(goldenDir, 'ep4_silu_packed.safetensors');
 const goldenBytes = readFileSync(golden);
@@ -47,6 +48,17 @@ test('run --json prints one JSON object; --help explains', async () => {
     assert.is(r.code, 0, r.stderr);
     const j = JSON.parse(r.stdout);
     assert.is(j.ep, 4);
+    // By default the native kernels where the addon loaded, else ts with a note saying why.
+    const native = loadNative() !== null;
+    assert.is(j.backend, native ? 'native' : 'ts');
+    assert.is(/note: using the TypeScript kernels/.test(r.stderr), !native, r.stderr);
+    const without = await runCli(['run', '--case', golden, '--out', join(dir, 'o.safetensors'), '--json'], { env: { ...process.env, EP_ACTORS_NO_NATIVE: '1' } });
+    assert.is(without.code, 0, without.stderr);
+    assert.is(JSON.parse(without.stdout).backend, 'ts');
+    assert.is(without.stderr, 'note: using the TypeScript kernels: the native addon is not available (disabled by EP_ACTORS_NO_NATIVE=1)\n');
+    const badOut = await run('--case', golden, '--out', join(dir, 'no/such/o.safetensors'));
+    assert.is(badOut.code, 1);
+    assert.match(badOut.stderr, /^ep-actors: --out .*no\/such\/o\.safetensors: the folder .* does not exist\n$/);
     assert.equal(j.tokensPerRank, [12, 12, 12, 12]);
     assert.is(j.rowsReceivedPerRank.reduce((a: number, b: number) => a + b, 0), 96);
   } finally {
@@ -72,6 +84,17 @@ const bad: [string, () => Uint8Array, RegExp][] = [
   ['index out of range', () => edited((t) => ((t.get('rank2.indices')!.data as BigInt64Array)[3] = 8n)), /rank2\.indices\[1, 1\] = 8 is outside \[0, 8\)/],
   ['negative index', () => edited((t) => ((t.get('rank0.indices')!.data as BigInt64Array)[0] = -1n)), /rank0\.indices\[0, 0\] = -1/],
   ['non-finite weight', () => edited((t) => ((t.get('rank3.weights')!.data as Float32Array)[5] = NaN)), /rank3\.weights\[2, 1\] = NaN/],
+  ['NaN input', () => edited((t) => ((t.get('rank1.x')!.data as Float32Array)[21] = NaN)), /rank1\.x\[1, 5\] = NaN: inputs must be finite/],
+  ['infinite output grad', () => edited((t) => ((t.get('rank0.grad_out')!.data as Float32Array)[0] = -Infinity)), /rank0\.grad_out\[0, 0\] = -Infinity/],
+  ['NaN expert weight', () => edited((t) => ((t.get('experts.down_w')!.data as Float32Array)[32 * 16 + 3] = NaN)), /experts\.down_w\[1, 0, 3\] = NaN/],
+  [
+    'a token sent to one expert twice',
+    () => edited((t) => {
+      const ids = t.get('rank2.indices')!.data as BigInt64Array;
+      ids[3] = ids[2]!;
+    }),
+    /rank2\.indices\[1\]: rank 2 sends token 1 to expert \d+ twice \(columns 0 and 1\)/,
+  ],
   ['E % ep', () => edited((_, m) => (m.ep = '3')), /num_experts \(8\) must be divisible by ep \(3\)/],
   ['top_k > E', () => edited((_, m) => (m.top_k = '9')), /top_k \(9\) exceeds num_experts \(8\)/],
   ['unknown activation', () => edited((_, m) => (m.activation = 'tanh')), /activation 'tanh' is unknown/],

@@ -2,7 +2,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { runDes, simulateDes } from '../sim/des.js';
 import { costModel } from '../sim/cost.js';
-import { validateScenario } from '../sim/scenario.js';
+import { validateScenario } from '../machines/scenario.js';
 
 test('seed scenario finishes ok; runDes and simulateDes write the same ledger', () => {
   const s = validateScenario({ ep: 4, experts: 8, layers: 2, microBatches: 2 });
@@ -26,11 +26,11 @@ test('trace: one lane per rank, each collective an X event named by its op with 
   const r = simulateDes(s, { trace: true });
   const lanes = r.trace!.filter((e) => e.ph === 'M').map((e) => e.tid);
   assert.equal(lanes, [0, 1, 2, 3]);
-  const collectives = r.trace!.filter((e) => e.cat === 'collective');
+  const collectives = r.spans!;
   assert.is(collectives.length, r.ledger.length);
   const first = collectives.find((e) => e.tid === 2 && e.name === 'fwd.dispatch')!;
   assert.equal(first.args, { communicator: 'ep', position: 1, layer: 0, microBatch: 0 });
-  for (const e of r.trace!) if (e.ph === 'X') assert.ok(e.dur! >= 0 && e.ts + e.dur! <= r.simulatedMs * 1e3 + 1e-6);
+  for (const e of [...r.trace!, ...collectives]) if (e.ph === 'X') assert.ok(e.dur! >= 0 && e.ts + e.dur! <= r.simulatedMs * 1e3 + 1e-6);
 });
 
 test('simulated time: crossing nodes costs more than staying inside one', () => {

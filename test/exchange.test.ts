@@ -8,7 +8,7 @@ import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runActors } from '../actors/supervisor.js';
-import { validateScenario, type Scenario } from '../sim/scenario.js';
+import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { canonicalLedger } from './ledger.js';
 import { readSafetensors, readSafetensorsFile } from '../src/codec/safetensors.js';
 import { loadNative } from '../src/native/backend.js';

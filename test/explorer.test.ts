@@ -2,12 +2,12 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { explore } from '../sim/explorer.js';
 import { runDes, simulateDes } from '../sim/des.js';
-import { validateScenario } from '../sim/scenario.js';
+import { validateScenario } from '../machines/scenario.js';
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot } from './paths.js';
+import { cliPath } from './paths.js';
 
 test('seed proves over every routing class of ep=4, 8 experts, top-2', () => {
   const r = explore(validateScenario({ ep: 4, experts: 8, topK: 2 }));
@@ -35,7 +35,7 @@ test('no-dispatch-edge: the shortest counterexample starves exactly one rank, an
 test('check --replay writes a scenario that sim reproduces on both engines', () => {
   const dir = mkdtempSync(join(tmpdir(), 'ep-check-'));
   const file = join(dir, 'replay.json');
-  const cli = (...args: string[]) => spawnSync(process.execPath, [join(repoRoot, 'dist/src/cli.js'), ...args], { encoding: 'utf8', timeout: 60_000 });
+  const cli = (...args: string[]) => spawnSync(process.execPath, [cliPath, ...args], { encoding: 'utf8', timeout: 60_000 });
   const check = cli('check', '--ep', '4', '--experts', '8', '--top-k', '2', '--variant', 'no-dispatch-edge', '--replay', file, '--json');
   assert.is(check.status, 2, check.stderr);
   for (const engine of ['actors', 'des']) {

@@ -6,10 +6,11 @@ import { setup, type AnyStateNode } from 'xstate';
 import { rankMachine } from '../machines/rankMachine.js';
 import { makeVariant } from '../machines/variants.js';
 import { liveUnder, machineGraph, rankContexts, toDot, toJson, toMermaid, toScxml, transitionLabel, type MachineGraph } from '../machines/exporters.js';
-import { repoRoot } from './paths.js';
+import { cliPath } from './paths.js';
+import { missing, onPath } from './tools.js';
 
 const graph = machineGraph(rankMachine);
-const cli = join(repoRoot, 'dist', 'src', 'cli.js');
+const cli = cliPath;
 
 /** Every state id in the machine, read straight off xstate's tree, to hold the graph to. */
 function allIds(node: AnyStateNode): string[] {
@@ -22,7 +23,8 @@ test('the graph holds every state of the machine, nested and final, with collect
   assert.is(byPath.get('forward')!.kind, 'compound');
   assert.is(byPath.get('forward')!.initial, 'rank.forward.route');
   for (const f of ['done', 'exited', 'aborted', 'failed']) assert.is(byPath.get(f)!.kind, 'final', f);
-  assert.equal(byPath.get('forward.counts')!.meta, { collective: { op: 'fwd.counts', comm: 'ep' } });
+  assert.equal(byPath.get('forward.counts')!.meta, { collective: { op: 'fwd.counts', comm: 'ep', issuer: 'layer' } });
+  assert.equal(byPath.get('backward.moeReduceScatter')!.meta, { collective: { op: 'fsdp.reduce_scatter', comm: 'dp', unit: 'moe', issuer: 'driver' } });
   assert.is(byPath.get('backward.dispatch')!.parent, 'rank.backward');
 });
 
@@ -89,8 +91,7 @@ test('Mermaid names every state once by its path and keeps reused keys apart', (
 });
 
 test('Graphviz dot accepts the DOT export', () => {
-  const dot = spawnSync('dot', ['-V'], { encoding: 'utf8' });
-  if (dot.error) assert.unreachable(`Graphviz 'dot' is not installed (${dot.error.message}); install Debian's graphviz (apt-get install graphviz), as .ci/run does`);
+  if (!onPath('dot')) throw missing("Graphviz's dot", 'the DOT check needs it', 'apt-get install graphviz');
   for (const g of [graph, liveUnder(graph, rankMachine, rankContexts(makeVariant('no-dispatch-edge')), 'no-dispatch-edge')]) {
     const run = spawnSync('dot', ['-Tsvg'], { input: toDot(g), encoding: 'utf8' });
     assert.is(run.status, 0, run.stderr);
@@ -158,8 +159,13 @@ test('SCXML is well-formed and every transition target and initial state exists'
   assert.throws(() => readXml('<a><b></a></b>'), /closes/);
 });
 
-test('JSON export round-trips the graph', () => {
-  assert.equal(JSON.parse(toJson(graph)), JSON.parse(JSON.stringify(graph)));
+test('JSON export carries the whole machine: read back, it holds every state of xstate\'s tree and rebuilds the other exports exactly', () => {
+  const back = JSON.parse(toJson(graph)) as MachineGraph;
+  assert.equal(back.states.map((s) => s.id).sort(), allIds(rankMachine.root).sort());
+  assert.ok(back.transitions.length > 40, `${back.transitions.length} transitions`);
+  assert.is(toMermaid(back), toMermaid(graph));
+  assert.is(toDot(back), toDot(graph));
+  assert.is(toScxml(back), toScxml(graph));
 });
 
 test('viz machine prints each format and rejects an unknown one', () => {

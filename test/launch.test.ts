@@ -13,7 +13,7 @@ import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/soc
 import { LaunchedRankError, launchLocally, runLaunchedRank, runScenarioOnProcesses } from '../actors/launch.js';
 import { checkRankRecords, mergeRankRecords, RankRecordError } from '../actors/rankRecord.js';
 import { runDes } from '../sim/des.js';
-import { validateScenario, type Scenario } from '../sim/scenario.js';
+import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { casePayloads, caseScenario } from '../actors/caseRanks.js';
 import { runActors } from '../actors/supervisor.js';
 import { canonicalLedger } from './ledger.js';

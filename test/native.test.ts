@@ -28,6 +28,7 @@ import {
 } from '../src/native/backend.js';
 import { goldenDir, repoRoot } from './paths.js';
 import { actorRanks } from '../actors/caseRanks.js';
+import { inProcessRanks } from '../actors/inprocess.js';
 
 const disabled = process.env.EP_ACTORS_NO_NATIVE === '1';
 const TOL = 1e-5;
@@ -122,7 +123,7 @@ for (const name of readdirSync(goldenDir).filter((f) => f.endsWith('.safetensors
   nativeTest(`golden ${name} on the native backend (with and without BLAS): every tensor within 1e-5`, async () => {
     const file = await readSafetensorsFile(join(goldenDir, name));
     for (const backend of [nativeBackend, new NativeExpertBackend({ blas: false })]) {
-      const got = resultTensors(await runCase(parseCase(file), { backend }));
+      const got = resultTensors(await runCase(parseCase(file), { runRanks: inProcessRanks, backend }));
       for (const key of [...file.tensors.keys()].filter((k) => k.startsWith('expected.'))) {
         const have = got.get(key.slice('expected.'.length));
         assert.ok(have, `${name}: no result for ${key}`);

@@ -4,12 +4,12 @@ import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { validateScenario } from '../sim/scenario.js';
+import { validateScenario } from '../machines/scenario.js';
 import { reportFromDes } from '../sim/report/fromDes.js';
 import { renderReport } from '../sim/report/html.js';
 import { fromTraceFile, toTraceFile } from '../sim/report/input.js';
 import { waitForGraph } from '../sim/report/sections.js';
-import { repoRoot } from './paths.js';
+import { cliPath } from './paths.js';
 
 const starve = validateScenario({ ep: 4, routing: 'starve:1', variant: 'no-dispatch-edge' });
 const input = reportFromDes(starve);
@@ -114,12 +114,12 @@ test('the trace file is a Chrome trace carrying the report input, and viz report
   const dir = mkdtempSync(join(tmpdir(), 'ep-report-'));
   try {
     writeFileSync(join(dir, 't.json'), JSON.stringify(file));
-    const run = spawnSync(process.execPath, [join(repoRoot, 'dist', 'src', 'cli.js'), 'viz', 'report', join(dir, 't.json'), '--html', join(dir, 'r.html')], { encoding: 'utf8' });
+    const run = spawnSync(process.execPath, [cliPath, 'viz', 'report', join(dir, 't.json'), '--html', join(dir, 'r.html')], { encoding: 'utf8' });
     assert.is(run.status, 0, run.stderr);
     assert.match(run.stdout, /KiB/);
     assert.is(readFileSync(join(dir, 'r.html'), 'utf8'), renderReport(back));
     writeFileSync(join(dir, 'plain.json'), JSON.stringify({ traceEvents: [] }));
-    const bad = spawnSync(process.execPath, [join(repoRoot, 'dist', 'src', 'cli.js'), 'viz', 'report', join(dir, 'plain.json'), '--html', join(dir, 'x.html')], { encoding: 'utf8' });
+    const bad = spawnSync(process.execPath, [cliPath, 'viz', 'report', join(dir, 'plain.json'), '--html', join(dir, 'x.html')], { encoding: 'utf8' });
     assert.is(bad.status, 1);
     assert.match(bad.stderr, /no epActors object/);
   } finally {

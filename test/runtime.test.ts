@@ -8,7 +8,7 @@ import { runActors } from '../actors/supervisor.js';
 import { actorRanks } from '../actors/caseRanks.js';
 import { runDes } from '../sim/des.js';
 import { reportFromDes } from '../sim/report/fromDes.js';
-import { validateScenario, type Scenario } from '../sim/scenario.js';
+import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { canonicalLedger } from './ledger.js';
 import { loadCase, resultTensors, runCase } from '../src/case.js';
 import { readSafetensorsFile } from '../src/codec/safetensors.js';
@@ -27,6 +27,10 @@ test('golden cases match within 1e-5 with every rank a worker thread, exchanging
     const [data, file] = await Promise.all([loadCase(path), readSafetensorsFile(path)]);
     for (const exchange of ['ports', 'shared'] as const) {
       const got = resultTensors(await runCase(data, { runRanks: actorRanks({ exchange }) }));
+      // Exactly the results the seed wrote: none missing, none extra, so the loop below checks them all.
+      const expected = [...file.tensors.keys()].filter((k) => k.startsWith('expected.')).map((k) => k.slice('expected.'.length));
+      assert.ok(expected.length > 0, `${f}: no expected.* tensors`);
+      assert.equal([...got.keys()].sort(), expected.sort(), `${f} over ${exchange}`);
       for (const [name, t] of got) {
         const want = file.tensors.get(`expected.${name}`);
         assert.ok(want, `${f}: expected.${name} missing`);
@@ -46,7 +50,7 @@ test('starve:1 under no-dispatch-edge: missing bwd.dispatch on ep, culprit rank 
   assert.match(d.cause, /rank 1 received 0 rows in layer 0/);
   assert.match(d.cause, /skipped bwd\.dispatch/);
   assert.ok(d.ranks.some((x) => x.rank !== 1 && x.op === 'bwd.dispatch'), 'a peer waits in bwd.dispatch');
-  assert.ok(d.detectedAfterMs! <= 50, `detected after ${d.detectedAfterMs} ms`);
+  assert.ok(d.detectedAfterMs! < 5000, `detected after ${d.detectedAfterMs} ms, well before the 10 s collective limit`);
 });
 
 const ok = async (s: Partial<Scenario>) => {
@@ -63,30 +67,32 @@ test('the seed variant completes for ep 1, 2, 4, 8 and for dp=2 with FSDP under 
   for (const fsdp of ['block', 'split', 'experts'] as const) await ok({ ep: 2, experts: 4, dp: 2, fsdp, routing: 'starve:1', packed: false });
 });
 
-const hazards: { variant: Scenario['variant']; triggers: Partial<Scenario>; harmless: Partial<Scenario>; verdicts: string[]; culprit: number }[] = [
-  { variant: 'no-dispatch-edge', triggers: { routing: 'starve:2' }, harmless: { routing: 'uniform' }, verdicts: ['missing', 'mismatch'], culprit: 2 },
-  { variant: 'skip-empty-sends', triggers: { routing: 'empty:3' }, harmless: { routing: 'uniform', tokens: 32 }, verdicts: ['mismatch'], culprit: 3 },
-  { variant: 'early-exit', triggers: { layers: 2, earlyExitRank: 1, earlyExitAfterLayers: 1 }, harmless: { layers: 2, earlyExitRank: 1, earlyExitAfterLayers: 2 }, verdicts: ['missing'], culprit: 1 },
-  { variant: 'local-capacity', triggers: { routing: 'empty:1' }, harmless: { routing: 'uniform' }, verdicts: ['mismatch'], culprit: 1 },
+const hazards: { variant: Scenario['variant']; triggers: Partial<Scenario>; harmless: Partial<Scenario>; verdict: string; culprits: number[] }[] = [
+  { variant: 'no-dispatch-edge', triggers: { routing: 'starve:2' }, harmless: { routing: 'uniform' }, verdict: 'missing', culprits: [2] },
+  { variant: 'skip-empty-sends', triggers: { routing: 'empty:3' }, harmless: { routing: 'uniform', tokens: 32 }, verdict: 'mismatch', culprits: [3] },
+  { variant: 'early-exit', triggers: { layers: 2, earlyExitRank: 1, earlyExitAfterLayers: 1 }, harmless: { layers: 2, earlyExitRank: 1, earlyExitAfterLayers: 2 }, verdict: 'missing', culprits: [1] },
+  { variant: 'local-capacity', triggers: { routing: 'empty:1' }, harmless: { routing: 'uniform' }, verdict: 'mismatch', culprits: [1] },
   {
     variant: 'no-unused-expert-grads',
     triggers: { dp: 2, fsdp: 'split', packed: false, routing: 'starve:1' },
     harmless: { dp: 2, fsdp: 'split', packed: false, routing: 'uniform', tokens: 64 },
-    verdicts: ['mismatch', 'missing', 'cycle'],
-    culprit: 1,
+    verdict: 'mismatch',
+    culprits: [1],
   },
 ];
 
 for (const h of hazards) {
-  test(`${h.variant} is caught where it triggers and passes where it does not`, async () => {
-    const d = (await runActors(validateScenario({ ep: 4, variant: h.variant, ...h.triggers }))).diagnosis;
-    assert.ok(h.verdicts.includes(d.verdict), `${h.variant}: verdict ${d.verdict}: ${d.cause}`);
-    assert.ok(d.culprits.includes(h.culprit), `${h.variant}: culprits ${d.culprits} should include ${h.culprit}`);
+  test(`${h.variant} is caught where it triggers, as the engine catches it, and passes where it does not`, async () => {
+    const s = validateScenario({ ep: 4, variant: h.variant, ...h.triggers });
+    const d = (await runActors(s)).diagnosis;
+    assert.is(d.verdict, h.verdict, `${h.variant}: ${d.cause}`);
+    assert.equal([...d.culprits], h.culprits);
+    const engine = runDes(s).diagnosis;
+    assert.equal([d.communicator, d.position, d.hangs], [engine.communicator, engine.position, engine.hangs]);
     assert.match(d.cause, new RegExp(`variant ${h.variant}`));
     await ok({ ep: 4, variant: h.variant, ...h.harmless });
   });
 }
-
 
 test('the ledger the workers produce equals the one predicted by stepping the machines with transition()', async () => {
   const rng = seededRng(20261127);
@@ -152,11 +158,19 @@ test('a cross-communicator ordering gives cycle naming the ranks in it', async (
   assert.is(runDes(s).diagnosis.verdict, 'cycle');
 });
 
-test('a rank that stops without issuing anything gives timeout, naming where the others wait', async () => {
-  const r = await runActors(validateScenario({ ep: 4 }), { faults: [{ kind: 'stall', rank: 3, op: 'fwd.dispatch' }], timeoutMs: 400 });
-  assert.is(r.diagnosis.verdict, 'timeout', r.diagnosis.cause);
-  assert.match(r.diagnosis.cause, /no rank made progress for 400 ms/);
-  assert.match(r.diagnosis.cause, /rank 0 in fwd\.dispatch \(ep, position 1\)/);
+test('a rank whose own work never returns is a stall naming it and its work; the ranks waiting for it are not hung', async () => {
+  const r = await runActors(validateScenario({ ep: 4 }), { faults: [{ kind: 'stall', rank: 3, op: 'fwd.dispatch' }], timeoutMs: 50, computeTimeoutMs: 1500 });
+  assert.is(r.diagnosis.verdict, 'stall', r.diagnosis.cause);
+  assert.equal(r.diagnosis.culprits, [3]);
+  assert.match(r.diagnosis.cause, /rank 3 has not returned from its work before fwd\.dispatch of layer 0 for \d+ ms \(compute limit 1500 ms\)/);
+  assert.match(r.diagnosis.cause, /ranks 0–2 wait for it in their collectives, which is not a hang of theirs/);
+});
+
+test('a healthy step whose compute outlasts the collective limit is ok: waiting for a computing peer is not a hang', async () => {
+  // The TypeScript kernels take well over 1 s for this layer (the issue's example); only collectives are held to the limit.
+  const r = await runActors(validateScenario({ ep: 2, experts: 4, topK: 2, tokens: 2048, dim: 256, hidden: 512 }), { timeoutMs: 1000 });
+  assert.ok(r.stepMs[0]! > 1000, `the step took ${r.stepMs[0]} ms: too fast to show the point`);
+  assert.is(r.diagnosis.verdict, 'ok', r.diagnosis.cause);
 });
 
 test('a worker posting the supervisor a malformed message gives violation, not a supervisor crash', async () => {

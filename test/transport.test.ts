@@ -7,7 +7,7 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
-import { communicators } from '../machines/ledger.js';
+import { communicators } from '../machines/mesh.js';
 import { MeshCommunicator, PortMesh } from '../actors/transport.js';
 import { sharedMemory, type StagingMemory } from '../actors/staging.js';
 import { Tensor } from '../src/tensor.js';
@@ -217,7 +217,7 @@ async function twoWorkerRanks(script: string): Promise<unknown[]> {
     const { parentPort, workerData } = require('node:worker_threads');
     parentPort.once('message', async ({ port }) => {
       const { PortMesh, MeshCommunicator } = await import(workerData.transport);
-      const { communicators } = await import(workerData.ledger);
+      const { communicators } = await import(workerData.mesh);
       const { Tensor } = await import(workerData.tensor);
       const rank = workerData.rank;
       const spec = communicators({ ep: 2, dp: 1 })[0];
@@ -229,7 +229,7 @@ async function twoWorkerRanks(script: string): Promise<unknown[]> {
   const url = (p: string) => new URL(p, import.meta.url).href;
   const { port1, port2 } = new MessageChannel();
   const workers = [port1, port2].map((port, rank) => {
-    const w = new Worker(code, { eval: true, workerData: { rank, transport: url('../actors/transport.js'), ledger: url('../machines/ledger.js'), tensor: url('../src/tensor.js') } });
+    const w = new Worker(code, { eval: true, workerData: { rank, transport: url('../actors/transport.js'), mesh: url('../machines/mesh.js'), tensor: url('../src/tensor.js') } });
     w.postMessage({ port }, [port]);
     return w;
   });

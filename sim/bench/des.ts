@@ -2,7 +2,7 @@
 // layout, and the target case (ep=1024, E=4096, 2 layers; at most 5 s).
 import { performance } from 'node:perf_hooks';
 import { simulateDes } from '../des.js';
-import { validateScenario } from '../scenario.js';
+import { validateScenario } from '../../machines/scenario.js';
 import type { BenchRow } from './harness.js';
 
 export async function bench(): Promise<BenchRow[]> {

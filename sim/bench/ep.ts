@@ -5,13 +5,14 @@
 import { time, type BenchRow } from './harness.js';
 import { DEFAULT_EP_OPTIONS, epStepLabel, torchEpStep, epStepCase } from './torch.js';
 import { runCase } from '../../src/case.js';
+import { inProcessRanks } from '../../actors/inprocess.js';
 
 export async function bench(): Promise<BenchRow[]> {
   const o = DEFAULT_EP_OPTIONS;
   const data = epStepCase();
   // CPU time per step alongside wall time: on a shared machine wall time mostly measures the neighbours.
   const cpu0 = process.cpuUsage();
-  const t = await time(() => runCase(data), 3, 1);
+  const t = await time(() => runCase(data, { runRanks: inProcessRanks }), 3, 1);
   const cpu = process.cpuUsage(cpu0);
   const cpuMsPerStep = (cpu.user + cpu.system) / 1e3 / (t.runs + 1);
   // Expert GEMMs: 3 in forward, 6 in backward, each 2·rows·D·H flops; rows = T·K per rank.

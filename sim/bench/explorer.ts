@@ -1,6 +1,6 @@
 // Explorer throughput: routing classes per second (symmetry-reduced), ep=4 and ep=8.
 import { explore } from '../explorer.js';
-import { validateScenario } from '../scenario.js';
+import { validateScenario } from '../../machines/scenario.js';
 import type { BenchRow } from './harness.js';
 
 export async function bench(): Promise<BenchRow[]> {

@@ -8,6 +8,7 @@ import { runCase } from '../../src/case.js';
 import { tsBackend } from '../../src/moe/experts.js';
 import { NativeExpertBackend, loadNative, nativeUnavailableReason, type GemmSpec } from '../../src/native/backend.js';
 import type { ExpertBackend } from '../../src/ep/types.js';
+import { inProcessRanks } from '../../actors/inprocess.js';
 
 function rand(n: number): Float32Array {
   const a = new Float32Array(n);
@@ -55,10 +56,10 @@ async function epRows(): Promise<BenchRow[]> {
     { backend: new NativeExpertBackend({ blas: false }), label: `native, own ${info.kernel} GEMM (no BLAS)`, runs: 7 },
   ];
   const torch = await torchEpStep();
-  const ts = await time(() => runCase(data, { backend: tsBackend }), 1, 0); // about a minute a run
+  const ts = await time(() => runCase(data, { runRanks: inProcessRanks, backend: tsBackend }), 1, 0); // about a minute a run
   const out: BenchRow[] = [];
   for (const b of backends) {
-    const t = await time(() => runCase(data, { backend: b.backend }), b.runs, 2);
+    const t = await time(() => runCase(data, { runRanks: inProcessRanks, backend: b.backend }), b.runs, 2);
     const name = epStepLabel(`${b.label}, in-process group, f32`);
     const note = `min ${t.minMs.toFixed(1)} ms; ${(ts.medianMs / t.medianMs).toFixed(1)}x faster than ts kernels (${ts.medianMs.toFixed(0)} ms)`;
     if ('skipped' in torch) out.push({ name, value: t.medianMs, unit: 'ms', note: `${note}; torch baseline skipped: ${torch.skipped}` });

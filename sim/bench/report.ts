@@ -3,7 +3,7 @@
 // recording, then rendering), measured separately.
 import type { BenchRow } from './harness.js';
 import { time } from './harness.js';
-import { validateScenario } from '../scenario.js';
+import { validateScenario } from '../../machines/scenario.js';
 import { reportFromDes } from '../report/fromDes.js';
 import { renderReport } from '../report/html.js';
 

@@ -10,10 +10,10 @@ import type { TransportJob } from './workers/transport.js';
 import { DEFAULT_EP_OPTIONS, epStepCase, epStepLabel, pinKernelThreads, torchEpStep, type TorchEpOptions } from './torch.js';
 import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
-import { validateScenario } from '../scenario.js';
+import { validateScenario } from '../../machines/scenario.js';
 import type { BackendName } from '../../src/backends.js';
 import { withLaunchedRanks } from '../../actors/launch.js';
-import { productionHang } from '../../src/commands/demo.js';
+import { productionHang } from '../../cli/demo.js';
 
 const MiB = 1024 * 1024;
 

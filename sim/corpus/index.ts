@@ -1,21 +1,18 @@
 // The corpus: named scenarios, each reproducing a real class of MoE hang with the verdict
 // it must give, and the seed's safeties passing the same scenario. Tests and `sweep` run it.
 import type { VerdictKind } from '../../machines/diagnosis.js';
-import type { ScheduledScenario } from '../des.js';
-import { validateScenario } from '../scenario.js';
+import { validateScenario, type Scenario } from '../../machines/scenario.js';
 
 export interface CorpusCase {
   readonly name: string;
   /** Where the bug was seen and fixed. */
   readonly source: string;
   readonly what: string;
-  readonly scenario: ScheduledScenario;
+  readonly scenario: Scenario;
   readonly expected: VerdictKind;
-  /** The actor runtime runs the real EP code, whose collectives complete in program order: no completion-order schedules. */
-  readonly runtime: boolean;
 }
 
-const make = (c: Omit<CorpusCase, 'scenario'> & { scenario: Partial<ScheduledScenario> }): CorpusCase => ({ ...c, scenario: validateScenario(c.scenario) });
+const make = (c: Omit<CorpusCase, 'scenario'> & { scenario: Partial<Scenario> }): CorpusCase => ({ ...c, scenario: validateScenario(c.scenario) });
 
 export const CORPUS: readonly CorpusCase[] = [
   make({
@@ -24,7 +21,6 @@ export const CORPUS: readonly CorpusCase[] = [
     what: 'a rank that received no rows has no autograd edge to B′, so it skips bwd.dispatch while its peers wait in it',
     scenario: { ep: 4, experts: 8, routing: 'starve:1', variant: 'no-dispatch-edge' },
     expected: 'missing',
-    runtime: true,
   }),
   make({
     name: 'unused-experts-fire-no-grad-hook',
@@ -32,7 +28,6 @@ export const CORPUS: readonly CorpusCase[] = [
     what: "experts that got no rows fire no gradient hook, so one data-parallel rank's FSDP reduce-scatter leaves their parameters out",
     scenario: { ep: 2, dp: 2, experts: 4, fsdp: 'block', routing: 'starve:1', variant: 'no-unused-expert-grads' },
     expected: 'mismatch',
-    runtime: true,
   }),
   make({
     name: 'zero-byte-send-skipped',
@@ -40,7 +35,6 @@ export const CORPUS: readonly CorpusCase[] = [
     what: 'a rank with no tokens skips the exchanges in which it has nothing to send',
     scenario: { ep: 4, experts: 8, routing: 'empty:2', variant: 'skip-empty-sends' },
     expected: 'mismatch',
-    runtime: true,
   }),
   make({
     name: 'capacity-from-local-counts',
@@ -48,7 +42,6 @@ export const CORPUS: readonly CorpusCase[] = [
     what: 'all-to-all splits padded to a capacity computed from the local token count disagree between ranks holding different counts',
     scenario: { ep: 4, experts: 8, routing: 'empty:3', variant: 'local-capacity' },
     expected: 'mismatch',
-    runtime: true,
   }),
   make({
     name: 'rank-stops-calling-the-layer',
@@ -56,7 +49,6 @@ export const CORPUS: readonly CorpusCase[] = [
     what: 'in generation with unequal lengths one rank stops calling the MoE layer while its peers still exchange',
     scenario: { ep: 4, experts: 8, layers: 2, variant: 'early-exit' },
     expected: 'missing',
-    runtime: true,
   }),
   make({
     name: 'two-ready-collectives-in-completion-order',
@@ -64,7 +56,6 @@ export const CORPUS: readonly CorpusCase[] = [
     what: 'one expert backward makes B′ (ep) and the experts reduce-scatter (dp) ready at once; ranks issue them in the order their completions land, crossing communicators',
     scenario: { ep: 2, dp: 2, experts: 4, fsdp: 'experts', variant: 'completion-order', firstReady: [['bwd.dispatch'], ['fsdp.reduce_scatter'], ['fsdp.reduce_scatter'], ['bwd.dispatch']] },
     expected: 'cycle',
-    runtime: false,
   }),
   make({
     name: 'reduce-scatter-between-ep-backward-all-to-alls',
@@ -74,7 +65,6 @@ export const CORPUS: readonly CorpusCase[] = [
     // ranks 1 and 2 skip the reduce-scatter, so 0 → 2 (dp) → 3 (ep) → 1 (dp) → 0 (ep).
     scenario: { ep: 2, dp: 2, experts: 4, fsdp: 'experts', routing: 'explicit', explicit: [[[[0, 1, 0, 1]]], [[[0, 1, 0, 1]]], [[[2, 3, 2, 3]]], [[[2, 3, 2, 3]]]], variant: 'no-unused-expert-grads' },
     expected: 'cycle',
-    runtime: true,
   }),
   make({
     name: 'metric-all-reduce-sized-by-layers',
@@ -82,6 +72,5 @@ export const CORPUS: readonly CorpusCase[] = [
     what: 'the aux-loss tracker is all-reduced with one slot per layer plus an MTP slot where the router recorded, without it where it was force-initialized',
     scenario: { ep: 4, experts: 8, layers: 2, routing: 'empty:2', variant: 'layer-metric' },
     expected: 'mismatch',
-    runtime: true,
   }),
 ];

@@ -3,7 +3,8 @@
 // here; the script fills the rows from the server's `ranks` events and, on `verdict`,
 // shows the diagnosis and where every rank stopped, then closes the stream.
 import { esc } from '../report/html-util.js';
-import { worldSize, type Scenario } from '../scenario.js';
+import { type Scenario } from '../../machines/scenario.js';
+import { worldSize } from '../../machines/mesh.js';
 
 const SCRIPT = `(() => {
   const rows = document.querySelectorAll('#ranks tbody tr');

@@ -7,7 +7,8 @@
 import { createServer, type IncomingMessage, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { Diagnosis } from '../../machines/diagnosis.js';
-import { worldSize, type Scenario } from '../scenario.js';
+import { type Scenario } from '../../machines/scenario.js';
+import { worldSize } from '../../machines/mesh.js';
 import { livePage } from './page.js';
 
 /** What the page shows for one rank. */

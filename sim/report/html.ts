@@ -4,10 +4,10 @@
 // script only switches which rank's path is highlighted and reads out heatmap cells.
 import { rankMachine } from '../../machines/rankMachine.js';
 import { liveUnder, machineGraph, rankContexts } from '../../machines/exporters.js';
-import { rankConfig } from '../scenario.js';
+import { rankConfig } from '../../machines/scenario.js';
 import { renderDiagram, type Diagram } from './diagram.js';
 import { esc } from './html-util.js';
-import type { ReportInput } from './input.js';
+import type { ReportInput } from '../../machines/record.js';
 import { diagnosisSection, ledgerSection, loadSection, timelineSection, waitForSection } from './sections.js';
 
 /** A rank's highlight: visited nodes and edges (shared between ranks that took the same path) and where it stopped. */

@@ -2,40 +2,8 @@
 // Event JSON object (it opens in Perfetto as it is) whose `epActors` key holds the rest of
 // the report input: `{ traceEvents: [...], epActors: { scenario, diagnosis, ledger, paths,
 // routing } }`. Both engines write it (`sim --trace`); `viz report` reads it.
-import type { Diagnosis } from '../../machines/diagnosis.js';
-import type { LedgerEntry } from '../../machines/ledger.js';
-import type { Scenario } from '../scenario.js';
-
-/** One collective on one rank: a Chrome 'X' (complete) event, times in µs. */
-export interface TraceEvent {
-  readonly name: string;
-  readonly ph: 'X';
-  readonly ts: number;
-  readonly dur: number;
-  readonly pid: 0;
-  /** The global rank: one lane per rank. */
-  readonly tid: number;
-  readonly args: { readonly communicator: string; readonly position: number; readonly layer: number; readonly microBatch: number };
-}
-
-export interface ReportRouting {
-  /** Per source global rank, per destination EP rank: rows sent, summed over layers and micro-batches. */
-  readonly sendRows: readonly (readonly number[])[];
-  /** Per global expert id: rows routed to it, summed the same way. */
-  readonly rowsPerExpert: readonly number[];
-}
-
-export interface ReportInput {
-  readonly scenario: Scenario;
-  readonly diagnosis: Diagnosis;
-  readonly ledger: readonly LedgerEntry[];
-  /** Per rank, the state paths it visited in order (`forward.route`, `forward.counts`, …). */
-  readonly paths: readonly (readonly string[])[];
-  readonly trace: readonly TraceEvent[];
-  readonly routing: ReportRouting;
-  /** What the trace's clock means: wall time of a real run or the engine's simulated time. */
-  readonly clock?: 'real' | 'simulated';
-}
+import type { ReportInput } from '../../machines/record.js';
+import type { TraceEvent } from '../../machines/spans.js';
 
 /** A Chrome trace metadata event (lane names for Perfetto). */
 interface MetadataEvent {

@@ -1,12 +1,13 @@
 // The report's sections, each a function from the report input to an HTML fragment:
 // the diagnosis in words, the per-communicator ledger with its first divergence, the
 // timeline with a lane per rank, the wait-for graph of a hang, and the expert load.
-import { communicators, describe, type CommunicatorSpec, type LedgerEntry } from '../../machines/ledger.js';
+import { describe, type LedgerEntry } from '../../machines/ledger.js';
+import { communicators, type CommunicatorSpec } from '../../machines/mesh.js';
 import type { RankReport } from '../../machines/diagnosis.js';
 import { encodePng } from './png.js';
 import { esc, opClass, OP_LEGEND, shortOp } from './html-util.js';
 import { rankRanges, rankWord } from '../../machines/diagnosis.js';
-import type { ReportInput } from './input.js';
+import type { ReportInput } from '../../machines/record.js';
 
 /** Ranks above this many get the compact forms (short op codes, thin lanes). */
 const COMPACT_FROM = 16;

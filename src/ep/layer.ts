@@ -22,15 +22,10 @@ export interface LayerProtocol {
   routed(tokens: number, sendCounts: readonly number[]): Promise<void>;
   /** true: issue the collective now; false: the protocol skips it on this rank. Throws on a call the protocol does not allow. */
   admit(tag: CollectiveTag): Promise<boolean>;
-  /** The collective completed; facts learned from it. */
-  completed(tag: CollectiveTag, facts: ExchangeFacts): Promise<void>;
+  /** The collective completed with what this rank received (the protocol reads the facts it reveals). */
+  completed(tag: CollectiveTag, received: Tensor): Promise<void>;
   /** The local expert compute of this layer finished. */
   computed(phase: 'forward' | 'backward'): Promise<void>;
-}
-
-export interface ExchangeFacts {
-  readonly recvCounts?: readonly number[];
-  readonly rowsPerExpert?: readonly number[];
 }
 
 export interface EpContext<F extends FloatDType = FloatDType> {
@@ -106,7 +101,6 @@ async function collective<D extends DType>(
   send: Tensor<D>,
   sendSplits: readonly number[],
   recvSplits: readonly number[],
-  factsOf: (received: Tensor<D>) => ExchangeFacts = () => ({}),
   skippedFill = 0,
 ): Promise<Tensor<D>> {
   if (!ctx.comm) return send;
@@ -117,7 +111,7 @@ async function collective<D extends DType>(
     return skipped;
   }
   const received = await ctx.comm.allToAll(tag, send, sendSplits, recvSplits);
-  await ctx.protocol?.completed(tag, factsOf(received));
+  await ctx.protocol?.completed(tag, received);
   return received;
 }
 
@@ -262,16 +256,11 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   await ctx.protocol?.routed(T, sendCounts);
   const ones = new Array<number>(ep).fill(1);
   const countsOf = (t: Tensor): number[] => Array.from(t.data as BigInt64Array, Number);
-  const recvCountsT = await collective(ctx, 'fwd.counts', Tensor.from('i64', [ep], sendCounts), ones, ones, (t) => ({ recvCounts: countsOf(t) }));
+  const recvCountsT = await collective(ctx, 'fwd.counts', Tensor.from('i64', [ep], sendCounts), ones, ones);
   const recvCounts = countsOf(recvCountsT);
   release(ctx, recvCountsT);
   const recv_RD = await collective(ctx, 'fwd.dispatch', xSorted_SD, sendCounts, recvCounts);
-  const rowsPerLocalExpert = (ids: Tensor): ExchangeFacts => {
-    const rows = new Array<number>(N).fill(0);
-    for (const e of ids.data as BigInt64Array) rows[Number(e) - start]!++;
-    return { rowsPerExpert: rows };
-  };
-  const recvIds = await collective(ctx, 'fwd.expert_ids', idsSorted_S, sendCounts, recvCounts, rowsPerLocalExpert, start);
+  const recvIds = await collective(ctx, 'fwd.expert_ids', idsSorted_S, sendCounts, recvCounts, start);
   const recvIds_R = toIndexArray(recvIds, 'received expert ids');
   release(ctx, recvIds);
 

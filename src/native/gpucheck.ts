@@ -13,6 +13,7 @@ import { CudaExpertBackend, deviceCopyMemory } from './cuda.js';
 import { actorRanks } from '../../actors/caseRanks.js';
 import { launchLocally } from '../../actors/launch.js';
 import { NcclCommunicator, ncclVersion } from './nccl.js';
+import { inProcessRanks } from '../../actors/inprocess.js';
 
 interface Check {
   name: string;
@@ -71,14 +72,14 @@ async function runChecks(): Promise<Check[]> {
   };
   for (const f of readdirSync(golden).filter((n) => n.endsWith('.safetensors')).sort()) {
     const name = f.slice(0, -'.safetensors'.length);
-    await check(`golden ${name} on CUDA fp32 within 1e-5`, () => goldenWithin(name, { backend: new CudaExpertBackend('f32') }), out);
+    await check(`golden ${name} on CUDA fp32 within 1e-5`, () => goldenWithin(name, { runRanks: inProcessRanks, backend: new CudaExpertBackend('f32') }), out);
   }
 
   for (const activation of ['silu', 'gelu', 'relu'] as const) {
     await check(`bf16 vs fp32 reference, ${activation}, fresh random inputs with a zero-token rank`, async () => {
       const data = syntheticCase({ ep: 4, numExperts: 8, topK: 2, dim: 256, hidden: 512, activation, packed: true, gradientScale: false, dtype: 'f32', tokensPerRank: [300, 0, 257, 64], starvedRanks: [2] }, Date.now() % 100000);
-      const want = resultTensors(await runCase(data, { backend: tsBackend }));
-      const got = resultTensors(await runCase(data, { backend: new CudaExpertBackend('bf16') }));
+      const want = resultTensors(await runCase(data, { runRanks: inProcessRanks, backend: tsBackend }));
+      const got = resultTensors(await runCase(data, { runRanks: inProcessRanks, backend: new CudaExpertBackend('bf16') }));
       let worst = 0;
       for (const [k, t] of want) {
         if (t.data.length === 0) continue;

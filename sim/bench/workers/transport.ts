@@ -3,7 +3,7 @@
 // over the PortMesh (or staged in shared memory), as the EP layer's all-to-alls do: either
 // bulk f32 rows (fwd.dispatch) or one i64 per peer (fwd.counts).
 import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
-import { communicators } from '../../../machines/ledger.js';
+import { communicators } from '../../../machines/mesh.js';
 import { MeshCommunicator, PortMesh } from '../../../actors/transport.js';
 import { stagingMemory } from '../../../actors/staging.js';
 import { Tensor } from '../../../src/tensor.js';

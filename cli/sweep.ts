@@ -1,12 +1,14 @@
 // `ep-actors sweep --spec FILE`: many scenarios over a piscina pool of discrete-event
 // engines; JSON Lines results, a verdict summary, `--shard I/N` for batch schedulers.
 import { createWriteStream } from 'node:fs';
+import { finished } from 'node:stream/promises';
 import { readFile } from 'node:fs/promises';
 import { availableParallelism } from 'node:os';
 import { resolve } from 'node:path';
-import { helpAsked, intOption, noPositionals, parse, requiredString } from './args.js';
-import { UsageError } from '../errors.js';
-import { expandSweep, inShard, parseShard, runSweep, summarize, type SweepSpec } from '../../sim/sweep.js';
+import { helpAsked, intOption, noPositionals, outputFile, parse, requiredString } from './args.js';
+import { progressBar } from './progress.js';
+import { UsageError } from '../src/errors.js';
+import { expandSweep, inShard, parseShard, runSweep, summarize, type SweepSpec } from '../sim/sweep.js';
 
 const HELP = `usage: ep-actors sweep --spec FILE [--out FILE] [--shard I/N] [--workers N] [--json]
 
@@ -39,28 +41,29 @@ export async function main(argv: string[]): Promise<number> {
   const shard = parseShard(typeof values.shard === 'string' ? values.shard : '0/1');
   const workers = intOption(values.workers, 'workers', availableParallelism(), 1, 256);
   const jobs = expandSweep(spec).flatMap((scenario, index) => (inShard(index, shard) ? [{ index, scenario }] : []));
+  const outPath = outputFile(values, 'out');
 
-  const out = typeof values.out === 'string' ? createWriteStream(resolve(values.out)) : process.stdout;
-  const bar = process.stderr.isTTY;
+  const file = outPath === undefined ? null : createWriteStream(outPath);
+  // A write that fails after the check (a full disk, say) ends the sweep with one line, not an unhandled 'error' event.
+  let writeError: Error | undefined;
+  file?.on('error', (e) => (writeError ??= e));
+  const out = file ?? process.stdout;
+  const bar = progressBar(jobs.length, 'scenarios');
   let done = 0;
   const t0 = performance.now();
   const results = await runSweep(jobs, {
     workers,
     onResult(r) {
       out.write(JSON.stringify(r) + '\n');
-      done++;
-      if (bar) {
-        const width = 30;
-        const fill = Math.round((width * done) / jobs.length);
-        process.stderr.write(`\r[${'#'.repeat(fill)}${'.'.repeat(width - fill)}] ${done}/${jobs.length}`);
-      }
+      bar.update(++done);
     },
   });
-  if (bar) process.stderr.write('\r\x1b[K');
-  if (out !== process.stdout) await new Promise((res) => (out as ReturnType<typeof createWriteStream>).end(res));
+  bar.clear();
+  if (file) await finished(file.end()).catch((e: Error) => (writeError ??= e));
+  if (writeError) throw new Error(`--out ${String(values.out)}: ${writeError.message}`);
   const seconds = (performance.now() - t0) / 1000;
   const failing = results.filter((r) => r.verdict !== 'ok').length;
-  const report = process.stdout === out ? process.stderr : process.stdout;
+  const report = file ? process.stdout : process.stderr;
   if (values.json) {
     const verdicts = Object.fromEntries([...new Set(results.map((r) => r.verdict))].map((v) => [v, results.filter((r) => r.verdict === v).length]));
     report.write(JSON.stringify({ scenarios: results.length, shard, workers, seconds, verdicts }) + '\n');

@@ -4,19 +4,19 @@ import { mkdirSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { helpAsked, intOption, noPositionals, parse, requiredString, type Parsed } from './args.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
-import { UsageError } from '../errors.js';
-import { caseMetadata, loadCase, type CaseData } from '../case.js';
-import { caseScenario } from '../../actors/caseRanks.js';
-import type { Scenario } from '../../sim/scenario.js';
-import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
-import { loadBackend, parseBackend } from '../backends.js';
-import { localExpertRange } from '../ep/layer.js';
-import type { Tensor } from '../tensor.js';
-import { launchEnv } from '../../actors/rendezvous.js';
-import type { RankRecord } from '../../actors/rankRecord.js';
-import { writeFileAtomic } from '../atomic.js';
-import { VARIANT_NAMES, type VariantName } from '../../machines/variants.js';
-import { LaunchedRankError, runLaunchedRank } from '../../actors/launch.js';
+import { UsageError } from '../src/errors.js';
+import { caseMetadata, loadCase, type CaseData } from '../src/case.js';
+import { caseScenario } from '../actors/caseRanks.js';
+import type { Scenario } from '../machines/scenario.js';
+import { writeSafetensorsFileAtomic } from '../src/codec/safetensors.js';
+import { loadBackend, parseBackend } from '../src/backends.js';
+import { localExpertRange } from '../src/ep/layer.js';
+import type { Tensor } from '../src/tensor.js';
+import { launchEnv } from '../actors/rendezvous.js';
+import type { RankRecord } from '../actors/rankRecord.js';
+import { writeFileAtomic } from '../src/atomic.js';
+import { VARIANT_NAMES, type VariantName } from '../machines/variants.js';
+import { LaunchedRankError, runLaunchedRank } from '../actors/launch.js';
 
 const HELP = `usage: ep-actors rank (--case FILE [--variant V] | [scenario flags]) --out-dir DIR
                        [--exchange tcp|nccl] [--backend ts|native|cuda] [--steps N] [--timeout MS] [--json]

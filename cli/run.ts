@@ -1,12 +1,13 @@
 // `ep-actors run --case F --out F [--json]`: the EP layer, forward and backward, on the
 // inputs of a case file; results are written to a new safetensors file.
 import { resolve } from 'node:path';
-import { helpAsked, noPositionals, parse, requiredString } from './args.js';
-import { UsageError } from '../errors.js';
-import { caseMetadata, loadCase, resultTensors, runCase } from '../case.js';
-import { writeSafetensorsFileAtomic } from '../codec/safetensors.js';
-import { loadBackend, parseBackend, parseExchange } from '../backends.js';
-import { actorRanks } from '../../actors/caseRanks.js';
+import { helpAsked, noPositionals, outputFile, parse, requiredString } from './args.js';
+import { UsageError } from '../src/errors.js';
+import { caseMetadata, loadCase, resultTensors, runCase } from '../src/case.js';
+import { writeSafetensorsFileAtomic } from '../src/codec/safetensors.js';
+import { chooseBackend, loadBackend, parseExchange } from '../src/backends.js';
+import { actorRanks } from '../actors/caseRanks.js';
+import { inProcessRanks } from '../actors/inprocess.js';
 
 const HELP = `usage: ep-actors run --case FILE --out FILE [--json] [--in-process] [--backend ts|native|cuda]
                       [--exchange ports|shared|device-copy|nccl]
@@ -24,7 +25,8 @@ inputs of a case file, each EP rank a worker-thread actor under its rank machine
                 written atomically, nothing is written when the case is invalid
   --json        print one JSON object instead of the summary
   --in-process  run the ranks as async tasks in one thread instead of worker threads
-  --backend B   expert kernels: ts (TypeScript), native (the C++ addon) or cuda
+  --backend B   expert kernels: ts (TypeScript), native (the C++ addon) or cuda; by default
+                native where the addon loaded, else ts (with a note on stderr)
   --exchange X  how worker ranks move all-to-all data: ports (msgpack over MessagePorts,
                 the default), shared (staged in host shared memory), device-copy (staged in
                 one GPU's memory: several ranks on one GPU) or nccl (one GPU per rank)
@@ -41,16 +43,18 @@ export async function main(argv: string[]): Promise<number> {
   if (helpAsked(values, HELP)) return 0;
   noPositionals(positionals, HELP);
   const casePath = resolve(requiredString(values, 'case', HELP));
-  const outPath = resolve(requiredString(values, 'out', HELP));
+  requiredString(values, 'out', HELP);
+  const outPath = outputFile(values, 'out')!; // checked before the run: a bad folder must not cost it
 
-  const backend = parseBackend(values.backend);
+  const { name: backend, fallback } = await chooseBackend(values.backend);
   const kernels = await loadBackend(backend); // fails in one line when it cannot run here
+  if (fallback) console.error(`note: ${fallback}`);
   const exchange = parseExchange(values.exchange);
   if (values['in-process'] && values.exchange !== undefined) throw new UsageError('--exchange chooses how worker ranks exchange; --in-process ranks share one thread');
 
   const data = await loadCase(casePath);
   const result = values['in-process']
-    ? await runCase(data, { backend: kernels })
+    ? await runCase(data, { runRanks: inProcessRanks, backend: kernels })
     : await runCase(data, { runRanks: actorRanks({ backend, exchange }) });
   const tensors = resultTensors(result);
   await writeSafetensorsFileAtomic(outPath, tensors, caseMetadata(data.meta));
@@ -66,6 +70,7 @@ export async function main(argv: string[]): Promise<number> {
     packed: meta.packed,
     gradientScale: meta.gradientScale,
     dtype: data.dtype,
+    backend,
     tokensPerRank: data.ranks.map((r) => r.x_TD.shape[0] ?? 0),
     rowsReceivedPerRank: result.ranks.map((r) => r.rowsReceived),
     tensors: [...tensors.keys()],
@@ -74,7 +79,7 @@ export async function main(argv: string[]): Promise<number> {
     console.log(JSON.stringify(summary));
   } else {
     const layout = meta.packed ? 'packed' : 'unpacked';
-    console.log(`ran ${casePath}: ep=${meta.ep}, ${meta.numExperts} experts, top-${meta.topK}, ${meta.activation} (${layout}, ${data.dtype})${meta.gradientScale ? ', gradient scale on' : ''}`);
+    console.log(`ran ${casePath}: ep=${meta.ep}, ${meta.numExperts} experts, top-${meta.topK}, ${meta.activation} (${layout}, ${data.dtype})${meta.gradientScale ? ', gradient scale on' : ''}, ${backend} kernels`);
     console.log(`  tokens per rank:        ${summary.tokensPerRank.join(' ')}`);
     console.log(`  rows received per rank: ${summary.rowsReceivedPerRank.join(' ')}`);
     console.log(`wrote ${outPath} (${tensors.size} tensors)`);

@@ -1,13 +1,13 @@
 // The scenario flags shared by `sim`, `check` and `sweep`: one definition, one help text,
 // one validation path (sim/scenario.ts validateScenario).
 import { readFile } from 'node:fs/promises';
-import { loadCase } from '../case.js';
-import { toIndexArray } from '../tensor.js';
-import { UsageError } from '../errors.js';
-import { DEFAULT_SCENARIO, validateScenario, type Scenario } from '../../sim/scenario.js';
-import { ROUTING_HELP } from '../../sim/routing.js';
-import { VARIANT_NAMES } from '../../machines/variants.js';
-import { WRAP_POLICIES, type WrapPolicy } from '../../machines/rankMachine.js';
+import { loadCase } from '../src/case.js';
+import { toIndexArray } from '../src/tensor.js';
+import { UsageError } from '../src/errors.js';
+import { checkKeys, DEFAULT_SCENARIO, SCENARIO_FIELDS, validateScenario, type Scenario } from '../machines/scenario.js';
+import { ROUTING_HELP } from '../machines/routing.js';
+import { VARIANT_NAMES } from '../machines/variants.js';
+import { WRAP_POLICIES, type WrapPolicy } from '../machines/rankMachine.js';
 import { intOption, type Options, type Parsed } from './args.js';
 
 export const SCENARIO_OPTIONS: Options = {
@@ -66,6 +66,7 @@ export async function scenarioFromFlags(v: Parsed['values']): Promise<Scenario> 
       throw new UsageError(`--scenario ${v.scenario}: ${(err as Error).message}`);
     }
     if (!base || typeof base !== 'object' || Array.isArray(base)) throw new UsageError(`--scenario ${v.scenario}: not a scenario object`);
+    checkKeys(base, SCENARIO_FIELDS, `--scenario ${v.scenario}: `);
   }
   const int = (flag: string, key: keyof Scenario, min = 1) => {
     if (v[flag] !== undefined) (base as Record<string, unknown>)[key] = intOption(v[flag], flag, undefined, min);
@@ -82,8 +83,12 @@ export async function scenarioFromFlags(v: Parsed['values']): Promise<Scenario> 
   int('seed', 'seed', 0);
   int('early-exit-rank', 'earlyExitRank', 0);
   int('early-exit-after', 'earlyExitAfterLayers', 0);
-  if (typeof v.routing === 'string' && v.routing.startsWith('case:')) Object.assign(base, await routingFromCase(v.routing.slice(5), base));
-  else if (typeof v.routing === 'string') base.routing = v.routing;
+  if (typeof v.routing === 'string' && v.routing.startsWith('case:')) {
+    // The case file fixes the layout; a flag that would change it silently loses.
+    const clash = CASE_LAYOUT_FLAGS.find((f) => v[f] !== undefined);
+    if (clash) throw new UsageError(`--${clash} conflicts with --routing ${v.routing}: the case file sets the layout (${CASE_LAYOUT_FLAGS.map((f) => `--${f}`).join(', ')})`);
+    Object.assign(base, await routingFromCase(v.routing.slice(5), base));
+  } else if (typeof v.routing === 'string') base.routing = v.routing;
   if (typeof v.variant === 'string') base.variant = v.variant as Scenario['variant'];
   if (typeof v.activation === 'string') {
     if (!['silu', 'gelu', 'relu'].includes(v.activation)) throw new UsageError(`--activation must be silu, gelu or relu, got '${v.activation}'`);
@@ -95,10 +100,20 @@ export async function scenarioFromFlags(v: Parsed['values']): Promise<Scenario> 
     if (!(f > 0)) throw new UsageError(`--capacity-factor must be a positive number, got '${String(v['capacity-factor'])}'`);
     base.capacityFactor = f;
   }
+  // A variant's knobs would be ignored under another variant: say so rather than run without them.
+  for (const [flag, variant] of VARIANT_FLAGS) {
+    if (v[flag] !== undefined && (base.variant ?? DEFAULT_SCENARIO.variant) !== variant) throw new UsageError(`--${flag} applies to --variant ${variant}`);
+  }
   if (v.wrap !== undefined && !v.fsdp) throw new UsageError('--wrap needs --fsdp');
   if (v.fsdp) base.fsdp = (typeof v.wrap === 'string' ? v.wrap : 'block') as WrapPolicy;
   return validateScenario(base);
 }
+
+/** Flags that only a variant reads. */
+const VARIANT_FLAGS = [['early-exit-rank', 'early-exit'], ['early-exit-after', 'early-exit'], ['capacity-factor', 'local-capacity']] as const;
+
+/** The flags whose values `--routing case:FILE` takes from the file. */
+const CASE_LAYOUT_FLAGS = ['ep', 'dp', 'experts', 'top-k', 'tokens', 'dim', 'hidden', 'activation', 'unpacked'] as const;
 
 /** Layout and explicit routing from a case file: its rank{r}.indices for every layer and micro-batch. */
 async function routingFromCase(path: string, base: Partial<Scenario>): Promise<Partial<Scenario>> {

@@ -1,17 +1,17 @@
 #!/usr/bin/env node
-// ep-actors command line. Each subcommand lives in src/commands/<name>.ts and exports
+// ep-actors command line. Each subcommand lives in cli/<name>.ts and exports
 // `main(argv): Promise<number>` returning the exit code: 0 ok, 2 a hang or mismatch
 // found, 1 bad usage or an error.
-import { describeError } from './errors.js';
+import { describeError } from '../src/errors.js';
 
 const COMMANDS: Record<string, { summary: string; load: () => Promise<{ main(argv: string[]): Promise<number> }> }> = {
-  demo: { summary: 'the tour: a real EP step, the seed passing, a hazard caught and explained, a report written', load: () => import('./commands/demo.js') },
-  sim: { summary: 'run one scenario through the worker-thread runtime and diagnose hangs', load: () => import('./commands/sim.js') },
-  run: { summary: 'run the EP layer on a case file, forward and backward, ranks as actors', load: () => import('./commands/run.js') },
-  rank: { summary: 'run this process as one EP rank placed by a launcher (torchrun, srun): TCP or NCCL between processes', load: () => import('./commands/rank.js') },
-  check: { summary: 'explore every routing class of a layout: prove no hang or give the shortest counterexample', load: () => import('./commands/check.js') },
-  sweep: { summary: 'run many scenarios (grids, random samples) over a worker pool; JSON Lines and a verdict table', load: () => import('./commands/sweep.js') },
-  viz: { summary: 'export the rank machine (Mermaid, DOT, SCXML, JSON) or write the HTML report of a trace', load: () => import('./commands/viz.js') },
+  demo: { summary: 'the tour: a real EP step, the seed passing, a hazard caught and explained, a report written', load: () => import('./demo.js') },
+  sim: { summary: 'run one scenario through the worker-thread runtime and diagnose hangs', load: () => import('./sim.js') },
+  run: { summary: 'run the EP layer on a case file, forward and backward, ranks as actors', load: () => import('./run.js') },
+  rank: { summary: 'run this process as one EP rank placed by a launcher (torchrun, srun): TCP or NCCL between processes', load: () => import('./rank.js') },
+  check: { summary: 'explore every routing class of a layout: prove no hang or give the shortest counterexample', load: () => import('./check.js') },
+  sweep: { summary: 'run many scenarios (grids, random samples) over a worker pool; JSON Lines and a verdict table', load: () => import('./sweep.js') },
+  viz: { summary: 'export the rank machine (Mermaid, DOT, SCXML, JSON) or write the HTML report of a trace', load: () => import('./viz.js') },
 };
 
 function usage(): string {

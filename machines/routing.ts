@@ -8,7 +8,22 @@
 //   empty:R    global rank R holds no tokens
 //   explicit   ids given in the scenario (replay files, case files)
 import { UsageError } from '../src/errors.js';
-import type { Scenario } from './scenario.js';
+import { worldSize, type Mesh } from './mesh.js';
+
+/** What the routing generators read of a scenario: the layout, the step's shape and the generator. */
+export interface RoutedLayout extends Mesh {
+  experts: number;
+  topK: number;
+  /** Tokens per rank per micro-batch (before a routing generator empties a rank). */
+  tokens: number;
+  layers: number;
+  microBatches: number;
+  /** uniform | zipf:S | starve:R | hot:E | empty:R | explicit (see parseRouting) */
+  routing: string;
+  seed: number;
+  /** Explicit routing: per global rank, per micro-batch, per layer, the T·K global expert ids. */
+  explicit?: number[][][][];
+}
 import { seededRng } from '../src/moe/random.js';
 
 export type RoutingSpec =
@@ -21,7 +36,7 @@ export type RoutingSpec =
 
 export const ROUTING_HELP = 'uniform | zipf:S | starve:R[,R...] | hot:E | empty:R | explicit';
 
-export function parseRouting(spec: string, s: Pick<Scenario, 'ep' | 'dp' | 'experts' | 'topK' | 'explicit'>): RoutingSpec {
+export function parseRouting(spec: string, s: Pick<RoutedLayout, 'ep' | 'dp' | 'experts' | 'topK' | 'explicit'>): RoutingSpec {
   const [kind, arg] = spec.split(':', 2);
   const num = (what: string) => {
     const n = Number(arg);
@@ -67,12 +82,40 @@ export function parseRouting(spec: string, s: Pick<Scenario, 'ep' | 'dp' | 'expe
   }
 }
 
+/**
+ * Explicit routing as a top-k router gives it (replay and case files are checked, not
+ * trusted): per global rank, micro-batch and layer, whole tokens of top_k distinct experts in
+ * [0, experts). The model assumes distinct experts per token; a repeat is refused by name.
+ */
+export function checkExplicitRouting(s: Pick<RoutedLayout, 'ep' | 'dp' | 'experts' | 'topK' | 'layers' | 'microBatches' | 'explicit'>): void {
+  const table = s.explicit;
+  const world = s.ep * s.dp;
+  if (!Array.isArray(table) || table.length !== world) throw new UsageError(`explicit routing needs one entry per rank (${world}), got ${Array.isArray(table) ? table.length : typeof table}`);
+  table.forEach((perRank, r) => {
+    for (let mb = 0; mb < s.microBatches; mb++) {
+      for (let layer = 0; layer < s.layers; layer++) {
+        const where = `explicit routing: rank ${r}, micro-batch ${mb}, layer ${layer}`;
+        const ids = perRank?.[mb]?.[layer];
+        if (!Array.isArray(ids)) throw new UsageError(`${where}: no expert ids (the table needs ${s.microBatches} micro-batch(es) × ${s.layers} layer(s) per rank)`);
+        if (ids.length % s.topK !== 0) throw new UsageError(`${where}: ${ids.length} expert ids are not whole tokens of top_k ${s.topK}`);
+        for (let t = 0; t < ids.length / s.topK; t++) {
+          const token = ids.slice(t * s.topK, (t + 1) * s.topK);
+          token.forEach((e, k) => {
+            if (!Number.isInteger(e) || e < 0 || e >= s.experts) throw new UsageError(`${where}: token ${t} picks expert ${JSON.stringify(e)}, outside [0, ${s.experts})`);
+            if (token.indexOf(e) < k) throw new UsageError(`${where}: token ${t} is sent to expert ${e} twice; a top-k router picks ${s.topK} distinct experts`);
+          });
+        }
+      }
+    }
+  });
+}
+
 const mix = (...xs: number[]) => xs.reduce((h, x) => Math.imul(h ^ (x + 0x9e3779b9), 0x85ebca6b) >>> 0, 0x12345678);
 
 /** Per scenario (treated as immutable once routed): its parsed generator and, per EP group, the experts its tokens may pick. */
-const plans = new WeakMap<Scenario, { spec: RoutingSpec; allowed: Map<number, number[]> }>();
+const plans = new WeakMap<RoutedLayout, { spec: RoutingSpec; allowed: Map<number, number[]> }>();
 
-function planOf(s: Scenario, group: number): { spec: RoutingSpec; allowed: number[] } {
+function planOf(s: RoutedLayout, group: number): { spec: RoutingSpec; allowed: number[] } {
   let plan = plans.get(s);
   if (!plan) plans.set(s, (plan = { spec: parseRouting(s.routing, s), allowed: new Map() }));
   let allowed = plan.allowed.get(group);
@@ -89,7 +132,7 @@ function planOf(s: Scenario, group: number): { spec: RoutingSpec; allowed: numbe
 }
 
 /** Global expert ids [T·K] (t-major) for one rank, micro-batch and layer. */
-export function routeTokens(s: Scenario, rank: number, microBatch: number, layer: number): Int32Array {
+export function routeTokens(s: RoutedLayout, rank: number, microBatch: number, layer: number): Int32Array {
   const { spec, allowed } = planOf(s, Math.floor(rank / s.ep));
   if (spec.kind === 'explicit') return Int32Array.from(s.explicit![rank]?.[microBatch]?.[layer] ?? []);
   const tokens = spec.kind === 'empty' && spec.rank === rank ? 0 : s.tokens;
@@ -152,4 +195,37 @@ export function sendCountsOf(indices: ArrayLike<number>, numExperts: number, ep:
   const counts = new Array<number>(ep).fill(0);
   for (let i = 0; i < indices.length; i++) counts[Math.floor(indices[i]! / nLocal)]!++;
   return counts;
+}
+
+// ---- summaries of a step's routing, for reports and run records ----
+
+export interface ReportRouting {
+  /** Per source global rank, per destination EP rank: rows sent, summed over layers and micro-batches. */
+  readonly sendRows: readonly (readonly number[])[];
+  /** Per global expert id: rows routed to it, summed the same way. */
+  readonly rowsPerExpert: readonly number[];
+}
+
+/** Rows per source→destination pair and per expert over every layer and micro-batch. */
+export function routingOf(s: RoutedLayout): ReportRouting {
+  const rows = Array.from({ length: worldSize(s) }, (_, r) => rankRouting(s, generatedIndices(s, r)));
+  const rowsPerExpert = new Array<number>(s.experts).fill(0);
+  for (const r of rows) r.rowsPerExpert.forEach((c, e) => (rowsPerExpert[e]! += c));
+  return { sendRows: rows.map((r) => r.sendRows), rowsPerExpert };
+}
+
+/** One rank's routing summed over `indices` lists: rows it sends each EP rank and routes to each expert. */
+export function rankRouting(s: Pick<RoutedLayout, 'ep' | 'experts'>, indices: Iterable<ArrayLike<number>>): { sendRows: number[]; rowsPerExpert: number[] } {
+  const sendRows = new Array<number>(s.ep).fill(0);
+  const rowsPerExpert = new Array<number>(s.experts).fill(0);
+  for (const idx of indices) {
+    sendCountsOf(idx, s.experts, s.ep).forEach((c, j) => (sendRows[j]! += c));
+    for (let i = 0; i < idx.length; i++) rowsPerExpert[idx[i]!]!++;
+  }
+  return { sendRows, rowsPerExpert };
+}
+
+/** A rank's generated expert indices, every micro-batch and layer of the step. */
+export function* generatedIndices(s: RoutedLayout, rank: number): Generator<Int32Array> {
+  for (let mb = 0; mb < s.microBatches; mb++) for (let layer = 0; layer < s.layers; layer++) yield routeTokens(s, rank, mb, layer);
 }

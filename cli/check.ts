@@ -4,8 +4,8 @@ import { writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { helpAsked, noPositionals, parse } from './args.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
-import { formatDiagnosis } from '../../machines/diagnosis.js';
-import { explore } from '../../sim/explorer.js';
+import { formatDiagnosis } from '../machines/diagnosis.js';
+import { explore } from '../sim/explorer.js';
 
 const HELP = `usage: ep-actors check [scenario flags] [--replay FILE] [--json]
 

@@ -3,14 +3,15 @@
 import { readFile, writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { helpAsked, parse, requiredString } from './args.js';
-import { UsageError } from '../errors.js';
-import { rankMachine } from '../../machines/rankMachine.js';
-import { EXPORT_FORMATS, exportMachine, liveUnder, machineGraph, rankContexts, type ExportFormat } from '../../machines/exporters.js';
-import { isVariantName, makeVariant, VARIANT_NAMES } from '../../machines/variants.js';
-import { fromTraceFile, toTraceFile, type ReportInput } from '../../sim/report/input.js';
-import { formatDiagnosis } from '../../machines/diagnosis.js';
-import { mergeRankRecordsIn, RankRecordError } from '../../actors/rankRecord.js';
-import { renderReport } from '../../sim/report/html.js';
+import { UsageError } from '../src/errors.js';
+import { rankMachine } from '../machines/rankMachine.js';
+import { EXPORT_FORMATS, exportMachine, liveUnder, machineGraph, rankContexts, type ExportFormat } from '../machines/exporters.js';
+import { isVariantName, makeVariant, VARIANT_NAMES } from '../machines/variants.js';
+import { fromTraceFile, toTraceFile } from '../sim/report/input.js';
+import type { ReportInput } from '../machines/record.js';
+import { formatDiagnosis } from '../machines/diagnosis.js';
+import { mergeRankRecordsIn, RankRecordError } from '../actors/rankRecord.js';
+import { renderReport } from '../sim/report/html.js';
 
 const HELP = `usage: ep-actors viz machine [--format mermaid|dot|scxml|json] [--variant V] [--out FILE]
        ep-actors viz report TRACE.json --html OUT.html

@@ -4,16 +4,16 @@
 // of that hang written to disk, and the same bug caught on four real processes.
 import { writeFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { formatDiagnosis } from '../../machines/diagnosis.js';
-import { actorRanks } from '../../actors/caseRanks.js';
-import { runActors } from '../../actors/supervisor.js';
-import { reportFromRun } from '../../sim/report/fromDes.js';
-import { renderReport } from '../../sim/report/html.js';
-import { validateScenario } from '../../sim/scenario.js';
-import { runCase, syntheticCase } from '../case.js';
-import { withLaunchedRanks, type CliRun } from '../../actors/launch.js';
-import type { ReportInput } from '../../sim/report/input.js';
-import { mergeRankRecordsIn } from '../../actors/rankRecord.js';
+import { formatDiagnosis } from '../machines/diagnosis.js';
+import { actorRanks } from '../actors/caseRanks.js';
+import { runActors } from '../actors/supervisor.js';
+import { reportFromRun } from '../actors/supervisor.js';
+import { renderReport } from '../sim/report/html.js';
+import { validateScenario } from '../machines/scenario.js';
+import { runCase, syntheticCase } from '../src/case.js';
+import { withLaunchedRanks, type CliRun } from '../actors/launch.js';
+import type { ReportInput } from '../machines/record.js';
+import { mergeRankRecordsIn } from '../actors/rankRecord.js';
 import { helpAsked, parse } from './args.js';
 
 const HELP = `usage: ep-actors demo [--report FILE]

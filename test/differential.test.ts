@@ -1,0 +1,66 @@
+// Differential: random scenarios (fixed seeds) through the discrete-event engine, worker
+// ranks and launched processes agree on verdict, communicator, position, culprits and every
+// hung communicator. A failure prints the scenario JSON `sim --scenario` replays.
+// `npm run fuzz -- --count N --seed S` runs the same check longer.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { simulateDes } from '../sim/des.js';
+import { VARIANT_NAMES } from '../machines/variants.js';
+import { disagreement, randomScenarios } from './differential.js';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { runCli } from './cli.js';
+
+const onWorkers = randomScenarios(20261130, 64);
+const onProcesses = randomScenarios(7, 10);
+
+test('the random scenarios cover every variant, FSDP with each wrap policy, zero-token ranks, several layers and micro-batches, and both hung and ok runs', () => {
+  const all = [...onWorkers, ...onProcesses];
+  for (const v of VARIANT_NAMES) assert.ok(all.some((s) => s.variant === v), `variant ${v}`);
+  for (const w of ['block', 'split', 'experts']) assert.ok(all.some((s) => s.fsdp === w), `fsdp ${w}`);
+  assert.ok(all.some((s) => s.tokens === 0 || /^(starve|empty):/.test(s.routing)), 'a zero-token rank');
+  assert.ok(all.some((s) => s.layers > 1) && all.some((s) => s.microBatches > 1), 'several layers and micro-batches');
+  const verdicts = new Set(all.map((s) => simulateDes(s).diagnosis.verdict));
+  for (const v of ['ok', 'missing', 'mismatch', 'cycle']) assert.ok(verdicts.has(v as never), `some scenario gives ${v} (got ${[...verdicts].join(', ')})`);
+});
+
+test(`${onWorkers.length} random scenarios: worker ranks give the engine's verdict, communicator, position, culprits and hangs`, async () => {
+  const failures: string[] = [];
+  for (const s of onWorkers) {
+    const d = await disagreement(s, 'actors');
+    if (d) failures.push(d);
+  }
+  assert.ok(failures.length === 0, `${failures.length} of ${onWorkers.length} disagree:\n${failures.join('\n\n')}`);
+});
+
+test(`${onProcesses.length} random scenarios: launched processes give the engine's verdict, communicator, position, culprits and hangs`, async () => {
+  const failures: string[] = [];
+  for (const s of onProcesses) {
+    const d = await disagreement(s, 'processes');
+    if (d) failures.push(d);
+  }
+  assert.ok(failures.length === 0, `${failures.length} of ${onProcesses.length} disagree:\n${failures.join('\n\n')}`);
+});
+
+test('a completion-order counterexample from check --replay reproduces on all three engines', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ep-replay-'));
+  const file = join(dir, 'cx.json');
+  try {
+    const check = await runCli(['check', '--ep', '2', '--dp', '2', '--experts', '4', '--fsdp', '--wrap', 'experts', '--variant', 'completion-order', '--replay', file]);
+    assert.is(check.code, 2, check.stderr);
+    const verdicts = [];
+    for (const engine of ['des', 'actors', 'processes']) {
+      const r = await runCli(['sim', '--scenario', file, '--engine', engine, '--json']);
+      assert.is(r.code, 2, `${engine}: ${r.stderr}`);
+      const { verdict, communicator, position, culprits, hangs } = JSON.parse(r.stdout);
+      verdicts.push({ engine, verdict, communicator, position, culprits, hangs });
+    }
+    assert.is(verdicts[0]!.verdict, 'cycle');
+    for (const v of verdicts.slice(1)) assert.equal({ ...v, engine: 'des' }, verdicts[0], `${v.engine} differs from des`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test.run();
