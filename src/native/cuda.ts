@@ -4,7 +4,7 @@
 import type { Tensor, FloatDType } from '../tensor.js';
 import type { ExpertBackend, ExpertBackward, ExpertForward, ExpertWeights } from '../ep/types.js';
 import { NativeError, NativeExpertBackend, requireNative, type ExpertJob } from './backend.js';
-import type { StagedHandle, StagingMemory } from '../../actors/staging.js';
+import type { StagedHandle, StagingMemory } from '../staging.js';
 
 interface CudaAddon {
   cudaExpertForward(job: ExpertJob, precision: 'f32' | 'bf16'): void;
