@@ -127,7 +127,7 @@ async function launchedDetection(runs: number): Promise<BenchRow> {
 async function againstTorch(impl: string, stepMs: readonly number[], o: TorchEpOptions): Promise<BenchRow> {
   const ms = median(stepMs.slice(1));
   const row: BenchRow = { name: epStepLabel(impl, o), value: ms, unit: 'ms', note: `median of ${stepMs.length - 1} steps after one warm-up; slowest rank per step` };
-  const torch = await torchEpStep(o);
+  const torch = await torchEpStep(o, true); // right after ours
   if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
   return { ...row, baseline: { name: epStepLabel(`seed on torch+gloo, ${o.ep} processes`, o), value: torch.medianMs, unit: 'ms' }, ratio: torch.medianMs / ms, note: `${row.note}; ratio = torch / ours (>1: we are faster); torch BLAS: ${torch.blas}` };
 }

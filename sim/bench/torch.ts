@@ -102,12 +102,16 @@ async function measure(o: TorchEpOptions): Promise<TorchEpResult> {
 
 const cache = new Map<string, Promise<TorchEpResult>>();
 
-/** Median/min ms of one EP step (fwd+bwd, max over ranks) on PyTorch + gloo; memoised. */
-export function torchEpStep(opts?: Partial<TorchEpOptions>): Promise<TorchEpResult> {
+/**
+ * Median/min ms of one EP step (fwd+bwd, max over ranks) on PyTorch + gloo; memoised.
+ * `fresh` measures again and keeps that: on a shared machine the load drifts within a run,
+ * so a row measures its baseline right next to its own numbers.
+ */
+export function torchEpStep(opts?: Partial<TorchEpOptions>, fresh = false): Promise<TorchEpResult> {
   const o: TorchEpOptions = { ...DEFAULT_EP_OPTIONS, ...opts };
   const key = JSON.stringify([o.ep, o.tokens, o.dim, o.hidden, o.experts, o.topK, o.threads]);
   let p = cache.get(key);
-  if (!p) {
+  if (!p || fresh) {
     p = measure(o);
     cache.set(key, p);
   }
