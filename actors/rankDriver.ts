@@ -115,6 +115,15 @@ export class RankDriver implements LayerProtocol {
     this.actor.send(computedEvent(this.snapshot, this.firstReady));
   }
 
+  /**
+   * Before the layer's next call: issue the collectives the driver issues itself, then say
+   * whether the machine ended the rank's step there (early exit), so the layer is not called.
+   */
+  async stopped(): Promise<boolean> {
+    await this.drainOwnCollectives();
+    return this.finished !== null;
+  }
+
   /** After the step's code ends: run any trailing FSDP collectives, then the machine must be final. */
   async finish(): Promise<'done' | 'exited'> {
     await this.drainOwnCollectives();

@@ -5,7 +5,8 @@ import { helpAsked, noPositionals, outputFile, parse, requiredString } from './a
 import { UsageError } from '../src/errors.js';
 import { caseMetadata, loadCase, resultTensors, runCase } from '../src/case.js';
 import { writeSafetensorsFileAtomic } from '../src/codec/safetensors.js';
-import { chooseBackend, loadBackend, parseExchange } from '../src/backends.js';
+import { chooseBackend, loadBackend } from '../src/backends.js';
+import { parseExchange } from '../actors/exchanges.js';
 import { actorRanks } from '../actors/caseRanks.js';
 import { inProcessRanks } from '../actors/inprocess.js';
 

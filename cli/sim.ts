@@ -14,7 +14,8 @@ import { worldSize } from '../machines/mesh.js';
 import type { IssuedCollective } from '../machines/protocol.js';
 import { helpAsked, intOption, noPositionals, outputFile, parse } from './args.js';
 import { progressBar } from './progress.js';
-import { chooseBackend, loadBackend, parseExchange, type BackendName } from '../src/backends.js';
+import { chooseBackend, loadBackend, type BackendName } from '../src/backends.js';
+import { parseExchange } from '../actors/exchanges.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { startLive, untilInterrupted } from '../sim/live/server.js';
 

@@ -52,6 +52,11 @@ export class LedgerFeed {
     return this.waiting.size > 0;
   }
 
+  /** Whether `rank` has reports waiting: it went on past a collective the tracker holds it in. */
+  hasWaiting(rank: number): boolean {
+    return this.waiting.has(rank);
+  }
+
   /** Every rank blocked in a collective or finished (`gone`: ranks that will report nothing more), and no report waiting. */
   quiescent(ranks: number, gone: ReadonlySet<number> = new Set()): boolean {
     if (this.pending) return false;

@@ -371,7 +371,7 @@ nativeTest('golden case on worker-thread ranks with the native backend (the addo
 });
 
 nativeTest('the GPU check\'s launched-rank harness computes a golden case when pointed at TCP and the native kernels', async () => {
-  const { launchedGolden } = await import('../src/native/gpucheck.js');
+  const { launchedGolden } = await import('./gpu/gpucheck.js');
   assert.match(await launchedGolden('ep2_relu_top1_skew', 2, ['--exchange', 'tcp', '--backend', 'native']), /^worst relative error \d/);
 });
 

@@ -94,6 +94,15 @@ for (const h of hazards) {
   });
 }
 
+test('early exit at the next micro-batch, after the backward\'s FSDP collectives: the rank issues them, then stops, as the engine has it', async () => {
+  // The rank's machine reaches its exit only once the driver has issued the trailing FSDP collectives.
+  const s = validateScenario({ ep: 3, dp: 2, fsdp: 'experts', experts: 3, topK: 2, tokens: 0, layers: 1, microBatches: 2, routing: 'zipf:1.5', variant: 'early-exit', earlyExitRank: 2, earlyExitAfterLayers: 1, seed: 698021888 });
+  const d = (await runActors(s)).diagnosis;
+  const engine = runDes(s).diagnosis;
+  assert.is(d.verdict, 'missing', d.cause);
+  assert.equal([d.communicator, d.position, d.culprits, d.hangs], [engine.communicator, engine.position, engine.culprits, engine.hangs]);
+});
+
 test('the ledger the workers produce equals the one predicted by stepping the machines with transition()', async () => {
   const rng = seededRng(20261127);
   const pick = <T>(xs: readonly T[]) => xs[Math.floor(rng() * xs.length)]!;

@@ -10,7 +10,7 @@ import { DEFAULT_EP_OPTIONS, epStepCase, epStepLabel, pinKernelThreads } from '.
 import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
 import { PROFILE_CHANNEL, type CollectiveProfile } from '../../actors/transport.js';
-import type { ExchangeName } from '../../src/backends.js';
+import type { ExchangeName } from '../../actors/exchanges.js';
 import { loadNative } from '../../src/native/backend.js';
 
 export interface StepProfile {

@@ -17,7 +17,9 @@ export type CollectiveOp =
   | 'fsdp.all_gather'
   | 'fsdp.reduce_scatter'
   | 'metric.all_reduce'
-  | 'barrier';
+  | 'barrier'
+  // a collective read from a PyTorch Flight Recorder dump that is none of the above (torch.all_reduce, …)
+  | `torch.${string}`;
 
 /** Why a collective is issued: which op, in which layer and micro-batch of the step. */
 export interface CollectiveTag {

@@ -4,15 +4,16 @@
 import { readFileSync, readdirSync, writeFileSync, existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Tensor, relativeError } from '../tensor.js';
-import { readSafetensorsFile } from '../codec/safetensors.js';
-import { parseCase, resultTensors, runCase, syntheticCase } from '../case.js';
-import { tsBackend } from '../moe/experts.js';
-import { NativeError, nativeAddonPath, requireNative } from './backend.js';
-import { CudaExpertBackend, deviceCopyMemory } from './cuda.js';
+import { Tensor, relativeError } from '../../src/tensor.js';
+import { readSafetensorsFile } from '../../src/codec/safetensors.js';
+import { parseCase, resultTensors, runCase, syntheticCase } from '../../src/case.js';
+import { tsBackend } from '../../src/moe/experts.js';
+import { NativeError, nativeAddonPath, requireNative } from '../../src/native/backend.js';
+import { CudaExpertBackend, deviceMemory } from '../../src/native/cuda.js';
+import { deviceCopyMemory } from '../../actors/staging.js';
 import { actorRanks } from '../../actors/caseRanks.js';
 import { launchLocally } from '../../actors/launch.js';
-import { NcclCommunicator, ncclVersion } from './nccl.js';
+import { NcclCommunicator, ncclVersion } from '../../src/native/nccl.js';
 import { inProcessRanks } from '../../actors/inprocess.js';
 
 interface Check {
@@ -113,7 +114,7 @@ async function runChecks(): Promise<Check[]> {
   }, out);
 
   await check('device-copy memory: staged rows gathered device to device, zero-byte pieces included', () => {
-    const m = deviceCopyMemory();
+    const m = deviceCopyMemory(deviceMemory());
     const bytes = Uint8Array.from({ length: 4096 }, (_, i) => (i * 31) & 255);
     const local = Uint8Array.of(7, 8, 9);
     const staged = m.stage(bytes);
