@@ -164,7 +164,10 @@ export class PortMesh {
         if (m instanceof ArrayBuffer) this.returned(peer, m);
         else if (m && typeof m === 'object' && 'ack' in m) this.acked(peer, m as Ack);
         else if (isLaneHello(m)) this.hello(peer, m);
-        else this.deliver(peer, m, false);
+        else {
+          this.drainLane(); // what the peer wrote to the lane before posting this comes first
+          this.deliver(peer, m, false);
+        }
       });
     }
     for (const peer of threadPeers) ports.get(peer)!.postMessage(this.inbox!.hello(peer, threadId));
@@ -327,7 +330,9 @@ export class PortMesh {
       this.waiting.delete(key);
       void this.accept(chunk, waiter.op).then(waiter.resolve);
     } else if (this.arrived.has(key)) {
-      this.onError(`rank ${this.rank} received two chunks from rank ${peer} for ${chunk.comm} position ${chunk.position}`);
+      // Also a stale chunk, caught before its position completed: the fast lane and the port
+      // may deliver a peer's chunks out of order, so the first may still be unconsumed.
+      this.onError(`rank ${this.rank} received a stale chunk from rank ${peer}: ${chunk.op} for ${chunk.comm} position ${chunk.position}, which already has its chunk (${this.arrived.get(key)!.op})`);
     } else {
       this.arrived.set(key, chunk);
     }
