@@ -47,7 +47,7 @@ test('the native addon is built and loads (EP_ACTORS_NO_NATIVE=1 to run without 
   const a = loadNative();
   assert.ok(a, `native addon unavailable: ${nativeUnavailableReason()}`);
   const info = a!.info();
-  assert.ok(['avx2-fma', 'generic'].includes(info.kernel));
+  assert.ok(['avx512', 'avx2-fma', 'generic'].includes(info.kernel));
   assert.ok(info.threads >= 1);
 });
 

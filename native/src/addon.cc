@@ -204,6 +204,7 @@ EpAddon::EpAddon(Napi::Env env, Napi::Object exports) {
   DefineAddon(exports, {
                            InstanceMethod("setErrorClass", &EpAddon::SetErrorClass),
                            InstanceMethod("info", &EpAddon::Info),
+                           InstanceMethod("setThreads", &EpAddon::SetThreads),
                            InstanceMethod("expertForward", &EpAddon::ExpertForward),
                            InstanceMethod("expertBackward", &EpAddon::ExpertBackward),
                            InstanceMethod("gemm", &EpAddon::Gemm),
@@ -263,6 +264,17 @@ Napi::Value EpAddon::Info(const Napi::CallbackInfo& info) {
 
 Napi::Value EpAddon::ExpertForward(const Napi::CallbackInfo& info) { return runExpert(info, false); }
 Napi::Value EpAddon::ExpertBackward(const Napi::CallbackInfo& info) { return runExpert(info, true); }
+
+// setThreads(n): every CPU kernel of the process uses at most n threads (0: the default).
+Napi::Value EpAddon::SetThreads(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsNumber()) {
+    Napi::TypeError::New(env, "setThreads(n) needs a number").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  setCpuThreads(info[0].As<Napi::Number>().Int32Value());
+  return env.Undefined();
+}
 
 // gemm({dtype, ta, tb, m, n, k, a, b, c, accumulate, impl: 'own' | 'blas' | 'auto', threads?})
 Napi::Value EpAddon::Gemm(const Napi::CallbackInfo& info) {

@@ -23,6 +23,7 @@ class EpAddon : public Napi::Addon<EpAddon> {
  private:
   Napi::Value SetErrorClass(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);
+  Napi::Value SetThreads(const Napi::CallbackInfo& info);
   Napi::Value ExpertForward(const Napi::CallbackInfo& info);
   Napi::Value ExpertBackward(const Napi::CallbackInfo& info);
   Napi::Value Gemm(const Napi::CallbackInfo& info);

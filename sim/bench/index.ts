@@ -1,10 +1,15 @@
 // `npm run bench [-- NAME...] [--json]`: runs every benchmark module in this folder (each
 // compiled file exporting `bench`), one after another so they don't disturb each other's
-// timings, then prints one table. A module that throws becomes a row and makes the exit 1.
+// timings, then prints one table, or with --json an array of rows {module, name, value,
+// unit, baseline?: {name, value, unit}, ratio?, note}. Every time ratio is baseline/ours and
+// every throughput ratio ours/baseline: above 1, we are faster. Each row's note ends with
+// the machine's load average over its module's run: on a shared machine it explains most
+// of the spread. A module that throws becomes a row and makes the exit 1.
 import { readdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { performance } from 'node:perf_hooks';
+import { loadavg } from 'node:os';
 import type { BenchRow } from './harness.js';
 
 const NOT_BENCHMARKS = new Set(['harness', 'index']);
@@ -71,8 +76,10 @@ async function main(): Promise<number> {
       // Helper modules (e.g. a codec shared by benchmarks) may live here without `bench`.
       if (typeof mod.bench !== 'function') continue;
       process.stderr.write(`bench: ${m.name} ...\n`);
+      const load0 = loadavg()[0]!;
       const got = (await (mod.bench as () => Promise<BenchRow[]>)()) ?? [];
-      for (const r of got) rows.push({ module: m.name, ...r });
+      const load = `load ${load0.toFixed(1)}→${loadavg()[0]!.toFixed(1)}`;
+      for (const r of got) rows.push({ module: m.name, ...r, note: r.note ? `${r.note}; ${load}` : load });
       process.stderr.write(`bench: ${m.name} done, ${got.length} row(s) in ${((performance.now() - t0) / 1000).toFixed(1)} s\n`);
     } catch (e) {
       failed = true;

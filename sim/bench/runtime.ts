@@ -1,26 +1,25 @@
-// Actor-runtime benchmarks: the all-to-all over MessagePorts and over shared memory against
-// memcpy; an EP step on worker ranks and on launched processes, each against the seed on
-// PyTorch + gloo (same sizes, same run); how soon launched processes stop on a missing
+// Actor-runtime benchmarks: the counts exchange against gloo's and the 4 MiB all-to-all
+// against memcpy, over MessagePorts and over shared memory; an EP step on worker ranks and
+// on launched processes, each against the seed on PyTorch + gloo (same sizes, same run, as
+// many kernel threads per rank as torch has per process), also at ep=8 and T=4096; how soon launched processes stop on a missing
 // collective; and a soak of 2,000 consecutive steps in one runtime with resident memory at
 // its start and end.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { median, time, type BenchRow } from './harness.js';
-import { epStepCase, epStepLabel, torchEpStep } from './torch.js';
+import type { TransportJob } from './workers/transport.js';
+import { DEFAULT_EP_OPTIONS, epStepCase, epStepLabel, pinKernelThreads, torchEpStep, type TorchEpOptions } from './torch.js';
 import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
 import { validateScenario } from '../../machines/scenario.js';
 import type { BackendName } from '../../src/backends.js';
-import { availableParallelism } from 'node:os';
 import { withLaunchedRanks } from '../../actors/launch.js';
 import { productionHang } from '../../cli/demo.js';
 
 const MiB = 1024 * 1024;
 
-async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
+/** Per iteration, the slowest rank's time (ms) for `iterations` back-to-back all-to-alls on 4 worker ranks. */
+async function exchangeTimes(job: Omit<TransportJob, 'rank' | 'ep'>): Promise<number[]> {
   const ep = 4;
-  const rowSize = 1024; // f32 → 4 KiB rows; 1024 rows = 4 MiB per peer
-  const rowsPerPeer = (4 * MiB) / (rowSize * 4);
-  const iterations = 10;
   const ports: Record<number, MessagePort>[] = Array.from({ length: ep }, () => ({}));
   for (let a = 0; a < ep; a++) {
     for (let b = a + 1; b < ep; b++) {
@@ -29,7 +28,7 @@ async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
       ports[b]![a] = port2;
     }
   }
-  const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./workers/transport.js', import.meta.url), { workerData: { rank, ep, rowsPerPeer, rowSize, iterations, exchange } }));
+  const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./workers/transport.js', import.meta.url), { workerData: { ...job, rank, ep } satisfies TransportJob }));
   const samples = await Promise.all(
     workers.map((w, rank) => {
       const done = new Promise<number[]>((resolve, reject) => {
@@ -41,8 +40,14 @@ async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
     }),
   );
   await Promise.all(workers.map((w) => w.terminate()));
-  // Per iteration, the slowest rank; each rank sends 3 × 4 MiB to its peers.
-  const perIter = samples[0]!.map((_, i) => Math.max(...samples.map((s) => s[i]!)));
+  return samples[0]!.map((_, i) => Math.max(...samples.map((s) => s[i]!)));
+}
+
+async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
+  const rowSize = 1024; // f32 → 4 KiB rows; 1024 rows = 4 MiB per peer
+  const iterations = 10;
+  const perIter = await exchangeTimes({ rows: { perPeer: (4 * MiB) / (rowSize * 4), rowSize }, iterations, exchange });
+  // Each rank sends 3 × 4 MiB to its peers.
   const gbps = (3 * 4 * MiB) / (median(perIter) / 1e3) / 1e9;
   const src = new Float32Array(MiB); // 4 MiB
   const dst = new Float32Array(MiB);
@@ -56,31 +61,46 @@ async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
     unit: 'GB/s',
     baseline: { name: 'memcpy (TypedArray.set) of the same bytes, one thread', value: memcpy, unit: 'GB/s' },
     ratio: gbps / memcpy,
-    note: `median of ${iterations}; ratio = all-to-all / memcpy (aim >= 0.5); 4 workers share 2 cores`,
+    note: `median of ${iterations}; ratio = ours / memcpy (aim >= 0.25); 4 workers share the cores`,
   };
 }
 
-async function epStep(backend: BackendName, steps: number): Promise<BenchRow> {
-  const data = epStepCase();
+/** The EP layer's first exchange alone: one i64 per peer, back to back, against gloo's on 4 torch processes. */
+async function countsExchange(exchange: 'ports' | 'shared'): Promise<BenchRow> {
+  const iterations = 200;
+  const us = median(await exchangeTimes({ rows: null, iterations, exchange })) * 1e3;
+  const row: BenchRow = {
+    name: `counts all-to-all (fwd.counts: one i64 per peer) over ${exchange === 'ports' ? 'MessagePorts (msgpack)' : 'shared memory'}, 4 worker ranks, back to back`,
+    value: us,
+    unit: 'µs',
+    note: `median of ${iterations}, slowest rank per exchange`,
+  };
+  const torch = await torchEpStep();
+  if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
+  return { ...row, baseline: { name: 'gloo all_to_all_single of the same counts, 4 torch processes', value: torch.countsUs, unit: 'µs' }, ratio: torch.countsUs / us, note: `${row.note}; ratio = gloo / ours (>1: we are faster)` };
+}
+
+async function epStep(backend: BackendName, steps: number, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
+  const data = epStepCase(o);
+  pinKernelThreads(o);
   const run = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps, record: false, timeoutMs: 300_000, backend });
   if (run.diagnosis.verdict !== 'ok') throw new Error(`EP step did not complete: ${run.diagnosis.cause}`);
-  return againstTorch(`${backend} kernels, 4 worker-thread ranks, f32`, run.stepMs);
+  return againstTorch(`${backend} kernels, ${o.ep} worker-thread ranks, f32`, run.stepMs, o);
 }
 
 /** The same step with each rank its own process (ep-actors rank), over TCP, as torch+gloo runs it. */
-async function launchedEpStep(backend: BackendName, steps: number): Promise<BenchRow> {
-  const data = epStepCase();
-  // One process per rank on a shared machine: each takes its share of the cores, as the
-  // torch baseline's processes run one thread each.
-  const threads = String(Math.max(1, Math.floor(availableParallelism() / data.meta.ep)));
-  const slowest = await withLaunchedRanks({ case: data }, ['--backend', backend, '--steps', String(steps), '--json'], { env: { ...process.env, EP_ACTORS_THREADS: threads }, timeoutMs: 300_000 }, async (runs) => {
+async function launchedEpStep(backend: BackendName, steps: number, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
+  const data = epStepCase(o);
+  // As many kernel threads per process as each torch process has.
+  const env = { ...process.env, EP_ACTORS_THREADS: String(o.threads) };
+  const slowest = await withLaunchedRanks({ case: data }, ['--backend', backend, '--steps', String(steps), '--json'], { env, timeoutMs: 300_000 }, async (runs) => {
     const ranks = runs.map((r, rank) => {
       if (r.code !== 0) throw new Error(`rank ${rank} exited ${r.code}: ${r.stderr}`);
       return (JSON.parse(r.stdout) as { stepMs: number[] }).stepMs;
     });
     return ranks[0]!.map((_, step) => Math.max(...ranks.map((r) => r[step]!)));
   });
-  return againstTorch(`${backend} kernels, 4 processes over TCP (ep-actors rank), f32`, slowest);
+  return againstTorch(`${backend} kernels, ${o.ep} processes over TCP (ep-actors rank), f32`, slowest, o);
 }
 
 /**
@@ -104,12 +124,12 @@ async function launchedDetection(runs: number): Promise<BenchRow> {
 }
 
 /** A row for per-step times (slowest rank per step; the first step pays for JIT warm-up) with torch+gloo measured now. */
-async function againstTorch(impl: string, stepMs: readonly number[]): Promise<BenchRow> {
+async function againstTorch(impl: string, stepMs: readonly number[], o: TorchEpOptions): Promise<BenchRow> {
   const ms = median(stepMs.slice(1));
-  const row: BenchRow = { name: epStepLabel(impl), value: ms, unit: 'ms', note: `median of ${stepMs.length - 1} steps after one warm-up; slowest rank per step` };
-  const torch = await torchEpStep();
+  const row: BenchRow = { name: epStepLabel(impl, o), value: ms, unit: 'ms', note: `median of ${stepMs.length - 1} steps after one warm-up; slowest rank per step` };
+  const torch = await torchEpStep(o, true); // right after ours
   if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
-  return { ...row, baseline: { name: epStepLabel('seed on torch+gloo, 4 processes'), value: torch.medianMs, unit: 'ms' }, ratio: torch.medianMs / ms, note: `${row.note}; ratio = torch / ours (>1: we are faster); torch BLAS: ${torch.blas}` };
+  return { ...row, baseline: { name: epStepLabel(`seed on torch+gloo, ${o.ep} processes`, o), value: torch.medianMs, unit: 'ms' }, ratio: torch.medianMs / ms, note: `${row.note}; ratio = torch / ours (>1: we are faster); torch BLAS: ${torch.blas}` };
 }
 
 async function soak(): Promise<BenchRow> {
@@ -130,12 +150,14 @@ async function soak(): Promise<BenchRow> {
 }
 
 export async function bench(): Promise<BenchRow[]> {
-  const rows = [await transport('ports'), await transport('shared')];
+  const rows = [await countsExchange('ports'), await countsExchange('shared'), await transport('ports'), await transport('shared')];
   // The TypeScript kernels take tens of seconds per step here: one warm-up, one timed step.
   rows.push(await epStep('ts', 2));
   const native = await import('../../src/native/backend.js');
-  if (native.loadNative()) rows.push(await epStep('native', 6), await launchedEpStep('native', 6));
-  else rows.push({ name: epStepLabel('native kernels, 4 worker-thread ranks'), value: NaN, unit: 'ms', note: `skipped: ${native.nativeUnavailableReason()}` });
+  if (native.loadNative()) {
+    rows.push(await epStep('native', 6), await launchedEpStep('native', 6));
+    rows.push(await epStep('native', 4, { ...DEFAULT_EP_OPTIONS, ep: 8, experts: 16 }), await epStep('native', 4, { ...DEFAULT_EP_OPTIONS, tokens: 4096 }));
+  } else rows.push({ name: epStepLabel('native kernels, 4 worker-thread ranks'), value: NaN, unit: 'ms', note: `skipped: ${native.nativeUnavailableReason()}` });
   rows.push(await launchedDetection(5));
   rows.push(await soak());
   return rows;

@@ -6,6 +6,7 @@ import { execFile } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import type { BenchRow } from './harness.js';
+import { loadNative } from '../../src/native/backend.js';
 
 export interface TorchEpOptions {
   ep: number;
@@ -14,10 +15,12 @@ export interface TorchEpOptions {
   hidden: number;
   experts: number;
   topK: number;
+  /** Torch and OpenBLAS threads per rank process; ours gets the same count per rank. */
+  threads: number;
 }
 
 export type TorchEpResult =
-  | { medianMs: number; minMs: number; torch: string; blas: string }
+  | { medianMs: number; minMs: number; countsUs: number; torch: string; blas: string }
   | { skipped: string };
 
 export const DEFAULT_EP_OPTIONS: TorchEpOptions = {
@@ -27,6 +30,7 @@ export const DEFAULT_EP_OPTIONS: TorchEpOptions = {
   hidden: 512,
   experts: 8,
   topK: 2,
+  threads: 1,
 };
 
 // Debian's python3-torch lives under the system python; a pyenv python3 on PATH won't see it.
@@ -77,13 +81,14 @@ async function measure(o: TorchEpOptions): Promise<TorchEpResult> {
     `--hidden=${o.hidden}`,
     `--experts=${o.experts}`,
     `--top-k=${o.topK}`,
+    `--threads=${o.threads}`,
   ];
   const reasons: string[] = [];
   for (const python of PYTHONS) {
     const r = await runPython(python, args);
     const j = lastJson(r.stdout);
-    if (j && typeof j.median_ms === 'number' && typeof j.min_ms === 'number') {
-      return { medianMs: j.median_ms, minMs: j.min_ms, torch: String(j.torch), blas: String(j.blas) };
+    if (j && typeof j.median_ms === 'number' && typeof j.min_ms === 'number' && typeof j.counts_median_us === 'number') {
+      return { medianMs: j.median_ms, minMs: j.min_ms, countsUs: j.counts_median_us, torch: String(j.torch), blas: String(j.blas) };
     }
     // A python without torch says so and exits 0; try the next interpreter before giving up.
     if (j && typeof j.skipped === 'string') reasons.push(`${python}: ${j.skipped}`);
@@ -97,16 +102,28 @@ async function measure(o: TorchEpOptions): Promise<TorchEpResult> {
 
 const cache = new Map<string, Promise<TorchEpResult>>();
 
-/** Median/min ms of one EP step (fwd+bwd, max over ranks) on PyTorch + gloo; memoised. */
-export function torchEpStep(opts?: Partial<TorchEpOptions>): Promise<TorchEpResult> {
+/**
+ * Median/min ms of one EP step (fwd+bwd, max over ranks) on PyTorch + gloo; memoised.
+ * `fresh` measures again and keeps that: on a shared machine the load drifts within a run,
+ * so a row measures its baseline right next to its own numbers.
+ */
+export function torchEpStep(opts?: Partial<TorchEpOptions>, fresh = false): Promise<TorchEpResult> {
   const o: TorchEpOptions = { ...DEFAULT_EP_OPTIONS, ...opts };
-  const key = JSON.stringify([o.ep, o.tokens, o.dim, o.hidden, o.experts, o.topK]);
+  const key = JSON.stringify([o.ep, o.tokens, o.dim, o.hidden, o.experts, o.topK, o.threads]);
   let p = cache.get(key);
-  if (!p) {
+  if (!p || fresh) {
     p = measure(o);
     cache.set(key, p);
   }
   return p;
+}
+
+/**
+ * Gives every CPU kernel of this process (its worker-thread ranks included) at most as many
+ * threads as each torch process has, so each rank computes on `o.threads` threads as torch's do.
+ */
+export function pinKernelThreads(o: TorchEpOptions = DEFAULT_EP_OPTIONS): void {
+  loadNative()?.setThreads(o.threads);
 }
 
 /** The EP step's inputs for our side of the comparison: the same sizes, seeded, f32, SwiGLU. */
@@ -118,12 +135,12 @@ export function epStepCase(o: TorchEpOptions = DEFAULT_EP_OPTIONS): CaseData<'f3
 }
 
 export function epStepLabel(impl: string, o: TorchEpOptions = DEFAULT_EP_OPTIONS): string {
-  return `EP step fwd+bwd (${impl}, ep=${o.ep} T=${o.tokens} D=${o.dim} H=${o.hidden} E=${o.experts} k=${o.topK})`;
+  return `EP step fwd+bwd (${impl}, ep=${o.ep} T=${o.tokens} D=${o.dim} H=${o.hidden} E=${o.experts} k=${o.topK}, ${o.threads} thread${o.threads === 1 ? '' : 's'}/rank)`;
 }
 
 export async function bench(): Promise<BenchRow[]> {
   const r = await torchEpStep();
-  const name = epStepLabel('torch+gloo f32, 1 thread/rank');
+  const name = epStepLabel('torch+gloo f32');
   if ('skipped' in r) return [{ name, value: NaN, unit: 'ms', note: `skipped: ${r.skipped}` }];
   return [{ name, value: r.medianMs, unit: 'ms', note: `min ${r.minMs.toFixed(1)} ms; torch ${r.torch}; ${r.blas}` }];
 }

@@ -7,6 +7,9 @@ counts all-to-all, dispatch, expert ids, per-expert loop, the received_tokens.su
 combine, unsort, weighted scatter_add) with its own small packed SwiGLU module, because
 KempnerForge's MoEMLP is not installed and Debian's PyTorch 1.13 has no DeviceMesh.
 
+It also times the step's counts exchange alone (all_to_all_single of one int64 per peer,
+back to back), the gloo baseline for our small-exchange latency.
+
 Rank 0 prints one JSON line; if torch cannot be imported it prints {"skipped": ...}.
 """
 from __future__ import annotations
@@ -22,8 +25,9 @@ import time
 
 # OpenBLAS keeps its own thread pool, which torch.set_num_threads cannot reach when torch
 # was built against generic BLAS (Debian's case). Pin it before torch loads it.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+_threads = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), "1")
+os.environ["OPENBLAS_NUM_THREADS"] = _threads
+os.environ["OMP_NUM_THREADS"] = _threads
 
 try:
     import torch
@@ -132,7 +136,7 @@ def blas_info() -> str:
 def worker(rank: int, args, port: int):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=args.ep)
     group = dist.new_group(list(range(args.ep)))
     n_local = args.experts // args.ep
@@ -164,15 +168,30 @@ def worker(rank: int, args, port: int):
         if it >= args.warmup:
             samples.append(dt.item())
 
+    # The counts exchange alone: slowest rank per exchange, back to back after a barrier.
+    send = torch.ones(args.ep, dtype=torch.int64)
+    recv = torch.zeros_like(send)
+    counts = []
+    dist.barrier()
+    for it in range(20 + args.count_iters):
+        t0 = time.perf_counter()
+        dist.all_to_all_single(recv, send, group=group)
+        dt = time.perf_counter() - t0
+        if it >= 20:
+            counts.append(dt * 1e6)
+    worst = torch.tensor(counts, dtype=torch.float64)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+
     if rank == 0:
         print(json.dumps({
+            "counts_median_us": statistics.median(worst.tolist()),
             "median_ms": statistics.median(samples),
             "min_ms": min(samples),
             "iters": args.iters,
             "torch": torch.__version__,
             "blas": blas_info(),
             "ep": args.ep, "tokens": args.tokens, "dim": args.dim, "hidden": args.hidden,
-            "experts": args.experts, "top_k": args.top_k,
+            "experts": args.experts, "top_k": args.top_k, "threads": args.threads,
         }), flush=True)
     dist.destroy_process_group()
 
@@ -193,6 +212,8 @@ def main():
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--count-iters", type=int, default=200, help="counts exchanges timed")
+    ap.add_argument("--threads", type=int, default=1, help="torch and OpenBLAS threads per process")
     args = ap.parse_args()
     if args.experts % args.ep != 0:
         ap.error(f"experts ({args.experts}) must be divisible by ep ({args.ep})")

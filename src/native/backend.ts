@@ -73,7 +73,7 @@ export interface NativeInfo {
   /** The CBLAS library that loaded (e.g. libopenblas.so.0), or null. */
   blas: string | null;
   blasReason: string;
-  /** Our GEMM's micro-kernel on this CPU: 'avx2-fma' or 'generic'. */
+  /** Our GEMM's micro-kernel on this CPU: 'avx512', 'avx2-fma' or 'generic'. */
   kernel: string;
   threads: number;
   cudaBuilt: boolean;
@@ -82,6 +82,8 @@ export interface NativeInfo {
 export interface NativeAddon {
   setErrorClass(ctor: typeof NativeError): void;
   info(): NativeInfo;
+  /** Caps every CPU kernel of this process (worker threads included) at n threads; 0 restores EP_ACTORS_THREADS or the cores. */
+  setThreads(n: number): void;
   expertForward(job: ExpertJob, sync: true): undefined;
   expertForward(job: ExpertJob, sync?: false): Promise<void>;
   expertBackward(job: ExpertJob, sync: true): undefined;
