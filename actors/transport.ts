@@ -86,7 +86,7 @@ const FREE_BUFFERS = 8;
 /**
  * With EP_ACTORS_PROFILE=1 in the environment (worker threads inherit it), every all-to-all
  * of every rank is timed and posted on this BroadcastChannel, for the step profile in
- * sim/bench/profile.ts; chunks then carry their send time.
+ * test/bench/profile.ts; chunks then carry their send time.
  */
 export const PROFILE_CHANNEL = 'ep-actors:collective-profile';
 

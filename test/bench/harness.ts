@@ -1,5 +1,5 @@
-// Benchmark plumbing shared by every benchmark module under sim/bench/. A module exports
-// `bench(): Promise<BenchRow[]>`; sim/bench/index.ts runs them and prints one table.
+// Benchmark plumbing shared by every benchmark module under test/bench/. A module exports
+// `bench(): Promise<BenchRow[]>`; test/bench/index.ts runs them and prints one table.
 // Timings are medians over repeated runs; ratios compare against a baseline measured in
 // the same run, because this machine is shared and noisy.
 import { performance } from 'node:perf_hooks';

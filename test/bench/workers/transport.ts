@@ -1,4 +1,4 @@
-// Worker side of the transport benchmark (kept out of sim/bench itself, where every module is
+// Worker side of the transport benchmark (kept out of test/bench itself, where every module is
 // imported as a benchmark): one rank of an ep group exchanging equal chunks with every peer
 // over the PortMesh (or staged in shared memory), as the EP layer's all-to-alls do: either
 // bulk f32 rows (fwd.dispatch) or one i64 per peer (fwd.counts).

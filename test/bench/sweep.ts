@@ -1,7 +1,7 @@
 // Sweep throughput: scenarios per second over 1 and 2 piscina workers; the ratio is the
 // speed-up of the second worker (bounded by the cores).
 import { performance } from 'node:perf_hooks';
-import { expandSweep, runSweep } from '../sweep.js';
+import { expandSweep, runSweep } from '../../sim/sweep.js';
 import type { BenchRow } from './harness.js';
 
 export async function bench(): Promise<BenchRow[]> {

@@ -4,8 +4,8 @@
 import type { BenchRow } from './harness.js';
 import { time } from './harness.js';
 import { validateScenario } from '../../machines/scenario.js';
-import { reportFromDes } from '../report/fromDes.js';
-import { renderReport } from '../report/html.js';
+import { reportFromDes } from '../../sim/report/fromDes.js';
+import { renderReport } from '../../sim/report/html.js';
 
 export async function bench(): Promise<BenchRow[]> {
   const scenario = validateScenario({ ep: 64, experts: 128, routing: 'starve:1', variant: 'no-dispatch-edge' });

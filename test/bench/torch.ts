@@ -1,5 +1,5 @@
 // The PyTorch baseline for an EP step: the seed's algorithm on PyTorch + gloo, one process
-// per rank (sim/bench/torch_ep_step.py). Other benchmarks (ep.ts) compare against it, so the
+// per rank (test/bench/torch_ep_step.py). Other benchmarks (ep.ts) compare against it, so the
 // measurement is memoised per options: one run of the script per `npm run bench`.
 import { syntheticCase, type CaseData } from '../../src/case.js';
 import { execFile } from 'node:child_process';
@@ -37,12 +37,9 @@ export const DEFAULT_EP_OPTIONS: TorchEpOptions = {
 const PYTHONS = ['/usr/bin/python3', 'python3'];
 const TIMEOUT_MS = 300_000;
 
-/** The .py stays in the source tree; compiled code runs from dist/sim/bench/. */
+/** The .py stays in the source tree; compiled code runs from dist/test/bench/. */
 function scriptPath(): string {
-  const candidates = [
-    new URL('./torch_ep_step.py', import.meta.url),
-    new URL('../../../sim/bench/torch_ep_step.py', import.meta.url),
-  ].map((u) => fileURLToPath(u));
+  const candidates = [new URL('./torch_ep_step.py', import.meta.url), new URL('../../../test/bench/torch_ep_step.py', import.meta.url)].map((u) => fileURLToPath(u));
   const found = candidates.find((p) => existsSync(p));
   if (!found) throw new Error(`torch_ep_step.py not found (looked at ${candidates.join(', ')})`);
   return found;

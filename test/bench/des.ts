@@ -1,7 +1,7 @@
 // Discrete-event engine throughput: ranks × collectives per second for one step of a large
 // layout, and the target case (ep=1024, E=4096, 2 layers; at most 5 s).
 import { performance } from 'node:perf_hooks';
-import { simulateDes } from '../des.js';
+import { simulateDes } from '../../sim/des.js';
 import { validateScenario } from '../../machines/scenario.js';
 import type { BenchRow } from './harness.js';
 

@@ -5,9 +5,9 @@
 // and the HTML report; the heap the parsed dumps and the analysis hold.
 import type { BenchRow } from './harness.js';
 import { time } from './harness.js';
-import { readDump, type FrDump } from '../postmortem/flightRecorder.js';
-import { analyzeDumps } from '../postmortem/analyze.js';
-import { renderReport } from '../report/html.js';
+import { readDump, type FrDump } from '../../sim/postmortem/flightRecorder.js';
+import { analyzeDumps } from '../../sim/postmortem/analyze.js';
+import { renderReport } from '../../sim/report/html.js';
 
 const EP = 8;
 const DP = Number(process.env.FR_DP ?? 64);
