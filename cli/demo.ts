@@ -11,7 +11,7 @@ import { reportFromRun } from '../actors/supervisor.js';
 import { renderReport } from '../sim/report/html.js';
 import { validateScenario } from '../machines/scenario.js';
 import { runCase, syntheticCase } from '../src/case.js';
-import { withLaunchedRanks, type CliRun } from '../actors/launch.js';
+import { withLaunchedRanks, type CliRun } from './localRanks.js';
 import type { ReportInput } from '../machines/record.js';
 import { mergeRankRecordsIn } from '../actors/rankRecord.js';
 import { helpAsked, parse } from './args.js';

@@ -1,7 +1,7 @@
 // `ep-actors sim`: one scenario through the worker-thread runtime (or the discrete-event
 // engine), a diagnosis in words or JSON, optionally a Chrome trace, an HTML report and a live page.
 import { writeFile } from 'node:fs/promises';
-import { runScenarioOnProcesses } from '../actors/launch.js';
+import { runScenarioOnProcesses } from './localRanks.js';
 import { UsageError } from '../src/errors.js';
 import { formatDiagnosis, type Diagnosis } from '../machines/diagnosis.js';
 import { DEFAULT_COMPUTE_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, reportFromRun, runActors, type RuntimeOptions } from '../actors/supervisor.js';

@@ -7,7 +7,7 @@ import type { LedgerEntry } from '../machines/ledger.js';
 import { WRAP_POLICIES } from '../machines/rankMachine.js';
 import { VARIANT_NAMES } from '../machines/variants.js';
 import { runActors } from '../actors/supervisor.js';
-import { runScenarioOnProcesses } from '../actors/launch.js';
+import { runScenarioOnProcesses } from '../cli/localRanks.js';
 import { simulateDes } from '../sim/des.js';
 import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { seededRng, type Rng } from '../src/moe/random.js';

@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { helloAsDialer, helloAsListener, readLine, RefusedConnection, runIdentity, type Hello, type Side } from '../actors/runIdentity.js';
 import { acceptEarly, socketMesh } from '../actors/socketPort.js';
 import { freePort } from '../actors/rendezvous.js';
-import { launchLocally, type CliRun } from '../actors/launch.js';
+import { launchLocally, type CliRun } from '../cli/localRanks.js';
 import type { RankRecord } from '../actors/rankRecord.js';
 import { readSafetensorsFile } from '../src/codec/safetensors.js';
 import { relativeError } from '../src/tensor.js';

@@ -12,7 +12,7 @@ import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
 import { runActors } from '../../actors/supervisor.js';
 import { validateScenario } from '../../machines/scenario.js';
 import type { BackendName } from '../../src/backends.js';
-import { withLaunchedRanks } from '../../actors/launch.js';
+import { withLaunchedRanks } from '../../cli/localRanks.js';
 import { productionHang } from '../../cli/demo.js';
 
 const MiB = 1024 * 1024;

@@ -12,7 +12,7 @@ import { NativeError, nativeAddonPath, requireNative } from '../../src/native/ba
 import { CudaExpertBackend, deviceMemory } from '../../src/native/cuda.js';
 import { deviceCopyMemory } from '../../actors/staging.js';
 import { actorRanks } from '../../actors/caseRanks.js';
-import { launchLocally } from '../../actors/launch.js';
+import { launchLocally } from '../../cli/localRanks.js';
 import { NcclCommunicator, ncclVersion } from '../../src/native/nccl.js';
 import { inProcessRanks } from '../../actors/inprocess.js';
 
