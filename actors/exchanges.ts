@@ -40,7 +40,7 @@ export async function gpuPlacement(backend: BackendName, exchange: ExchangeName,
     // different ep groups driven from different threads on one GPU can deadlock each other.
     if (ranks > count) throw new UsageError(`the nccl exchange needs one GPU per rank (NCCL refuses duplicate GPUs): ${ranks} rank${ranks === 1 ? '' : 's'} but ${count} CUDA device${count === 1 ? '' : 's'}; --exchange device-copy runs several ranks on one GPU`);
     try {
-      for (const id of epCommunicators) ncclIds[id] = (addon.ncclGetUniqueId as () => Uint8Array)();
+      for (const id of epCommunicators) ncclIds[id] = addon.ncclGetUniqueId();
     } catch (err) {
       throw new UsageError(`the nccl exchange cannot run here: ${(err as Error).message}`);
     }

@@ -123,7 +123,7 @@ function terminated(signal: AbortSignal): Promise<never> {
 async function gpuOf(env: LaunchEnv, exchange: 'tcp' | 'nccl'): Promise<{ device: number; newId?: () => Uint8Array }> {
   const { addon, count } = await cudaDevices(exchange === 'nccl' ? 'the nccl exchange' : 'the cuda backend');
   // LOCAL_RANK picks the GPU, as torchrun intends; NCCL refuses two ranks on one GPU itself.
-  return { device: env.localRank % count, newId: exchange === 'nccl' && env.rank === 0 ? () => (addon.ncclGetUniqueId as () => Uint8Array)() : undefined };
+  return { device: env.localRank % count, newId: exchange === 'nccl' && env.rank === 0 ? () => addon.ncclGetUniqueId() : undefined };
 }
 
 function runConnected<F extends FloatDType>(

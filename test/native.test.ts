@@ -21,8 +21,6 @@ import {
   NativeExpertBackend,
   loadNative,
   nativeBackend,
-  nativeGatherRows,
-  nativeScatterAddWeighted,
   nativeUnavailableReason,
   type NativeAddon,
 } from '../src/native/backend.js';
@@ -177,14 +175,13 @@ nativeTest('own GEMM kernels and OpenBLAS agree with a plain triple loop, all tr
   }
 });
 
-nativeTest('gatherRows and weighted scatter-add match their definitions; bad indices throw NativeError', () => {
-  const src = Tensor.from('f32', [3, 2], [0, 1, 10, 11, 20, 21]);
-  assert.equal(Array.from(nativeGatherRows(src, Int32Array.from([2, 0, 2])).data), [20, 21, 0, 1, 20, 21]);
-  const out = Tensor.zeros('f32', [2, 2]);
-  nativeScatterAddWeighted(out, Int32Array.from([1, 0, 1]), src, Tensor.from('f32', [3], [0.5, 2, -1]));
-  assert.equal(Array.from(out.data), [20, 22, -20, -20.5]);
+nativeTest('the layer\'s row moves match their definition; a bad index throws NativeError naming it', () => {
+  const src = Float32Array.from([0, 1, 10, 11, 20, 21]);
+  const dst = new Float32Array(6);
+  loadNative()!.moveRows(src, 2, Int32Array.from([2, 0, 2]), dst, null, false);
+  assert.equal(Array.from(dst), [20, 21, 0, 1, 20, 21]);
   try {
-    nativeGatherRows(src, Int32Array.from([3]));
+    loadNative()!.moveRows(src, 2, Int32Array.from([3]), new Float32Array(2), null, false);
     assert.unreachable('no throw');
   } catch (e) {
     assert.instance(e, NativeError);
@@ -342,7 +339,7 @@ nativeTest('loads and computes in two worker threads at once, and unloads when t
       const n = 64, x = new Float32Array(n * n).fill(workerData), c = new Float32Array(n * n);
       a.gemm({ ta: false, tb: false, m: n, n, k: n, a: x, b: x, c, impl: 'own' });
       let err;
-      try { a.gatherRows(x, n, Int32Array.of(n), new Float32Array(n)); } catch (e) { err = e; }
+      try { a.moveRows(x, n, Int32Array.of(n), new Float32Array(n), null, false); } catch (e) { err = e; }
       parentPort.postMessage({ c0: c[0], isNative: err instanceof m.NativeError, code: err && err.code });
     });`;
   const run = (v: number) =>

@@ -27,8 +27,6 @@ class EpAddon : public Napi::Addon<EpAddon> {
   Napi::Value ExpertForward(const Napi::CallbackInfo& info);
   Napi::Value ExpertBackward(const Napi::CallbackInfo& info);
   Napi::Value Gemm(const Napi::CallbackInfo& info);
-  Napi::Value GatherRows(const Napi::CallbackInfo& info);
-  Napi::Value ScatterAddWeighted(const Napi::CallbackInfo& info);
   Napi::Value MoveRows(const Napi::CallbackInfo& info);
   Napi::Value ScatterAddF64(const Napi::CallbackInfo& info);
   Napi::Value RouteGrad(const Napi::CallbackInfo& info);

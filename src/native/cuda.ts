@@ -5,16 +5,6 @@ import type { Tensor, FloatDType } from '../tensor.js';
 import type { ExpertBackend, ExpertBackward, ExpertForward, ExpertWeights } from '../ep/types.js';
 import { NativeError, NativeExpertBackend, requireNative, type ExpertJob } from './backend.js';
 
-interface CudaAddon {
-  cudaExpertForward(job: ExpertJob, precision: 'f32' | 'bf16'): void;
-  cudaExpertBackward(job: ExpertJob, precision: 'f32' | 'bf16'): void;
-  cudaCopy(dst: bigint, src: bigint, bytes: number): void;
-  cudaAlloc(bytes: number): bigint;
-  cudaFree(p: bigint): void;
-  cudaUpload(p: bigint, data: ArrayBufferView): void;
-  cudaDownload(p: bigint, data: ArrayBufferView): void;
-}
-
 /**
  * Reuses the CPU backend's argument checks and job layout, then runs the job on the GPU
  * (synchronously on this thread's stream: each rank is its own worker, so its own stream).
@@ -29,7 +19,7 @@ export class CudaExpertBackend implements ExpertBackend {
     this.name = `cuda-${precision}`;
     const run = (fn: 'cudaExpertForward' | 'cudaExpertBackward') => (job: ExpertJob) => {
       if (job.dtype !== 'f32') throw new NativeError(`the CUDA backend takes f32 tensors, got ${job.dtype}`, 'BAD_ARGUMENT');
-      (requireNative() as unknown as CudaAddon)[fn](job, this.#precision);
+      requireNative()[fn](job, this.#precision);
     };
     this.#jobs = new NativeExpertBackend({ sync: true, runForward: run('cudaExpertForward'), runBackward: run('cudaExpertBackward') });
   }
@@ -53,7 +43,7 @@ export interface DeviceMemory {
 }
 
 export function deviceMemory(): DeviceMemory {
-  const a = requireNative() as unknown as CudaAddon;
+  const a = requireNative();
   return {
     alloc: (bytes) => a.cudaAlloc(bytes),
     free: (p) => a.cudaFree(p),

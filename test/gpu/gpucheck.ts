@@ -26,8 +26,6 @@ interface Check {
 /** Thrown by a check that cannot run on this machine. */
 class Skip extends Error {}
 
-type Addon = Record<string, (...args: unknown[]) => unknown>;
-
 // Realistic MoE shape (DeepSeek-V3-like layer) and a small one; gpu_bench_torch.py uses the same.
 export const SHAPES = [
   { name: 'realistic', tokens: 4096, topK: 8, experts: 32, d: 7168, h: 2048 },
@@ -53,9 +51,9 @@ function rootDir(): string {
 }
 
 async function runChecks(): Promise<Check[]> {
-  const a = requireNative() as unknown as Addon;
+  const a = requireNative();
   const out: Check[] = [];
-  await check('CUDA device', () => JSON.stringify(a.cudaInfo!()), out);
+  await check('CUDA device', () => JSON.stringify(a.cudaInfo()), out);
   await check('NCCL library', () => JSON.stringify(ncclVersion()), out);
 
   const golden = join(rootDir(), 'test', 'fixtures', 'golden');
@@ -96,14 +94,14 @@ async function runChecks(): Promise<Check[]> {
     const T = 777, K = 4, E = 16, D = 96;
     const keys = Int32Array.from({ length: T * K }, (_, i) => (i * 7919 + (i >> 3)) % E);
     const x = Float32Array.from({ length: T * D }, (_, i) => Math.sin(i));
-    const r = a.cudaPermute!(keys, E, x, K) as { order: Int32Array; pos: Int32Array; counts: Int32Array; rows: Float32Array };
+    const r = a.cudaPermute(keys, E, x, K);
     const want = Array.from(keys.keys()).sort((p, q) => keys[p]! - keys[q]! || p - q);
     want.forEach((s, p) => {
       if (r.order[p] !== s || r.pos[s] !== p) throw new Error(`sorted position ${p}: entry ${r.order[p]}, expected ${s}`);
       for (let c = 0; c < D; c++) if (r.rows[p * D + c] !== x[Math.floor(s / K) * D + c]) throw new Error(`row ${p} differs`);
     });
     const w = Float32Array.from({ length: T * K }, (_, i) => (i % 5) / 5);
-    const y = a.cudaScatterAdd!(r.rows, r.pos, w, K) as Float32Array;
+    const y = a.cudaScatterAdd(r.rows, r.pos, w, K);
     for (let t = 0; t < T; t++)
       for (let c = 0; c < D; c++) {
         let s = 0;
@@ -138,7 +136,7 @@ async function runChecks(): Promise<Check[]> {
   }
 
   await check('NCCL with one rank: fingerprinted counts exchange and all-to-all', async () => {
-    const comm = await NcclCommunicator.init({ id: (a.ncclGetUniqueId as () => Uint8Array)(), rank: 0, size: 1, device: 0, timeoutMs: 60_000 });
+    const comm = await NcclCommunicator.init({ id: a.ncclGetUniqueId(), rank: 0, size: 1, device: 0, timeoutMs: 60_000 });
     try {
       const counts = await comm.allToAll({ op: 'fwd.counts', layer: 0, microBatch: 0 }, Tensor.from('i64', [1], [5]), [1], [1]);
       const x = Tensor.from('f32', [5, 3], Array.from({ length: 15 }, (_, i) => i));
@@ -153,7 +151,7 @@ async function runChecks(): Promise<Check[]> {
   await check('golden ep1_silu: a worker rank exchanging over NCCL (one GPU), CUDA kernels, within 1e-5', () =>
     goldenWithin('ep1_silu', { runRanks: actorRanks({ backend: 'cuda', exchange: 'nccl', timeoutMs: 120_000 }) }), out);
 
-  const devices = (a.cudaInfo!() as { devices: number }).devices;
+  const devices = (a.cudaInfo() as { devices: number }).devices;
   await check('golden ep1_silu: a launched rank (ep-actors rank: rendezvous, NCCL id, CUDA kernels) within 1e-5', () => launchedGolden('ep1_silu', 1), out);
   await check('golden ep2_relu_top1_skew: 2 launched ranks over NCCL, one GPU each', () => {
     if (devices < 2) throw new Skip(`needs 2 GPUs, this machine has ${devices}`);
@@ -199,10 +197,10 @@ export async function launchedGolden(name: string, n: number, how: readonly stri
 
 /** Last: a CUDA error may leave the context unusable for whatever runs after it. */
 async function runErrorCheck(out: Check[]): Promise<void> {
-  const a = requireNative() as unknown as Addon;
+  const a = requireNative();
   await check('a CUDA error surfaces as a JavaScript NativeError with the CUDA message', () => {
     try {
-      a.cudaCopy!(8n, 16n, 1 << 20);
+      a.cudaCopy(8n, 16n, 1 << 20);
     } catch (e) {
       if (e instanceof NativeError && e.code.startsWith('CUDA_ERROR_')) return `${e.code}: ${e.message}`;
       throw e;
@@ -212,16 +210,16 @@ async function runErrorCheck(out: Check[]): Promise<void> {
 }
 
 function runBenches(): Record<string, Record<string, number>> {
-  const a = requireNative() as unknown as Addon;
+  const a = requireNative();
   const res: Record<string, Record<string, number>> = {};
   for (const s of SHAPES) {
     const rows = (s.tokens * s.topK) / s.experts;
     for (const precision of ['bf16', 'f32'] as const) {
-      const r = a.cudaBench!('gemm', { precision, experts: s.experts, rowsPerExpert: rows, d: s.d, h: s.h, iters: 10 }) as Record<string, number>;
+      const r = a.cudaBench('gemm', { precision, experts: s.experts, rowsPerExpert: rows, d: s.d, h: s.h, iters: 10 });
       res[`gemm.${precision}.${s.name}`] = r;
       console.log(`bench gemm ${precision} ${s.name}: ${JSON.stringify(r)}`);
     }
-    const p = a.cudaBench!('permute', { tokens: s.tokens, topK: s.topK, experts: s.experts, d: s.d, iters: 20 }) as Record<string, number>;
+    const p = a.cudaBench('permute', { tokens: s.tokens, topK: s.topK, experts: s.experts, d: s.d, iters: 20 });
     res[`permute.${s.name}`] = p;
     console.log(`bench permute ${s.name}: ${JSON.stringify(p)}`);
   }
