@@ -24,7 +24,7 @@ export interface RoutedLayout extends Mesh {
   /** Explicit routing: per global rank, per micro-batch, per layer, the T·K global expert ids. */
   explicit?: number[][][][];
 }
-import { seededRng } from '../src/moe/random.js';
+import { mixSeed, seededRng } from '../src/moe/random.js';
 
 export type RoutingSpec =
   | { kind: 'uniform' }
@@ -110,7 +110,6 @@ export function checkExplicitRouting(s: Pick<RoutedLayout, 'ep' | 'dp' | 'expert
   });
 }
 
-const mix = (...xs: number[]) => xs.reduce((h, x) => Math.imul(h ^ (x + 0x9e3779b9), 0x85ebca6b) >>> 0, 0x12345678);
 
 /** Per scenario (treated as immutable once routed): its parsed generator and, per EP group, the experts its tokens may pick. */
 const plans = new WeakMap<RoutedLayout, { spec: RoutingSpec; allowed: Map<number, number[]> }>();
@@ -136,7 +135,7 @@ export function routeTokens(s: RoutedLayout, rank: number, microBatch: number, l
   const { spec, allowed } = planOf(s, Math.floor(rank / s.ep));
   if (spec.kind === 'explicit') return Int32Array.from(s.explicit![rank]?.[microBatch]?.[layer] ?? []);
   const tokens = spec.kind === 'empty' && spec.rank === rank ? 0 : s.tokens;
-  const rand = seededRng(mix(s.seed, rank, microBatch, layer));
+  const rand = seededRng(mixSeed(s.seed, rank, microBatch, layer));
   const weightOf = (e: number) => (spec.kind === 'zipf' ? 1 / (e + 1) ** spec.s : 1);
   const out = new Int32Array(tokens * s.topK);
   for (let t = 0; t < tokens; t++) {

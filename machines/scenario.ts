@@ -9,7 +9,7 @@ import { WRAP_POLICIES, type RankConfig, type WrapPolicy } from './rankMachine.j
 import { isVariantName, makeVariant, VARIANT_NAMES, type VariantName } from './variants.js';
 import { checkExplicitRouting, parseRouting, type RoutedLayout } from './routing.js';
 import type { FirstReady } from './driver.js';
-import { seededRng } from '../src/moe/random.js';
+import { mixSeed, seededRng } from '../src/moe/random.js';
 
 export interface Scenario extends RoutedLayout {
   fsdp: WrapPolicy | null;
@@ -174,9 +174,12 @@ export function rankConfig(s: Scenario, rank: number): RankConfig {
 }
 
 
+/** Salt that keeps the completion-order draw apart from the routing draw of the same seed, rank and layer call. */
+const FIRST_READY_STREAM = 1;
+
 /** The scenario's completion orders, or each drawn from its seed: arbitrary, but the same on every engine and every run. */
 export function firstReadyOf(s: Scenario): FirstReady {
   const table = s.firstReady;
   if (table) return (rank, layer, microBatch) => table[rank]?.[microBatch * s.layers + layer] ?? 'fsdp.reduce_scatter';
-  return (rank, layer, microBatch) => (seededRng((s.seed * 7919 + rank * 104729 + layer * 31 + microBatch) >>> 0)() < 0.5 ? 'bwd.dispatch' : 'fsdp.reduce_scatter');
+  return (rank, layer, microBatch) => (seededRng(mixSeed(s.seed, rank, microBatch, layer, FIRST_READY_STREAM))() < 0.5 ? 'bwd.dispatch' : 'fsdp.reduce_scatter');
 }

@@ -17,6 +17,11 @@ export function seededRng(seed: number): Rng {
   };
 }
 
+/** One 32-bit seed from several integers (a scenario's seed, a rank, a layer, …): each draw its own stream. */
+export function mixSeed(...xs: number[]): number {
+  return xs.reduce((h, x) => Math.imul(h ^ (x + 0x9e3779b9), 0x85ebca6b) >>> 0, 0x12345678);
+}
+
 /** Uniform integer in [0, n). */
 export function randInt(rng: Rng, n: number): number {
   return Math.floor(rng() * n);
