@@ -7,6 +7,7 @@ import * as assert from 'uvu/assert';
 import { simulateDes } from '../sim/des.js';
 import { VARIANT_NAMES } from '../machines/variants.js';
 import { disagreement, randomScenarios } from './differential.js';
+import type { Scenario } from '../machines/scenario.js';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -25,23 +26,19 @@ test('the random scenarios cover every variant, FSDP with each wrap policy, zero
   for (const v of ['ok', 'missing', 'mismatch', 'cycle']) assert.ok(verdicts.has(v as never), `some scenario gives ${v} (got ${[...verdicts].join(', ')})`);
 });
 
-test(`${onWorkers.length} random scenarios: worker ranks give the engine's verdict, communicator, position, culprits and hangs`, async () => {
+/** Every scenario through the engine and `engine`; each disagreement printed with the scenario that replays it. */
+async function allAgree(scenarios: readonly Scenario[], engine: 'actors' | 'processes'): Promise<void> {
   const failures: string[] = [];
-  for (const s of onWorkers) {
-    const d = await disagreement(s, 'actors');
+  for (const s of scenarios) {
+    const d = await disagreement(s, engine);
     if (d) failures.push(d);
   }
-  assert.ok(failures.length === 0, `${failures.length} of ${onWorkers.length} disagree:\n${failures.join('\n\n')}`);
-});
+  assert.ok(failures.length === 0, `${failures.length} of ${scenarios.length} disagree:\n${failures.join('\n\n')}`);
+}
 
-test(`${onProcesses.length} random scenarios: launched processes give the engine's verdict, communicator, position, culprits and hangs`, async () => {
-  const failures: string[] = [];
-  for (const s of onProcesses) {
-    const d = await disagreement(s, 'processes');
-    if (d) failures.push(d);
-  }
-  assert.ok(failures.length === 0, `${failures.length} of ${onProcesses.length} disagree:\n${failures.join('\n\n')}`);
-});
+test(`${onWorkers.length} random scenarios: worker ranks give the engine's verdict, communicator, position, culprits and hangs`, () => allAgree(onWorkers, 'actors'));
+
+test(`${onProcesses.length} random scenarios: launched processes give the engine's verdict, communicator, position, culprits and hangs`, () => allAgree(onProcesses, 'processes'));
 
 test('a completion-order counterexample from check --replay reproduces on all three engines', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'ep-replay-'));
