@@ -17,7 +17,7 @@ import { now, type Fault, type WorkerJob, type WorkerMessage } from './messages.
 import { type Scenario } from '../machines/scenario.js';
 import { freePort, rendezvous, type LaunchEnv, type Rendezvous } from './rendezvous.js';
 import { runRank } from './rankRun.js';
-import { acceptEarly, socketMesh, type Goodbye } from './socketPort.js';
+import { acceptEarly, socketMesh, type Goodbye, type PeerState } from './socketPort.js';
 import { runIdentity, type RefusedConnection, type RunIdentity } from './runIdentity.js';
 import { RANK_RECORD_VERSION, STALL, type RankRecord } from './rankRecord.js';
 import { generatedIndices, rankRouting } from '../machines/routing.js';
@@ -169,15 +169,23 @@ function runConnected<F extends FloatDType>(
   return new Promise<LaunchedRankResult<F>>((resolve, reject) => {
     let settled = false;
     let watchdog: NodeJS.Timeout | undefined;
-    let ports: Map<number, { goodbye(g: Goodbye): Promise<void> }> = new Map();
+    let ports: Map<number, { goodbye(g: Goodbye): Promise<void>; state(s: PeerState): void }> = new Map();
+    /** What each peer last said it does; a peer computes until it says otherwise (every step begins with routing). */
+    const peerState = new Map<number, PeerState>();
+    const computingMember = (w: { c: IssuedCollective }) => membersOf(w.c.comm).some((m) => m !== rank && !endedPeers.has(m) && (peerState.get(m) ?? 'computing') === 'computing');
     /** What this rank computes now (set when a collective completes), for a stall. */
     let computing = 'routing layer 0';
     const computeTimeoutMs = o.computeTimeoutMs ?? DEFAULT_COMPUTE_TIMEOUT_MS;
     const arm = () => {
       clearTimeout(watchdog);
       const w = waiting;
+      // Waiting: every collective limit, unless a member it waits on still computes (that member's compute limit holds it).
+      const check = (w: { c: IssuedCollective; position: number }) => () => {
+        if (computingMember(w)) watchdog = setTimeout(check(w), o.timeoutMs);
+        else fail(new LaunchedRankError(`timeout: rank ${rank} waits in ${describe(w)} and no member it waits on has computed or ended for ${o.timeoutMs} ms (collective limit)`));
+      };
       watchdog = w
-        ? setTimeout(() => fail(new LaunchedRankError(`timeout: rank ${rank} waited in ${describe(w)} for ${computeTimeoutMs + o.timeoutMs} ms (compute limit plus collective limit) and no peer reported why`)), computeTimeoutMs + o.timeoutMs)
+        ? setTimeout(check(w), o.timeoutMs)
         : setTimeout(() => fail(new LaunchedRankError(`${STALL}rank ${rank} has not returned from ${computing} for ${computeTimeoutMs} ms (compute limit)`)), computeTimeoutMs);
     };
     const messages: WorkerMessage[] = [];
@@ -211,6 +219,7 @@ function runConnected<F extends FloatDType>(
       if (m.type === 'issue' || m.type === 'completed' || m.type === 'paths' || m.type === 'finished') messages.push(m);
       switch (m.type) {
         case 'issue': {
+          ports.forEach((p) => p.state('waiting'));
           const position = issued[m.collective.comm] ?? 0;
           issued[m.collective.comm] = position + 1;
           waiting = { c: m.collective, position };
@@ -219,6 +228,7 @@ function runConnected<F extends FloatDType>(
           return;
         }
         case 'completed':
+          ports.forEach((p) => p.state('computing'));
           waiting = null;
           computing = m.next;
           arm();
@@ -250,6 +260,7 @@ function runConnected<F extends FloatDType>(
         ended(peer, () => new LaunchedRankError(`rank ${by} stopped: ${stopped}`, { rank: by, reason: stopped }));
       },
       refused: refusing.refused,
+      state: (peer, s) => peerState.set(peer, s),
     }, o.timeoutMs).then((mesh) => {
       ports = mesh;
       if (farewell) {

@@ -25,6 +25,14 @@ const LINGER_MS = 2000;
  * What a rank tells its peers when it ends: collectives it issued per communicator kind,
  * and, when it stopped on an error rather than finishing, what the error was.
  */
+/**
+ * What a peer is doing, as it tells its peers when it changes: a rank waiting in a collective
+ * is not hung while a member it waits on computes (that member's own compute limit holds it).
+ */
+export type PeerState = 'computing' | 'waiting';
+/** Second byte of a state frame (after GOODBYE's 0xc1, never valid msgpack). */
+const STATE_BYTE: Record<PeerState, number> = { computing: 0x01, waiting: 0x02 };
+
 export interface Goodbye {
   readonly issued: Readonly<Record<string, number>>;
   /** Why the run stopped, and which rank stopped it first (a rank passes on a peer's reason). */
@@ -37,6 +45,8 @@ export interface SocketEvents {
   broken(reason: string): void;
   /** The peer ended: finished its step, or stopped on an error (goodbye.stopped). */
   finished(goodbye: Goodbye): void;
+  /** The peer began computing, or began waiting in a collective. */
+  state?(state: PeerState): void;
 }
 
 export class SocketPort implements PeerPort {
@@ -87,6 +97,11 @@ export class SocketPort implements PeerPort {
     this.#listener = listener;
     for (const m of this.#backlog.splice(0)) listener(m);
     return this;
+  }
+
+  /** Tells the peer what this rank does now (a two-byte frame). */
+  state(s: PeerState): void {
+    this.postMessage(Uint8Array.of(GOODBYE, STATE_BYTE[s]));
   }
 
   /**
@@ -152,6 +167,7 @@ export class SocketPort implements PeerPort {
         this.#frame = null;
         this.#headerBytes = 0;
         if (frame[0] === GOODBYE && frame[1] === 0x7b /* '{' */) this.#goodbye(frame);
+        else if (frame[0] === GOODBYE && frame.byteLength === 2 && (frame[1] === STATE_BYTE.computing || frame[1] === STATE_BYTE.waiting)) this.events.state?.(frame[1] === STATE_BYTE.computing ? 'computing' : 'waiting');
         else if (this.#listener) this.#listener(frame);
         else this.#backlog.push(frame);
       }
@@ -184,6 +200,8 @@ export interface MeshEvents {
   finished(peer: number, goodbye: Goodbye): void;
   /** A connection the hello refused: someone not of this run, or not a rank that should dial here. */
   refused(r: RefusedConnection): void;
+  /** A peer began computing or waiting (optional: only the launched rank's watchdog listens). */
+  state?(peer: number, state: PeerState): void;
 }
 
 /**
@@ -229,6 +247,7 @@ export async function socketMesh(
     const eventsOf = (peer: number): SocketEvents => ({
       broken: (reason) => events.broken(peer, reason),
       finished: (goodbye) => events.finished(peer, goodbye),
+      state: (s) => events.state?.(peer, s),
     });
     const add = (peer: number, sock: Socket, rest: Buffer) => {
       if (over) return void sock.destroy();

@@ -60,4 +60,14 @@ test('a completion-order counterexample from check --replay reproduces on all th
   }
 });
 
+test('a slow healthy step is ok on every engine under a short collective limit: waiting for a computing peer is not a hang', async () => {
+  // The TypeScript kernels take well over a second a layer here; only collectives are held to --timeout 1000.
+  const flags = ['--ep', '2', '--experts', '4', '--top-k', '2', '--tokens', '2048', '--dim', '256', '--hidden', '512', '--backend', 'ts', '--timeout', '1000', '--json'];
+  for (const engine of ['actors', 'processes']) {
+    const r = await runCli(['sim', ...flags, '--engine', engine]);
+    assert.is(r.code, 0, `${engine}: ${r.stdout}${r.stderr}`);
+    assert.is(JSON.parse(r.stdout).verdict, 'ok');
+  }
+});
+
 test.run();

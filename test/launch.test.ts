@@ -164,6 +164,21 @@ test('a goodbye frame ends the connection quietly and reaches the peer with its 
   assert.equal(broken, []);
 });
 
+test('state frames tell a peer whether the rank computes or waits, and are never taken for data', async () => {
+  const a = fakeSocket();
+  const sender = new SocketPort(a as unknown as Socket, { broken: () => {}, finished: () => {} });
+  sender.state('waiting');
+  sender.postMessage(Uint8Array.of(9, 8, 7));
+  sender.state('computing');
+  const b = fakeSocket();
+  const states: string[] = [];
+  const data: number[][] = [];
+  new SocketPort(b as unknown as Socket, { broken: () => {}, finished: () => {}, state: (s) => states.push(s) }).on('message', (m) => data.push(Array.from(m as Uint8Array)));
+  b.emit('data', Buffer.concat(a.written));
+  assert.equal(states, ['waiting', 'computing']);
+  assert.equal(data, [[9, 8, 7]]);
+});
+
 test('after a goodbye, either way, nothing more is written; a peer that reads a stop and then a reset reports the stop', async () => {
   const a = fakeSocket();
   const left = new SocketPort(a as unknown as Socket, { broken: () => {}, finished: () => {} });
