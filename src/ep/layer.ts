@@ -9,7 +9,7 @@
 import { Tensor, toFloat64, toIndexArray, type DType, type FloatDType } from '../tensor.js';
 import { UsageError } from '../errors.js';
 import { floatTensor } from '../moe/experts.js';
-import { loadNative, type NativeAddon } from '../native/backend.js';
+import { gatherRows, routeGrad, ungroup, weightedScatterAdd, type Floats } from './rows.js';
 import type { CollectiveOp, CollectiveTag, Communicator, ExpertBackend, ExpertForward, ExpertWeights, PackedExperts } from './types.js';
 
 /**
@@ -140,88 +140,6 @@ function checkShape(t: Tensor, want: readonly number[], what: string): void {
   }
 }
 
-type Floats = Float32Array | Float64Array;
-
-// The row bookkeeping below runs on the one JS thread that serves every in-process rank;
-// as TypeScript loops it cost about 100 ms of CPU per EP step (ep=4, T=1024, D=256), a third
-// of the expert GEMMs. When the addon is loaded the same operations run there, with the same
-// arithmetic (f64 products and sums, one rounding, rows in order), so results do not
-// depend on which path ran; the loops remain for builds without the addon.
-let rowKernels: NativeAddon | null | undefined;
-function native(): NativeAddon | null {
-  if (rowKernels === undefined) rowKernels = loadNative();
-  return rowKernels;
-}
-
-/** dst row i ← src row index[i] (gather), or dst row index[i] ← src row i (scatter); times scale[i] when given. */
-function moveRows(src: Floats, index: Int32Array, D: number, dst: Floats, scale: Float64Array | null, scatter: boolean): void {
-  const addon = native();
-  if (addon && D > 0) {
-    addon.moveRows(src, D, index, dst, scale, scatter);
-    return;
-  }
-  const rows = (scatter ? dst.length : src.length) / D;
-  for (let i = 0; i < index.length; i++) {
-    const r = index[i]!;
-    if (!(r >= 0 && r < rows)) throw new Error(`row index ${r} outside [0, ${rows})`);
-    const s = (scatter ? i : r) * D;
-    const o = (scatter ? r : i) * D;
-    if (scale) {
-      const f = scale[i]!;
-      for (let d = 0; d < D; d++) dst[o + d] = f * src[s + d]!;
-    } else {
-      dst.set(src.subarray(s, s + D), o); // a memcpy: faster than an element loop
-    }
-  }
-}
-
-/** The rows of `t` in a new order: out[i] = t[index[i]] (times scale[i]). */
-function gatherRows<F extends DType>(t: Tensor<F>, index: Int32Array, scale: Float64Array | null = null): Tensor<F> {
-  const out = Tensor.zeros(t.dtype, [index.length, ...t.shape.slice(1)]);
-  moveRows(t.data as Floats, index, t.rowSize, out.data as Floats, scale, false);
-  return out;
-}
-
-/** out[token[p]] += weight[p] · rows[p] for p in order (rows of D values), in f64. */
-function weightedScatterAdd(rows: Floats, token_S: Int32Array, weight_S: Float64Array | null, D: number, out: Float64Array): void {
-  const addon = native();
-  if (addon && D > 0) {
-    addon.scatterAddF64(rows, D, token_S, weight_S, out);
-    return;
-  }
-  for (let p = 0; p < token_S.length; p++) {
-    const o = token_S[p]! * D;
-    const s = p * D;
-    if (weight_S) {
-      const w = weight_S[p]!;
-      for (let d = 0; d < D; d++) out[o + d] += w * rows[s + d]!;
-    } else {
-      for (let d = 0; d < D; d++) out[o + d] += rows[s + d]!;
-    }
-  }
-}
-
-/** gr[p] = w[p] · g[token[p]] (rounded once into gr's dtype); gw[entry[p]] = <g[token[p]], ret[p]> in f64. */
-function routeGrad(g: Floats, D: number, ret: Floats, token_S: Int32Array, entry_S: Int32Array, w_S: Float64Array, gr: Floats, gw: Float64Array): void {
-  const addon = native();
-  if (addon && D > 0) {
-    addon.routeGrad(g, D, ret, token_S, entry_S, w_S, gr, gw);
-    return;
-  }
-  for (let p = 0; p < token_S.length; p++) {
-    const o = token_S[p]! * D;
-    const s = p * D;
-    const w = w_S[p]!;
-    let dot = 0;
-    for (let d = 0; d < D; d++) {
-      const gv = g[o + d]!;
-      gr[s + d] = w * gv;
-      dot += gv * ret[s + d]!;
-    }
-    gw[entry_S[p]!] = dot;
-  }
-}
-
 export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: Tensor<F>, weights_TK: Tensor, indices_TK: Tensor): Promise<EpForwardResult<F>> {
   const { ep, rank } = epSize(ctx);
   const { start, count: N } = localExpertRange(ctx.numExperts, ep, rank);
@@ -301,13 +219,6 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
     T, D, K, sortOrder_S, sendCounts, recvCounts, byExpert_R, rowsPerExpert, rowScale_R, recvGrouped_RD, expertFwd, returned_SD, weights_S,
   });
   return { out_TD: floatTensor(x_TD.dtype, [T, D], out), saved };
-}
-
-/** Expert-grouped rows back in received order (row byExpert[q] ← grouped row q), times a per-row scale. */
-function ungroup<F extends FloatDType>(grouped_RD: Tensor<F>, byExpert_R: Int32Array, rowScale_R: Float64Array | null): Tensor<F> {
-  const out = Tensor.zeros(grouped_RD.dtype, grouped_RD.shape);
-  moveRows(grouped_RD.data as Floats, byExpert_R, grouped_RD.rowSize, out.data as Floats, rowScale_R, true);
-  return out;
 }
 
 export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved: EpSaved<F>, gradOut_TD: Tensor<F>): Promise<EpBackwardResult<F>> {
