@@ -1,12 +1,12 @@
 // Running a case file's ranks as worker-thread actors: each worker gets its rank's slice
 // (msgpack), runs the EP layer under its rank machine, and sends its results home.
-import type { CaseData, CaseMeta, RankLoop, RankResult } from '../src/case.js';
+import type { CaseData, RankLoop, RankResult } from '../src/case.js';
 import { encodeMessage, decodeMessage } from '../src/codec/msgpack.js';
 import type { ExpertWeights, PackedExperts } from '../src/ep/types.js';
 import { localExperts } from '../src/ep/layer.js';
 import { convertLayout } from '../src/moe/experts.js';
 import type { Tensor, FloatDType } from '../src/tensor.js';
-import { validateScenario, type Scenario } from '../machines/scenario.js';
+import { caseScenario } from '../machines/scenario.js';
 import { formatDiagnosis } from '../machines/diagnosis.js';
 import type { CaseRankJob } from './inputs.js';
 import { runActors, type RuntimeOptions } from './supervisor.js';
@@ -23,14 +23,6 @@ export interface CaseRankOutput {
 
 export class RuntimeVerdictError extends Error {
   override name = 'RuntimeVerdictError';
-}
-
-/** The scenario a case runs as: its layout, one layer, one micro-batch, the seed's protocol unless told otherwise. */
-export function caseScenario(meta: CaseMeta, variant: Scenario['variant'] = 'seed'): Scenario {
-  return validateScenario({
-    ep: meta.ep, dp: 1, experts: meta.numExperts, topK: meta.topK, dim: meta.dim, hidden: meta.hidden,
-    layers: 1, microBatches: 1, variant, packed: meta.packed, activation: meta.activation,
-  });
 }
 
 /** Each rank's slice of a case (its experts and tensors), msgpack-encoded for its worker. */

@@ -6,7 +6,7 @@ import { helpAsked, intOption, noPositionals, parse, requiredString, type Parsed
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { UsageError } from '../src/errors.js';
 import { caseMetadata, loadCase, type CaseData } from '../src/case.js';
-import { caseScenario } from '../actors/caseRanks.js';
+import { caseScenario } from '../machines/scenario.js';
 import type { Scenario } from '../machines/scenario.js';
 import { writeSafetensorsFileAtomic } from '../src/codec/safetensors.js';
 import { loadBackend, parseBackend } from '../src/backends.js';

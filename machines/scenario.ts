@@ -2,6 +2,7 @@
 // micro-batches), the routing generator and the variant. Both engines take one; `sim`,
 // `check --replay` and sweeps read and write it as JSON.
 import { totalmem } from 'node:os';
+import type { CaseMeta } from '../src/case.js';
 import { UsageError } from '../src/errors.js';
 import { ACTIVATIONS, type CollectiveOp } from '../src/ep/types.js';
 import { dpRankOf, epRankOf, worldSize } from './mesh.js';
@@ -182,4 +183,12 @@ export function firstReadyOf(s: Scenario): FirstReady {
   const table = s.firstReady;
   if (table) return (rank, layer, microBatch) => table[rank]?.[microBatch * s.layers + layer] ?? 'fsdp.reduce_scatter';
   return (rank, layer, microBatch) => (seededRng(mixSeed(s.seed, rank, microBatch, layer, FIRST_READY_STREAM))() < 0.5 ? 'bwd.dispatch' : 'fsdp.reduce_scatter');
+}
+
+/** The scenario a case runs as: its layout, one layer, one micro-batch, the seed's protocol unless told otherwise. */
+export function caseScenario(meta: CaseMeta, variant: Scenario['variant'] = 'seed'): Scenario {
+  return validateScenario({
+    ep: meta.ep, dp: 1, experts: meta.numExperts, topK: meta.topK, dim: meta.dim, hidden: meta.hidden,
+    layers: 1, microBatches: 1, variant, packed: meta.packed, activation: meta.activation,
+  });
 }

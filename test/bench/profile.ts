@@ -7,7 +7,8 @@
 import { BroadcastChannel } from 'node:worker_threads';
 import { median, type BenchRow } from './harness.js';
 import { DEFAULT_EP_OPTIONS, epStepCase, epStepLabel, pinKernelThreads } from './torch.js';
-import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
+import { casePayloads } from '../../actors/caseRanks.js';
+import { caseScenario } from '../../machines/scenario.js';
 import { runActors } from '../../actors/supervisor.js';
 import { PROFILE_CHANNEL, type CollectiveProfile } from '../../actors/transport.js';
 import type { ExchangeName } from '../../actors/exchanges.js';
