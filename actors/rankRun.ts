@@ -13,7 +13,8 @@ import { RankDriver } from './rankDriver.js';
 import { MeshCommunicator, PortMesh, type PeerPort } from './transport.js';
 import { stagingMemory } from './staging.js';
 import { requireNative } from '../src/native/backend.js';
-import type { Communicator } from '../src/ep/types.js';
+import type { Communicator, ExpertBackend } from '../src/ep/types.js';
+import { hungExpert, type Variant } from '../machines/variants.js';
 import { now, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankInputs, type RankStepInputs } from './inputs.js';
 import type { CaseRankOutput } from './caseRanks.js';
@@ -38,7 +39,7 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
   // issues outside the layer (FSDP, the metric all-reduce) stay on the mesh.
   const ep = job.exchange === 'nccl' ? await ncclCommunicator(job, cfg.epRank) : meshEp;
   const inputs: RankStepInputs = rankInputs(job);
-  const backend = await loadBackend(job.backend);
+  const backend = withKernelHang(cfg.variant, await loadBackend(job.backend));
   let how: 'done' | 'exited' = 'done';
   let driver: RankDriver | null = null;
   let result: Uint8Array | undefined;
@@ -56,6 +57,20 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
     post({ type: 'step', rank: job.rank, step, ms: performance.now() - t0 });
   }
   post({ type: 'finished', rank: job.rank, how, snapshot: driver!.wire(), result, at: now() });
+}
+
+/**
+ * Under kernel-hang, the expert backward as an unpadded grouped GEMM: when a local expert
+ * received no rows its K = 0 GEMM never returns (torchtitan #1118), so the layer's backward
+ * awaits forever and only the supervisor's compute limit (or a launcher's watchdog) ends it.
+ */
+function withKernelHang(variant: Variant, backend: ExpertBackend): ExpertBackend {
+  if (!variant.kernelHang) return backend;
+  return {
+    name: backend.name,
+    forward: (w, x, rows) => backend.forward(w, x, rows),
+    backward: (w, x, rows, fwd, gradY) => (hungExpert(variant, rows) === null ? backend.backward(w, x, rows, fwd, gradY) : new Promise<never>(() => {})),
+  };
 }
 
 async function ncclCommunicator(job: WorkerJob, epRank: number): Promise<Communicator> {

@@ -12,7 +12,7 @@
 // metric all-reduce.
 import { assign, setup } from 'xstate';
 import type { CollectiveOp } from '../src/ep/types.js';
-import type { Variant } from './variants.js';
+import { hungExpert, type Variant } from './variants.js';
 
 /** FSDP wrap policies: where the data-parallel collectives land relative to the EP ones. */
 export type WrapPolicy = 'block' | 'split' | 'experts';
@@ -99,9 +99,10 @@ export interface CollectiveMeta {
 
 /**
  * Kinds of state, as xstate tags, so engines ask what a rank is doing instead of matching
- * state paths: waiting for the layer's routing, computing its experts, or in a collective.
+ * state paths: waiting for the layer's routing, computing its experts (or stalled in a compute
+ * that never returns), or in a collective.
  */
-export const STATE_TAGS = { routing: 'routing', computing: 'computing', collective: 'collective' } as const;
+export const STATE_TAGS = { routing: 'routing', computing: 'computing', collective: 'collective', stalled: 'stalled' } as const;
 
 const collective = (meta: Omit<CollectiveMeta, 'issuer'>) => ({
   tags: [STATE_TAGS.collective],
@@ -145,6 +146,9 @@ export function dataSplits(ctx: RankContext): { send: number[]; recv: number[] }
   return { send: [...f.sendCounts], recv: [...(f.recvCounts ?? f.sendCounts.map(() => 0))] };
 }
 
+/** Under kernel-hang, the local expert (index on this rank) whose backward GEMM never returns in the current layer, else null. */
+const stalledExpert = (ctx: RankContext) => hungExpert(ctx.cfg.variant, currentFacts(ctx).rowsPerExpert ?? []);
+
 /** The router recorded into the aux-loss tracker: it routed tokens in some layer of the last micro-batch. */
 const routedTokens = (ctx: RankContext) => ctx.facts.some((f) => f !== null && f.tokens > 0);
 
@@ -179,6 +183,7 @@ export const rankMachine = setup({
     dispatchReadyFirst: ({ context: c, event }) =>
       c.cfg.variant.completionOrder && event.type === 'compute.done' && event.firstReady === 'bwd.dispatch' && c.cfg.fsdp === 'experts' && expertsWithGrads(c) > 0,
     logsLayerMetric: ({ context: c }) => c.cfg.variant.layerMetric,
+    zeroRowExpertHangsKernel: ({ context: c }) => stalledExpert(c) !== null,
   },
   actions: {
     recordRouting: assign(({ context: c, event }) => {
@@ -232,6 +237,10 @@ export const rankMachine = setup({
     noteForcedMetric: assign(({ context: c }) =>
       routedTokens(c) ? {} : decide(c, { guard: 'logsLayerMetric', held: true, skipped: [], fact: `rank ${c.cfg.rank} routed no tokens this step, so its aux-loss tracker was force-initialized with ${c.cfg.layers} slots, without the MTP slot` }),
     ),
+    noteKernelHang: assign(({ context: c }) => {
+      const expert = stalledExpert(c)! + c.cfg.epRank * (c.cfg.numExperts / c.cfg.ep);
+      return decide(c, { guard: 'zeroRowExpertHangsKernel', held: true, skipped: [], fact: `expert ${expert} of rank ${c.cfg.rank} received 0 rows ${where(c, 'forward')}, so its grouped GEMM runs with K = 0 in the expert backward` });
+    }),
     noteFailure: assign(({ event }) => ({ failure: event.type === 'rank.failed' ? event.error : event.type === 'supervisor.abort' ? event.reason : null })),
   },
 }).createMachine({
@@ -311,6 +320,7 @@ export const rankMachine = setup({
         combine: { ...collective({ op: 'bwd.combine', comm: 'ep' }), on: { 'collective.done': { target: 'expertBackward', actions: 'recordExchange' } } },
         expertBackward: {
           tags: [STATE_TAGS.computing],
+          always: { guard: 'zeroRowExpertHangsKernel', target: 'kernelHung', actions: 'noteKernelHang' },
           on: {
             'compute.done': [
               { guard: 'dispatchReadyFirst', target: 'dispatchFirst', actions: 'noteDispatchFirst' },
@@ -320,6 +330,8 @@ export const rankMachine = setup({
             ],
           },
         },
+        // The expert backward never returns: no event leaves this state but an abort.
+        kernelHung: { tags: [STATE_TAGS.computing, STATE_TAGS.stalled] },
         expertsReduceScatter: {
           ...collective({ op: 'fsdp.reduce_scatter', comm: 'dp', unit: 'experts' }),
           on: { 'collective.done': { target: 'dispatchChoice', actions: 'recordExchange' } },

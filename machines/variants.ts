@@ -2,7 +2,7 @@
 // real hazard each safety exists for. The rank machine's guards read these flags; nothing
 // else branches on the variant name.
 
-export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric'] as const;
+export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric', 'kernel-hang'] as const;
 export type VariantName = (typeof VARIANT_NAMES)[number];
 
 export interface Variant {
@@ -21,6 +21,8 @@ export interface Variant {
   readonly completionOrder: boolean;
   /** An aux-loss metric all-reduce sized layers + 1 where the router recorded, layers where it was force-initialized. */
   readonly layerMetric: boolean;
+  /** A local expert that received no rows runs its backward grouped GEMM with K = 0, which never returns (torchtitan #1118). */
+  readonly kernelHang: boolean;
   /** One sentence: which safety is gone and what that does. */
   readonly rule: string;
 }
@@ -34,6 +36,7 @@ const SEED: Variant = {
   localCapacity: null,
   completionOrder: false,
   layerMetric: false,
+  kernelHang: false,
   rule: 'the seed keeps every collective on every rank',
 };
 
@@ -88,7 +91,21 @@ export function makeVariant(name: VariantName, opts: VariantOptions = {}): Varia
         layerMetric: true,
         rule: 'variant layer-metric all-reduces an aux-loss metric sized by the layers the router recorded (plus one MTP slot) on some ranks and force-initialized without it on ranks that routed nothing',
       };
+    case 'kernel-hang':
+      return {
+        ...SEED,
+        name,
+        kernelHang: true,
+        rule: 'variant kernel-hang runs the expert backward as one grouped GEMM without padding, so a local expert with 0 rows gives a K = 0 GEMM that never returns',
+      };
   }
+}
+
+/** Under kernel-hang, the local expert whose 0 rows make the backward GEMM never return (the first such), else null. */
+export function hungExpert(v: Variant, rowsPerExpert: readonly number[]): number | null {
+  if (!v.kernelHang) return null;
+  const i = rowsPerExpert.indexOf(0);
+  return i < 0 ? null : i;
 }
 
 export function isVariantName(s: string): s is VariantName {

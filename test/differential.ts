@@ -75,7 +75,8 @@ export function verdictOf(d: Diagnosis) {
 
 async function runOn(engine: EngineName, s: Scenario): Promise<{ diagnosis: Diagnosis; ledger: readonly LedgerEntry[] }> {
   if (engine === 'des') return simulateDes(s);
-  if (engine === 'actors') return runActors(s, { timeoutMs: 30_000 });
+  // A stall (kernel-hang) is found by the compute limit: short, yet far above what these small layers compute.
+  if (engine === 'actors') return runActors(s, { timeoutMs: 30_000, computeTimeoutMs: 5_000 });
   return runScenarioOnProcesses(s, ['--timeout', '30000']);
 }
 

@@ -8,6 +8,8 @@ export interface CorpusCase {
   /** Where the bug was seen and fixed. */
   readonly source: string;
   readonly what: string;
+  /** How real code avoids it: the fix the source's maintainers made, in one line. */
+  readonly fix: string;
   readonly scenario: Scenario;
   readonly expected: VerdictKind;
 }
@@ -19,6 +21,7 @@ export const CORPUS: readonly CorpusCase[] = [
     name: 'zero-token-rank-skips-bwd-dispatch',
     source: "the seed's own comment (received_tokens.sum()*0); fixed alike in Megatron-LM and PaddleFormers",
     what: 'a rank that received no rows has no autograd edge to B′, so it skips bwd.dispatch while its peers wait in it',
+    fix: 'keep B′ in the autograd graph on every rank with received_tokens.sum()*0, as the seed does',
     scenario: { ep: 4, experts: 8, routing: 'starve:1', variant: 'no-dispatch-edge' },
     expected: 'missing',
   }),
@@ -26,6 +29,7 @@ export const CORPUS: readonly CorpusCase[] = [
     name: 'unused-experts-fire-no-grad-hook',
     source: 'DeepSpeed #4808',
     what: "experts that got no rows fire no gradient hook, so one data-parallel rank's FSDP reduce-scatter leaves their parameters out",
+    fix: 'give every expert parameter a gradient (zero contributions from unused experts), so every hook fires and the reduce-scatter has one size',
     scenario: { ep: 2, dp: 2, experts: 4, fsdp: 'block', routing: 'starve:1', variant: 'no-unused-expert-grads' },
     expected: 'mismatch',
   }),
@@ -33,6 +37,7 @@ export const CORPUS: readonly CorpusCase[] = [
     name: 'zero-byte-send-skipped',
     source: 'old NCCL versions that could not send zero bytes; callers skipped the all-to-all',
     what: 'a rank with no tokens skips the exchanges in which it has nothing to send',
+    fix: 'issue every all-to-all even with zero rows to send (NCCL accepts zero-byte sends)',
     scenario: { ep: 4, experts: 8, routing: 'empty:2', variant: 'skip-empty-sends' },
     expected: 'mismatch',
   }),
@@ -40,6 +45,7 @@ export const CORPUS: readonly CorpusCase[] = [
     name: 'capacity-from-local-counts',
     source: 'DeepSpeed #6809',
     what: 'all-to-all splits padded to a capacity computed from the local token count disagree between ranks holding different counts',
+    fix: 'size the capacity from a global token count (an all-reduce of the counts) so every rank pads to the same splits',
     scenario: { ep: 4, experts: 8, routing: 'empty:3', variant: 'local-capacity' },
     expected: 'mismatch',
   }),
@@ -47,6 +53,7 @@ export const CORPUS: readonly CorpusCase[] = [
     name: 'rank-stops-calling-the-layer',
     source: 'DeepSpeed #6634',
     what: 'in generation with unequal lengths one rank stops calling the MoE layer while its peers still exchange',
+    fix: 'keep calling the MoE layer with zero tokens until every rank has finished generating (synced GPUs)',
     scenario: { ep: 4, experts: 8, layers: 2, variant: 'early-exit' },
     expected: 'missing',
   }),
@@ -54,6 +61,7 @@ export const CORPUS: readonly CorpusCase[] = [
     name: 'two-ready-collectives-in-completion-order',
     source: 'Megatron-LM #1810',
     what: 'one expert backward makes B′ (ep) and the experts reduce-scatter (dp) ready at once; ranks issue them in the order their completions land, crossing communicators',
+    fix: 'issue the collectives in program order on one stream, each gated by its own event, not in the order completions land',
     scenario: { ep: 2, dp: 2, experts: 4, fsdp: 'experts', variant: 'completion-order', firstReady: [['bwd.dispatch'], ['fsdp.reduce_scatter'], ['fsdp.reduce_scatter'], ['bwd.dispatch']] },
     expected: 'cycle',
   }),
@@ -61,6 +69,7 @@ export const CORPUS: readonly CorpusCase[] = [
     name: 'reduce-scatter-between-ep-backward-all-to-alls',
     source: "KempnerForge's split wrap policy (attention and MoE MLP as separate FSDP units)",
     what: 'with the experts as their own FSDP unit, its reduce-scatter lands between D′ and B′; a rank whose experts got no gradient skips it and waits in B′ while its dp peer waits in the reduce-scatter, around both communicators',
+    fix: 'wrap the experts with the rest of the block in one FSDP unit, or keep zero gradients for unused experts so the unit always reduce-scatters',
     // Every row of dp group 0 goes to EP rank 0's experts, every row of group 1 to EP rank 1's:
     // ranks 1 and 2 skip the reduce-scatter, so 0 → 2 (dp) → 3 (ep) → 1 (dp) → 0 (ep).
     scenario: { ep: 2, dp: 2, experts: 4, fsdp: 'experts', routing: 'explicit', explicit: [[[[0, 1, 0, 1]]], [[[0, 1, 0, 1]]], [[[2, 3, 2, 3]]], [[[2, 3, 2, 3]]]], variant: 'no-unused-expert-grads' },
@@ -70,7 +79,16 @@ export const CORPUS: readonly CorpusCase[] = [
     name: 'metric-all-reduce-sized-by-layers',
     source: 'Megatron-LM #3401',
     what: 'the aux-loss tracker is all-reduced with one slot per layer plus an MTP slot where the router recorded, without it where it was force-initialized',
+    fix: 'initialize the aux-loss tracker with the same slots on every rank before the all-reduce',
     scenario: { ep: 4, experts: 8, layers: 2, routing: 'empty:2', variant: 'layer-metric' },
     expected: 'mismatch',
+  }),
+  make({
+    name: 'zero-row-expert-gemm-never-returns',
+    source: 'torchtitan #1118, fixed in PR #1166',
+    what: 'a local expert that received no rows runs its backward grouped GEMM with K = 0 and the kernel never returns; the peers wait in bwd.dispatch, which is a stall in compute, not a collective mismatch',
+    fix: 'pad every expert to at least one (alignment-sized) row before the grouped GEMM, so no GEMM has K = 0 (torchtitan PR #1166)',
+    scenario: { ep: 4, experts: 8, routing: 'starve:1', variant: 'kernel-hang' },
+    expected: 'stall',
   }),
 ];

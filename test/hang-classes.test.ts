@@ -1,0 +1,45 @@
+// The hang classes of issue 16, each on the discrete-event engine and worker ranks: the
+// verdict and culprit it must give, the guard its cause quotes, and the same layout under
+// the seed variant running ok.
+import { test } from 'uvu';
+import * as assert from 'uvu/assert';
+import { simulateDes } from '../sim/des.js';
+import { runActors } from '../actors/supervisor.js';
+import { validateScenario, type Scenario } from '../machines/scenario.js';
+import { verdictOf } from './differential.js';
+
+const both = async (s: Scenario, computeTimeoutMs = 4000) => ({ des: simulateDes(s).diagnosis, actors: (await runActors(s, { computeTimeoutMs })).diagnosis });
+
+test('kernel-hang: a rank whose local expert got 0 rows stalls in its expert backward, named with the expert, on both engines; never a collective finding', async () => {
+  const s = validateScenario({ ep: 4, experts: 8, routing: 'starve:1', variant: 'kernel-hang' });
+  const { des, actors } = await both(s, 1500);
+  assert.is(des.verdict, 'stall', des.cause);
+  assert.equal([...des.culprits], [1]);
+  assert.equal([des.communicator, des.position, des.hangs], [null, null, undefined]);
+  assert.match(des.cause, /rank 1 has not returned from the expert backward of layer 0, which never returns: expert 2 of rank 1 received 0 rows .*guard zeroRowExpertHangsKernel/);
+  assert.match(des.cause, /ranks 0, 2, 3 wait for it in their collectives/);
+  assert.is(des.ranks[1]!.state, 'backward.kernelHung');
+  assert.equal(verdictOf(actors), verdictOf(des), actors.cause);
+  // The worker's layer really did not return: the compute limit found it, quoting the same guard.
+  assert.match(actors.cause, /rank 1 has not returned from the expert backward of layer 0, which never returns: expert 2 .*for \d+ ms \(compute limit 1500 ms\)/);
+});
+
+test('kernel-hang: every expert receiving rows is ok, and the starved layout under seed is ok', async () => {
+  const fed = validateScenario({ ep: 2, experts: 2, topK: 2, tokens: 8, variant: 'kernel-hang' });
+  const seed = validateScenario({ ep: 4, experts: 8, routing: 'starve:1', variant: 'seed' });
+  for (const s of [fed, seed]) {
+    const { des, actors } = await both(s);
+    assert.is(des.verdict, 'ok', des.cause);
+    assert.is(actors.verdict, 'ok', actors.cause);
+  }
+});
+
+test('kernel-hang: two stalled ranks in two data-parallel replicas are both named, after every other rank blocked', async () => {
+  const s = validateScenario({ ep: 2, dp: 2, experts: 4, fsdp: 'block', routing: 'explicit', explicit: [[[[0, 1, 0, 1]]], [[[0, 1, 0, 1]]], [[[2, 3, 2, 3]]], [[[2, 3, 2, 3]]]], variant: 'kernel-hang' });
+  const { des, actors } = await both(s);
+  assert.is(des.verdict, 'stall', des.cause);
+  assert.equal([...des.culprits], [1, 2]);
+  assert.equal(verdictOf(actors), verdictOf(des), actors.cause);
+});
+
+test.run();
