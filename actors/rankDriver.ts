@@ -135,7 +135,7 @@ export class RankDriver implements LayerProtocol {
       // Stand-in payloads of the collective's size: what matters here is who issues what.
       const size = issued.size ?? 0;
       let received: Tensor;
-      if (issued.op === 'fsdp.all_gather') received = await comm.allGather(tag, Tensor.zeros('f32', [Math.ceil(size / comm.size)]));
+      if (issued.op === 'fsdp.all_gather' || issued.op === 'grad.all_gather') received = await comm.allGather(tag, Tensor.zeros('f32', [Math.ceil(size / comm.size)]));
       else if (issued.op === 'fsdp.reduce_scatter') received = await comm.reduceScatter(tag, Tensor.zeros('f32', [size]));
       else received = await comm.allReduce(tag, Tensor.zeros('f32', [size]));
       await this.completed(tag, received);

@@ -8,8 +8,8 @@
 // Step shape: for each micro-batch, forward over layers 0..L-1 (route, A fwd.counts,
 // B fwd.dispatch, C fwd.expert_ids, expert compute, D fwd.combine), then backward over
 // layers L-1..0 (FSDP all-gather, D' bwd.combine, expert backward, B' bwd.dispatch, FSDP
-// reduce-scatters as the wrap policy places them), then, under layer-metric, the aux-loss
-// metric all-reduce.
+// reduce-scatters as the wrap policy places them), then, under wrong-group, the experts'
+// gradient all-gather and, under layer-metric, the aux-loss metric all-reduce.
 import { assign, setup } from 'xstate';
 import type { CollectiveOp } from '../src/ep/types.js';
 import { hungExpert, type Variant } from './variants.js';
@@ -104,9 +104,12 @@ export interface CollectiveMeta {
  */
 export const STATE_TAGS = { routing: 'routing', computing: 'computing', collective: 'collective', stalled: 'stalled' } as const;
 
+/** Collectives of the step outside the EP layer, on the ep communicator: the driver issues them. */
+const STEP_OPS: readonly CollectiveOp[] = ['metric.all_reduce', 'grad.all_gather'];
+
 const collective = (meta: Omit<CollectiveMeta, 'issuer'>) => ({
   tags: [STATE_TAGS.collective],
-  meta: { collective: { ...meta, issuer: meta.comm === 'dp' || meta.op === 'metric.all_reduce' ? 'driver' : 'layer' } satisfies CollectiveMeta },
+  meta: { collective: { ...meta, issuer: meta.comm === 'dp' || STEP_OPS.includes(meta.op) ? 'driver' : 'layer' } satisfies CollectiveMeta },
 });
 
 export function currentFacts(ctx: RankContext): LayerFacts {
@@ -184,6 +187,8 @@ export const rankMachine = setup({
       c.cfg.variant.completionOrder && event.type === 'compute.done' && event.firstReady === 'bwd.dispatch' && c.cfg.fsdp === 'experts' && expertsWithGrads(c) > 0,
     logsLayerMetric: ({ context: c }) => c.cfg.variant.layerMetric,
     zeroRowExpertHangsKernel: ({ context: c }) => stalledExpert(c) !== null,
+    gathersExpertGradsOnOwnGroup: ({ context: c }) => c.cfg.variant.wrongGroup !== null && c.cfg.variant.wrongGroup.rank !== c.cfg.epRank,
+    gathersExpertGradsOnDpGroup: ({ context: c }) => c.cfg.variant.wrongGroup?.rank === c.cfg.epRank,
   },
   actions: {
     recordRouting: assign(({ context: c, event }) => {
@@ -241,6 +246,14 @@ export const rankMachine = setup({
       const expert = stalledExpert(c)! + c.cfg.epRank * (c.cfg.numExperts / c.cfg.ep);
       return decide(c, { guard: 'zeroRowExpertHangsKernel', held: true, skipped: [], fact: `expert ${expert} of rank ${c.cfg.rank} received 0 rows ${where(c, 'forward')}, so its grouped GEMM runs with K = 0 in the expert backward` });
     }),
+    noteWrongGroup: assign(({ context: c }) =>
+      decide(c, {
+        guard: 'gathersExpertGradsOnOwnGroup',
+        held: false,
+        skipped: ['grad.all_gather'],
+        fact: `rank ${c.cfg.rank} all-gathers its experts' gradients on its dp communicator, not on its ep communicator where its EP peers gather them`,
+      }),
+    ),
     noteFailure: assign(({ event }) => ({ failure: event.type === 'rank.failed' ? event.error : event.type === 'supervisor.abort' ? event.reason : null })),
   },
 }).createMachine({
@@ -375,11 +388,17 @@ export const rankMachine = setup({
           always: [
             { guard: 'moreLayersBackward', target: 'layerStart', actions: 'previousLayer' },
             { guard: 'moreMicroBatches', target: '#rank.forward', actions: 'nextMicroBatch' },
-            { guard: 'logsLayerMetric', target: '#rank.metricAllReduce', actions: 'noteForcedMetric' },
-            { target: '#rank.done' },
+            { guard: 'gathersExpertGradsOnDpGroup', target: '#rank.gradGatherOnDp', actions: 'noteWrongGroup' },
+            { guard: 'gathersExpertGradsOnOwnGroup', target: '#rank.gradGather' },
+            { target: '#rank.stepEnd' },
           ],
         },
       },
+    },
+    gradGather: { ...collective({ op: 'grad.all_gather', comm: 'ep' }), on: { 'collective.done': { target: 'stepEnd', actions: 'clearTrail' } } },
+    gradGatherOnDp: { ...collective({ op: 'grad.all_gather', comm: 'dp' }), on: { 'collective.done': { target: 'stepEnd', actions: 'clearTrail' } } },
+    stepEnd: {
+      always: [{ guard: 'logsLayerMetric', target: 'metricAllReduce', actions: 'noteForcedMetric' }, { target: 'done' }],
     },
     metricAllReduce: { ...collective({ op: 'metric.all_reduce', comm: 'ep' }), on: { 'collective.done': { target: 'done', actions: 'clearTrail' } } },
     done: { type: 'final' },

@@ -20,6 +20,8 @@ export interface Scenario extends RoutedLayout {
   earlyExitRank?: number;
   earlyExitAfterLayers?: number;
   capacityFactor?: number;
+  /** wrong-group: the EP rank that gathers the experts' gradients on its dp communicator. */
+  wrongGroupRank?: number;
   packed: boolean;
   activation: 'silu' | 'gelu' | 'relu';
   /**
@@ -49,7 +51,7 @@ export const DEFAULT_SCENARIO: Scenario = {
 };
 
 /** Every field a scenario file may hold; firstReady is the issue order `check --replay` found (sim/explorer.ts). */
-export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'explicit', 'firstReady'];
+export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'wrongGroupRank', 'explicit', 'firstReady'];
 
 /** Refuses a key of `obj` outside `known`, naming it and the known key it resembles (a typo must not run on defaults). */
 export function checkKeys(obj: object, known: readonly string[], where: string): void {
@@ -102,6 +104,8 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   if (s.fsdp !== null && !WRAP_POLICIES.includes(s.fsdp)) throw new UsageError(`unknown FSDP wrap policy '${s.fsdp}'; one of ${WRAP_POLICIES.join(', ')}`);
   if (s.fsdp !== null && s.dp < 2) throw new UsageError(`FSDP needs a data-parallel dimension: dp must be at least 2, got ${s.dp}`);
   if (s.earlyExitRank !== undefined && (s.earlyExitRank < 0 || s.earlyExitRank >= s.ep)) throw new UsageError(`earlyExitRank must be an EP rank in [0, ${s.ep}), got ${s.earlyExitRank}`);
+  if (s.wrongGroupRank !== undefined && (!Number.isSafeInteger(s.wrongGroupRank) || s.wrongGroupRank < 0 || s.wrongGroupRank >= s.ep)) throw new UsageError(`wrongGroupRank must be an EP rank in [0, ${s.ep}), got ${s.wrongGroupRank}`);
+  if (s.variant === 'wrong-group' && s.dp < 2) throw new UsageError(`variant wrong-group issues a collective on the data-parallel communicator: dp must be at least 2, got ${s.dp}`);
   if (s.firstReady !== undefined) {
     const ok = Array.isArray(s.firstReady) && s.firstReady.length === s.ep * s.dp && s.firstReady.every((row) => Array.isArray(row) && row.length === s.layers * s.microBatches && row.every((o) => o === 'bwd.dispatch' || o === 'fsdp.reduce_scatter'));
     if (!ok) throw new UsageError(`firstReady must list, for each of the ${s.ep * s.dp} ranks, ${s.layers * s.microBatches} entries of 'bwd.dispatch' or 'fsdp.reduce_scatter' (one per layer call)`);
@@ -169,6 +173,7 @@ export function rankConfig(s: Scenario, rank: number): RankConfig {
       earlyExitRank: s.earlyExitRank ?? s.ep - 1,
       earlyExitAfterLayers: s.earlyExitAfterLayers,
       capacityFactor: s.capacityFactor,
+      wrongGroupRank: s.wrongGroupRank ?? s.ep - 1,
     }),
   };
 }

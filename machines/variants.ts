@@ -2,7 +2,7 @@
 // real hazard each safety exists for. The rank machine's guards read these flags; nothing
 // else branches on the variant name.
 
-export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric', 'kernel-hang'] as const;
+export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric', 'kernel-hang', 'wrong-group'] as const;
 export type VariantName = (typeof VARIANT_NAMES)[number];
 
 export interface Variant {
@@ -23,6 +23,11 @@ export interface Variant {
   readonly layerMetric: boolean;
   /** A local expert that received no rows runs its backward grouped GEMM with K = 0, which never returns (torchtitan #1118). */
   readonly kernelHang: boolean;
+  /**
+   * The experts' gradients are all-gathered at the step's end; `rank` (an EP rank, in every
+   * replica) issues it on its dp communicator instead of its ep one (Megatron-Bridge #1363).
+   */
+  readonly wrongGroup: { readonly rank: number } | null;
   /** One sentence: which safety is gone and what that does. */
   readonly rule: string;
 }
@@ -37,6 +42,7 @@ const SEED: Variant = {
   completionOrder: false,
   layerMetric: false,
   kernelHang: false,
+  wrongGroup: null,
   rule: 'the seed keeps every collective on every rank',
 };
 
@@ -46,6 +52,8 @@ export interface VariantOptions {
   earlyExitAfterLayers?: number;
   /** local-capacity: the capacity factor (default 1.0). */
   capacityFactor?: number;
+  /** wrong-group: the EP rank that gathers on the dp communicator (default ep-1). */
+  wrongGroupRank?: number;
 }
 
 export function makeVariant(name: VariantName, opts: VariantOptions = {}): Variant {
@@ -97,6 +105,13 @@ export function makeVariant(name: VariantName, opts: VariantOptions = {}): Varia
         name,
         kernelHang: true,
         rule: 'variant kernel-hang runs the expert backward as one grouped GEMM without padding, so a local expert with 0 rows gives a K = 0 GEMM that never returns',
+      };
+    case 'wrong-group':
+      return {
+        ...SEED,
+        name,
+        wrongGroup: { rank: opts.wrongGroupRank ?? -1 },
+        rule: "variant wrong-group all-gathers the experts' gradients at the step's end on the communicator of another parallel dimension on one EP rank (expert-tensor-parallel size ≠ tensor-parallel size picked the dense group)",
       };
   }
 }

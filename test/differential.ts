@@ -31,9 +31,10 @@ export function randomScenario(rng: Rng): Scenario {
 function drawScenario(rng: Rng): Scenario {
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rng() * xs.length)]!;
   const ep = pick([1, 2, 2, 3, 4, 4]);
-  const dp = pick([1, 2]);
-  const experts = ep * pick([1, 2, 3]);
   const variant = pick(VARIANT_NAMES);
+  // wrong-group needs a data-parallel communicator to issue on.
+  const dp = variant === 'wrong-group' ? 2 : pick([1, 2]);
+  const experts = ep * pick([1, 2, 3]);
   const fsdp = dp > 1 ? pick([null, ...WRAP_POLICIES, 'experts' as const]) : null;
   const layers = pick([1, 1, 2, 3]);
   const zeroRank = Math.floor(rng() * ep * dp);
@@ -53,6 +54,7 @@ function drawScenario(rng: Rng): Scenario {
     packed: rng() < 0.5,
     ...(variant === 'early-exit' ? { earlyExitRank: Math.floor(rng() * ep), earlyExitAfterLayers: 1 + Math.floor(rng() * layers * 2) } : {}),
     ...(variant === 'local-capacity' ? { capacityFactor: pick([1, 1.25, 2]) } : {}),
+    ...(variant === 'wrong-group' ? { wrongGroupRank: Math.floor(rng() * ep) } : {}),
     seed: Math.floor(rng() * 1e9),
   });
 }

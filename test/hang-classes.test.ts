@@ -42,4 +42,22 @@ test('kernel-hang: two stalled ranks in two data-parallel replicas are both name
   assert.equal(verdictOf(actors), verdictOf(des), actors.cause);
 });
 
+test('wrong-group: the rank that gathers on its dp communicator is the missing member of every ep group; the cause quotes the guard; seed is ok', async () => {
+  const s = validateScenario({ ep: 4, dp: 2, experts: 8, fsdp: 'block', variant: 'wrong-group', wrongGroupRank: 1 });
+  const { des, actors } = await both(s);
+  assert.equal([des.verdict, des.communicator, [...des.culprits]], ['missing', 'ep[dp=0]', [1]], des.cause);
+  assert.equal(des.hangs?.map((h) => [h.communicator, [...h.culprits]]), [['ep[dp=0]', [1]], ['ep[dp=1]', [5]]]);
+  assert.match(des.cause, /rank 1 all-gathers its experts' gradients on its dp communicator.*variant wrong-group .* so rank 1 skipped grad\.all_gather/);
+  const decision = simulateDes(s).snapshots[1]!.context.skips.at(-1)!;
+  assert.equal([decision.guard, decision.held], ['gathersExpertGradsOnOwnGroup', false]);
+  assert.equal(verdictOf(actors), verdictOf(des), actors.cause);
+  const seed = await both({ ...s, variant: 'seed' });
+  assert.equal([seed.des.verdict, seed.actors.verdict], ['ok', 'ok']);
+});
+
+test('wrong-group needs a dp communicator: dp = 1 is refused with one line', () => {
+  assert.throws(() => validateScenario({ ep: 4, experts: 8, variant: 'wrong-group' }), /variant wrong-group .* dp must be at least 2, got 1/);
+  assert.throws(() => validateScenario({ ep: 4, dp: 2, experts: 8, variant: 'wrong-group', wrongGroupRank: 4 }), /wrongGroupRank must be an EP rank in \[0, 4\), got 4/);
+});
+
 test.run();

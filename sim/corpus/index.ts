@@ -91,4 +91,12 @@ export const CORPUS: readonly CorpusCase[] = [
     scenario: { ep: 4, experts: 8, routing: 'starve:1', variant: 'kernel-hang' },
     expected: 'stall',
   }),
+  make({
+    name: 'expert-grads-gathered-on-the-wrong-group',
+    source: 'Megatron-Bridge #1363, fixed in #1380',
+    what: "LoRA on the expert fc1/fc2 with expert-tensor-parallel size ≠ tensor-parallel size all-gathers the experts' gradients on a communicator of another parallel dimension, so its EP peers wait in a gather it never joins",
+    fix: "take the expert layers' process group from the expert parallel state (the expert-tensor-parallel group), never the dense tensor-parallel one (Megatron-Bridge #1380)",
+    scenario: { ep: 4, dp: 2, experts: 8, variant: 'wrong-group' },
+    expected: 'missing',
+  }),
 ];

@@ -17,6 +17,7 @@ export type CollectiveOp =
   | 'fsdp.all_gather'
   | 'fsdp.reduce_scatter'
   | 'metric.all_reduce'
+  | 'grad.all_gather' // the experts' (LoRA adapter) gradients, gathered over the expert group at the step's end
   | 'barrier';
 
 /** Why a collective is issued: which op, in which layer and micro-batch of the step. */
