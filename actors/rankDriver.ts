@@ -59,6 +59,12 @@ export class RankDriver implements LayerProtocol {
     return statePath(s) === 'exited' ? 'exited' : 'done';
   }
 
+  /** Whether the machine has stopped this rank (early exit, a shorter shard), once the collectives the driver owes before it are issued. */
+  async stopped(): Promise<boolean> {
+    await this.drainOwnCollectives();
+    return this.finished !== null;
+  }
+
   /** Send the paths recorded since the last message (before any message that changes the supervisor's view). */
   flushPaths(): void {
     if (!this.record || this.paths.length === 0) return;

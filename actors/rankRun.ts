@@ -88,13 +88,13 @@ async function runStep(job: WorkerJob, driver: RankDriver, base: Omit<EpContext,
   step: for (let mb = 0; mb < s.microBatches; mb++) {
     const saved: { ctx: EpContext; saved: EpSaved; out: Tensor }[] = [];
     for (let layer = 0; layer < s.layers; layer++) {
-      if (driver.finished) break step; // the machine stopped this rank (early exit)
+      if (await driver.stopped()) break step; // the machine stopped this rank (early exit, a shorter shard)
       const ctx: EpContext = { ...base, layer, microBatch: mb };
       const { weights_TK, indices_TK } = inputs.routing(mb, layer);
       const fwd = await epForward(ctx, inputs.x(mb, layer), weights_TK, indices_TK);
       saved.push({ ctx, saved: fwd.saved, out: fwd.out_TD });
     }
-    if (driver.finished) break;
+    if (await driver.stopped()) break;
     for (let layer = s.layers - 1; layer >= 0; layer--) {
       const { ctx, saved: sv, out } = saved[layer]!;
       const bwd = await epBackward(ctx, sv, inputs.gradOut(mb, layer));

@@ -12,7 +12,7 @@
 // gradient all-gather and, under layer-metric, the aux-loss metric all-reduce.
 import { assign, setup } from 'xstate';
 import type { CollectiveOp } from '../src/ep/types.js';
-import { hungExpert, type Variant } from './variants.js';
+import { hungExpert, shardBatches, type Variant } from './variants.js';
 
 /** FSDP wrap policies: where the data-parallel collectives land relative to the EP ones. */
 export type WrapPolicy = 'block' | 'split' | 'experts';
@@ -152,6 +152,9 @@ export function dataSplits(ctx: RankContext): { send: number[]; recv: number[] }
 /** Under kernel-hang, the local expert (index on this rank) whose backward GEMM never returns in the current layer, else null. */
 const stalledExpert = (ctx: RankContext) => hungExpert(ctx.cfg.variant, currentFacts(ctx).rowsPerExpert ?? []);
 
+/** Micro-batches this rank runs: all of them, or under uneven-batches its shard of the evaluation batches. */
+const ownMicroBatches = ({ cfg }: RankContext) => (cfg.variant.unevenBatches ? shardBatches(cfg.variant.unevenBatches.total, cfg.ep * cfg.dp, cfg.rank) : cfg.microBatches);
+
 /** The router recorded into the aux-loss tracker: it routed tokens in some layer of the last micro-batch. */
 const routedTokens = (ctx: RankContext) => ctx.facts.some((f) => f !== null && f.tokens > 0);
 
@@ -175,7 +178,8 @@ export const rankMachine = setup({
     returnsNoRowsAndSkips: ({ context: c }) => c.cfg.variant.skipEmptySends && sum(dataSplits(c).recv) === 0,
     moreLayersForward: ({ context: c }) => c.layer + 1 < c.cfg.layers,
     moreLayersBackward: ({ context: c }) => c.layer > 0,
-    moreMicroBatches: ({ context: c }) => c.microBatch + 1 < c.cfg.microBatches,
+    moreMicroBatches: ({ context: c }) => c.microBatch + 1 < ownMicroBatches(c),
+    shardEndsBeforePeers: ({ context: c }) => c.microBatch + 1 < c.cfg.microBatches,
     fsdpWrapsMoe: ({ context: c }) => c.cfg.fsdp !== null,
     expertsUnitHasGrads: ({ context: c }) => c.cfg.fsdp === 'experts' && expertsWithGrads(c) > 0,
     expertsUnitWithoutGrads: ({ context: c }) => c.cfg.fsdp === 'experts' && expertsWithGrads(c) === 0,
@@ -252,6 +256,14 @@ export const rankMachine = setup({
         held: false,
         skipped: ['grad.all_gather'],
         fact: `rank ${c.cfg.rank} all-gathers its experts' gradients on its dp communicator, not on its ep communicator where its EP peers gather them`,
+      }),
+    ),
+    noteShortShard: assign(({ context: c }) =>
+      decide(c, {
+        guard: 'moreMicroBatches',
+        held: false,
+        skipped: ['fwd.counts'],
+        fact: `rank ${c.cfg.rank}'s shard of the ${c.cfg.variant.unevenBatches?.total} evaluation batches over ${c.cfg.ep * c.cfg.dp} ranks holds ${ownMicroBatches(c)} micro-batch(es), the longest ${c.cfg.microBatches}`,
       }),
     ),
     noteFailure: assign(({ event }) => ({ failure: event.type === 'rank.failed' ? event.error : event.type === 'supervisor.abort' ? event.reason : null })),
@@ -388,16 +400,22 @@ export const rankMachine = setup({
           always: [
             { guard: 'moreLayersBackward', target: 'layerStart', actions: 'previousLayer' },
             { guard: 'moreMicroBatches', target: '#rank.forward', actions: 'nextMicroBatch' },
-            { guard: 'gathersExpertGradsOnDpGroup', target: '#rank.gradGatherOnDp', actions: 'noteWrongGroup' },
-            { guard: 'gathersExpertGradsOnOwnGroup', target: '#rank.gradGather' },
+            { guard: 'shardEndsBeforePeers', target: '#rank.stepEnd', actions: 'noteShortShard' },
             { target: '#rank.stepEnd' },
           ],
         },
       },
     },
-    gradGather: { ...collective({ op: 'grad.all_gather', comm: 'ep' }), on: { 'collective.done': { target: 'stepEnd', actions: 'clearTrail' } } },
-    gradGatherOnDp: { ...collective({ op: 'grad.all_gather', comm: 'dp' }), on: { 'collective.done': { target: 'stepEnd', actions: 'clearTrail' } } },
     stepEnd: {
+      always: [
+        { guard: 'gathersExpertGradsOnDpGroup', target: 'gradGatherOnDp', actions: 'noteWrongGroup' },
+        { guard: 'gathersExpertGradsOnOwnGroup', target: 'gradGather' },
+        { target: 'metricChoice' },
+      ],
+    },
+    gradGather: { ...collective({ op: 'grad.all_gather', comm: 'ep' }), on: { 'collective.done': { target: 'metricChoice', actions: 'clearTrail' } } },
+    gradGatherOnDp: { ...collective({ op: 'grad.all_gather', comm: 'dp' }), on: { 'collective.done': { target: 'metricChoice', actions: 'clearTrail' } } },
+    metricChoice: {
       always: [{ guard: 'logsLayerMetric', target: 'metricAllReduce', actions: 'noteForcedMetric' }, { target: 'done' }],
     },
     metricAllReduce: { ...collective({ op: 'metric.all_reduce', comm: 'ep' }), on: { 'collective.done': { target: 'done', actions: 'clearTrail' } } },

@@ -22,6 +22,8 @@ export interface Scenario extends RoutedLayout {
   capacityFactor?: number;
   /** wrong-group: the EP rank that gathers the experts' gradients on its dp communicator. */
   wrongGroupRank?: number;
+  /** uneven-batches: evaluation batches sharded over every rank (default ep · dp · microBatches − 1). */
+  evalBatches?: number;
   packed: boolean;
   activation: 'silu' | 'gelu' | 'relu';
   /**
@@ -51,7 +53,7 @@ export const DEFAULT_SCENARIO: Scenario = {
 };
 
 /** Every field a scenario file may hold; firstReady is the issue order `check --replay` found (sim/explorer.ts). */
-export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'wrongGroupRank', 'explicit', 'firstReady'];
+export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'wrongGroupRank', 'evalBatches', 'explicit', 'firstReady'];
 
 /** Refuses a key of `obj` outside `known`, naming it and the known key it resembles (a typo must not run on defaults). */
 export function checkKeys(obj: object, known: readonly string[], where: string): void {
@@ -106,6 +108,11 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   if (s.earlyExitRank !== undefined && (s.earlyExitRank < 0 || s.earlyExitRank >= s.ep)) throw new UsageError(`earlyExitRank must be an EP rank in [0, ${s.ep}), got ${s.earlyExitRank}`);
   if (s.wrongGroupRank !== undefined && (!Number.isSafeInteger(s.wrongGroupRank) || s.wrongGroupRank < 0 || s.wrongGroupRank >= s.ep)) throw new UsageError(`wrongGroupRank must be an EP rank in [0, ${s.ep}), got ${s.wrongGroupRank}`);
   if (s.variant === 'wrong-group' && s.dp < 2) throw new UsageError(`variant wrong-group issues a collective on the data-parallel communicator: dp must be at least 2, got ${s.dp}`);
+  if (s.variant === 'uneven-batches' && s.microBatches < 2) throw new UsageError(`variant uneven-batches runs a shard of the evaluation batches as micro-batches: microBatches must be at least 2, got ${s.microBatches}`);
+  const world = s.ep * s.dp;
+  if (s.evalBatches !== undefined && (!Number.isSafeInteger(s.evalBatches) || s.evalBatches < world || s.evalBatches > world * s.microBatches)) {
+    throw new UsageError(`evalBatches must give every one of the ${world} ranks at least one batch and at most microBatches (${s.microBatches}): an integer in [${world}, ${world * s.microBatches}], got ${s.evalBatches}`);
+  }
   if (s.firstReady !== undefined) {
     const ok = Array.isArray(s.firstReady) && s.firstReady.length === s.ep * s.dp && s.firstReady.every((row) => Array.isArray(row) && row.length === s.layers * s.microBatches && row.every((o) => o === 'bwd.dispatch' || o === 'fsdp.reduce_scatter'));
     if (!ok) throw new UsageError(`firstReady must list, for each of the ${s.ep * s.dp} ranks, ${s.layers * s.microBatches} entries of 'bwd.dispatch' or 'fsdp.reduce_scatter' (one per layer call)`);
@@ -174,6 +181,7 @@ export function rankConfig(s: Scenario, rank: number): RankConfig {
       earlyExitAfterLayers: s.earlyExitAfterLayers,
       capacityFactor: s.capacityFactor,
       wrongGroupRank: s.wrongGroupRank ?? s.ep - 1,
+      evalBatches: s.evalBatches ?? s.ep * s.dp * s.microBatches - 1,
     }),
   };
 }

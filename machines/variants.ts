@@ -2,7 +2,7 @@
 // real hazard each safety exists for. The rank machine's guards read these flags; nothing
 // else branches on the variant name.
 
-export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric', 'kernel-hang', 'wrong-group'] as const;
+export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric', 'kernel-hang', 'wrong-group', 'uneven-batches'] as const;
 export type VariantName = (typeof VARIANT_NAMES)[number];
 
 export interface Variant {
@@ -28,6 +28,12 @@ export interface Variant {
    * replica) issues it on its dp communicator instead of its ep one (Megatron-Bridge #1363).
    */
   readonly wrongGroup: { readonly rank: number } | null;
+  /**
+   * `total` evaluation batches sharded round-robin over every rank (the dense data-parallel
+   * group), each rank running its shard as micro-batches: the counts differ by one where
+   * `total` does not divide (NVIDIA Model-Optimizer PR #1966).
+   */
+  readonly unevenBatches: { readonly total: number } | null;
   /** One sentence: which safety is gone and what that does. */
   readonly rule: string;
 }
@@ -43,6 +49,7 @@ const SEED: Variant = {
   layerMetric: false,
   kernelHang: false,
   wrongGroup: null,
+  unevenBatches: null,
   rule: 'the seed keeps every collective on every rank',
 };
 
@@ -54,6 +61,8 @@ export interface VariantOptions {
   capacityFactor?: number;
   /** wrong-group: the EP rank that gathers on the dp communicator (default ep-1). */
   wrongGroupRank?: number;
+  /** uneven-batches: the evaluation batches sharded over every rank (default world · micro-batches − 1). */
+  evalBatches?: number;
 }
 
 export function makeVariant(name: VariantName, opts: VariantOptions = {}): Variant {
@@ -113,7 +122,19 @@ export function makeVariant(name: VariantName, opts: VariantOptions = {}): Varia
         wrongGroup: { rank: opts.wrongGroupRank ?? -1 },
         rule: "variant wrong-group all-gathers the experts' gradients at the step's end on the communicator of another parallel dimension on one EP rank (expert-tensor-parallel size ≠ tensor-parallel size picked the dense group)",
       };
+    case 'uneven-batches':
+      return {
+        ...SEED,
+        name,
+        unevenBatches: { total: opts.evalBatches ?? -1 },
+        rule: 'variant uneven-batches shards the evaluation batches over the dense data-parallel group, so EP peers run different numbers of micro-batches and the longer shard issues collectives its peers never start',
+      };
   }
+}
+
+/** Under uneven-batches, the micro-batches global rank `rank` of `world` runs: its round-robin share of the batches. */
+export function shardBatches(total: number, world: number, rank: number): number {
+  return Math.floor(total / world) + (rank < total % world ? 1 : 0);
 }
 
 /** Under kernel-hang, the local expert whose 0 rows make the backward GEMM never return (the first such), else null. */

@@ -38,6 +38,8 @@ function drawScenario(rng: Rng): Scenario {
   const fsdp = dp > 1 ? pick([null, ...WRAP_POLICIES, 'experts' as const]) : null;
   const layers = pick([1, 1, 2, 3]);
   const zeroRank = Math.floor(rng() * ep * dp);
+  // uneven-batches shards its batches as micro-batches: it needs two or more.
+  const microBatches = variant === 'uneven-batches' ? pick([2, 3]) : pick([1, 1, 2]);
   return validateScenario({
     ep,
     dp,
@@ -48,13 +50,14 @@ function drawScenario(rng: Rng): Scenario {
     dim: 4,
     hidden: 8,
     layers,
-    microBatches: pick([1, 1, 2]),
+    microBatches,
     routing: pick(['uniform', 'zipf:1.5', `starve:${zeroRank}`, `empty:${zeroRank}`, `hot:${Math.floor(rng() * experts)}`]),
     variant,
     packed: rng() < 0.5,
     ...(variant === 'early-exit' ? { earlyExitRank: Math.floor(rng() * ep), earlyExitAfterLayers: 1 + Math.floor(rng() * layers * 2) } : {}),
     ...(variant === 'local-capacity' ? { capacityFactor: pick([1, 1.25, 2]) } : {}),
     ...(variant === 'wrong-group' ? { wrongGroupRank: Math.floor(rng() * ep) } : {}),
+    ...(variant === 'uneven-batches' ? { evalBatches: ep * dp * (microBatches - 1) + 1 + Math.floor(rng() * ep * dp) } : {}),
     seed: Math.floor(rng() * 1e9),
   });
 }

@@ -60,4 +60,19 @@ test('wrong-group needs a dp communicator: dp = 1 is refused with one line', () 
   assert.throws(() => validateScenario({ ep: 4, dp: 2, experts: 8, variant: 'wrong-group', wrongGroupRank: 4 }), /wrongGroupRank must be an EP rank in \[0, 4\), got 4/);
 });
 
+test('uneven-batches: the rank with the shorter shard is missing from the next micro-batch; the cause quotes the guard; an even shard and seed are ok', async () => {
+  const s = validateScenario({ ep: 2, dp: 2, experts: 4, fsdp: 'split', microBatches: 3, variant: 'uneven-batches', evalBatches: 10 });
+  const { des, actors } = await both(s);
+  // 10 batches over 4 ranks: ranks 0, 1 run 3 micro-batches, ranks 2, 3 run 2.
+  assert.is(des.verdict, 'missing', des.cause);
+  assert.match(des.cause, /shard of the 10 evaluation batches over 4 ranks holds 2 micro-batch\(es\), the longest 3.*variant uneven-batches/);
+  const decision = simulateDes(s).snapshots[2]!.context.skips.at(-1)!;
+  assert.equal([decision.guard, decision.held, decision.microBatch], ['moreMicroBatches', false, 1]);
+  assert.equal(verdictOf(actors), verdictOf(des), actors.cause);
+  for (const ok of [{ ...s, evalBatches: 12 }, { ...s, variant: 'seed' as const }]) {
+    const r = await both(validateScenario(ok));
+    assert.equal([r.des.verdict, r.actors.verdict], ['ok', 'ok'], r.des.cause);
+  }
+});
+
 test.run();

@@ -99,4 +99,12 @@ export const CORPUS: readonly CorpusCase[] = [
     scenario: { ep: 4, dp: 2, experts: 8, variant: 'wrong-group' },
     expected: 'missing',
   }),
+  make({
+    name: 'uneven-batches-per-data-parallel-replica',
+    source: 'NVIDIA Model-Optimizer PR #1966; Tutel #173',
+    what: 'evaluation batches sharded over the dense data-parallel group leave EP peers with different batch counts, so one EP peer runs a micro-batch the others never start',
+    fix: 'shard the batches over the expert-model-parallel layout so every EP peer gets the same count (pad the last batch, or drop the remainder) before the MoE layer runs',
+    scenario: { ep: 4, experts: 8, microBatches: 2, variant: 'uneven-batches' },
+    expected: 'missing',
+  }),
 ];
