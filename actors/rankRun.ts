@@ -69,7 +69,8 @@ function withKernelHang(variant: Variant, backend: ExpertBackend): ExpertBackend
   return {
     name: backend.name,
     forward: (w, x, rows) => backend.forward(w, x, rows),
-    backward: (w, x, rows, fwd, gradY) => (hungExpert(variant, rows) === null ? backend.backward(w, x, rows, fwd, gradY) : new Promise<never>(() => {})),
+    // A hung kernel keeps its thread alive: a timer that holds the event loop, not a bare pending promise.
+    backward: (w, x, rows, fwd, gradY) => (hungExpert(variant, rows) === null ? backend.backward(w, x, rows, fwd, gradY) : new Promise<never>(() => setInterval(() => {}, 2 ** 30))),
   };
 }
 

@@ -69,16 +69,20 @@ export function routedEvent(tokens: number, sendCounts: readonly number[]): Rank
 }
 
 /**
- * Which of two collectives made ready by one backward compute a rank issues first (variant
- * completion-order), per global rank, layer and micro-batch. A scenario fixes it (or draws
- * it from its seed); the explorer enumerates it.
+ * Which of two collectives made ready by one compute a rank issues first, per global rank,
+ * layer, micro-batch and phase: after the expert backward, bwd.dispatch or the experts
+ * reduce-scatter (completion-order); after the expert forward, fwd.combine or the shared
+ * expert's all-gather (second-stream). A scenario fixes it (or draws it from its seed); the
+ * explorer enumerates the backward one.
  */
-export type FirstReady = (rank: number, layer: number, microBatch: number) => CollectiveOp;
+export type FirstReady = (rank: number, layer: number, microBatch: number, phase: 'forward' | 'backward') => CollectiveOp;
 
-/** The event that ends the compute a rank is in; a backward compute carries the completion order. */
+/** The event that ends the compute a rank is in, carrying the completion order of what it made ready. */
 export function computedEvent(snap: RankSnapshot, firstReady: FirstReady): RankEvent {
   const { cfg, layer, microBatch } = snap.context;
-  return snap.matches('backward') ? { type: 'compute.done', firstReady: firstReady(cfg.rank, layer, microBatch) } : { type: 'compute.done' };
+  if (snap.matches('backward')) return { type: 'compute.done', firstReady: firstReady(cfg.rank, layer, microBatch, 'backward') };
+  // Only a second stream makes two collectives ready after the forward compute.
+  return cfg.variant.secondStream ? { type: 'compute.done', firstReady: firstReady(cfg.rank, layer, microBatch, 'forward') } : { type: 'compute.done' };
 }
 
 /** The layer's call of a collective: issued now, skipped because a guard removed it from this layer call, or not allowed. */

@@ -103,6 +103,7 @@ export function issuedCollective(snapshot: RankSnapshot): IssuedCollective | nul
     statePath: path,
     why: ctx.trail,
   };
+  if (meta.op === 'shared.all_gather') return { ...base, sendSplits: null, recvSplits: null, size: ctx.cfg.paramsPerExpert };
   // The experts' gradients, on whichever communicator the variant chose.
   if (meta.op === 'grad.all_gather') return { ...base, sendSplits: null, recvSplits: null, size: (ctx.cfg.numExperts / ctx.cfg.ep) * ctx.cfg.paramsPerExpert };
   if (meta.comm === 'dp') {

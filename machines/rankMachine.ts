@@ -78,7 +78,7 @@ export interface RankContext {
 export type RankEvent =
   | { type: 'layer.routed'; tokens: number; sendCounts: readonly number[] }
   | { type: 'collective.done'; op: CollectiveOp; recvCounts?: readonly number[]; rowsPerExpert?: readonly number[] }
-  /** firstReady: of two collectives this compute makes ready at once, the one whose completion landed first. */
+  /** firstReady: of two collectives this compute makes ready at once (completion-order, second-stream), the one whose completion landed first. */
   | { type: 'compute.done'; firstReady?: CollectiveOp }
   | { type: 'supervisor.abort'; reason: string }
   | { type: 'rank.failed'; error: string };
@@ -104,8 +104,8 @@ export interface CollectiveMeta {
  */
 export const STATE_TAGS = { routing: 'routing', computing: 'computing', collective: 'collective', stalled: 'stalled' } as const;
 
-/** Collectives of the step outside the EP layer, on the ep communicator: the driver issues them. */
-const STEP_OPS: readonly CollectiveOp[] = ['metric.all_reduce', 'grad.all_gather'];
+/** Collectives outside the EP layer on the ep communicator (the step's, the shared expert's): the driver issues them. */
+const STEP_OPS: readonly CollectiveOp[] = ['metric.all_reduce', 'grad.all_gather', 'shared.all_gather'];
 
 const collective = (meta: Omit<CollectiveMeta, 'issuer'>) => ({
   tags: [STATE_TAGS.collective],
@@ -191,6 +191,8 @@ export const rankMachine = setup({
       c.cfg.variant.completionOrder && event.type === 'compute.done' && event.firstReady === 'bwd.dispatch' && c.cfg.fsdp === 'experts' && expertsWithGrads(c) > 0,
     logsLayerMetric: ({ context: c }) => c.cfg.variant.layerMetric,
     zeroRowExpertHangsKernel: ({ context: c }) => stalledExpert(c) !== null,
+    sharedReadyFirst: ({ context: c, event }) => c.cfg.variant.secondStream && event.type === 'compute.done' && event.firstReady === 'shared.all_gather',
+    combineReadyFirst: ({ context: c }) => c.cfg.variant.secondStream,
     gathersExpertGradsOnOwnGroup: ({ context: c }) => c.cfg.variant.wrongGroup !== null && c.cfg.variant.wrongGroup.rank !== c.cfg.epRank,
     gathersExpertGradsOnDpGroup: ({ context: c }) => c.cfg.variant.wrongGroup?.rank === c.cfg.epRank,
   },
@@ -258,6 +260,12 @@ export const rankMachine = setup({
         fact: `rank ${c.cfg.rank} all-gathers its experts' gradients on its dp communicator, not on its ep communicator where its EP peers gather them`,
       }),
     ),
+    noteSharedFirst: assign(({ context: c }) =>
+      decide(c, { guard: 'sharedReadyFirst', held: true, skipped: [], fact: `rank ${c.cfg.rank}'s shared expert on the second stream completed before its routed experts ${where(c, 'forward')}, so it issued shared.all_gather before fwd.combine` }),
+    ),
+    noteCombineFirst: assign(({ context: c }) =>
+      decide(c, { guard: 'sharedReadyFirst', held: false, skipped: [], fact: `rank ${c.cfg.rank}'s routed experts completed before its shared expert on the second stream ${where(c, 'forward')}, so it issued fwd.combine before shared.all_gather` }),
+    ),
     noteShortShard: assign(({ context: c }) =>
       decide(c, {
         guard: 'moreMicroBatches',
@@ -310,11 +318,24 @@ export const rankMachine = setup({
           on: {
             'compute.done': [
               { guard: 'returnsNoRowsAndSkips', target: 'layerDone', actions: 'noteSkippedCombine' },
+              { guard: 'sharedReadyFirst', target: 'sharedFirst', actions: 'noteSharedFirst' },
+              { guard: 'combineReadyFirst', target: 'combine', actions: 'noteCombineFirst' },
               { target: 'combine' },
             ],
           },
         },
-        combine: { ...collective({ op: 'fwd.combine', comm: 'ep' }), on: { 'collective.done': { target: 'layerDone', actions: 'recordExchange' } } },
+        combine: {
+          ...collective({ op: 'fwd.combine', comm: 'ep' }),
+          on: {
+            'collective.done': [
+              { guard: 'combineReadyFirst', target: 'sharedAfter', actions: 'recordExchange' },
+              { target: 'layerDone', actions: 'recordExchange' },
+            ],
+          },
+        },
+        sharedAfter: { ...collective({ op: 'shared.all_gather', comm: 'ep' }), on: { 'collective.done': { target: 'layerDone', actions: 'clearTrail' } } },
+        sharedFirst: { ...collective({ op: 'shared.all_gather', comm: 'ep' }), on: { 'collective.done': { target: 'combineAfter', actions: 'clearTrail' } } },
+        combineAfter: { ...collective({ op: 'fwd.combine', comm: 'ep' }), on: { 'collective.done': { target: 'layerDone', actions: 'recordExchange' } } },
         layerDone: {
           always: [
             { guard: 'moreLayersForward', target: 'route', actions: 'nextLayer' },

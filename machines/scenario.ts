@@ -32,6 +32,11 @@ export interface Scenario extends RoutedLayout {
    * drawn from the seed. Every engine follows it, so a counterexample replays anywhere.
    */
   firstReady?: CollectiveOp[][];
+  /**
+   * second-stream: per global rank, per layer call, which of the shared expert's all-gather
+   * and fwd.combine the rank issues first. Absent, each is drawn from the seed.
+   */
+  streamOrder?: CollectiveOp[][];
 }
 
 export const DEFAULT_SCENARIO: Scenario = {
@@ -53,7 +58,7 @@ export const DEFAULT_SCENARIO: Scenario = {
 };
 
 /** Every field a scenario file may hold; firstReady is the issue order `check --replay` found (sim/explorer.ts). */
-export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'wrongGroupRank', 'evalBatches', 'explicit', 'firstReady'];
+export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'wrongGroupRank', 'evalBatches', 'explicit', 'firstReady', 'streamOrder'];
 
 /** Refuses a key of `obj` outside `known`, naming it and the known key it resembles (a typo must not run on defaults). */
 export function checkKeys(obj: object, known: readonly string[], where: string): void {
@@ -113,14 +118,20 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   if (s.evalBatches !== undefined && (!Number.isSafeInteger(s.evalBatches) || s.evalBatches < world || s.evalBatches > world * s.microBatches)) {
     throw new UsageError(`evalBatches must give every one of the ${world} ranks at least one batch and at most microBatches (${s.microBatches}): an integer in [${world}, ${world * s.microBatches}], got ${s.evalBatches}`);
   }
-  if (s.firstReady !== undefined) {
-    const ok = Array.isArray(s.firstReady) && s.firstReady.length === s.ep * s.dp && s.firstReady.every((row) => Array.isArray(row) && row.length === s.layers * s.microBatches && row.every((o) => o === 'bwd.dispatch' || o === 'fsdp.reduce_scatter'));
-    if (!ok) throw new UsageError(`firstReady must list, for each of the ${s.ep * s.dp} ranks, ${s.layers * s.microBatches} entries of 'bwd.dispatch' or 'fsdp.reduce_scatter' (one per layer call)`);
-  }
+  checkOrderTable(s, 'firstReady', ['bwd.dispatch', 'fsdp.reduce_scatter']);
+  checkOrderTable(s, 'streamOrder', ['shared.all_gather', 'fwd.combine']);
   parseRouting(s.routing, s); // throws a UsageError naming the generator and what is wrong
   if (s.routing === 'explicit') checkExplicitRouting(s);
   checkFitsMemory(s, { tensors: false }); // every engine materializes the routing
   return s;
+}
+
+/** A completion-order table: for each rank, one of `ops` per layer call. */
+function checkOrderTable(s: Scenario, field: 'firstReady' | 'streamOrder', ops: readonly CollectiveOp[]): void {
+  const t = s[field];
+  if (t === undefined) return;
+  const ok = Array.isArray(t) && t.length === s.ep * s.dp && t.every((row) => Array.isArray(row) && row.length === s.layers * s.microBatches && row.every((o) => ops.includes(o)));
+  if (!ok) throw new UsageError(`${field} must list, for each of the ${s.ep * s.dp} ranks, ${s.layers * s.microBatches} entries of ${ops.map((o) => `'${o}'`).join(' or ')} (one per layer call)`);
 }
 
 /** What one rank holds at its peak, estimated, by part, with the scenario fields each grows with. */
@@ -189,7 +200,11 @@ export function rankConfig(s: Scenario, rank: number): RankConfig {
 
 /** The scenario's completion orders, or each drawn from its seed: arbitrary, but the same on every engine and every run. */
 export function firstReadyOf(s: Scenario): FirstReady {
-  const table = s.firstReady;
-  if (table) return (rank, layer, microBatch) => table[rank]?.[microBatch * s.layers + layer] ?? 'fsdp.reduce_scatter';
-  return (rank, layer, microBatch) => (seededRng((s.seed * 7919 + rank * 104729 + layer * 31 + microBatch) >>> 0)() < 0.5 ? 'bwd.dispatch' : 'fsdp.reduce_scatter');
+  const orders = { backward: { table: s.firstReady, ops: ['bwd.dispatch', 'fsdp.reduce_scatter'], salt: 0 }, forward: { table: s.streamOrder, ops: ['shared.all_gather', 'fwd.combine'], salt: 1 } } as const;
+  return (rank, layer, microBatch, phase) => {
+    const { table, ops, salt } = orders[phase];
+    const call = microBatch * s.layers + layer;
+    if (table) return table[rank]?.[call] ?? ops[1];
+    return seededRng((s.seed * 7919 + rank * 104729 + layer * 31 + microBatch + salt * 15485863) >>> 0)() < 0.5 ? ops[0] : ops[1];
+  };
 }

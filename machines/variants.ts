@@ -2,7 +2,7 @@
 // real hazard each safety exists for. The rank machine's guards read these flags; nothing
 // else branches on the variant name.
 
-export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric', 'kernel-hang', 'wrong-group', 'uneven-batches'] as const;
+export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric', 'kernel-hang', 'wrong-group', 'uneven-batches', 'second-stream'] as const;
 export type VariantName = (typeof VARIANT_NAMES)[number];
 
 export interface Variant {
@@ -34,6 +34,12 @@ export interface Variant {
    * `total` does not divide (NVIDIA Model-Optimizer PR #1966).
    */
   readonly unevenBatches: { readonly total: number } | null;
+  /**
+   * A shared expert whose all-gather runs on a second stream: it and D (fwd.combine), both
+   * ready after the expert forward, go out in the order their completions land
+   * (Megatron-LM #1810, vllm-ascend PR #15500).
+   */
+  readonly secondStream: boolean;
   /** One sentence: which safety is gone and what that does. */
   readonly rule: string;
 }
@@ -50,6 +56,7 @@ const SEED: Variant = {
   kernelHang: false,
   wrongGroup: null,
   unevenBatches: null,
+  secondStream: false,
   rule: 'the seed keeps every collective on every rank',
 };
 
@@ -128,6 +135,13 @@ export function makeVariant(name: VariantName, opts: VariantOptions = {}): Varia
         name,
         unevenBatches: { total: opts.evalBatches ?? -1 },
         rule: 'variant uneven-batches shards the evaluation batches over the dense data-parallel group, so EP peers run different numbers of micro-batches and the longer shard issues collectives its peers never start',
+      };
+    case 'second-stream':
+      return {
+        ...SEED,
+        name,
+        secondStream: true,
+        rule: "variant second-stream issues the shared expert's all-gather from a second stream, so it and fwd.combine, both ready after the expert forward, go out in the order their completions land instead of program order",
       };
   }
 }

@@ -5,7 +5,7 @@ import { simulateDes } from '../sim/des.js';
 import { runActors } from '../actors/supervisor.js';
 
 // A stall is found by the compute limit: short here, far above the few ms these layers compute.
-const LIMITS = { computeTimeoutMs: 4000 };
+const LIMITS = { computeTimeoutMs: 8000 };
 
 for (const c of CORPUS) {
   test(`${c.name} (${c.source}): ${c.expected} under ${c.scenario.variant}, ok under seed`, () => {

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runCli } from './cli.js';
 
-const onWorkers = randomScenarios(20261130, 64);
+const onWorkers = randomScenarios(20261132, 64);
 // Launched ranks do not yet turn a compute that never returns into the engine's stall
 // finding (actors/launch.ts's watchdog ends the run first): kernel-hang is held out there.
 const onProcesses = randomScenarios(7, 10).filter((s) => s.variant !== 'kernel-hang');

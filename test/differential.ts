@@ -81,7 +81,7 @@ export function verdictOf(d: Diagnosis) {
 async function runOn(engine: EngineName, s: Scenario): Promise<{ diagnosis: Diagnosis; ledger: readonly LedgerEntry[] }> {
   if (engine === 'des') return simulateDes(s);
   // A stall (kernel-hang) is found by the compute limit: short, yet far above what these small layers compute.
-  if (engine === 'actors') return runActors(s, { timeoutMs: 30_000, computeTimeoutMs: 5_000 });
+  if (engine === 'actors') return runActors(s, { timeoutMs: 30_000, computeTimeoutMs: 10_000 });
   return runScenarioOnProcesses(s, ['--timeout', '30000']);
 }
 

@@ -8,11 +8,12 @@ import { runActors } from '../actors/supervisor.js';
 import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { verdictOf } from './differential.js';
 
-const both = async (s: Scenario, computeTimeoutMs = 4000) => ({ des: simulateDes(s).diagnosis, actors: (await runActors(s, { computeTimeoutMs })).diagnosis });
+// The compute limit finds a stall: short, yet far above what these small layers compute on a loaded machine.
+const both = async (s: Scenario, computeTimeoutMs = 8000) => ({ des: simulateDes(s).diagnosis, actors: (await runActors(s, { computeTimeoutMs })).diagnosis });
 
 test('kernel-hang: a rank whose local expert got 0 rows stalls in its expert backward, named with the expert, on both engines; never a collective finding', async () => {
   const s = validateScenario({ ep: 4, experts: 8, routing: 'starve:1', variant: 'kernel-hang' });
-  const { des, actors } = await both(s, 1500);
+  const { des, actors } = await both(s, 3000);
   assert.is(des.verdict, 'stall', des.cause);
   assert.equal([...des.culprits], [1]);
   assert.equal([des.communicator, des.position, des.hangs], [null, null, undefined]);
@@ -21,7 +22,7 @@ test('kernel-hang: a rank whose local expert got 0 rows stalls in its expert bac
   assert.is(des.ranks[1]!.state, 'backward.kernelHung');
   assert.equal(verdictOf(actors), verdictOf(des), actors.cause);
   // The worker's layer really did not return: the compute limit found it, quoting the same guard.
-  assert.match(actors.cause, /rank 1 has not returned from the expert backward of layer 0, which never returns: expert 2 .*for \d+ ms \(compute limit 1500 ms\)/);
+  assert.match(actors.cause, /rank 1 has not returned from the expert backward of layer 0, which never returns: expert 2 .*for \d+ ms \(compute limit 3000 ms\)/);
 });
 
 test('kernel-hang: every expert receiving rows is ok, and the starved layout under seed is ok', async () => {
@@ -73,6 +74,21 @@ test('uneven-batches: the rank with the shorter shard is missing from the next m
     const r = await both(validateScenario(ok));
     assert.equal([r.des.verdict, r.actors.verdict], ['ok', 'ok'], r.des.cause);
   }
+});
+
+test('second-stream: the order the scenario fixes is followed on both engines; the rank that issued the shared all-gather first is the culprit; one order everywhere and seed are ok', async () => {
+  const order = (first: number) => Array.from({ length: 4 }, (_, r) => [r === first ? 'shared.all_gather' : 'fwd.combine', 'fwd.combine'] as const);
+  const s = validateScenario({ ep: 2, dp: 2, experts: 4, layers: 2, variant: 'second-stream', streamOrder: order(2).map((row) => [...row]) });
+  const { des, actors } = await both(s);
+  assert.equal([des.verdict, des.communicator, des.position], ['mismatch', 'ep[dp=1]', 3], des.cause);
+  assert.match(des.cause, /rank 2 issued shared\.all_gather of layer 0|rank 3 issued fwd\.combine of layer 0/);
+  assert.match(des.cause, /rank 2's shared expert on the second stream completed before its routed experts in layer 0 forward, so it issued shared\.all_gather before fwd\.combine/);
+  assert.equal(verdictOf(actors), verdictOf(des), actors.cause);
+  for (const ok of [{ ...s, streamOrder: order(-1).map((row) => [...row]) }, { ...s, variant: 'seed' as const }]) {
+    const r = await both(validateScenario(ok));
+    assert.equal([r.des.verdict, r.actors.verdict], ['ok', 'ok'], r.des.cause);
+  }
+  assert.throws(() => validateScenario({ ...s, streamOrder: [['fwd.combine']] }), /streamOrder must list, for each of the 4 ranks, 2 entries of 'shared.all_gather' or 'fwd.combine'/);
 });
 
 test.run();

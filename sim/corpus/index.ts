@@ -107,4 +107,12 @@ export const CORPUS: readonly CorpusCase[] = [
     scenario: { ep: 4, experts: 8, microBatches: 2, variant: 'uneven-batches' },
     expected: 'missing',
   }),
+  make({
+    name: 'shared-expert-collective-on-a-second-stream',
+    source: 'Megatron-LM #1810; vllm-ascend PR #15500',
+    what: "the shared expert's all-gather runs on a side stream; it and the routed experts' combine become ready together, and a rank whose shared expert finished first issues them in the other order, so the EP communicator pairs two different collectives",
+    fix: 'issue the shared-expert collective at a fixed point of the program order on every rank (wait on its stream before the combine), never gated by which completes first',
+    scenario: { ep: 4, experts: 8, variant: 'second-stream', streamOrder: [['shared.all_gather'], ['fwd.combine'], ['fwd.combine'], ['fwd.combine']] },
+    expected: 'mismatch',
+  }),
 ];
