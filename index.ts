@@ -7,8 +7,7 @@ export * from './src/ep/types.js';
 // EP layer, its communicators and case files
 export { epForward, epBackward, localExpertRange, localExperts, placeLocalGrads } from './src/ep/layer.js';
 export type { EpContext, EpSaved, EpForwardResult, EpBackwardResult } from './src/ep/layer.js';
-export { InProcessGroup, CollectiveError, createInProcessGroup } from './src/ep/inprocess.js';
-export { parseCase, loadCase, runCase, runRank, inProcessRanks, resultTensors, caseMetadata, syntheticCase } from './src/case.js';
+export { parseCase, loadCase, runCase, runCaseRank, resultTensors, caseMetadata, syntheticCase } from './src/case.js';
 export type { CaseMeta, CaseData, RankInputs, RankResult, CaseResult, RankLoop, RunOptions, SyntheticSpec } from './src/case.js';
 
 // MoE math
@@ -32,7 +31,7 @@ export { rankMachine, WRAP_POLICIES } from './machines/rankMachine.js';
 export type { RankConfig, RankContext, RankEvent, Decision, WrapPolicy } from './machines/rankMachine.js';
 export { VARIANT_NAMES, makeVariant } from './machines/variants.js';
 export type { Variant, VariantName } from './machines/variants.js';
-export { startRank, stepRank, issuedCollective, statePath } from './machines/protocol.js';
+export { startRank, stepRank, issuedCollective, statePath } from './machines/snapshot.js';
 export { CollectiveTracker } from './machines/ledger.js';
 export type { LedgerEntry, Finding } from './machines/ledger.js';
 export { communicators, commOf } from './machines/mesh.js';
@@ -45,9 +44,10 @@ export { machineGraph, exportMachine, EXPORT_FORMATS } from './machines/exporter
 export { runActors } from './actors/supervisor.js';
 export type { RuntimeOptions, RuntimeResult } from './actors/supervisor.js';
 export { actorRanks } from './actors/caseRanks.js';
+export { InProcessGroup, CollectiveError, createInProcessGroup, inProcessRanks } from './actors/inprocess.js';
 export { validateScenario, DEFAULT_SCENARIO } from './machines/scenario.js';
 export type { Scenario } from './machines/scenario.js';
-export { runDes, simulateDes } from './sim/des.js';
+export { simulateDes } from './sim/des.js';
 export { explore } from './sim/explorer.js';
 export { renderReport } from './sim/report/html.js';
 export { reportFromDes } from './sim/report/fromDes.js';

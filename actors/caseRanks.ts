@@ -11,7 +11,7 @@ import { formatDiagnosis } from '../machines/diagnosis.js';
 import type { CaseRankJob } from './inputs.js';
 import { runActors, type RuntimeOptions } from './supervisor.js';
 
-/** What a case worker sends home (see actors/rankWorker.ts). */
+/** What a rank of a case run sends home when its step ends (actors/rankRun.ts). */
 export interface CaseRankOutput {
   readonly out: Tensor;
   readonly gradX: Tensor;

@@ -5,33 +5,41 @@
 // ledger, each rank watches for itself: a peer that finished after issuing fewer
 // collectives than this rank is now waiting in is a missing collective, a connection that
 // closes without a goodbye is a crashed peer, and no progress for the timeout is a stall.
-import { spawn } from 'node:child_process';
+// A rank that stops (on what it saw, on a peer's stop, or on SIGTERM) drops its own work,
+// tells every peer why in its goodbye, and ends once its connections have closed.
 import { createServer } from 'node:net';
-import { fileURLToPath } from 'node:url';
 import type { CaseData, RankResult } from '../src/case.js';
 import { cudaDevices, type BackendName } from '../src/backends.js';
 import { UsageError } from '../src/errors.js';
-import type { IssuedCollective } from '../machines/protocol.js';
+import type { IssuedCollective } from '../machines/snapshot.js';
 import { casePayloads, rankResult } from './caseRanks.js';
 import { now, type Fault, type WorkerJob, type WorkerMessage } from './messages.js';
 import { type Scenario } from '../machines/scenario.js';
-import { freePort, rendezvous, type LaunchEnv } from './rendezvous.js';
+import { freePort, rendezvous, type LaunchEnv, type Rendezvous } from './rendezvous.js';
 import { runRank } from './rankRun.js';
 import { acceptEarly, socketMesh, type Goodbye } from './socketPort.js';
-import { mergeRankRecordsIn, RANK_RECORD_VERSION, type RankRecord } from './rankRecord.js';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { caseMetadata, caseTensors } from '../src/case.js';
-import { writeSafetensorsFileAtomic } from '../src/codec/safetensors.js';
-import type { ReportInput } from '../machines/record.js';
+import { runIdentity, type RefusedConnection, type RunIdentity } from './runIdentity.js';
+import { RANK_RECORD_VERSION, STALL, type RankRecord } from './rankRecord.js';
 import { generatedIndices, rankRouting } from '../machines/routing.js';
 import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import { toIndexArray, type FloatDType } from '../src/tensor.js';
+import { DEFAULT_COMPUTE_TIMEOUT_MS } from './supervisor.js';
 
 /** The run stopped because the ranks diverged, a peer crashed or nothing moved: exit code 2. */
 export class LaunchedRankError extends Error {
   override name = 'LaunchedRankError';
+  constructor(
+    message: string,
+    /** When a peer's stop stopped this rank: the rank that stopped first and its reason, passed on in this rank's goodbye. */
+    readonly origin?: { readonly rank: number; readonly reason: string },
+  ) {
+    super(message);
+  }
+}
+
+/** The rank was told to stop (SIGTERM, SIGINT) and told its peers: an error, exit code 1. */
+export class TerminatedRankError extends Error {
+  override name = 'TerminatedRankError';
 }
 
 export interface LaunchOptions<F extends FloatDType> {
@@ -40,12 +48,25 @@ export interface LaunchOptions<F extends FloatDType> {
   /** A case's inputs, when the ranks compute on a case (its scenario from caseScenario()). */
   readonly data?: CaseData<F>;
   readonly env: LaunchEnv;
+  /** Which job this rank is of: every connection's hello carries it (default: no run id, rank 0 makes one up; no secret). */
+  readonly identity?: RunIdentity;
   /** tcp: msgpack chunks over a TCP connection per pair; nccl: the EP layer's all-to-alls over NCCL. */
   readonly exchange: 'tcp' | 'nccl';
   readonly backend: BackendName;
-  /** No progress on this rank for this long: stop with a stall (ms). */
+  /**
+   * The collective limit (ms): a rank waiting in a collective this long past the compute
+   * limit (by then a peer that computes would have reported its own stall) stops with a
+   * timeout; the rendezvous and the connections give up after it too.
+   */
   readonly timeoutMs: number;
-  readonly rendezvousTimeoutMs?: number;
+  /** A compute of this rank (routing, expert forward or backward) that has not returned for this long: a stall (ms; default 10 min). */
+  readonly computeTimeoutMs?: number;
+  /** Aborted (its reason the signal's name, say): the rank stops, tells its peers, and rejects with a TerminatedRankError. */
+  readonly signal?: AbortSignal;
+  /** Hears each connection the hello refused, as it happens (it is in the record too). */
+  readonly refused?: (r: RefusedConnection) => void;
+  /** Hears the run id once this rank is connected to every peer. */
+  readonly connected?: (runId: string) => void;
   /** Injected faults, for tests of what a rank reports. */
   readonly faults?: readonly Fault[];
   /** Training steps back to back (default 1); the results are the last step's. */
@@ -69,6 +90,12 @@ export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>)
     throw new UsageError(`${what} but WORLD_SIZE is ${env.worldSize}: launch one process per rank`);
   }
   const gpu = o.exchange === 'nccl' || o.backend === 'cuda' ? await gpuOf(env, o.exchange) : null;
+  const identity = o.identity ?? runIdentity({}, {});
+  const refusals: NonNullable<RankRecord['refused']>[number][] = [];
+  const refused = (r: RefusedConnection) => {
+    refusals.push({ at: now(), from: r.from, line: r.line });
+    o.refused?.(r);
+  };
   const server = createServer();
   const listening = acceptEarly(server);
   await new Promise<void>((resolve, reject) => {
@@ -76,68 +103,111 @@ export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>)
     server.listen(0, () => resolve());
   });
   try {
-    const { peers, id } = await rendezvous(env, (server.address() as { port: number }).port, { timeoutMs: o.rendezvousTimeoutMs, newId: gpu?.newId });
-    return await runConnected(o, listening, peers, id, gpu?.device);
+    const rdv = rendezvous(env, (server.address() as { port: number }).port, { timeoutMs: o.timeoutMs, identity, newId: gpu?.newId, refused });
+    const met = await (o.signal ? Promise.race([rdv, terminated(o.signal)]) : rdv);
+    return await runConnected(o, identity.secret, listening, met, gpu?.device, { refusals, refused });
   } finally {
-    server.close();
+    if (server.listening) server.close();
   }
+}
+
+/** Rejects with a TerminatedRankError once `signal` aborts. */
+function terminated(signal: AbortSignal): Promise<never> {
+  return new Promise((_, reject) => {
+    const stop = () => reject(new TerminatedRankError(`terminated by ${String(signal.reason)}`));
+    if (signal.aborted) stop();
+    else signal.addEventListener('abort', stop, { once: true });
+  });
 }
 
 async function gpuOf(env: LaunchEnv, exchange: 'tcp' | 'nccl'): Promise<{ device: number; newId?: () => Uint8Array }> {
   const { addon, count } = await cudaDevices(exchange === 'nccl' ? 'the nccl exchange' : 'the cuda backend');
   // LOCAL_RANK picks the GPU, as torchrun intends; NCCL refuses two ranks on one GPU itself.
-  return { device: env.localRank % count, newId: exchange === 'nccl' && env.rank === 0 ? () => (addon.ncclGetUniqueId as () => Uint8Array)() : undefined };
+  return { device: env.localRank % count, newId: exchange === 'nccl' && env.rank === 0 ? () => addon.ncclGetUniqueId() : undefined };
 }
 
-function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: ReturnType<typeof acceptEarly>, peers: Parameters<typeof socketMesh>[1], ncclId: Uint8Array | null, device: number | undefined): Promise<LaunchedRankResult<F>> {
+function runConnected<F extends FloatDType>(
+  o: LaunchOptions<F>,
+  secret: Buffer | null,
+  listening: ReturnType<typeof acceptEarly>,
+  met: Rendezvous,
+  device: number | undefined,
+  refusing: { readonly refusals: NonNullable<RankRecord['refused']>; refused(r: RefusedConnection): void },
+): Promise<LaunchedRankResult<F>> {
   const { rank } = o.env;
   /** Collectives issued so far per communicator kind, and the one this rank waits in. */
   const issued: Record<string, number> = {};
   let waiting: { c: IssuedCollective; position: number } | null = null;
-  const finishedPeers = new Map<number, Goodbye['issued']>();
+  /** Peers that ended: finished (with what they issued), or stopped or went away (the error that says so). */
+  const endedPeers = new Map<number, Goodbye['issued'] | (() => LaunchedRankError)>();
   let fail: (err: Error) => void = () => {};
   const mesh = { ep: o.scenario.ep, dp: o.scenario.dp };
   const membersOf = (kind: 'ep' | 'dp') => communicators(mesh).find((c) => c.id === commOf(mesh, rank, kind))?.members ?? [];
 
   const describe = (w: { c: IssuedCollective; position: number }) => `${w.c.op} (layer ${w.c.layer}, ${w.c.comm} position ${w.position})`;
-  /** A finished member of the communicator that issued no more than `position` collectives on it will never join. */
+  /**
+   * A member of the communicator this rank waits on that will never join: one that
+   * finished after issuing no more than `position` collectives on it, or that stopped or
+   * went away. A peer this rank does not wait on does not stop it: ranks that need none of
+   * the ended ones finish their step.
+   */
   const missingPeer = (w: { c: IssuedCollective; position: number }) => {
     const members = membersOf(w.c.comm);
-    for (const [peer, g] of finishedPeers) {
-      if (members.includes(peer) && (g[w.c.comm] ?? 0) <= w.position) {
-        fail(new LaunchedRankError(`missing collective: rank ${rank} waits in ${describe(w)} but rank ${peer} finished its step after issuing ${g[w.c.comm] ?? 0} collective(s) on ${w.c.comm}; under NCCL both would hang until the watchdog`));
-        return;
+    for (const [peer, ended] of endedPeers) {
+      if (!members.includes(peer)) continue;
+      if (typeof ended === 'function') return fail(ended());
+      if ((ended[w.c.comm] ?? 0) <= w.position) {
+        return fail(new LaunchedRankError(`missing collective: rank ${rank} waits in ${describe(w)} but rank ${peer} finished its step after issuing ${ended[w.c.comm] ?? 0} collective(s) on ${w.c.comm}; under NCCL both would hang until the watchdog`));
       }
     }
   };
 
   const job: WorkerJob = {
     rank, scenario: o.scenario, casePayload: o.data ? casePayloads(o.data)[rank] : undefined, backend: o.backend,
-    exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: ncclId ?? undefined, faults: o.faults ?? [], inspect: false, steps: o.steps ?? 1, record: !!o.keep,
+    exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: met.id ?? undefined, faults: o.faults ?? [], inspect: false, steps: o.steps ?? 1, record: !!o.keep,
   };
   return new Promise<LaunchedRankResult<F>>((resolve, reject) => {
     let settled = false;
     let watchdog: NodeJS.Timeout | undefined;
-    let ports: Map<number, { goodbye(g: Goodbye): void }> = new Map();
+    let ports: Map<number, { goodbye(g: Goodbye): Promise<void> }> = new Map();
+    /** What this rank computes now (set when a collective completes), for a stall. */
+    let computing = 'routing layer 0';
+    const computeTimeoutMs = o.computeTimeoutMs ?? DEFAULT_COMPUTE_TIMEOUT_MS;
     const arm = () => {
       clearTimeout(watchdog);
-      watchdog = setTimeout(() => fail(new LaunchedRankError(`stall: rank ${rank} made no progress for ${o.timeoutMs} ms${waiting ? ` waiting in ${describe(waiting)}` : ''}`)), o.timeoutMs);
+      const w = waiting;
+      watchdog = w
+        ? setTimeout(() => fail(new LaunchedRankError(`timeout: rank ${rank} waited in ${describe(w)} for ${computeTimeoutMs + o.timeoutMs} ms (compute limit plus collective limit) and no peer reported why`)), computeTimeoutMs + o.timeoutMs)
+        : setTimeout(() => fail(new LaunchedRankError(`${STALL}rank ${rank} has not returned from ${computing} for ${computeTimeoutMs} ms (compute limit)`)), computeTimeoutMs);
     };
     const messages: WorkerMessage[] = [];
     const keep = (stopped?: string) =>
-      o.keep?.({ epActorsRankRecord: RANK_RECORD_VERSION, rank, scenario: o.scenario, ...routingOfRank(o, rank), messages, ...(stopped === undefined ? {} : { stopped, stoppedAt: now() }) });
+      o.keep?.({
+        epActorsRankRecord: RANK_RECORD_VERSION, rank, scenario: o.scenario, ...routingOfRank(o, rank), messages,
+        ...(stopped === undefined ? {} : { stopped, stoppedAt: now() }),
+        ...(refusing.refusals.length ? { refused: refusing.refusals } : {}),
+      });
+    /** What this rank said when its run ended: peers connected after that hear it too. */
+    let farewell: Goodbye | null = null;
+    /** The run is over for this rank: say goodbye to every peer, and settle once the connections have closed. */
+    const end = (goodbye: Goodbye, settle: () => void) => {
+      settled = true;
+      farewell = goodbye;
+      clearTimeout(watchdog);
+      void Promise.all([...ports.values()].map((p) => p.goodbye(goodbye))).then(settle);
+    };
     fail = (err) => {
       if (settled) return;
-      settled = true;
       keep(err.message);
-      clearTimeout(watchdog);
-      // Peers hear why this rank stopped, so they report the cause rather than a lost connection.
-      ports.forEach((p) => p.goodbye({ issued, stopped: err.message }));
-      reject(err);
+      // Peers hear why the run stopped and which rank stopped it first, so they report the cause rather than a lost connection.
+      const origin = err instanceof LaunchedRankError && err.origin ? err.origin : { rank, reason: err.message };
+      end({ issued, stopped: origin.reason, stoppedBy: origin.rank }, () => reject(err));
     };
+    if (o.signal) terminated(o.signal).catch((err: Error) => fail(err));
     let result: Uint8Array | undefined;
     const stepMs: number[] = [];
     const post = (m: WorkerMessage) => {
+      if (settled) return; // a stopped rank's layer may still be finishing a compute: what it reports no longer counts
       if (m.type === 'issue' || m.type === 'completed' || m.type === 'paths' || m.type === 'finished') messages.push(m);
       switch (m.type) {
         case 'issue': {
@@ -150,6 +220,7 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
         }
         case 'completed':
           waiting = null;
+          computing = m.next;
           arm();
           return;
         case 'violation':
@@ -166,106 +237,38 @@ function runConnected<F extends FloatDType>(o: LaunchOptions<F>, listening: Retu
           return;
       }
     };
-    socketMesh(rank, peers, listening, {
-      broken: (peer, reason) => fail(new LaunchedRankError(`rank ${peer} went away before finishing its step (${reason}): it crashed or was killed${waiting ? `; rank ${rank} waits in ${describe(waiting)}` : ''}`)),
+    const ended = (peer: number, how: Goodbye['issued'] | (() => LaunchedRankError)) => {
+      endedPeers.set(peer, how);
+      if (waiting) missingPeer(waiting);
+    };
+    socketMesh({ run: met.runId, rank, world: o.env.worldSize }, secret, met.peers, listening, {
+      broken: (peer, reason) => ended(peer, () => new LaunchedRankError(`rank ${peer} went away before finishing its step (${reason}): it crashed or was killed${waiting ? `; rank ${rank} waits in ${describe(waiting)}` : ''}`)),
       finished: (peer, goodbye) => {
-        if (goodbye.stopped !== undefined) return fail(new LaunchedRankError(`rank ${peer} stopped: ${goodbye.stopped}`));
-        finishedPeers.set(peer, goodbye.issued);
-        if (waiting) missingPeer(waiting);
+        const { stopped } = goodbye;
+        if (stopped === undefined) return ended(peer, goodbye.issued);
+        const by = goodbye.stoppedBy ?? peer;
+        ended(peer, () => new LaunchedRankError(`rank ${by} stopped: ${stopped}`, { rank: by, reason: stopped }));
       },
-    }).then((mesh) => {
+      refused: refusing.refused,
+    }, o.timeoutMs).then((mesh) => {
       ports = mesh;
+      if (farewell) {
+        // Stopped while connecting (a signal): the peers still hear why.
+        mesh.forEach((p) => void p.goodbye(farewell!));
+        return;
+      }
+      o.connected?.(met.runId);
       arm(); // the watchdog times the step; the rendezvous and the connections have their own limits
-      return runRank(job, mesh, post);
-    }).then(() => {
-      if (settled) return;
-      settled = true;
-      keep();
-      clearTimeout(watchdog);
-      ports.forEach((p) => p.goodbye({ issued }));
-      resolve({ result: o.data ? rankResult<F>(result, rank) : null, stepMs });
-    }, (err: Error) => fail(err));
+      return runRank(job, mesh, post).then(() => {
+        if (settled) return;
+        keep();
+        end({ issued }, () => resolve({ result: o.data ? rankResult<F>(result, rank) : null, stepMs }));
+      });
+    }).catch((err: Error) => fail(err));
   });
 }
 
 /** This rank's row of the report's routing: from the case's indices, or the scenario's generated ones. */
 function routingOfRank(o: LaunchOptions<FloatDType>, rank: number): Pick<RankRecord, 'sendRows' | 'rowsPerExpert'> {
   return rankRouting(o.scenario, o.data ? [toIndexArray(o.data.ranks[rank]!.indices_TK, `rank${rank}.indices`)] : generatedIndices(o.scenario, rank));
-}
-
-export interface CliRun {
-  readonly code: number | null;
-  readonly stdout: string;
-  readonly stderr: string;
-}
-
-/** `ep-actors ...args` as a child process of this Node, with its exit code and output; killed after timeoutMs. */
-export function runEpActors(args: readonly string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<CliRun> {
-  const cli = fileURLToPath(new URL('../cli/main.js', import.meta.url));
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [cli, ...args], { env: opts.env ?? process.env, timeout: opts.timeoutMs ?? 600_000 });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (c) => (stdout += c));
-    child.stderr.on('data', (c) => (stderr += c));
-    child.on('error', reject);
-    child.on('close', (code) => resolve({ code, stdout, stderr }));
-  });
-}
-
-/**
- * Starts `n` processes of `ep-actors rank ...rankArgs` on this machine, placed as
- * `torchrun --nproc-per-node n` would place them (RANK, WORLD_SIZE, LOCAL_RANK and a free
- * MASTER_PORT on 127.0.0.1), and waits for all of them.
- */
-export async function launchLocally(n: number, rankArgs: readonly string[], opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number } = {}): Promise<CliRun[]> {
-  const port = await freePort();
-  return Promise.all(
-    Array.from({ length: n }, (_, rank) =>
-      runEpActors(['rank', ...rankArgs], {
-        env: { ...(opts.env ?? process.env), RANK: String(rank), WORLD_SIZE: String(n), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) },
-        timeoutMs: opts.timeoutMs,
-      }),
-    ),
-  );
-}
-
-/**
- * Runs `n` = the work's world size of `ep-actors rank` processes here on a case or a
- * scenario written to a temporary folder (their --out-dir), hands `use` the runs and the
- * folder, and removes the folder afterwards.
- */
-export async function withLaunchedRanks<T>(
-  work: { readonly case: CaseData } | { readonly scenario: Scenario },
-  rankArgs: readonly string[],
-  opts: { env?: NodeJS.ProcessEnv; timeoutMs?: number },
-  use: (runs: CliRun[], dir: string) => Promise<T>,
-): Promise<T> {
-  const dir = await mkdtemp(join(tmpdir(), 'ep-actors-ranks-'));
-  try {
-    let input: string[];
-    let n: number;
-    if ('case' in work) {
-      const path = join(dir, 'case.safetensors');
-      await writeSafetensorsFileAtomic(path, caseTensors(work.case), caseMetadata(work.case.meta));
-      [input, n] = [['--case', path], work.case.meta.ep];
-    } else {
-      const path = join(dir, 'scenario.json');
-      await writeFile(path, JSON.stringify(work.scenario));
-      [input, n] = [['--scenario', path], worldSize(work.scenario)];
-    }
-    return await use(await launchLocally(n, [...input, '--out-dir', dir, ...rankArgs], opts), dir);
-  } finally {
-    await rm(dir, { recursive: true, force: true });
-  }
-}
-
-/** A scenario as one `ep-actors rank` process per rank, their records merged (`sim --engine processes`). */
-export function runScenarioOnProcesses(scenario: Scenario, rankArgs: readonly string[] = []): Promise<ReportInput> {
-  return withLaunchedRanks({ scenario }, rankArgs, {}, async (runs, dir) => {
-    // Exit 2 is a rank that stopped on what it saw (the records say what); anything else is a failure to run.
-    const failed = runs.findIndex((r) => r.code !== 0 && r.code !== 2);
-    if (failed >= 0) throw new Error(`rank ${failed} could not run (exit ${runs[failed]!.code}): ${runs[failed]!.stderr.trim()}`);
-    return mergeRankRecordsIn(dir);
-  });
 }

@@ -2,10 +2,11 @@
 // these: rank-to-rank data goes over the MessagePort mesh (actors/transport.ts) and job
 // inputs and results travel msgpack-encoded as `Uint8Array` payloads.
 import type { MessagePort } from 'node:worker_threads';
-import type { IssuedCollective } from '../machines/protocol.js';
+import type { IssuedCollective } from '../machines/snapshot.js';
 import type { RankContext } from '../machines/rankMachine.js';
 import type { Scenario } from '../machines/scenario.js';
-import type { BackendName, ExchangeName } from '../src/backends.js';
+import type { BackendName } from '../src/backends.js';
+import type { ExchangeName } from './exchanges.js';
 
 /** Enough of a rank machine's snapshot for the supervisor to rebuild it for a diagnosis. */
 export interface SnapshotWire {
@@ -18,7 +19,7 @@ export type Fault =
   | { kind: 'throw'; rank: number; op: string; layer?: number }
   /** The rank stops making progress before `op` without issuing anything (a stuck kernel, say). */
   | { kind: 'stall'; rank: number; op: string }
-  /** The rank posts the supervisor a message of a kind it does not know. */
+  /** The rank posts the supervisor an issue message without its collective: malformed, not merely unknown. */
   | { kind: 'garbage-to-supervisor'; rank: number; op: string }
   | { kind: 'corrupt-message'; rank: number; op: string }
   | { kind: 'wrong-communicator'; rank: number; op: string }

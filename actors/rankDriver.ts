@@ -6,7 +6,7 @@
 // issued by the driver itself.
 import { createActor, getInitialMicrosteps, type Actor, type InspectionEvent } from 'xstate';
 import { rankMachine, type RankConfig } from '../machines/rankMachine.js';
-import { collectiveDtype, statePath, type IssuedCollective, type RankSnapshot } from '../machines/protocol.js';
+import { collectiveDtype, statePath, type IssuedCollective, type RankSnapshot } from '../machines/snapshot.js';
 import { admission, completedEvent, computedEvent, describeAction, nextAction, routedEvent, type FirstReady } from '../machines/driver.js';
 import type { LayerProtocol } from '../src/ep/layer.js';
 import type { CollectiveTag } from '../src/ep/types.js';
@@ -57,12 +57,6 @@ export class RankDriver implements LayerProtocol {
     const s = this.snapshot;
     if (s.status !== 'done') return null;
     return statePath(s) === 'exited' ? 'exited' : 'done';
-  }
-
-  /** Whether the machine has stopped this rank (early exit, a shorter shard), once the collectives the driver owes before it are issued. */
-  async stopped(): Promise<boolean> {
-    await this.drainOwnCollectives();
-    return this.finished !== null;
   }
 
   /** Send the paths recorded since the last message (before any message that changes the supervisor's view). */
@@ -119,6 +113,15 @@ export class RankDriver implements LayerProtocol {
     await this.drainOwnCollectives();
     this.expect('compute', `finishing the ${phase} expert compute`);
     this.actor.send(computedEvent(this.snapshot, this.firstReady));
+  }
+
+  /**
+   * Before the layer's next call: issue the collectives the driver issues itself, then say
+   * whether the machine ended the rank's step there (early exit, a shorter shard), so the layer is not called.
+   */
+  async stopped(): Promise<boolean> {
+    await this.drainOwnCollectives();
+    return this.finished !== null;
   }
 
   /** After the step's code ends: run any trailing FSDP collectives, then the machine must be final. */

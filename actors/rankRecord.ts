@@ -7,15 +7,19 @@ import { join } from 'node:path';
 import { rankMachine } from '../machines/rankMachine.js';
 import { LedgerFeed } from '../machines/feed.js';
 import { CollectiveSpans } from '../machines/spans.js';
-import { diagnoseHangs, okDiagnosis, rankReports, type Diagnosis } from '../machines/diagnosis.js';
-import { startRank, type RankSnapshot } from '../machines/protocol.js';
+import { diagnoseHangs, okDiagnosis, rankReports, rankWord, type Diagnosis } from '../machines/diagnosis.js';
+import { withDeadRanks } from '../machines/postmortem.js';
+import { startRank, type RankSnapshot } from '../machines/snapshot.js';
 import { rankConfig, validateScenario, type Scenario } from '../machines/scenario.js';
-import { worldSize } from '../machines/mesh.js';
+import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import type { ReportInput } from '../machines/record.js';
 import type { ReportRouting } from '../machines/routing.js';
 import type { SnapshotWire, WorkerMessage } from './messages.js';
 
 export const RANK_RECORD_VERSION = 1;
+
+/** How a launched rank's reason begins when its own compute limit stopped it (actors/launch.ts). */
+export const STALL = 'stall: ';
 
 export interface RankRecord {
   readonly epActorsRankRecord: typeof RANK_RECORD_VERSION;
@@ -29,6 +33,8 @@ export interface RankRecord {
   /** Why the rank stopped, when it did not finish, and when (ms since the epoch). */
   readonly stopped?: string;
   readonly stoppedAt?: number;
+  /** Connections refused by the hello (another job's rank, a stranger, a wrong secret): when, the other end's address, and the one-line reason. */
+  readonly refused?: readonly { readonly at: number; readonly from: string; readonly line: string }[];
 }
 
 export class RankRecordError extends Error {
@@ -59,8 +65,13 @@ export function checkRankRecords(values: readonly unknown[], names: readonly str
   records.forEach((r, i) => {
     if (JSON.stringify(r.scenario) !== s) throw new RankRecordError(`${names[i]}: rank ${r.rank} ran another scenario than ${names[0]}`);
   });
-  const ranks = records.map((r) => r.rank).sort((a, b) => a - b);
-  if (ranks.length !== n || ranks.some((r, i) => r !== i)) throw new RankRecordError(`the records are of ranks ${ranks.join(', ')}; the scenario has ranks 0..${n - 1}, one record each`);
+  // A rank with no record died before writing it: the merge names it (a crash), so only strays and doubles are refused here.
+  const seen = new Map<number, string>();
+  records.forEach((r, i) => {
+    if (r.rank < 0 || r.rank >= n) throw new RankRecordError(`${names[i]}: rank ${r.rank} is outside the scenario's ranks 0..${n - 1}`);
+    if (seen.has(r.rank)) throw new RankRecordError(`${names[i]} and ${seen.get(r.rank)} are both records of rank ${r.rank}`);
+    seen.set(r.rank, names[i]!);
+  });
   return records.slice().sort((a, b) => a.rank - b.rank);
 }
 
@@ -93,7 +104,10 @@ function messageProblem(v: unknown): string | null {
  */
 export function mergeRankRecords(records: readonly RankRecord[]): ReportInput {
   try {
-    return replay(records);
+    const s = records[0]!.scenario;
+    const dead = Array.from({ length: worldSize(s) }, (_, r) => r).filter((r) => !records.some((x) => x.rank === r));
+    const input = replay([...records, ...dead.map((r) => deadRankRecord(r, records))].sort((a, b) => a.rank - b.rank));
+    return { ...input, diagnosis: withDeadRanks(input.diagnosis, dead, input.ledger, communicators({ ep: s.ep, dp: s.dp }), 'rank record') };
   } catch (err) {
     // A machine snapshot no rank machine could have written, say: name it, do not crash.
     if (err instanceof RankRecordError) throw err;
@@ -132,8 +146,14 @@ function replay(records: readonly RankRecord[]): ReportInput {
   const firstStop = Math.min(...stopped.flatMap((r) => (r.stoppedAt === undefined ? [] : [r.stoppedAt])));
   const evidence = feed.evidenceAt ?? (hangs.length > 0 ? feed.lastAt : null);
   const detectedAfterMs = evidence !== null && Number.isFinite(firstStop) && firstStop >= evidence ? firstStop - evidence : undefined;
-  if (hangs.length > 0) diagnosis = { ...diagnoseHangs(hangs, snapshots, tracker), ...(detectedAfterMs === undefined ? {} : { detectedAfterMs }) };
-  else if (records.every((r) => tracker.isFinished(r.rank))) diagnosis = okDiagnosis(snapshots, tracker);
+  // A rank that stopped on its own compute limit, neither blocked nor finished: its peers only wait for it.
+  const stalled = stopped.filter((r) => r.stopped!.startsWith(STALL) && !tracker.blockedOn(r.rank) && !tracker.isFinished(r.rank));
+  if (hangs.some((h) => h.kind !== 'blocked') || (hangs.length > 0 && stalled.length === 0)) diagnosis = { ...diagnoseHangs(hangs, snapshots, tracker), ...(detectedAfterMs === undefined ? {} : { detectedAfterMs }) };
+  else if (stalled.length > 0) {
+    const waiters = records.filter((r) => tracker.blockedOn(r.rank)).map((r) => r.rank);
+    const what = stalled.map((r) => r.stopped!.slice(STALL.length)).join('; ');
+    diagnosis = { verdict: 'stall', communicator: null, position: null, culprits: stalled.map((r) => r.rank), ranks: rankReports(snapshots, tracker), cause: `${what}${waiters.length ? `; ${rankWord(waiters)} wait for it in their collectives, which is not a hang of theirs` : ''}` };
+  } else if (records.every((r) => tracker.isFinished(r.rank))) diagnosis = okDiagnosis(snapshots, tracker);
   else {
     const why = stopped.map((r) => `rank ${r.rank}: ${r.stopped}`).join('; ');
     diagnosis = { verdict: 'timeout', communicator: null, position: null, culprits: stopped.map((r) => r.rank), ranks: rankReports(snapshots, tracker), cause: `the records end without a proof of a hang${why ? `; ${why}` : ''}` };
@@ -150,6 +170,54 @@ function replay(records: readonly RankRecord[]): ReportInput {
   };
 }
 
+/**
+ * What a rank that left no record must have done: every collective its peers completed
+ * needed it, so it issued those (its all-to-all splits are its peers' seen from its side),
+ * in the order its peers issued them, and nothing after: there its peers wait for it.
+ */
+function deadRankRecord(dead: number, records: readonly RankRecord[]): RankRecord {
+  const s = records[0]!.scenario;
+  const mesh = { ep: s.ep, dp: s.dp };
+  const specs = communicators(mesh).filter((c) => c.members.includes(dead));
+  /** Per communicator and position: each live member's issue, and whether it completed. */
+  type Seen = { member: number; m: Extract<WorkerMessage, { type: 'issue' }>; completed: boolean };
+  const seen = new Map<string, Seen[]>();
+  for (const r of records) {
+    const positions = new Map<string, number>();
+    // A rank's collectives complete in order: a completion belongs to its latest issue.
+    let latest: Seen | null = null;
+    for (const m of r.messages) {
+      if (m.type === 'completed' && latest) latest.completed = true;
+      if (m.type !== 'issue') continue;
+      latest = null;
+      const comm = commOf(mesh, r.rank, m.collective.comm);
+      const spec = specs.find((c) => c.id === comm);
+      if (!spec) continue;
+      const p = positions.get(comm) ?? 0;
+      positions.set(comm, p + 1);
+      const key = `${comm}#${p}`;
+      latest = { member: spec.members.indexOf(r.rank), m, completed: false };
+      seen.set(key, [...(seen.get(key) ?? []), latest]);
+    }
+  }
+  const start = startRank(rankConfig(s, dead));
+  const snapshot: SnapshotWire = { value: start.value, context: start.context };
+  const issues: { at: number; m: WorkerMessage }[] = [];
+  for (const spec of specs) {
+    const me = spec.members.indexOf(dead);
+    for (let p = 0; seen.get(`${spec.id}#${p}`)?.some((x) => x.completed); p++) {
+      const peers = seen.get(`${spec.id}#${p}`)!;
+      const c = peers[0]!.m.collective;
+      const splits = (from: 'sendSplits' | 'recvSplits') => (c[from] ? spec.members.map((_, j) => peers.find((x) => x.member === j)?.m.collective[from]?.[me] ?? 0) : null);
+      const at = Math.max(...peers.map((x) => x.m.at));
+      const collective = { ...c, sendSplits: splits('recvSplits'), recvSplits: splits('sendSplits'), why: [] };
+      issues.push({ at, m: { type: 'issue', rank: dead, collective, dtype: peers[0]!.m.dtype, snapshot, at } }, { at, m: { type: 'completed', rank: dead, op: c.op, next: 'unknown: it left no record', at } });
+    }
+  }
+  issues.sort((a, b) => a.at - b.at);
+  return { epActorsRankRecord: RANK_RECORD_VERSION, rank: dead, scenario: s, sendRows: new Array<number>(s.ep).fill(0), rowsPerExpert: new Array<number>(s.experts).fill(0), messages: issues.map((x) => x.m) };
+}
+
 /** Each rank's machine where its last message left it (its start state if it sent none). */
 export function rankSnapshots(s: Scenario, wires: readonly (SnapshotWire | null)[]): RankSnapshot[] {
   return wires.map((w, rank) => (w ? rankMachine.resolveState({ value: w.value as never, context: w.context }) : startRank(rankConfig(s, rank))));
@@ -161,16 +229,23 @@ function routingOfRecords(records: readonly RankRecord[], s: Scenario): ReportRo
   return { sendRows: records.map((r) => r.sendRows), rowsPerExpert };
 }
 
+/** A rank record's file name, as `ep-actors rank --out-dir` writes it. */
+export const RANK_RECORD_NAME = /^rank\d+\.record\.json$/;
+
 /** Every rank{r}.record.json in `dir` (as `ep-actors rank --out-dir` leaves them), checked and merged. */
 export async function mergeRankRecordsIn(dir: string): Promise<ReportInput> {
   let names: string[];
   try {
-    names = (await readdir(dir)).filter((f) => /^rank\d+\.record\.json$/.test(f)).sort();
+    names = (await readdir(dir)).filter((f) => RANK_RECORD_NAME.test(f)).sort();
   } catch (e) {
     throw new RankRecordError(`cannot read ${dir}: ${(e as Error).message}`);
   }
   if (names.length === 0) throw new RankRecordError(`${dir}: no rank{r}.record.json files (ep-actors rank --out-dir writes them)`);
-  const paths = names.map((f) => join(dir, f));
+  return mergeRankRecords(await readRankRecords(names.map((f) => join(dir, f))));
+}
+
+/** Rank record files, read and checked. */
+export async function readRankRecords(paths: readonly string[]): Promise<RankRecord[]> {
   const values = await Promise.all(
     paths.map(async (path) => {
       try {
@@ -180,5 +255,5 @@ export async function mergeRankRecordsIn(dir: string): Promise<ReportInput> {
       }
     }),
   );
-  return mergeRankRecords(checkRankRecords(values, paths));
+  return checkRankRecords(values, paths);
 }

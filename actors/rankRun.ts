@@ -27,7 +27,7 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
     post({ type: 'transport-error', rank: job.rank, message, at: now() }),
   );
   // The device first: the addon's per-thread CUDA stream is created on the current device.
-  if (job.device !== undefined) (requireNative().cudaSetDevice as (d: number) => void)(job.device);
+  if (job.device !== undefined) requireNative().cudaSetDevice(job.device);
   const staging = await stagingMemory(job.exchange);
   const commOf = (kind: 'ep' | 'dp') => {
     const spec = comms.find((c) => c.kind === kind);

@@ -1,18 +1,25 @@
 // TCP connections that look like MessagePorts to the PortMesh, so ranks in different
 // processes or on different nodes exchange the same msgpack chunks, checked the same way,
 // as worker ranks do over MessagePorts: each message is one frame, a 4-byte little-endian
-// length then the bytes; each connection starts with a frame naming the connecting rank,
-// and a rank that finishes says goodbye with how many collectives it issued (a frame
-// starting 0xc1, which never starts msgpack), so its peers can tell a finished rank from
-// a crashed one, and a collective it will never join from one it is late for.
+// length then the bytes. Each connection opens with the hello of actors/runIdentity.ts
+// (only ranks of this run get in), and a rank that ends says goodbye with how many
+// collectives it issued and, when it stopped, why (a frame starting 0xc1, which never
+// starts msgpack), so its peers can tell a finished rank from a stopped or crashed one,
+// and a collective it will never join from one it is late for. After a goodbye, either
+// way, nothing more is written on the connection, and the rank that said it keeps
+// reading until the peer closes (bounded), so the peer reads the goodbye rather than a
+// reset.
 import { connect, type Server, type Socket } from 'node:net';
-import type { PeerAddress } from './rendezvous.js';
+import { HELLO_TIMEOUT_MS, type PeerAddress } from './rendezvous.js';
+import { helloAsDialer, helloAsListener, RefusedConnection, type Hello, type Side } from './runIdentity.js';
 import { TransportError, type PeerPort } from './transport.js';
 
 /** A frame longer than this is a corrupt stream, not a chunk (msgpack bin32 tops out at 4 GiB). */
 const MAX_FRAME = 2 ** 31;
 /** First byte of a goodbye frame: 0xc1 is never valid msgpack. */
 const GOODBYE = 0xc1;
+/** How long a rank that said goodbye waits for the peer to close before it closes itself. */
+const LINGER_MS = 2000;
 
 /**
  * What a rank tells its peers when it ends: collectives it issued per communicator kind,
@@ -20,7 +27,9 @@ const GOODBYE = 0xc1;
  */
 export interface Goodbye {
   readonly issued: Readonly<Record<string, number>>;
+  /** Why the run stopped, and which rank stopped it first (a rank passes on a peer's reason). */
   readonly stopped?: string;
+  readonly stoppedBy?: number;
 }
 
 export interface SocketEvents {
@@ -38,19 +47,24 @@ export class SocketPort implements PeerPort {
   #headerBytes = 0;
   #frame: Uint8Array | null = null;
   #frameBytes = 0;
-  /** Set once either side has said goodbye: a close after that is not a failure. */
+  /** Set once either side has said goodbye: a close after that is not a failure, and nothing more is written. */
   #ended = false;
+  /** Set once this side said goodbye: what arrives after it is read and dropped. */
+  #left = false;
+  readonly #closed: Promise<void>;
 
   constructor(
     readonly socket: Socket,
     private readonly events: SocketEvents,
-    /** On an accepted connection: receives the first frame, the dialling rank's hello. */
-    private onHello: ((frame: Uint8Array) => void) | null = null,
+    /** Bytes that arrived with the hello, before this port took the connection. */
+    first?: Buffer,
   ) {
     socket.setNoDelay(true);
+    this.#closed = new Promise((resolve) => socket.once('close', () => resolve()));
     socket.on('data', (c: Buffer) => this.#read(c));
     socket.on('error', (err) => this.#broken(err.message));
     socket.on('close', () => this.#broken('the connection closed'));
+    if (first?.length) this.#read(first);
   }
 
   #broken(reason: string): void {
@@ -60,6 +74,7 @@ export class SocketPort implements PeerPort {
   }
 
   postMessage(message: unknown): void {
+    if (this.#ended) return; // the run is over on this connection: a late chunk would only meet a closed socket
     if (message instanceof ArrayBuffer) return; // a consumed chunk's buffer: only reused within one process
     if (!(message instanceof Uint8Array)) throw new TransportError('a TCP connection carries msgpack chunks only, not staged announcements');
     const header = Buffer.alloc(4);
@@ -74,16 +89,25 @@ export class SocketPort implements PeerPort {
     return this;
   }
 
-  /** Tells the peer this rank ended (and what it issued), then closes the connection. */
-  goodbye(g: Goodbye): void {
-    if (this.#ended) return;
-    this.#ended = true;
-    const json = Buffer.from(JSON.stringify(g));
-    const frame = new Uint8Array(1 + json.length);
-    frame[0] = GOODBYE;
-    frame.set(json, 1);
-    this.postMessage(frame);
-    this.socket.end();
+  /**
+   * Tells the peer this rank ended (and what it issued), ends this side and resolves once
+   * the connection is closed: when the peer closes its side, or after LINGER_MS.
+   */
+  goodbye(g: Goodbye): Promise<void> {
+    if (!this.#left) {
+      this.#left = true;
+      if (!this.#ended) {
+        const json = Buffer.from(JSON.stringify(g));
+        const frame = new Uint8Array(1 + json.length);
+        frame[0] = GOODBYE;
+        frame.set(json, 1);
+        this.postMessage(frame);
+      }
+      this.#ended = true;
+      this.socket.end();
+      setTimeout(() => this.socket.destroy(), LINGER_MS).unref();
+    }
+    return this.#closed;
   }
 
   #goodbye(frame: Uint8Array): void {
@@ -100,6 +124,7 @@ export class SocketPort implements PeerPort {
   }
 
   #read(c: Buffer): void {
+    if (this.#left) return;
     let at = 0;
     while (at < c.length) {
       if (!this.#frame) {
@@ -126,10 +151,7 @@ export class SocketPort implements PeerPort {
         const frame = this.#frame;
         this.#frame = null;
         this.#headerBytes = 0;
-        const hello = this.onHello;
-        this.onHello = null;
-        if (hello) hello(frame);
-        else if (frame[0] === GOODBYE && frame[1] === 0x7b /* '{' */) this.#goodbye(frame);
+        if (frame[0] === GOODBYE && frame[1] === 0x7b /* '{' */) this.#goodbye(frame);
         else if (this.#listener) this.#listener(frame);
         else this.#backlog.push(frame);
       }
@@ -154,71 +176,98 @@ export function acceptEarly(server: Server): { server: Server; take(): Socket[] 
   };
 }
 
+/** What socketMesh tells its rank about its connections. */
+export interface MeshEvents {
+  /** A peer's connection failed or closed before it said goodbye. */
+  broken(peer: number, reason: string): void;
+  /** A peer ended: finished its step, or stopped (goodbye.stopped). */
+  finished(peer: number, goodbye: Goodbye): void;
+  /** A connection the hello refused: someone not of this run, or not a rank that should dial here. */
+  refused(r: RefusedConnection): void;
+}
+
 /**
  * Connects this rank to every other: it dials the ranks below it and accepts the ranks
- * above it on the listening server (at peers[rank]). `events` hears of any connection that
- * fails or closes without a goodbye, and of each goodbye, once the mesh is up.
+ * above it on the listening server (at peers[rank]); every connection opens with the hello,
+ * so only ranks of run `me.run` with the right secret get in; the rest are refused and the
+ * mesh goes on without them. Once every peer is connected the server stops accepting.
+ * `events` hears of any connection that fails or closes without a goodbye, and of each
+ * goodbye, once the mesh is up.
  */
 export async function socketMesh(
-  rank: number,
+  me: Hello,
+  secret: Buffer | null,
   peers: readonly PeerAddress[],
   listening: ReturnType<typeof acceptEarly>,
-  events: { broken(peer: number, reason: string): void; finished(peer: number, goodbye: Goodbye): void },
+  events: MeshEvents,
   timeoutMs = 60_000,
 ): Promise<Map<number, SocketPort>> {
+  const { rank } = me;
   const ports = new Map<number, SocketPort>();
   const expected = peers.length - 1;
-  if (expected === 0) return ports;
+  const side: Side = { me, secret, timeoutMs: Math.min(timeoutMs, HELLO_TIMEOUT_MS) };
+  if (expected === 0) {
+    listening.server.close();
+    return ports;
+  }
   return new Promise((resolve, reject) => {
+    let over = false;
+    const end = (err: Error | null) => {
+      if (over) return;
+      over = true;
+      clearTimeout(timer);
+      listening.server.off('connection', accept);
+      listening.server.close();
+      if (!err) return resolve(ports);
+      ports.forEach((p) => p.socket.destroy());
+      reject(err);
+    };
     const timer = setTimeout(() => {
       const missing = peers.flatMap((_, r) => (r === rank || ports.has(r) ? [] : [r]));
-      reject(new TransportError(`rank ${rank} could not connect to rank${missing.length === 1 ? '' : 's'} ${missing.join(', ')} within ${timeoutMs} ms`));
+      end(new TransportError(`rank ${rank} could not connect to rank${missing.length === 1 ? '' : 's'} ${missing.join(', ')} within ${timeoutMs} ms`));
     }, timeoutMs);
-    const add = (peer: number, port: SocketPort) => {
-      ports.set(peer, port);
-      if (ports.size === expected) {
-        clearTimeout(timer);
-        resolve(ports);
-      }
-    };
-    // Events of a connection count once it is in the mesh; before that, setup fails on its own.
-    const eventsOf = (peer: () => number | null): SocketEvents => ({
-      broken: (reason) => {
-        const p = peer();
-        if (p !== null && ports.has(p)) events.broken(p, reason);
-      },
-      finished: (goodbye) => {
-        const p = peer();
-        if (p !== null && ports.has(p)) events.finished(p, goodbye);
-      },
+    const eventsOf = (peer: number): SocketEvents => ({
+      broken: (reason) => events.broken(peer, reason),
+      finished: (goodbye) => events.finished(peer, goodbye),
     });
+    const add = (peer: number, sock: Socket, rest: Buffer) => {
+      if (over) return void sock.destroy();
+      ports.set(peer, new SocketPort(sock, eventsOf(peer), rest));
+      if (ports.size === expected) end(null);
+    };
+    /** Ranks whose hello this rank accepted, so a second connection claiming one is refused. */
+    const claimed = new Set<number>();
     const accept = (sock: Socket) => {
-      let peer: number | null = null;
-      const port: SocketPort = new SocketPort(sock, eventsOf(() => peer), (hello) => {
-        const from = hello.byteLength === 4 ? new DataView(hello.buffer, hello.byteOffset, 4).getUint32(0, true) : -1;
-        if (from <= rank || from >= peers.length || ports.has(from)) {
-          sock.destroy(); // not a rank that should dial this one
-          return;
-        }
-        peer = from;
-        add(from, port);
-      });
+      sock.on('error', () => {}); // until the port owns it, a failure is the hello's to report
+      helloAsListener(sock, side, (d) =>
+        d.rank <= rank || d.rank >= peers.length ? `rank ${d.rank} does not dial rank ${rank} (ranks above it do)` : claimed.has(d.rank) ? `rank ${d.rank} is already connected` : null,
+      ).then(
+        ({ peer, rest }) => {
+          claimed.add(peer.rank);
+          add(peer.rank, sock, rest);
+        },
+        (err: Error) => {
+          sock.destroy();
+          if (err instanceof RefusedConnection) events.refused(err);
+        },
+      );
     };
     listening.take().forEach(accept);
     listening.server.on('connection', accept);
     for (let p = 0; p < rank; p++) {
-      const sock = connect(peers[p]!.port, peers[p]!.host, () => {
-        const hello = new Uint8Array(4);
-        new DataView(hello.buffer).setUint32(0, rank, true);
-        port.postMessage(hello);
-        add(p, port);
-      });
-      const port = new SocketPort(sock, eventsOf(() => p));
+      const where = `${peers[p]!.host}:${peers[p]!.port}`;
+      const sock = connect(peers[p]!.port, peers[p]!.host);
       sock.once('error', (err) => {
-        if (!ports.has(p)) {
-          clearTimeout(timer);
-          reject(new TransportError(`rank ${rank} could not connect to rank ${p} at ${peers[p]!.host}:${peers[p]!.port}: ${err.message}`));
-        }
+        if (!ports.has(p) && !over) end(new TransportError(`rank ${rank} could not connect to rank ${p} at ${where}: ${err.message}`));
+      });
+      sock.once('connect', () => {
+        helloAsDialer(sock, side, (l) => (l.rank === p ? null : `it is not rank ${p}`)).then(
+          ({ rest }) => add(p, sock, rest),
+          (err: Error) => {
+            if (err instanceof RefusedConnection) events.refused(err);
+            if (!over) end(new TransportError(`rank ${rank} could not connect to rank ${p} at ${where}: ${err.message}`));
+          },
+        );
       });
     }
   });

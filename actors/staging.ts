@@ -5,7 +5,9 @@
 // back the 'shared' exchange; one GPU's memory backs the 'device-copy' exchange
 // (src/native/cuda.ts), which is how several ranks share one GPU (NCCL refuses duplicate
 // GPUs). Positions, ops and communicators are checked exactly as for message chunks.
-import type { ExchangeName } from '../src/backends.js';
+import type { ExchangeName } from './exchanges.js';
+import { NativeError } from '../src/native/backend.js';
+import type { DeviceMemory } from '../src/native/cuda.js';
 
 /** A staged region as a peer receives it: a SharedArrayBuffer, or a device pointer of this process. */
 export type StagedHandle = SharedArrayBuffer | bigint;
@@ -54,9 +56,55 @@ export function sharedMemory(): StagingMemory {
   };
 }
 
+/**
+ * The device-copy exchange's memory: a rank stages its send rows in
+ * device memory; a receiver copies its pieces device-to-device into one receive buffer and
+ * downloads that into its result. Device pointers are valid in every worker thread of the
+ * process (one CUDA context per device), and every call here completes before it returns,
+ * so a peer's acknowledgement means its copies are finished.
+ */
+export function deviceCopyMemory(a: DeviceMemory): StagingMemory {
+  const pointer = (h: StagedHandle): bigint => {
+    if (typeof h !== 'bigint') throw new NativeError('the device-copy exchange got a region that is not a device pointer', 'BAD_ARGUMENT');
+    return h;
+  };
+  return {
+    name: 'device-copy',
+    stage(bytes) {
+      const p = a.alloc(bytes.byteLength);
+      try {
+        if (bytes.byteLength > 0) a.upload(p, bytes);
+      } catch (err) {
+        a.free(p);
+        throw err;
+      }
+      return p;
+    },
+    gather(out, pieces) {
+      const recv = a.alloc(out.byteLength);
+      try {
+        let at = 0;
+        for (const piece of pieces) {
+          const bytes = 'local' in piece ? piece.local.byteLength : piece.bytes;
+          if (bytes > 0) {
+            if ('local' in piece) a.upload(recv + BigInt(at), piece.local);
+            else a.copy(recv + BigInt(at), pointer(piece.handle) + BigInt(piece.offset), bytes);
+          }
+          at += bytes;
+        }
+        if (out.byteLength > 0) a.download(recv, out);
+      } finally {
+        a.free(recv);
+      }
+    },
+    unstage: (h) => a.free(pointer(h)),
+    isHandle: (v): v is bigint => typeof v === 'bigint',
+  };
+}
+
 /** The staging memory of a staged exchange; null for the exchanges that do not stage. */
 export async function stagingMemory(exchange: ExchangeName): Promise<StagingMemory | null> {
   if (exchange === 'shared') return sharedMemory();
-  if (exchange === 'device-copy') return (await import('../src/native/cuda.js')).deviceCopyMemory();
+  if (exchange === 'device-copy') return deviceCopyMemory((await import('../src/native/cuda.js')).deviceMemory());
   return null;
 }

@@ -14,10 +14,11 @@ import type { LedgerEntry } from '../machines/ledger.js';
 import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import { LedgerFeed } from '../machines/feed.js';
 import { diagnoseHangs, okDiagnosis, rankReports, rankWord, stallDiagnosis, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
-import type { IssuedCollective, RankSnapshot } from '../machines/protocol.js';
+import type { IssuedCollective, RankSnapshot } from '../machines/snapshot.js';
 import { CollectiveSpans, type TraceEvent } from '../machines/spans.js';
 import { type Scenario } from '../machines/scenario.js';
-import { gpuPlacement, type BackendName, type ExchangeName } from '../src/backends.js';
+import type { BackendName } from '../src/backends.js';
+import { gpuPlacement, type ExchangeName } from './exchanges.js';
 import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankSnapshots } from './rankRecord.js';
 import type { ReportInput } from '../machines/record.js';
@@ -132,9 +133,19 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
     const failure = (kind: VerdictKind, culprits: readonly number[], cause: string, decidedAt: number) => {
       end({ verdict: kind, communicator: null, position: null, culprits, ranks: rankReports(snapshots(), tracker), cause, detectedAfterMs: now() - decidedAt });
     };
-    /** Quiescent: the tracker's hangs are the verdict (or every rank finished). */
+    /**
+     * Quiescent: the tracker's hangs are the verdict (or every rank finished). Once a finding
+     * exists, a rank whose transport let it past a collective the tracker proved inconsistent
+     * (its reports wait behind that collective forever) counts as held there, as NCCL would
+     * hold it, once it has stopped computing.
+     */
+    const heldPastFinding = () =>
+      feed.evidenceAt !== null &&
+      working.every((w, r) => w === null || dead.has(r)) &&
+      moving.every((m) => m === null) &&
+      [...Array(n).keys()].every((r) => tracker.isFinished(r) || tracker.blockedOn(r) || dead.has(r) || feed.hasWaiting(r));
     const settle = () => {
-      if (done || !feed.quiescent(n, dead)) return;
+      if (done || !(feed.quiescent(n, dead) || heldPastFinding())) return;
       const hangs = tracker.hangs();
       if (hangs.length > 0) {
         const evidence = feed.evidenceAt ?? feed.lastAt;

@@ -1,15 +1,22 @@
 // The MessagePort mesh inside a rank worker: one port per peer, msgpack messages with the
 // aligned tensor extensions (decoding gives views, not copies), buffers transferred rather
 // than cloned; or, for a staged exchange (actors/staging.ts), small announcements saying
-// where the sender staged the peer's rows. Every message names its communicator, position
-// and op, so a chunk for the right position but another op, a chunk for a communicator the
-// pair does not share, a stale position or bytes that do not decode are reported at once
-// instead of hanging.
+// where the sender staged the peer's rows. Between worker threads of one process, small
+// messages take the fast lane instead (actors/lane.ts): the same msgpack bytes in a shared
+// ring, signalled through Atomics, and a receiver blocks for them briefly rather than
+// waiting on its event loop. Every message names its communicator, position and op, so a
+// chunk for the right position but another op, a chunk for a communicator the pair does
+// not share, a stale position or bytes that do not decode are reported at once instead of
+// hanging.
+import { BroadcastChannel, MessagePort, threadId } from 'node:worker_threads';
+import { performance } from 'node:perf_hooks';
 import { DTYPES, ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '../src/tensor.js';
 import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.js';
 import type { CommunicatorSpec } from '../machines/mesh.js';
 import type { CollectiveTag, Communicator } from '../src/ep/types.js';
 import type { Piece, StagedHandle, StagingMemory } from './staging.js';
+import { Inbox, Outbox, isLaneHello } from './lane.js';
+import { now } from './messages.js';
 
 export class TransportError extends Error {
   override name = 'TransportError';
@@ -30,11 +37,14 @@ export interface Chunk {
   readonly position: number;
   readonly op: string;
   readonly from: number;
+  /** When the sender sent it (ms, the process-wide clock), if it was profiling. */
+  readonly at?: number;
   /**
    * The rows: a decoded tensor with its message's buffer (the tensor may be a view into it;
-   * the buffer goes back to the sender once consumed), or where the sender staged them.
+   * the buffer goes back to the sender once consumed; null when it came by the fast lane,
+   * as a copy), or where the sender staged them.
    */
-  readonly rows: { readonly tensor: Tensor; readonly buffer: ArrayBuffer } | { readonly staged: StagedRows };
+  readonly rows: { readonly tensor: Tensor; readonly buffer: ArrayBuffer | null } | { readonly staged: StagedRows };
 }
 
 /** A staged chunk's announcement, as posted (structured clone shares a SharedArrayBuffer). */
@@ -62,8 +72,52 @@ export interface PeerPort {
 
 /** Buffers kept per peer for reuse; more than this in flight are dropped to the GC. */
 const POOL_PER_PEER = 4;
+/** Room a chunk's msgpack header (communicator, position, op, tensor header) takes beyond its rows. */
+const HEADER_ROOM = 256;
+/**
+ * How long a rank blocks for fast-lane chunks before waiting on its event loop instead:
+ * long enough for peers a little behind, short enough that a missing peer costs nothing
+ * the supervisor would notice (it decides hangs from what ranks issued, not from this).
+ */
+const LANE_WAIT_MS = 20;
 /** Released result buffers a communicator keeps for reuse. */
 const FREE_BUFFERS = 8;
+
+/**
+ * With EP_ACTORS_PROFILE=1 in the environment (worker threads inherit it), every all-to-all
+ * of every rank is timed and posted on this BroadcastChannel, for the step profile in
+ * test/bench/profile.ts; chunks then carry their send time.
+ */
+export const PROFILE_CHANNEL = 'ep-actors:collective-profile';
+
+/** One all-to-all of one rank, in ms on the process-wide clock (actors/messages.ts `now`). */
+export interface CollectiveProfile {
+  readonly rank: number;
+  readonly comm: string;
+  readonly op: string;
+  readonly position: number;
+  /** Entered the collective. */
+  readonly enter: number;
+  /** Its chunks were encoded or staged and sent. */
+  readonly sent: number;
+  /** The last peer sent its chunk to this rank (enter, for a collective with no peers). */
+  readonly peerSent: number;
+  /** Every peer's chunk had been received. */
+  readonly arrived: number;
+  /** The result was assembled. */
+  readonly done: number;
+}
+
+const profiling = process.env.EP_ACTORS_PROFILE === '1';
+let profileChannel: BroadcastChannel | null = null;
+
+function reportProfile(p: CollectiveProfile): void {
+  if (!profileChannel) {
+    profileChannel = new BroadcastChannel(PROFILE_CHANNEL);
+    profileChannel.unref();
+  }
+  profileChannel.postMessage(p);
+}
 
 /** Deliberate damage to outgoing chunks, for tests of the runtime's error reporting. */
 export type ChunkFault = 'corrupt-message' | 'wrong-communicator' | 'stale-position';
@@ -81,6 +135,14 @@ export class PortMesh {
   private readonly unacked = new Map<string, () => void>();
   /** Set by a fault injector: how to damage the next outgoing chunk of one op. */
   fault: { op: string; kind: ChunkFault } | null = null;
+  /** Small messages from worker-thread peers land here (null when no peer is a MessagePort). */
+  private readonly inbox: Inbox | null;
+  /** Peers in other threads whose inboxes this rank writes small messages to. */
+  private readonly lanes = new Map<number, Outbox>();
+  /** Whether a wait for the inbox's doorbell is pending on the event loop. */
+  private armed = false;
+  /** Reused to encode fast-lane messages, which are copied into the peer's ring. */
+  private scratch: ArrayBuffer | undefined;
 
   constructor(
     readonly rank: number,
@@ -95,20 +157,74 @@ export class PortMesh {
         this.shared.get(m)!.add(c.id);
       }
     }
+    const threadPeers = [...ports].filter(([, port]) => port instanceof MessagePort).map(([peer]) => peer);
+    this.inbox = threadPeers.length ? new Inbox(threadPeers) : null;
     for (const [peer, port] of ports) {
       port.on('message', (m: unknown) => {
         if (m instanceof ArrayBuffer) this.returned(peer, m);
         else if (m && typeof m === 'object' && 'ack' in m) this.acked(peer, m as Ack);
-        else this.deliver(peer, m);
+        else if (isLaneHello(m)) this.hello(peer, m);
+        else {
+          this.drainLane(); // what the peer wrote to the lane before posting this comes first
+          this.deliver(peer, m, false);
+        }
       });
     }
+    for (const peer of threadPeers) ports.get(peer)!.postMessage(this.inbox!.hello(peer, threadId));
+  }
+
+  /** A peer's inbox: written to only from another thread (a rank in this thread could never block for it). */
+  private hello(peer: number, m: { lane: unknown; rings: unknown; ring: unknown; thread: unknown }): void {
+    if (m.thread === threadId) return;
+    const lane = Outbox.of(m);
+    if (!lane) return this.onError(`rank ${this.rank} received from rank ${peer} a fast-lane offer that describes no well-formed inbox`);
+    this.lanes.set(peer, lane);
+    this.drainLane();
+  }
+
+  /** Whether a message of `bytes` rows to (or from) `peer` goes by the fast lane. */
+  laneCarries(peer: number, bytes: number): boolean {
+    const lane = this.lanes.get(peer);
+    return !!lane && bytes + HEADER_ROOM <= lane.capacity;
+  }
+
+  private drainLane(): void {
+    this.inbox?.drain((peer, bytes) => this.deliver(peer, bytes, true));
+  }
+
+  /**
+   * Blocks this thread, at most LANE_WAIT_MS, until the chunks of (comm, position) from
+   * `peers` have come by the fast lane; whatever has not by then is awaited as usual.
+   */
+  awaitLane(comm: string, position: number, peers: readonly number[]): void {
+    if (!this.inbox || peers.length === 0) return;
+    const keys = peers.map((p) => `${comm}|${position}|${p}`);
+    const deadline = performance.now() + LANE_WAIT_MS;
+    for (;;) {
+      this.drainLane();
+      const missing = keys.filter((k) => !this.arrived.has(k)).length;
+      if (missing === 0) return;
+      const left = deadline - performance.now();
+      if (left <= 0 || !this.inbox.waitSync(left, missing)) return;
+    }
+  }
+
+  /** While receives wait, the event loop also listens for the inbox's doorbell. */
+  private armLane(): void {
+    if (!this.inbox || this.lanes.size === 0 || this.armed) return;
+    this.armed = true;
+    void this.inbox.waitAsync().then(() => {
+      this.armed = false;
+      this.drainLane();
+      if (this.waiting.size) this.armLane();
+    });
   }
 
   /** Sends a peer its rows: in a msgpack message, or as an announcement of where they are staged. */
   send(peer: number, comm: string, position: number, op: string, rows: Tensor | StagedRows): void {
     const port = this.ports.get(peer);
     if (!port) throw new TransportError(`rank ${this.rank} has no port to rank ${peer}`);
-    let header = { comm, position };
+    let header: { comm: string; position: number; at?: number } = profiling ? { comm, position, at: now() } : { comm, position };
     if (this.fault?.op === op) {
       const kind = this.fault.kind;
       this.fault = null;
@@ -116,10 +232,19 @@ export class PortMesh {
         port.postMessage(Uint8Array.of(0xc1, 0xff, 0x00, 0x13)); // 0xc1 is never valid msgpack
         return;
       }
-      header = kind === 'wrong-communicator' ? { comm: `${comm}-bogus`, position } : { comm, position: position - 1 };
+      header = kind === 'wrong-communicator' ? { ...header, comm: `${comm}-bogus` } : { ...header, position: position - 1 };
     }
     if (rows instanceof Tensor) {
-      const bytes = encodeMessage({ ...header, op, from: this.rank, tensor: rows }, this.pool.get(peer)?.pop());
+      const message = { ...header, op, from: this.rank, tensor: rows };
+      if (this.laneCarries(peer, rows.data.byteLength)) {
+        const bytes = encodeMessage(message, this.scratch);
+        this.scratch = bytes.buffer as ArrayBuffer;
+        if (this.lanes.get(peer)!.write(bytes)) return;
+        this.scratch = undefined; // the ring is full: these bytes go by the port instead
+        port.postMessage(bytes, [bytes.buffer as ArrayBuffer]);
+        return;
+      }
+      const bytes = encodeMessage(message, this.pool.get(peer)?.pop());
       port.postMessage(bytes, [bytes.buffer as ArrayBuffer]);
     } else {
       const a: Announcement = { ...header, op, from: this.rank, staged: rows };
@@ -138,8 +263,8 @@ export class PortMesh {
   /** The reader is done with a consumed chunk: its buffer goes back to the sender, or its staged region is released. */
   recycle(chunk: Chunk): void {
     const port = this.ports.get(chunk.from);
-    if ('buffer' in chunk.rows) port?.postMessage(chunk.rows.buffer, [chunk.rows.buffer]);
-    else port?.postMessage({ ack: chunk.comm, position: chunk.position } satisfies Ack);
+    if (!('buffer' in chunk.rows)) port?.postMessage({ ack: chunk.comm, position: chunk.position } satisfies Ack);
+    else if (chunk.rows.buffer) port?.postMessage(chunk.rows.buffer, [chunk.rows.buffer]);
   }
 
   private returned(peer: number, buffer: ArrayBuffer): void {
@@ -158,11 +283,13 @@ export class PortMesh {
 
   receive(peer: number, comm: string, position: number, op: string): Promise<Chunk> {
     const key = `${comm}|${position}|${peer}`;
+    if (!this.arrived.has(key)) this.drainLane();
     const chunk = this.arrived.get(key);
     if (chunk) {
       this.arrived.delete(key);
       return this.accept(chunk, op);
     }
+    this.armLane();
     return new Promise((resolve) => this.waiting.set(key, { op, resolve }));
   }
 
@@ -184,10 +311,10 @@ export class PortMesh {
     return new Promise<never>(() => {});
   }
 
-  private deliver(peer: number, message: unknown): void {
+  private deliver(peer: number, message: unknown, viaLane: boolean): void {
     let chunk: Chunk;
     try {
-      chunk = this.parse(peer, message);
+      chunk = this.parse(peer, message, viaLane);
     } catch (err) {
       this.onError((err as Error).message);
       return;
@@ -203,14 +330,16 @@ export class PortMesh {
       this.waiting.delete(key);
       void this.accept(chunk, waiter.op).then(waiter.resolve);
     } else if (this.arrived.has(key)) {
-      this.onError(`rank ${this.rank} received two chunks from rank ${peer} for ${chunk.comm} position ${chunk.position}`);
+      // Also a stale chunk, caught before its position completed: the fast lane and the port
+      // may deliver a peer's chunks out of order, so the first may still be unconsumed.
+      this.onError(`rank ${this.rank} received a stale chunk from rank ${peer}: ${chunk.op} for ${chunk.comm} position ${chunk.position}, which already has its chunk (${this.arrived.get(key)!.op})`);
     } else {
       this.arrived.set(key, chunk);
     }
   }
 
   /** Decode and check a peer's message; anything malformed becomes a TransportError naming the sender. */
-  private parse(peer: number, message: unknown): Chunk {
+  private parse(peer: number, message: unknown, viaLane: boolean): Chunk {
     const from = `rank ${this.rank} received from rank ${peer}`;
     let m: Partial<Omit<Chunk, 'rows'> & { tensor: unknown; staged: unknown }> | null;
     if (message instanceof Uint8Array) {
@@ -231,10 +360,10 @@ export class PortMesh {
     if (!this.shared.get(peer)?.has(m.comm)) {
       throw new TransportError(`${from} a chunk for communicator '${m.comm}', which the two ranks do not share`);
     }
-    const header = { comm: m.comm, position: m.position!, op: m.op, from: peer };
+    const header = { comm: m.comm, position: m.position!, op: m.op, from: peer, ...(typeof m.at === 'number' ? { at: m.at } : {}) };
     if (message instanceof Uint8Array) {
       if (!(m.tensor instanceof Tensor)) throw new TransportError(`${from} a message without a tensor`);
-      return { ...header, rows: { tensor: m.tensor, buffer: message.buffer as ArrayBuffer } };
+      return { ...header, rows: { tensor: m.tensor, buffer: viaLane ? null : (message.buffer as ArrayBuffer) } };
     }
     return { ...header, rows: { staged: stagedRows(m.staged, `${from} a staged-chunk announcement`) } };
   }
@@ -280,18 +409,24 @@ export class MeshCommunicator implements Communicator {
     if (sendSplits.length !== this.size || recvSplits.length !== this.size) throw new TransportError(`${tag.op}: splits must have ${this.size} entries`);
     if (sendSplits.reduce((a, b) => a + b, 0) !== rows) throw new TransportError(`${tag.op}: send splits sum to ${sendSplits.reduce((a, b) => a + b, 0)} but the tensor has ${rows} rows`);
     const position = this.position++;
-    const peers = this.spec.members.filter((_, j) => j !== this.rank);
+    const enter = profiling ? now() : 0;
     const rowBytes = rowSize * ELEMENT_SIZE[send.dtype];
-    const region = this.staging?.stage(bytesOf(send)) ?? null;
+    const members = this.spec.members;
+    // Small chunks take the fast lane whatever the exchange; the rest are staged when it stages.
+    const staged = this.staging ? members.filter((peer, j) => j !== this.rank && !this.mesh.laneCarries(peer, sendSplits[j]! * rowBytes)) : [];
+    const region = staged.length ? this.staging!.stage(bytesOf(send)) : null;
     let offset = 0;
     let own: Tensor<D> | null = null;
     for (let j = 0; j < this.size; j++) {
       const chunk = rowsOf(send, offset, sendSplits[j]!);
+      const peer = members[j]!;
       if (j === this.rank) own = chunk;
-      else this.mesh.send(this.spec.members[j]!, this.spec.id, position, tag.op, region === null ? chunk : { handle: region, offset: offset * rowBytes, rows: sendSplits[j]!, rowSize, dtype: send.dtype });
+      else this.mesh.send(peer, this.spec.id, position, tag.op, region && staged.includes(peer) ? { handle: region, offset: offset * rowBytes, rows: sendSplits[j]!, rowSize, dtype: send.dtype } : chunk);
       offset += sendSplits[j]!;
     }
-    const acknowledged = region === null ? null : this.mesh.acknowledgements(this.spec.id, position, peers);
+    const acknowledged = region === null ? null : this.mesh.acknowledgements(this.spec.id, position, staged);
+    const sent = profiling ? now() : 0;
+    this.mesh.awaitLane(this.spec.id, position, members.filter((peer, j) => j !== this.rank && this.mesh.laneCarries(peer, recvSplits[j]! * rowBytes)));
     const chunks = await Promise.all(
       this.spec.members.map(async (peer, j) => {
         if (j === this.rank) return null;
@@ -306,13 +441,15 @@ export class MeshCommunicator implements Communicator {
         return c;
       }),
     );
+    const arrived = profiling ? now() : 0;
     const rest = [...send.shape.slice(1)];
     let out: Tensor<D>;
     if (this.staging) {
       out = uninitialised(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], (bytes) => this.buffer(bytes));
       const pieces = chunks.map((c): Piece => {
         if (!c) return { local: bytesOf(own!) };
-        const s = (c.rows as { staged: StagedRows }).staged;
+        if ('tensor' in c.rows) return { local: bytesOf(c.rows.tensor) };
+        const s = c.rows.staged;
         return { handle: s.handle, offset: s.offset, bytes: s.rows * rowBytes };
       });
       this.staging.gather(bytesOf(out), pieces);
@@ -322,6 +459,10 @@ export class MeshCommunicator implements Communicator {
     for (const c of chunks) if (c) this.mesh.recycle(c);
     // Peers copy out of the region until they say they are done; this rank need not wait.
     if (region !== null) void acknowledged!.then(() => this.staging!.unstage(region));
+    if (profiling) {
+      const peerSent = Math.max(enter, ...chunks.map((c) => c?.at ?? enter));
+      reportProfile({ rank: this.globalRank, comm: this.spec.id, op: tag.op, position, enter, sent, peerSent, arrived, done: now() });
+    }
     return out;
   }
 

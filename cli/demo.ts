@@ -11,7 +11,7 @@ import { reportFromRun } from '../actors/supervisor.js';
 import { renderReport } from '../sim/report/html.js';
 import { validateScenario } from '../machines/scenario.js';
 import { runCase, syntheticCase } from '../src/case.js';
-import { withLaunchedRanks, type CliRun } from '../actors/launch.js';
+import { withLaunchedRanks, type CliRun } from './localRanks.js';
 import type { ReportInput } from '../machines/record.js';
 import { mergeRankRecordsIn } from '../actors/rankRecord.js';
 import { helpAsked, parse } from './args.js';
@@ -52,12 +52,16 @@ export async function main(argv: string[]): Promise<number> {
 
   console.log(`\n5. The same bug on 4 real processes, placed as torchrun places them (ep-actors rank, TCP)`);
   const { ranks, merged } = await productionHang();
-  ranks.forEach((r, rank) => console.log(`   rank ${rank}: exit ${r.code}  ${(r.code === 0 ? r.stdout : r.stderr).trim().replace(/^ep-actors rank \d+: /, '').replace(/ \(record: .*\)$/, '').replace(/; wrote .*$/, '')}`));
+  // A rank's last line says how it ended (the ones before say it connected).
+  ranks.forEach((r, rank) => console.log(`   rank ${rank}: exit ${r.code}  ${lastLine(r.code === 0 ? r.stdout : r.stderr).replace(/^ep-actors rank \d+: /, '').replace(/ \(record: .*\)$/, '').replace(/; wrote .*$/, '')}`));
   const stopped = ranks.filter((r) => r.code === 2).length;
   const d = merged.diagnosis;
-  console.log(`   their records merged (viz report --ranks): ${d.verdict.toUpperCase()} on ${d.communicator}, position ${d.position}, culprit ${d.culprits.map((r) => `rank ${r}`).join(', ')}, as simulated${d.detectedAfterMs === undefined ? '' : `; the first rank stopped ${d.detectedAfterMs.toFixed(1)} ms after the evidence existed`}`);
+  const h = hang.diagnosis;
+  const same = d.verdict === h.verdict && d.communicator === h.communicator && d.position === h.position && d.culprits.join() === h.culprits.join();
+  const where = (x: typeof d) => `${x.verdict.toUpperCase()} on ${x.communicator}, position ${x.position}, culprit ${x.culprits.map((r) => `rank ${r}`).join(', ')}`;
+  console.log(`   their records merged (viz report --ranks): ${where(d)}, ${same ? 'as simulated' : `but the simulation says ${where(h)}`}${d.detectedAfterMs === undefined ? '' : `; the first rank stopped ${d.detectedAfterMs.toFixed(1)} ms after the evidence existed`}`);
 
-  const caught = seed.diagnosis.verdict === 'ok' && hang.diagnosis.verdict !== 'ok' && stopped === 3 && d.verdict === hang.diagnosis.verdict;
+  const caught = seed.diagnosis.verdict === 'ok' && h.verdict !== 'ok' && stopped === 3 && same;
   console.log(caught ? '\nThe seed passes and the hazard is caught, in simulation and on real processes: demo ok.' : '\nUnexpected verdicts: see above.');
   return caught ? 0 : 1;
 }
@@ -68,5 +72,6 @@ export function productionHang(): Promise<{ ranks: CliRun[]; merged: ReportInput
   return withLaunchedRanks({ case: data }, ['--variant', 'no-dispatch-edge', '--timeout', '60000'], { timeoutMs: 120_000 }, async (ranks, dir) => ({ ranks, merged: await mergeRankRecordsIn(dir) }));
 }
 
+const lastLine = (text: string) => text.trim().split('\n').at(-1) ?? '';
 const norm = (xs: ArrayLike<number>) => Math.sqrt(Array.from(xs).reduce((a, x) => a + x * x, 0));
 const indent = (s: string) => s.replace(/^/gm, '   ');

@@ -11,11 +11,12 @@ const COMMANDS: Record<string, { summary: string; load: () => Promise<{ main(arg
   rank: { summary: 'run this process as one EP rank placed by a launcher (torchrun, srun): TCP or NCCL between processes', load: () => import('./rank.js') },
   check: { summary: 'explore every routing class of a layout: prove no hang or give the shortest counterexample', load: () => import('./check.js') },
   sweep: { summary: 'run many scenarios (grids, random samples) over a worker pool; JSON Lines and a verdict table', load: () => import('./sweep.js') },
+  diagnose: { summary: 'explain a hung or failed real run from its evidence: PyTorch Flight Recorder dumps or ep-actors rank records', load: () => import('./diagnose.js') },
   viz: { summary: 'export the rank machine (Mermaid, DOT, SCXML, JSON) or write the HTML report of a trace', load: () => import('./viz.js') },
 };
 
 function usage(): string {
-  const rows = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(7)} ${c.summary}`);
+  const rows = Object.entries(COMMANDS).map(([name, c]) => `  ${name.padEnd(8)} ${c.summary}`);
   return [
     'usage: ep-actors <command> [options]    (ep-actors <command> --help for its options)',
     '',

@@ -16,10 +16,13 @@ import { launchEnv } from '../actors/rendezvous.js';
 import type { RankRecord } from '../actors/rankRecord.js';
 import { writeFileAtomic } from '../src/atomic.js';
 import { VARIANT_NAMES, type VariantName } from '../machines/variants.js';
-import { LaunchedRankError, runLaunchedRank } from '../actors/launch.js';
+import { LaunchedRankError, runLaunchedRank, TerminatedRankError } from '../actors/launch.js';
+import { runIdentity } from '../actors/runIdentity.js';
+import { DEFAULT_COMPUTE_TIMEOUT_MS } from '../actors/supervisor.js';
 
 const HELP = `usage: ep-actors rank (--case FILE [--variant V] | [scenario flags]) --out-dir DIR
-                       [--exchange tcp|nccl] [--backend ts|native|cuda] [--steps N] [--timeout MS] [--json]
+                       [--exchange tcp|nccl] [--backend ts|native|cuda] [--steps N] [--timeout MS]
+                       [--run-id ID] [--secret-file FILE] [--json]
 
 Run this process as one rank of a case (or of a generated scenario, as \`sim\` runs it),
 the way launchers place ranks: RANK,
@@ -30,6 +33,23 @@ EP_ACTORS_PORT overrides). WORLD_SIZE must equal the case's ep (the scenario's d
 machine over the real EP layer, as on worker threads; with no supervisor, each rank stops
 with exit 2 the moment it can tell that a peer finished without issuing a collective this
 rank waits in, that a peer went away without finishing, or that nothing moved for --timeout.
+A rank that stops tells its peers why (they report its reason) and exits; so does a rank
+sent SIGTERM or SIGINT (exit 1).
+
+Every connection between ranks (the rendezvous and the data connections) opens with a
+hello carrying the run id, the sender's rank and the world size; a connection from another
+run (a job that picked the same port), or from anything that is not a rank, is refused with
+one line on both sides naming both identities, closed, and listed in the rank's record; the
+run goes on. The run id is --run-id, else TORCHELASTIC_RUN_ID (torchrun's --rdzv-id), else
+SLURM_JOB_ID.SLURM_STEP_ID (srun), else one rank 0 makes up and hands out in the rendezvous
+(then two such jobs on one port cannot be told apart at the rendezvous). A run id tells
+jobs apart; it is not a password: anyone who can reach the ports and knows or guesses it
+gets in, and nothing is encrypted. With a secret shared by every rank (EP_ACTORS_SECRET,
+or --secret-file), each hello also carries an HMAC-SHA256 over the run id, both ranks, the
+world size and a fresh nonce from the listener, and the listener answers with its own: only
+holders of the secret get in, and a recorded hello cannot be replayed. The bytes that follow
+are still neither encrypted nor signed: on a network where others can read or alter
+traffic, run the ranks over one you trust.
 
   --case FILE     the case (see \`ep-actors run --help\`); every rank reads it and takes its slice;
                   without it the scenario flags below say what the ranks run
@@ -44,7 +64,15 @@ rank waits in, that a peer went away without finishing, or that nothing moved fo
   --variant V     the protocol (default seed); a hazard variant reproduces its bug on real processes
   --steps N       training steps back to back (default 1); the file holds the last step's
                   results and the summary each step's time
-  --timeout MS    stop with exit 2 after this long without progress (default 600000)
+  --timeout MS    the collective limit (default 600000): a rank waiting in a collective this long
+                  past the compute limit, with no peer saying why, stops with exit 2 (timeout);
+                  the rendezvous and the connections between ranks give up after it too (exit 1)
+  --compute-timeout MS
+                  a compute of this rank (routing, expert forward or backward) that has not
+                  returned for this long stops it with exit 2 (stall), and its peers hear why
+                  (default 600000)
+  --run-id ID     this job's run id (letters, digits, . _ : @ + -; see above)
+  --secret-file F a file holding the secret every rank shares (instead of EP_ACTORS_SECRET)
   --json          print one JSON object instead of the summary
   -h, --help      this text
 
@@ -54,12 +82,13 @@ example (4 ranks on this machine):
   torchrun --nproc-per-node 4 --no-python npx ep-actors rank --case C.safetensors --out-dir out/
   srun -n 4 env MASTER_ADDR=$(hostname) npx ep-actors rank --case C.safetensors --out-dir out/
 
-exit codes: 0 ok, 2 the ranks diverged, a peer crashed or stalled, 1 bad usage or an error`;
+exit codes: 0 ok, 2 the ranks diverged, a peer stopped, crashed or stalled, 1 bad usage or
+an error (a rendezvous that did not complete in time, a refused rendezvous, a termination)`;
 
 export async function main(argv: string[]): Promise<number> {
   const { values, positionals } = parse(
     argv,
-    { ...SCENARIO_OPTIONS, case: { type: 'string' }, 'out-dir': { type: 'string' }, exchange: { type: 'string' }, backend: { type: 'string' }, timeout: { type: 'string' }, steps: { type: 'string' }, json: { type: 'boolean' } },
+    { ...SCENARIO_OPTIONS, case: { type: 'string' }, 'out-dir': { type: 'string' }, exchange: { type: 'string' }, backend: { type: 'string' }, timeout: { type: 'string' }, 'compute-timeout': { type: 'string' }, steps: { type: 'string' }, json: { type: 'boolean' }, 'run-id': { type: 'string' }, 'secret-file': { type: 'string' } },
     HELP,
   );
   if (helpAsked(values, HELP)) return 0;
@@ -70,8 +99,10 @@ export async function main(argv: string[]): Promise<number> {
   const backend = parseBackend(values.backend);
   await loadBackend(backend); // fails in one line when it cannot run here
   const timeoutMs = intOption(values.timeout, 'timeout', 600_000, 1);
+  const computeTimeoutMs = intOption(values['compute-timeout'], 'compute-timeout', DEFAULT_COMPUTE_TIMEOUT_MS, 1);
   const steps = intOption(values.steps, 'steps', 1, 1);
   const env = launchEnv();
+  const identity = runIdentity({ runId: values['run-id'] as string | undefined, secretFile: values['secret-file'] as string | undefined });
   const { scenario, data } = await workOf(values);
 
   mkdirSync(outDir, { recursive: true });
@@ -79,17 +110,28 @@ export async function main(argv: string[]): Promise<number> {
   const recordPath = join(outDir, `rank${env.rank}.record.json`);
   let record: RankRecord | undefined;
   const writeRecord = () => (record ? writeFileAtomic(recordPath, JSON.stringify(record)) : Promise.resolve());
+  const say = (line: string) => console.error(`ep-actors rank ${env.rank}: ${line}`);
+  const stop = new AbortController();
+  const onSignal = (signal: NodeJS.Signals) => stop.abort(signal);
+  process.once('SIGTERM', onSignal).once('SIGINT', onSignal);
   let launched;
   try {
-    launched = await runLaunchedRank({ scenario, data, env, exchange, backend, timeoutMs, steps, keep: (r) => (record = r) });
+    launched = await runLaunchedRank({
+      scenario, data, env, identity, exchange, backend, timeoutMs, computeTimeoutMs, steps, signal: stop.signal,
+      keep: (r) => (record = r),
+      refused: (r) => say(r.line),
+      connected: (runId) => say(`connected to its ${env.worldSize - 1} peer${env.worldSize === 2 ? '' : 's'} in run '${runId}'`),
+    });
   } catch (err) {
+    if (!(err instanceof LaunchedRankError) && !(err instanceof TerminatedRankError)) throw err;
     await writeRecord();
-    if (!(err instanceof LaunchedRankError)) throw err;
-    console.error(`ep-actors rank ${env.rank}: ${err.message} (record: ${recordPath})`);
-    // An NCCL call still blocked on its comm thread keeps the event loop alive; exiting runs
-    // the addon's teardown, which aborts the communicator and joins that thread.
-    if (exchange === 'nccl') process.exit(2);
-    return 2;
+    say(`${err.message} (record: ${record ? recordPath : 'none: the run had not started'})`);
+    // The rank has said goodbye; what its layer still computes, or an NCCL call blocked on
+    // its comm thread, must not keep it: exiting runs the addon's teardown, which aborts the
+    // communicator and joins that thread.
+    process.exit(err instanceof TerminatedRankError ? 1 : 2);
+  } finally {
+    process.off('SIGTERM', onSignal).off('SIGINT', onSignal);
   }
   await writeRecord();
   const { result: r, stepMs } = launched;

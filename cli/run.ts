@@ -5,8 +5,10 @@ import { helpAsked, noPositionals, outputFile, parse, requiredString } from './a
 import { UsageError } from '../src/errors.js';
 import { caseMetadata, loadCase, resultTensors, runCase } from '../src/case.js';
 import { writeSafetensorsFileAtomic } from '../src/codec/safetensors.js';
-import { chooseBackend, loadBackend, parseExchange } from '../src/backends.js';
+import { chooseBackend, loadBackend } from '../src/backends.js';
+import { parseExchange } from '../actors/exchanges.js';
 import { actorRanks } from '../actors/caseRanks.js';
+import { inProcessRanks } from '../actors/inprocess.js';
 
 const HELP = `usage: ep-actors run --case FILE --out FILE [--json] [--in-process] [--backend ts|native|cuda]
                       [--exchange ports|shared|device-copy|nccl]
@@ -53,7 +55,7 @@ export async function main(argv: string[]): Promise<number> {
 
   const data = await loadCase(casePath);
   const result = values['in-process']
-    ? await runCase(data, { backend: kernels })
+    ? await runCase(data, { runRanks: inProcessRanks, backend: kernels })
     : await runCase(data, { runRanks: actorRanks({ backend, exchange }) });
   const tensors = resultTensors(result);
   await writeSafetensorsFileAtomic(outPath, tensors, caseMetadata(data.meta));

@@ -1,7 +1,7 @@
 // `ep-actors sim`: one scenario through the worker-thread runtime (or the discrete-event
 // engine), a diagnosis in words or JSON, optionally a Chrome trace, an HTML report and a live page.
 import { writeFile } from 'node:fs/promises';
-import { runScenarioOnProcesses } from '../actors/launch.js';
+import { runScenarioOnProcesses } from './localRanks.js';
 import { UsageError } from '../src/errors.js';
 import { formatDiagnosis, type Diagnosis } from '../machines/diagnosis.js';
 import { DEFAULT_COMPUTE_TIMEOUT_MS, DEFAULT_TIMEOUT_MS, reportFromRun, runActors, type RuntimeOptions } from '../actors/supervisor.js';
@@ -11,10 +11,11 @@ import type { ReportInput } from '../machines/record.js';
 import { renderReport } from '../sim/report/html.js';
 import { checkFitsMemory, type Scenario } from '../machines/scenario.js';
 import { worldSize } from '../machines/mesh.js';
-import type { IssuedCollective } from '../machines/protocol.js';
+import type { IssuedCollective } from '../machines/snapshot.js';
 import { helpAsked, intOption, noPositionals, outputFile, parse } from './args.js';
 import { progressBar } from './progress.js';
-import { chooseBackend, loadBackend, parseExchange, type BackendName } from '../src/backends.js';
+import { chooseBackend, loadBackend, type BackendName } from '../src/backends.js';
+import { parseExchange } from '../actors/exchanges.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { startLive, untilInterrupted } from '../sim/live/server.js';
 
@@ -49,7 +50,7 @@ output:
   --timeout MS           actors, processes: a collective every member issued whose data has not
                          arrived for this long is a timeout (default 10000); ranks waiting for a
                          peer that computes are not hung
-  --compute-timeout MS   actors: a rank whose own work (routing, expert compute) has not returned
+  --compute-timeout MS   actors, processes: a rank whose own work (routing, expert compute) has not returned
                          for this long is a stall, naming the rank and its work (default 600000)
 
 Output paths are checked before the run starts; a scenario too large for this machine's
@@ -95,7 +96,7 @@ export async function main(argv: string[]): Promise<number> {
   if (v.live !== undefined && engine !== 'actors') throw new UsageError('--live watches worker ranks: it needs --engine actors');
   const realRankFlag = (['backend', 'timeout'] as const).find((f) => v[f] !== undefined);
   if (engine === 'des' && realRankFlag) throw new UsageError(`--${realRankFlag} applies to real ranks (--engine actors or processes); --engine des simulates them`);
-  if (v['compute-timeout'] !== undefined && engine !== 'actors') throw new UsageError('--compute-timeout watches worker ranks\' compute: it needs --engine actors');
+  if (v['compute-timeout'] !== undefined && engine === 'des') throw new UsageError('--compute-timeout watches real ranks\' compute: the des engine simulates it');
   const timeoutMs = intOption(v.timeout, 'timeout', DEFAULT_TIMEOUT_MS, 1);
   const computeTimeoutMs = intOption(v['compute-timeout'], 'compute-timeout', DEFAULT_COMPUTE_TIMEOUT_MS, 1);
   let backend: BackendName = 'ts';
@@ -121,7 +122,7 @@ export async function main(argv: string[]): Promise<number> {
       inspect === undefined ? undefined : inspect === '-' ? (rank, event) => stdoutClosed || console.log(JSON.stringify({ rank, event })) : (rank, event) => inspectLines.push(JSON.stringify({ rank, event }));
     const input =
       engine === 'des' ? reportFromDes(scenario)
-      : engine === 'processes' ? await runScenarioOnProcesses(scenario, ['--backend', backend, '--timeout', String(timeoutMs)])
+      : engine === 'processes' ? await runScenarioOnProcesses(scenario, ['--backend', backend, '--timeout', String(timeoutMs), '--compute-timeout', String(computeTimeoutMs)])
       : await runOnActors(scenario, { backend, exchange, timeoutMs, computeTimeoutMs }, [toInspect, live?.onInspect]);
     live?.verdict(input.diagnosis);
     // The verdict first: a file that then fails to write must not take it with it.

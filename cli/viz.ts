@@ -7,10 +7,8 @@ import { UsageError } from '../src/errors.js';
 import { rankMachine } from '../machines/rankMachine.js';
 import { EXPORT_FORMATS, exportMachine, liveUnder, machineGraph, rankContexts, type ExportFormat } from '../machines/exporters.js';
 import { isVariantName, makeVariant, VARIANT_NAMES } from '../machines/variants.js';
-import { fromTraceFile, toTraceFile } from '../sim/report/input.js';
-import type { ReportInput } from '../machines/record.js';
-import { formatDiagnosis } from '../machines/diagnosis.js';
-import { mergeRankRecordsIn, RankRecordError } from '../actors/rankRecord.js';
+import { fromTraceFile } from '../sim/report/input.js';
+import { diagnoseEvidence } from './diagnose.js';
 import { renderReport } from '../sim/report/html.js';
 
 const HELP = `usage: ep-actors viz machine [--format mermaid|dot|scxml|json] [--variant V] [--out FILE]
@@ -34,7 +32,8 @@ viz report    one self-contained HTML file (no network at view time): the machin
   --ranks DIR the rank{r}.record.json files \`ep-actors rank\` wrote (one per rank):
               their collectives are replayed through the supervisor's ledger, so a run
               of launched processes gets the verdict and diagnosis a simulation gives
-              (printed; --json: as one JSON object), and its report
+              (printed; --json: as one JSON object), and its report; a rank with no
+              record died (a crash). The same as \`ep-actors diagnose DIR --html FILE\`
   --trace F   with --ranks: also write the merged Chrome trace
   --html FILE the report to write
 
@@ -65,12 +64,9 @@ export async function main(argv: string[]): Promise<number> {
   }
   if (what === 'report' && typeof values.ranks === 'string') {
     if (rest.length) throw new UsageError(`viz report --ranks takes no trace file\n\n${HELP}`);
-    const html = resolve(requiredString(values, 'html', HELP));
-    const input = await mergeRanksIn(resolve(values.ranks));
-    if (typeof values.trace === 'string') await writeFile(resolve(values.trace), JSON.stringify(toTraceFile(input)));
-    await writeFile(html, renderReport(input));
-    if (values.json) console.log(JSON.stringify(input.diagnosis));
-    else console.log(`${formatDiagnosis(input.diagnosis)}\nreport: ${html}`);
+    const html = requiredString(values, 'html', HELP);
+    // `ep-actors diagnose DIR` renders it; viz's exit code says only that the report was written.
+    await diagnoseEvidence([values.ranks], { html, json: values.json === true, trace: typeof values.trace === 'string' ? values.trace : undefined });
     return 0;
   }
   if (what === 'report') {
@@ -91,11 +87,3 @@ export async function main(argv: string[]): Promise<number> {
   throw new UsageError(`viz needs 'machine' or 'report'${what ? `, got '${what}'` : ''}\n\n${HELP}`);
 }
 
-async function mergeRanksIn(dir: string): Promise<ReportInput> {
-  try {
-    return await mergeRankRecordsIn(dir);
-  } catch (e) {
-    if (e instanceof RankRecordError) throw new UsageError(e.message);
-    throw e;
-  }
-}

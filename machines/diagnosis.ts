@@ -4,7 +4,7 @@
 import type { CollectiveOp } from '../src/ep/types.js';
 import type { CollectiveTracker, Finding } from './ledger.js';
 import { expertsWithGrads } from './rankMachine.js';
-import { issuedCollective, statePath, type RankSnapshot } from './protocol.js';
+import { issuedCollective, statePath, type RankSnapshot } from './snapshot.js';
 
 /** stall: a rank's compute (routing, expert forward or backward) never returned; the others only wait for it. */
 export type VerdictKind = 'ok' | 'mismatch' | 'missing' | 'cycle' | 'crash' | 'timeout' | 'stall' | 'violation';

@@ -5,7 +5,7 @@
 // engines differ only in how bytes move and how time passes.
 import type { CollectiveOp, CollectiveTag } from '../src/ep/types.js';
 import { STATE_TAGS, type CollectiveMeta, type Decision, type RankEvent } from './rankMachine.js';
-import { issuedCollective, statePath, type IssuedCollective, type RankSnapshot } from './protocol.js';
+import { issuedCollective, statePath, type IssuedCollective, type RankSnapshot } from './snapshot.js';
 
 export type FinalState = 'done' | 'exited' | 'aborted' | 'failed';
 

@@ -7,7 +7,7 @@
 // finished, nothing waiting) its list of hangs is the verdict.
 import { CollectiveTracker, type LedgerEntry } from './ledger.js';
 import type { Mesh } from './mesh.js';
-import type { IssuedCollective } from './protocol.js';
+import type { IssuedCollective } from './snapshot.js';
 
 export type RankReport =
   | { readonly kind: 'issue'; readonly rank: number; readonly collective: IssuedCollective; readonly dtype: string; readonly at: number }
@@ -50,6 +50,11 @@ export class LedgerFeed {
   /** Reports still waiting for a completion the tracker has not seen. */
   get pending(): boolean {
     return this.waiting.size > 0;
+  }
+
+  /** Whether `rank` has reports waiting: it went on past a collective the tracker holds it in. */
+  hasWaiting(rank: number): boolean {
+    return this.waiting.has(rank);
   }
 
   /** Every rank blocked in a collective or finished (`gone`: ranks that will report nothing more), and no report waiting. */

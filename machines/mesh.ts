@@ -9,7 +9,8 @@ export interface Mesh {
 
 export interface CommunicatorSpec {
   readonly id: string;
-  readonly kind: 'ep' | 'dp';
+  /** 'group': a process group read from a post-mortem dump that is not one of the mesh's. */
+  readonly kind: 'ep' | 'dp' | 'group';
   /** Global ranks in group-rank order. */
   readonly members: readonly number[];
 }

@@ -3,6 +3,7 @@
 // state path, its collectives as timeline lanes, and the routing the step used.
 import type { Diagnosis } from './diagnosis.js';
 import type { LedgerEntry } from './ledger.js';
+import type { CommunicatorSpec } from './mesh.js';
 import type { ReportRouting } from './routing.js';
 import type { Scenario } from './scenario.js';
 import type { TraceEvent } from './spans.js';
@@ -17,4 +18,8 @@ export interface ReportInput {
   readonly routing: ReportRouting;
   /** What the trace's clock means: wall time of a real run or the engine's simulated time. */
   readonly clock?: 'real' | 'simulated';
+  /** Post-mortem evidence (Flight Recorder dumps): its process groups, when they are not the scenario's mesh. */
+  readonly communicators?: readonly CommunicatorSpec[];
+  /** What the report was read from, said instead of the scenario line (the scenario then only sizes the page). */
+  readonly evidence?: string;
 }

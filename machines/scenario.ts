@@ -58,7 +58,7 @@ export const DEFAULT_SCENARIO: Scenario = {
 };
 
 /** Every field a scenario file may hold; firstReady is the issue order `check --replay` found (sim/explorer.ts). */
-export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'wrongGroupRank', 'evalBatches', 'explicit', 'firstReady', 'streamOrder'];
+export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'wrongGroupRank', 'evalBatches', 'explicit', 'streamOrder', 'firstReady'];
 
 /** Refuses a key of `obj` outside `known`, naming it and the known key it resembles (a typo must not run on defaults). */
 export function checkKeys(obj: object, known: readonly string[], where: string): void {

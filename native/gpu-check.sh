@@ -25,7 +25,7 @@ if ! command -v node >/dev/null 2>&1; then
   xz -dc "$ROOT/.device/node.xz" >"$NODE_DIR/bin/node" && chmod +x "$NODE_DIR/bin/node" || stop "could not unpack .device/node.xz"
   export PATH="$NODE_DIR/bin:$PATH"
 fi
-[ -f "$ROOT/dist/src/native/gpucheck.js" ] || stop "dist/ is missing: run npm install (it compiles TypeScript) before carrying the tree"
+[ -f "$ROOT/dist/test/gpu/gpucheck.js" ] || stop "dist/ is missing: run npm install (it compiles TypeScript) before carrying the tree"
 [ -f "$ROOT/native/build/Release/ep_actors_native.node" ] || stop "the addon is not built: run node native/build.mjs with nvcc present"
 
 # NCCL ships as the Python package nvidia-nccl-cu13 on the GPU machines: nvidia/nccl/lib
@@ -53,7 +53,7 @@ node -e 'import("'"$ROOT"'/dist/src/native/backend.js").then(m => m.requireNativ
 # hang in one still leaves time for the other and for the table. -k: a rank blocked in
 # NCCL may not end on SIGTERM.
 say "== GPU tests and our CUDA benchmarks"
-(cd "$ROOT" && timeout -k 10 300 node dist/src/native/gpucheck.js run "$OUT") 2>&1 | tee -a "$LOG"
+(cd "$ROOT" && timeout -k 10 300 node dist/test/gpu/gpucheck.js run "$OUT") 2>&1 | tee -a "$LOG"
 TESTS=${PIPESTATUS[0]}
 
 say "== PyTorch on the same card"
@@ -61,7 +61,7 @@ timeout -k 10 150 python3 "$ROOT/native/gpu_bench_torch.py" "$OUT/torch.json" >>
 
 say "== results (also in $OUT/results.md)"
 if [ -f "$OUT/native.json" ]; then
-  node "$ROOT/dist/src/native/gpucheck.js" table "$OUT" | tee -a "$LOG"
+  node "$ROOT/dist/test/gpu/gpucheck.js" table "$OUT" | tee -a "$LOG"
 else
   # gpucheck.js writes native.json only at its end: a timeout or crash leaves the lines it printed
   say "no native.json: the GPU tests did not finish (exit $TESTS); the checks that did:"

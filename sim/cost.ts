@@ -3,7 +3,7 @@
 // cross (intra-node: NVLink-like; inter-node: InfiniBand-like), with ranks packed onto
 // nodes of `ranksPerNode` consecutive global ranks as launchers place them; compute costs
 // FLOPs / rate. Defaults are H100-node-like, bf16.
-import { collectiveDtype } from '../machines/protocol.js';
+import { collectiveDtype } from '../machines/snapshot.js';
 import { UsageError } from '../src/errors.js';
 import type { LedgerEntry } from '../machines/ledger.js';
 import type { Scenario } from '../machines/scenario.js';

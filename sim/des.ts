@@ -13,18 +13,12 @@ import type { LedgerEntry } from '../machines/ledger.js';
 import { LedgerFeed } from '../machines/feed.js';
 import { CollectiveSpans, type TraceEvent as CollectiveSpan } from '../machines/spans.js';
 import { diagnoseHangs, okDiagnosis, stallDiagnosis, type Diagnosis } from '../machines/diagnosis.js';
-import { collectiveDtype, startRank, stepRank, type RankSnapshot } from '../machines/protocol.js';
+import { collectiveDtype, startRank, stepRank, type RankSnapshot } from '../machines/snapshot.js';
 import { completedEvent, computedEvent, describeAction, nextAction, routedEvent, type FirstReady } from '../machines/driver.js';
 import type { RankEvent } from '../machines/rankMachine.js';
 import { collectiveMs, computeMs, DEFAULT_COST, expertFlops, routerFlops, type CostModel } from './cost.js';
 import { firstReadyOf, rankConfig, type Scenario } from '../machines/scenario.js';
 import { routeTokens } from '../machines/routing.js';
-
-export interface EngineResult {
-  readonly diagnosis: Diagnosis;
-  readonly ledger: readonly LedgerEntry[];
-  readonly snapshots: readonly RankSnapshot[];
-}
 
 /** Chrome Trace Event (https://docs.google.com/document/d/1CvAClvFfyA5R-PhYUmn5OOQtYMH4h6I0nSsKchNAySU): ts, dur in µs. */
 export interface TraceEvent {
@@ -68,7 +62,10 @@ export interface DesOptions {
   readonly memo?: TransitionMemo;
 }
 
-export interface DesResult extends EngineResult {
+export interface DesResult {
+  readonly diagnosis: Diagnosis;
+  readonly ledger: readonly LedgerEntry[];
+  readonly snapshots: readonly RankSnapshot[];
   /** With `trace`: compute spans and lane names (Chrome trace events), in simulated time. */
   readonly trace?: TraceEvent[];
   /** With `trace`: each rank's collectives as report lanes, in simulated time. */
@@ -123,11 +120,6 @@ function outcomeOf(s: Scenario, g: GroupRouting, rank: number) {
     recvCounts: () => Array.from({ length: s.ep }, (_, j) => g.sendCounts[j * s.ep + epRank]!),
     rowsPerExpert: () => Array.from(g.rowsPerExpert.subarray(epRank * nLocal, (epRank + 1) * nLocal)),
   };
-}
-
-export function runDes(s: Scenario, opts: DesOptions = {}): EngineResult {
-  const { diagnosis, ledger, snapshots } = simulateDes(s, opts);
-  return { diagnosis, ledger, snapshots };
 }
 
 /** Run one training step of `s` in simulated time; with `trace`, a Chrome trace of it. */

@@ -1,38 +1,64 @@
 // The exhaustive explorer behind `ep-actors check`: can ANY routing hang this layout?
 //
-// Routing classes. The rank machine's guards read, per rank and layer, whether the rank
-// holds tokens (its sends), whether any row reaches it (its receives) and which of its
-// local experts get rows (gradient hooks, FSDP sizes). A class fixes those facts for every
-// rank: a state (holds tokens, number of local experts that receive rows). Which source
-// sends to which destination, and how many rows, changes no guard: every holder sends to
-// every used expert in the class's representative routing. Local experts of one rank are
-// interchangeable, so a count stands for the set. Classes equal up to a permutation of EP
-// ranks (applied to every dp group alike, the variant's distinguished rank held fixed) and
-// of dp groups behave alike: only one of each orbit is run (symmetry reduction).
+// Routing classes are built directly (./explore/classes.ts), one starved level at a time
+// and by rows within a level, so the first counterexample is a shortest one and memory is
+// one level's column codes, never the rank permutations. Each class runs once through the
+// discrete-event engine with a representative routing (every layer and micro-batch routed
+// alike; under completion-order, each rank's completion order is part of its kind).
 //
-// Schedules. Where a compute makes two collectives ready at once (variant
-// completion-order), every rank's choice of which goes first is explored.
+// Cutoff (reduced mode, the default). The machine's guards read only a rank's own facts
+// (./explore/kinds.ts), and two ranks with the same observable facts issue identical,
+// mutually consistent collectives; so a class's verdict depends only on which observable
+// column kinds it holds, not how many of each: a cutoff of 1. Further, a class holding a
+// subset of another's kinds can only hang if the other does (its ranks issue the same
+// sequences over sub-communicators: a mismatch, a member missing or a wait-for cycle there
+// is one in the larger class too), so when every kind fits in one class and that class
+// passes, every class passes: one run proves the layout. Otherwise, and to find a
+// shortest counterexample, the sets of kinds are searched in order.
 //
-// Order. Classes run fewest starved ranks (receiving no rows) first, then fewest rows, so
-// the first counterexample found is a shortest one.
-import { UsageError } from '../src/errors.js';
+// Sharding: within a starved level, shard i/n keeps the classes enumerated at positions ≡ i
+// (mod n), so each holds 1/n of a level; its results merge (mergeResults) into one proof or
+// counterexample by the search-order key (level, rows, position).
+import { getHeapStatistics } from 'node:v8';
 import type { CollectiveOp } from '../src/ep/types.js';
+import { UsageError } from '../src/errors.js';
 import type { Diagnosis } from '../machines/diagnosis.js';
-import type { RankSnapshot } from '../machines/protocol.js';
-import { startRank } from '../machines/protocol.js';
+import type { RankSnapshot } from '../machines/snapshot.js';
+import { startRank } from '../machines/snapshot.js';
 import { simulateDes, TransitionMemo } from './des.js';
 import { rankConfig, validateScenario, type Scenario } from '../machines/scenario.js';
 import { worldSize } from '../machines/mesh.js';
+import { alphabet, classesAtLevel, realize, replayScenario, withExtras, type Realized } from './explore/classes.js';
+import { observe } from './explore/kinds.js';
+
+export const RESULT_FORMAT = 'ep-actors.check/1';
+export const DEFAULT_MAX_CLASSES = 1_000_000;
+/** Most ranks a class runs with: the engine holds every rank's routing facts (ep=4096: ~40 s and 2 GB a class). */
+export const MAX_WORLD = 4096;
+/** Heap in use past which the transition memo starts over (it only saves time). */
+const MEMO_HEAP = 256 * 2 ** 20;
 
 /** One rank's routing facts in a class. */
 export interface RankClass {
   readonly holdsTokens: boolean;
-  /** Local experts receiving rows (the first `usedExperts` of the rank's block). */
   readonly usedExperts: number;
 }
 
+export interface Shard {
+  readonly index: number;
+  readonly count: number;
+}
+
+/**
+ * A class's place in the search order: starved ranks, rows, then its position in the level's
+ * enumeration (the same in every shard, so shards need not share a level to agree on it).
+ */
+export type OrderKey = readonly [level: number, rows: number, seq: number];
+
+const before = (x: OrderKey, y: OrderKey) => x[0] - y[0] || x[1] - y[1] || x[2] - y[2];
+
 export interface Counterexample {
-  readonly classIndex: number;
+  readonly key: OrderKey;
   readonly ranks: readonly RankClass[];
   readonly starvedRanks: readonly number[];
   readonly rows: number;
@@ -42,170 +68,211 @@ export interface Counterexample {
   readonly diagnosis: Diagnosis;
 }
 
+export interface Reduction {
+  /** Ranks of one observable kind that matter (1), or null for the exhaustive search. */
+  readonly cutoff: 1 | null;
+  /** What the guards observe per rank, from the variant and layout. */
+  readonly observed: readonly string[];
+  /** Rank kinds the search tells apart, and column kinds (one rank kind per dp group). */
+  readonly rankKinds: number;
+  readonly columnKinds: number;
+  /** The proof came from one class holding every kind (see the header). */
+  readonly everyKindAtOnce: boolean;
+}
+
+export interface Stop {
+  /** max-classes: that many run; level: one starved level holds more than that; memory: the heap is nearly full. */
+  readonly reason: 'max-classes' | 'level' | 'memory';
+  /** Every class of this shard before this key was run and passed; none from it on. */
+  readonly key: OrderKey;
+}
+
 export interface ExploreResult {
-  readonly verdict: 'proved' | 'counterexample';
-  /** Routing classes after symmetry reduction, and how many were run. */
-  readonly classes: number;
+  readonly format: typeof RESULT_FORMAT;
+  readonly layout: Scenario;
+  readonly shard: Shard;
+  readonly verdict: 'proved' | 'counterexample' | 'stopped';
+  readonly reduction: Reduction;
   readonly classesRun: number;
-  readonly schedulesRun: number;
-  /** Symmetries used: how many rank permutations map the layout to itself. */
-  readonly symmetries: number;
+  /** Starved levels searched to the end (a level holds the classes with that many starved ranks). */
+  readonly levelsDone: number;
   readonly elapsedMs: number;
   readonly counterexample: Counterexample | null;
+  readonly stopped: Stop | null;
+}
+
+export interface Progress {
+  readonly level: number;
+  readonly maxLevel: number;
+  readonly levelDone: number;
+  readonly levelSize: number;
+  readonly classesRun: number;
+  readonly elapsedMs: number;
 }
 
 export interface ExploreOptions {
-  /** Refuse layouts with more raw assignments than this (symmetry is checked per assignment when dp > 1). */
-  readonly maxAssignments?: number;
-  readonly onProgress?: (done: number, total: number) => void;
+  /** Apply the cutoff (default); false: every class of rank kinds, no reduction. */
+  readonly reduce?: boolean;
+  readonly shard?: Shard;
+  /** Most classes to run, and to hold for one starved level (default DEFAULT_MAX_CLASSES). */
+  readonly maxClasses?: number;
+  /** Stop when the V8 heap passes this fraction of its limit (default 0.7). */
+  readonly heapFraction?: number;
+  readonly onProgress?: (p: Progress) => void;
 }
 
-/** Global ranks whose behaviour the variant singles out (early-exit's rank, in every dp group). */
-function fixedEpRanks(s: Scenario): Set<number> {
-  return s.variant === 'early-exit' ? new Set([s.earlyExitRank ?? s.ep - 1]) : new Set();
-}
-
-function permutations(items: readonly number[]): number[][] {
-  if (items.length <= 1) return [[...items]];
-  return items.flatMap((x, i) => permutations([...items.slice(0, i), ...items.slice(i + 1)]).map((p) => [x, ...p]));
-}
-
-/** World-rank permutations: EP ranks permuted alike in every dp group (fixed ones kept), dp groups permuted. */
-function symmetryGroup(s: Scenario): number[][] {
-  const fixed = fixedEpRanks(s);
-  const movable = Array.from({ length: s.ep }, (_, e) => e).filter((e) => !fixed.has(e));
-  const epPerms = permutations(movable).map((p) => {
-    const full = Array.from({ length: s.ep }, (_, e) => e);
-    movable.forEach((e, i) => (full[e] = p[i]!));
-    return full;
-  });
-  const dpPerms = permutations(Array.from({ length: s.dp }, (_, d) => d));
-  return dpPerms.flatMap((dp) => epPerms.map((ep) => Array.from({ length: s.ep * s.dp }, (_, g) => dp[Math.floor(g / s.ep)]! * s.ep + ep[g % s.ep]!)));
-}
-
-/** Non-decreasing sequences of `len` digits below `radix`: one per multiset. */
-function* sortedSequences(len: number, radix: number, min = 0): Generator<number[]> {
-  if (len === 0) {
-    yield [];
-    return;
-  }
-  for (let d = min; d < radix; d++) for (const rest of sortedSequences(len - 1, radix, d)) yield [d, ...rest];
-}
-
-/**
- * One digit per world rank (holdsTokens · (nLocal+1) + usedExperts), one assignment per
- * orbit under the symmetry group. With one dp group and no fixed rank the orbits are the
- * multisets; otherwise every assignment is checked for being least in its orbit.
- */
-function canonicalAssignments(s: Scenario, group: number[][], maxAssignments: number): number[][] {
-  const radix = 2 * (s.experts / s.ep + 1);
-  const n = worldSize(s);
-  const fixed = fixedEpRanks(s);
-  if (s.dp === 1 && fixed.size === 0) return [...sortedSequences(n, radix)];
-  const total = radix ** n;
-  if (total > maxAssignments) throw new UsageError(`check: ${total} raw routing assignments over ${n} ranks exceed the limit ${maxAssignments}; use fewer ranks or experts per rank`);
-  const out: number[][] = [];
-  const digits = new Array<number>(n).fill(0);
-  const lessThan = (perm: number[]) => {
-    for (let i = 0; i < n; i++) {
-      // (π·a)[π(g)] = a[g]: compare the permuted assignment with a, position by position.
-      const d = digits[perm.indexOf(i)]! - digits[i]!;
-      if (d !== 0) return d < 0;
-    }
-    return false;
-  };
-  for (let k = 0; k < total; k++) {
-    let x = k;
-    for (let i = n - 1; i >= 0; i--) [digits[i], x] = [x % radix, Math.floor(x / radix)];
-    if (!group.some(lessThan)) out.push([...digits]);
-  }
-  return out;
-}
-
-interface ClassCase {
-  readonly ranks: RankClass[];
-  readonly starved: number[];
-  readonly rows: number;
-  readonly explicit: number[][][][];
-}
-
-/** The representative routing of a class, or null when no routing has these facts. */
-function concretize(s: Scenario, digits: readonly number[]): ClassCase | null {
-  const nLocal = s.experts / s.ep;
-  const ranks = digits.map((d) => ({ holdsTokens: d >= nLocal + 1, usedExperts: d % (nLocal + 1) }));
-  const explicit: number[][][][] = [];
-  const starved: number[] = [];
-  let rows = 0;
-  for (let d = 0; d < s.dp; d++) {
-    const members = ranks.slice(d * s.ep, (d + 1) * s.ep);
-    const used = members.flatMap((r, e) => Array.from({ length: r.usedExperts }, (_, i) => e * nLocal + i));
-    const holders = members.filter((r) => r.holdsTokens).length;
-    // Every token picks top_k distinct experts; rows reach an expert only from a holder.
-    if (holders > 0 ? used.length < s.topK : used.length > 0) return null;
-    const tokens = holders > 0 ? Math.ceil(used.length / s.topK) : 0;
-    const ids = Array.from({ length: tokens * s.topK }, (_, i) => used[(Math.floor(i / s.topK) * s.topK + (i % s.topK)) % used.length]!);
-    members.forEach((r, e) => {
-      if (r.usedExperts === 0) starved.push(d * s.ep + e);
-      const mine = r.holdsTokens ? ids : [];
-      rows += mine.length;
-      explicit.push(Array.from({ length: s.microBatches }, () => Array.from({ length: s.layers }, () => [...mine])));
-    });
-  }
-  return { ranks, starved, rows, explicit };
-}
-
-/** Whether the variant makes the rank's issue order depend on completion order. */
-const hasSchedules = (s: Scenario) => s.variant === 'completion-order' && s.fsdp === 'experts';
-
-function* schedules(s: Scenario): Generator<CollectiveOp[][] | null> {
-  if (!hasSchedules(s)) {
-    yield null;
-    return;
-  }
-  // One choice per (rank, layer·micro-batch): which of B′ and the reduce-scatter goes first.
-  const n = worldSize(s);
-  const slots = n * s.layers * s.microBatches;
-  if (slots > 20) throw new UsageError(`check: ${2 ** slots} completion orders (${n} ranks × ${s.layers * s.microBatches} layer calls) are too many to explore; use fewer ranks or layers`);
-  for (let k = 0; k < 2 ** slots; k++) {
-    yield Array.from({ length: n }, (_, r) =>
-      Array.from({ length: s.layers * s.microBatches }, (_, c) => ((k >> (r * s.layers * s.microBatches + c)) & 1 ? 'bwd.dispatch' : 'fsdp.reduce_scatter') as CollectiveOp),
-    );
-  }
-}
-
-/** Explore every routing class (and completion order) of the layout `s` under its variant. */
+/** Explore every routing class (and completion order) of the layout under its variant. */
 export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreResult {
   const t0 = performance.now();
   const s = validateScenario({ ...layout, routing: 'uniform', explicit: undefined });
-  const group = symmetryGroup(s);
-  const cases = canonicalAssignments(s, group, opts.maxAssignments ?? 2_000_000)
-    .map((digits) => concretize(s, digits))
-    .filter((c): c is ClassCase => c !== null)
-    .sort((a, b) => a.starved.length - b.starved.length || a.rows - b.rows);
+  if (worldSize(s) > MAX_WORLD) throw new UsageError(`check: ${worldSize(s)} ranks (ep=${s.ep} × dp=${s.dp}); every class runs at full size through the engine, up to ${MAX_WORLD} ranks`);
+  const o = observe(s);
+  const reduced = opts.reduce ?? true;
+  const a = alphabet(s, o, reduced);
+  const shard = opts.shard ?? { index: 0, count: 1 };
+  const limit = opts.maxClasses ?? DEFAULT_MAX_CLASSES;
+  const heapLimit = getHeapStatistics().heap_size_limit;
+  const heapCap = (opts.heapFraction ?? 0.7) * heapLimit;
+  const movable = s.ep - o.fixedEpRanks.length;
+  const maxLevel = worldSize(s);
+  // A held class costs about an object, a typed array and a slot (measured: ~200 bytes + 2 per column).
+  const heldBytes = 256 + 2 * movable;
   // Classes of one layout share every rank's initial snapshot (the config, not the routing).
   const initial: RankSnapshot[] = Array.from({ length: worldSize(s) }, (_, r) => startRank(rankConfig(s, r)));
-  const memo = new TransitionMemo();
-  let schedulesRun = 0;
-  for (let i = 0; i < cases.length; i++) {
-    const c = cases[i]!;
-    const scenario: Scenario = { ...s, routing: 'explicit', explicit: c.explicit, tokens: Math.max(0, ...c.explicit.map((r) => r[0]![0]!.length / s.topK)) };
-    for (const order of schedules(s)) {
-      schedulesRun++;
-      const firstReady = order ? (rank: number, layer: number, mb: number) => order[rank]![mb * s.layers + layer]! : undefined;
-      const { diagnosis } = simulateDes(scenario, { initial, firstReady, memo });
-      if (diagnosis.verdict !== 'ok') {
-        return {
-          verdict: 'counterexample',
-          classes: cases.length,
-          classesRun: i + 1,
-          schedulesRun,
-          symmetries: group.length,
-          elapsedMs: performance.now() - t0,
-          counterexample: { classIndex: i, ranks: c.ranks, starvedRanks: c.starved, rows: c.rows, firstReady: order, scenario: order ? { ...scenario, firstReady: order } : scenario, diagnosis },
-        };
+  let memo = new TransitionMemo();
+  let classesRun = 0;
+  let levelsDone = 0;
+  let everyKindAtOnce = false;
+
+  const heapUsed = () => getHeapStatistics().used_heap_size;
+  const run = (r: Realized) => {
+    classesRun++;
+    // The memo only saves time: start a new one before it crowds the heap.
+    if (classesRun % 64 === 0 && heapUsed() > Math.min(heapCap / 3, MEMO_HEAP)) memo = new TransitionMemo();
+    const scenario = replayScenario(s, r);
+    return { scenario, diagnosis: simulateDes(scenario, { initial, memo }).diagnosis };
+  };
+  const counterexample = (key: OrderKey, r: Realized, scenario: Scenario, diagnosis: Diagnosis): Counterexample => ({
+    key,
+    ranks: r.kinds.map((k) => ({ holdsTokens: k.holdsTokens, usedExperts: k.usedExperts })),
+    starvedRanks: r.starved,
+    rows: r.rows,
+    firstReady: r.firstReady,
+    scenario,
+    diagnosis,
+  });
+  const finish = (verdict: ExploreResult['verdict'], ce: Counterexample | null, stopped: Stop | null): ExploreResult => ({
+    format: RESULT_FORMAT,
+    layout: s,
+    shard,
+    verdict,
+    reduction: { cutoff: reduced ? 1 : null, observed: o.facts, rankKinds: a.letters.length, columnKinds: a.columns, everyKindAtOnce },
+    classesRun,
+    levelsDone,
+    elapsedMs: performance.now() - t0,
+    counterexample: ce,
+    stopped,
+  });
+
+  if (reduced && a.columns <= movable) {
+    // Every column kind at once (per choice of the singled-out columns): if these pass, all do.
+    const all = Array.from({ length: a.columns }, (_, c) => c);
+    const reps = (o.fixedEpRanks.length ? all.map((c) => [c]) : [[]]).map((fixed) => withExtras(s, o, a, fixed, all));
+    if (reps.every((r) => r !== null)) {
+      everyKindAtOnce = reps.every((r) => run(realize(s, o, a, r!.cls)!).diagnosis.verdict === 'ok');
+      if (everyKindAtOnce) {
+        levelsDone = maxLevel + 1;
+        return finish('proved', null, null);
       }
     }
-    opts.onProgress?.(i + 1, cases.length);
   }
-  return { verdict: 'proved', classes: cases.length, classesRun: cases.length, schedulesRun, symmetries: group.length, elapsedMs: performance.now() - t0, counterexample: null };
+
+  let lastReport = 0;
+  for (let level = 0; level <= maxLevel; level++) {
+    // This shard's classes of the level (every count-th in enumeration order), as column codes
+    // (a dp group's letters fit 16 bits, MAX_COLUMNS), then run by rows.
+    const held: { fixed: readonly number[]; columns: Uint16Array; rows: number; seq: number }[] = [];
+    const stopHere = (reason: Stop['reason']) => finish('stopped', null, { reason, key: [level, -1, -1] });
+    // The level may take half of the heap still free below the cap.
+    const maxHeld = Math.max(0, (heapCap - heapUsed()) / 2 / heldBytes);
+    let seq = 0;
+    for (const { cls, plan } of classesAtLevel(s, o, a, reduced, level)) {
+      if (seq++ % shard.count !== shard.index) continue;
+      if (held.length >= limit) return stopHere('level');
+      if (held.length >= maxHeld || (held.length % 1024 === 1023 && heapUsed() > heapCap)) return stopHere('memory');
+      held.push({ fixed: cls.fixed, columns: Uint16Array.from(cls.columns), rows: plan.rows, seq: seq - 1 });
+    }
+    held.sort((x, y) => x.rows - y.rows || x.seq - y.seq);
+    for (let i = 0; i < held.length; i++) {
+      const key: OrderKey = [level, held[i]!.rows, held[i]!.seq];
+      if (classesRun >= limit) return finish('stopped', null, { reason: 'max-classes', key });
+      if (classesRun % 256 === 255 && heapUsed() > heapCap) return finish('stopped', null, { reason: 'memory', key });
+      const r = realize(s, o, a, { fixed: held[i]!.fixed, columns: [...held[i]!.columns] })!;
+      const { scenario, diagnosis } = run(r);
+      if (diagnosis.verdict !== 'ok') return finish('counterexample', counterexample(key, r, scenario, diagnosis), null);
+      const now = performance.now();
+      if (opts.onProgress && now - lastReport > 200) {
+        lastReport = now;
+        opts.onProgress({ level, maxLevel, levelDone: i + 1, levelSize: held.length, classesRun, elapsedMs: now - t0 });
+      }
+    }
+    levelsDone = level + 1;
+  }
+  return finish('proved', null, null);
+}
+
+/** Every class of the shard before this key was run and passed (null: all of them). */
+const coveredBelow = (r: ExploreResult): OrderKey | null => r.counterexample?.key ?? r.stopped?.key ?? null;
+
+export interface MergedResult {
+  readonly verdict: ExploreResult['verdict'];
+  readonly layout: Scenario;
+  readonly shards: number;
+  readonly reduction: Reduction;
+  readonly classesRun: number;
+  /** The sum over shards: machine time, not wall time. */
+  readonly elapsedMs: number;
+  readonly counterexample: Counterexample | null;
+  /** False when a shard stopped before the counterexample's position, so a shorter one may exist. */
+  readonly shortest: boolean | null;
+  /** Shards that stopped at a limit, and where. */
+  readonly stopped: readonly (Stop & { shard: number })[];
+}
+
+/** Merge the results of every shard of one run into one proof or counterexample. */
+export function mergeResults(parts: readonly ExploreResult[]): MergedResult {
+  if (parts.length === 0) throw new UsageError('check --merge: no results to merge');
+  const first = parts[0]!;
+  const key = (r: ExploreResult) => JSON.stringify([r.layout, r.reduction.cutoff]);
+  for (const p of parts) {
+    if (p.format !== RESULT_FORMAT) throw new UsageError(`check --merge: not a check result (format '${String(p.format)}', want '${RESULT_FORMAT}')`);
+    if (key(p) !== key(first)) throw new UsageError(`check --merge: shard ${p.shard.index}/${p.shard.count} explored another layout or mode than shard ${first.shard.index}/${first.shard.count}`);
+    if (p.shard.count !== first.shard.count) throw new UsageError(`check --merge: shards of ${p.shard.count} and of ${first.shard.count} mixed`);
+  }
+  const seen = new Set<number>();
+  for (const p of parts) {
+    if (seen.has(p.shard.index)) throw new UsageError(`check --merge: shard ${p.shard.index}/${p.shard.count} given twice`);
+    seen.add(p.shard.index);
+  }
+  const missing = Array.from({ length: first.shard.count }, (_, i) => i).filter((i) => !seen.has(i));
+  if (missing.length) throw new UsageError(`check --merge: shard${missing.length > 1 ? 's' : ''} ${missing.map((i) => `${i}/${first.shard.count}`).join(', ')} missing`);
+  const best = parts
+    .map((p) => p.counterexample)
+    .filter((c): c is Counterexample => c !== null)
+    .sort((x, y) => before(x.key, y.key))[0];
+  // A proof from one class holding every kind covers every shard.
+  const proof = parts.find((p) => p.verdict === 'proved' && p.reduction.everyKindAtOnce);
+  const stopped = proof ? [] : parts.flatMap((p) => (p.stopped ? [{ ...p.stopped, shard: p.shard.index }] : []));
+  const verdict = best ? 'counterexample' : stopped.length ? 'stopped' : 'proved';
+  return {
+    verdict,
+    layout: first.layout,
+    shards: first.shard.count,
+    reduction: proof?.reduction ?? first.reduction,
+    classesRun: parts.reduce((n, p) => n + p.classesRun, 0),
+    elapsedMs: parts.reduce((n, p) => n + p.elapsedMs, 0),
+    counterexample: best ?? null,
+    shortest: best ? parts.every((p) => coveredBelow(p) === null || before(coveredBelow(p)!, best.key) >= 0) : null,
+    stopped,
+  };
 }

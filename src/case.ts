@@ -2,14 +2,12 @@
 // on every rank, collect the results. Validation happens before anything runs, so every
 // bad input becomes one CaseError naming the tensor or metadata key and what is wrong.
 //
-// runCase takes the rank loop as a parameter: by default all ranks run as async tasks over
-// an in-process communicator group; the actor runtime passes one that runs `runRank` on
-// worker threads instead.
+// runCase takes the rank loop as a parameter: the runtime's in-process ranks (async tasks
+// over one communicator group) or its worker-thread ranks, each running `runCaseRank`.
 import { Tensor, toIndexArray, type FloatDType } from './tensor.js';
 import { CaseError, describeError } from './errors.js';
 import { ACTIVATIONS, type Activation, type Communicator, type ExpertBackend, type ExpertWeights, type PackedExperts } from './ep/types.js';
 import { epBackward, epForward, localExpertRange, localExperts, placeLocalGrads } from './ep/layer.js';
-import { createInProcessGroup } from './ep/inprocess.js';
 import { convertLayout, tsBackend } from './moe/experts.js';
 import { readSafetensorsFile, type SafetensorsFile } from './codec/safetensors.js';
 import { randomRouting, randomTensor, seededRng } from './moe/random.js';
@@ -61,7 +59,8 @@ export type RankLoop = <F extends FloatDType>(data: CaseData<F>, backend: Expert
 
 export interface RunOptions {
   readonly backend?: ExpertBackend;
-  readonly runRanks?: RankLoop;
+  /** How the ranks run: in-process tasks (actors/inprocess.ts), worker threads (actors/caseRanks.ts). */
+  readonly runRanks: RankLoop;
 }
 
 const META_KEYS = ['ep', 'num_experts', 'top_k', 'dim', 'hidden', 'activation', 'packed', 'gradient_scale'] as const;
@@ -193,7 +192,7 @@ export async function loadCase(path: string): Promise<CaseData> {
 }
 
 /** One rank's forward and backward over `comm` (null when ep = 1). */
-export async function runRank<F extends FloatDType>(data: CaseData<F>, rank: number, comm: Communicator | null, backend: ExpertBackend): Promise<RankResult<F>> {
+export async function runCaseRank<F extends FloatDType>(data: CaseData<F>, rank: number, comm: Communicator | null, backend: ExpertBackend): Promise<RankResult<F>> {
   const { meta } = data;
   const local = localExperts(data.experts, meta.ep, rank);
   const experts: ExpertWeights<F> = meta.packed ? local : convertLayout(local, 'unpacked');
@@ -211,24 +210,8 @@ export async function runRank<F extends FloatDType>(data: CaseData<F>, rank: num
   };
 }
 
-/** Every rank as a concurrent async task over one in-process group (ep = 1: no group). */
-export const inProcessRanks: RankLoop = async (data, backend) => {
-  const { ep } = data.meta;
-  if (ep === 1) return [await runRank(data, 0, null, backend)];
-  const group = createInProcessGroup(ep);
-  return Promise.all(
-    group.members.map(async (comm, rank) => {
-      try {
-        return await runRank(data, rank, comm, backend);
-      } finally {
-        group.finish(rank);
-      }
-    }),
-  );
-};
-
-export async function runCase<F extends FloatDType>(data: CaseData<F>, options: RunOptions = {}): Promise<CaseResult<F>> {
-  const results = await (options.runRanks ?? inProcessRanks)(data, options.backend ?? tsBackend);
+export async function runCase<F extends FloatDType>(data: CaseData<F>, options: RunOptions): Promise<CaseResult<F>> {
+  const results = await options.runRanks(data, options.backend ?? tsBackend);
   const zerosLike = (t: Tensor<F>): Tensor<F> => Tensor.zeros(t.dtype, t.shape);
   const e = data.experts;
   const grads: PackedExperts<F> = { layout: 'packed', activation: e.activation, up: zerosLike(e.up), gate: e.gate && zerosLike(e.gate), down: zerosLike(e.down) };

@@ -1,2 +1,2 @@
 // Running the built CLI as a child process, as users do.
-export { runEpActors as runCli, type CliRun } from '../actors/launch.js';
+export { runEpActors as runCli, type CliRun } from '../cli/localRanks.js';

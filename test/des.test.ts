@@ -1,12 +1,12 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { runDes, simulateDes } from '../sim/des.js';
+import { simulateDes } from '../sim/des.js';
 import { costModel } from '../sim/cost.js';
 import { validateScenario } from '../machines/scenario.js';
 
-test('seed scenario finishes ok; runDes and simulateDes write the same ledger', () => {
+test('seed scenario finishes ok; with and without a trace the engine writes the same ledger', () => {
   const s = validateScenario({ ep: 4, experts: 8, layers: 2, microBatches: 2 });
-  const a = runDes(s);
+  const a = simulateDes(s);
   const b = simulateDes(s, { trace: true });
   assert.is(a.diagnosis.verdict, 'ok');
   assert.equal(b.ledger, a.ledger);
@@ -15,7 +15,7 @@ test('seed scenario finishes ok; runDes and simulateDes write the same ledger', 
 });
 
 test('starved rank skips bwd.dispatch under no-dispatch-edge: missing, culprit named', () => {
-  const d = runDes(validateScenario({ ep: 4, experts: 8, routing: 'starve:1', variant: 'no-dispatch-edge' })).diagnosis;
+  const d = simulateDes(validateScenario({ ep: 4, experts: 8, routing: 'starve:1', variant: 'no-dispatch-edge' })).diagnosis;
   assert.is(d.verdict, 'missing');
   assert.equal(d.culprits, [1]);
   assert.match(d.cause, /rank 1 received 0 rows in layer 0/);
@@ -53,13 +53,13 @@ test('completion-order: B′ and the experts reduce-scatter issued in crossed or
 
 test('layer-metric: a rank that routed nothing all-reduces a metric one element short', () => {
   const s = validateScenario({ ep: 4, experts: 8, layers: 2, routing: 'empty:2', variant: 'layer-metric' });
-  const r = runDes(s);
+  const r = simulateDes(s);
   assert.is(r.diagnosis.verdict, 'mismatch');
   assert.ok(r.diagnosis.culprits.includes(2));
   const sizes = r.ledger.filter((e) => e.op === 'metric.all_reduce').map((e) => [e.rank, e.size]);
   assert.ok(sizes.some(([rank, size]) => rank === 2 && size === 2));
   assert.ok(sizes.some(([rank, size]) => rank !== 2 && size === 3));
-  assert.is(runDes({ ...s, variant: 'seed' }).diagnosis.verdict, 'ok');
+  assert.is(simulateDes({ ...s, variant: 'seed' }).diagnosis.verdict, 'ok');
 });
 
 test.run();

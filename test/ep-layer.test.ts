@@ -5,7 +5,7 @@ import { denseMoe } from '../src/moe/dense.js';
 import { convertLayout, tsBackend } from '../src/moe/experts.js';
 import { randInt, seededRng } from '../src/moe/random.js';
 import { epBackward, epForward, localExpertRange, localExperts } from '../src/ep/layer.js';
-import { createInProcessGroup } from '../src/ep/inprocess.js';
+import { createInProcessGroup, inProcessRanks } from '../actors/inprocess.js';
 import { ACTIVATIONS, type CollectiveOp, type Communicator } from '../src/ep/types.js';
 import { Tensor, relativeError, type FloatDType } from '../src/tensor.js';
 
@@ -56,7 +56,7 @@ test('property: with gradient scale off, the EP layer equals the dense MoE (outp
     const data = randomCase(seed);
     const { meta } = data;
     const where = `seed ${seed} (ep=${meta.ep} E=${meta.numExperts} k=${meta.topK} ${meta.activation} ${meta.packed ? 'packed' : 'unpacked'}, tokens ${data.ranks.map((r) => r.x_TD.shape[0]).join('/')}); rerun with EP_SEED=${seed}`;
-    const ep = await runCase(data);
+    const ep = await runCase(data, { runRanks: inProcessRanks });
     const experts = meta.packed ? data.experts : convertLayout(data.experts, 'unpacked');
     const dense = await denseMoe(
       tsBackend,
@@ -87,8 +87,8 @@ test('gradient scale multiplies each entry by (R / N) / c_i of its expert, R the
   // top-1, so each token's output is one expert's row: scaled on/off is exactly that factor.
   const spec = { ep: 2, numExperts: 4, topK: 1, dim: 3, hidden: 4, activation: 'relu' as const, packed: true, dtype: 'f64' as const, tokensPerRank: [6, 5] };
   const offCase = syntheticCase({ ...spec, gradientScale: false }, 7);
-  const off = await runCase(offCase);
-  const on = await runCase(syntheticCase({ ...spec, gradientScale: true }, 7));
+  const off = await runCase(offCase, { runRanks: inProcessRanks });
+  const on = await runCase(syntheticCase({ ...spec, gradientScale: true }, 7), { runRanks: inProcessRanks });
   const N = spec.numExperts / spec.ep;
   const ids = offCase.ranks.map((r) => Array.from(r.indices_TK.data as BigInt64Array, Number));
   const rowsOf = new Array<number>(spec.numExperts).fill(0);
@@ -154,7 +154,7 @@ test('in-process group: inconsistent splits reject every member with one clear e
   const results = await Promise.allSettled([a, b]);
   for (const r of results) {
     assert.is(r.status, 'rejected');
-    assert.match(String((r as PromiseRejectedResult).reason), /inconsistent splits: rank 0 sends 1 rows to rank 1 but rank 1 expects 2 from rank 0/);
+    assert.match(String((r as PromiseRejectedResult).reason), /ep collective #0: rank 0 sends 1 rows to rank 1 but rank 1 expects 2 in fwd\.dispatch/);
   }
 });
 
@@ -164,7 +164,7 @@ test('in-process group: different ops at one position, and a member that never p
   const a = g1.members[0]!.allToAll({ op: 'bwd.dispatch', layer: 1, microBatch: 0 }, t, [0, 0], [0, 0]);
   const b = g1.members[1]!.allToAll({ op: 'fwd.counts', layer: 1, microBatch: 0 }, t, [0, 0], [0, 0]);
   for (const r of await Promise.allSettled([a, b])) {
-    assert.match(String((r as PromiseRejectedResult).reason), /collective #0: rank 0 posted bwd\.dispatch \(layer 1, micro-batch 0\) but rank 1 posted fwd\.counts/);
+    assert.match(String((r as PromiseRejectedResult).reason), /collective #0: rank 0 issued bwd\.dispatch of layer 1 but rank 1 issued fwd\.counts of layer 1/);
   }
   const g2 = createInProcessGroup(2);
   const waiting = g2.members[0]!.allToAll({ op: 'bwd.dispatch', layer: 0, microBatch: 0 }, t, [0, 0], [0, 0]);
@@ -173,7 +173,7 @@ test('in-process group: different ops at one position, and a member that never p
     await waiting;
     assert.unreachable('a collective completed without every member');
   } catch (err) {
-    assert.match(String(err), /rank 1 finished without posting it while rank 0 posted bwd\.dispatch/);
+    assert.match(String(err), /rank 1 finished without issuing position 0, where rank 0 waits in bwd\.dispatch/);
   }
 });
 

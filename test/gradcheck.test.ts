@@ -1,6 +1,7 @@
 // fp64 central finite differences of the loss L = Σ_r sum(out_r ⊙ G_r), where G_r is the
 // case's grad_out, against the layer's backward: grad_x, grad_weights and the expert grads.
 import { test } from 'uvu';
+import { inProcessRanks } from '../actors/inprocess.js';
 import * as assert from 'uvu/assert';
 import { runCase, syntheticCase, type CaseData, type SyntheticSpec } from '../src/case.js';
 import { Tensor, relativeError } from '../src/tensor.js';
@@ -9,7 +10,7 @@ const EPS = 1e-6;
 const TOL = 1e-7;
 
 async function loss(data: CaseData<'f64'>): Promise<number> {
-  const res = await runCase(data);
+  const res = await runCase(data, { runRanks: inProcessRanks });
   let l = 0;
   res.ranks.forEach((r, rank) => {
     const g = data.ranks[rank]!.gradOut_TD.data;
@@ -51,7 +52,7 @@ const cases: [string, SyntheticSpec<'f64'>][] = [
 cases.forEach(([name, spec], i) => {
   test(`gradcheck: ${name}`, async () => {
     const data = syntheticCase(spec, 1000 + i);
-    const res = await runCase(data);
+    const res = await runCase(data, { runRanks: inProcessRanks });
     for (const [rank, input] of data.ranks.entries()) {
       check(res.ranks[rank]!.gradX_TD, await numericGrad(data, input.x_TD), `rank${rank}.grad_x`);
       check(res.ranks[rank]!.gradWeights_TK, await numericGrad(data, input.weights_TK), `rank${rank}.grad_weights`);

@@ -6,13 +6,16 @@ import * as assert from 'uvu/assert';
 import { EventEmitter } from 'node:events';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type AddressInfo, type Socket } from 'node:net';
+import type { ChildProcess } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv } from '../actors/rendezvous.js';
+import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv, type Rendezvous } from '../actors/rendezvous.js';
 import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/socketPort.js';
-import { LaunchedRankError, launchLocally, runLaunchedRank, runScenarioOnProcesses } from '../actors/launch.js';
+import { helloAsListener, type RunIdentity } from '../actors/runIdentity.js';
+import { LaunchedRankError, runLaunchedRank } from '../actors/launch.js';
+import { launchLocally, runScenarioOnProcesses } from '../cli/localRanks.js';
 import { checkRankRecords, mergeRankRecords, RankRecordError } from '../actors/rankRecord.js';
-import { runDes } from '../sim/des.js';
+import { simulateDes } from '../sim/des.js';
 import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { casePayloads, caseScenario } from '../actors/caseRanks.js';
 import { runActors } from '../actors/supervisor.js';
@@ -22,7 +25,12 @@ import { readSafetensors, readSafetensorsFile } from '../src/codec/safetensors.j
 import { Tensor, relativeError } from '../src/tensor.js';
 import { seededRng } from '../src/moe/random.js';
 import { goldenDir } from './paths.js';
+import { within } from './within.js';
 import { runCli } from './cli.js';
+import { UsageError } from '../src/errors.js';
+
+/** No run id from a launcher, no secret: rank 0 makes the run id up. */
+const anon: RunIdentity = { runId: null, source: 'rank 0', secret: null };
 
 test('launchEnv reads torchrun\'s variables, falls back to Slurm\'s, and rejects bad ones in one line', () => {
   assert.equal(launchEnv({ RANK: '1', WORLD_SIZE: '4', LOCAL_RANK: '1', MASTER_ADDR: 'node0', MASTER_PORT: '29400' }), { rank: 1, worldSize: 4, localRank: 1, masterAddr: 'node0', masterPort: 29400 });
@@ -39,40 +47,57 @@ test('rendezvous: every rank gets the address table and rank 0\'s id, whichever 
   const port = await freePort();
   const id = Uint8Array.from({ length: 128 }, (_, i) => (i * 37 + 11) & 255);
   const env = (rank: number): LaunchEnv => ({ rank, worldSize: 4, localRank: rank, masterAddr: '127.0.0.1', masterPort: port });
-  const early = [1, 2].map((r) => rendezvous(env(r), 4000 + r, { timeoutMs: 10_000 })); // before rank 0 listens: they retry
+  const early = [1, 2].map((r) => rendezvous(env(r), 4000 + r, { timeoutMs: 10_000, identity: anon })); // before rank 0 listens: they retry
   await new Promise((r) => setTimeout(r, 300));
-  const got = await Promise.all([rendezvous(env(0), 4000, { timeoutMs: 10_000, newId: () => id }), ...early, rendezvous(env(3), 4003, { timeoutMs: 10_000 })]);
+  const got = await Promise.all([rendezvous(env(0), 4000, { timeoutMs: 10_000, identity: anon, newId: () => id }), ...early, rendezvous(env(3), 4003, { timeoutMs: 10_000, identity: anon })]);
   for (const [r, g] of got.entries()) {
     assert.equal(g.peers.map((p) => p.port), [4000, 4001, 4002, 4003], `rank ${r}`);
     assert.ok(g.peers.every((p) => /127\.0\.0\.1/.test(p.host)), JSON.stringify(g.peers));
     assert.equal(Array.from(g.id!), Array.from(id), `rank ${r}`);
   }
   try {
-    await rendezvous(env(2), 4002, { timeoutMs: 500 });
+    await rendezvous(env(2), 4002, { timeoutMs: 500, identity: anon });
     assert.unreachable('no rank 0 is listening any more');
   } catch (e) {
     assert.instance(e, RendezvousError);
     assert.match((e as Error).message, `rank 2 could not reach 127.0.0.1:${port}`);
   }
-  const two = (rank: number): LaunchEnv => ({ ...env(rank), worldSize: 3 });
-  const zero = rendezvous(two(0), 1, { timeoutMs: 5000 });
-  const dup = [rendezvous(two(1), 2, { timeoutMs: 5000 }), rendezvous(two(1), 3, { timeoutMs: 5000 })];
-  const [z] = await Promise.allSettled([zero, ...dup]);
-  assert.is(z.status, 'rejected');
-  assert.match(String((z as PromiseRejectedResult).reason), /rank 1 joined twice/);
-  await Promise.allSettled(dup);
+  // Two processes with RANK=1: the second hello is refused, and the rendezvous goes on with the first.
+  const three = (rank: number): LaunchEnv => ({ ...env(rank), worldSize: 3 });
+  const refused: string[] = [];
+  const zero = rendezvous(three(0), 1, { timeoutMs: 5000, identity: anon, refused: (r) => refused.push(r.line) });
+  const ones = [2, 3].map((port) => rendezvous(three(1), port, { timeoutMs: 5000, identity: anon }).catch((e: Error) => e));
+  // The refused one settles first: the other waits for rank 2.
+  const dup = await Promise.race(ones);
+  assert.instance(dup, UsageError);
+  assert.match((dup as Error).message, /rank 1 has already joined \(is RANK set the same in two processes\?\)/);
+  assert.equal(refused, [(dup as Error).message.replace(/^rendezvous at [^ ]+: /, '')]);
+  const [z, two, ...both] = await Promise.all([zero, rendezvous(three(2), 4, { timeoutMs: 5000, identity: anon }), ...ones]);
+  const first = both.find((g) => g !== dup) as Rendezvous;
+  const table = [1, first.peers[1]!.port, 4];
+  assert.ok(table[1] === 2 || table[1] === 3);
+  assert.equal([z, first, two].map((g) => g.peers.map((p) => p.port)), [table, table, table]);
 });
 
 test('rendezvous: a rank 0 that answers nonsense is an error naming the address, not a hang or a crash', async () => {
-  for (const [reply, pattern] of [['hello\n', /not a rendezvous message/], ['{"peers":[1]}\n', /answered without a table of 2 addresses/], ['', /closed before a message arrived/]] as const) {
-    const server = createServer((sock) => sock.end(reply));
+  const side = { me: { run: 'r', rank: 0, world: 2 }, secret: null, timeoutMs: 3000 };
+  // Before the hello (not a rank at all), and after it (a rank 0 whose table is wrong).
+  const answers: [(sock: Socket) => void, RegExp, typeof RendezvousError | typeof UsageError][] = [
+    [(sock) => sock.end('hello\n'), /no hello from 127\.0\.0\.1:\d+: not JSON$/, RendezvousError],
+    [(sock) => sock.end('{"peers":[1]}\n'), /refused 127\.0\.0\.1:\d+: not an ep-actors rank/, UsageError],
+    [(sock) => sock.end(''), /no hello from .*closed before a message arrived/, RendezvousError],
+    [(sock) => void helloAsListener(sock, side, () => null).then(() => sock.end('{"peers":[1],"run":"r"}\n')), /answered without a table of 2 addresses/, RendezvousError],
+    [(sock) => void helloAsListener(sock, side, () => null).then(() => sock.end()), /rank 0 did not hand out the address table/, RendezvousError],
+  ];
+  for (const [answer, pattern, kind] of answers) {
+    const server = createServer(answer);
     await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
     const port = (server.address() as AddressInfo).port;
     try {
-      await rendezvous({ rank: 1, worldSize: 2, localRank: 1, masterAddr: '127.0.0.1', masterPort: port }, 1, { timeoutMs: 3000 });
-      assert.unreachable(`accepted ${JSON.stringify(reply)}`);
+      await rendezvous({ rank: 1, worldSize: 2, localRank: 1, masterAddr: '127.0.0.1', masterPort: port }, 1, { timeoutMs: 3000, identity: anon });
+      assert.unreachable(`accepted ${String(answer)}`);
     } catch (e) {
-      assert.instance(e, RendezvousError);
+      assert.instance(e, kind);
       assert.match((e as Error).message, pattern);
       assert.match((e as Error).message, `127.0.0.1:${port}`);
     } finally {
@@ -137,6 +162,30 @@ test('a goodbye frame ends the connection quietly and reaches the peer with its 
   await new Promise((r) => setImmediate(r));
   assert.equal(said, [{ issued: { ep: 6 } }]);
   assert.equal(broken, []);
+});
+
+test('after a goodbye, either way, nothing more is written; a peer that reads a stop and then a reset reports the stop', async () => {
+  const a = fakeSocket();
+  const left = new SocketPort(a as unknown as Socket, { broken: () => {}, finished: () => {} });
+  const closed = left.goodbye({ issued: { ep: 2 }, stopped: 'stall: rank 0 made no progress', stoppedBy: 0 });
+  const said = a.written.length;
+  left.postMessage(Uint8Array.of(1, 2, 3)); // the stopped rank's layer still finishing a compute
+  assert.is(a.written.length, said, 'no write after the goodbye');
+  a.emit('close');
+  await closed; // resolves once the connection is closed
+
+  const b = fakeSocket();
+  const heard: Goodbye[] = [];
+  const broken: string[] = [];
+  const port = new SocketPort(b as unknown as Socket, { broken: (r) => broken.push(r), finished: (g) => heard.push(g) });
+  b.emit('data', Buffer.concat(a.written));
+  b.emit('error', new Error('read ECONNRESET'));
+  b.emit('close');
+  port.postMessage(Uint8Array.of(4, 5, 6));
+  await new Promise((r) => setImmediate(r));
+  assert.equal(heard, [{ issued: { ep: 2 }, stopped: 'stall: rank 0 made no progress', stoppedBy: 0 }]);
+  assert.equal(broken, [], 'the reset after the goodbye is not a crash');
+  assert.is(b.written.length, 0, 'nothing written to a peer that said goodbye');
 });
 
 const launch = (n: number, args: string[]) => launchLocally(n, args, { timeoutMs: 60_000 });
@@ -213,9 +262,11 @@ test('no-dispatch-edge on 4 processes: the ranks waiting in bwd.dispatch stop at
     assert.match(readFileSync(html, 'utf8'), /bwd\.dispatch/);
 
     rmSync(join(dir, 'rank2.record.json'));
-    const gap = await runCli(['viz', 'report', '--ranks', dir, '--html', html]);
-    assert.is(gap.code, 1);
-    assert.match(gap.stderr, /the records are of ranks 0, 1, 3; the scenario has ranks 0\.\.3, one record each/);
+    // A rank with no record died: a crash naming it, and the report is still written.
+    const gap = await runCli(['viz', 'report', '--ranks', dir, '--html', html, '--json']);
+    assert.is(gap.code, 0, gap.stderr);
+    assert.equal((JSON.parse(gap.stdout) as { verdict: string; culprits: number[] }).culprits, [2]);
+    assert.match(gap.stdout, /"verdict":"crash"/);
     writeFileSync(join(dir, 'rank2.record.json'), '{"hello": 1}');
     const bad = await runCli(['viz', 'report', '--ranks', dir, '--html', html]);
     assert.match(bad.stderr, /rank2\.record\.json: not an ep-actors rank record/);
@@ -230,7 +281,7 @@ test('a rank that throws tells its peers why; one that vanishes is reported as g
     const port = await freePort();
     return (rank) => ({ rank, worldSize: 2, localRank: rank, masterAddr: '127.0.0.1', masterPort: port });
   };
-  const base = { data, scenario: caseScenario(data.meta), exchange: 'tcp' as const, backend: 'ts' as const, timeoutMs: 20_000 };
+  const base = { data, scenario: caseScenario(data.meta), identity: anon, exchange: 'tcp' as const, backend: 'ts' as const, timeoutMs: 20_000 };
 
   let at = await env();
   const thrown = await Promise.allSettled([runLaunchedRank({ ...base, env: at(0) }), runLaunchedRank({ ...base, env: at(1), faults: [{ kind: 'throw', rank: 1, op: 'fwd.combine' }] })]);
@@ -246,8 +297,8 @@ test('a rank that throws tells its peers why; one that vanishes is reported as g
   const listening = acceptEarly(server);
   await new Promise<void>((r) => server.listen(0, () => r()));
   const rank0 = runLaunchedRank({ ...base, env: at(0) });
-  const { peers } = await rendezvous(at(1), (server.address() as AddressInfo).port, { timeoutMs: 5000 });
-  const mesh = await socketMesh(1, peers, listening, { broken: () => {}, finished: () => {} });
+  const { peers, runId } = await rendezvous(at(1), (server.address() as AddressInfo).port, { timeoutMs: 5000, identity: anon });
+  const mesh = await socketMesh({ run: runId, rank: 1, world: 2 }, null, peers, listening, { broken: () => {}, finished: () => {}, refused: () => {} });
   mesh.get(0)!.socket.destroy();
   server.close();
   try {
@@ -259,9 +310,87 @@ test('a rank that throws tells its peers why; one that vanishes is reported as g
   }
 
   at = await env();
-  const stalled = await Promise.allSettled([runLaunchedRank({ ...base, env: at(0) }), runLaunchedRank({ ...base, timeoutMs: 1500, env: at(1), faults: [{ kind: 'stall', rank: 1, op: 'fwd.dispatch' }] })]);
-  assert.match(String((stalled[1] as PromiseRejectedResult).reason), /stall: rank 1 made no progress for 1500 ms/);
-  assert.match(String((stalled[0] as PromiseRejectedResult).reason), /rank 1 stopped: stall: rank 1 made no progress/);
+  const stalled = await Promise.allSettled([runLaunchedRank({ ...base, env: at(0) }), runLaunchedRank({ ...base, computeTimeoutMs: 1500, env: at(1), faults: [{ kind: 'stall', rank: 1, op: 'fwd.dispatch' }] })]);
+  assert.match(String((stalled[1] as PromiseRejectedResult).reason), /stall: rank 1 has not returned from its work before fwd\.dispatch of layer 0 for 1500 ms \(compute limit\)/);
+  // Rank 0 waits in fwd.dispatch past its own limits' sum only if rank 1 never says why: it hears the stall first.
+  assert.match(String((stalled[0] as PromiseRejectedResult).reason), /rank 1 stopped: stall: rank 1 has not returned from its work before fwd\.dispatch/);
+});
+
+test('8 ranks on two replicas (dp=2 x ep=4), starve:1 and no-dispatch-edge: every rank ends by itself; those that wait in bwd.dispatch name the missing collective, the other replica finishes', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ep-actors-launch-'));
+  try {
+    // The spawn's own limit (SIGKILL, exit code null) is the bound: a rank that does not end fails the test.
+    const runs = await launchLocally(8, ['--ep', '4', '--dp', '2', '--routing', 'starve:1', '--variant', 'no-dispatch-edge', '--out-dir', dir, '--timeout', '20000'], { timeoutMs: 45_000 });
+    // Rank 1 finishes its own (buggy) code path; ranks 0, 2, 3 wait for it in bwd.dispatch;
+    // replica 1 (ranks 4..7) needs none of them and finishes its step.
+    assert.equal(runs.map((r) => r.code), [2, 0, 2, 2, 0, 0, 0, 0], runs.map((r) => r.stderr).join('\n'));
+    for (const rank of [0, 2, 3]) assert.match(runs[rank]!.stderr, /missing collective: rank \d waits in bwd\.dispatch \(layer 0, ep position 5\) but rank 1 finished its step/, `rank ${rank}`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a rendezvous that cannot complete ends every rank with exit 1 and one line: a rank never started (--timeout), an impossible port, a host that does not resolve', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ep-actors-launch-'));
+  try {
+    const runs = await launchLocally(4, ['--ep', '4', '--out-dir', dir, '--timeout', '3000'], { ranks: [0, 1, 2], timeoutMs: 20_000 });
+    runs.forEach((r, rank) => {
+      assert.is(r.code, 1, `rank ${rank}: ${r.stderr}`);
+      assert.is(r.stderr.trim().split('\n').length, 1, r.stderr);
+    });
+    assert.match(runs[0]!.stderr, /rendezvous at 127\.0\.0\.1:\d+: rank 3 did not join within 3000 ms/);
+    for (const r of runs.slice(1)) assert.match(r.stderr, /rank 0 did not hand out the address table within 3000 ms/);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  const placement = /^(RANK|WORLD_SIZE|LOCAL_RANK|MASTER_\w+|SLURM_\w+|TORCHELASTIC_\w+|EP_ACTORS_\w+)$/;
+  const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !placement.test(k)));
+  const cases: [Record<string, string>, RegExp][] = [
+    [{ MASTER_PORT: '99999' }, /the rendezvous port 99999 \(MASTER_PORT\) is not a TCP port/],
+    [{ MASTER_PORT: '29500', MASTER_ADDR: 'no-such-host.invalid' }, /MASTER_ADDR 'no-such-host\.invalid' does not resolve/],
+  ];
+  for (const [env, pattern] of cases) {
+    for (const rank of ['0', '1']) {
+      const r = await runCli(['rank', '--ep', '2', '--out-dir', '/tmp/never', '--timeout', '60000'], { env: { ...clean, ...env, RANK: rank, WORLD_SIZE: '2' }, timeoutMs: 20_000 });
+      assert.is(r.code, 1, r.stderr);
+      assert.is(r.stderr.trim().split('\n').length, 1, r.stderr);
+      assert.match(r.stderr, pattern);
+    }
+  }
+});
+
+test('a rank killed mid-step (SIGKILL, SIGTERM): the others stop at once naming it; a terminated rank tells them why and exits 1', async () => {
+  for (const signal of ['SIGKILL', 'SIGTERM'] as const) {
+    const dir = mkdtempSync(join(tmpdir(), 'ep-actors-launch-'));
+    try {
+      let connected!: () => void;
+      const inRun = new Promise<void>((r) => (connected = r));
+      const children = new Map<number, ChildProcess>();
+      const launched = launchLocally(4, ['--ep', '4', '--steps', '1000', '--out-dir', dir, '--timeout', '20000'], {
+        timeoutMs: 60_000,
+        started: (child, rank) => {
+          children.set(rank, child);
+          let err = '';
+          if (rank === 1) child.stderr!.on('data', (d) => /connected to its 3 peers/.test((err += d)) && connected());
+        },
+      });
+      await within(30_000, 'rank 1 connected', inRun);
+      children.get(1)!.kill(signal); // a thousand steps: rank 1 is in one of the first
+      const runs = await launched;
+      if (signal === 'SIGKILL') assert.is(runs[1]!.code, null);
+      else {
+        assert.is(runs[1]!.code, 1, runs[1]!.stderr);
+        assert.match(runs[1]!.stderr, /ep-actors rank 1: terminated by SIGTERM/);
+      }
+      for (const rank of [0, 2, 3]) {
+        const r = runs[rank]!;
+        assert.is(r.code, 2, `${signal}: rank ${rank}: ${r.stderr}`);
+        assert.match(r.stderr, signal === 'SIGKILL' ? /rank 1 went away before finishing its step \(.*\): it crashed or was killed/ : /rank 1 stopped: terminated by SIGTERM/, `rank ${rank}`);
+      }
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }
 });
 
 test('sim --engine processes: one process per rank reaches the verdict and culprit the discrete-event engine does; ok ledgers are equal', async () => {
@@ -274,7 +403,7 @@ test('sim --engine processes: one process per rank reaches the verdict and culpr
   ];
   for (const c of cases) {
     const s = validateScenario(c);
-    const des = runDes(s);
+    const des = simulateDes(s);
     const merged = await runScenarioOnProcesses(s, ['--timeout', '20000']);
     assert.is(merged.diagnosis.verdict, des.diagnosis.verdict, `${JSON.stringify(c)}: ${merged.diagnosis.cause}`);
     assert.equal(merged.diagnosis.culprits, des.diagnosis.culprits, JSON.stringify(c));
@@ -286,25 +415,38 @@ test('sim --engine processes: one process per rank reaches the verdict and culpr
   assert.equal([d.verdict, d.culprits], ['missing', [1]]);
 });
 
-test('fuzz: damaged rank records merge or fail with a RankRecordError, never another error', async () => {
+test('fuzz: damaged rank records fail with a RankRecordError or merge to a verdict that accounts for the damage', async () => {
   const data = await loadCase(join(goldenDir, 'ep2_relu_top1_skew.safetensors'));
   const port = await freePort();
   const records: unknown[] = [];
-  await Promise.all([0, 1].map((rank) => runLaunchedRank({ data, scenario: caseScenario(data.meta), env: { rank, worldSize: 2, localRank: rank, masterAddr: '127.0.0.1', masterPort: port }, exchange: 'tcp', backend: 'ts', timeoutMs: 20_000, keep: (r) => records.push(r) })));
+  await Promise.all([0, 1].map((rank) => runLaunchedRank({ data, scenario: caseScenario(data.meta), env: { rank, worldSize: 2, localRank: rank, masterAddr: '127.0.0.1', masterPort: port }, identity: anon, exchange: 'tcp', backend: 'ts', timeoutMs: 20_000, keep: (r) => records.push(r) })));
   const clean = JSON.stringify(records);
-  assert.is(mergeRankRecords(checkRankRecords(JSON.parse(clean) as unknown[], ['a', 'b'])).diagnosis.verdict, 'ok');
+  const cleanMerge = mergeRankRecords(checkRankRecords(JSON.parse(clean) as unknown[], ['a', 'b']));
+  assert.is(cleanMerge.diagnosis.verdict, 'ok');
+  /** Who issued at which position of which communicator: what a field's damage must not change in an ok merge. */
+  const slots = (m: typeof cleanMerge) => m.ledger.map((e) => `${e.communicator}|${e.position}|${e.rank}`).sort();
+  assert.ok(cleanMerge.ledger.length > 0);
   const rng = seededRng(99);
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rng() * xs.length)]!;
   const junk = [undefined, null, 'x', -1, 1.5, 1e9, {}, [], true];
   let failed = 0;
+  let lostOrExtra = 0;
+  let okMerges = 0;
   for (let i = 0; i < 400; i++) {
     const recs = JSON.parse(clean) as { messages: Record<string, unknown>[] }[];
     const rec = pick(recs);
     const k = Math.floor(rng() * rec.messages.length);
     const kind = rng();
-    if (kind < 0.15) rec.messages.splice(k, 1);
-    else if (kind < 0.25) rec.messages.splice(k, 0, structuredClone(rec.messages[Math.floor(rng() * rec.messages.length)]!));
-    else {
+    /** One rank lost a collective or its finish, or issued one more than its peers: no merge may call that ok. */
+    let unbalanced = false;
+    if (kind < 0.15) {
+      unbalanced = rec.messages[k]!.type === 'issue' || rec.messages[k]!.type === 'finished';
+      rec.messages.splice(k, 1);
+    } else if (kind < 0.25) {
+      const copy = structuredClone(rec.messages[Math.floor(rng() * rec.messages.length)]!);
+      unbalanced = copy.type === 'issue';
+      rec.messages.splice(k, 0, copy);
+    } else {
       // Damage one field somewhere inside the message (collective, snapshot, context...).
       let target: Record<string, unknown> = rec.messages[k]!;
       for (let depth = 0; depth < 3; depth++) {
@@ -317,14 +459,26 @@ test('fuzz: damaged rank records merge or fail with a RankRecordError, never ano
         }
       }
     }
+    let merged: typeof cleanMerge;
     try {
-      mergeRankRecords(checkRankRecords(recs, ['a', 'b']));
+      merged = mergeRankRecords(checkRankRecords(recs, ['a', 'b']));
     } catch (e) {
       if (!(e instanceof RankRecordError)) throw new Error(`mutation ${i}: ${(e as Error).stack}`);
       failed++;
+      continue;
+    }
+    if (unbalanced) {
+      lostOrExtra++;
+      assert.is.not(merged.diagnosis.verdict, 'ok', `mutation ${i}: a rank lost or gained a collective, yet the merge is ok`);
+    } else if (merged.diagnosis.verdict === 'ok') {
+      okMerges++;
+      assert.equal(slots(merged), slots(cleanMerge), `mutation ${i}: an ok merge with other ranks at other positions`);
     }
   }
   assert.ok(failed > 50, `only ${failed} of 400 damaged record sets were refused`);
+  // Both properties were put to the test, not skipped by every mutation.
+  assert.ok(lostOrExtra > 20, `only ${lostOrExtra} unbalanced record sets merged`);
+  assert.ok(okMerges > 20, `only ${okMerges} damaged record sets merged ok`);
 });
 
 test('rank: clear one-line errors for a world size that is not the case\'s ep, a missing RANK, a bad exchange, NCCL without a GPU', async () => {

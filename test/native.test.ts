@@ -21,13 +21,12 @@ import {
   NativeExpertBackend,
   loadNative,
   nativeBackend,
-  nativeGatherRows,
-  nativeScatterAddWeighted,
   nativeUnavailableReason,
   type NativeAddon,
 } from '../src/native/backend.js';
 import { goldenDir, repoRoot } from './paths.js';
 import { actorRanks } from '../actors/caseRanks.js';
+import { inProcessRanks } from '../actors/inprocess.js';
 
 const disabled = process.env.EP_ACTORS_NO_NATIVE === '1';
 const TOL = 1e-5;
@@ -46,7 +45,7 @@ test('the native addon is built and loads (EP_ACTORS_NO_NATIVE=1 to run without 
   const a = loadNative();
   assert.ok(a, `native addon unavailable: ${nativeUnavailableReason()}`);
   const info = a!.info();
-  assert.ok(['avx2-fma', 'generic'].includes(info.kernel));
+  assert.ok(['avx512', 'avx2-fma', 'generic'].includes(info.kernel));
   assert.ok(info.threads >= 1);
 });
 
@@ -122,7 +121,7 @@ for (const name of readdirSync(goldenDir).filter((f) => f.endsWith('.safetensors
   nativeTest(`golden ${name} on the native backend (with and without BLAS): every tensor within 1e-5`, async () => {
     const file = await readSafetensorsFile(join(goldenDir, name));
     for (const backend of [nativeBackend, new NativeExpertBackend({ blas: false })]) {
-      const got = resultTensors(await runCase(parseCase(file), { backend }));
+      const got = resultTensors(await runCase(parseCase(file), { runRanks: inProcessRanks, backend }));
       for (const key of [...file.tensors.keys()].filter((k) => k.startsWith('expected.'))) {
         const have = got.get(key.slice('expected.'.length));
         assert.ok(have, `${name}: no result for ${key}`);
@@ -176,14 +175,13 @@ nativeTest('own GEMM kernels and OpenBLAS agree with a plain triple loop, all tr
   }
 });
 
-nativeTest('gatherRows and weighted scatter-add match their definitions; bad indices throw NativeError', () => {
-  const src = Tensor.from('f32', [3, 2], [0, 1, 10, 11, 20, 21]);
-  assert.equal(Array.from(nativeGatherRows(src, Int32Array.from([2, 0, 2])).data), [20, 21, 0, 1, 20, 21]);
-  const out = Tensor.zeros('f32', [2, 2]);
-  nativeScatterAddWeighted(out, Int32Array.from([1, 0, 1]), src, Tensor.from('f32', [3], [0.5, 2, -1]));
-  assert.equal(Array.from(out.data), [20, 22, -20, -20.5]);
+nativeTest('the layer\'s row moves match their definition; a bad index throws NativeError naming it', () => {
+  const src = Float32Array.from([0, 1, 10, 11, 20, 21]);
+  const dst = new Float32Array(6);
+  loadNative()!.moveRows(src, 2, Int32Array.from([2, 0, 2]), dst, null, false);
+  assert.equal(Array.from(dst), [20, 21, 0, 1, 20, 21]);
   try {
-    nativeGatherRows(src, Int32Array.from([3]));
+    loadNative()!.moveRows(src, 2, Int32Array.from([3]), new Float32Array(2), null, false);
     assert.unreachable('no throw');
   } catch (e) {
     assert.instance(e, NativeError);
@@ -341,7 +339,7 @@ nativeTest('loads and computes in two worker threads at once, and unloads when t
       const n = 64, x = new Float32Array(n * n).fill(workerData), c = new Float32Array(n * n);
       a.gemm({ ta: false, tb: false, m: n, n, k: n, a: x, b: x, c, impl: 'own' });
       let err;
-      try { a.gatherRows(x, n, Int32Array.of(n), new Float32Array(n)); } catch (e) { err = e; }
+      try { a.moveRows(x, n, Int32Array.of(n), new Float32Array(n), null, false); } catch (e) { err = e; }
       parentPort.postMessage({ c0: c[0], isNative: err instanceof m.NativeError, code: err && err.code });
     });`;
   const run = (v: number) =>
@@ -370,7 +368,7 @@ nativeTest('golden case on worker-thread ranks with the native backend (the addo
 });
 
 nativeTest('the GPU check\'s launched-rank harness computes a golden case when pointed at TCP and the native kernels', async () => {
-  const { launchedGolden } = await import('../src/native/gpucheck.js');
+  const { launchedGolden } = await import('./gpu/gpucheck.js');
   assert.match(await launchedGolden('ep2_relu_top1_skew', 2, ['--exchange', 'tcp', '--backend', 'native']), /^worst relative error \d/);
 });
 

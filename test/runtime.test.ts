@@ -6,7 +6,7 @@ import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { runActors } from '../actors/supervisor.js';
 import { actorRanks } from '../actors/caseRanks.js';
-import { runDes } from '../sim/des.js';
+import { simulateDes } from '../sim/des.js';
 import { reportFromDes } from '../sim/report/fromDes.js';
 import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { canonicalLedger } from './ledger.js';
@@ -87,12 +87,21 @@ for (const h of hazards) {
     const d = (await runActors(s)).diagnosis;
     assert.is(d.verdict, h.verdict, `${h.variant}: ${d.cause}`);
     assert.equal([...d.culprits], h.culprits);
-    const engine = runDes(s).diagnosis;
+    const engine = simulateDes(s).diagnosis;
     assert.equal([d.communicator, d.position, d.hangs], [engine.communicator, engine.position, engine.hangs]);
     assert.match(d.cause, new RegExp(`variant ${h.variant}`));
     await ok({ ep: 4, variant: h.variant, ...h.harmless });
   });
 }
+
+test('early exit at the next micro-batch, after the backward\'s FSDP collectives: the rank issues them, then stops, as the engine has it', async () => {
+  // The rank's machine reaches its exit only once the driver has issued the trailing FSDP collectives.
+  const s = validateScenario({ ep: 3, dp: 2, fsdp: 'experts', experts: 3, topK: 2, tokens: 0, layers: 1, microBatches: 2, routing: 'zipf:1.5', variant: 'early-exit', earlyExitRank: 2, earlyExitAfterLayers: 1, seed: 698021888 });
+  const d = (await runActors(s)).diagnosis;
+  const engine = simulateDes(s).diagnosis;
+  assert.is(d.verdict, 'missing', d.cause);
+  assert.equal([d.communicator, d.position, d.culprits, d.hangs], [engine.communicator, engine.position, engine.culprits, engine.hangs]);
+});
 
 test('the ledger the workers produce equals the one predicted by stepping the machines with transition()', async () => {
   const rng = seededRng(20261127);
@@ -113,7 +122,7 @@ test('the ledger the workers produce equals the one predicted by stepping the ma
       seed: Math.floor(rng() * 1e6),
     });
     const actors = await runActors(s);
-    const des = runDes(s);
+    const des = simulateDes(s);
     assert.is(actors.diagnosis.verdict, des.diagnosis.verdict, JSON.stringify(s));
     assert.equal(canonicalLedger(actors.ledger), canonicalLedger(des.ledger), JSON.stringify(s));
   }
@@ -155,21 +164,21 @@ test('a cross-communicator ordering gives cycle naming the ranks in it', async (
   assert.is(r.diagnosis.verdict, 'cycle', r.diagnosis.cause);
   assert.equal([...r.diagnosis.culprits], [0, 1, 4, 5]);
   assert.match(r.diagnosis.cause, /wait-for cycle across communicators/);
-  assert.is(runDes(s).diagnosis.verdict, 'cycle');
+  assert.is(simulateDes(s).diagnosis.verdict, 'cycle');
 });
 
 test('a rank whose own work never returns is a stall naming it and its work; the ranks waiting for it are not hung', async () => {
-  const r = await runActors(validateScenario({ ep: 4 }), { faults: [{ kind: 'stall', rank: 3, op: 'fwd.dispatch' }], timeoutMs: 50, computeTimeoutMs: 1500 });
+  const r = await runActors(validateScenario({ ep: 4 }), { faults: [{ kind: 'stall', rank: 3, op: 'fwd.dispatch' }], timeoutMs: 2000, computeTimeoutMs: 5000 });
   assert.is(r.diagnosis.verdict, 'stall', r.diagnosis.cause);
   assert.equal(r.diagnosis.culprits, [3]);
-  assert.match(r.diagnosis.cause, /rank 3 has not returned from its work before fwd\.dispatch of layer 0 for \d+ ms \(compute limit 1500 ms\)/);
+  assert.match(r.diagnosis.cause, /rank 3 has not returned from its work before fwd\.dispatch of layer 0 for \d+ ms \(compute limit 5000 ms\)/);
   assert.match(r.diagnosis.cause, /ranks 0–2 wait for it in their collectives, which is not a hang of theirs/);
 });
 
 test('a healthy step whose compute outlasts the collective limit is ok: waiting for a computing peer is not a hang', async () => {
   // The TypeScript kernels take well over 1 s for this layer (the issue's example); only collectives are held to the limit.
   const r = await runActors(validateScenario({ ep: 2, experts: 4, topK: 2, tokens: 2048, dim: 256, hidden: 512 }), { timeoutMs: 1000 });
-  assert.ok(r.stepMs[0]! > 1000, `the step took ${r.stepMs[0]} ms: too fast to show the point`);
+  assert.ok(r.wallMs > 1000, `the run took ${r.wallMs} ms: too fast to show the point`);
   assert.is(r.diagnosis.verdict, 'ok', r.diagnosis.cause);
 });
 

@@ -1,15 +1,18 @@
 // The MessagePort mesh and its communicators, driven in one thread: uneven all-to-alls,
 // ring-style collectives built on them, and the reuse of result and message buffers, for
 // msgpack chunks over the ports and for the staged (shared-memory) exchange alike; then
-// what a staged exchange does with announcements and acknowledgements it cannot trust.
+// what a staged exchange does with announcements and acknowledgements it cannot trust; the
+// fast lane's rings, and small and large chunks between two worker threads, where small
+// ones take the lane and keep their checks.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { MessageChannel, type MessagePort } from 'node:worker_threads';
+import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { communicators } from '../machines/mesh.js';
 import { MeshCommunicator, PortMesh } from '../actors/transport.js';
 import { sharedMemory, type StagingMemory } from '../actors/staging.js';
 import { Tensor } from '../src/tensor.js';
 import { seededRng } from '../src/moe/random.js';
+import { Inbox, Outbox } from '../actors/lane.js';
 
 /** n ranks of one ep group, each with its mesh and communicator, wired by MessageChannels. */
 function group(n: number, staging: (() => StagingMemory) | null, onError: (m: string) => void = (m) => assert.unreachable(m)) {
@@ -176,6 +179,111 @@ test('a staged chunk whose region this exchange cannot read is reported and the 
   assert.is(settled, 'waiting');
   assert.match(errors.join('\n'), /rank 1 staged its rows in memory that rank 0's shared exchange cannot read/);
   close();
+});
+
+test('fast lane: messages arrive in order per peer as copies; full rings and oversized messages are refused; bad offers are rejected', () => {
+  const inbox = new Inbox([3, 5]);
+  const to = (peer: number) => Outbox.of(inbox.hello(peer, 0))!;
+  const from3 = to(3);
+  const from5 = to(5);
+  const got: [number, number[]][] = [];
+  const drain = () => inbox.drain((peer, bytes) => got.push([peer, Array.from(bytes)]));
+  // Ten messages through a ring of four slots: the writer is refused until the reader drains.
+  let refused = 0;
+  for (let i = 0; i < 10; i++) {
+    while (!from3.write(Uint8Array.of(i, i + 1))) {
+      refused++;
+      drain();
+    }
+  }
+  assert.ok(from5.write(Uint8Array.of(99)));
+  drain();
+  assert.ok(refused >= 2, `refused ${refused} times`);
+  assert.equal(got.filter(([p]) => p === 3).map(([, b]) => b), Array.from({ length: 10 }, (_, i) => [i, i + 1]));
+  assert.equal(got.filter(([p]) => p === 5), [[5, [99]]]);
+  assert.not.ok(from3.write(new Uint8Array(from3.capacity + 1)), 'larger than a slot');
+  // Nothing new: a wait times out and says so.
+  assert.not.ok(inbox.waitSync(1, 1));
+  assert.ok(from5.write(Uint8Array.of(1)));
+  assert.ok(inbox.waitSync(1000, 1), 'a write before the wait is seen');
+  for (const bad of [{ lane: new ArrayBuffer(8), rings: 2, ring: 0 }, { lane: inbox.sab, rings: 3, ring: 0 }, { lane: inbox.sab, rings: 2, ring: 2 }, { lane: inbox.sab, rings: 2, ring: -1 }, { lane: new SharedArrayBuffer(64), rings: 2, ring: 0 }]) {
+    assert.is(Outbox.of(bad), null, JSON.stringify({ ...bad, lane: bad.lane.byteLength }));
+  }
+});
+
+/** Two ranks in two worker threads: `script` runs in each with `mesh`, `comm`, `rank`, `Tensor` in scope and posts its result. */
+async function twoWorkerRanks(script: string): Promise<unknown[]> {
+  const code = `
+    const { parentPort, workerData } = require('node:worker_threads');
+    parentPort.once('message', async ({ port }) => {
+      const { PortMesh, MeshCommunicator } = await import(workerData.transport);
+      const { communicators } = await import(workerData.mesh);
+      const { Tensor } = await import(workerData.tensor);
+      const rank = workerData.rank;
+      const spec = communicators({ ep: 2, dp: 1 })[0];
+      const errors = [];
+      const mesh = new PortMesh(rank, new Map([[1 - rank, port]]), [spec], (e) => { errors.push(e); parentPort.postMessage({ errors }); });
+      const comm = new MeshCommunicator(spec, rank, mesh, null);
+      ${script}
+    });`;
+  const url = (p: string) => new URL(p, import.meta.url).href;
+  const { port1, port2 } = new MessageChannel();
+  const workers = [port1, port2].map((port, rank) => {
+    const w = new Worker(code, { eval: true, workerData: { rank, transport: url('../actors/transport.js'), mesh: url('../machines/mesh.js'), tensor: url('../src/tensor.js') } });
+    w.postMessage({ port }, [port]);
+    return w;
+  });
+  try {
+    return await Promise.all(workers.map((w) => new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error('worker rank did not answer in 20 s')), 20_000);
+      w.once('message', (m) => (clearTimeout(timer), resolve(m)));
+      w.once('error', reject);
+    })));
+  } finally {
+    await Promise.all(workers.map((w) => w.terminate()));
+  }
+}
+
+test('worker ranks: small chunks take the fast lane, large ones the port, and both arrive intact', async () => {
+  const results = await twoWorkerRanks(`
+    const peer = 1 - rank;
+    const out = { lane: [], counts: [], rows: [] };
+    for (let i = 0; i < 12; i++) {
+      const tag = { op: 'fwd.counts', layer: 0, microBatch: 0 };
+      const counts = await comm.allToAll(tag, Tensor.from('i64', [2], [100 * rank + i, 100 * rank + i + 50]), [1, 1], [1, 1]);
+      out.counts.push(Array.from(counts.data, Number));
+      const rows = 4096; // 64 KiB to the peer: more than a lane slot holds
+      const x = Tensor.zeros('f32', [2 * rows, 4]);
+      x.data.fill(rank + i);
+      const got = await comm.allToAll({ ...tag, op: 'fwd.dispatch' }, x, [rows, rows], [rows, rows]);
+      out.rows.push([got.data[0], got.data[got.data.length - 1], got.shape[0]]);
+      out.lane.push([mesh.laneCarries(peer, 8), mesh.laneCarries(peer, 4 * rows * 4)]);
+    }
+    parentPort.postMessage(out);
+  `);
+  results.forEach((r, rank) => {
+    const { lane, counts, rows } = r as { lane: boolean[][]; counts: number[][]; rows: number[][] };
+    assert.equal(lane.at(-1), [true, false], `rank ${rank}: the lane carries the counts, not the rows`);
+    counts.forEach((c, i) => assert.equal(c, [i + (rank === 0 ? 0 : 50), 100 + i + (rank === 0 ? 0 : 50)], `rank ${rank} exchange ${i}`));
+    rows.forEach((x, i) => assert.equal(x, [i, 1 + i, 8192], `rank ${rank} exchange ${i}`));
+  });
+});
+
+test('worker ranks: a chunk damaged on the fast lane is reported as through a port', async () => {
+  const results = await twoWorkerRanks(`
+    const tag = { op: 'fwd.counts', layer: 0, microBatch: 0 };
+    const exchange = () => comm.allToAll(tag, Tensor.from('i64', [2], [1, 2]), [1, 1], [1, 1]);
+    for (let i = 0; i < 3; i++) await exchange();
+    if (rank === 1) {
+      mesh.fault = { op: 'fwd.counts', kind: 'wrong-communicator' };
+      await exchange().catch(() => {});
+      parentPort.postMessage({ sent: true });
+    } else {
+      void exchange();
+    }
+  `);
+  assert.equal(results[1], { sent: true });
+  assert.match((results[0] as { errors: string[] }).errors.join('\n'), /rank 0 received from rank 1 a chunk for communicator 'ep-bogus'/);
 });
 
 test.run();

@@ -204,11 +204,10 @@ EpAddon::EpAddon(Napi::Env env, Napi::Object exports) {
   DefineAddon(exports, {
                            InstanceMethod("setErrorClass", &EpAddon::SetErrorClass),
                            InstanceMethod("info", &EpAddon::Info),
+                           InstanceMethod("setThreads", &EpAddon::SetThreads),
                            InstanceMethod("expertForward", &EpAddon::ExpertForward),
                            InstanceMethod("expertBackward", &EpAddon::ExpertBackward),
                            InstanceMethod("gemm", &EpAddon::Gemm),
-                           InstanceMethod("gatherRows", &EpAddon::GatherRows),
-                           InstanceMethod("scatterAddWeighted", &EpAddon::ScatterAddWeighted),
                            InstanceMethod("moveRows", &EpAddon::MoveRows),
                            InstanceMethod("scatterAddF64", &EpAddon::ScatterAddF64),
                            InstanceMethod("routeGrad", &EpAddon::RouteGrad),
@@ -264,6 +263,17 @@ Napi::Value EpAddon::Info(const Napi::CallbackInfo& info) {
 Napi::Value EpAddon::ExpertForward(const Napi::CallbackInfo& info) { return runExpert(info, false); }
 Napi::Value EpAddon::ExpertBackward(const Napi::CallbackInfo& info) { return runExpert(info, true); }
 
+// setThreads(n): every CPU kernel of the process uses at most n threads (0: the default).
+Napi::Value EpAddon::SetThreads(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsNumber()) {
+    Napi::TypeError::New(env, "setThreads(n) needs a number").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  setCpuThreads(info[0].As<Napi::Number>().Int32Value());
+  return env.Undefined();
+}
+
 // gemm({dtype, ta, tb, m, n, k, a, b, c, accumulate, impl: 'own' | 'blas' | 'auto', threads?})
 Napi::Value EpAddon::Gemm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -289,47 +299,6 @@ Napi::Value EpAddon::Gemm(const Napi::CallbackInfo& info) {
     });
   };
   if (o.Get("dtype").ToString().Utf8Value() == "f64") go(double{});
-  else go(float{});
-  return env.Undefined();
-}
-
-// gatherRows(src, rowSize, index: Int32Array, dst)
-Napi::Value EpAddon::GatherRows(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  const long rowSize = info[1].As<Napi::Number>().Int64Value();
-  size_t n = 0, srcLen = 0;
-  const int* idx = static_cast<const int*>(typedData(env, info[2], napi_int32_array, -1, "index", &n));
-  if (rowSize <= 0) throwNative(env, "BAD_ARGUMENT", "rowSize must be positive");
-  auto go = [&](auto tag) {
-    using T = decltype(tag);
-    const T* src = static_cast<const T*>(typedData(env, info[0], floatType<T>(), -1, "src", &srcLen));
-    if (srcLen % rowSize) throwNative(env, "BAD_ARGUMENT", "src length is not a multiple of rowSize");
-    T* dst = static_cast<T*>(typedData(env, info[3], floatType<T>(), static_cast<long>(n) * rowSize, "dst"));
-    guarded(env, [&] { gatherRows<T>(src, srcLen / rowSize, rowSize, idx, n, dst); return 0; });
-  };
-  if (info[0].IsTypedArray() && info[0].As<Napi::TypedArray>().TypedArrayType() == napi_float64_array) go(double{});
-  else go(float{});
-  return env.Undefined();
-}
-
-// scatterAddWeighted(src [m,rowSize], rowSize, index: Int32Array [m], weight [m] | null, out)
-Napi::Value EpAddon::ScatterAddWeighted(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  const long rowSize = info[1].As<Napi::Number>().Int64Value();
-  if (rowSize <= 0) throwNative(env, "BAD_ARGUMENT", "rowSize must be positive");
-  size_t m = 0, outLen = 0;
-  const int* idx = static_cast<const int*>(typedData(env, info[2], napi_int32_array, -1, "index", &m));
-  auto go = [&](auto tag) {
-    using T = decltype(tag);
-    const T* src = static_cast<const T*>(typedData(env, info[0], floatType<T>(), static_cast<long>(m) * rowSize, "src"));
-    const T* w = info[3].IsNull() || info[3].IsUndefined()
-                     ? nullptr
-                     : static_cast<const T*>(typedData(env, info[3], floatType<T>(), static_cast<long>(m), "weight"));
-    T* out = static_cast<T*>(typedData(env, info[4], floatType<T>(), -1, "out", &outLen));
-    if (outLen % rowSize) throwNative(env, "BAD_ARGUMENT", "out length is not a multiple of rowSize");
-    guarded(env, [&] { scatterAddWeighted<T>(src, m, rowSize, idx, w, out, outLen / rowSize); return 0; });
-  };
-  if (info[0].IsTypedArray() && info[0].As<Napi::TypedArray>().TypedArrayType() == napi_float64_array) go(double{});
   else go(float{});
   return env.Undefined();
 }

@@ -23,11 +23,10 @@ class EpAddon : public Napi::Addon<EpAddon> {
  private:
   Napi::Value SetErrorClass(const Napi::CallbackInfo& info);
   Napi::Value Info(const Napi::CallbackInfo& info);
+  Napi::Value SetThreads(const Napi::CallbackInfo& info);
   Napi::Value ExpertForward(const Napi::CallbackInfo& info);
   Napi::Value ExpertBackward(const Napi::CallbackInfo& info);
   Napi::Value Gemm(const Napi::CallbackInfo& info);
-  Napi::Value GatherRows(const Napi::CallbackInfo& info);
-  Napi::Value ScatterAddWeighted(const Napi::CallbackInfo& info);
   Napi::Value MoveRows(const Napi::CallbackInfo& info);
   Napi::Value ScatterAddF64(const Napi::CallbackInfo& info);
   Napi::Value RouteGrad(const Napi::CallbackInfo& info);

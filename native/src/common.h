@@ -13,7 +13,10 @@ struct Failure : std::runtime_error {
 
 [[noreturn]] inline void fail(const char* code, const std::string& msg) { throw Failure(code, msg); }
 
-/** Threads a CPU kernel may use: EP_ACTORS_THREADS, else the machine's cores. */
+/** Threads a CPU kernel may use: setCpuThreads' count, else EP_ACTORS_THREADS, else the machine's cores. */
 int cpuThreads();
+
+/** Caps every CPU kernel of this process (all its worker threads) at n threads; n <= 0 restores the default. */
+void setCpuThreads(int n);
 
 }  // namespace ep

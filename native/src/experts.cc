@@ -226,30 +226,6 @@ template <typename T> void expertBackward(const ExpertJob<T>& job) {
   }
 }
 
-template <typename T> void gatherRows(const T* src, long rows, long rowSize, const int* index, long n, T* dst) {
-  for (long i = 0; i < n; i++) {
-    const long r = index[i];
-    if (r < 0 || r >= rows)
-      fail("INDEX_OUT_OF_RANGE", "row index " + std::to_string(r) + " at position " + std::to_string(i) +
-                                     " outside [0, " + std::to_string(rows) + ")");
-    std::copy(src + r * rowSize, src + (r + 1) * rowSize, dst + i * rowSize);
-  }
-}
-
-template <typename T>
-void scatterAddWeighted(const T* src, long m, long rowSize, const int* index, const T* weight, T* out, long outRows) {
-  for (long i = 0; i < m; i++) {
-    const long r = index[i];
-    if (r < 0 || r >= outRows)
-      fail("INDEX_OUT_OF_RANGE", "target row " + std::to_string(r) + " at position " + std::to_string(i) +
-                                     " outside [0, " + std::to_string(outRows) + ")");
-    const T w = weight ? weight[i] : T(1);
-    const T* s = src + i * rowSize;
-    T* o = out + r * rowSize;
-    for (long j = 0; j < rowSize; j++) o[j] += w * s[j];
-  }
-}
-
 template <typename T>
 void moveRows(const T* src, long srcRows, long D, const int* index, long n, T* dst, long dstRows, const double* scale,
               bool scatter) {
@@ -323,9 +299,5 @@ template void expertForward<float>(const ExpertJob<float>&);
 template void expertForward<double>(const ExpertJob<double>&);
 template void expertBackward<float>(const ExpertJob<float>&);
 template void expertBackward<double>(const ExpertJob<double>&);
-template void gatherRows<float>(const float*, long, long, const int*, long, float*);
-template void gatherRows<double>(const double*, long, long, const int*, long, double*);
-template void scatterAddWeighted<float>(const float*, long, long, const int*, const float*, float*, long);
-template void scatterAddWeighted<double>(const double*, long, long, const int*, const double*, double*, long);
 
 }  // namespace ep

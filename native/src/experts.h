@@ -31,11 +31,6 @@ struct ExpertJob {
 template <typename T> void expertForward(const ExpertJob<T>& job);
 template <typename T> void expertBackward(const ExpertJob<T>& job);
 
-/** dst[i] = src[index[i]] row by row; throws INDEX_OUT_OF_RANGE. */
-template <typename T> void gatherRows(const T* src, long rows, long rowSize, const int* index, long n, T* dst);
-/** out[index[m]] += weight[m] · src[m], m in order (deterministic). */
-template <typename T>
-void scatterAddWeighted(const T* src, long m, long rowSize, const int* index, const T* weight, T* out, long outRows);
 
 // The EP layer's row bookkeeping (src/ep/layer.ts), with the layer's exact arithmetic:
 // products and sums in double, one rounding into T, rows in order (deterministic).

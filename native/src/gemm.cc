@@ -24,7 +24,8 @@
 
 namespace ep {
 
-int cpuThreads() {
+namespace {
+int defaultThreads() {
   static const int n = [] {
     const char* e = std::getenv("EP_ACTORS_THREADS");
     int v = e ? std::atoi(e) : 0;
@@ -33,6 +34,16 @@ int cpuThreads() {
   }();
   return n;
 }
+// Process-wide, as the cores are: a benchmark pins every rank thread to one kernel thread.
+std::atomic<int> threadCap{0};
+}  // namespace
+
+int cpuThreads() {
+  const int cap = threadCap.load(std::memory_order_relaxed);
+  return cap > 0 ? cap : defaultThreads();
+}
+
+void setCpuThreads(int n) { threadCap.store(n > 0 ? std::min(n, 64) : 0, std::memory_order_relaxed); }
 
 namespace {
 
@@ -42,6 +53,11 @@ template <> struct Tile<double> { static constexpr int MR = 4, NR = 8, KC = 256,
 
 bool hasAvx2Fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+bool hasAvx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
 }
 
@@ -81,6 +97,38 @@ __attribute__((target("avx2,fma"))) void kernelF32Avx2(int kc, const float* a, c
   }
 }
 
+// Two vertically adjacent 6×16 tiles at once (two packed A panels), one 16-wide zmm per
+// row: twelve independent accumulators keep both FMA ports busy where a 6×16 tile cannot.
+// Every element is the same FMA chain over k as in kernelF32Avx2, so results are identical.
+__attribute__((target("avx512f"))) void kernelF32Avx512Pair(int kc, const float* a0, const float* a1, const float* b,
+                                                             float* c, int ldc, bool acc) {
+  __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
+  __m512 c6 = c0, c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+  for (int k = 0; k < kc; k++) {
+    const __m512 bk = _mm512_load_ps(b);
+    c0 = _mm512_fmadd_ps(_mm512_set1_ps(a0[0]), bk, c0);
+    c1 = _mm512_fmadd_ps(_mm512_set1_ps(a0[1]), bk, c1);
+    c2 = _mm512_fmadd_ps(_mm512_set1_ps(a0[2]), bk, c2);
+    c3 = _mm512_fmadd_ps(_mm512_set1_ps(a0[3]), bk, c3);
+    c4 = _mm512_fmadd_ps(_mm512_set1_ps(a0[4]), bk, c4);
+    c5 = _mm512_fmadd_ps(_mm512_set1_ps(a0[5]), bk, c5);
+    c6 = _mm512_fmadd_ps(_mm512_set1_ps(a1[0]), bk, c6);
+    c7 = _mm512_fmadd_ps(_mm512_set1_ps(a1[1]), bk, c7);
+    c8 = _mm512_fmadd_ps(_mm512_set1_ps(a1[2]), bk, c8);
+    c9 = _mm512_fmadd_ps(_mm512_set1_ps(a1[3]), bk, c9);
+    c10 = _mm512_fmadd_ps(_mm512_set1_ps(a1[4]), bk, c10);
+    c11 = _mm512_fmadd_ps(_mm512_set1_ps(a1[5]), bk, c11);
+    a0 += 6;
+    a1 += 6;
+    b += 16;
+  }
+  const __m512 rows[12] = {c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11};
+  for (int r = 0; r < 12; r++) {
+    float* cr = c + static_cast<long>(r) * ldc;
+    _mm512_storeu_ps(cr, acc ? _mm512_add_ps(rows[r], _mm512_loadu_ps(cr)) : rows[r]);
+  }
+}
+
 void kernelF32Generic(int kc, const float* a, const float* b, float* c, int ldc, bool acc) {
   constexpr int MR = Tile<float>::MR, NR = Tile<float>::NR;
   float t[MR][NR] = {};
@@ -109,6 +157,15 @@ void microKernel(int kc, const float* a, const float* b, float* c, int ldc, bool
 void microKernel(int kc, const double* a, const double* b, double* c, int ldc, bool acc) {
   kernelF64(kc, a, b, c, ldc, acc);
 }
+
+/** Two full tiles, rows [0, MR) from panel a0 and [MR, 2·MR) from a1, where the CPU has a kernel for that; false if not. */
+bool pairKernel(int kc, const float* a0, const float* a1, const float* b, float* c, int ldc, bool acc) {
+  static_assert(Tile<float>::MR == 6 && Tile<float>::NR == 16, "kernelF32Avx512Pair is written for 6×16 tiles");
+  if (!hasAvx512()) return false;
+  kernelF32Avx512Pair(kc, a0, a1, b, c, ldc, acc);
+  return true;
+}
+bool pairKernel(int, const double*, const double*, const double*, double*, int, bool) { return false; }
 
 // ---- packing: panels hold op(A) / op(B) in micro-kernel order, zero-padded at edges ----
 // Each case reads its source contiguously and has no per-element branches (one generic
@@ -208,7 +265,9 @@ void gemmSerial(bool ta, bool tb, int m0, int m1, int n0, int n1, int K, const T
             T* c = C + static_cast<long>(ic + ir) * ldc + jc + jr;
             const T* a = ap + static_cast<long>(ir) * kc;
             const T* b = bp + static_cast<long>(jr) * kc;
-            if (mr == MR && nr == NR) {
+            if (nr == NR && ir + 2 * MR <= mc && pairKernel(kc, a, a + static_cast<long>(MR) * kc, b, c, ldc, acc)) {
+              ir += MR;  // the pair did the next panel too
+            } else if (mr == MR && nr == NR) {
               microKernel(kc, a, b, c, ldc, acc);
             } else {
               microKernel(kc, a, b, edge, NR, false);
@@ -316,7 +375,7 @@ void gemm(bool ta, bool tb, int M, int N, int K, const T* A, int lda, const T* B
   gemmOwn(ta, tb, M, N, K, A, lda, B, ldb, C, ldc, accumulate, threads);
 }
 
-const char* gemmKernelName() { return hasAvx2Fma() ? "avx2-fma" : "generic"; }
+const char* gemmKernelName() { return hasAvx512() ? "avx512" : hasAvx2Fma() ? "avx2-fma" : "generic"; }
 
 template void gemmOwn<float>(bool, bool, int, int, int, const float*, int, const float*, int, float*, int, bool, int);
 template void gemmOwn<double>(bool, bool, int, int, int, const double*, int, const double*, int, double*, int, bool, int);

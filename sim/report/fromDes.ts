@@ -3,7 +3,7 @@
 // time, and the routing the scenario's generator chose for the whole step.
 import { getInitialMicrosteps, getMicrosteps } from 'xstate';
 import { rankMachine } from '../../machines/rankMachine.js';
-import { statePath } from '../../machines/protocol.js';
+import { statePath } from '../../machines/snapshot.js';
 import { simulateDes } from '../des.js';
 import { routingOf } from '../../machines/routing.js';
 import { rankConfig, type Scenario } from '../../machines/scenario.js';

@@ -134,12 +134,12 @@ export function renderReport(input: ReportInput): string {
   const machine = `<section id="machine"><h2>Rank machine</h2><p>Generated from the machine definition: boxes are states (a collective state names its op and communicator), dotted arrows are eventless choices, arrow labels are guards. Greyed arrows marked ✗ are transitions that no guard can take under variant <code>${esc(s.variant)}</code>. The picked rank's path is highlighted; a red frame marks the state it stopped in.</p>
 <div class="controls"><label>Rank <select id="rank-pick">${options}</select></label><span id="path-info">rank ${first}: ${paths.steps[first]} states visited, stopped in ${esc(paths.stopName[first] ?? '?')}</span><span class="key"><i class="k-on"></i>visited<i class="k-stop"></i>stopped here</span></div>
 <div class="scroll tall">${diagram.svg}</div></section>`;
-  const title = `ep-actors report — ${d.verdict}${d.communicator ? ` on ${d.communicator} #${d.position}` : ''} (ep=${s.ep}, ${s.routing}, ${s.variant})`;
+  const title = `ep-actors report — ${d.verdict}${d.communicator ? ` on ${d.communicator} #${d.position}` : ''} (${input.evidence ? 'post-mortem' : `ep=${s.ep}, ${s.routing}, ${s.variant}`})`;
   return `<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>${esc(title)}</title><style>${CSS}</style><style id="sel-style">${selectionCss(paths, first)}</style></head>
-<body><header><h1>${esc(title)}</h1><nav><a href="#diagnosis">diagnosis</a><a href="#machine">machine</a><a href="#ledger">ledger</a><a href="#timeline">timeline</a><a href="#waitfor">wait-for</a><a href="#load">load</a></nav></header>
-<main>${diagnosisSection(input)}${machine}${ledgerSection(input)}${timelineSection(input)}${waitForSection(input)}${loadSection(input)}</main>
+<body><header><h1>${esc(title)}</h1><nav><a href="#diagnosis">diagnosis</a><a href="#machine">machine</a><a href="#ledger">ledger</a><a href="#timeline">timeline</a><a href="#waitfor">wait-for</a>${input.routing.sendRows.length ? '<a href="#load">load</a>' : ''}</nav></header>
+<main>${diagnosisSection(input)}${machine}${ledgerSection(input)}${timelineSection(input)}${waitForSection(input)}${input.routing.sendRows.length ? loadSection(input) : ''}</main>
 <script type="application/json" id="path-data">${jsonForScript(paths)}</script>
 <script>${SCRIPT}</script></body></html>
 `;

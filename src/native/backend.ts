@@ -73,7 +73,7 @@ export interface NativeInfo {
   /** The CBLAS library that loaded (e.g. libopenblas.so.0), or null. */
   blas: string | null;
   blasReason: string;
-  /** Our GEMM's micro-kernel on this CPU: 'avx2-fma' or 'generic'. */
+  /** Our GEMM's micro-kernel on this CPU: 'avx512', 'avx2-fma' or 'generic'. */
   kernel: string;
   threads: number;
   cudaBuilt: boolean;
@@ -82,13 +82,13 @@ export interface NativeInfo {
 export interface NativeAddon {
   setErrorClass(ctor: typeof NativeError): void;
   info(): NativeInfo;
+  /** Caps every CPU kernel of this process (worker threads included) at n threads; 0 restores EP_ACTORS_THREADS or the cores. */
+  setThreads(n: number): void;
   expertForward(job: ExpertJob, sync: true): undefined;
   expertForward(job: ExpertJob, sync?: false): Promise<void>;
   expertBackward(job: ExpertJob, sync: true): undefined;
   expertBackward(job: ExpertJob, sync?: false): Promise<void>;
   gemm(spec: GemmSpec): void;
-  gatherRows(src: Floats, rowSize: number, index: Int32Array, dst: Floats): void;
-  scatterAddWeighted(src: Floats, rowSize: number, index: Int32Array, weight: Floats | null, out: Floats): void;
   // The EP layer's row bookkeeping (src/ep/layer.ts), same arithmetic as its TypeScript loops.
   /** gather: dst[i] = scale[i]·src[index[i]]; scatter: dst[index[i]] = scale[i]·src[i] (scale 1 when null). */
   moveRows(src: Floats, rowSize: number, index: Int32Array, dst: Floats, scale: Float64Array | null, scatter: boolean): void;
@@ -98,7 +98,28 @@ export interface NativeAddon {
   routeGrad(g: Floats, D: number, ret: Floats, token: Int32Array, entry: Int32Array, w: Float64Array, gr: Floats, gw: Float64Array): void;
   // CUDA (native/src/cuda_backend.cc); each throws NativeError CUDA_NOT_BUILT in a CPU-only build.
   cudaInfo(): { devices: number; names: string[]; runtimeVersion: number; driverVersion: number };
-  [name: string]: unknown;
+  /** The device this thread's kernels and copies use (its own stream is created on it). */
+  cudaSetDevice(device: number): void;
+  cudaExpertForward(job: ExpertJob, precision: 'f32' | 'bf16'): void;
+  cudaExpertBackward(job: ExpertJob, precision: 'f32' | 'bf16'): void;
+  cudaAlloc(bytes: number): bigint;
+  cudaFree(p: bigint): void;
+  cudaUpload(p: bigint, data: ArrayBufferView): void;
+  cudaDownload(p: bigint, data: ArrayBufferView): void;
+  cudaCopy(dst: bigint, src: bigint, bytes: number): void;
+  /** Device permutation of (token, k) entries by expert: the dispatch side (the GPU check compares it with its CPU definition). */
+  cudaPermute(keys: Int32Array, experts: number, x: Float32Array, topK: number): { order: Int32Array; pos: Int32Array; counts: Int32Array; rows: Float32Array };
+  /** Weighted scatter-add of permuted rows back to tokens: the combine side. */
+  cudaScatterAdd(rows: Float32Array, pos: Int32Array, weights: Float32Array, topK: number): Float32Array;
+  cudaBench(kind: 'gemm' | 'permute', spec: Record<string, unknown>): Record<string, number>;
+  // NCCL, loaded with dlopen (native/src/nccl.cc); blocking calls run on their own native threads.
+  ncclVersion(): { code: number; path: string };
+  ncclGetUniqueId(): Uint8Array;
+  ncclCommInit(id: Uint8Array, size: number, rank: number, device: number): Promise<number>;
+  ncclExchangeCounts(h: number, counts: BigInt64Array, position: number, op: string, timeoutMs: number): Promise<BigInt64Array>;
+  ncclAllToAll(h: number, send: bigint, sendBytes: number[], recv: bigint, recvBytes: number[], timeoutMs: number): Promise<void>;
+  ncclAbort(h: number): void;
+  ncclDestroy(h: number): void;
 }
 
 function findRoot(): string {
@@ -329,18 +350,3 @@ function zeroGrads<F extends FloatDType>(w: ExpertWeights<F>, dtype: FloatDType,
 
 /** The native CPU backend (OpenBLAS GEMMs when present, else our own kernels). */
 export const nativeBackend: ExpertBackend = new NativeExpertBackend();
-
-/** out[i] = src[index[i]] over rows of `rowSize` elements. */
-export function nativeGatherRows<F extends FloatDType>(src: Tensor<F>, index: Int32Array): Tensor<F> {
-  const rs = src.rowSize;
-  const out = Tensor.zeros(src.dtype, [index.length, ...src.shape.slice(1)]);
-  requireNative().gatherRows(src.data as Floats, rs, index, out.data as Floats);
-  return out;
-}
-
-/** out[index[m]] += weight[m] · src[m] for m in order (deterministic), in place on `out`. */
-export function nativeScatterAddWeighted<F extends FloatDType>(out: Tensor<F>, index: Int32Array, src: Tensor<F>, weight: Tensor<F> | null): void {
-  if (src.dtype !== out.dtype || (weight && weight.dtype !== out.dtype)) throw new NativeError('dtypes of out, src and weight must agree', 'BAD_ARGUMENT');
-  if (src.rowSize !== out.rowSize) throw new NativeError(`row sizes differ: src ${src.rowSize}, out ${out.rowSize}`, 'BAD_ARGUMENT');
-  requireNative().scatterAddWeighted(src.data as Floats, out.rowSize, index, weight ? (weight.data as Floats) : null, out.data as Floats);
-}

@@ -7,21 +7,7 @@ import { Tensor, ELEMENT_SIZE, type DType, type StorageOf } from '../tensor.js';
 import type { CollectiveTag, Communicator } from '../ep/types.js';
 import { requireNative } from './backend.js';
 
-interface NcclAddon {
-  ncclVersion(): { code: number; path: string };
-  ncclGetUniqueId(): Uint8Array;
-  ncclCommInit(id: Uint8Array, size: number, rank: number, device: number): Promise<number>;
-  ncclExchangeCounts(h: number, counts: BigInt64Array, position: number, op: string, timeoutMs: number): Promise<BigInt64Array>;
-  ncclAllToAll(h: number, send: bigint, sendBytes: number[], recv: bigint, recvBytes: number[], timeoutMs: number): Promise<void>;
-  ncclAbort(h: number): void;
-  ncclDestroy(h: number): void;
-  cudaAlloc(bytes: number): bigint;
-  cudaFree(p: bigint): void;
-  cudaUpload(p: bigint, data: ArrayBufferView): void;
-  cudaDownload(p: bigint, data: ArrayBufferView): void;
-}
-
-const addon = (): NcclAddon => requireNative() as unknown as NcclAddon;
+const addon = requireNative;
 
 /** A Communicator over one NCCL communicator; host tensors are staged through device memory. */
 export class NcclCommunicator implements Communicator {

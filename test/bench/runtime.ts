@@ -1,0 +1,164 @@
+// Actor-runtime benchmarks: the counts exchange against gloo's and the 4 MiB all-to-all
+// against memcpy, over MessagePorts and over shared memory; an EP step on worker ranks and
+// on launched processes, each against the seed on PyTorch + gloo (same sizes, same run, as
+// many kernel threads per rank as torch has per process), also at ep=8 and T=4096; how soon launched processes stop on a missing
+// collective; and a soak of 2,000 consecutive steps in one runtime with resident memory at
+// its start and end.
+import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
+import { median, time, type BenchRow } from './harness.js';
+import type { TransportJob } from './workers/transport.js';
+import { DEFAULT_EP_OPTIONS, epStepCase, epStepLabel, pinKernelThreads, torchEpStep, type TorchEpOptions } from './torch.js';
+import { casePayloads, caseScenario } from '../../actors/caseRanks.js';
+import { runActors } from '../../actors/supervisor.js';
+import { validateScenario } from '../../machines/scenario.js';
+import type { BackendName } from '../../src/backends.js';
+import { withLaunchedRanks } from '../../cli/localRanks.js';
+import { productionHang } from '../../cli/demo.js';
+
+const MiB = 1024 * 1024;
+
+/** Per iteration, the slowest rank's time (ms) for `iterations` back-to-back all-to-alls on 4 worker ranks. */
+async function exchangeTimes(job: Omit<TransportJob, 'rank' | 'ep'>): Promise<number[]> {
+  const ep = 4;
+  const ports: Record<number, MessagePort>[] = Array.from({ length: ep }, () => ({}));
+  for (let a = 0; a < ep; a++) {
+    for (let b = a + 1; b < ep; b++) {
+      const { port1, port2 } = new MessageChannel();
+      ports[a]![b] = port1;
+      ports[b]![a] = port2;
+    }
+  }
+  const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./workers/transport.js', import.meta.url), { workerData: { ...job, rank, ep } satisfies TransportJob }));
+  const samples = await Promise.all(
+    workers.map((w, rank) => {
+      const done = new Promise<number[]>((resolve, reject) => {
+        w.once('message', resolve);
+        w.once('error', reject);
+      });
+      w.postMessage({ ports: ports[rank] }, Object.values(ports[rank]!));
+      return done;
+    }),
+  );
+  await Promise.all(workers.map((w) => w.terminate()));
+  return samples[0]!.map((_, i) => Math.max(...samples.map((s) => s[i]!)));
+}
+
+async function transport(exchange: 'ports' | 'shared'): Promise<BenchRow> {
+  const rowSize = 1024; // f32 → 4 KiB rows; 1024 rows = 4 MiB per peer
+  const iterations = 10;
+  const perIter = await exchangeTimes({ rows: { perPeer: (4 * MiB) / (rowSize * 4), rowSize }, iterations, exchange });
+  // Each rank sends 3 × 4 MiB to its peers.
+  const gbps = (3 * 4 * MiB) / (median(perIter) / 1e3) / 1e9;
+  const src = new Float32Array(MiB); // 4 MiB
+  const dst = new Float32Array(MiB);
+  const copy = await time(() => {
+    for (let i = 0; i < 3; i++) dst.set(src);
+  }, 15, 3);
+  const memcpy = (3 * 4 * MiB) / (copy.medianMs / 1e3) / 1e9;
+  return {
+    name: `all-to-all over ${exchange === 'ports' ? 'MessagePorts (msgpack)' : 'shared memory (staged)'}, 4 worker ranks, 4 MiB per pair (GB/s sent per rank)`,
+    value: gbps,
+    unit: 'GB/s',
+    baseline: { name: 'memcpy (TypedArray.set) of the same bytes, one thread', value: memcpy, unit: 'GB/s' },
+    ratio: gbps / memcpy,
+    note: `median of ${iterations}; ratio = ours / memcpy (aim >= 0.25); 4 workers share the cores`,
+  };
+}
+
+/** The EP layer's first exchange alone: one i64 per peer, back to back, against gloo's on 4 torch processes. */
+async function countsExchange(exchange: 'ports' | 'shared'): Promise<BenchRow> {
+  const iterations = 200;
+  const us = median(await exchangeTimes({ rows: null, iterations, exchange })) * 1e3;
+  const row: BenchRow = {
+    name: `counts all-to-all (fwd.counts: one i64 per peer) over ${exchange === 'ports' ? 'MessagePorts (msgpack)' : 'shared memory'}, 4 worker ranks, back to back`,
+    value: us,
+    unit: 'µs',
+    note: `median of ${iterations}, slowest rank per exchange`,
+  };
+  const torch = await torchEpStep();
+  if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
+  return { ...row, baseline: { name: 'gloo all_to_all_single of the same counts, 4 torch processes', value: torch.countsUs, unit: 'µs' }, ratio: torch.countsUs / us, note: `${row.note}; ratio = gloo / ours (>1: we are faster)` };
+}
+
+async function epStep(backend: BackendName, steps: number, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
+  const data = epStepCase(o);
+  pinKernelThreads(o);
+  const run = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps, record: false, timeoutMs: 300_000, backend });
+  if (run.diagnosis.verdict !== 'ok') throw new Error(`EP step did not complete: ${run.diagnosis.cause}`);
+  return againstTorch(`${backend} kernels, ${o.ep} worker-thread ranks, f32`, run.stepMs, o);
+}
+
+/** The same step with each rank its own process (ep-actors rank), over TCP, as torch+gloo runs it. */
+async function launchedEpStep(backend: BackendName, steps: number, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
+  const data = epStepCase(o);
+  // As many kernel threads per process as each torch process has.
+  const env = { ...process.env, EP_ACTORS_THREADS: String(o.threads) };
+  const slowest = await withLaunchedRanks({ case: data }, ['--backend', backend, '--steps', String(steps), '--json'], { env, timeoutMs: 300_000 }, async (runs) => {
+    const ranks = runs.map((r, rank) => {
+      if (r.code !== 0) throw new Error(`rank ${rank} exited ${r.code}: ${r.stderr}`);
+      return (JSON.parse(r.stdout) as { stepMs: number[] }).stepMs;
+    });
+    return ranks[0]!.map((_, step) => Math.max(...ranks.map((r) => r[step]!)));
+  });
+  return againstTorch(`${backend} kernels, ${o.ep} processes over TCP (ep-actors rank), f32`, slowest, o);
+}
+
+/**
+ * How soon launched ranks stop on a missing collective: the demo's hazard (no-dispatch-edge,
+ * rank 1 receives no tokens, 4 processes over TCP), from the moment the evidence existed
+ * (rank 1 finished while a peer waited at bwd.dispatch) to the first rank stopping.
+ */
+async function launchedDetection(runs: number): Promise<BenchRow> {
+  const samples: number[] = [];
+  for (let i = 0; i < runs; i++) {
+    const d = (await productionHang()).merged.diagnosis;
+    if (d.verdict !== 'missing' || d.detectedAfterMs === undefined) throw new Error(`expected a timed missing verdict, got ${d.verdict}: ${d.cause}`);
+    samples.push(d.detectedAfterMs);
+  }
+  return {
+    name: 'missing collective caught on 4 launched processes (no-dispatch-edge, zero-token rank): evidence to first stop',
+    value: median(samples),
+    unit: 'ms',
+    note: `median of ${runs} runs (${samples.map((x) => x.toFixed(1)).join(', ')}); for scale, not a measured baseline: NCCL waits for its watchdog (KempnerForge sets 1800 s)`,
+  };
+}
+
+/** A row for per-step times (slowest rank per step; the first step pays for JIT warm-up) with torch+gloo measured now. */
+async function againstTorch(impl: string, stepMs: readonly number[], o: TorchEpOptions): Promise<BenchRow> {
+  const ms = median(stepMs.slice(1));
+  const row: BenchRow = { name: epStepLabel(impl, o), value: ms, unit: 'ms', note: `median of ${stepMs.length - 1} steps after one warm-up; slowest rank per step` };
+  const torch = await torchEpStep(o, true); // right after ours
+  if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
+  return { ...row, baseline: { name: epStepLabel(`seed on torch+gloo, ${o.ep} processes`, o), value: torch.medianMs, unit: 'ms' }, ratio: torch.medianMs / ms, note: `${row.note}; ratio = torch / ours (>1: we are faster); torch BLAS: ${torch.blas}` };
+}
+
+async function soak(): Promise<BenchRow> {
+  const steps = 2000;
+  const rss0 = process.memoryUsage().rss;
+  const t0 = performance.now();
+  const run = await runActors(validateScenario({ ep: 4, experts: 8, topK: 2, tokens: 16 }), { steps, record: false, timeoutMs: 60_000 });
+  const wall = performance.now() - t0;
+  const rss1 = process.memoryUsage().rss;
+  if (run.diagnosis.verdict !== 'ok') throw new Error(`soak did not complete: ${run.diagnosis.cause}`);
+  return {
+    name: `soak: ${steps} consecutive steps, ep=4, one runtime (RSS at end)`,
+    value: rss1 / MiB,
+    unit: 'MiB',
+    baseline: { name: 'RSS at start', value: rss0 / MiB, unit: 'MiB' },
+    note: `${(wall / steps).toFixed(1)} ms per step; median step ${median(run.stepMs).toFixed(1)} ms`,
+  };
+}
+
+export async function bench(): Promise<BenchRow[]> {
+  const rows = [await countsExchange('ports'), await countsExchange('shared'), await transport('ports'), await transport('shared')];
+  // The TypeScript kernels take tens of seconds per step here: one warm-up, one timed step.
+  rows.push(await epStep('ts', 2));
+  const native = await import('../../src/native/backend.js');
+  if (native.loadNative()) {
+    rows.push(await epStep('native', 6), await launchedEpStep('native', 6));
+    rows.push(await epStep('native', 4, { ...DEFAULT_EP_OPTIONS, ep: 8, experts: 16 }), await epStep('native', 4, { ...DEFAULT_EP_OPTIONS, tokens: 4096 }));
+  } else rows.push({ name: epStepLabel('native kernels, 4 worker-thread ranks'), value: NaN, unit: 'ms', note: `skipped: ${native.nativeUnavailableReason()}` });
+  rows.push(await launchedDetection(5));
+  rows.push(await soak());
+  return rows;
+}
