@@ -117,7 +117,7 @@ export class RankDriver implements LayerProtocol {
 
   /**
    * Before the layer's next call: issue the collectives the driver issues itself, then say
-   * whether the machine ended the rank's step there (early exit), so the layer is not called.
+   * whether the machine ended the rank's step there (early exit, a shorter shard), so the layer is not called.
    */
   async stopped(): Promise<boolean> {
     await this.drainOwnCollectives();
@@ -144,7 +144,7 @@ export class RankDriver implements LayerProtocol {
       // Stand-in payloads of the collective's size: what matters here is who issues what.
       const size = issued.size ?? 0;
       let received: Tensor;
-      if (issued.op === 'fsdp.all_gather') received = await comm.allGather(tag, Tensor.zeros('f32', [Math.ceil(size / comm.size)]));
+      if (issued.op === 'fsdp.all_gather' || issued.op === 'grad.all_gather') received = await comm.allGather(tag, Tensor.zeros('f32', [Math.ceil(size / comm.size)]));
       else if (issued.op === 'fsdp.reduce_scatter') received = await comm.reduceScatter(tag, Tensor.zeros('f32', [size]));
       else received = await comm.allReduce(tag, Tensor.zeros('f32', [size]));
       await this.completed(tag, received);

@@ -13,7 +13,8 @@ import { RankDriver } from './rankDriver.js';
 import { MeshCommunicator, PortMesh, type PeerPort } from './transport.js';
 import { stagingMemory } from './staging.js';
 import { requireNative } from '../src/native/backend.js';
-import type { Communicator } from '../src/ep/types.js';
+import type { Communicator, ExpertBackend } from '../src/ep/types.js';
+import { hungExpert, type Variant } from '../machines/variants.js';
 import { now, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankInputs, type RankStepInputs } from './inputs.js';
 import type { CaseRankOutput } from './caseRanks.js';
@@ -38,7 +39,7 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
   // issues outside the layer (FSDP, the metric all-reduce) stay on the mesh.
   const ep = job.exchange === 'nccl' ? await ncclCommunicator(job, cfg.epRank) : meshEp;
   const inputs: RankStepInputs = rankInputs(job);
-  const backend = await loadBackend(job.backend);
+  const backend = withKernelHang(cfg.variant, await loadBackend(job.backend));
   let how: 'done' | 'exited' = 'done';
   let driver: RankDriver | null = null;
   let result: Uint8Array | undefined;
@@ -58,6 +59,21 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
   post({ type: 'finished', rank: job.rank, how, snapshot: driver!.wire(), result, at: now() });
 }
 
+/**
+ * Under kernel-hang, the expert backward as an unpadded grouped GEMM: when a local expert
+ * received no rows its K = 0 GEMM never returns (torchtitan #1118), so the layer's backward
+ * awaits forever and only the supervisor's compute limit (or a launcher's watchdog) ends it.
+ */
+function withKernelHang(variant: Variant, backend: ExpertBackend): ExpertBackend {
+  if (!variant.kernelHang) return backend;
+  return {
+    name: backend.name,
+    forward: (w, x, rows) => backend.forward(w, x, rows),
+    // A hung kernel keeps its thread alive: a timer that holds the event loop, not a bare pending promise.
+    backward: (w, x, rows, fwd, gradY) => (hungExpert(variant, rows) === null ? backend.backward(w, x, rows, fwd, gradY) : new Promise<never>(() => setInterval(() => {}, 2 ** 30))),
+  };
+}
+
 async function ncclCommunicator(job: WorkerJob, epRank: number): Promise<Communicator> {
   if (!job.ncclId || job.device === undefined) throw new Error(`rank ${job.rank}: the nccl exchange needs a unique id and a device from the supervisor`);
   const { NcclCommunicator } = await import('../src/native/nccl.js');
@@ -73,7 +89,7 @@ async function runStep(job: WorkerJob, driver: RankDriver, base: Omit<EpContext,
   step: for (let mb = 0; mb < s.microBatches; mb++) {
     const saved: { ctx: EpContext; saved: EpSaved; out: Tensor }[] = [];
     for (let layer = 0; layer < s.layers; layer++) {
-      if (await driver.stopped()) break step; // the machine stopped this rank (early exit)
+      if (await driver.stopped()) break step; // the machine stopped this rank (early exit, a shorter shard)
       const ctx: EpContext = { ...base, layer, microBatch: mb };
       const { weights_TK, indices_TK } = inputs.routing(mb, layer);
       const fwd = await epForward(ctx, inputs.x(mb, layer), weights_TK, indices_TK);

@@ -13,7 +13,7 @@ import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import type { LedgerEntry } from '../machines/ledger.js';
 import { commOf, communicators, worldSize } from '../machines/mesh.js';
 import { LedgerFeed } from '../machines/feed.js';
-import { diagnoseHangs, okDiagnosis, rankReports, rankWord, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
+import { diagnoseHangs, okDiagnosis, rankReports, rankWord, stallDiagnosis, type Diagnosis, type VerdictKind } from '../machines/diagnosis.js';
 import type { IssuedCollective, RankSnapshot } from '../machines/snapshot.js';
 import { CollectiveSpans, type TraceEvent } from '../machines/spans.js';
 import { type Scenario } from '../machines/scenario.js';
@@ -159,10 +159,11 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
       if (done) return;
       const t = now();
       const stalled = working.flatMap((w, r) => (w && !dead.has(r) && t - w.since > computeTimeoutMs ? [r] : []));
-      if (stalled.length > 0) {
-        const waiters = [...Array(n).keys()].filter((r) => tracker.blockedOn(r));
-        const what = stalled.map((r) => `rank ${r} has not returned from ${working[r]!.what} for ${Math.round(t - working[r]!.since)} ms`).join('; ');
-        return failure('stall', stalled, `${what} (compute limit ${computeTimeoutMs} ms)${waiters.length ? `; ${rankWord(waiters)} wait for it in their collectives, which is not a hang of theirs` : ''}`, t);
+      // A rank still inside its limit may be stalled too: it joins the verdict or blocks, within one more limit.
+      const computing = working.some((w, r) => w && !dead.has(r) && t - w.since <= computeTimeoutMs);
+      if (stalled.length > 0 && !computing) {
+        const d = stallDiagnosis(stalled.map((r) => ({ rank: r, what: working[r]!.what, forMs: t - working[r]!.since })), snapshots(), tracker, computeTimeoutMs);
+        return end({ ...d, detectedAfterMs: now() - t });
       }
       const late = moving.flatMap((since, r) => (since !== null && t - since > timeoutMs ? [r] : []));
       if (late.length > 0) {

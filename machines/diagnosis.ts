@@ -132,6 +132,19 @@ export function diagnose(finding: Finding, snapshots: readonly RankSnapshot[], t
   return { verdict: finding.kind === 'blocked' ? 'timeout' : finding.kind, communicator: finding.communicator, position: finding.position, culprits, ranks, cause: parts.join('; ') };
 }
 
+/**
+ * A stall: ranks whose own work (routing, expert compute) never returned, each with what it
+ * was doing (and, on a wall clock, for how long past which limit). The ranks blocked in
+ * collectives only wait for them: no collective finding is named.
+ */
+export function stallDiagnosis(stalled: readonly { rank: number; what: string; forMs?: number }[], snapshots: readonly RankSnapshot[], tracker: CollectiveTracker, limitMs?: number): Diagnosis {
+  const waiters = snapshots.flatMap((_, r) => (tracker.blockedOn(r) ? [r] : []));
+  const what = stalled.map((x) => `rank ${x.rank} has not returned from ${x.what}${x.forMs !== undefined ? ` for ${Math.round(x.forMs)} ms` : ''}`).join('; ');
+  const limit = limitMs !== undefined ? ` (compute limit ${limitMs} ms)` : '';
+  const wait = waiters.length ? `; ${rankWord(waiters)} wait for it in their collectives, which is not a hang of theirs` : '';
+  return { verdict: 'stall', communicator: null, position: null, culprits: stalled.map((x) => x.rank), ranks: rankReports(snapshots, tracker), cause: `${what}${limit}${wait}` };
+}
+
 export function okDiagnosis(snapshots: readonly RankSnapshot[], tracker: CollectiveTracker): Diagnosis {
   const n = tracker.entries.length;
   return { verdict: 'ok', communicator: null, position: null, culprits: [], ranks: rankReports(snapshots, tracker), cause: `every rank finished the step; ${n} collective calls matched` };

@@ -13,6 +13,8 @@ export type FinalState = 'done' | 'exited' | 'aborted' | 'failed';
 export type RankAction =
   | { readonly kind: 'route'; readonly layer: number; readonly microBatch: number }
   | { readonly kind: 'compute'; readonly phase: 'forward' | 'backward'; readonly layer: number; readonly microBatch: number }
+  /** A compute that never returns (variant kernel-hang): the engine waits on it forever; the decision says why. */
+  | { readonly kind: 'stall'; readonly phase: 'forward' | 'backward'; readonly layer: number; readonly microBatch: number; readonly decision: Decision; readonly rule: string }
   | { readonly kind: 'collective'; readonly collective: IssuedCollective; readonly issuer: CollectiveMeta['issuer'] }
   | { readonly kind: 'final'; readonly how: FinalState };
 
@@ -20,6 +22,11 @@ export function nextAction(snap: RankSnapshot): RankAction {
   const { layer, microBatch } = snap.context;
   if (snap.status === 'done') return { kind: 'final', how: statePath(snap) as FinalState };
   if (snap.hasTag(STATE_TAGS.routing)) return { kind: 'route', layer, microBatch };
+  if (snap.hasTag(STATE_TAGS.stalled)) {
+    const decision = snap.context.trail.at(-1);
+    if (!decision) throw new Error(`rank ${snap.context.cfg.rank}: stalled in ${statePath(snap)} with no decision that put it there`);
+    return { kind: 'stall', phase: 'backward', layer, microBatch, decision, rule: snap.context.cfg.variant.rule };
+  }
   if (snap.hasTag(STATE_TAGS.computing)) return { kind: 'compute', phase: snap.matches('backward') ? 'backward' : 'forward', layer, microBatch };
   const c = issuedCollective(snap);
   if (!c) throw new Error(`rank ${snap.context.cfg.rank}: state ${statePath(snap)} is neither routing, compute, a collective nor final`);
@@ -33,6 +40,8 @@ export function describeAction(a: RankAction): string {
       return `routing layer ${a.layer}${a.microBatch ? ` (micro-batch ${a.microBatch})` : ''}`;
     case 'compute':
       return `the expert ${a.phase} of layer ${a.layer}${a.microBatch ? ` (micro-batch ${a.microBatch})` : ''}`;
+    case 'stall':
+      return `the expert ${a.phase} of layer ${a.layer}${a.microBatch ? ` (micro-batch ${a.microBatch})` : ''}, which never returns: ${a.decision.fact} (guard ${a.decision.guard}; ${a.rule})`;
     case 'collective':
       return `its work before ${a.collective.op} of layer ${a.collective.layer}`;
     case 'final':
@@ -60,16 +69,20 @@ export function routedEvent(tokens: number, sendCounts: readonly number[]): Rank
 }
 
 /**
- * Which of two collectives made ready by one backward compute a rank issues first (variant
- * completion-order), per global rank, layer and micro-batch. A scenario fixes it (or draws
- * it from its seed); the explorer enumerates it.
+ * Which of two collectives made ready by one compute a rank issues first, per global rank,
+ * layer, micro-batch and phase: after the expert backward, bwd.dispatch or the experts
+ * reduce-scatter (completion-order); after the expert forward, fwd.combine or the shared
+ * expert's all-gather (second-stream). A scenario fixes it (or draws it from its seed); the
+ * explorer enumerates the backward one.
  */
-export type FirstReady = (rank: number, layer: number, microBatch: number) => CollectiveOp;
+export type FirstReady = (rank: number, layer: number, microBatch: number, phase: 'forward' | 'backward') => CollectiveOp;
 
-/** The event that ends the compute a rank is in; a backward compute carries the completion order. */
+/** The event that ends the compute a rank is in, carrying the completion order of what it made ready. */
 export function computedEvent(snap: RankSnapshot, firstReady: FirstReady): RankEvent {
   const { cfg, layer, microBatch } = snap.context;
-  return snap.matches('backward') ? { type: 'compute.done', firstReady: firstReady(cfg.rank, layer, microBatch) } : { type: 'compute.done' };
+  if (snap.matches('backward')) return { type: 'compute.done', firstReady: firstReady(cfg.rank, layer, microBatch, 'backward') };
+  // Only a second stream makes two collectives ready after the forward compute.
+  return cfg.variant.secondStream ? { type: 'compute.done', firstReady: firstReady(cfg.rank, layer, microBatch, 'forward') } : { type: 'compute.done' };
 }
 
 /** The layer's call of a collective: issued now, skipped because a guard removed it from this layer call, or not allowed. */

@@ -8,11 +8,11 @@
 // Step shape: for each micro-batch, forward over layers 0..L-1 (route, A fwd.counts,
 // B fwd.dispatch, C fwd.expert_ids, expert compute, D fwd.combine), then backward over
 // layers L-1..0 (FSDP all-gather, D' bwd.combine, expert backward, B' bwd.dispatch, FSDP
-// reduce-scatters as the wrap policy places them), then, under layer-metric, the aux-loss
-// metric all-reduce.
+// reduce-scatters as the wrap policy places them), then, under wrong-group, the experts'
+// gradient all-gather and, under layer-metric, the aux-loss metric all-reduce.
 import { assign, setup } from 'xstate';
 import type { CollectiveOp } from '../src/ep/types.js';
-import type { Variant } from './variants.js';
+import { hungExpert, shardBatches, type Variant } from './variants.js';
 
 /** FSDP wrap policies: where the data-parallel collectives land relative to the EP ones. */
 export type WrapPolicy = 'block' | 'split' | 'experts';
@@ -78,7 +78,7 @@ export interface RankContext {
 export type RankEvent =
   | { type: 'layer.routed'; tokens: number; sendCounts: readonly number[] }
   | { type: 'collective.done'; op: CollectiveOp; recvCounts?: readonly number[]; rowsPerExpert?: readonly number[] }
-  /** firstReady: of two collectives this compute makes ready at once, the one whose completion landed first. */
+  /** firstReady: of two collectives this compute makes ready at once (completion-order, second-stream), the one whose completion landed first. */
   | { type: 'compute.done'; firstReady?: CollectiveOp }
   | { type: 'supervisor.abort'; reason: string }
   | { type: 'rank.failed'; error: string };
@@ -99,13 +99,17 @@ export interface CollectiveMeta {
 
 /**
  * Kinds of state, as xstate tags, so engines ask what a rank is doing instead of matching
- * state paths: waiting for the layer's routing, computing its experts, or in a collective.
+ * state paths: waiting for the layer's routing, computing its experts (or stalled in a compute
+ * that never returns), or in a collective.
  */
-export const STATE_TAGS = { routing: 'routing', computing: 'computing', collective: 'collective' } as const;
+export const STATE_TAGS = { routing: 'routing', computing: 'computing', collective: 'collective', stalled: 'stalled' } as const;
+
+/** Collectives outside the EP layer on the ep communicator (the step's, the shared expert's): the driver issues them. */
+const STEP_OPS: readonly CollectiveOp[] = ['metric.all_reduce', 'grad.all_gather', 'shared.all_gather'];
 
 const collective = (meta: Omit<CollectiveMeta, 'issuer'>) => ({
   tags: [STATE_TAGS.collective],
-  meta: { collective: { ...meta, issuer: meta.comm === 'dp' || meta.op === 'metric.all_reduce' ? 'driver' : 'layer' } satisfies CollectiveMeta },
+  meta: { collective: { ...meta, issuer: meta.comm === 'dp' || STEP_OPS.includes(meta.op) ? 'driver' : 'layer' } satisfies CollectiveMeta },
 });
 
 export function currentFacts(ctx: RankContext): LayerFacts {
@@ -145,6 +149,12 @@ export function dataSplits(ctx: RankContext): { send: number[]; recv: number[] }
   return { send: [...f.sendCounts], recv: [...(f.recvCounts ?? f.sendCounts.map(() => 0))] };
 }
 
+/** Under kernel-hang, the local expert (index on this rank) whose backward GEMM never returns in the current layer, else null. */
+const stalledExpert = (ctx: RankContext) => hungExpert(ctx.cfg.variant, currentFacts(ctx).rowsPerExpert ?? []);
+
+/** Micro-batches this rank runs: all of them, or under uneven-batches its shard of the evaluation batches. */
+const ownMicroBatches = ({ cfg }: RankContext) => (cfg.variant.unevenBatches ? shardBatches(cfg.variant.unevenBatches.total, cfg.ep * cfg.dp, cfg.rank) : cfg.microBatches);
+
 /** The router recorded into the aux-loss tracker: it routed tokens in some layer of the last micro-batch. */
 const routedTokens = (ctx: RankContext) => ctx.facts.some((f) => f !== null && f.tokens > 0);
 
@@ -168,7 +178,8 @@ export const rankMachine = setup({
     returnsNoRowsAndSkips: ({ context: c }) => c.cfg.variant.skipEmptySends && sum(dataSplits(c).recv) === 0,
     moreLayersForward: ({ context: c }) => c.layer + 1 < c.cfg.layers,
     moreLayersBackward: ({ context: c }) => c.layer > 0,
-    moreMicroBatches: ({ context: c }) => c.microBatch + 1 < c.cfg.microBatches,
+    moreMicroBatches: ({ context: c }) => c.microBatch + 1 < ownMicroBatches(c),
+    shardEndsBeforePeers: ({ context: c }) => c.microBatch + 1 < c.cfg.microBatches,
     fsdpWrapsMoe: ({ context: c }) => c.cfg.fsdp !== null,
     expertsUnitHasGrads: ({ context: c }) => c.cfg.fsdp === 'experts' && expertsWithGrads(c) > 0,
     expertsUnitWithoutGrads: ({ context: c }) => c.cfg.fsdp === 'experts' && expertsWithGrads(c) === 0,
@@ -179,6 +190,11 @@ export const rankMachine = setup({
     dispatchReadyFirst: ({ context: c, event }) =>
       c.cfg.variant.completionOrder && event.type === 'compute.done' && event.firstReady === 'bwd.dispatch' && c.cfg.fsdp === 'experts' && expertsWithGrads(c) > 0,
     logsLayerMetric: ({ context: c }) => c.cfg.variant.layerMetric,
+    zeroRowExpertHangsKernel: ({ context: c }) => stalledExpert(c) !== null,
+    sharedReadyFirst: ({ context: c, event }) => c.cfg.variant.secondStream && event.type === 'compute.done' && event.firstReady === 'shared.all_gather',
+    combineReadyFirst: ({ context: c }) => c.cfg.variant.secondStream,
+    gathersExpertGradsOnOwnGroup: ({ context: c }) => c.cfg.variant.wrongGroup !== null && c.cfg.variant.wrongGroup.rank !== c.cfg.epRank,
+    gathersExpertGradsOnDpGroup: ({ context: c }) => c.cfg.variant.wrongGroup?.rank === c.cfg.epRank,
   },
   actions: {
     recordRouting: assign(({ context: c, event }) => {
@@ -232,6 +248,32 @@ export const rankMachine = setup({
     noteForcedMetric: assign(({ context: c }) =>
       routedTokens(c) ? {} : decide(c, { guard: 'logsLayerMetric', held: true, skipped: [], fact: `rank ${c.cfg.rank} routed no tokens this step, so its aux-loss tracker was force-initialized with ${c.cfg.layers} slots, without the MTP slot` }),
     ),
+    noteKernelHang: assign(({ context: c }) => {
+      const expert = stalledExpert(c)! + c.cfg.epRank * (c.cfg.numExperts / c.cfg.ep);
+      return decide(c, { guard: 'zeroRowExpertHangsKernel', held: true, skipped: [], fact: `expert ${expert} of rank ${c.cfg.rank} received 0 rows ${where(c, 'forward')}, so its grouped GEMM runs with K = 0 in the expert backward` });
+    }),
+    noteWrongGroup: assign(({ context: c }) =>
+      decide(c, {
+        guard: 'gathersExpertGradsOnOwnGroup',
+        held: false,
+        skipped: ['grad.all_gather'],
+        fact: `rank ${c.cfg.rank} all-gathers its experts' gradients on its dp communicator, not on its ep communicator where its EP peers gather them`,
+      }),
+    ),
+    noteSharedFirst: assign(({ context: c }) =>
+      decide(c, { guard: 'sharedReadyFirst', held: true, skipped: [], fact: `rank ${c.cfg.rank}'s shared expert on the second stream completed before its routed experts ${where(c, 'forward')}, so it issued shared.all_gather before fwd.combine` }),
+    ),
+    noteCombineFirst: assign(({ context: c }) =>
+      decide(c, { guard: 'sharedReadyFirst', held: false, skipped: [], fact: `rank ${c.cfg.rank}'s routed experts completed before its shared expert on the second stream ${where(c, 'forward')}, so it issued fwd.combine before shared.all_gather` }),
+    ),
+    noteShortShard: assign(({ context: c }) =>
+      decide(c, {
+        guard: 'moreMicroBatches',
+        held: false,
+        skipped: ['fwd.counts'],
+        fact: `rank ${c.cfg.rank}'s shard of the ${c.cfg.variant.unevenBatches?.total} evaluation batches over ${c.cfg.ep * c.cfg.dp} ranks holds ${ownMicroBatches(c)} micro-batch(es), the longest ${c.cfg.microBatches}`,
+      }),
+    ),
     noteFailure: assign(({ event }) => ({ failure: event.type === 'rank.failed' ? event.error : event.type === 'supervisor.abort' ? event.reason : null })),
   },
 }).createMachine({
@@ -276,11 +318,24 @@ export const rankMachine = setup({
           on: {
             'compute.done': [
               { guard: 'returnsNoRowsAndSkips', target: 'layerDone', actions: 'noteSkippedCombine' },
+              { guard: 'sharedReadyFirst', target: 'sharedFirst', actions: 'noteSharedFirst' },
+              { guard: 'combineReadyFirst', target: 'combine', actions: 'noteCombineFirst' },
               { target: 'combine' },
             ],
           },
         },
-        combine: { ...collective({ op: 'fwd.combine', comm: 'ep' }), on: { 'collective.done': { target: 'layerDone', actions: 'recordExchange' } } },
+        combine: {
+          ...collective({ op: 'fwd.combine', comm: 'ep' }),
+          on: {
+            'collective.done': [
+              { guard: 'combineReadyFirst', target: 'sharedAfter', actions: 'recordExchange' },
+              { target: 'layerDone', actions: 'recordExchange' },
+            ],
+          },
+        },
+        sharedAfter: { ...collective({ op: 'shared.all_gather', comm: 'ep' }), on: { 'collective.done': { target: 'layerDone', actions: 'clearTrail' } } },
+        sharedFirst: { ...collective({ op: 'shared.all_gather', comm: 'ep' }), on: { 'collective.done': { target: 'combineAfter', actions: 'clearTrail' } } },
+        combineAfter: { ...collective({ op: 'fwd.combine', comm: 'ep' }), on: { 'collective.done': { target: 'layerDone', actions: 'recordExchange' } } },
         layerDone: {
           always: [
             { guard: 'moreLayersForward', target: 'route', actions: 'nextLayer' },
@@ -311,6 +366,7 @@ export const rankMachine = setup({
         combine: { ...collective({ op: 'bwd.combine', comm: 'ep' }), on: { 'collective.done': { target: 'expertBackward', actions: 'recordExchange' } } },
         expertBackward: {
           tags: [STATE_TAGS.computing],
+          always: { guard: 'zeroRowExpertHangsKernel', target: 'kernelHung', actions: 'noteKernelHang' },
           on: {
             'compute.done': [
               { guard: 'dispatchReadyFirst', target: 'dispatchFirst', actions: 'noteDispatchFirst' },
@@ -320,6 +376,8 @@ export const rankMachine = setup({
             ],
           },
         },
+        // The expert backward never returns: no event leaves this state but an abort.
+        kernelHung: { tags: [STATE_TAGS.computing, STATE_TAGS.stalled] },
         expertsReduceScatter: {
           ...collective({ op: 'fsdp.reduce_scatter', comm: 'dp', unit: 'experts' }),
           on: { 'collective.done': { target: 'dispatchChoice', actions: 'recordExchange' } },
@@ -363,11 +421,23 @@ export const rankMachine = setup({
           always: [
             { guard: 'moreLayersBackward', target: 'layerStart', actions: 'previousLayer' },
             { guard: 'moreMicroBatches', target: '#rank.forward', actions: 'nextMicroBatch' },
-            { guard: 'logsLayerMetric', target: '#rank.metricAllReduce', actions: 'noteForcedMetric' },
-            { target: '#rank.done' },
+            { guard: 'shardEndsBeforePeers', target: '#rank.stepEnd', actions: 'noteShortShard' },
+            { target: '#rank.stepEnd' },
           ],
         },
       },
+    },
+    stepEnd: {
+      always: [
+        { guard: 'gathersExpertGradsOnDpGroup', target: 'gradGatherOnDp', actions: 'noteWrongGroup' },
+        { guard: 'gathersExpertGradsOnOwnGroup', target: 'gradGather' },
+        { target: 'metricChoice' },
+      ],
+    },
+    gradGather: { ...collective({ op: 'grad.all_gather', comm: 'ep' }), on: { 'collective.done': { target: 'metricChoice', actions: 'clearTrail' } } },
+    gradGatherOnDp: { ...collective({ op: 'grad.all_gather', comm: 'dp' }), on: { 'collective.done': { target: 'metricChoice', actions: 'clearTrail' } } },
+    metricChoice: {
+      always: [{ guard: 'logsLayerMetric', target: 'metricAllReduce', actions: 'noteForcedMetric' }, { target: 'done' }],
     },
     metricAllReduce: { ...collective({ op: 'metric.all_reduce', comm: 'ep' }), on: { 'collective.done': { target: 'done', actions: 'clearTrail' } } },
     done: { type: 'final' },

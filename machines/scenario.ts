@@ -21,6 +21,10 @@ export interface Scenario extends RoutedLayout {
   earlyExitRank?: number;
   earlyExitAfterLayers?: number;
   capacityFactor?: number;
+  /** wrong-group: the EP rank that gathers the experts' gradients on its dp communicator. */
+  wrongGroupRank?: number;
+  /** uneven-batches: evaluation batches sharded over every rank (default ep · dp · microBatches − 1). */
+  evalBatches?: number;
   packed: boolean;
   activation: 'silu' | 'gelu' | 'relu';
   /**
@@ -29,6 +33,11 @@ export interface Scenario extends RoutedLayout {
    * drawn from the seed. Every engine follows it, so a counterexample replays anywhere.
    */
   firstReady?: CollectiveOp[][];
+  /**
+   * second-stream: per global rank, per layer call, which of the shared expert's all-gather
+   * and fwd.combine the rank issues first. Absent, each is drawn from the seed.
+   */
+  streamOrder?: CollectiveOp[][];
 }
 
 export const DEFAULT_SCENARIO: Scenario = {
@@ -50,7 +59,7 @@ export const DEFAULT_SCENARIO: Scenario = {
 };
 
 /** Every field a scenario file may hold; firstReady is the issue order `check --replay` found (sim/explorer.ts). */
-export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'explicit', 'firstReady'];
+export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'wrongGroupRank', 'evalBatches', 'explicit', 'streamOrder', 'firstReady'];
 
 /** Refuses a key of `obj` outside `known`, naming it and the known key it resembles (a typo must not run on defaults). */
 export function checkKeys(obj: object, known: readonly string[], where: string): void {
@@ -103,14 +112,27 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   if (s.fsdp !== null && !WRAP_POLICIES.includes(s.fsdp)) throw new UsageError(`unknown FSDP wrap policy '${s.fsdp}'; one of ${WRAP_POLICIES.join(', ')}`);
   if (s.fsdp !== null && s.dp < 2) throw new UsageError(`FSDP needs a data-parallel dimension: dp must be at least 2, got ${s.dp}`);
   if (s.earlyExitRank !== undefined && (s.earlyExitRank < 0 || s.earlyExitRank >= s.ep)) throw new UsageError(`earlyExitRank must be an EP rank in [0, ${s.ep}), got ${s.earlyExitRank}`);
-  if (s.firstReady !== undefined) {
-    const ok = Array.isArray(s.firstReady) && s.firstReady.length === s.ep * s.dp && s.firstReady.every((row) => Array.isArray(row) && row.length === s.layers * s.microBatches && row.every((o) => o === 'bwd.dispatch' || o === 'fsdp.reduce_scatter'));
-    if (!ok) throw new UsageError(`firstReady must list, for each of the ${s.ep * s.dp} ranks, ${s.layers * s.microBatches} entries of 'bwd.dispatch' or 'fsdp.reduce_scatter' (one per layer call)`);
+  if (s.wrongGroupRank !== undefined && (!Number.isSafeInteger(s.wrongGroupRank) || s.wrongGroupRank < 0 || s.wrongGroupRank >= s.ep)) throw new UsageError(`wrongGroupRank must be an EP rank in [0, ${s.ep}), got ${s.wrongGroupRank}`);
+  if (s.variant === 'wrong-group' && s.dp < 2) throw new UsageError(`variant wrong-group issues a collective on the data-parallel communicator: dp must be at least 2, got ${s.dp}`);
+  if (s.variant === 'uneven-batches' && s.microBatches < 2) throw new UsageError(`variant uneven-batches runs a shard of the evaluation batches as micro-batches: microBatches must be at least 2, got ${s.microBatches}`);
+  const world = s.ep * s.dp;
+  if (s.evalBatches !== undefined && (!Number.isSafeInteger(s.evalBatches) || s.evalBatches < world || s.evalBatches > world * s.microBatches)) {
+    throw new UsageError(`evalBatches must give every one of the ${world} ranks at least one batch and at most microBatches (${s.microBatches}): an integer in [${world}, ${world * s.microBatches}], got ${s.evalBatches}`);
   }
+  checkOrderTable(s, 'firstReady', ['bwd.dispatch', 'fsdp.reduce_scatter']);
+  checkOrderTable(s, 'streamOrder', ['shared.all_gather', 'fwd.combine']);
   parseRouting(s.routing, s); // throws a UsageError naming the generator and what is wrong
   if (s.routing === 'explicit') checkExplicitRouting(s);
   checkFitsMemory(s, { tensors: false }); // every engine materializes the routing
   return s;
+}
+
+/** A completion-order table: for each rank, one of `ops` per layer call. */
+function checkOrderTable(s: Scenario, field: 'firstReady' | 'streamOrder', ops: readonly CollectiveOp[]): void {
+  const t = s[field];
+  if (t === undefined) return;
+  const ok = Array.isArray(t) && t.length === s.ep * s.dp && t.every((row) => Array.isArray(row) && row.length === s.layers * s.microBatches && row.every((o) => ops.includes(o)));
+  if (!ok) throw new UsageError(`${field} must list, for each of the ${s.ep * s.dp} ranks, ${s.layers * s.microBatches} entries of ${ops.map((o) => `'${o}'`).join(' or ')} (one per layer call)`);
 }
 
 /** What one rank holds at its peak, estimated, by part, with the scenario fields each grows with. */
@@ -170,6 +192,8 @@ export function rankConfig(s: Scenario, rank: number): RankConfig {
       earlyExitRank: s.earlyExitRank ?? s.ep - 1,
       earlyExitAfterLayers: s.earlyExitAfterLayers,
       capacityFactor: s.capacityFactor,
+      wrongGroupRank: s.wrongGroupRank ?? s.ep - 1,
+      evalBatches: s.evalBatches ?? s.ep * s.dp * s.microBatches - 1,
     }),
   };
 }
@@ -180,9 +204,13 @@ const FIRST_READY_STREAM = 1;
 
 /** The scenario's completion orders, or each drawn from its seed: arbitrary, but the same on every engine and every run. */
 export function firstReadyOf(s: Scenario): FirstReady {
-  const table = s.firstReady;
-  if (table) return (rank, layer, microBatch) => table[rank]?.[microBatch * s.layers + layer] ?? 'fsdp.reduce_scatter';
-  return (rank, layer, microBatch) => (seededRng(mixSeed(s.seed, rank, microBatch, layer, FIRST_READY_STREAM))() < 0.5 ? 'bwd.dispatch' : 'fsdp.reduce_scatter');
+  const orders = { backward: { table: s.firstReady, ops: ['bwd.dispatch', 'fsdp.reduce_scatter'], salt: 0 }, forward: { table: s.streamOrder, ops: ['shared.all_gather', 'fwd.combine'], salt: 1 } } as const;
+  return (rank, layer, microBatch, phase) => {
+    const { table, ops, salt } = orders[phase];
+    const call = microBatch * s.layers + layer;
+    if (table) return table[rank]?.[call] ?? ops[1];
+    return seededRng(mixSeed(s.seed, rank, microBatch, layer, FIRST_READY_STREAM + salt))() < 0.5 ? ops[0] : ops[1];
+  };
 }
 
 /** The scenario a case runs as: its layout, one layer, one micro-batch, the seed's protocol unless told otherwise. */

@@ -103,6 +103,9 @@ export function issuedCollective(snapshot: RankSnapshot): IssuedCollective | nul
     statePath: path,
     why: ctx.trail,
   };
+  if (meta.op === 'shared.all_gather') return { ...base, sendSplits: null, recvSplits: null, size: ctx.cfg.paramsPerExpert };
+  // The experts' gradients, on whichever communicator the variant chose.
+  if (meta.op === 'grad.all_gather') return { ...base, sendSplits: null, recvSplits: null, size: (ctx.cfg.numExperts / ctx.cfg.ep) * ctx.cfg.paramsPerExpert };
   if (meta.comm === 'dp') {
     // The MoE-side unit is the whole block under `block` and the experts alone under `experts`.
     const unit = meta.unit === 'moe' && (ctx.cfg.fsdp === 'block' || ctx.cfg.fsdp === 'experts') ? ctx.cfg.fsdp : meta.unit;

@@ -2,7 +2,7 @@
 // real hazard each safety exists for. The rank machine's guards read these flags; nothing
 // else branches on the variant name.
 
-export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric'] as const;
+export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric', 'kernel-hang', 'wrong-group', 'uneven-batches', 'second-stream'] as const;
 export type VariantName = (typeof VARIANT_NAMES)[number];
 
 export interface Variant {
@@ -21,6 +21,25 @@ export interface Variant {
   readonly completionOrder: boolean;
   /** An aux-loss metric all-reduce sized layers + 1 where the router recorded, layers where it was force-initialized. */
   readonly layerMetric: boolean;
+  /** A local expert that received no rows runs its backward grouped GEMM with K = 0, which never returns (torchtitan #1118). */
+  readonly kernelHang: boolean;
+  /**
+   * The experts' gradients are all-gathered at the step's end; `rank` (an EP rank, in every
+   * replica) issues it on its dp communicator instead of its ep one (Megatron-Bridge #1363).
+   */
+  readonly wrongGroup: { readonly rank: number } | null;
+  /**
+   * `total` evaluation batches sharded round-robin over every rank (the dense data-parallel
+   * group), each rank running its shard as micro-batches: the counts differ by one where
+   * `total` does not divide (NVIDIA Model-Optimizer PR #1966).
+   */
+  readonly unevenBatches: { readonly total: number } | null;
+  /**
+   * A shared expert whose all-gather runs on a second stream: it and D (fwd.combine), both
+   * ready after the expert forward, go out in the order their completions land
+   * (Megatron-LM #1810, vllm-ascend PR #15500).
+   */
+  readonly secondStream: boolean;
   /** One sentence: which safety is gone and what that does. */
   readonly rule: string;
 }
@@ -34,6 +53,10 @@ const SEED: Variant = {
   localCapacity: null,
   completionOrder: false,
   layerMetric: false,
+  kernelHang: false,
+  wrongGroup: null,
+  unevenBatches: null,
+  secondStream: false,
   rule: 'the seed keeps every collective on every rank',
 };
 
@@ -43,6 +66,10 @@ export interface VariantOptions {
   earlyExitAfterLayers?: number;
   /** local-capacity: the capacity factor (default 1.0). */
   capacityFactor?: number;
+  /** wrong-group: the EP rank that gathers on the dp communicator (default ep-1). */
+  wrongGroupRank?: number;
+  /** uneven-batches: the evaluation batches sharded over every rank (default world · micro-batches − 1). */
+  evalBatches?: number;
 }
 
 export function makeVariant(name: VariantName, opts: VariantOptions = {}): Variant {
@@ -88,7 +115,47 @@ export function makeVariant(name: VariantName, opts: VariantOptions = {}): Varia
         layerMetric: true,
         rule: 'variant layer-metric all-reduces an aux-loss metric sized by the layers the router recorded (plus one MTP slot) on some ranks and force-initialized without it on ranks that routed nothing',
       };
+    case 'kernel-hang':
+      return {
+        ...SEED,
+        name,
+        kernelHang: true,
+        rule: 'variant kernel-hang runs the expert backward as one grouped GEMM without padding, so a local expert with 0 rows gives a K = 0 GEMM that never returns',
+      };
+    case 'wrong-group':
+      return {
+        ...SEED,
+        name,
+        wrongGroup: { rank: opts.wrongGroupRank ?? -1 },
+        rule: "variant wrong-group all-gathers the experts' gradients at the step's end on the communicator of another parallel dimension on one EP rank (expert-tensor-parallel size ≠ tensor-parallel size picked the dense group)",
+      };
+    case 'uneven-batches':
+      return {
+        ...SEED,
+        name,
+        unevenBatches: { total: opts.evalBatches ?? -1 },
+        rule: 'variant uneven-batches shards the evaluation batches over the dense data-parallel group, so EP peers run different numbers of micro-batches and the longer shard issues collectives its peers never start',
+      };
+    case 'second-stream':
+      return {
+        ...SEED,
+        name,
+        secondStream: true,
+        rule: "variant second-stream issues the shared expert's all-gather from a second stream, so it and fwd.combine, both ready after the expert forward, go out in the order their completions land instead of program order",
+      };
   }
+}
+
+/** Under uneven-batches, the micro-batches global rank `rank` of `world` runs: its round-robin share of the batches. */
+export function shardBatches(total: number, world: number, rank: number): number {
+  return Math.floor(total / world) + (rank < total % world ? 1 : 0);
+}
+
+/** Under kernel-hang, the local expert whose 0 rows make the backward GEMM never return (the first such), else null. */
+export function hungExpert(v: Variant, rowsPerExpert: readonly number[]): number | null {
+  if (!v.kernelHang) return null;
+  const i = rowsPerExpert.indexOf(0);
+  return i < 0 ? null : i;
 }
 
 export function isVariantName(s: string): s is VariantName {

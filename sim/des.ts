@@ -12,9 +12,9 @@ import { dpRankOf, epRankOf, globalRank, worldSize } from '../machines/mesh.js';
 import type { LedgerEntry } from '../machines/ledger.js';
 import { LedgerFeed } from '../machines/feed.js';
 import { CollectiveSpans, type TraceEvent as CollectiveSpan } from '../machines/spans.js';
-import { diagnoseHangs, okDiagnosis, type Diagnosis } from '../machines/diagnosis.js';
+import { diagnoseHangs, okDiagnosis, stallDiagnosis, type Diagnosis } from '../machines/diagnosis.js';
 import { collectiveDtype, startRank, stepRank, type RankSnapshot } from '../machines/snapshot.js';
-import { completedEvent, computedEvent, nextAction, routedEvent, type FirstReady } from '../machines/driver.js';
+import { completedEvent, computedEvent, describeAction, nextAction, routedEvent, type FirstReady } from '../machines/driver.js';
 import type { RankEvent } from '../machines/rankMachine.js';
 import { collectiveMs, computeMs, DEFAULT_COST, expertFlops, routerFlops, type CostModel } from './cost.js';
 import { firstReadyOf, rankConfig, type Scenario } from '../machines/scenario.js';
@@ -134,6 +134,8 @@ export function simulateDes(s: Scenario, opts: DesOptions = {}): DesResult {
   const snaps: RankSnapshot[] = opts.initial ? [...opts.initial] : Array.from({ length: n }, (_, r) => startRank(rankConfig(s, r)));
   const clock = new Float64Array(n);
   const finished = new Uint8Array(n);
+  /** Ranks in a compute that never returns (variant kernel-hang), with what they compute. */
+  const stalled = new Map<number, string>();
   const step = (r: number, event: RankEvent) => {
     const before = snaps[r]!;
     snaps[r] = opts.memo ? opts.memo.step(before, event) : stepRank(before, event);
@@ -145,11 +147,15 @@ export function simulateDes(s: Scenario, opts: DesOptions = {}): DesResult {
     trace?.push({ name, cat, ph: 'X', ts: startMs * 1e3, dur: (endMs - startMs) * 1e3, pid: 0, tid: rank, args });
 
   const result = (): DesResult => {
-    const hangs = tracker.hangs();
-    if (hangs.length === 0 && finishedCount < n) throw new Error('engine stalled: ranks are blocked with no hang the tracker can name (a bug in the tracker)');
+    const hangs = stalled.size > 0 ? [] : tracker.hangs();
+    if (stalled.size === 0 && hangs.length === 0 && finishedCount < n) throw new Error('engine stalled: ranks are blocked with no hang the tracker can name (a bug in the tracker)');
     for (let r = 0; r < n && trace; r++) trace.push({ name: 'thread_name', cat: '__metadata', ph: 'M', ts: 0, pid: 0, tid: r, args: { name: `rank ${r}` } });
+    // A compute that never returns is the finding, whatever waits on it (as a wall clock's compute limit finds it).
+    const diagnosis = stalled.size > 0
+      ? stallDiagnosis([...stalled].sort(([a], [b]) => a - b).map(([rank, what]) => ({ rank, what })), snaps, tracker)
+      : hangs.length > 0 ? diagnoseHangs(hangs, snaps, tracker) : okDiagnosis(snaps, tracker);
     return {
-      diagnosis: hangs.length > 0 ? diagnoseHangs(hangs, snaps, tracker) : okDiagnosis(snaps, tracker),
+      diagnosis,
       ledger: tracker.entries,
       snapshots: snaps,
       trace,
@@ -192,12 +198,12 @@ export function simulateDes(s: Scenario, opts: DesOptions = {}): DesResult {
     step(r, computedEvent(snap, firstReady));
   };
 
-  // Every rank runs until it blocks or finishes; at quiescence the tracker lists every hung
-  // communicator, in the order every engine gives.
+  // Every rank runs until it blocks, stalls or finishes; at quiescence a stall is the finding,
+  // else the tracker lists every hung communicator, in the order every engine gives.
   for (;;) {
     let progressed = false;
     for (let r = 0; r < n; r++) {
-      if (finished[r] || tracker.blockedOn(r)) continue;
+      if (finished[r] || stalled.has(r) || tracker.blockedOn(r)) continue;
       // Run rank r until it blocks in a collective or finishes.
       for (;;) {
         const snap = snaps[r]!;
@@ -205,6 +211,9 @@ export function simulateDes(s: Scenario, opts: DesOptions = {}): DesResult {
         progressed = true;
         if (action.kind === 'route' || action.kind === 'compute') {
           computeStep(r, snap, action.kind);
+        } else if (action.kind === 'stall') {
+          stalled.set(r, describeAction(action));
+          break;
         } else if (action.kind === 'collective') {
           feed.push({ kind: 'issue', rank: r, collective: action.collective, dtype: collectiveDtype(action.collective.op), at: clock[r]! });
           if (tracker.blockedOn(r)) break;

@@ -31,12 +31,15 @@ export function randomScenario(rng: Rng): Scenario {
 function drawScenario(rng: Rng): Scenario {
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rng() * xs.length)]!;
   const ep = pick([1, 2, 2, 3, 4, 4]);
-  const dp = pick([1, 2]);
-  const experts = ep * pick([1, 2, 3]);
   const variant = pick(VARIANT_NAMES);
+  // wrong-group needs a data-parallel communicator to issue on.
+  const dp = variant === 'wrong-group' ? 2 : pick([1, 2]);
+  const experts = ep * pick([1, 2, 3]);
   const fsdp = dp > 1 ? pick([null, ...WRAP_POLICIES, 'experts' as const]) : null;
   const layers = pick([1, 1, 2, 3]);
   const zeroRank = Math.floor(rng() * ep * dp);
+  // uneven-batches shards its batches as micro-batches: it needs two or more.
+  const microBatches = variant === 'uneven-batches' ? pick([2, 3]) : pick([1, 1, 2]);
   return validateScenario({
     ep,
     dp,
@@ -47,12 +50,14 @@ function drawScenario(rng: Rng): Scenario {
     dim: 4,
     hidden: 8,
     layers,
-    microBatches: pick([1, 1, 2]),
+    microBatches,
     routing: pick(['uniform', 'zipf:1.5', `starve:${zeroRank}`, `empty:${zeroRank}`, `hot:${Math.floor(rng() * experts)}`]),
     variant,
     packed: rng() < 0.5,
     ...(variant === 'early-exit' ? { earlyExitRank: Math.floor(rng() * ep), earlyExitAfterLayers: 1 + Math.floor(rng() * layers * 2) } : {}),
     ...(variant === 'local-capacity' ? { capacityFactor: pick([1, 1.25, 2]) } : {}),
+    ...(variant === 'wrong-group' ? { wrongGroupRank: Math.floor(rng() * ep) } : {}),
+    ...(variant === 'uneven-batches' ? { evalBatches: ep * dp * (microBatches - 1) + 1 + Math.floor(rng() * ep * dp) } : {}),
     seed: Math.floor(rng() * 1e9),
   });
 }
@@ -82,7 +87,8 @@ export function verdictOf(d: Diagnosis, engine: EngineName = 'des') {
 
 async function runOn(engine: EngineName, s: Scenario): Promise<{ diagnosis: Diagnosis; ledger: readonly LedgerEntry[] }> {
   if (engine === 'des') return simulateDes(s);
-  if (engine === 'actors') return runActors(s, { timeoutMs: 30_000 });
+  // A stall (kernel-hang) is found by the compute limit: short, yet far above what these small layers compute.
+  if (engine === 'actors') return runActors(s, { timeoutMs: 30_000, computeTimeoutMs: 10_000 });
   return runScenarioOnProcesses(s, ['--timeout', '30000']);
 }
 

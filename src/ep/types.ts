@@ -17,6 +17,8 @@ export type CollectiveOp =
   | 'fsdp.all_gather'
   | 'fsdp.reduce_scatter'
   | 'metric.all_reduce'
+  | 'shared.all_gather' // the shared expert's weights, gathered on a second stream beside the routed experts' exchange
+  | 'grad.all_gather' // the experts' (LoRA adapter) gradients, gathered over the expert group at the step's end
   | 'barrier'
   // a collective read from a PyTorch Flight Recorder dump that is none of the above (torch.all_reduce, …)
   | `torch.${string}`;
