@@ -1,6 +1,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { explore, mergeResults, type ExploreResult } from '../sim/explorer.js';
+import { explore, mergeResults, UNEXPLORED_VARIANTS, type ExploreResult } from '../sim/explorer.js';
 import { alphabet, classesAtLevel, realize, replayScenario, withExtras, type Alphabet, type ColumnClass } from '../sim/explore/classes.js';
 import { observe, reducedKey, type Observation } from '../sim/explore/kinds.js';
 import { simulateDes } from '../sim/des.js';
@@ -317,6 +317,15 @@ test('past the limits: one line, exit 1, no V8 fatal error', () => {
   assert.is(r.status, 1, r.stderr);
   assert.match(r.stderr, /the heap is nearly full; give node more heap/);
   assert.not.match(r.stderr, /FATAL|heap out of memory/);
+});
+
+test('variants whose guards the class search cannot enumerate are refused in one line, never proved', () => {
+  for (const variant of UNEXPLORED_VARIANTS) {
+    const r = cli(['check', '--ep', '4', '--dp', '2', '--experts', '8', '--micro-batches', '2', '--variant', variant]);
+    assert.is(r.status, 1, `${variant}: ${r.stdout}`);
+    assert.is(r.stderr.trim().split('\n').length, 1, r.stderr);
+    assert.match(r.stderr, new RegExp(`check does not explore variant ${variant} yet`));
+  }
 });
 
 test.run();
