@@ -143,7 +143,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
       feed.evidenceAt !== null &&
       working.every((w, r) => w === null || dead.has(r)) &&
       moving.every((m) => m === null) &&
-      [...Array(n).keys()].every((r) => tracker.isFinished(r) || tracker.blockedOn(r) || dead.has(r) || feed.hasWaiting(r));
+      feed.quiescent(n, dead, true);
     const settle = () => {
       if (done || !(feed.quiescent(n, dead) || heldPastFinding())) return;
       const hangs = tracker.hangs();

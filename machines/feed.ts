@@ -52,15 +52,17 @@ export class LedgerFeed {
     return this.waiting.size > 0;
   }
 
-  /** Whether `rank` has reports waiting: it went on past a collective the tracker holds it in. */
-  hasWaiting(rank: number): boolean {
-    return this.waiting.has(rank);
-  }
 
-  /** Every rank blocked in a collective or finished (`gone`: ranks that will report nothing more), and no report waiting. */
-  quiescent(ranks: number, gone: ReadonlySet<number> = new Set()): boolean {
-    if (this.pending) return false;
-    for (let r = 0; r < ranks; r++) if (!this.tracker.isFinished(r) && !this.tracker.blockedOn(r) && !gone.has(r)) return false;
+  /**
+   * Every rank blocked in a collective or finished (`gone`: ranks that will report nothing
+   * more), and no report waiting. With `heldByFinding`, a rank whose reports wait behind a
+   * collective the tracker proved inconsistent counts as held there, as NCCL would hold it.
+   */
+  quiescent(ranks: number, gone: ReadonlySet<number> = new Set(), heldByFinding = false): boolean {
+    if (this.pending && !heldByFinding) return false;
+    for (let r = 0; r < ranks; r++) {
+      if (!this.tracker.isFinished(r) && !this.tracker.blockedOn(r) && !gone.has(r) && !(heldByFinding && this.waiting.has(r))) return false;
+    }
     return true;
   }
 
