@@ -20,6 +20,7 @@ import { type Scenario } from '../machines/scenario.js';
 import type { BackendName } from '../src/backends.js';
 import { gpuPlacement, type ExchangeName } from './exchanges.js';
 import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
+import { PendingArrivals } from './arrivals.js';
 import { rankSnapshots } from './rankRecord.js';
 import type { ReportInput } from '../machines/record.js';
 import { routingOf } from '../machines/routing.js';
@@ -83,8 +84,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   const spans = new CollectiveSpans(t0);
   /** Per rank: since when it has been on its own work (routing, compute; null while in a collective or done), and what that is. */
   const working: ({ since: number; what: string } | null)[] = Array.from({ length: n }, () => ({ since: t0, what: 'starting its worker' }));
-  /** Per rank: since when the collective it is in has had every member's issue, without completing on it. */
-  const moving: (number | null)[] = new Array(n).fill(null);
+  const pending = new PendingArrivals(n);
   const lastIssued: (LedgerEntry | undefined)[] = new Array(n).fill(undefined);
   const feed = new LedgerFeed(
     { ep: s.ep, dp: s.dp },
@@ -95,7 +95,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
       },
       completed: (entries) => {
         const at = now();
-        for (const e of entries) moving[e.rank] = at;
+        for (const e of entries) pending.proven(e.rank, at);
       },
     },
     record,
@@ -142,7 +142,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
     const heldPastFinding = () =>
       feed.evidenceAt !== null &&
       working.every((w, r) => w === null || dead.has(r)) &&
-      moving.every((m) => m === null) &&
+      pending.none() &&
       feed.quiescent(n, dead, true);
     const settle = () => {
       if (done || !(feed.quiescent(n, dead) || heldPastFinding())) return;
@@ -165,7 +165,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
         const d = stallDiagnosis(stalled.map((r) => ({ rank: r, what: working[r]!.what, forMs: t - working[r]!.since })), snapshots(), tracker, computeTimeoutMs);
         return end({ ...d, detectedAfterMs: now() - t });
       }
-      const late = moving.flatMap((since, r) => (since !== null && t - since > timeoutMs ? [r] : []));
+      const late = pending.lateAt(t, timeoutMs);
       if (late.length > 0) {
         const where = late.map((r) => {
           const e = lastIssued[r];
@@ -198,7 +198,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
           return;
         case 'completed':
           if (record) spans.complete(m.rank, m.at);
-          moving[m.rank] = null;
+          pending.arrived(m.rank, m.at);
           working[m.rank] = { since: m.at, what: m.next };
           return;
         case 'finished':

@@ -5,6 +5,7 @@ import * as assert from 'uvu/assert';
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { runActors } from '../actors/supervisor.js';
+import { PendingArrivals } from '../actors/arrivals.js';
 import { actorRanks } from '../actors/caseRanks.js';
 import { simulateDes } from '../sim/des.js';
 import { reportFromDes } from '../sim/report/fromDes.js';
@@ -180,6 +181,24 @@ test('a healthy step whose compute outlasts the collective limit is ok: waiting 
   const r = await runActors(validateScenario({ ep: 2, experts: 4, topK: 2, tokens: 2048, dim: 256, hidden: 512 }), { timeoutMs: 1000 });
   assert.ok(r.wallMs > 1000, `the run took ${r.wallMs} ms: too fast to show the point`);
   assert.is(r.diagnosis.verdict, 'ok', r.diagnosis.cause);
+});
+
+test('a rank that reports its data arrived before the ledger proves the collective complete is not waiting (the reports race across workers)', () => {
+  const p = new PendingArrivals(2);
+  // Rank 0 issues, rank 0's data arrives and it reports; only then does rank 1's issue complete the ledger.
+  p.arrived(0, 10);
+  p.proven(0, 12);
+  p.proven(1, 12);
+  assert.equal(p.lateAt(5000, 1000), [1], 'rank 1 has not reported: its data is late');
+  p.arrived(1, 20);
+  assert.ok(p.none());
+  assert.equal(p.lateAt(5000, 1000), []);
+  // In order: proved first, reported later, then the next collective proved and never reported.
+  p.proven(0, 30);
+  p.arrived(0, 35);
+  p.proven(0, 40);
+  assert.equal(p.lateAt(1039, 1000), []);
+  assert.equal(p.lateAt(1041, 1000), [0]);
 });
 
 test('a worker posting the supervisor a malformed message gives violation, not a supervisor crash', async () => {
