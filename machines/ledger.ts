@@ -30,15 +30,35 @@ export interface Finding {
   readonly detail: string;
 }
 
+interface OpenPosition {
+  /** Entries indexed by member. */
+  readonly slot: (LedgerEntry | undefined)[];
+  issued: number;
+  /** Proved inconsistent: it never completes, whoever issues it later. */
+  broken: boolean;
+  /** The communicator's `verified` entries when the position opened. */
+  readonly verified: readonly (LedgerEntry | undefined)[] | null;
+  /**
+   * Per member, whether its all-to-all splits are those of `verified`: 1 as they were, 2
+   * with send and recv swapped (a combine after its dispatch), 0 otherwise; and how many
+   * issued members have each kind.
+   */
+  readonly reuse: Uint8Array;
+  readonly reused: [number, number, number];
+}
+
 interface CommState {
   readonly spec: CommunicatorSpec;
   /** Member index of each global rank in the communicator. */
   readonly memberOf: Map<number, number>;
-  /** Entries per open position, indexed by member, and how many members have issued it. */
-  readonly open: Map<number, (LedgerEntry | undefined)[]>;
-  readonly issued: Map<number, number>;
-  /** Positions proved inconsistent: they never complete, whoever issues them later. */
-  readonly broken: Set<number>;
+  readonly open: Map<number, OpenPosition>;
+  /**
+   * The entries of the last all-to-all position that completed, by member: every pair of
+   * them was checked. A later position whose members bring the same splits again (an EP
+   * layer's five data exchanges all move the routing's counts) needs no pair checked twice,
+   * so a position of n members costs O(n) instead of O(n²) comparisons.
+   */
+  verified: readonly (LedgerEntry | undefined)[] | null;
   /** Next position each member will issue. */
   readonly next: number[];
 }
@@ -62,7 +82,7 @@ export class CollectiveTracker {
   ) {
     this.mesh = mesh;
     for (const spec of specs) {
-      this.comms.set(spec.id, { spec, memberOf: new Map(spec.members.map((r, m) => [r, m])), open: new Map(), issued: new Map(), broken: new Set(), next: spec.members.map(() => 0) });
+      this.comms.set(spec.id, { spec, memberOf: new Map(spec.members.map((r, m) => [r, m])), open: new Map(), verified: null, next: spec.members.map(() => 0) });
     }
   }
 
@@ -89,26 +109,32 @@ export class CollectiveTracker {
     if (!comm || !comm.memberOf.has(rank)) throw new Error(`rank ${rank} issued ${c.op} on ${communicator}, a communicator it is not a member of`);
     const member = comm.memberOf.get(rank)!;
     const position = comm.next[member]!++;
+    let pos = comm.open.get(position);
+    const n = comm.spec.members.length;
+    if (!pos) comm.open.set(position, (pos = { slot: new Array<LedgerEntry | undefined>(n), issued: 0, broken: false, verified: comm.verified, reuse: new Uint8Array(n), reused: [0, 0, 0] }));
+    const verified = pos.verified?.[member];
+    const reuse = reuseOf(c, verified);
+    // Splits equal to the verified ones are kept as those arrays: one copy per rank in the ledger, however many exchanges move them.
+    const issued = reuse === 0 ? c : { ...c, sendSplits: verified![reuse === 1 ? 'sendSplits' : 'recvSplits'], recvSplits: verified![reuse === 1 ? 'recvSplits' : 'sendSplits'] };
     // The spread last: V8 (node 20) takes a slow path for a spread followed by more properties (10x here).
-    const entry: LedgerEntry = { communicator: comm.spec.id, position, rank, member, dtype, ...c };
+    const entry: LedgerEntry = { communicator: comm.spec.id, position, rank, member, dtype, ...issued };
     if (this.retain) this.entries.push(entry);
-    let slot = comm.open.get(position);
-    if (!slot) comm.open.set(position, (slot = new Array<LedgerEntry | undefined>(comm.spec.members.length)));
-    slot[member] = entry;
-    const issued = (comm.issued.get(position) ?? 0) + 1;
-    comm.issued.set(position, issued);
+    pos.slot[member] = entry;
+    pos.issued++;
+    pos.reuse[member] = reuse;
+    pos.reused[reuse]++;
     this.blocked.set(rank, entry);
 
-    const inconsistent = this.checkConsistency(comm, position, entry);
-    if (inconsistent) comm.broken.add(position);
+    const inconsistent = this.checkConsistency(comm, pos, entry);
+    if (inconsistent) pos.broken = true;
     const finding = inconsistent ?? this.checkMissing(comm, position);
     if (finding) return { entry, completed: null, finding };
-    if (issued === slot.length && !comm.broken.has(position)) {
+    if (pos.issued === n && !pos.broken) {
       comm.open.delete(position);
-      comm.issued.delete(position);
-      comm.broken.delete(position);
-      for (const e of slot as LedgerEntry[]) this.blocked.delete(e.rank);
-      return { entry, completed: slot as LedgerEntry[], finding: null };
+      const slot = pos.slot as LedgerEntry[];
+      if (slot.some((e) => e.sendSplits)) comm.verified = slot;
+      for (const e of slot) this.blocked.delete(e.rank);
+      return { entry, completed: slot, finding: null };
     }
     return { entry, completed: null, finding: null };
   }
@@ -129,7 +155,7 @@ export class CollectiveTracker {
   openPositions(): { communicator: string; position: number; issuedBy: number[] }[] {
     const out = [];
     for (const comm of this.comms.values()) {
-      for (const [position, slot] of comm.open) out.push({ communicator: comm.spec.id, position, issuedBy: slot.flatMap((e) => (e ? [e.rank] : [])) });
+      for (const [position, { slot }] of comm.open) out.push({ communicator: comm.spec.id, position, issuedBy: slot.flatMap((e) => (e ? [e.rank] : [])) });
     }
     return out;
   }
@@ -142,8 +168,9 @@ export class CollectiveTracker {
   }
 
   /** Same op, layer, micro-batch and dtype; all-to-all splits must pair up (send_i[j] = recv_j[i]). */
-  private checkConsistency(comm: CommState, position: number, e: LedgerEntry): Finding | null {
-    const slot = comm.open.get(position)!;
+  private checkConsistency(comm: CommState, pos: OpenPosition, e: LedgerEntry): Finding | null {
+    const { slot, reuse } = pos;
+    const position = e.position;
     const mismatch = (pair: number[], detail: string): Finding => ({ kind: 'mismatch', communicator: comm.spec.id, position, culprits: oddOnesOut(slot) ?? splitOutliers(slot) ?? [...pair].sort((a, b) => a - b), detail });
     const i = e.member;
     // Every earlier entry agreed with the others, so op, layer, unit and dtype need one comparison.
@@ -153,11 +180,14 @@ export class CollectiveTracker {
       return mismatch([ref.rank, e.rank], `rank ${ref.rank} issued ${describe(ref)} but rank ${e.rank} issued ${describe(e)}`);
     }
     if (ref.dtype !== e.dtype) return mismatch([ref.rank, e.rank], `rank ${ref.rank} sends ${ref.dtype} but rank ${e.rank} sends ${e.dtype} in ${e.op}`);
+    // Two members whose splits are the verified position's, both as they were or both swapped, pair up as they did there.
+    const kind = reuse[i]!;
+    if (kind !== 0 && pos.reused[kind] === pos.issued) return null;
     const send = e.sendSplits;
     const recv = e.recvSplits;
     for (let j = 0; j < slot.length; j++) {
       const other = slot[j];
-      if (!other || other === e) continue;
+      if (other === undefined || other === e || (kind !== 0 && reuse[j] === kind)) continue;
       if (send && recv && other.sendSplits && other.recvSplits) {
         if (send[j] !== other.recvSplits[i]) {
           return mismatch([e.rank, other.rank], `rank ${e.rank} sends ${send[j]} rows to rank ${other.rank} but rank ${other.rank} expects ${other.recvSplits[i]} in ${e.op}`);
@@ -174,7 +204,7 @@ export class CollectiveTracker {
 
   /** A position some members issued while another member has finished without issuing it. */
   private checkMissing(comm: CommState, position: number): Finding | null {
-    const slot = comm.open.get(position);
+    const slot = comm.open.get(position)?.slot;
     if (!slot || this.finished.size === 0) return null;
     const gone = comm.spec.members.filter((r, m) => slot[m] === undefined && this.finished.has(r));
     if (gone.length === 0) return null;
@@ -202,8 +232,9 @@ export class CollectiveTracker {
     const inCycle = new Set(cycle ? cycle.culprits.map((r) => this.blocked.get(r)!.communicator) : []);
     for (const comm of this.comms.values()) {
       for (const position of [...comm.open.keys()].sort((a, b) => a - b)) {
-        const slot = comm.open.get(position)!;
-        const found = this.inconsistencyAt(comm, position) ?? this.checkMissing(comm, position);
+        const pos = comm.open.get(position)!;
+        const slot = pos.slot;
+        const found = this.inconsistencyAt(comm, pos) ?? this.checkMissing(comm, position);
         if (found) causes.push(found);
         else if (inCycle.has(comm.spec.id)) {
           if (cycle!.communicator === comm.spec.id) causes.push(cycle!);
@@ -221,9 +252,9 @@ export class CollectiveTracker {
   }
 
   /** A consistency finding at an open position, judged over every entry there. */
-  private inconsistencyAt(comm: CommState, position: number): Finding | null {
-    for (const e of comm.open.get(position)!) {
-      const f = e && this.checkConsistency(comm, position, e);
+  private inconsistencyAt(comm: CommState, pos: OpenPosition): Finding | null {
+    for (const e of pos.slot) {
+      const f = e && this.checkConsistency(comm, pos, e);
       if (f) return f;
     }
     return null;
@@ -238,7 +269,7 @@ export class CollectiveTracker {
     const waitsOn = (rank: number): number[] => {
       const e = this.blocked.get(rank);
       if (!e) return [];
-      const slot = this.comms.get(e.communicator)!.open.get(e.position);
+      const slot = this.comms.get(e.communicator)!.open.get(e.position)?.slot;
       if (!slot) return [];
       return this.comms.get(e.communicator)!.spec.members.filter((r, m) => slot[m] === undefined && this.blocked.has(r));
     };
@@ -311,6 +342,25 @@ function splitOutliers(slot: readonly (LedgerEntry | undefined)[]): number[] | n
   const most = Math.max(0, ...disagreements.values());
   const outliers = [...disagreements].filter(([, n]) => n === most).map(([r]) => r);
   return most > 1 && outliers.length < disagreements.size ? outliers.sort((a, b) => a - b) : null;
+}
+
+/**
+ * Whether an issued all-to-all's splits equal those of `verified` (the member's entry at the
+ * last consistent all-to-all): 1 as they were, 2 swapped, 0 otherwise or without splits.
+ */
+function reuseOf(c: IssuedCollective, verified: LedgerEntry | undefined): 0 | 1 | 2 {
+  const { sendSplits: send, recvSplits: recv } = c;
+  if (!send || !recv || !verified?.sendSplits || !verified.recvSplits) return 0;
+  if (sameValues(send, verified.sendSplits) && sameValues(recv, verified.recvSplits)) return 1;
+  if (sameValues(send, verified.recvSplits) && sameValues(recv, verified.sendSplits)) return 2;
+  return 0;
+}
+
+function sameValues(a: readonly number[], b: readonly number[]): boolean {
+  if (a === b) return true;
+  if (a.length !== b.length) return false;
+  for (let k = 0; k < a.length; k++) if (a[k] !== b[k]) return false;
+  return true;
 }
 
 export function describe(e: Pick<LedgerEntry, 'op' | 'layer' | 'microBatch' | 'unit'>): string {
