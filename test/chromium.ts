@@ -37,11 +37,12 @@ async function bundledLibs(): Promise<string> {
   if (existsSync(join(dir, 'lib', 'libnss3.so'))) return join(dir, 'lib');
   // Unpacked beside it and renamed into place, so a concurrent run never sees half a folder.
   const partial = mkdtempSync(join(tmpdir(), 'al2023-'));
-  await pipeline(createReadStream(join(packageDir, 'bin', 'al2023.tar.br')), createBrotliDecompress(), extract(partial));
   try {
+    await pipeline(createReadStream(join(packageDir, 'bin', 'al2023.tar.br')), createBrotliDecompress(), extract(partial));
     renameSync(partial, dir);
-  } catch {
-    rmSync(partial, { recursive: true, force: true }); // another run put it there first
+  } catch (e) {
+    rmSync(partial, { recursive: true, force: true });
+    if (!existsSync(join(dir, 'lib', 'libnss3.so'))) throw e; // else another run put it there first
   }
   return join(dir, 'lib');
 }

@@ -69,6 +69,24 @@ test('the system chromium is preferred when on PATH, the bundled one when asked 
   }
 });
 
+test('a bundled binary of another version, or one that does not start, is refused in one line', () => {
+  const tmp = mkdtempSync(join(tmpdir(), 'ep-chromium-tmp-'));
+  try {
+    // The package reuses whatever TMPDIR/chromium holds; a child with its own TMPDIR finds these.
+    const find = (script: string) => {
+      writeFileSync(join(tmp, 'chromium'), `#!/bin/sh\n${script}\n`);
+      chmodSync(join(tmp, 'chromium'), 0o755);
+      const probe = `import(${JSON.stringify(join(repoRoot, 'dist/test/chromium.js'))}).then((m) => m.findChromium()).then(() => console.log('found'), (e) => console.log(e.stack))`;
+      return spawnSync(process.execPath, ['-e', probe], { env: { PATH: process.env.PATH, TMPDIR: tmp, [CHROMIUM_ENV]: 'bundled' }, encoding: 'utf8', timeout: 60_000 }).stdout.trim();
+    };
+    const major = Number((JSON.parse(readFileSync(join(repoRoot, 'node_modules/@sparticuz/chromium/package.json'), 'utf8')) as { version: string }).version.split('.')[0]);
+    assert.is(find(`echo "Chromium ${major - 1}.0.7600.0"`), `${join(tmp, 'chromium')} is "Chromium ${major - 1}.0.7600.0" but @sparticuz/chromium is ${major}: remove ${join(tmp, 'chromium')} (left by another version) and run again`);
+    assert.is(find('echo "chromium: error while loading shared libraries: libnss3.so" >&2; exit 127'), `the bundled chromium (${join(tmp, 'chromium')}, from @sparticuz/chromium) does not start: chromium: error while loading shared libraries: libnss3.so`);
+  } finally {
+    rmSync(tmp, { recursive: true, force: true });
+  }
+});
+
 test(`an unknown ${CHROMIUM_ENV} is refused, naming the choices`, async () => {
   try {
     await findChromium({ PATH: '', [CHROMIUM_ENV]: 'chrome' });
