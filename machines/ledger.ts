@@ -39,12 +39,14 @@ interface OpenPosition {
   /** The communicator's `verified` entries when the position opened. */
   readonly verified: readonly (LedgerEntry | undefined)[] | null;
   /**
-   * Per member, whether its all-to-all splits are those of `verified`: 1 as they were, 2
-   * with send and recv swapped (a combine after its dispatch), 0 otherwise; and how many
-   * issued members have each kind.
+   * Per member, what is known of its all-to-all splits: 1 they are those of `verified` as
+   * they were, 2 swapped (a combine after its dispatch), 3 every split of both is `uniform`
+   * (fwd.counts: one count per peer), 0 nothing; and how many issued members have each kind.
    */
   readonly reuse: Uint8Array;
-  readonly reused: [number, number, number];
+  readonly reused: [number, number, number, number];
+  /** The value of the first member's splits whose every split is that one value. */
+  uniform: number | null;
 }
 
 interface CommState {
@@ -111,11 +113,15 @@ export class CollectiveTracker {
     const position = comm.next[member]!++;
     let pos = comm.open.get(position);
     const n = comm.spec.members.length;
-    if (!pos) comm.open.set(position, (pos = { slot: new Array<LedgerEntry | undefined>(n), issued: 0, broken: false, verified: comm.verified, reuse: new Uint8Array(n), reused: [0, 0, 0] }));
+    if (!pos) comm.open.set(position, (pos = { slot: new Array<LedgerEntry | undefined>(n), issued: 0, broken: false, verified: comm.verified, reuse: new Uint8Array(n), reused: [0, 0, 0, 0], uniform: null }));
     const verified = pos.verified?.[member];
-    const reuse = reuseOf(c, verified);
+    let reuse: 0 | 1 | 2 | 3 = reuseOf(c, verified);
+    if (reuse === 0) {
+      const u = uniformOf(c, n);
+      if (u !== null && (pos.uniform ??= u) === u) reuse = 3;
+    }
     // Splits equal to the verified ones are kept as those arrays: one copy per rank in the ledger, however many exchanges move them.
-    const issued = reuse === 0 ? c : { ...c, sendSplits: verified![reuse === 1 ? 'sendSplits' : 'recvSplits'], recvSplits: verified![reuse === 1 ? 'recvSplits' : 'sendSplits'] };
+    const issued = reuse === 0 || reuse === 3 ? c : { ...c, sendSplits: verified![reuse === 1 ? 'sendSplits' : 'recvSplits'], recvSplits: verified![reuse === 1 ? 'recvSplits' : 'sendSplits'] };
     // The spread last: V8 (node 20) takes a slow path for a spread followed by more properties (10x here).
     const entry: LedgerEntry = { communicator: comm.spec.id, position, rank, member, dtype, ...issued };
     if (this.retain) this.entries.push(entry);
@@ -180,7 +186,8 @@ export class CollectiveTracker {
       return mismatch([ref.rank, e.rank], `rank ${ref.rank} issued ${describe(ref)} but rank ${e.rank} issued ${describe(e)}`);
     }
     if (ref.dtype !== e.dtype) return mismatch([ref.rank, e.rank], `rank ${ref.rank} sends ${ref.dtype} but rank ${e.rank} sends ${e.dtype} in ${e.op}`);
-    // Two members whose splits are the verified position's, both as they were or both swapped, pair up as they did there.
+    // Two members whose splits are the verified position's, both as they were or both swapped, pair up as they did
+    // there; two whose splits all hold the same value pair up whatever the peer.
     const kind = reuse[i]!;
     if (kind !== 0 && pos.reused[kind] === pos.issued) return null;
     const send = e.sendSplits;
@@ -354,6 +361,22 @@ function reuseOf(c: IssuedCollective, verified: LedgerEntry | undefined): 0 | 1 
   if (sameValues(send, verified.sendSplits) && sameValues(recv, verified.recvSplits)) return 1;
   if (sameValues(send, verified.recvSplits) && sameValues(recv, verified.sendSplits)) return 2;
   return 0;
+}
+
+/** The one value every split of `c` holds (both directions, one per member), or null. */
+function uniformOf(c: IssuedCollective, members: number): number | null {
+  const { sendSplits: send, recvSplits: recv } = c;
+  if (!send || !recv || send.length !== members || recv.length !== members) return null;
+  const v = uniformValue(send);
+  return v !== null && uniformValue(recv) === v ? v : null;
+}
+
+/** Per array, its one value or null; fwd.counts' array of ones is one array for every rank, looked at once. */
+const uniformValues = new WeakMap<readonly number[], number | null>();
+function uniformValue(a: readonly number[]): number | null {
+  let v = uniformValues.get(a);
+  if (v === undefined) uniformValues.set(a, (v = a.length > 0 && a.every((x) => x === a[0]) ? a[0]! : null));
+  return v;
 }
 
 function sameValues(a: readonly number[], b: readonly number[]): boolean {
