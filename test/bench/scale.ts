@@ -3,7 +3,8 @@
 // wall time, CPU time (user + system, every thread) and peak RSS of the whole process are
 // read at its exit. With SCALE_BASELINE=/path/to/checkout (an older build's dist/cli/main.js)
 // the same command of that checkout runs alternately with ours, so both see the same load.
-// SCALE_RUNS sets the runs of each (default 3); notes give min/median/max.
+// SCALE_RUNS sets the runs of each (default 3); notes give min/median/max. SCALE_MATCH (a
+// regex) keeps the targets whose command matches it (the 256-rank runs take minutes each).
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { median, runChild, type BenchRow, type ChildRun } from './harness.js';
@@ -42,7 +43,8 @@ export async function bench(): Promise<BenchRow[]> {
   const baseline = process.env.SCALE_BASELINE ? join(process.env.SCALE_BASELINE, 'dist/cli/main.js') : null;
   const runs = Number(process.env.SCALE_RUNS ?? 3);
   const rows: BenchRow[] = [];
-  for (const t of TARGETS) {
+  const match = new RegExp(process.env.SCALE_MATCH ?? '');
+  for (const t of TARGETS.filter((x) => match.test(x.what))) {
     const ours: ChildRun[] = [];
     const theirs: ChildRun[] = [];
     for (let i = 0; i < runs; i++) {
