@@ -21,7 +21,7 @@ import { acceptEarly, socketMesh, type Goodbye, type PeerState } from './socketP
 import { runIdentity, type RefusedConnection, type RunIdentity } from './runIdentity.js';
 import { RANK_RECORD_VERSION, STALL, type RankRecord } from './rankRecord.js';
 import { generatedIndices, rankRouting } from '../machines/routing.js';
-import { commOf, communicators, worldSize } from '../machines/mesh.js';
+import { commOf, communicators, ppOf, worldSize, type CommKind } from '../machines/mesh.js';
 import { toIndexArray, type FloatDType } from '../src/tensor.js';
 import { DEFAULT_COMPUTE_TIMEOUT_MS } from './supervisor.js';
 
@@ -86,7 +86,7 @@ export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>)
   const { env, scenario } = o;
   const ranks = worldSize(scenario);
   if (ranks !== env.worldSize) {
-    const what = o.data ? `the case has ep=${scenario.ep}` : `the scenario has ${ranks} ranks (dp ${scenario.dp} × ep ${scenario.ep})`;
+    const what = o.data ? `the case has ep=${scenario.ep}` : `the scenario has ${ranks} ranks (${ppOf(scenario) > 1 ? `pp ${ppOf(scenario)} × ` : ''}dp ${scenario.dp} × ep ${scenario.ep})`;
     throw new UsageError(`${what} but WORLD_SIZE is ${env.worldSize}: launch one process per rank`);
   }
   const gpu = o.exchange === 'nccl' || o.backend === 'cuda' ? await gpuOf(env, o.exchange) : null;
@@ -141,8 +141,8 @@ function runConnected<F extends FloatDType>(
   /** Peers that ended: finished (with what they issued), or stopped or went away (the error that says so). */
   const endedPeers = new Map<number, Goodbye['issued'] | (() => LaunchedRankError)>();
   let fail: (err: Error) => void = () => {};
-  const mesh = { ep: o.scenario.ep, dp: o.scenario.dp };
-  const membersOf = (kind: 'ep' | 'dp') => communicators(mesh).find((c) => c.id === commOf(mesh, rank, kind))?.members ?? [];
+  const mesh = o.scenario;
+  const membersOf = (kind: CommKind) => communicators(mesh).find((c) => c.id === commOf(mesh, rank, kind))?.members ?? [];
 
   const describe = (w: { c: IssuedCollective; position: number }) => `${w.c.op} (layer ${w.c.layer}, ${w.c.comm} position ${w.position})`;
   /**

@@ -5,7 +5,7 @@
 // supervisor and the discrete-event engine both feed it, so they share one implementation
 // of matching and verdicts.
 import type { IssuedCollective } from './snapshot.js';
-import { commOf, communicators, type CommunicatorSpec, type Mesh } from './mesh.js';
+import { commOf, communicators, ppOf, type CommKind, type CommunicatorSpec, type Mesh } from './mesh.js';
 
 export interface LedgerEntry extends IssuedCollective {
   readonly communicator: string;
@@ -134,10 +134,10 @@ export class CollectiveTracker {
     return out;
   }
 
-  private commFor(rank: number, kind: 'ep' | 'dp'): CommState {
+  private commFor(rank: number, kind: CommKind): CommState {
     const id = commOf(this.mesh, rank, kind);
     const comm = this.comms.get(id);
-    if (!comm) throw new Error(`rank ${rank} issued a ${kind} collective but the mesh (ep=${this.mesh.ep}, dp=${this.mesh.dp}) has no ${kind} communicator`);
+    if (!comm) throw new Error(`rank ${rank} issued a ${kind} collective but the mesh (ep=${this.mesh.ep}, dp=${this.mesh.dp}, pp=${ppOf(this.mesh)}) has no ${kind} communicator`);
     return comm;
   }
 
