@@ -95,7 +95,7 @@ function editDistance(a: string, b: string): number {
 /** Fill defaults and check every constraint, naming the field, its value and the fix. */
 export function validateScenario(partial: Partial<Scenario>): Scenario {
   checkKeys(partial, SCENARIO_FIELDS, 'scenario: ');
-  const s: Scenario = { ...DEFAULT_SCENARIO, ...partial };
+  const s: Scenario = { ...DEFAULT_SCENARIO, ...partial, ...pipelineDefaults(partial) };
   const positive = ['ep', 'dp', 'experts', 'topK', 'dim', 'hidden', 'layers', 'microBatches'] as const;
   for (const k of positive) {
     if (!Number.isSafeInteger(s[k]) || s[k] < 1) throw new UsageError(`${k} must be a positive integer, got ${s[k]}`);
@@ -103,7 +103,7 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   for (const k of ['tokens', 'seed'] as const) {
     if (!Number.isSafeInteger(s[k]) || s[k] < 0) throw new UsageError(`${k} must be a non-negative integer, got ${s[k]}`);
   }
-  checkPipeline(s, partial.layers === undefined);
+  checkPipeline(s);
   if (!ACTIVATIONS.includes(s.activation)) throw new UsageError(`activation must be one of ${ACTIVATIONS.join(', ')}, got '${s.activation}'`);
   if (typeof s.packed !== 'boolean') throw new UsageError(`packed must be true or false, got ${JSON.stringify(s.packed)}`);
   if (typeof s.routing !== 'string') throw new UsageError(`routing must be a string such as 'uniform' or 'starve:1', got ${JSON.stringify(s.routing)}`);
@@ -130,22 +130,24 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   return s;
 }
 
-/**
- * The pipeline: pp stages and the MoE layers on each (`moeLayers`, one count per stage).
- * `layers` is the most of any stage; given moeLayers alone (`layersUnset`), it is taken from them.
- */
-function checkPipeline(s: Scenario, layersUnset: boolean): void {
+/** Given valid MoE layer counts per stage, pp defaults to their number and layers to their largest. */
+function pipelineDefaults({ moeLayers: m, pp, layers }: Partial<Scenario>): Partial<Scenario> {
+  if (!Array.isArray(m) || !m.every((n) => Number.isSafeInteger(n) && n >= 0)) return {};
+  return { pp: pp ?? m.length, layers: layers ?? Math.max(1, ...m) };
+}
+
+/** The pipeline: pp stages and the MoE layers on each (`moeLayers`, one count per stage); `layers` is the most of any stage. */
+function checkPipeline(s: Scenario): void {
+  const m = s.moeLayers;
   const pp = ppOf(s);
   if (!Number.isSafeInteger(pp) || pp < 1) throw new UsageError(`pp must be a positive integer, got ${s.pp}`);
-  const m = s.moeLayers;
   if (m === undefined) return;
   if (!Array.isArray(m) || m.length !== pp || !m.every((n) => Number.isSafeInteger(n) && n >= 0)) {
     throw new UsageError(`moeLayers must give each of the ${pp} pipeline stage(s) its number of MoE layers (${pp} non-negative integers, e.g. ${Array.from({ length: pp }, (_, i) => (i === 0 || i === pp - 1 ? 0 : 1)).join(',')}), got ${JSON.stringify(m)}`);
   }
   const most = Math.max(...m);
   if (most === 0) throw new UsageError(`moeLayers ${m.join(',')}: no pipeline stage holds an MoE layer`);
-  if (layersUnset) s.layers = most;
-  else if (s.layers !== most) throw new UsageError(`layers (${s.layers}) must be the most MoE layers of any stage (${most}) when moeLayers (${m.join(',')}) is given; leave layers out`);
+  if (s.layers !== most) throw new UsageError(`layers (${s.layers}) must be the most MoE layers of any stage (${most}) when moeLayers (${m.join(',')}) is given; leave layers out`);
 }
 
 /** A completion-order table: for each rank, one of `ops` per layer call. */
