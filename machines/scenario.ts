@@ -130,20 +130,22 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   return s;
 }
 
-/** Given valid MoE layer counts per stage, pp defaults to their number and layers to their largest. */
+/** Given MoE layer counts per stage, pp defaults to their number and (valid counts) layers to their largest. */
 function pipelineDefaults({ moeLayers: m, pp, layers }: Partial<Scenario>): Partial<Scenario> {
-  if (!Array.isArray(m) || !m.every((n) => Number.isSafeInteger(n) && n >= 0)) return {};
-  return { pp: pp ?? m.length, layers: layers ?? Math.max(1, ...m) };
+  if (!Array.isArray(m)) return {};
+  const valid = m.every((n) => Number.isSafeInteger(n) && n >= 0);
+  return { pp: pp ?? m.length, ...(valid ? { layers: layers ?? Math.max(1, ...m) } : {}) };
 }
 
 /** The pipeline: pp stages and the MoE layers on each (`moeLayers`, one count per stage); `layers` is the most of any stage. */
 function checkPipeline(s: Scenario): void {
   const m = s.moeLayers;
+  if (m !== undefined && (!Array.isArray(m) || m.length === 0)) throw new UsageError(`moeLayers must list each pipeline stage's number of MoE layers (e.g. [0, 1, 1, 0]), got ${JSON.stringify(m)}`);
   const pp = ppOf(s);
   if (!Number.isSafeInteger(pp) || pp < 1) throw new UsageError(`pp must be a positive integer, got ${s.pp}`);
   if (m === undefined) return;
-  if (!Array.isArray(m) || m.length !== pp || !m.every((n) => Number.isSafeInteger(n) && n >= 0)) {
-    throw new UsageError(`moeLayers must give each of the ${pp} pipeline stage(s) its number of MoE layers (${pp} non-negative integers, e.g. ${Array.from({ length: pp }, (_, i) => (i === 0 || i === pp - 1 ? 0 : 1)).join(',')}), got ${JSON.stringify(m)}`);
+  if (m.length !== pp || !m.every((n) => Number.isSafeInteger(n) && n >= 0)) {
+    throw new UsageError(`moeLayers must give each of the ${pp} pipeline stage(s) its number of MoE layers (${pp} non-negative integers), got ${JSON.stringify(m)}`);
   }
   const most = Math.max(...m);
   if (most === 0) throw new UsageError(`moeLayers ${m.join(',')}: no pipeline stage holds an MoE layer`);
