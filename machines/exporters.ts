@@ -135,7 +135,7 @@ export function rankContexts(variant: Variant): RankContext[] {
   const sampled: Variant = variant.earlyExit ? { ...variant, earlyExit: { ...variant.earlyExit, rank: epRank } } : variant;
   const rowsChoices = [[0, 0], [1, 1]];
   const perExpert = [[0, 0], [1, 0], [1, 1]];
-  const pipelines = [{ pp: 1, ppRank: 0, stageLayers: [2] }, { pp: 2, ppRank: 0, stageLayers: [0, 2] }, { pp: 2, ppRank: 1, stageLayers: [0, 2] }];
+  const pipelines = [{ pp: 1, ppRank: 0, stageLayers: [2] }, { pp: 2, ppRank: 0, stageLayers: [0, 1] }, { pp: 2, ppRank: 1, stageLayers: [0, 1] }];
   for (const fsdp of [null, 'block', 'split', 'experts'] as (WrapPolicy | null)[]) {
     for (const packed of [true, false]) for (const { pp, ppRank, stageLayers } of pipelines) {
       const cfg: RankConfig = {
