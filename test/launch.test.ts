@@ -10,7 +10,8 @@ import type { ChildProcess } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv, type Rendezvous } from '../actors/rendezvous.js';
-import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/socketPort.js';
+import { acceptEarly, socketMesh, SocketPort, type Goodbye, type PeerReport } from '../actors/socketPort.js';
+import type { IssuedCollective } from '../machines/snapshot.js';
 import { helloAsListener, type RunIdentity } from '../actors/runIdentity.js';
 import { LaunchedRankError, runLaunchedRank } from '../actors/launch.js';
 import { launchLocally, runScenarioOnProcesses } from '../cli/localRanks.js';
@@ -165,19 +166,29 @@ test('a goodbye frame ends the connection quietly and reaches the peer with its 
   assert.equal(broken, []);
 });
 
-test('state frames tell a peer whether the rank computes or waits, and are never taken for data', async () => {
+test('report frames tell a peer each collective the rank issues and when it computes again, and are never taken for data', async () => {
   const a = fakeSocket();
   const sender = new SocketPort(a as unknown as Socket, { broken: () => {}, finished: () => {} });
-  sender.state('waiting');
+  const collective = { comm: 'ep', op: 'fwd.dispatch', layer: 1, microBatch: 0, phase: 'forward', sendSplits: [2, 0], recvSplits: [1, 3], why: [] } as unknown as IssuedCollective;
+  sender.report({ kind: 'issue', collective, dtype: 'f32' });
   sender.postMessage(Uint8Array.of(9, 8, 7));
-  sender.state('computing');
+  sender.report({ kind: 'computing' });
   const b = fakeSocket();
-  const states: string[] = [];
+  const reports: PeerReport[] = [];
   const data: number[][] = [];
-  new SocketPort(b as unknown as Socket, { broken: () => {}, finished: () => {}, state: (s) => states.push(s) }).on('message', (m) => data.push(Array.from(m as Uint8Array)));
+  new SocketPort(b as unknown as Socket, { broken: () => {}, finished: () => {}, report: (r) => reports.push(r) }).on('message', (m) => data.push(Array.from(m as Uint8Array)));
   b.emit('data', Buffer.concat(a.written));
-  assert.equal(states, ['waiting', 'computing']);
+  assert.equal(reports, [{ kind: 'issue', collective, dtype: 'f32' }, { kind: 'computing' }]);
   assert.equal(data, [[9, 8, 7]]);
+  // An issue report that does not parse breaks the connection, as a corrupt frame does.
+  const c = fakeSocket();
+  const broken: string[] = [];
+  new SocketPort(c as unknown as Socket, { broken: (r) => broken.push(r), finished: () => {} });
+  const bad = Buffer.from([0xc1, 0x02, 0x7b]);
+  const header = Buffer.alloc(4);
+  header.writeUInt32LE(bad.length);
+  c.emit('data', Buffer.concat([header, bad]));
+  assert.equal(broken, ['the peer reported an issue in a frame that does not parse']);
 });
 
 test('after a goodbye, either way, nothing more is written; a peer that reads a stop and then a reset reports the stop', async () => {
