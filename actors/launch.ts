@@ -2,9 +2,13 @@
 // ranks through the rendezvous, connects to each over TCP (or joins an NCCL communicator
 // for the EP layer's all-to-alls), and runs its rank of a case or a scenario under its rank machine
 // (actors/rankRun.ts), exactly as a worker rank does. With no supervisor to hold the
-// ledger, each rank watches for itself: a peer that finished after issuing fewer
-// collectives than this rank is now waiting in is a missing collective, a connection that
-// closes without a goodbye is a crashed peer, and no progress for the timeout is a stall.
+// ledger, every rank holds it: each tells every peer the collectives it issues and when it
+// computes again, and feeds its own and its peers' reports to the ledger feed every engine
+// keeps. A rank waiting in a collective stops once the run is quiescent (every rank blocked
+// in the ledger, finished, or held for good), so every hung communicator is reached, as on
+// the engine; a compute that does not return within the compute limit is a stall (that rank
+// stops and its peers count it as held); a connection that closes without a goodbye is a
+// crashed peer; a collective whose data never arrives is a timeout.
 // A rank that stops (on what it saw, on a peer's stop, or on SIGTERM) drops its own work,
 // tells every peer why in its goodbye, and ends once its connections have closed.
 import { createServer } from 'node:net';
@@ -55,8 +59,9 @@ export interface LaunchOptions<F extends FloatDType> {
   readonly exchange: 'tcp' | 'nccl';
   readonly backend: BackendName;
   /**
-   * The collective limit (ms): a rank waiting in a collective this long past the compute
-   * limit (by then a peer that computes would have reported its own stall) stops with a
+   * The collective limit (ms): a collective every member issued whose data has not arrived
+   * this long, or a wait with no report from any rank this long past the compute limit (by
+   * then a peer that computes would have reported its own stall), stops the rank with a
    * timeout; the rendezvous and the connections give up after it too.
    */
   readonly timeoutMs: number;

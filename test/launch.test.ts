@@ -17,6 +17,7 @@ import { LaunchedRankError, runLaunchedRank } from '../actors/launch.js';
 import { launchLocally, runScenarioOnProcesses } from '../cli/localRanks.js';
 import { checkRankRecords, mergeRankRecords, RankRecordError } from '../actors/rankRecord.js';
 import { simulateDes } from '../sim/des.js';
+import type { Diagnosis } from '../machines/diagnosis.js';
 import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { casePayloads } from '../actors/caseRanks.js';
 import { caseScenario } from '../machines/scenario.js';
@@ -440,6 +441,22 @@ test('sim --engine processes: one process per rank reaches the verdict and culpr
   assert.is(cli.code, 2, cli.stderr);
   const d = JSON.parse(cli.stdout) as { verdict: string; culprits: number[] };
   assert.equal([d.verdict, d.culprits], ['missing', [1]]);
+});
+
+test('processes run to quiescence as the engine does: a kernel that never returns is a stall naming its rank; hangs in both replicas\' communicators are both listed', async () => {
+  const verdict = (d: Diagnosis) => ({ verdict: d.verdict, communicator: d.communicator, position: d.position, culprits: d.culprits, hangs: (d.hangs ?? []).map((h) => [h.verdict, h.communicator, h.position, h.culprits]) });
+  // Rank 1 holds no tokens: its expert's backward never returns (kernel-hang); its peers wait for it, which is not a hang of theirs.
+  const stall = validateScenario({ ep: 2, dp: 2, experts: 4, routing: 'starve:1', variant: 'kernel-hang' });
+  const stalled = await runScenarioOnProcesses(stall, ['--timeout', '20000', '--compute-timeout', '3000']);
+  assert.equal(verdict(stalled.diagnosis), verdict(simulateDes(stall).diagnosis), stalled.diagnosis.cause);
+  assert.equal(stalled.diagnosis.culprits, [1]);
+  assert.match(stalled.diagnosis.cause, /rank 1 has not returned from .* for 3000 ms \(compute limit\)/);
+  // wrong-group: ep rank 1 of each replica issues a collective on the wrong communicator, so ep[dp=0] and ep[dp=1] each hang on their own.
+  const two = validateScenario({ ep: 2, dp: 2, experts: 4, variant: 'wrong-group', wrongGroupRank: 1 });
+  const des = simulateDes(two).diagnosis;
+  assert.equal(des.hangs?.map((h) => h.communicator), ['ep[dp=0]', 'ep[dp=1]']);
+  const merged = await runScenarioOnProcesses(two, ['--timeout', '20000']);
+  assert.equal(verdict(merged.diagnosis), verdict(des), merged.diagnosis.cause);
 });
 
 test('fuzz: damaged rank records fail with a RankRecordError or merge to a verdict that accounts for the damage', async () => {
