@@ -156,40 +156,12 @@ function runConnected<F extends FloatDType>(
   /** Peers whose last word is that they compute (every step begins with routing). */
   const computingPeers = new Set(Array.from({ length: n }, (_, r) => r).filter((r) => r !== rank));
   let fail: (err: Error, held?: boolean) => void = () => {};
-  let waitLimit: (w: Waiting) => void = () => {};
-
-  // The whole run's ledger, fed with this rank's reports and its peers' as the supervisor's
-  // is with its workers': at quiescence its hangs are the run's, whichever rank looks.
-  const feed = new LedgerFeed(mesh, {
-    completed: (entries) => {
-      // Every member issued the collective this rank waits in: now only its data is awaited.
-      if (waiting && entries.some((e) => e.rank === rank && e.comm === waiting!.c.comm && e.position === waiting!.position)) waitLimit(waiting);
-    },
-  }, false);
-  const tracker = feed.tracker;
 
   const describe = (w: Waiting) => `${w.c.op} (layer ${w.c.layer}, ${w.c.comm} position ${w.position})`;
   /** A member of the communicator this rank waits in that stopped on an error or went away: this rank stops on its word at once. */
   const brokenMember = (w: Waiting) => {
     for (const [peer, error] of brokenPeers) if (membersOf(w.c.comm).includes(peer)) return fail(error());
   };
-  /** Why this rank, held in `w` at quiescence, stops: a stalled peer, a member that finished without the collective, or the hang the ledger names. */
-  const heldReason = (w: Waiting): string => {
-    const members = membersOf(w.c.comm);
-    const stalled = [...heldPeers].filter(([, why]) => why.startsWith(STALL));
-    const stall = stalled.find(([p]) => members.includes(p)) ?? stalled[0];
-    if (stall) return `rank ${stall[0]} stopped: ${stall[1]}`;
-    for (const [peer, its] of finishedPeers) {
-      if (members.includes(peer) && (its[w.c.comm] ?? 0) <= w.position) {
-        return `missing collective: rank ${rank} waits in ${describe(w)} but rank ${peer} finished its step after issuing ${its[w.c.comm] ?? 0} collective(s) on ${w.c.comm}; under NCCL both would hang until the watchdog`;
-      }
-    }
-    const mine = tracker.blockedOn(rank);
-    const hangs = tracker.hangs();
-    const h = hangs.find((x) => x.communicator === mine?.communicator && x.position === mine.position) ?? hangs[0];
-    return h ? `${h.kind}: rank ${rank} waits in ${describe(w)}; ${h.communicator} position ${h.position}: ${h.detail}` : `rank ${rank} waits in ${describe(w)} and no rank can move`;
-  };
-
   const job: WorkerJob = {
     rank, scenario: o.scenario, casePayload: o.data ? casePayloads(o.data)[rank] : undefined, backend: o.backend,
     exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: met.id ?? undefined, faults: o.faults ?? [], inspect: false, steps: o.steps ?? 1, record: !!o.keep,
@@ -214,9 +186,35 @@ function runConnected<F extends FloatDType>(
       clearTimeout(watchdog);
       watchdog = setTimeout(() => fail(new LaunchedRankError(`timeout: rank ${rank} waits in ${describe(w)} and no rank has reported anything for ${computeTimeoutMs + o.timeoutMs} ms (compute limit + collective limit)${badMessage ? `; ${badMessage}` : ''}`)), computeTimeoutMs + o.timeoutMs);
     };
-    waitLimit = (w) => {
+    const waitLimit = (w: Waiting) => {
       clearTimeout(watchdog);
       watchdog = setTimeout(() => fail(new LaunchedRankError(`timeout: rank ${rank} waits in ${describe(w)}: every member issued it, but its data has not arrived for ${o.timeoutMs} ms (collective limit)${badMessage ? `; ${badMessage}` : ''}`)), o.timeoutMs);
+    };
+    // The whole run's ledger, fed with this rank's reports and its peers' as the supervisor's
+    // is with its workers': at quiescence its hangs are the run's, whichever rank looks.
+    const feed = new LedgerFeed(mesh, {
+      completed: (entries) => {
+        // Every member issued the collective this rank waits in: now only its data is awaited.
+        if (waiting && entries.some((e) => e.rank === rank && e.comm === waiting!.c.comm && e.position === waiting!.position)) waitLimit(waiting);
+      },
+    }, false);
+    const tracker = feed.tracker;
+
+    /** Why this rank, held in `w` at quiescence, stops: a stalled peer, a member that finished without the collective, or the hang the ledger names. */
+    const heldReason = (w: Waiting): string => {
+      const members = membersOf(w.c.comm);
+      const stalled = [...heldPeers].filter(([, why]) => why.startsWith(STALL));
+      const stall = stalled.find(([p]) => members.includes(p)) ?? stalled[0];
+      if (stall) return `rank ${stall[0]} stopped: ${stall[1]}`;
+      for (const [peer, its] of finishedPeers) {
+        if (members.includes(peer) && (its[w.c.comm] ?? 0) <= w.position) {
+          return `missing collective: rank ${rank} waits in ${describe(w)} but rank ${peer} finished its step after issuing ${its[w.c.comm] ?? 0} collective(s) on ${w.c.comm}; under NCCL both would hang until the watchdog`;
+        }
+      }
+      const mine = tracker.blockedOn(rank);
+      const hangs = tracker.hangs();
+      const h = hangs.find((x) => x.communicator === mine?.communicator && x.position === mine.position) ?? hangs[0];
+      return h ? `${h.kind}: rank ${rank} waits in ${describe(w)}; ${h.communicator} position ${h.position}: ${h.detail}` : `rank ${rank} waits in ${describe(w)} and no rank can move`;
     };
     /** News from a peer: a rank the ledger has blocked waits again for the next. */
     const heard = () => {
