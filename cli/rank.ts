@@ -64,8 +64,9 @@ traffic, run the ranks over one you trust.
   --variant V     the protocol (default seed); a hazard variant reproduces its bug on real processes
   --steps N       training steps back to back (default 1); the file holds the last step's
                   results and the summary each step's time
-  --timeout MS    the collective limit (default 600000): a rank waiting in a collective this long
-                  past the compute limit, with no peer saying why, stops with exit 2 (timeout);
+  --timeout MS    the collective limit (default 600000): a collective every member issued whose
+                  data has not arrived this long, or a wait this long past the compute limit with
+                  no word from any rank, stops the rank with exit 2 (timeout);
                   the rendezvous and the connections between ranks give up after it too (exit 1)
   --compute-timeout MS
                   a compute of this rank (routing, expert forward or backward) that has not
