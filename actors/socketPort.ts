@@ -59,6 +59,8 @@ export interface SocketEvents {
   report?(report: PeerReport): void;
 }
 
+const EMPTY = Buffer.alloc(0);
+
 export class SocketPort implements PeerPort {
   #listener: ((m: unknown) => void) | null = null;
   /** Frames that arrived before the mesh listened: a MessagePort queues them too. */
@@ -101,6 +103,12 @@ export class SocketPort implements PeerPort {
     header.writeUInt32LE(message.byteLength);
     this.socket.write(header);
     this.socket.write(Buffer.from(message.buffer, message.byteOffset, message.byteLength));
+  }
+
+  flushed(): Promise<void> | null {
+    if (this.#ended || this.socket.writableLength === 0) return null;
+    // Writes complete in order: an empty one's callback runs once everything before it is out.
+    return new Promise((resolve) => this.socket.write(EMPTY, () => resolve()));
   }
 
   on(_event: 'message', listener: (message: unknown) => void): this {

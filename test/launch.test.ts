@@ -5,7 +5,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { EventEmitter } from 'node:events';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer, type AddressInfo, type Socket } from 'node:net';
+import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 import type { ChildProcess } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -151,6 +151,36 @@ test('TCP framing: frames split anywhere arrive whole, in order, 8-aligned; a co
   sock.emit('close');
   assert.equal(broken.length, 1, 'reported once');
   assert.match(broken[0]!, /frame of 4294967295 bytes/);
+});
+
+test('a rank\'s collective completes only once its rows have left the process: flushed() waits for a peer that is not reading yet', async () => {
+  const server = createServer();
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const accepted = new Promise<Socket>((r) => server.once('connection', r));
+  const client = connect((server.address() as AddressInfo).port, '127.0.0.1');
+  const reader = await accepted;
+  reader.pause(); // the peer is busy: nothing is read
+  try {
+    const port = new SocketPort(client, { broken: () => {}, finished: () => {} });
+    await new Promise((r) => client.once('connect', r));
+    port.postMessage(new Uint8Array(64 << 20));
+    const flushed = port.flushed();
+    assert.ok(flushed, 'a 64 MiB frame cannot all be in the kernel\'s buffers at once');
+    let done = false;
+    void flushed.then(() => (done = true));
+    await new Promise((r) => setTimeout(r, 100));
+    assert.not.ok(done, 'flushed while the peer had read nothing');
+    let read = 0;
+    reader.on('data', (c: Buffer) => (read += c.length));
+    reader.resume();
+    await flushed;
+    assert.ok(read > 0);
+    assert.is(port.flushed(), null, 'nothing pending after the flush');
+  } finally {
+    client.destroy();
+    reader.destroy();
+    server.close();
+  }
 });
 
 test('a goodbye frame ends the connection quietly and reaches the peer with its counts', async () => {
