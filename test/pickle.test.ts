@@ -54,7 +54,7 @@ test('64-bit integers stay exact: time_created_ns past 2**53 is a bigint, small 
   assert.is(readPickle(bytes(0x80, 2, 0x4d, 0xff, 0xff, 0x2e)), 65535, 'BININT2 is unsigned');
 });
 
-test('the rest of the subset: floats, bools, None, tuples, BINUNICODE8, memo, dict and list forms, torch list tags', () => {
+test('the rest of the subset: floats, bools, None, tuples, BINUNICODE8, memo, dict and list forms', () => {
   assert.is(readPickle(bytes(0x80, 2, 0x47, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0, 0x2e)), 1.5);
   assert.equal(plain(readPickle(bytes(0x80, 2, 0x88, 0x89, 0x4e, 0x87, 0x2e))), { tuple: [true, false, null] });
   assert.equal(plain(readPickle(bytes(0x80, 2, 0x29, 0x2e))), { tuple: [] });
@@ -64,11 +64,24 @@ test('the rest of the subset: floats, bools, None, tuples, BINUNICODE8, memo, di
   assert.equal(plain(readPickle(bytes(0x80, 4, 0x95, 9, 0, 0, 0, 0, 0, 0, 0, 0x7d, 0x94, 0x8c, 1, 'k', 0x94, 0x4b, 7, 0x73, 0x2e))), { k: 7 });
   assert.equal(plain(readPickle(bytes(0x80, 2, 0x28, 0x4b, 1, 0x4b, 2, 0x6c, 0x2e))), [1, 2], 'LIST');
   assert.equal(plain(readPickle(bytes(0x80, 2, 0x28, 0x4b, 1, 0x4b, 2, 0x64, 0x2e))), { 1: 2 }, 'DICT with an int key');
-  // torch's C++ pickler may tag int lists: GLOBAL torch.jit._pickle build_intlist, then REDUCE of a 1-tuple.
-  assert.equal(plain(readPickle(bytes(0x80, 2, 0x63, 'torch.jit._pickle\nbuild_intlist\n', 0x5d, 0x28, 0x4b, 3, 0x4b, 4, 0x65, 0x85, 0x52, 0x2e))), [3, 4]);
+  // A frame dict torch memoizes once (BINPUT after SETITEMS) and shares by BINGET in every entry's frames.
+  const frames = plain(readPickle(bytes(0x80, 2, 0x5d, 0x28, 0x7d, 0x28, 0x58, 4, 0, 0, 0, 'line', 0x4b, 7, 0x75, 0x71, 0, 0x68, 0, 0x65, 0x2e)));
+  assert.equal(frames, [{ line: 7 }, { line: 7 }]);
+  // 8-byte LONG1 (torch's form of every int past 32 bits): a number while exact, a bigint past 2**53.
+  const long8 = (n: bigint) => {
+    const b = Buffer.alloc(8);
+    b.writeBigInt64LE(n);
+    return readPickle(bytes(0x80, 2, 0x8a, 8, ...b, 0x2e));
+  };
+  assert.is(long8(-1n), -1);
+  assert.is(long8(2n ** 53n - 1n), Number.MAX_SAFE_INTEGER);
+  assert.is(long8(-(2n ** 53n) + 1n), Number.MIN_SAFE_INTEGER);
+  assert.is(long8(2n ** 53n), 2n ** 53n);
+  assert.is(long8(-(2n ** 53n)), -(2n ** 53n));
+  assert.is(long8(1_732_000_000_123_456_789n), 1_732_000_000_123_456_789n);
 });
 
-test('refused with the offset: code (GLOBAL, REDUCE), unknown opcodes, truncation, cycles, deep nesting', () => {
+test('refused with the offset: every GLOBAL (torch\'s list tags too), REDUCE, unknown opcodes, truncation, cycles, deep nesting, memo blow-ups', () => {
   const refuse = (b: Uint8Array, re: RegExp) => {
     try {
       readPickle(b, 'dump.pkl');
@@ -81,7 +94,14 @@ test('refused with the offset: code (GLOBAL, REDUCE), unknown opcodes, truncatio
     assert.unreachable(`accepted ${Buffer.from(b).toString('hex')}`);
   };
   refuse(bytes(0x80, 2, 0x63, 'os\nsystem\n', 0x8c, 2, 'ls', 0x85, 0x52, 0x2e), /refuses GLOBAL os\.system .* at byte 2$/);
-  refuse(bytes(0x80, 2, 0x5d, 0x29, 0x52, 0x2e), /REDUCE of something other than a torch list-type tag at byte 4/);
+  // torch pickles a dump with type tags off and generic lists only: not even its own list tags appear (DESIGN.md).
+  refuse(bytes(0x80, 2, 0x63, 'torch.jit._pickle\nbuild_intlist\n', 0x5d, 0x28, 0x4b, 3, 0x65, 0x85, 0x52, 0x2e), /refuses GLOBAL torch\.jit\._pickle\.build_intlist .* at byte 2$/);
+  refuse(bytes(0x80, 2, 0x63, 'collections\nOrderedDict\n', 0x29, 0x52, 0x2e), /refuses GLOBAL collections\.OrderedDict .* at byte 2$/);
+  refuse(bytes(0x80, 2, 0x5d, 0x29, 0x52, 0x2e), /unsupported opcode 0x52 .* at byte 4/);
+  // Each list holds the one before twice: 64 levels would unfold to 2**64 values.
+  const laughs = [0x80, 2, 0x5d, 0x71, 0];
+  for (let i = 1; i < 64; i++) laughs.push(0x5d, 0x28, 0x68, i - 1, 0x68, i - 1, 0x65, 0x71, i);
+  refuse(bytes(...laughs, 0x2e), /unfolds to more than \d+ values .* at byte \d+/);
   refuse(bytes(0x80, 2, 0x69, 0x2e), /unsupported opcode 0x69 .* at byte 2/);
   refuse(bytes(0x80, 2, 0x58, 0xff, 0xff, 0xff, 0x7f, 'ab'), /needs 2147483647 bytes but 2 are left at byte 2/);
   refuse(bytes(0x80, 2, 0x4b, 1), /ends before its STOP opcode at byte 4/);

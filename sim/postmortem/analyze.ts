@@ -7,7 +7,7 @@
 // tracker findings; the tracker adds missing collectives and cross-group wait-for cycles.
 import { CollectiveTracker, describe, type Finding, type LedgerEntry } from '../../machines/ledger.js';
 import type { CommunicatorSpec } from '../../machines/mesh.js';
-import { rankRanges, rankWord, type Diagnosis, type RankReport } from '../../machines/diagnosis.js';
+import { hangSummaries, rankRanges, rankWord, type Diagnosis, type RankReport } from '../../machines/diagnosis.js';
 import { withDeadRanks } from '../../machines/postmortem.js';
 import { makeVariant } from '../../machines/variants.js';
 import type { IssuedCollective } from '../../machines/snapshot.js';
@@ -127,45 +127,40 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
   const tracker = new CollectiveTracker({ ep: 1, dp: 1 }, true, specs);
   /** Per communicator, per position: the calls issued there so far. */
   const slot = new Map<string, Call[][]>(specs.map((x) => [x.id, []]));
-  let finding: Finding | null = null;
-  const frozen = new Set<number>();
-  const take = (f: Finding | null) => {
-    finding ??= f;
-  };
   const specOf = new Map(specs.map((x) => [x.id, x]));
   /** Each rank's next call to issue. */
   const next = new Map([...calls.keys()].map((r) => [r, 0]));
   const pending = (r: number) => next.get(r)! < calls.get(r)!.length;
-  const finished = new Set<number>();
+  // Replay to quiescence: a rank issues its calls in order until one blocks it; a position
+  // the analyzer's checks find wrong never completes (its ranks stay blocked, as in NCCL).
   for (;;) {
     let moved = false;
     for (const [r, cs] of calls) {
-      if (!pending(r) || tracker.blockedOn(r) || frozen.has(r)) continue;
+      if (!pending(r) || tracker.blockedOn(r)) continue;
       const c = cs[next.get(r)!]!;
       next.set(r, next.get(r)! + 1);
       moved = true;
-      const { entry, finding: f } = tracker.issue(r, c.issued, c.dtype, c.comm);
-      const positions = slot.get(entry.communicator)!;
-      const here = (positions[entry.position] ??= []);
-      here.push(c);
-      const own = f ?? frCheck(c, here, specOf.get(c.comm)!, entry.position);
-      if (own && !f) for (const x of here) frozen.add(x.rank);
-      take(own);
+      tracker.issue(r, c.issued, c.dtype, c.comm, (entry) => {
+        const here = (slot.get(entry.communicator)![entry.position] ??= []);
+        here.push(c);
+        return frCheck(c, here, specOf.get(c.comm)!, entry.position);
+      });
     }
     if (moved) continue;
     // Nothing can move: a rank whose evidence ends, not blocked, has finished (dead ones never do).
-    const r = [...calls.keys()].find((rank) => !pending(rank) && !tracker.blockedOn(rank) && !finished.has(rank) && !frozen.has(rank));
+    const r = [...calls.keys()].find((rank) => !pending(rank) && !tracker.blockedOn(rank) && !tracker.isFinished(rank));
     if (r === undefined) break;
-    finished.add(r);
-    take(tracker.finish(r));
+    tracker.finish(r);
   }
-  finding ??= tracker.findCycle();
+  // Every hung group, in the tracker's canonical order (what `sim --json` lists): the first is the verdict.
+  const hangs = tracker.hangs();
 
   const ranks = rankReports(world, calls);
   const ledger = tracker.entries;
-  const found: Diagnosis = finding
-    ? explain(finding, tracker, (e) => slot.get(e.communicator)![e.position]!.find((c) => c.rank === e.rank)!, ranks, skips)
-    : finished.size === world.length && tracker.openPositions().length === 0
+  const callOf = (e: LedgerEntry) => slot.get(e.communicator)![e.position]!.find((c) => c.rank === e.rank)!;
+  const found: Diagnosis = hangs.length
+    ? { ...explain(hangs[0]!, tracker, callOf, ranks, skips), hangs: hangSummaries(hangs) }
+    : world.every((r) => tracker.isFinished(r)) && tracker.openPositions().length === 0
       ? { verdict: 'ok', communicator: null, position: null, culprits: [], ranks, cause: `every rank's collectives matched; ${ledger.length} collective calls from ${dumps.length} dumps` }
       : { verdict: 'timeout', communicator: null, position: null, culprits: [], ranks, cause: 'the dumps end without a proof of a hang: collectives are in flight but no rank is shown to be missing or waiting in a cycle' };
   const diagnosis = withDeadRanks(found, dead, ledger, specs, 'Flight Recorder dump');
@@ -462,6 +457,10 @@ function explain(finding: Finding, tracker: CollectiveTracker, callOf: (e: Ledge
       if (/sends \d+ elements in all but receives/.test(finding.detail)) parts.push('the ranks disagree on the split sizes (NCCL pairs them by position and never checks them: it hangs or reads garbage)');
       parts.push(`at ${where(w)}${frameText(callOf(w))}`);
     }
+  } else if (finding.kind === 'blocked') {
+    // Only where a dump is missing: the chain of waits ends at a rank that left no evidence.
+    const w = at[0]!;
+    parts.push(`${rankWord(at.map((e) => e.rank))} ${at.length > 1 ? 'wait' : 'waits'} in ${describe(w)} (${where(w)}) for ${rankWord(culprits)}: ${finding.detail}`);
   } else {
     const comms = [...new Set(finding.culprits.flatMap((r) => tracker.blockedOn(r)?.communicator ?? []))];
     const names = comms.length > 1 ? `groups ${comms.slice(0, -1).join(', ')} and ${comms.at(-1)}` : `group ${comms[0] ?? finding.communicator}`;
