@@ -308,7 +308,7 @@ test('fuzz: 5,000 mutated dump files read as a diagnosis or an EvidenceError, ne
 test('fuzz: 3,000 dumps with damaged fields and structure (seq ids, states, sizes, ops, groups, lost entries and dumps) give a diagnosis or an EvidenceError', () => {
   const rand = seededRng(0x5e91);
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
-  const plain = (v: PickleValue): unknown => (v instanceof Map ? Object.fromEntries([...v].map(([k, x]) => [String(k), plain(x)])) : isTuple(v) ? v.tuple.map(plain) : Array.isArray(v) ? v.map(plain) : v);
+  const plain = (v: PickleValue): unknown => (isTuple(v) ? v.tuple.map(plain) : Array.isArray(v) ? v.map(plain) : v !== null && typeof v === 'object' ? Object.fromEntries(Object.entries(v).map(([k, x]) => [k, plain(x)])) : v);
   type Raw = { pg_config: Record<string, { ranks: string }>; entries: Record<string, unknown>[] };
   const kases = readdirSync(fixtures).filter((k) => !k.includes('.') && !k.endsWith('json'));
   const sets = kases.map((k) => readdirSync(join(fixtures, k)).map((f) => [Number(/(\d+)$/.exec(f)![1]), plain(readPickle(readFileSync(join(fixtures, k, f))))] as [number, Raw]));

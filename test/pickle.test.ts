@@ -5,7 +5,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { isTuple, PickleError, readPickle, type PickleValue } from '../src/codec/pickle.js';
+import { isTuple, PickleError, readPickle, type PickleDict, type PickleValue } from '../src/codec/pickle.js';
 import { seededRng } from '../src/moe/random.js';
 import { repoRoot } from './paths.js';
 
@@ -13,11 +13,11 @@ const fixtures = join(repoRoot, 'test', 'fixtures', 'flight-recorder');
 const file = (kase: string, rank: number) => readFileSync(join(fixtures, kase, `nccl_trace_rank_${rank}`));
 const bytes = (...parts: (number | string)[]) => Uint8Array.from(parts.flatMap((p) => (typeof p === 'number' ? [p] : [...Buffer.from(p, 'latin1')])));
 
-/** Maps and tuples as plain JSON-able values, for deep comparison. */
+/** Tuples and bigints as plain JSON-able values, for deep comparison. */
 function plain(v: PickleValue): unknown {
-  if (v instanceof Map) return Object.fromEntries([...v].map(([k, x]) => [String(k), plain(x)]));
   if (isTuple(v)) return { tuple: v.tuple.map(plain) };
   if (Array.isArray(v)) return v.map(plain);
+  if (v !== null && typeof v === 'object') return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, plain(x)]));
   return typeof v === 'bigint' ? `${v}n` : v;
 }
 
@@ -38,12 +38,12 @@ test('protocols 2, 4 and 5 of one dump decode to the same value, and it is the J
 });
 
 test('64-bit integers stay exact: time_created_ns past 2**53 is a bigint, small ints are numbers', () => {
-  const dump = readPickle(file('healthy', 2)) as Map<string, PickleValue>;
-  const entries = dump.get('entries') as Map<string, PickleValue>[];
+  const dump = readPickle(file('healthy', 2)) as PickleDict;
+  const entries = dump.entries as PickleDict[];
   // make_dumps.py: T0 + 1_000_003 * record_id + 17 * rank
-  assert.is(entries[0]!.get('time_created_ns'), 1_732_000_000_123_456_789n + 34n);
-  assert.is(entries[5]!.get('time_created_ns'), 1_732_000_000_123_456_789n + 5n * 1_000_003n + 34n);
-  assert.is(entries[5]!.get('record_id'), 5);
+  assert.is(entries[0]!.time_created_ns, 1_732_000_000_123_456_789n + 34n);
+  assert.is(entries[5]!.time_created_ns, 1_732_000_000_123_456_789n + 5n * 1_000_003n + 34n);
+  assert.is(entries[5]!.record_id, 5);
   // LONG1 edge cases: negative, zero-length, 8-byte min, just inside the safe range.
   assert.is(readPickle(bytes(0x80, 2, 0x8a, 1, 0xff, 0x2e)), -1);
   assert.is(readPickle(bytes(0x80, 2, 0x8a, 0, 0x2e)), 0);
@@ -63,7 +63,11 @@ test('the rest of the subset: floats, bools, None, tuples, BINUNICODE8, memo, di
   assert.equal(plain(readPickle(bytes(0x80, 2, 0x5d, 0x71, 0, 0x58, 1, 0, 0, 0, 'a', 0x71, 1, 0x61, 0x68, 1, 0x61, 0x2e))), ['a', 'a']);
   assert.equal(plain(readPickle(bytes(0x80, 4, 0x95, 9, 0, 0, 0, 0, 0, 0, 0, 0x7d, 0x94, 0x8c, 1, 'k', 0x94, 0x4b, 7, 0x73, 0x2e))), { k: 7 });
   assert.equal(plain(readPickle(bytes(0x80, 2, 0x28, 0x4b, 1, 0x4b, 2, 0x6c, 0x2e))), [1, 2], 'LIST');
-  assert.equal(plain(readPickle(bytes(0x80, 2, 0x28, 0x4b, 1, 0x4b, 2, 0x64, 0x2e))), { 1: 2 }, 'DICT with an int key');
+  assert.equal(plain(readPickle(bytes(0x80, 2, 0x28, 0x4b, 1, 0x4b, 2, 0x64, 0x2e))), { 1: 2 }, 'DICT with an int key (read as JSON would)');
+  // A "__proto__" key is an own entry, not the dict's prototype.
+  const proto = readPickle(bytes(0x80, 2, 0x7d, 0x58, 9, 0, 0, 0, '__proto__', 0x7d, 0x58, 1, 0, 0, 0, 'x', 0x4b, 1, 0x73, 0x73, 0x2e)) as PickleDict;
+  assert.equal([Object.keys(proto), Object.getPrototypeOf(proto) === Object.prototype, (proto as { x?: unknown }).x], [['__proto__'], true, undefined]);
+  assert.ok(isTuple(readPickle(bytes(0x80, 2, 0x4b, 1, 0x85, 0x2e))) && !isTuple(readPickle(bytes(0x80, 2, 0x7d, 0x58, 5, 0, 0, 0, 'tuple', 0x5d, 0x73, 0x2e))), 'a dict with a "tuple" key is no tuple');
   // A frame dict torch memoizes once (BINPUT after SETITEMS) and shares by BINGET in every entry's frames.
   const frames = plain(readPickle(bytes(0x80, 2, 0x5d, 0x28, 0x7d, 0x28, 0x58, 4, 0, 0, 0, 'line', 0x4b, 7, 0x75, 0x71, 0, 0x68, 0, 0x65, 0x2e)));
   assert.equal(frames, [{ line: 7 }, { line: 7 }]);

@@ -2,7 +2,7 @@
 // watchdog's timeout): read as pickle (torch's protocol 2 or Python's 4/5) or JSON
 // (`_dump_nccl_trace_json`), and checked field by field into one typed form, whatever the
 // trace version (2.3 … 2.10) and container. Fields this reader does not use are ignored.
-import { isTuple, readPickle, PickleError, type PickleValue } from '../../src/codec/pickle.js';
+import { isTuple, readPickle, PickleError } from '../../src/codec/pickle.js';
 
 export class EvidenceError extends Error {
   override name = 'EvidenceError';
@@ -60,36 +60,24 @@ export interface FrDump {
   readonly truncated: boolean;
 }
 
-type Plain = null | boolean | number | bigint | string | Plain[] | { [k: string]: Plain };
-
-/** Dicts to objects and tuples to arrays, so pickle and JSON dumps read through one path. */
-function plain(v: PickleValue): Plain {
-  if (v === null || typeof v !== 'object') return v;
-  if (v instanceof Map) {
-    const o: { [k: string]: Plain } = {};
-    for (const [k, x] of v) o[String(k)] = plain(x);
-    return o;
-  }
-  return (isTuple(v) ? v.tuple : v).map(plain);
-}
-
 /** A Flight Recorder dump's file name: prefix, rank (`nccl_trace_rank_3`, `fr_dump_12.json`). */
 export const DUMP_NAME = /^(?!rank\d+\.record\.json$)(.*?)(\d+)(\.json|\.pkl)?$/;
 
 /** Reads one rank's dump from its bytes: JSON when it starts with `{`, pickle otherwise. */
 export function readDump(bytes: Uint8Array, file: string, rank: number): FrDump {
-  let value: Plain;
+  let value: unknown;
   let i = 0;
   while (i < bytes.length && (bytes[i] === 0x20 || bytes[i] === 0x0a || bytes[i] === 0x0d || bytes[i] === 0x09)) i++;
   if (bytes[i] === 0x7b) {
     try {
-      value = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes)) as Plain;
+      value = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
     } catch (e) {
       throw new EvidenceError(`${file}: not valid JSON: ${(e as Error).message}`);
     }
   } else if (bytes[i] === 0x80) {
     try {
-      value = plain(readPickle(bytes, file));
+      // Dicts read as the objects JSON gives, so both forms go through one reader.
+      value = readPickle(bytes, file);
     } catch (e) {
       if (e instanceof PickleError) throw new EvidenceError(e.message);
       throw e;
@@ -114,11 +102,13 @@ class FieldError extends Error {
 
 // Checkers that build no message unless a check fails (a dump holds a million fields).
 const obj = (v: unknown, field: string): Record<string, unknown> => {
-  if (v && typeof v === 'object' && !Array.isArray(v)) return v as Record<string, unknown>;
+  if (v && typeof v === 'object' && !Array.isArray(v) && !isTuple(v)) return v as Record<string, unknown>;
   throw new FieldError(field, 'is not a dict');
 };
-const list = (v: unknown, field: string): unknown[] => {
+/** A list, or a tuple (pickle keeps process_group one; JSON has lists only). */
+const list = (v: unknown, field: string): readonly unknown[] => {
   if (Array.isArray(v)) return v;
+  if (isTuple(v)) return v.tuple;
   throw new FieldError(field, 'is not a list');
 };
 const str = (v: unknown, field: string): string => {
@@ -137,20 +127,30 @@ const ns = (v: unknown, field: string): bigint | null => {
   if (typeof v === 'number' && Number.isFinite(v)) return BigInt(Math.round(v));
   throw new FieldError(field, 'is not a time in ns');
 };
-const shapes = (v: unknown, field: string): number[][] => {
+const shapes = (v: unknown, field: string): readonly number[][] => {
   const outer = list(v, field);
   for (let k = 0; k < outer.length; k++) {
     const s = outer[k];
     if (!Array.isArray(s)) throw new FieldError(`${field}[${k}]`, 'is not a list');
     for (let j = 0; j < s.length; j++) if (typeof s[j] !== 'number' || !Number.isSafeInteger(s[j]) || s[j] < 0) throw new FieldError(`${field}[${k}][${j}]`, 'is not a size');
   }
-  return outer as number[][];
+  return outer as readonly number[][];
 };
-const strings = (v: unknown, field: string): string[] => {
+const strings = (v: unknown, field: string): readonly string[] => {
   const out = v === undefined ? [] : list(v, field);
   for (let k = 0; k < out.length; k++) if (typeof out[k] !== 'string') throw new FieldError(`${field}[${k}]`, 'is not a string');
-  return out as string[];
+  return out as readonly string[];
 };
+const NO_FRAMES: readonly FrFrame[] = [];
+const isFrame = (f: unknown): f is FrFrame => !!f && typeof f === 'object' && typeof (f as FrFrame).name === 'string' && typeof (f as FrFrame).filename === 'string' && typeof (f as FrFrame).line === 'number';
+/** Frames as they are where each is {name, filename, line} (torch shares them across entries: no copy per entry); otherwise read leniently. */
+function frameList(frames: readonly unknown[]): readonly FrFrame[] {
+  if (frames.every(isFrame)) return frames;
+  return frames.map((f, k) => {
+    const fr = obj(f, `frames[${k}]`);
+    return { name: String(fr.name ?? ''), filename: String(fr.filename ?? ''), line: typeof fr.line === 'number' ? fr.line : 0 };
+  });
+}
 const PROFILING = /^([a-z]+):(\S+)(?: (\d+)(->|<-)(\d+))?$/;
 const STATES: readonly string[] = ['scheduled', 'started', 'completed'];
 
@@ -213,13 +213,7 @@ function parseEntry(raw: unknown, groups: ReadonlyMap<string, FrGroup>, minor: n
   const sizes = (v: unknown, field: string) => (v === undefined && minor < 4 ? [] : shapes(v, field));
   const state = str(e.state, 'state');
   if (!STATES.includes(state)) throw new FieldError('state', `${JSON.stringify(state)} is not scheduled, started or completed`);
-  const frames =
-    e.frames === undefined
-      ? []
-      : list(e.frames, 'frames').map((f, k) => {
-          const fr = obj(f, `frames[${k}]`);
-          return { name: String(fr.name ?? ''), filename: String(fr.filename ?? ''), line: typeof fr.line === 'number' ? fr.line : 0 };
-        });
+  const frames = e.frames === undefined ? NO_FRAMES : frameList(list(e.frames, 'frames'));
   return {
     recordId: int(e.record_id, 'record_id'),
     pgName,

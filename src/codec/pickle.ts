@@ -13,12 +13,17 @@ export class PickleError extends Error {
 }
 
 export type PickleValue = null | boolean | number | bigint | string | PickleValue[] | PickleTuple | PickleDict;
-/** A tuple, told apart from a list (Flight Recorder frames and p2p pairs use them). */
-export interface PickleTuple {
-  readonly tuple: readonly PickleValue[];
+/** A tuple, told apart from a list (a Flight Recorder entry's process_group is one). */
+export class PickleTuple {
+  constructor(readonly tuple: readonly PickleValue[]) {}
 }
-/** Keys of a dict are strings or ints in these files; Map keeps ints as ints. */
-export type PickleDict = Map<string | number | bigint, PickleValue>;
+/**
+ * A dict, as the object JSON.parse would give for the same data (one reader downstream for
+ * both forms): int keys read as their decimal strings, a later duplicate key wins.
+ */
+export interface PickleDict {
+  [key: string]: PickleValue;
+}
 
 /** Containers nested deeper than this are refused (dumps nest five or six levels). */
 const MAX_DEPTH = 64;
@@ -43,15 +48,20 @@ class Box {
   depth = 1;
   size = 1;
   sealed = false;
-  constructor(readonly value: PickleValue[] | PickleDict | PickleTuple) {}
+  constructor(
+    readonly kind: 'list' | 'dict' | 'tuple',
+    public value: PickleValue[] | PickleDict | PickleTuple,
+  ) {}
 }
 
 const MARK = Symbol('mark');
+/** A list or tuple's value until its items are taken (never seen outside). */
+const UNSET = Object.freeze([]) as unknown as PickleValue[];
 type Item = null | boolean | number | bigint | string | Box | typeof MARK;
 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
-export const isTuple = (v: unknown): v is PickleTuple => typeof v === 'object' && v !== null && !Array.isArray(v) && !(v instanceof Map) && 'tuple' in v;
+export const isTuple = (v: unknown): v is PickleTuple => v instanceof PickleTuple;
 
 /**
  * Decode one pickle from `bytes`. Errors are PickleErrors naming `what` (the file) and the
@@ -62,7 +72,9 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
   const latin1 = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
   const end = bytes.length;
   const budget = VALUES_ALLOWANCE + VALUES_PER_BYTE * end;
+  // The stack with its own height: truncating an array's length is a runtime call per container.
   const stack: Item[] = [];
+  let sp = 0;
   const marks: number[] = [];
   const memo: Item[] = [];
   let floor = 0; // the stack below this (the innermost MARK and under) is not for pops
@@ -106,9 +118,11 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
     pos++;
     return s;
   };
-  const push = (v: Item) => stack.push(v);
-  const pop = (): Item => (stack.length > floor ? stack.pop()! : fail('pops an empty stack'));
-  const top = (): Item => (stack.length > floor ? stack[stack.length - 1]! : fail('reads an empty stack'));
+  const push = (v: Item) => {
+    stack[sp++] = v;
+  };
+  const pop = (): Item => (sp > floor ? stack[--sp]! : fail('pops an empty stack'));
+  const top = (): Item => (sp > floor ? stack[sp - 1]! : fail('reads an empty stack'));
   /** The innermost MARK's index, closed: the items above it are the caller's. */
   const closeMark = (): number => {
     const m = marks.pop();
@@ -134,23 +148,56 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
     return child.value;
   };
   const open = (item: Item, kind: 'list' | 'dict', op: string): Box => {
-    if (!(item instanceof Box) || (kind === 'list' ? !Array.isArray(item.value) : !(item.value instanceof Map))) return fail(`${op} on something that is not a ${kind}`);
+    if (!(item instanceof Box) || item.kind !== kind) return fail(`${op} on something that is not a ${kind}`);
     if (item.sealed) fail(`${op} changes a container already nested in another (a dump never does)`);
     return item;
   };
   const setItem = (d: Box, k: Item, v: Item) => {
-    if (typeof k !== 'string' && typeof k !== 'number' && typeof k !== 'bigint') return fail(`dict key of type ${k instanceof Box ? describe(k.value) : k === MARK ? 'MARK' : describe(k)}`);
-    (d.value as PickleDict).set(k, inner(d, v));
+    if (typeof k !== 'string' && typeof k !== 'number' && typeof k !== 'bigint') return fail(`dict key of type ${k instanceof Box ? k.kind : k === MARK ? 'MARK' : describe(k)}`);
+    const key = typeof k === 'string' ? k : String(k);
+    const o = d.value as PickleDict;
+    // An own property, never the prototype's setter.
+    if (key === '__proto__') Object.defineProperty(o, key, { value: inner(d, v), enumerable: true, writable: true, configurable: true });
+    else o[key] = inner(d, v);
   };
-  /** A tuple or list of the stack's items from `from` up, which leave the stack. */
-  const collect = (box: Box, from: number, into: PickleValue[]) => {
-    for (let i = from; i < stack.length; i++) into.push(inner(box, stack[i]!));
-    stack.length = from;
+  /**
+   * Dicts that repeat a key sequence (a dump's entries, its frames) are made as copies of the
+   * first: one object of its final shape, not one grown key by key. Keyed by the first key.
+   */
+  const templates = new Map<string, { keys: string[]; dict: PickleDict }>();
+  /** The stack's items from `from` up as key, value pairs into the dict `d`; the caller drops them. */
+  const setItems = (d: Box, from: number, op: string) => {
+    const n = sp - from;
+    if (n % 2) fail(`${op} with an odd number of items`);
+    const first = stack[from];
+    // Only a fresh dict (nothing counted in it yet) is replaced by a copy.
+    const fresh = d.size === 1 && n >= 8 && typeof first === 'string';
+    const t = fresh ? templates.get(first) : undefined;
+    if (t && t.keys.length * 2 === n && t.keys.every((k, i) => stack[from + 2 * i] === k)) {
+      const o: PickleDict = { ...t.dict };
+      for (let i = 0; i < t.keys.length; i++) o[t.keys[i]!] = inner(d, stack[from + 2 * i + 1]!);
+      d.value = o;
+      return;
+    }
+    for (let i = from; i < sp; i += 2) setItem(d, stack[i]!, stack[i + 1]!);
+    if (fresh && !templates.has(first)) {
+      const keys = Object.keys(d.value);
+      if (keys.length * 2 === n && !keys.includes('__proto__') && keys.every((k, i) => stack[from + 2 * i] === k)) templates.set(first, { keys, dict: { ...(d.value as PickleDict) } });
+    }
+  };
+  /**
+   * The stack's items from `from` up, which leave it, as `box`'s items: an array of exactly
+   * their number (one grown by push keeps room for 16, and a dump holds millions of short lists).
+   */
+  const take = (box: Box, from: number): PickleValue[] => {
+    const items = stack.slice(from, sp) as PickleValue[];
+    for (let i = 0; i < items.length; i++) items[i] = inner(box, items[i] as Item);
+    sp = from;
+    return items;
   };
   const tuple = (from: number): Box => {
-    const items: PickleValue[] = [];
-    const t = new Box({ tuple: items });
-    collect(t, from, items);
+    const t = new Box('tuple', UNSET);
+    t.value = new PickleTuple(take(t, from));
     return t;
   };
 
@@ -168,24 +215,24 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
       case 0x2e: {
         // STOP
         if (marks.length) fail('STOP inside an open MARK');
-        if (stack.length !== 1) fail(`STOP with ${stack.length} values on the stack`);
+        if (sp !== 1) fail(`STOP with ${sp} values on the stack`);
         const v = stack[0]!;
         return v instanceof Box ? v.value : (v as PickleValue);
       }
       case 0x28: // MARK
         if (marks.length >= MAX_DEPTH) fail(`nests deeper than ${MAX_DEPTH} levels`);
-        marks.push(stack.length);
-        stack.push(MARK);
-        floor = stack.length;
+        marks.push(sp);
+        push(MARK);
+        floor = sp;
         break;
       case 0x7d: // EMPTY_DICT
-        push(new Box(new Map()));
+        push(new Box('dict', {}));
         break;
       case 0x5d: // EMPTY_LIST
-        push(new Box([]));
+        push(new Box('list', []));
         break;
       case 0x29: // EMPTY_TUPLE
-        push(new Box({ tuple: [] }));
+        push(new Box('tuple', new PickleTuple([])));
         break;
       case 0x74: {
         // TUPLE
@@ -198,7 +245,7 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
       case 0x86: // TUPLE2
       case 0x87: {
         // TUPLE3
-        const from = stack.length - (op - 0x84);
+        const from = sp - (op - 0x84);
         if (from < floor) fail('pops an empty stack');
         push(tuple(from));
         break;
@@ -206,20 +253,18 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
       case 0x6c: {
         // LIST
         const m = closeMark();
-        const items: PickleValue[] = [];
-        const l = new Box(items);
-        collect(l, m + 1, items);
+        const l = new Box('list', UNSET);
+        l.value = take(l, m + 1);
         stack[m] = l;
         break;
       }
       case 0x64: {
         // DICT
         const m = closeMark();
-        const d = new Box(new Map());
-        if ((stack.length - m - 1) % 2) fail('DICT with an odd number of items');
-        for (let i = m + 1; i < stack.length; i += 2) setItem(d, stack[i]!, stack[i + 1]!);
-        stack.length = m + 1;
+        const d = new Box('dict', {});
+        setItems(d, m + 1, 'DICT');
         stack[m] = d;
+        sp = m + 1;
         break;
       }
       case 0x61: {
@@ -233,8 +278,9 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
         // APPENDS
         const m = closeMark();
         const l = open(m > floor ? stack[m - 1]! : fail('reads an empty stack'), 'list', 'APPENDS');
-        collect(l, m + 1, l.value as PickleValue[]);
-        stack.length = m;
+        if (l.size === 1) l.value = take(l, m + 1); // a fresh list (both picklers' way): its items at once
+        else for (const v of take(l, m + 1)) (l.value as PickleValue[]).push(v);
+        sp = m;
         break;
       }
       case 0x73: {
@@ -248,9 +294,8 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
         // SETITEMS
         const m = closeMark();
         const d = open(m > floor ? stack[m - 1]! : fail('reads an empty stack'), 'dict', 'SETITEMS');
-        if ((stack.length - m - 1) % 2) fail('SETITEMS with an odd number of items');
-        for (let i = m + 1; i < stack.length; i += 2) setItem(d, stack[i]!, stack[i + 1]!);
-        stack.length = m;
+        setItems(d, m + 1, 'SETITEMS');
+        sp = m;
         break;
       }
       case 0x58: // BINUNICODE
@@ -340,10 +385,4 @@ export function readPickle(bytes: Uint8Array, what = 'pickle'): PickleValue {
   }
 }
 
-function describe(v: PickleValue): string {
-  if (v === null) return 'None';
-  if (Array.isArray(v)) return 'list';
-  if (v instanceof Map) return 'dict';
-  if (isTuple(v)) return 'tuple';
-  return typeof v;
-}
+const describe = (v: null | boolean | number | string): string => (v === null ? 'None' : typeof v);
