@@ -63,11 +63,12 @@ const shapeText = (shapes: readonly (readonly number[])[]) => shapes.map((s) => 
 
 /** The analyzer's per-op size rule on one rank's call: what is wrong, or null. */
 export function sizeRuleProblem(kind: string, entries: readonly FrEntry[], groupSize: number): string | null {
-  const inN = numel(entries.flatMap((e) => e.inputSizes));
-  const outN = numel(entries.flatMap((e) => e.outputSizes));
-  if (entries.every((e) => e.inputSizes.length === 0 && e.outputSizes.length === 0)) return null;
-  const shapes = (f: 'inputSizes' | 'outputSizes') => shapeText(entries.flatMap((e) => e[f]));
-  if (kind === 'all_reduce' && shapes('inputSizes') !== shapes('outputSizes')) return `its all_reduce's input ${shapes('inputSizes')} differs from its output ${shapes('outputSizes')}`;
+  const ins = entries.length === 1 ? entries[0]!.inputSizes : entries.flatMap((e) => e.inputSizes);
+  const outs = entries.length === 1 ? entries[0]!.outputSizes : entries.flatMap((e) => e.outputSizes);
+  if (ins.length === 0 && outs.length === 0) return null;
+  if (kind === 'all_reduce') return sameShapes(ins, outs) ? null : `its all_reduce's input ${shapeText(ins)} differs from its output ${shapeText(outs)}`;
+  const inN = numel(ins);
+  const outN = numel(outs);
   if (kind === 'all_gather' && outN !== inN * groupSize) return `its all_gather's output has ${outN} elements, not input ${inN} × group size ${groupSize}`;
   if (kind === 'reduce_scatter' && inN !== outN * groupSize) return `its reduce_scatter's input has ${inN} elements, not output ${outN} × group size ${groupSize}`;
   return null;
@@ -77,6 +78,13 @@ export function sizeRuleProblem(kind: string, entries: readonly FrEntry[], group
 const SIZED = new Set(['all_reduce', 'all_gather', 'reduce_scatter']);
 
 const STATE_ORDER: Record<FrState, number> = { scheduled: 0, started: 1, completed: 2 };
+const STATE_BIT: Record<FrState, number> = { scheduled: 1, started: 2, completed: 4 };
+
+/** The calls at one position of a group, and which states they are in (STATE_BIT). */
+interface Position {
+  readonly calls: Call[];
+  states: number;
+}
 
 /** Reads a set of dumps (one per rank) into the verdict, diagnosis and report input. */
 export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
@@ -126,38 +134,49 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
 
   const tracker = new CollectiveTracker({ ep: 1, dp: 1 }, true, specs);
   /** Per communicator, per position: the calls issued there so far. */
-  const slot = new Map<string, Call[][]>(specs.map((x) => [x.id, []]));
+  const slot = new Map<string, Position[]>(specs.map((x) => [x.id, []]));
   const specOf = new Map(specs.map((x) => [x.id, x]));
-  /** Each rank's next call to issue. */
-  const next = new Map([...calls.keys()].map((r) => [r, 0]));
-  const pending = (r: number) => next.get(r)! < calls.get(r)!.length;
-  // Replay to quiescence: a rank issues its calls in order until one blocks it; a position
-  // the analyzer's checks find wrong never completes (its ranks stay blocked, as in NCCL).
-  for (;;) {
-    let moved = false;
-    for (const [r, cs] of calls) {
-      if (!pending(r) || tracker.blockedOn(r)) continue;
-      const c = cs[next.get(r)!]!;
-      next.set(r, next.get(r)! + 1);
-      moved = true;
-      tracker.issue(r, c.issued, c.dtype, c.comm, (entry) => {
-        const here = (slot.get(entry.communicator)![entry.position] ??= []);
-        here.push(c);
-        return frCheck(c, here, specOf.get(c.comm)!, entry.position);
-      });
+  // Replay to quiescence: the ranks that can move take turns (ascending), one call each; a
+  // rank leaves the turns when a call blocks it and rejoins when that position completes. A
+  // position the analyzer's checks find wrong never completes (its ranks stay blocked, as in NCCL).
+  const order = [...calls.keys()].sort((a, b) => a - b);
+  const indexOf = new Map(order.map((r, i) => [r, i]));
+  const callsOf = order.map((r) => calls.get(r)!);
+  const next = new Int32Array(order.length);
+  const queued = new Uint8Array(order.length);
+  let current: Call;
+  const judge = (entry: LedgerEntry) => {
+    const at = (slot.get(entry.communicator)![entry.position] ??= { calls: [], states: 0 });
+    const before = at.states;
+    at.calls.push(current);
+    at.states |= STATE_BIT[current.state];
+    return frCheck(current, at, before, specOf.get(current.comm)!, entry.position);
+  };
+  let turn = order.map((_, i) => i);
+  while (turn.length) {
+    const again: number[] = [];
+    const enqueue = (i: number) => {
+      if (!queued[i]) again.push(i);
+      queued[i] = 1;
+    };
+    for (const i of turn) {
+      if (next[i]! >= callsOf[i]!.length || tracker.blockedOn(order[i]!)) continue;
+      current = callsOf[i]![next[i]!++]!;
+      const { completed } = tracker.issue(order[i]!, current.issued, current.dtype, current.comm, judge);
+      for (const e of completed ?? []) enqueue(indexOf.get(e.rank)!);
+      if (!tracker.blockedOn(order[i]!)) enqueue(i);
     }
-    if (moved) continue;
-    // Nothing can move: a rank whose evidence ends, not blocked, has finished (dead ones never do).
-    const r = [...calls.keys()].find((rank) => !pending(rank) && !tracker.blockedOn(rank) && !tracker.isFinished(rank));
-    if (r === undefined) break;
-    tracker.finish(r);
+    turn = again.sort((a, b) => a - b);
+    for (const i of turn) queued[i] = 0;
   }
+  // Nothing can move: a rank whose evidence ends, not blocked, has finished (dead ones never do).
+  for (const r of order) if (!tracker.blockedOn(r)) tracker.finish(r);
   // Every hung group, in the tracker's canonical order (what `sim --json` lists): the first is the verdict.
   const hangs = tracker.hangs();
 
   const ranks = rankReports(world, calls);
   const ledger = tracker.entries;
-  const callOf = (e: LedgerEntry) => slot.get(e.communicator)![e.position]!.find((c) => c.rank === e.rank)!;
+  const callOf = (e: LedgerEntry) => slot.get(e.communicator)![e.position]!.calls.find((c) => c.rank === e.rank)!;
   const found: Diagnosis = hangs.length
     ? { ...explain(hangs[0]!, tracker, callOf, ranks, skips), hangs: hangSummaries(hangs) }
     : world.every((r) => tracker.isFinished(r)) && tracker.openPositions().length === 0
@@ -166,7 +185,7 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
   const diagnosis = withDeadRanks(found, dead, ledger, specs, 'Flight Recorder dump');
 
   // The dumps' own number for the verdict's position: the seq id its calls carry there.
-  const there = slot.get(diagnosis.communicator ?? '')?.[diagnosis.position ?? -1]?.[0];
+  const there = slot.get(diagnosis.communicator ?? '')?.[diagnosis.position ?? -1]?.calls[0];
   const seq = there ? there.seq : null;
   return { diagnosis, ledger, report: reportInput(dumps, world, specs, ledger, diagnosis, calls, groups), seq };
 }
@@ -226,13 +245,14 @@ function call(rank: number, comm: string, seq: number, entries: FrEntry[], kind:
 }
 
 /** One shared object per (op, size), as epIssued. */
-const torchIssuedCache = new Map<string, IssuedCollective>();
+const torchIssuedCache = new Map<string, Map<number | null, IssuedCollective>>();
 function torchIssued(kind: string, size: number | null): IssuedCollective {
-  const key = `${kind}|${size}`;
-  let i = torchIssuedCache.get(key);
+  let bySize = torchIssuedCache.get(kind);
+  if (!bySize) torchIssuedCache.set(kind, (bySize = new Map()));
+  let i = bySize.get(size);
   if (!i) {
-    if (torchIssuedCache.size > 100_000) torchIssuedCache.clear(); // a bound for a long-lived process; only sharing is lost
-    torchIssuedCache.set(key, (i = { ...ISSUED_BASE, op: `torch.${kind === 'p2p' ? 'send/recv' : kind}`, phase: 'forward', layer: 0, size, statePath: '' }));
+    if (bySize.size > 100_000) bySize.clear(); // a bound for a long-lived process; only sharing is lost
+    bySize.set(size, (i = { ...ISSUED_BASE, op: `torch.${kind === 'p2p' ? 'send/recv' : kind}`, phase: 'forward', layer: 0, size, statePath: '' }));
   }
   return i;
 }
@@ -276,12 +296,11 @@ function mapEpGroups(groups: Map<string, Group>, calls: Map<number, Call[]>): Sk
 const ISSUED_BASE = { comm: 'ep', issuer: 'layer', unit: null, microBatch: 0, sendSplits: null, recvSplits: null, size: null, why: [] } as const;
 
 /** One shared object per (op, layer): a million calls need a dozen of them. */
-const epIssuedCache = new Map<string, IssuedCollective>();
+const epIssuedCache = new Map<EpOp, IssuedCollective[]>();
 function epIssued(op: EpOp, layer: number): IssuedCollective {
-  const key = `${op}|${layer}`;
-  let i = epIssuedCache.get(key);
-  if (!i) epIssuedCache.set(key, (i = { ...ISSUED_BASE, op, phase: op.startsWith('bwd') ? 'backward' : 'forward', layer, statePath: STATE_PATH[op]! }));
-  return i;
+  let byLayer = epIssuedCache.get(op);
+  if (!byLayer) epIssuedCache.set(op, (byLayer = []));
+  return (byLayer[layer] ??= { ...ISSUED_BASE, op, phase: op.startsWith('bwd') ? 'backward' : 'forward', layer, statePath: STATE_PATH[op]! });
 }
 
 const STATE_PATH: Record<string, string> = {
@@ -364,24 +383,42 @@ function mapEp(cs: readonly Call[], n: number): { ops: ({ op: EpOp; layer: numbe
   return { ops, skips };
 }
 
-/** The analyzer's checks at a position, in the tracker's terms: shapes, state, all-to-all totals. */
-function frCheck(c: Call, here: readonly Call[], spec: CommunicatorSpec, position: number): Finding | null {
+/** A call's shapes of one side, over its entries (one entry: its own list, no copy). */
+const shapesOf = (c: Call, f: 'inputSizes' | 'outputSizes') => (c.entries.length === 1 ? c.entries[0]![f] : c.entries.flatMap((e) => e[f]));
+
+function sameShapes(a: readonly (readonly number[])[], b: readonly (readonly number[])[]): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) {
+    const x = a[i]!;
+    const y = b[i]!;
+    if (x.length !== y.length) return false;
+    for (let j = 0; j < x.length; j++) if (x[j] !== y[j]) return false;
+  }
+  return true;
+}
+
+/**
+ * The analyzer's checks of the call `c` just added at a position, in the tracker's terms:
+ * shapes, state, all-to-all totals. `before`: the states the position held without it.
+ */
+function frCheck(c: Call, at: Position, before: number, spec: CommunicatorSpec, position: number): Finding | null {
   const mismatch = (culprits: number[], detail: string): Finding => ({ kind: 'mismatch', communicator: spec.id, position, culprits, detail });
-  const what = () => describe(c.issued);
-  const kind = c.kind.replace(/_coalesced$/, '');
+  const here = at.calls;
+  const kind = c.kind.endsWith('_coalesced') ? c.kind.slice(0, -'_coalesced'.length) : c.kind;
   const rule = SIZED.has(kind) ? sizeRuleProblem(kind, c.entries, spec.members.length) : null;
-  if (rule) return mismatch([c.rank], `rank ${c.rank}: ${rule} in ${what()}`);
+  if (rule) return mismatch([c.rank], `rank ${c.rank}: ${rule} in ${describe(c.issued)}`);
   const ref = here[0] === c ? here[1] : here[0];
   if (ref && ref.kind === c.kind && c.kind !== 'all_to_all') {
-    const sig = (x: Call, f: 'inputSizes' | 'outputSizes') => shapeText(x.entries.flatMap((e) => e[f]));
     for (const f of ['inputSizes', 'outputSizes'] as const) {
-      if (sig(ref, f) !== sig(c, f)) return mismatch([ref.rank, c.rank], `rank ${ref.rank}'s ${what()} has ${f === 'inputSizes' ? 'input' : 'output'} ${sig(ref, f)} but rank ${c.rank}'s has ${sig(c, f)}`);
+      if (!sameShapes(shapesOf(ref, f), shapesOf(c, f))) return mismatch([ref.rank, c.rank], `rank ${ref.rank}'s ${describe(c.issued)} has ${f === 'inputSizes' ? 'input' : 'output'} ${shapeText(shapesOf(ref, f))} but rank ${c.rank}'s has ${shapeText(shapesOf(c, f))}`);
     }
   }
-  if (c.state !== 'started') {
-    const done = here.find((x) => x.state === 'completed');
-    const waiting = here.find((x) => x.state === 'scheduled');
-    if (done && waiting) return mismatch([waiting.rank], `rank ${done.rank}'s ${what()} completed while rank ${waiting.rank}'s is still scheduled: a state mismatch`);
+  // Completed beside scheduled: found when the call that brings the second of them arrives.
+  const both = STATE_BIT.completed | STATE_BIT.scheduled;
+  if ((at.states & both) === both && (before & both) !== both) {
+    const done = here.find((x) => x.state === 'completed')!;
+    const waiting = here.find((x) => x.state === 'scheduled')!;
+    return mismatch([waiting.rank], `rank ${done.rank}'s ${describe(c.issued)} completed while rank ${waiting.rank}'s is still scheduled: a state mismatch`);
   }
   if (here.length === spec.members.length && c.kind === 'all_to_all' && here.every((x) => x.entries[0]!.inputSizes.length)) {
     const sent = here.reduce((a, x) => a + numel(x.entries[0]!.inputSizes), 0);
@@ -389,7 +426,7 @@ function frCheck(c: Call, here: readonly Call[], spec: CommunicatorSpec, positio
     if (sent !== received) {
       return mismatch(
         here.map((x) => x.rank),
-        `the ranks' ${what()} sends ${sent} elements in all but receives ${received}: ${here.map((x) => `rank ${x.rank} ${shapeText(x.entries[0]!.inputSizes)}→${shapeText(x.entries[0]!.outputSizes)}`).join(', ')}`,
+        `the ranks' ${describe(c.issued)} sends ${sent} elements in all but receives ${received}: ${here.map((x) => `rank ${x.rank} ${shapeText(x.entries[0]!.inputSizes)}→${shapeText(x.entries[0]!.outputSizes)}`).join(', ')}`,
       );
     }
   }
