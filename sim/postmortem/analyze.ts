@@ -48,6 +48,17 @@ export interface PostMortem {
 
 /** torch's op names (all_gather_into_tensor, _reduce_scatter_base, …) folded to the collective they are. */
 export function opKind(op: string): string {
+  let k = opKinds.get(op);
+  if (k === undefined) {
+    if (opKinds.size > 10_000) opKinds.clear(); // a bound for a long-lived process
+    opKinds.set(op, (k = foldOp(op)));
+  }
+  return k;
+}
+/** A dump names a handful of ops a million times: each is folded once. */
+const opKinds = new Map<string, string>();
+
+function foldOp(op: string): string {
   const o = op.replace(/^_+/, '');
   if (/^all_?reduce/.test(o)) return 'all_reduce';
   if (/^all_?gather/.test(o)) return 'all_gather';
@@ -420,9 +431,15 @@ function frCheck(c: Call, at: Position, before: number, spec: CommunicatorSpec, 
     const waiting = here.find((x) => x.state === 'scheduled')!;
     return mismatch([waiting.rank], `rank ${done.rank}'s ${describe(c.issued)} completed while rank ${waiting.rank}'s is still scheduled: a state mismatch`);
   }
-  if (here.length === spec.members.length && c.kind === 'all_to_all' && here.every((x) => x.entries[0]!.inputSizes.length)) {
-    const sent = here.reduce((a, x) => a + numel(x.entries[0]!.inputSizes), 0);
-    const received = here.reduce((a, x) => a + numel(x.entries[0]!.outputSizes), 0);
+  if (here.length === spec.members.length && c.kind === 'all_to_all') {
+    let sent = 0;
+    let received = 0;
+    for (const x of here) {
+      const e = x.entries[0]!;
+      if (!e.inputSizes.length) return null; // before 2.4 no sizes: totals unknown
+      sent += numel(e.inputSizes);
+      received += numel(e.outputSizes);
+    }
     if (sent !== received) {
       return mismatch(
         here.map((x) => x.rank),
@@ -513,16 +530,33 @@ function explain(finding: Finding, tracker: CollectiveTracker, callOf: (e: Ledge
  */
 const REPORT_LIMIT = 20_000;
 const REPORT_WINDOW = 48;
+/**
+ * Past REPORT_LIMIT, the calls drawn: groups (the verdict's, the other hung ones, then in
+ * order) while their windows fit. A 512-rank job has 72 groups; all of them would be a page
+ * of 25 MB that a browser opens slowly, if at all.
+ */
+const REPORT_CALLS = 8_000;
 
 /** The report a simulation writes, from the dumps: their groups, ledger, timeline and each rank's path through the machine. */
 function reportInput(dumps: readonly FrDump[], world: readonly number[], specs: readonly CommunicatorSpec[], fullLedger: readonly LedgerEntry[], fullDiagnosis: Diagnosis, calls: Map<number, Call[]>, groups: Map<string, Group>): ReportInput {
   const from = new Map<string, number>();
+  const shown = new Set<string>();
   if (fullLedger.length > REPORT_LIMIT) {
     for (const e of fullLedger) from.set(e.communicator, Math.max(from.get(e.communicator) ?? 0, e.position - REPORT_WINDOW + 1));
     if (fullDiagnosis.communicator !== null && fullDiagnosis.position !== null) from.set(fullDiagnosis.communicator, Math.max(0, fullDiagnosis.position - REPORT_WINDOW + 8));
+    // Groups by priority while their windows fit the budget (the verdict's always).
+    const membersOf = new Map(specs.map((x) => [x.id, x.members.length]));
+    let budget = REPORT_CALLS;
+    for (const id of [fullDiagnosis.communicator, ...(fullDiagnosis.hangs ?? []).map((h) => h.communicator), ...specs.map((x) => x.id)]) {
+      const calls = REPORT_WINDOW * (membersOf.get(id ?? '') ?? 0);
+      if (id === null || !from.has(id) || shown.has(id) || (calls > budget && shown.size > 0)) continue;
+      shown.add(id);
+      budget -= calls;
+    }
   }
+  const drawn = (comm: string) => shown.size === 0 || shown.has(comm);
   const shift = (comm: string, p: number) => p - (from.get(comm) ?? 0);
-  const visible = (comm: string, p: number) => shift(comm, p) >= 0 && shift(comm, p) < REPORT_WINDOW + (from.size ? 0 : Infinity);
+  const visible = (comm: string, p: number) => drawn(comm) && shift(comm, p) >= 0 && shift(comm, p) < REPORT_WINDOW + (from.size ? 0 : Infinity);
   const ledger = fullLedger.filter((e) => visible(e.communicator, e.position)).map((e) => (from.size ? { ...e, position: shift(e.communicator, e.position) } : e));
   const diagnosis = from.size && fullDiagnosis.communicator !== null && fullDiagnosis.position !== null ? { ...fullDiagnosis, position: shift(fullDiagnosis.communicator, fullDiagnosis.position) } : fullDiagnosis;
   const ep = [...groups.values()].find((g) => ledger.some((e) => e.communicator === g.spec.id && e.op === 'fwd.counts'));
@@ -550,10 +584,14 @@ function reportInput(dumps: readonly FrDump[], world: readonly number[], specs: 
     const cs = calls.get(r) ?? [];
     const upTo = cs.findIndex((c) => c.state !== 'completed');
     const mine = upTo < 0 ? cs : cs.slice(0, upTo + 1);
+    if (from.size && !mine.some((c) => drawn(c.comm))) return [];
     return (from.size ? mine.slice(-REPORT_WINDOW) : mine).flatMap((c) => (c.issued.statePath ? [c.issued.statePath] : []));
   });
   const d0 = dumps[0]!;
-  const cut = from.size ? `; the ledger and timeline show ${REPORT_WINDOW} positions of each group (${ledger.length} of ${fullLedger.length} calls), numbered from the first shown` : '';
-  const evidence = `Flight Recorder dumps of ${dumps.length} rank${dumps.length > 1 ? 's' : ''} (trace version ${d0.version}${d0.commLibVersion ? `, ${d0.entries[0]?.backend ?? 'nccl'} ${d0.commLibVersion}` : ''}); groups: ${specs.filter((s) => !s.id.includes('→')).map((s) => `${s.id} (ranks ${rankRanges(s.members)})`).join(', ')}${cut}`;
-  return { scenario, diagnosis, ledger, paths, trace, routing: { sendRows: [], rowsPerExpert: [] }, clock: 'real', communicators: specs, evidence };
+  const groupCount = new Set(fullLedger.map((e) => e.communicator)).size;
+  const cut = from.size
+    ? `; the ledger and timeline show ${REPORT_WINDOW} positions of each group (${ledger.length} of ${fullLedger.length} calls), numbered from the first shown${shown.size < groupCount ? `, of ${shown.size} of the ${groupCount} groups (the verdict's and the other hung ones first; the verdict and --json cover all)` : ''}`
+    : '';
+  const evidence = `Flight Recorder dumps of ${dumps.length} rank${dumps.length > 1 ? 's' : ''} (trace version ${d0.version}${d0.commLibVersion ? `, ${d0.entries[0]?.backend ?? 'nccl'} ${d0.commLibVersion}` : ''}); groups: ${specs.filter((s) => !s.id.includes('→') && drawn(s.id)).map((s) => `${s.id} (ranks ${rankRanges(s.members)})`).join(', ')}${cut}`;
+  return { scenario, diagnosis, ledger, paths, trace, routing: { sendRows: [], rowsPerExpert: [] }, clock: 'real', communicators: specs.filter((x) => drawn(x.id)), evidence };
 }

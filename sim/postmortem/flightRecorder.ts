@@ -154,6 +154,22 @@ function frameList(frames: readonly unknown[]): readonly FrFrame[] {
 const PROFILING = /^([a-z]+):(\S+)(?: (\d+)(->|<-)(\d+))?$/;
 const STATES: readonly string[] = ['scheduled', 'started', 'completed'];
 
+type Profiling = Pick<FrEntry, 'backend' | 'op' | 'p2p'>;
+/** A dump repeats a handful of profiling names a million times: each is read once. */
+const profilings = new Map<string, Profiling>();
+function profiling(name: string): Profiling {
+  const known = profilings.get(name);
+  if (known) return known;
+  const pm = PROFILING.exec(name);
+  if (!pm) throw new FieldError('profiling_name', `${JSON.stringify(name.slice(0, 60))} is not backend:op`);
+  const [, backend, op, a, arrow, b] = pm;
+  if (!(BACKENDS as readonly string[]).includes(backend!)) throw new FieldError('profiling_name', `has backend ${JSON.stringify(backend)}; known: ${BACKENDS.join(', ')}`);
+  const p: Profiling = { backend: backend!, op: op!, p2p: a === undefined ? null : arrow === '->' ? { from: Number(a), to: Number(b) } : { from: Number(b), to: Number(a) } };
+  if (profilings.size > 10_000) profilings.clear(); // a bound for a long-lived process
+  profilings.set(name, p);
+  return p;
+}
+
 /** Checks a decoded dump; every error names the file and the field. */
 export function parseDump(value: unknown, file: string, rank: number): FrDump {
   const fail = (msg: string): never => {
@@ -205,10 +221,7 @@ function parseEntry(raw: unknown, groups: ReadonlyMap<string, FrGroup>, minor: n
   const pgName = str(list(e.process_group, 'process_group')[0], 'process_group[0]');
   if (!groups.has(pgName)) throw new FieldError('', `is on process group ${JSON.stringify(pgName)}, which pg_config does not list`);
   const profilingName = str(e.profiling_name, 'profiling_name');
-  const pm = PROFILING.exec(profilingName);
-  if (!pm) throw new FieldError('profiling_name', `${JSON.stringify(profilingName.slice(0, 60))} is not backend:op`);
-  const [, backend, op, a, arrow, b] = pm;
-  if (!(BACKENDS as readonly string[]).includes(backend!)) throw new FieldError('profiling_name', `has backend ${JSON.stringify(backend)}; known: ${BACKENDS.join(', ')}`);
+  const { backend, op, p2p } = profiling(profilingName);
   // Before 2.4 all-to-all entries carry no sizes; absent reads as unknown (empty).
   const sizes = (v: unknown, field: string) => (v === undefined && minor < 4 ? [] : shapes(v, field));
   const state = str(e.state, 'state');
@@ -220,9 +233,9 @@ function parseEntry(raw: unknown, groups: ReadonlyMap<string, FrGroup>, minor: n
     seq: int(e.collective_seq_id, 'collective_seq_id'),
     p2pSeq: e.p2p_seq_id === undefined ? 0 : int(e.p2p_seq_id, 'p2p_seq_id'),
     profilingName,
-    backend: backend!,
-    op: op!,
-    p2p: a === undefined ? null : arrow === '->' ? { from: Number(a), to: Number(b) } : { from: Number(b), to: Number(a) },
+    backend,
+    op,
+    p2p,
     inputSizes: sizes(e.input_sizes, 'input_sizes'),
     outputSizes: sizes(e.output_sizes, 'output_sizes'),
     inputDtypes: strings(e.input_dtypes, 'input_dtypes'),
