@@ -155,14 +155,24 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
   /** Per communicator, per position: the calls issued there so far. */
   const slot = new Map<string, Position[]>(specs.map((x) => [x.id, []]));
   const specOf = new Map(specs.map((x) => [x.id, x]));
-  // Replay to quiescence: the ranks that can move take turns (ascending), one call each; a
-  // rank leaves the turns when a call blocks it and rejoins when that position completes. A
-  // position the analyzer's checks find wrong never completes (its ranks stay blocked, as in NCCL).
+  // Replay to quiescence: the ranks that can move take turns, one call each, first come first
+  // served; a rank leaves the queue when a call blocks it and rejoins when that position
+  // completes. A position the analyzer's checks find wrong never completes (its ranks stay
+  // blocked, as in NCCL).
   const order = [...calls.keys()].sort((a, b) => a - b);
   const indexOf = new Map(order.map((r, i) => [r, i]));
   const callsOf = order.map((r) => calls.get(r)!);
   const next = new Int32Array(order.length);
+  // A ring of rank indices, each at most once in it (queued).
+  const queue = new Int32Array(order.length);
   const queued = new Uint8Array(order.length);
+  let head = 0;
+  let size = 0;
+  const enqueue = (i: number) => {
+    if (queued[i]) return;
+    queued[i] = 1;
+    queue[(head + size++) % queue.length] = i;
+  };
   let current: Call;
   const judge = (entry: LedgerEntry) => {
     const at = (slot.get(entry.communicator)![entry.position] ??= { calls: [], states: 0 });
@@ -171,22 +181,17 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
     at.states |= STATE_BIT[current.state];
     return frCheck(current, at, before, specOf.get(current.comm)!, entry.position);
   };
-  let turn = order.map((_, i) => i);
-  while (turn.length) {
-    const again: number[] = [];
-    const enqueue = (i: number) => {
-      if (!queued[i]) again.push(i);
-      queued[i] = 1;
-    };
-    for (const i of turn) {
-      if (next[i]! >= callsOf[i]!.length || tracker.blockedOn(order[i]!)) continue;
-      current = callsOf[i]![next[i]!++]!;
-      const { completed } = tracker.issue(order[i]!, current.issued, current.dtype, current.comm, judge);
-      for (const e of completed ?? []) enqueue(indexOf.get(e.rank)!);
-      if (!tracker.blockedOn(order[i]!)) enqueue(i);
-    }
-    turn = again.sort((a, b) => a - b);
-    for (const i of turn) queued[i] = 0;
+  order.forEach((_, i) => enqueue(i));
+  while (size > 0) {
+    const i = queue[head]!;
+    head = (head + 1) % queue.length;
+    size--;
+    queued[i] = 0;
+    if (next[i]! >= callsOf[i]!.length || tracker.blockedOn(order[i]!)) continue;
+    current = callsOf[i]![next[i]!++]!;
+    const { completed } = tracker.issue(order[i]!, current.issued, current.dtype, current.comm, judge);
+    for (const e of completed ?? []) enqueue(indexOf.get(e.rank)!);
+    if (!tracker.blockedOn(order[i]!)) enqueue(i);
   }
   // Nothing can move: a rank whose evidence ends, not blocked, has finished (dead ones never do).
   for (const r of order) if (!tracker.blockedOn(r)) tracker.finish(r);

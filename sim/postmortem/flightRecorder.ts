@@ -127,19 +127,45 @@ const ns = (v: unknown, field: string): bigint | null => {
   if (typeof v === 'number' && Number.isFinite(v)) return BigInt(Math.round(v));
   throw new FieldError(field, 'is not a time in ns');
 };
-const shapes = (v: unknown, field: string): readonly number[][] => {
+/**
+ * The lists a dump repeats entry after entry (shapes, dtypes, frames), kept once per dump:
+ * its million entries then hold a few dozen lists, not several million.
+ */
+class Shared {
+  private readonly lists = new Map<string, readonly unknown[]>();
+  private readonly frameIds = new Map<object, number>();
+  list<T>(key: string, v: readonly T[]): readonly T[] {
+    const known = this.lists.get(key);
+    if (known) return known as readonly T[];
+    this.lists.set(key, v);
+    return v;
+  }
+  /** Frames by identity: torch shares each frame dict across the entries that name it. */
+  frames(frames: readonly FrFrame[]): readonly FrFrame[] {
+    let key = 'f';
+    for (const f of frames) {
+      let id = this.frameIds.get(f);
+      if (id === undefined) this.frameIds.set(f, (id = this.frameIds.size));
+      key += `${id},`;
+    }
+    return this.list(key, frames);
+  }
+}
+const shapes = (v: unknown, field: string, shared: Shared): readonly number[][] => {
   const outer = list(v, field);
+  let key = 's';
   for (let k = 0; k < outer.length; k++) {
     const s = outer[k];
     if (!Array.isArray(s)) throw new FieldError(`${field}[${k}]`, 'is not a list');
     for (let j = 0; j < s.length; j++) if (typeof s[j] !== 'number' || !Number.isSafeInteger(s[j]) || s[j] < 0) throw new FieldError(`${field}[${k}][${j}]`, 'is not a size');
+    key += `${s.join(',')};`;
   }
-  return outer as readonly number[][];
+  return shared.list(key, outer as readonly number[][]);
 };
-const strings = (v: unknown, field: string): readonly string[] => {
+const strings = (v: unknown, field: string, shared: Shared): readonly string[] => {
   const out = v === undefined ? [] : list(v, field);
   for (let k = 0; k < out.length; k++) if (typeof out[k] !== 'string') throw new FieldError(`${field}[${k}]`, 'is not a string');
-  return out as readonly string[];
+  return shared.list(`d${out.join(';')}`, out as readonly string[]);
 };
 const NO_FRAMES: readonly FrFrame[] = [];
 const isFrame = (f: unknown): f is FrFrame => !!f && typeof f === 'object' && typeof (f as FrFrame).name === 'string' && typeof (f as FrFrame).filename === 'string' && typeof (f as FrFrame).line === 'number';
@@ -201,32 +227,36 @@ function parseFields(value: unknown, file: string, rank: number, fail: (msg: str
   }
   const raw = list(top.entries ?? [], 'entries');
   const entries: FrEntry[] = new Array(raw.length);
+  const shared = new Shared();
+  const mine = new Set<string>(); // groups already seen to include this rank
   for (let i = 0; i < raw.length; i++) {
     try {
-      entries[i] = parseEntry(raw[i], groups, minor);
+      entries[i] = parseEntry(raw[i], groups, minor, shared);
     } catch (e) {
       if (e instanceof FieldError) fail(`entries[${i}]${e.field ? `.${e.field}` : ''} ${e.problem}`);
       throw e;
     }
     const e = entries[i]!;
     if (i > 0 && e.recordId <= entries[i - 1]!.recordId) fail(`entries[${i}].record_id ${e.recordId} does not follow ${entries[i - 1]!.recordId}`);
-    const members = groups.get(e.pgName)!.ranks;
-    if (!members.includes(rank)) fail(`entries[${i}] is on process group ${e.pgName}, whose ranks do not include ${rank} (the rank its file name gives)`);
+    if (!mine.has(e.pgName)) {
+      if (!groups.get(e.pgName)!.ranks.includes(rank)) fail(`entries[${i}] is on process group ${e.pgName}, whose ranks do not include ${rank} (the rank its file name gives)`);
+      mine.add(e.pgName);
+    }
   }
   return { file, rank, version, commLibVersion: lib === null ? null : String(lib), groups, entries, truncated: (entries[0]?.recordId ?? 0) > 0 };
 }
 
-function parseEntry(raw: unknown, groups: ReadonlyMap<string, FrGroup>, minor: number): FrEntry {
+function parseEntry(raw: unknown, groups: ReadonlyMap<string, FrGroup>, minor: number, shared: Shared): FrEntry {
   const e = obj(raw, '');
   const pgName = str(list(e.process_group, 'process_group')[0], 'process_group[0]');
   if (!groups.has(pgName)) throw new FieldError('', `is on process group ${JSON.stringify(pgName)}, which pg_config does not list`);
   const profilingName = str(e.profiling_name, 'profiling_name');
   const { backend, op, p2p } = profiling(profilingName);
   // Before 2.4 all-to-all entries carry no sizes; absent reads as unknown (empty).
-  const sizes = (v: unknown, field: string) => (v === undefined && minor < 4 ? [] : shapes(v, field));
+  const sizes = (v: unknown, field: string) => (v === undefined && minor < 4 ? [] : shapes(v, field, shared));
   const state = str(e.state, 'state');
   if (!STATES.includes(state)) throw new FieldError('state', `${JSON.stringify(state)} is not scheduled, started or completed`);
-  const frames = e.frames === undefined ? NO_FRAMES : frameList(list(e.frames, 'frames'));
+  const frames = e.frames === undefined ? NO_FRAMES : shared.frames(frameList(list(e.frames, 'frames')));
   return {
     recordId: int(e.record_id, 'record_id'),
     pgName,
@@ -238,8 +268,8 @@ function parseEntry(raw: unknown, groups: ReadonlyMap<string, FrGroup>, minor: n
     p2p,
     inputSizes: sizes(e.input_sizes, 'input_sizes'),
     outputSizes: sizes(e.output_sizes, 'output_sizes'),
-    inputDtypes: strings(e.input_dtypes, 'input_dtypes'),
-    outputDtypes: strings(e.output_dtypes, 'output_dtypes'),
+    inputDtypes: strings(e.input_dtypes, 'input_dtypes', shared),
+    outputDtypes: strings(e.output_dtypes, 'output_dtypes', shared),
     state: state as FrState,
     createdNs: ns(e.time_created_ns, 'time_created_ns') ?? 0n,
     completedNs: ns(e.time_discovered_completed_ns, 'time_discovered_completed_ns'),
