@@ -5,7 +5,7 @@
 // supervisor and the discrete-event engine both feed it, so they share one implementation
 // of matching and verdicts.
 import type { IssuedCollective } from './snapshot.js';
-import { commOf, communicators, type CommunicatorSpec, type Mesh } from './mesh.js';
+import { commOf, communicators, ppOf, type CommKind, type CommunicatorSpec, type Mesh } from './mesh.js';
 
 export interface LedgerEntry extends IssuedCollective {
   readonly communicator: string;
@@ -36,6 +36,8 @@ interface OpenPosition {
   issued: number;
   /** Proved inconsistent: it never completes, whoever issues it later. */
   broken: boolean;
+  /** What the caller's own check (issue's `judge`) found here first. */
+  judged: Finding | null;
   /** The communicator's `verified` entries when the position opened. */
   readonly verified: readonly (LedgerEntry | undefined)[] | null;
   /**
@@ -103,9 +105,11 @@ export class CollectiveTracker {
    * a mismatch or that a member will never come. Cycles are found by findCycle(), which
    * callers run when a rank blocks (cheap at actor-runtime sizes) or when nothing else can
    * move (the discrete-event engine at thousands of ranks). `communicator` names the
-   * communicator when the tracker was given its own specs instead of the mesh's.
+   * communicator when the tracker was given its own specs instead of the mesh's. `judge` is
+   * the caller's own check of the entry at its position (a post-mortem's shapes and
+   * states): what it finds breaks the position as the tracker's own checks do.
    */
-  issue(rank: number, c: IssuedCollective, dtype: string, communicator?: string): { entry: LedgerEntry; completed: LedgerEntry[] | null; finding: Finding | null } {
+  issue(rank: number, c: IssuedCollective, dtype: string, communicator?: string, judge?: (entry: LedgerEntry) => Finding | null): { entry: LedgerEntry; completed: LedgerEntry[] | null; finding: Finding | null } {
     if (this.blocked.has(rank)) throw new Error(`rank ${rank} issued ${c.op} while still blocked in ${this.blocked.get(rank)!.op}`);
     const comm = communicator === undefined ? this.commFor(rank, c.comm) : this.comms.get(communicator);
     if (!comm || !comm.memberOf.has(rank)) throw new Error(`rank ${rank} issued ${c.op} on ${communicator}, a communicator it is not a member of`);
@@ -113,7 +117,7 @@ export class CollectiveTracker {
     const position = comm.next[member]!++;
     let pos = comm.open.get(position);
     const n = comm.spec.members.length;
-    if (!pos) comm.open.set(position, (pos = { slot: new Array<LedgerEntry | undefined>(n), issued: 0, broken: false, verified: comm.verified, reuse: new Uint8Array(n), reused: [0, 0, 0, 0], uniform: null }));
+    if (!pos) comm.open.set(position, (pos = { slot: new Array<LedgerEntry | undefined>(n), issued: 0, broken: false, judged: null, verified: comm.verified, reuse: new Uint8Array(n), reused: [0, 0, 0, 0], uniform: null }));
     const verified = pos.verified?.[member];
     let reuse: 0 | 1 | 2 | 3 = reuseOf(c, verified);
     if (reuse === 0) {
@@ -131,7 +135,10 @@ export class CollectiveTracker {
     pos.reused[reuse]++;
     this.blocked.set(rank, entry);
 
-    const inconsistent = this.checkConsistency(comm, pos, entry);
+    const own = this.checkConsistency(comm, pos, entry);
+    const judged = judge?.(entry) ?? null; // called for every entry: the caller may keep it
+    if (!own && judged) pos.judged ??= judged;
+    const inconsistent = own ?? judged;
     if (inconsistent) pos.broken = true;
     const finding = inconsistent ?? this.checkMissing(comm, position);
     if (finding) return { entry, completed: null, finding };
@@ -166,10 +173,10 @@ export class CollectiveTracker {
     return out;
   }
 
-  private commFor(rank: number, kind: 'ep' | 'dp'): CommState {
+  private commFor(rank: number, kind: CommKind): CommState {
     const id = commOf(this.mesh, rank, kind);
     const comm = this.comms.get(id);
-    if (!comm) throw new Error(`rank ${rank} issued a ${kind} collective but the mesh (ep=${this.mesh.ep}, dp=${this.mesh.dp}) has no ${kind} communicator`);
+    if (!comm) throw new Error(`rank ${rank} issued a ${kind} collective but the mesh (ep=${this.mesh.ep}, dp=${this.mesh.dp}, pp=${ppOf(this.mesh)}) has no ${kind} communicator`);
     return comm;
   }
 
@@ -241,7 +248,7 @@ export class CollectiveTracker {
       for (const position of [...comm.open.keys()].sort((a, b) => a - b)) {
         const pos = comm.open.get(position)!;
         const slot = pos.slot;
-        const found = this.inconsistencyAt(comm, pos) ?? this.checkMissing(comm, position);
+        const found = this.inconsistencyAt(comm, pos) ?? pos.judged ?? this.checkMissing(comm, position);
         if (found) causes.push(found);
         else if (inCycle.has(comm.spec.id)) {
           if (cycle!.communicator === comm.spec.id) causes.push(cycle!);
