@@ -25,7 +25,7 @@ function* everyClass(s: Scenario, o: Observation, a: Alphabet, reduced: boolean)
   for (let level = 0; level <= worldSize(s); level++) {
     for (const { cls } of classesAtLevel(s, o, a, reduced, level)) {
       const r = realize(s, o, a, cls)!;
-      yield { cls, verdict: simulateDes(replayScenario(s, r)).diagnosis.verdict };
+      yield { cls, verdict: simulateDes(replayScenario(s, o, r)).diagnosis.verdict };
     }
   }
 }
@@ -69,7 +69,7 @@ test('cutoff: every class of the exhaustive search has the verdict of its reduce
         const key = JSON.stringify(rc);
         if (!reducedVerdict.has(key)) {
           const r = realize(s, o, red, rc)!;
-          reducedVerdict.set(key, simulateDes(replayScenario(s, r)).diagnosis.verdict);
+          reducedVerdict.set(key, simulateDes(replayScenario(s, o, r)).diagnosis.verdict);
         }
         assert.is(reducedVerdict.get(key) === 'ok', verdict === 'ok', `${variant} ${JSON.stringify(layout)}: class ${JSON.stringify(cls)} is ${verdict}, its reduced class ${reducedVerdict.get(key)}`);
         if (verdict !== 'ok') hangs++;
