@@ -23,7 +23,8 @@ tokens, whether rows reach it, how many of its local experts get rows (or whethe
 none: kernel-hang), its completion order (completion-order) or its order of the shared
 expert's all-gather and fwd.combine (second-stream) per layer call, and only as far as the
 variant and layout make the guards read them (the proof lists them). early-exit's and
-wrong-group's EP rank is singled out. A class fixes the kinds of every rank, up to
+wrong-group's EP rank is singled out (wrong-group on any other EP rank is the same class
+with two EP ranks' routing swapped). A class fixes the kinds of every rank, up to
 permuting EP ranks (alike in every dp group) and dp groups; every layer and micro-batch is
 routed the same way. Under uneven-batches every class also runs once per evaluation batch
 count E, from one batch per rank to --micro-batches per rank (each rank runs its
@@ -43,7 +44,7 @@ variant and FSDP wrap policy. local-capacity sizes splits from token counts: its
 give every holder one capacity level, so unequal holders are not explored.
 
   --exhaustive           no cutoff: every class of rank kinds (holds tokens x local
-                         experts reached x completion orders), for cross-checks; grows
+                         experts reached x orders per layer call), for cross-checks; grows
                          like ep^(kinds-1)
   --max-classes N        run at most N classes (one run per class and evaluation batch
                          count under uneven-batches), and hold at most N for one starved level
