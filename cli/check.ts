@@ -110,7 +110,7 @@ function printSummary(r: ExploreResult | MergedResult, replay: string | null): v
   if (red.cutoff !== null) console.log(`cutoff: 1 rank per kind; the guards read per rank: ${observed}`);
   console.log(`routing: ${runs(c.ranks.map((k) => `${k.holdsTokens ? 'hold' : 'hold no'} tokens, ${k.usedExperts} local expert(s) reached`)).join('; ')}`);
   console.log(`starved (receiving no rows): ${c.starvedRanks.length ? c.starvedRanks.map((g) => `rank ${g}`).join(', ') : 'none'}; rows: ${c.rows}${c.firstReady ? `; issued first: ${c.firstReady.map((o, g) => `rank ${g} ${o.join('/')}`).join(', ')}` : ''}`);
-  if (c.evalBatches !== null) {
+  if (c.evalBatches) {
     const world = worldSize(r.layout);
     const shares = Array.from({ length: world }, (_, g) => `${shardBatches(c.evalBatches!, world, g)} micro-batch(es)`);
     console.log(`evaluation batches: ${c.evalBatches} round-robin over ${world} ranks: ${runs(shares.map((t) => `run ${t}`)).join('; ')}`);
