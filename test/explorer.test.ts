@@ -354,14 +354,8 @@ const combinations = (n: number, k: number): number[][] =>
 const multisets = (n: number, size: number): number[][] =>
   size === 0 ? [[]] : multisets(n, size - 1).flatMap((m) => Array.from({ length: n - (m.at(-1) ?? 0) }, (_, i) => [...m, (m.at(-1) ?? 0) + i]));
 
-interface Concrete {
-  readonly scenario: Scenario;
-  readonly starved: number;
-  readonly rows: number;
-}
-
 /** Every concrete routing of the layout, with the variant's dimension `extras` crossed in. */
-function* concrete(base: Partial<Scenario>, maxTokens: number, extras: readonly Partial<Scenario>[]): Generator<Concrete & { extra: Partial<Scenario> }> {
+function* concrete(base: Partial<Scenario>, maxTokens: number, extras: readonly Partial<Scenario>[]): Generator<{ scenario: Scenario; starved: number; rows: number; extra: Partial<Scenario> }> {
   const s = validateScenario(base);
   const picks = combinations(s.experts, s.topK);
   const options = Array.from({ length: maxTokens + 1 }, (_, t) => multisets(picks.length, t).map((m) => m.flatMap((i) => picks[i]!))).flat();
@@ -394,10 +388,11 @@ function bruteShortest(base: Partial<Scenario>, maxTokens: number, extras: reado
   return { best, runs };
 }
 
-const ordersOf = (world: number, calls: number, ops: readonly [string, string]): Partial<Scenario>[] =>
+/** Every table of per-rank, per-layer-call orders of the shared all-gather and fwd.combine. */
+const streamOrders = (world: number, calls: number): Partial<Scenario>[] =>
   Array.from({ length: 2 ** (world * calls) }, (_, m) => ({
-    streamOrder: Array.from({ length: world }, (_, g) => Array.from({ length: calls }, (_, c) => ((m >> (g * calls + c)) & 1 ? ops[0] : ops[1]))),
-  })) as Partial<Scenario>[];
+    streamOrder: Array.from({ length: world }, (_, g) => Array.from({ length: calls }, (_, c) => ((m >> (g * calls + c)) & 1 ? 'shared.all_gather' : 'fwd.combine'))),
+  }));
 
 interface Issue16Case {
   readonly layout: Partial<Scenario>;
@@ -426,8 +421,8 @@ const ISSUE16: Record<'kernel-hang' | 'wrong-group' | 'uneven-batches' | 'second
   ],
   // Every per-rank order of the shared all-gather and fwd.combine, at one and at two layer calls.
   'second-stream': [
-    { layout: { ep: 2, dp: 2, experts: 2, topK: 1 }, maxTokens: 1, extras: ordersOf(4, 1, ['shared.all_gather', 'fwd.combine']), verdict: 'mismatch' },
-    { layout: { ep: 2, experts: 4, topK: 2, layers: 2 }, maxTokens: 1, extras: ordersOf(2, 2, ['shared.all_gather', 'fwd.combine']), verdict: 'mismatch' },
+    { layout: { ep: 2, dp: 2, experts: 2, topK: 1 }, maxTokens: 1, extras: streamOrders(4, 1), verdict: 'mismatch' },
+    { layout: { ep: 2, experts: 4, topK: 2, layers: 2 }, maxTokens: 1, extras: streamOrders(2, 2), verdict: 'mismatch' },
   ],
 };
 
