@@ -68,6 +68,11 @@ type Waiter = { op: string; resolve: (c: Chunk) => void };
 export interface PeerPort {
   postMessage(message: unknown, transfer?: ArrayBuffer[]): void;
   on(event: 'message', listener: (message: unknown) => void): unknown;
+  /**
+   * Resolves once what this side posted has left the process (null: nothing is pending).
+   * A connection that buffers writes (TCP) says so; a MessagePort hands messages over at once.
+   */
+  flushed?(): Promise<void> | null;
 }
 
 /** Buffers kept per peer for reuse; more than this in flight are dropped to the GC. */
@@ -180,6 +185,8 @@ export class PortMesh {
     if (!lane) return this.onError(`rank ${this.rank} received from rank ${peer} a fast-lane offer that describes no well-formed inbox`);
     this.lanes.set(peer, lane);
     this.drainLane();
+    // A receive that began before any lane existed did not listen for the doorbell: listen now.
+    if (this.waiting.size) this.armLane();
   }
 
   /** Whether a message of `bytes` rows to (or from) `peer` goes by the fast lane. */
@@ -250,6 +257,12 @@ export class PortMesh {
       const a: Announcement = { ...header, op, from: this.rank, staged: rows };
       port.postMessage(a);
     }
+  }
+
+  /** Resolves once this rank's messages to `peers` have left the process (at once over MessagePorts). */
+  flushed(peers: readonly number[]): Promise<unknown> | undefined {
+    const pending = peers.flatMap((peer) => this.ports.get(peer)?.flushed?.() ?? []);
+    return pending.length ? Promise.all(pending) : undefined;
   }
 
   /**
@@ -441,6 +454,10 @@ export class MeshCommunicator implements Communicator {
         return c;
       }),
     );
+    // As NCCL's, a rank's collective completes when its sends are done too: a rank that went
+    // on to a long compute with its rows still buffered here would hold its peers' data hostage.
+    const flushed = this.mesh.flushed(members.filter((_, j) => j !== this.rank));
+    if (flushed) await flushed;
     const arrived = profiling ? now() : 0;
     const rest = [...send.shape.slice(1)];
     let out: Tensor<D>;

@@ -16,7 +16,7 @@ import { canonicalLedger } from './ledger.js';
 
 export type EngineName = 'des' | 'actors' | 'processes';
 
-/** A random scenario over everything that changes control flow: every variant, FSDP and its wrap policies, zero-token ranks, layers, micro-batches. */
+/** A random scenario over everything that changes control flow: every variant, FSDP and its wrap policies, pipeline stages (dense ones too), zero-token ranks, layers, micro-batches. */
 export function randomScenario(rng: Rng): Scenario {
   // A draw the layout cannot hold (a starved group left with fewer experts than top_k) is drawn again.
   for (;;) {
@@ -30,19 +30,29 @@ export function randomScenario(rng: Rng): Scenario {
 
 function drawScenario(rng: Rng): Scenario {
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rng() * xs.length)]!;
-  const ep = pick([1, 2, 2, 3, 4, 4]);
   const variant = pick(VARIANT_NAMES);
+  // stage-metric needs pipeline stages; the other variants get them now and then. A pipeline keeps the world at 8 ranks or fewer.
+  const pp = variant === 'stage-metric' ? pick([2, 3]) : pick([1, 1, 1, 2]);
+  const ep = pp > 1 ? pick([1, 2, 2]) : pick([1, 2, 2, 3, 4, 4]);
   // wrong-group needs a data-parallel communicator to issue on.
-  const dp = variant === 'wrong-group' ? 2 : pick([1, 2]);
+  const dp = variant === 'wrong-group' ? 2 : pp > 2 ? 1 : pick([1, 2]);
   const experts = ep * pick([1, 2, 3]);
   const fsdp = dp > 1 ? pick([null, ...WRAP_POLICIES, 'experts' as const]) : null;
-  const layers = pick([1, 1, 2, 3]);
-  const zeroRank = Math.floor(rng() * ep * dp);
+  let layers = pick([1, 1, 2, 3]);
+  // MoE layers per stage, dense stages included (or the same on every stage); some stage holds one.
+  const moeLayers = pp > 1 && rng() < 0.75 ? Array.from({ length: pp }, () => Math.floor(rng() * (layers + 1))) : undefined;
+  if (moeLayers) {
+    if (Math.max(...moeLayers) === 0) moeLayers[Math.floor(rng() * pp)] = layers;
+    layers = Math.max(...moeLayers);
+  }
+  const zeroRank = Math.floor(rng() * ep * dp * pp);
   // uneven-batches shards its batches as micro-batches: it needs two or more.
   const microBatches = variant === 'uneven-batches' ? pick([2, 3]) : pick([1, 1, 2]);
   return validateScenario({
     ep,
     dp,
+    ...(pp > 1 ? { pp } : {}),
+    ...(moeLayers ? { moeLayers } : {}),
     fsdp,
     experts,
     topK: 1 + Math.floor(rng() * Math.min(experts, 3)),
@@ -67,21 +77,14 @@ export const randomScenarios = (seed: number, count: number): Scenario[] => {
   return Array.from({ length: count }, () => randomScenario(rng));
 };
 
-/**
- * What every engine must agree on: the headline and every hung communicator. Launched ranks
- * stop themselves once they prove a hang, so communicators that only wait on a member
- * blocked elsewhere (`blocked`) may not have formed yet when they do: for them only the
- * causes (mismatch, missing, cycle) are compared.
- */
-export function verdictOf(d: Diagnosis, engine: EngineName = 'des') {
+/** What every engine must agree on: the headline and every hung communicator. */
+export function verdictOf(d: Diagnosis) {
   return {
     verdict: d.verdict,
     communicator: d.communicator,
     position: d.position,
     culprits: [...d.culprits],
-    hangs: (d.hangs ?? [])
-      .filter((h) => engine !== 'processes' || h.verdict !== 'blocked')
-      .map((h) => ({ verdict: h.verdict, communicator: h.communicator, position: h.position, culprits: [...h.culprits] })),
+    hangs: (d.hangs ?? []).map((h) => ({ verdict: h.verdict, communicator: h.communicator, position: h.position, culprits: [...h.culprits] })),
   };
 }
 
@@ -89,15 +92,15 @@ async function runOn(engine: EngineName, s: Scenario): Promise<{ diagnosis: Diag
   if (engine === 'des') return simulateDes(s);
   // A stall (kernel-hang) is found by the compute limit: short, yet far above what these small layers compute.
   if (engine === 'actors') return runActors(s, { timeoutMs: 30_000, computeTimeoutMs: 10_000 });
-  return runScenarioOnProcesses(s, ['--timeout', '30000']);
+  return runScenarioOnProcesses(s, ['--timeout', '30000', '--compute-timeout', '10000']);
 }
 
 /** null when `engine` agrees with the discrete-event engine on `s`; else what differs, with the scenario to replay. */
 export async function disagreement(s: Scenario, engine: Exclude<EngineName, 'des'>): Promise<string | null> {
   const want = simulateDes(s);
   const got = await runOn(engine, s);
-  const a = JSON.stringify(verdictOf(want.diagnosis, engine));
-  const b = JSON.stringify(verdictOf(got.diagnosis, engine));
+  const a = JSON.stringify(verdictOf(want.diagnosis));
+  const b = JSON.stringify(verdictOf(got.diagnosis));
   let differs = a !== b ? `des gives ${a}\n${engine} gives ${b}\n(${engine}: ${got.diagnosis.cause})` : null;
   if (!differs && want.diagnosis.verdict === 'ok' && JSON.stringify(canonicalLedger(want.ledger)) !== JSON.stringify(canonicalLedger(got.ledger))) {
     differs = `both ok, but the ledgers differ (${want.ledger.length} entries on des, ${got.ledger.length} on ${engine})`;

@@ -327,9 +327,11 @@ test('past the limits: one line, exit 1, no V8 fatal error', () => {
   assert.not.match(r.stderr, /FATAL|heap out of memory/);
 });
 
-test('every variant is explored (proved or a counterexample) unless the explorer refuses it, in one line', () => {
+test('every variant is explored (proved or a counterexample) unless the explorer refuses it, in one line; so are pipelines', () => {
   for (const variant of ALL_VARIANTS) {
-    const r = cli(['check', '--ep', '4', '--dp', '2', '--experts', '8', '--micro-batches', '2', '--variant', variant]);
+    // stage-metric needs two pipeline stages.
+    const pp = variant === 'stage-metric' ? ['--pp', '2'] : [];
+    const r = cli(['check', '--ep', '4', '--dp', '2', ...pp, '--experts', '8', '--micro-batches', '2', '--variant', variant]);
     if (UNEXPLORED_VARIANTS.includes(variant)) {
       assert.is(r.status, 1, `${variant}: ${r.stdout}`);
       assert.is(r.stderr.trim().split('\n').length, 1, r.stderr);
@@ -339,6 +341,10 @@ test('every variant is explored (proved or a counterexample) unless the explorer
       assert.match(r.stdout, /^(proved|counterexample)/, variant);
     }
   }
+  const pipeline = cli(['check', '--ep', '4', '--pp', '2', '--experts', '8']);
+  assert.is(pipeline.status, 1, pipeline.stdout);
+  assert.is(pipeline.stderr.trim().split('\n').length, 1, pipeline.stderr);
+  assert.match(pipeline.stderr, /check does not explore pipeline stages yet \(pp=2\)/);
 });
 
 // Issue 16's classes against brute force: every concrete routing of a tiny layout (each rank

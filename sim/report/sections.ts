@@ -12,7 +12,7 @@ import type { ReportInput } from '../../machines/record.js';
 /** Ranks above this many get the compact forms (short op codes, thin lanes). */
 const COMPACT_FROM = 16;
 
-const meshOf = (input: ReportInput) => ({ ep: input.scenario.ep, dp: input.scenario.dp });
+const meshOf = (input: ReportInput) => ({ ep: input.scenario.ep, dp: input.scenario.dp, pp: input.scenario.pp });
 const signature = (e: LedgerEntry) => `${e.op}|${e.layer}|${e.microBatch}|${e.unit ?? ''}`;
 const sum = (xs: readonly number[] | null) => (xs ?? []).reduce((a, b) => a + b, 0);
 
@@ -72,7 +72,7 @@ export function diagnosisSection(input: ReportInput): string {
 <p class="verdict v-${d.verdict}"><span class="badge">${esc(d.verdict.toUpperCase())}</span>${where}</p>
 <p class="cause">${esc(capitalize(compressRankLists(d.cause)))}.</p>
 ${d.culprits.length ? `<p>Culprit: <b>${esc(rankWord(d.culprits))}</b>.</p>` : ''}
-<p class="scenario">${input.evidence ? esc(input.evidence) : `Scenario: ep=${s.ep}, dp=${s.dp}${fsdp}, ${s.experts} experts, top-${s.topK}, ${s.tokens} tokens per rank, ${s.layers} layer${s.layers > 1 ? 's' : ''}, ${s.microBatches} micro-batch${s.microBatches > 1 ? 'es' : ''}, routing <code>${esc(s.routing)}</code>, variant <code>${esc(s.variant)}</code>, seed ${s.seed}`}; ${input.ledger.length} collective calls in the ledger.</p>
+<p class="scenario">${input.evidence ? esc(input.evidence) : `Scenario: ep=${s.ep}, dp=${s.dp}${(s.pp ?? 1) > 1 ? `, pp=${s.pp}${s.moeLayers ? ` (MoE layers per stage ${s.moeLayers.join(',')})` : ''}` : ''}${fsdp}, ${s.experts} experts, top-${s.topK}, ${s.tokens} tokens per rank, ${s.layers} layer${s.layers > 1 ? 's' : ''}, ${s.microBatches} micro-batch${s.microBatches > 1 ? 'es' : ''}, routing <code>${esc(s.routing)}</code>, variant <code>${esc(s.variant)}</code>, seed ${s.seed}`}; ${input.ledger.length} collective calls in the ledger.</p>
 <details${d.ranks.length <= COMPACT_FROM ? ' open' : ''}><summary>Where every rank stopped (${groups.size} group${groups.size > 1 ? 's' : ''} of ${d.ranks.length} ranks)</summary>
 <table class="ranks"><thead><tr><th>ranks</th><th>state</th><th>op</th><th>phase</th><th>layer</th><th>micro-batch</th></tr></thead><tbody>${rows}</tbody></table></details></section>`;
 }
