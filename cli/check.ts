@@ -61,8 +61,8 @@ give every holder one capacity level, so unequal holders are not explored.
   -h, --help             this text
 
 Progress and an estimate for the current level are drawn on stderr when it is a terminal.
-Limits, each one line and exit 1: at most 4096 ranks, dp <= 6, 4 layer calls under
-completion-order or second-stream; a starved level that would fill the heap stops the run (shard it or add heap).
+Limits, each one line and exit 1: at most 4096 ranks, dp <= 6, one pipeline stage (pp 1;
+stage-metric is refused), 4 layer calls under completion-order or second-stream; a starved level that would fill the heap stops the run (shard it or add heap).
 
 ${SCENARIO_HELP}
 
