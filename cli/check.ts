@@ -9,7 +9,7 @@ import { UsageError } from '../src/errors.js';
 import { formatDiagnosis, rankWord } from '../machines/diagnosis.js';
 import { DEFAULT_MAX_CLASSES, explore, mergeResults, type ExploreResult, type MergedResult, type Progress, type Shard } from '../sim/explorer.js';
 import type { Scenario } from '../machines/scenario.js';
-import { worldSize } from '../machines/mesh.js';
+import { ppOf, worldSize } from '../machines/mesh.js';
 import { shardBatches } from '../machines/variants.js';
 import { parseShard, slurmArrayShard } from '../sim/sweep.js';
 
@@ -61,8 +61,16 @@ give every holder one capacity level, so unequal holders are not explored.
   -h, --help             this text
 
 Progress and an estimate for the current level are drawn on stderr when it is a terminal.
-Limits, each one line and exit 1: at most 4096 ranks, dp <= 6, one pipeline stage (pp 1;
-stage-metric is refused), 4 layer calls under completion-order or second-stream; a starved level that would fill the heap stops the run (shard it or add heap).
+Pipeline stages (--pp N, --moe-layers): stages meet only in the step-end all-reduce(s)
+over the pipeline group, which read the MoE-layer counts per stage, never routing. The
+first class (every stage at its own first class) runs first; if it hangs (stage-metric with
+unequal counts) it is the shortest counterexample. Otherwise each distinct MoE-layer count is
+explored as its own stage layout, a counterexample placed on the first stage with that count
+and the other stages at their first class, and run again as the whole pipeline.
+
+Limits, each one line and exit 1: at most 4096 ranks, dp <= 6, 4 layer calls under
+completion-order or second-stream; a starved level that would fill the heap stops the run
+(shard it or add heap).
 
 ${SCENARIO_HELP}
 
@@ -76,7 +84,7 @@ function shardOf(flag: unknown, env: NodeJS.ProcessEnv): Shard {
 }
 
 const where = (l: Scenario) =>
-  `ep=${l.ep}${l.dp > 1 ? ` dp=${l.dp}` : ''}${l.fsdp ? ` fsdp=${l.fsdp}` : ''}, ${l.experts} experts, top-${l.topK}${l.layers > 1 ? `, ${l.layers} layers` : ''}${l.microBatches > 1 ? `, ${l.microBatches} micro-batches` : ''}, variant ${l.variant}`;
+  `ep=${l.ep}${l.dp > 1 ? ` dp=${l.dp}` : ''}${ppOf(l) > 1 ? ` pp=${ppOf(l)}${l.moeLayers ? ` (MoE layers ${l.moeLayers.join(',')})` : ''}` : ''}${l.fsdp ? ` fsdp=${l.fsdp}` : ''}, ${l.experts} experts, top-${l.topK}${l.layers > 1 ? `, ${l.layers} layers` : ''}${l.microBatches > 1 ? `, ${l.microBatches} micro-batches` : ''}, variant ${l.variant}`;
 
 function progressLine(p: Progress): string {
   const rate = p.classesRun / Math.max(p.elapsedMs / 1000, 1e-3);
@@ -107,12 +115,21 @@ function printSummary(r: ExploreResult | MergedResult, replay: string | null): v
   const finding = c.diagnosis.verdict === 'stall' ? `a stall in compute (${rankWord(c.diagnosis.culprits)}), not a collective mismatch` : `a hang in the collectives (${c.diagnosis.verdict})`;
   console.log(`counterexample: ${finding}, the first in search order (starved level ${c.key[0]}, ${c.key[1]} rows) for ${where(r.layout)} [${speed}]`);
   if (red.cutoff !== null) console.log(`cutoff: 1 rank per kind; the guards read per rank: ${observed}`);
+  if (ppOf(r.layout) > 1) {
+    const size = r.layout.ep * r.layout.dp;
+    console.log(
+      c.stage === null
+        ? 'pipeline: every stage at its first class (the first class in search order)'
+        : `pipeline: stage ${c.stage} (ranks ${c.stage * size}–${(c.stage + 1) * size - 1}) takes the class that hangs; every other stage its first class`,
+    );
+  }
   console.log(`routing: ${runs(c.ranks.map((k) => `${k.holdsTokens ? 'hold' : 'hold no'} tokens, ${k.usedExperts} local expert(s) reached`)).join('; ')}`);
   console.log(`starved (receiving no rows): ${c.starvedRanks.length ? c.starvedRanks.map((g) => `rank ${g}`).join(', ') : 'none'}; rows: ${c.rows}${c.firstReady ? `; issued first: ${c.firstReady.map((o, g) => `rank ${g} ${o.join('/')}`).join(', ')}` : ''}`);
   if (c.evalBatches) {
-    const world = worldSize(r.layout);
-    const shares = Array.from({ length: world }, (_, g) => `${shardBatches(c.evalBatches!, world, g)} micro-batch(es)`);
-    console.log(`evaluation batches: ${c.evalBatches} round-robin over ${world} ranks: ${runs(shares.map((t) => `run ${t}`)).join('; ')}`);
+    // Sharded over one stage's ranks: every stage of a replica runs its data.
+    const stage = r.layout.ep * r.layout.dp;
+    const shares = Array.from({ length: worldSize(r.layout) }, (_, g) => `${shardBatches(c.evalBatches!, stage, g % stage)} micro-batch(es)`);
+    console.log(`evaluation batches: ${c.evalBatches} round-robin over the ${stage} ranks of ${ppOf(r.layout) > 1 ? 'each stage' : 'the layout'}: ${runs(shares.map((t) => `run ${t}`)).join('; ')}`);
   }
   console.log(formatDiagnosis(c.diagnosis));
   if (replay) console.log(`wrote ${replay}`);

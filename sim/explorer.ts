@@ -27,6 +27,9 @@
 // the verdict depends on the count alone, so the first class at level 0 finds the fewest
 // batches that hang.
 //
+// Pipelines (pp > 1) are explored stage by stage, one stage layout per distinct MoE-layer
+// count, with the step-end pipeline all-reduces run once: see explorePipeline's comment.
+//
 // Sharding: within a starved level, shard i/n keeps the classes enumerated at positions ≡ i
 // (mod n), so each holds 1/n of a level; its results merge (mergeResults) into one proof or
 // counterexample by the search-order key (level, rows, position).
@@ -38,10 +41,10 @@ import type { RankSnapshot } from '../machines/snapshot.js';
 import { startRank } from '../machines/snapshot.js';
 import { simulateDes, TransitionMemo } from './des.js';
 import { rankConfig, validateScenario, type Scenario } from '../machines/scenario.js';
-import { ppOf, worldSize } from '../machines/mesh.js';
-import { alphabet, classesAtLevel, realize, replayScenario, withExtras, type Realized } from './explore/classes.js';
-import { observe } from './explore/kinds.js';
-import type { VariantName } from '../machines/variants.js';
+import { ppOf, ppRankOf, worldSize } from '../machines/mesh.js';
+import { layersOnRank } from '../machines/routing.js';
+import { alphabet, classesAtLevel, realize, replayScenario, withExtras, type ColumnClass, type Realized } from './explore/classes.js';
+import { observe, type Race } from './explore/kinds.js';
 
 export const RESULT_FORMAT = 'ep-actors.check/1';
 export const DEFAULT_MAX_CLASSES = 1_000_000;
@@ -80,6 +83,8 @@ export interface Counterexample {
   readonly firstReady: readonly CollectiveOp[][] | null;
   /** uneven-batches: the evaluation batches whose round-robin shards hang, else null. */
   readonly evalBatches: number | null;
+  /** pp > 1: the stage whose own class hangs (the others at their first class), or null when the first class of every stage hangs together. */
+  readonly stage: number | null;
   readonly scenario: Scenario;
   readonly diagnosis: Diagnosis;
 }
@@ -138,24 +143,17 @@ export interface ExploreOptions {
   readonly onProgress?: (p: Progress) => void;
 }
 
-/**
- * Variants whose guards read facts the class search does not enumerate yet: refused rather
- * than wrongly proved. stage-metric: its guard reads the stage's MoE-layer count (a layout
- * fact per pipeline stage), which the search does not vary.
- */
-export const UNEXPLORED_VARIANTS: readonly VariantName[] = ['stage-metric'];
-
 /** Explore every routing class (with its orders and batch counts) of the layout under its variant. */
 export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreResult {
   const t0 = performance.now();
   // Routing and evaluation batch counts are what the search chooses.
   const s = validateScenario({ ...layout, routing: 'uniform', explicit: undefined, evalBatches: undefined });
-  if (UNEXPLORED_VARIANTS.includes(s.variant)) {
-    throw new UsageError(`check does not explore variant ${s.variant} yet: its guards read facts the class search does not enumerate, so a proof would not hold; run it with sim or sweep`);
-  }
-  // The classes route the EP groups of one stage (plan and realize cover dp × ep ranks).
-  if (ppOf(s) > 1) throw new UsageError(`check does not explore pipeline stages yet (pp=${ppOf(s)}): its classes route the dp × ep ranks of one stage, so a proof would not hold; run pipelines with sim or sweep`);
-  if (worldSize(s) > MAX_WORLD) throw new UsageError(`check: ${worldSize(s)} ranks (ep=${s.ep} × dp=${s.dp}); every class runs at full size through the engine, up to ${MAX_WORLD} ranks`);
+  if (worldSize(s) > MAX_WORLD) throw new UsageError(`check: ${worldSize(s)} ranks (ep=${s.ep} × dp=${s.dp}${ppOf(s) > 1 ? ` × pp=${ppOf(s)}` : ''}); every class runs at full size through the engine, up to ${MAX_WORLD} ranks`);
+  return ppOf(s) > 1 ? explorePipeline(s, opts, t0) : exploreStage(s, opts, t0);
+}
+
+/** The search over one stage's dp × ep ranks (pp = 1): see the header. */
+function exploreStage(s: Scenario, opts: ExploreOptions, t0: number): ExploreResult {
   const o = observe(s);
   const reduced = opts.reduce ?? true;
   const a = alphabet(s, o, reduced);
@@ -195,11 +193,12 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
   };
   const counterexample = (key: OrderKey, r: Realized, scenario: Scenario, diagnosis: Diagnosis): Counterexample => ({
     key,
-    ranks: r.kinds.map((k) => ({ holdsTokens: k.holdsTokens, usedExperts: k.usedExperts })),
+    ranks: kindsOf(r),
     starvedRanks: r.starved,
     rows: r.rows,
     firstReady: r.firstReady,
     evalBatches: scenario.evalBatches ?? null,
+    stage: null,
     scenario,
     diagnosis,
   });
@@ -263,6 +262,166 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
     levelsDone = level + 1;
   }
   return finish('proved', null, null);
+}
+
+// Pipeline stages (pp > 1), read off machines/rankMachine.ts and machines/mesh.ts:
+//
+// (1) Until the pipeline all-reduce(s) a stage's ranks issue collectives only on their own
+//     stage's ep and dp communicators, and the pp all-reduces come last (pipelineMetric
+//     follows the step-end gather and metric), so no stage's collective waits on another
+//     stage. Up to them a stage runs as the pp = 1 layout with its own MoE-layer count: the
+//     guards read the EP and dp rank and the stage's layers, never the global rank or another
+//     stage (uneven-batches shards over one stage's ranks); stage-metric differs from the seed
+//     only in pipelineMetric, so its stages are explored as the seed's. A dense stage reads no
+//     routing: it goes straight to the step's end.
+// (2) The pp all-reduces read only the variant and the MoE-layer counts per stage (their
+//     number and size: stageMetricSize, and the key counter `layer`, 0 after the backward),
+//     never routing.
+//
+// So a routing hangs iff some stage hangs in its own layout, or every stage finishes and the
+// step's end hangs, which is the same for every routing (as is all a dense stage does). The
+// order of pipeline routings is the stage search's order on the sums (starved ranks, rows).
+// The first pipeline class gives every MoE stage its own first class (under uneven-batches at
+// the fewest evaluation batches); it runs first, and if it hangs it is the shortest
+// counterexample (seq -1: before every lifted class). Otherwise each distinct MoE-layer count
+// is explored as its own stage layout (shards and --max-classes pass through); a stage
+// counterexample is placed on the first stage with that count, the others at their first
+// class, so its place in the pipeline order is its own plus a constant (under uneven-batches
+// every stage takes its evaluation batches): the least over stages is the shortest. Each is
+// run again as the whole pipeline and must hang (else the argument is wrong, and the explorer
+// says so). When every stage layout is proved and the first class passed, no routing hangs.
+// Assumes what (1) and (2) read off the machine: a change that lets a guard read another
+// stage's facts, or the global rank, or puts a pp collective before a stage's own, breaks it.
+
+/** A stage's routing in a pipeline class: the stage layout's replay scenario (pp = 1) and its facts. */
+interface StagePart {
+  readonly scenario: Scenario;
+  readonly ranks: readonly RankClass[];
+  readonly starved: readonly number[];
+  readonly rows: number;
+}
+
+const kindsOf = (r: Realized): RankClass[] => r.kinds.map((k) => ({ holdsTokens: k.holdsTokens, usedExperts: k.usedExperts }));
+
+/** The stage layout's first class in search order (fewest starved ranks, then rows, then position), at its fewest evaluation batches. */
+function firstClass(sub: Scenario, reduced: boolean): StagePart {
+  const o = observe(sub);
+  const a = alphabet(sub, o, reduced);
+  for (let level = 0; level <= worldSize(sub); level++) {
+    let best: { cls: ColumnClass; rows: number } | null = null;
+    for (const { cls, plan } of classesAtLevel(sub, o, a, reduced, level)) if (!best || plan.rows < best.rows) best = { cls, rows: plan.rows };
+    if (!best) continue;
+    const r = realize(sub, o, a, best.cls)!;
+    return { scenario: replayScenario(sub, o, r, o.evalBatches?.[0]), ranks: kindsOf(r), starved: r.starved, rows: r.rows };
+  }
+  throw new Error(`explorer: no routing class for the stage layout ep=${sub.ep} dp=${sub.dp}`);
+}
+
+/** The pipeline scenario routing each MoE stage as its part (dense stages route nothing), orders remapped to the pipeline's layer calls. */
+function pipelineScenario(s: Scenario, parts: readonly (StagePart | null)[], race: Race | null, evalBatches: number | undefined): Scenario {
+  const size = s.ep * s.dp;
+  const part = (g: number) => parts[ppRankOf(s, g)];
+  const explicit = Array.from({ length: worldSize(s) }, (_, g) => part(g)?.scenario.explicit![g % size] ?? Array.from({ length: s.microBatches }, () => []));
+  const tokens = Math.max(0, ...parts.map((p) => p?.scenario.tokens ?? 0));
+  // A stage's call mb·L + l is the pipeline's call mb·layers + l; calls past its layers are never read.
+  const orders = race && {
+    [race.field]: Array.from({ length: worldSize(s) }, (_, g) => {
+      const p = part(g);
+      const row = p?.scenario[race.field]?.[g % size];
+      const L = p?.scenario.layers ?? 0;
+      return Array.from({ length: s.layers * s.microBatches }, (_, call) => (row && call % s.layers < L ? row[Math.floor(call / s.layers) * L + (call % s.layers)]! : race.ops[1]));
+    }),
+  };
+  return validateScenario({ ...s, routing: 'explicit', explicit, tokens, ...orders, ...(evalBatches !== undefined ? { evalBatches } : {}) });
+}
+
+const liftKey = (k: OrderKey, level: number, rows: number): OrderKey => [k[0] + level, k[1] < 0 ? k[1] : k[1] + rows, k[2]];
+
+function explorePipeline(s: Scenario, opts: ExploreOptions, t0: number): ExploreResult {
+  const reduced = opts.reduce ?? true;
+  const limit = opts.maxClasses ?? DEFAULT_MAX_CLASSES;
+  const size = s.ep * s.dp;
+  const counts = Array.from({ length: ppOf(s) }, (_, p) => layersOnRank(s, p * size));
+  const distinct = [...new Set(counts.filter((n) => n > 0))];
+  const subs = new Map(distinct.map((L) => [L, validateScenario({ ...s, pp: undefined, moeLayers: undefined, layers: L, variant: s.variant === 'stage-metric' ? 'seed' : s.variant })]));
+  const first = new Map(distinct.map((L) => [L, firstClass(subs.get(L)!, reduced)]));
+  // The racing pair's field and ops do not depend on the layer count.
+  const race = observe(subs.get(distinct[0]!)!).race;
+  const firstParts = counts.map((L) => (L > 0 ? first.get(L)! : null));
+  const pipelineFact = `its pipeline stage's MoE-layer count (${counts.join(',')}): each distinct count explored as its own stage layout; the step-end all-reduce(s) over the pipeline group read no routing, run once at the first class`;
+  let classesRun = 0;
+  const stageRuns: ExploreResult[] = [];
+  const finish = (verdict: ExploreResult['verdict'], ce: Counterexample | null, stopped: Stop | null): ExploreResult => ({
+    format: RESULT_FORMAT,
+    layout: s,
+    shard: opts.shard ?? { index: 0, count: 1 },
+    verdict,
+    reduction: {
+      cutoff: reduced ? 1 : null,
+      observed: [...new Set(stageRuns.flatMap((r) => r.reduction.observed)), pipelineFact],
+      rankKinds: Math.max(0, ...stageRuns.map((r) => r.reduction.rankKinds)),
+      columnKinds: Math.max(0, ...stageRuns.map((r) => r.reduction.columnKinds)),
+      everyKindAtOnce: verdict === 'proved' && stageRuns.every((r) => r.reduction.everyKindAtOnce),
+    },
+    classesRun,
+    levelsDone: ce?.stage === null || stageRuns.length < distinct.length ? 0 : Math.min(...stageRuns.map((r) => r.levelsDone)),
+    elapsedMs: performance.now() - t0,
+    counterexample: ce,
+    stopped,
+  });
+  // The pipeline class with `hanging` on its stage (null: every stage at its first class).
+  const run = (hanging: { stage: number; part: StagePart; seq: number } | null, evalBatches: number | undefined): Counterexample => {
+    classesRun++;
+    const parts = firstParts.map((p, i) => (i === hanging?.stage ? hanging.part : p));
+    const scenario = pipelineScenario(s, parts, race, evalBatches);
+    const starvedRanks = parts.flatMap((p, i) => (p ? p.starved.map((g) => g + i * size) : []));
+    const rows = parts.reduce((n, p) => n + (p?.rows ?? 0), 0);
+    return {
+      key: [starvedRanks.length, rows, hanging?.seq ?? -1],
+      ranks: parts.flatMap((p) => p?.ranks ?? Array.from({ length: size }, () => ({ holdsTokens: false, usedExperts: 0 }))),
+      starvedRanks,
+      rows,
+      firstReady: race ? scenario[race.field]! : null,
+      evalBatches: scenario.evalBatches ?? null,
+      stage: hanging?.stage ?? null,
+      scenario,
+      diagnosis: simulateDes(scenario).diagnosis,
+    };
+  };
+  const base = run(null, first.get(distinct[0]!)!.scenario.evalBatches);
+  if (base.diagnosis.verdict !== 'ok') return finish('counterexample', base, null);
+
+  // The least event over the stage layouts by the pipeline order: a counterexample, or a stop
+  // before which all passed (a stop wins a tie: the class at its key was not run).
+  let best: { key: OrderKey; evalBatches: number; ce: Counterexample | null; stop: Stop | null } | null = null;
+  const earlier = (key: OrderKey, evalBatches: number) => !best || before(key, best.key) < 0 || (before(key, best.key) === 0 && evalBatches < best.evalBatches);
+  for (const L of distinct) {
+    const stage = counts.indexOf(L);
+    const others = firstParts.filter((p, i) => p && i !== stage) as StagePart[];
+    const level = others.reduce((n, p) => n + p.starved.length, 0);
+    const rows = others.reduce((n, p) => n + p.rows, 0);
+    if (classesRun >= limit) {
+      const key = liftKey([0, -1, -1], level, rows);
+      if (earlier(key, -1)) best = { key, evalBatches: -1, ce: null, stop: { reason: 'max-classes', key } };
+      continue;
+    }
+    const r = exploreStage(subs.get(L)!, { ...opts, maxClasses: limit - classesRun }, performance.now());
+    stageRuns.push(r);
+    classesRun += r.classesRun;
+    const c = r.counterexample;
+    if (c) {
+      const key = liftKey(c.key, level, rows);
+      if (!earlier(key, c.evalBatches ?? 0)) continue;
+      const ce = run({ stage, part: { scenario: c.scenario, ranks: c.ranks, starved: c.starvedRanks, rows: c.rows }, seq: c.key[2] }, c.evalBatches ?? undefined);
+      if (ce.diagnosis.verdict === 'ok') throw new Error(`explorer: stage ${stage}'s counterexample passes as the whole pipeline; the stage-independence argument does not hold for variant ${s.variant}`);
+      best = { key, evalBatches: c.evalBatches ?? 0, ce, stop: null };
+    } else if (r.stopped) {
+      const key = liftKey(r.stopped.key, level, rows);
+      if (earlier(key, -1)) best = { key, evalBatches: -1, ce: null, stop: { reason: r.stopped.reason, key } };
+    }
+  }
+  if (!best) return finish('proved', null, null);
+  return best.ce ? finish('counterexample', best.ce, null) : finish('stopped', null, best.stop);
 }
 
 /** Every class of the shard before this key was run and passed (null: all of them). */

@@ -1,15 +1,16 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { explore, mergeResults, UNEXPLORED_VARIANTS, type ExploreResult } from '../sim/explorer.js';
+import { explore, mergeResults, type ExploreResult } from '../sim/explorer.js';
 import { alphabet, classesAtLevel, realize, replayScenario, withExtras, type Alphabet, type ColumnClass } from '../sim/explore/classes.js';
 import { observe, reducedKey, type Observation } from '../sim/explore/kinds.js';
 import { simulateDes } from '../sim/des.js';
 import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { worldSize } from '../machines/mesh.js';
+import { layersOnRank } from '../machines/routing.js';
 import { VARIANT_NAMES as ALL_VARIANTS, type VariantName } from '../machines/variants.js';
 
-// The cutoff is checked on the variants the explorer covers (it refuses the others).
-const VARIANT_NAMES = ALL_VARIANTS.filter((v) => !UNEXPLORED_VARIANTS.includes(v));
+// The cutoff is checked on one stage's layouts: stage-metric needs two (see the pipeline tests).
+const VARIANT_NAMES = ALL_VARIANTS.filter((v) => v !== 'stage-metric');
 import { WRAP_POLICIES } from '../machines/rankMachine.js';
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
@@ -327,24 +328,18 @@ test('past the limits: one line, exit 1, no V8 fatal error', () => {
   assert.not.match(r.stderr, /FATAL|heap out of memory/);
 });
 
-test('every variant is explored (proved or a counterexample) unless the explorer refuses it, in one line; so are pipelines', () => {
+test('every variant is explored (proved or a counterexample), and so are pipelines', () => {
   for (const variant of ALL_VARIANTS) {
     // stage-metric needs two pipeline stages.
     const pp = variant === 'stage-metric' ? ['--pp', '2'] : [];
     const r = cli(['check', '--ep', '4', '--dp', '2', ...pp, '--experts', '8', '--micro-batches', '2', '--variant', variant]);
-    if (UNEXPLORED_VARIANTS.includes(variant)) {
-      assert.is(r.status, 1, `${variant}: ${r.stdout}`);
-      assert.is(r.stderr.trim().split('\n').length, 1, r.stderr);
-      assert.match(r.stderr, new RegExp(`check does not explore variant ${variant} yet`));
-    } else {
-      assert.ok(r.status === 0 || r.status === 2, `${variant}: exit ${r.status}: ${r.stderr}`);
-      assert.match(r.stdout, /^(proved|counterexample)/, variant);
-    }
+    assert.ok(r.status === 0 || r.status === 2, `${variant}: exit ${r.status}: ${r.stderr}`);
+    assert.match(r.stdout, /^(proved|counterexample)/, variant);
   }
-  const pipeline = cli(['check', '--ep', '4', '--pp', '2', '--experts', '8']);
-  assert.is(pipeline.status, 1, pipeline.stdout);
-  assert.is(pipeline.stderr.trim().split('\n').length, 1, pipeline.stderr);
-  assert.match(pipeline.stderr, /check does not explore pipeline stages yet \(pp=2\)/);
+  const pipeline = cli(['check', '--ep', '4', '--pp', '2', '--experts', '8', '--variant', 'no-dispatch-edge']);
+  assert.is(pipeline.status, 2, pipeline.stderr);
+  assert.match(pipeline.stdout, /^counterexample: a hang in the collectives \(missing\).* for ep=4 pp=2,/);
+  assert.match(pipeline.stdout, /\npipeline: stage 0 \(ranks 0–3\) takes the class that hangs/);
 });
 
 // Issue 16's classes against brute force: every concrete routing of a tiny layout (each rank
@@ -367,14 +362,17 @@ function* concrete(base: Partial<Scenario>, maxTokens: number, extras: readonly 
   const options = Array.from({ length: maxTokens + 1 }, (_, t) => multisets(picks.length, t).map((m) => m.flatMap((i) => picks[i]!))).flat();
   const world = worldSize(s);
   const nLocal = s.experts / s.ep;
-  for (let x = 0; x < options.length ** world; x++) {
-    const ids = Array.from({ length: world }, (_, g) => options[Math.floor(x / options.length ** g) % options.length]!);
+  // A rank of a dense pipeline stage routes nothing: one option, never starved.
+  const moe = Array.from({ length: world }, (_, g) => layersOnRank(s, g) > 0);
+  const radix = moe.map((m) => (m ? options.length : 1));
+  for (let x = 0; x < radix.reduce((n, r) => n * r, 1); x++) {
+    const ids = radix.map((_, g) => options[Math.floor(x / radix.slice(0, g).reduce((n, r) => n * r, 1)) % radix[g]!]!);
     let starved = 0;
     for (let g = 0; g < world; g++) {
       const group = ids.slice(Math.floor(g / s.ep) * s.ep, Math.floor(g / s.ep) * s.ep + s.ep).flat();
-      if (!group.some((e) => Math.floor(e / nLocal) === g % s.ep)) starved++;
+      if (moe[g] && !group.some((e) => Math.floor(e / nLocal) === g % s.ep)) starved++;
     }
-    const explicit = ids.map((r) => Array.from({ length: s.microBatches }, () => Array.from({ length: s.layers }, () => [...r])));
+    const explicit = ids.map((r, g) => Array.from({ length: s.microBatches }, () => Array.from({ length: layersOnRank(s, g) }, () => [...r])));
     const tokens = Math.max(...ids.map((r) => r.length / s.topK));
     for (const extra of extras) yield { scenario: validateScenario({ ...base, ...extra, routing: 'explicit', explicit, tokens }), starved, rows: ids.flat().length, extra };
   }
@@ -432,31 +430,39 @@ const ISSUE16: Record<'kernel-hang' | 'wrong-group' | 'uneven-batches' | 'second
   ],
 };
 
+/**
+ * check's answer agrees with brute force: a proof where nothing hangs, else a counterexample
+ * with the expected verdict at the least hanging (starved, rows), which replays through JSON.
+ */
+function assertAgreesWithBrute(variant: VariantName, { layout, maxTokens, extras, verdict }: Issue16Case): void {
+  const where = `${variant} ${JSON.stringify(layout)}`;
+  const base = { ...layout, variant };
+  const r = explore(validateScenario(base));
+  const brute = bruteShortest(base, maxTokens, extras);
+  assert.ok(brute.runs >= 16, `${where}: ${brute.runs} runs`);
+  if (verdict === 'ok') {
+    assert.is(r.verdict, 'proved', `${where}: ${r.counterexample?.diagnosis.cause}`);
+    assert.is(brute.best, null, `${where}: brute force hangs at ${JSON.stringify(brute.best)}`);
+    return;
+  }
+  assert.is(r.verdict, 'counterexample', where);
+  const c = r.counterexample!;
+  assert.is(c.diagnosis.verdict, verdict, `${where}: ${c.diagnosis.cause}`);
+  assert.ok(brute.best, `${where}: brute force finds no hang`);
+  assert.equal([c.key[0], c.key[1]], [brute.best!.starved, brute.best!.rows], `${where}: explorer (starved, rows) vs brute force`);
+  assert.is(c.starvedRanks.length, c.key[0]);
+  if (variant === 'uneven-batches') assert.is(c.evalBatches, Math.min(...brute.best!.runs.map((e) => e.evalBatches!)), `${where}: fewest evaluation batches`);
+  // What check writes with --replay reproduces it, through JSON and validation.
+  assert.equal(verdictOf(simulateDes(validateScenario(JSON.parse(JSON.stringify(c.scenario)))).diagnosis), verdictOf(c.diagnosis), where);
+}
+
 for (const [variant, cases] of Object.entries(ISSUE16)) {
   test(`${variant}: check's counterexample is the shortest brute force finds over every routing and ${variant === 'kernel-hang' ? 'expert' : 'the variant\'s own dimension'}; the seed is proved at the same layout`, () => {
-    for (const { layout, maxTokens, extras, verdict } of cases) {
-      const where = `${variant} ${JSON.stringify(layout)}`;
-      const base = { ...layout, variant: variant as VariantName };
-      const r = explore(validateScenario(base));
-      const brute = bruteShortest(base, maxTokens, extras);
-      assert.ok(brute.runs >= 16, `${where}: ${brute.runs} runs`);
-      if (verdict === 'ok') {
-        assert.is(r.verdict, 'proved', where);
-        assert.is(brute.best, null, `${where}: brute force hangs at ${JSON.stringify(brute.best)}`);
-      } else {
-        assert.is(r.verdict, 'counterexample', where);
-        const c = r.counterexample!;
-        assert.is(c.diagnosis.verdict, verdict, `${where}: ${c.diagnosis.cause}`);
-        assert.ok(brute.best, `${where}: brute force finds no hang`);
-        assert.equal([c.key[0], c.key[1]], [brute.best!.starved, brute.best!.rows], `${where}: explorer (starved, rows) vs brute force`);
-        assert.is(c.starvedRanks.length, c.key[0]);
-        if (variant === 'uneven-batches') assert.is(c.evalBatches, Math.min(...brute.best!.runs.map((e) => e.evalBatches!)), `${where}: fewest evaluation batches`);
-        // What check writes with --replay reproduces it, through JSON and validation.
-        assert.equal(verdictOf(simulateDes(validateScenario(JSON.parse(JSON.stringify(c.scenario)))).diagnosis), verdictOf(c.diagnosis), where);
-      }
-      const seed = { ...layout, variant: 'seed' as const };
-      assert.is(explore(validateScenario(seed)).verdict, 'proved', `seed ${JSON.stringify(layout)}`);
-      assert.is(bruteShortest(seed, maxTokens, [{}]).best, null, `seed ${JSON.stringify(layout)} hangs somewhere`);
+    for (const c of cases) {
+      assertAgreesWithBrute(variant as VariantName, c);
+      const seed = { ...c.layout, variant: 'seed' as const };
+      assert.is(explore(validateScenario(seed)).verdict, 'proved', `seed ${JSON.stringify(c.layout)}`);
+      assert.is(bruteShortest(seed, c.maxTokens, [{}]).best, null, `seed ${JSON.stringify(c.layout)} hangs somewhere`);
     }
   });
 }
@@ -511,6 +517,63 @@ test('check --replay of each issue-16 counterexample: sim reproduces it on des a
     }
     const seed = cli(['check', ...flags, '--variant', 'seed']);
     assert.is(seed.status, 0, `seed at the ${variant} layout: ${seed.stdout}`);
+  }
+});
+
+// Pipelines against brute force: every routing of every MoE stage (dense stages route
+// nothing) of tiny pp = 2 layouts, crossed with the variant's own dimension, run as the
+// whole pipeline. check's counterexample sits at the least (starved ranks, rows) of the
+// hanging ones and has their verdict; where check proves, nothing hangs.
+const PIPELINES: readonly (Issue16Case & { readonly variant: VariantName })[] = [
+  ...Object.entries({ seed: 'ok', 'no-dispatch-edge': 'missing', 'skip-empty-sends': 'mismatch', 'early-exit': 'missing', 'local-capacity': 'mismatch', 'layer-metric': 'mismatch', 'kernel-hang': 'stall' }).map(([variant, verdict]) => ({
+    variant: variant as VariantName,
+    layout: { ep: 2, experts: 2, topK: 1, moeLayers: [1, 2] },
+    maxTokens: 2,
+    extras: [{}],
+    verdict,
+  })),
+  // Unequal MoE-layer counts hang whatever the routing; equal ones never do.
+  { variant: 'stage-metric', layout: { ep: 2, experts: 2, topK: 1, moeLayers: [1, 2] }, maxTokens: 1, extras: [{}], verdict: 'missing' },
+  { variant: 'stage-metric', layout: { ep: 2, experts: 2, topK: 1, moeLayers: [0, 1] }, maxTokens: 2, extras: [{}], verdict: 'missing' },
+  { variant: 'stage-metric', layout: { ep: 2, experts: 2, topK: 1, moeLayers: [2, 2] }, maxTokens: 1, extras: [{}], verdict: 'ok' },
+  { variant: 'second-stream', layout: { ep: 2, experts: 2, topK: 1, moeLayers: [0, 1] }, maxTokens: 1, extras: streamOrders(4, 1), verdict: 'mismatch' },
+  { variant: 'wrong-group', layout: { ep: 2, dp: 2, experts: 2, topK: 1, moeLayers: [0, 1] }, maxTokens: 1, extras: [{ wrongGroupRank: 0 }, { wrongGroupRank: 1 }], verdict: 'missing' },
+  { variant: 'uneven-batches', layout: { ep: 2, experts: 2, topK: 1, microBatches: 2, moeLayers: [1, 0] }, maxTokens: 1, extras: [2, 3, 4].map((evalBatches) => ({ evalBatches })), verdict: 'missing' },
+  { variant: 'no-unused-expert-grads', layout: { ep: 2, dp: 2, experts: 2, topK: 1, fsdp: 'split', packed: false, moeLayers: [0, 1] }, maxTokens: 1, extras: [{}], verdict: 'mismatch' },
+];
+
+test("pipelines: check's counterexample or proof agrees with brute force over every routing of every stage", () => {
+  for (const { variant, ...c } of PIPELINES) assertAgreesWithBrute(variant, c);
+});
+
+test('pipelines: the seed at --moe-layers 0,1,1,0 is proved; shards of a pipeline merge into the unsharded answer', () => {
+  const seed = cli(['check', '--ep', '4', '--experts', '8', '--moe-layers', '0,1,1,0']);
+  assert.is(seed.status, 0, seed.stdout + seed.stderr);
+  assert.match(seed.stdout, /^proved: no routing hangs ep=4 pp=4 \(MoE layers 0,1,1,0\)/);
+  const layout = validateScenario({ ep: 3, dp: 2, experts: 6, moeLayers: [2, 0, 1], variant: 'no-dispatch-edge' });
+  const whole = explore(layout);
+  const merged = mergeResults([0, 1, 2].map((index) => explore(layout, { shard: { index, count: 3 } })));
+  assert.is(merged.verdict, 'counterexample');
+  assert.equal(merged.counterexample!.key, whole.counterexample!.key);
+  assert.is(merged.counterexample!.stage, whole.counterexample!.stage);
+});
+
+test('stage-metric: check --replay writes the pipeline counterexample, which sim reproduces on des and on worker ranks', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ep-check-pp-'));
+  const file = join(dir, 'stage-metric.json');
+  const flags = ['--ep', '2', '--experts', '4', '--moe-layers', '0,1,1,0'];
+  const check = cli(['check', ...flags, '--variant', 'stage-metric', '--replay', file]);
+  assert.is(check.status, 2, check.stderr);
+  assert.match(check.stdout, /^counterexample: a hang in the collectives \(missing\), the first in search order \(starved level 0/);
+  assert.match(check.stdout, /\npipeline: every stage at its first class/);
+  const expected = verdictOf(simulateDes(validateScenario(JSON.parse(readFileSync(file, 'utf8')))).diagnosis);
+  assert.is(expected.verdict, 'missing');
+  assert.match(expected.communicator ?? '', /^pp\[/);
+  for (const engine of ['des', 'actors']) {
+    const sim = cli(['sim', '--scenario', file, '--engine', engine, '--json']);
+    assert.is(sim.status, 2, `${engine}: ${sim.stderr}`);
+    const d = JSON.parse(sim.stdout);
+    assert.equal({ verdict: d.verdict, communicator: d.communicator, position: d.position, culprits: d.culprits }, { verdict: expected.verdict, communicator: expected.communicator, position: expected.position, culprits: expected.culprits }, `${engine}: ${d.cause}`);
   }
 });
 
