@@ -109,8 +109,8 @@ export function timelineSection(input: ReportInput): string {
     : '';
   const h = bottom + 6;
   const clock = input.clock === 'real' ? 'wall-clock time of the run' : "the engine's simulated time (its cost model: expert FLOPs over a compute rate, collectives as latency plus bytes over link bandwidth)";
-  const folded = axis.folded ? ` Time counts from the step's start, when every rank had issued its first collective; the ${fmtUs(startUp)} before it (worker start-up, and early ranks waiting in their first collective for the rest) is folded into the grey band.` : '';
-  return `<section id="timeline"><h2>Timeline</h2><p>One lane per rank, ${clock}.${folded} A vertical line joins the members of each matched collective; a blank stretch of a lane is the rank's own work (routing, expert compute). A collective that never completed is hatched and runs on past the run's end.</p>
+  const foldNote = axis.folded ? ` Time counts from the step's start, when every rank had issued its first collective; the ${fmtUs(startUp)} before it (worker start-up, and early ranks waiting in their first collective for the rest) is folded into the grey band.` : '';
+  return `<section id="timeline"><h2>Timeline</h2><p>One lane per rank, ${clock}.${foldNote} A vertical line joins the members of each matched collective; a blank stretch of a lane is the rank's own work (routing, expert compute). A collective that never completed is hatched and runs on past the run's end.</p>
 ${timelineLegend(input.trace, axis)}<div class="scroll tall"><svg xmlns="http://www.w3.org/2000/svg" class="timeline" viewBox="0 0 ${axis.right + 10} ${h}"><defs>${HATCH}</defs>${ticks}${lanes.join('')}${fold}${joins}${openEnd}</svg></div></section>`;
 }
 
