@@ -7,8 +7,8 @@ export * from './src/ep/types.js';
 // EP layer, its communicators and case files
 export { epForward, epBackward, localExpertRange, localExperts, placeLocalGrads } from './src/ep/layer.js';
 export type { EpContext, EpSaved, EpForwardResult, EpBackwardResult } from './src/ep/layer.js';
-export { parseCase, loadCase, runCase, runCaseRank, resultTensors, caseMetadata, syntheticCase } from './src/case.js';
-export type { CaseMeta, CaseData, RankInputs, RankResult, CaseResult, RankLoop, RunOptions, SyntheticSpec } from './src/case.js';
+export { parseCase, loadCase, runCase, runCaseRank, resultTensors, caseMetadata, syntheticCase, RESULT_TOLERANCE, CASE_DTYPES } from './src/case.js';
+export type { CaseMeta, CaseData, RankInputs, RankResult, CaseResult, RankLoop, RunOptions, SyntheticSpec, CaseDtype } from './src/case.js';
 
 // MoE math
 export { tsBackend, erf, ACTIVATION_FNS, convertLayout, floatTensor } from './src/moe/experts.js';

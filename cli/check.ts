@@ -9,7 +9,7 @@ import { UsageError } from '../src/errors.js';
 import { formatDiagnosis } from '../machines/diagnosis.js';
 import { DEFAULT_MAX_CLASSES, explore, mergeResults, type ExploreResult, type MergedResult, type Progress, type Shard } from '../sim/explorer.js';
 import type { Scenario } from '../machines/scenario.js';
-import { parseShard } from '../sim/sweep.js';
+import { parseShard, slurmArrayShard } from '../sim/sweep.js';
 
 const HELP = `usage: ep-actors check [scenario flags] [--shard I/N] [--max-classes N] [--exhaustive]
                        [--replay FILE] [--json]
@@ -59,9 +59,8 @@ exit codes: 0 proved, 2 counterexample found, 1 bad usage or stopped at a limit`
 /** --shard, else a Slurm array task, else the whole run. */
 function shardOf(flag: unknown, env: NodeJS.ProcessEnv): Shard {
   if (typeof flag === 'string') return parseShard(flag);
-  const { SLURM_ARRAY_TASK_ID: id, SLURM_ARRAY_TASK_COUNT: count, SLURM_ARRAY_TASK_MIN: min } = env;
-  if (id === undefined || count === undefined) return { index: 0, count: 1 };
-  return parseShard(`${Number(id) - Number(min ?? 0)}/${count}`);
+  if (env.SLURM_ARRAY_TASK_ID === undefined || env.SLURM_ARRAY_TASK_COUNT === undefined) return { index: 0, count: 1 };
+  return slurmArrayShard(env, 'check in a Slurm array task');
 }
 
 const where = (l: Scenario) =>

@@ -79,7 +79,7 @@ traffic, run the ranks over one you trust.
 ${SCENARIO_HELP}
 
 example (4 ranks on this machine):
-  torchrun --nproc-per-node 4 --no-python npx ep-actors rank --case C.safetensors --out-dir out/
+  torchrun --nproc_per_node 4 --no_python npx ep-actors rank --case C.safetensors --out-dir out/
   srun -n 4 env MASTER_ADDR=$(hostname) npx ep-actors rank --case C.safetensors --out-dir out/
 
 exit codes: 0 ok, 2 the ranks diverged, a peer stopped, crashed or stalled, 1 bad usage or

@@ -20,7 +20,8 @@ inputs of a case file, each EP rank a worker-thread actor under its rank machine
                 experts.gate_w [E,D,H] (silu only), rank{r}.x [T_r,D],
                 rank{r}.weights [T_r,K], rank{r}.indices [T_r,K] (i64), rank{r}.grad_out [T_r,D];
                 metadata ep, num_experts, top_k, dim, hidden, activation (silu|gelu|relu),
-                packed (true|false), gradient_scale (true|false)
+                packed (true|false), gradient_scale (true|false); floats all f32, f64, bf16
+                or f16 (bf16 and f16 are computed in f32)
   --out FILE    results: rank{r}.out, rank{r}.grad_x, rank{r}.grad_weights and the expert
                 grads grad.up_w, grad.down_w, grad.gate_w over all experts (packed layout);
                 written atomically, nothing is written when the case is invalid
@@ -70,7 +71,8 @@ export async function main(argv: string[]): Promise<number> {
     activation: meta.activation,
     packed: meta.packed,
     gradientScale: meta.gradientScale,
-    dtype: data.dtype,
+    dtype: data.fileDtype,
+    computedIn: data.dtype,
     backend,
     tokensPerRank: data.ranks.map((r) => r.x_TD.shape[0] ?? 0),
     rowsReceivedPerRank: result.ranks.map((r) => r.rowsReceived),
@@ -80,7 +82,7 @@ export async function main(argv: string[]): Promise<number> {
     console.log(JSON.stringify(summary));
   } else {
     const layout = meta.packed ? 'packed' : 'unpacked';
-    console.log(`ran ${casePath}: ep=${meta.ep}, ${meta.numExperts} experts, top-${meta.topK}, ${meta.activation} (${layout}, ${data.dtype})${meta.gradientScale ? ', gradient scale on' : ''}, ${backend} kernels`);
+    console.log(`ran ${casePath}: ep=${meta.ep}, ${meta.numExperts} experts, top-${meta.topK}, ${meta.activation} (${layout}, ${data.fileDtype === data.dtype ? data.dtype : `${data.fileDtype} computed in ${data.dtype}`})${meta.gradientScale ? ', gradient scale on' : ''}, ${backend} kernels`);
     console.log(`  tokens per rank:        ${summary.tokensPerRank.join(' ')}`);
     console.log(`  rows received per rank: ${summary.rowsReceivedPerRank.join(' ')}`);
     console.log(`wrote ${outPath} (${tensors.size} tensors)`);

@@ -1,5 +1,5 @@
 // `ep-actors sweep --spec FILE`: many scenarios over a piscina pool of discrete-event
-// engines; JSON Lines results, a verdict summary, `--shard I/N` for batch schedulers.
+// engines; JSON Lines results, a verdict summary, `--shard I/N|auto` for batch schedulers.
 import { createWriteStream } from 'node:fs';
 import { finished } from 'node:stream/promises';
 import { readFile } from 'node:fs/promises';
@@ -8,9 +8,9 @@ import { resolve } from 'node:path';
 import { helpAsked, intOption, noPositionals, outputFile, parse, requiredString } from './args.js';
 import { progressBar } from './progress.js';
 import { UsageError } from '../src/errors.js';
-import { expandSweep, inShard, parseShard, runSweep, summarize, type SweepSpec } from '../sim/sweep.js';
+import { expandSweep, inShard, parseShard, runSweep, slurmArrayShard, summarize, type SweepSpec } from '../sim/sweep.js';
 
-const HELP = `usage: ep-actors sweep --spec FILE [--out FILE] [--shard I/N] [--workers N] [--json]
+const HELP = `usage: ep-actors sweep --spec FILE [--out FILE] [--shard I/N|auto] [--workers N] [--json]
 
 Run many scenarios through the discrete-event engine over a pool of worker threads.
 
@@ -20,6 +20,10 @@ Run many scenarios through the discrete-event engine over a pool of worker threa
   --out FILE      JSON Lines, one result per scenario (default: stdout)
   --shard I/N     run only scenarios whose index is I modulo N (0 <= I < N), so N machines
                   split one sweep; indices are the spec's, so shards' outputs concatenate
+  --shard auto    the shard of this Slurm job array task: task k of SLURM_ARRAY_TASK_COUNT,
+                  k = (SLURM_ARRAY_TASK_ID - _MIN) / _STEP, so sbatch --array=0-3 and
+                  --array=1-4 both run shards 0/4..3/4; a missing or inconsistent variable,
+                  or an array that is not one evenly spaced range, is refused
   --workers N     pool threads (default: the cores, ${availableParallelism()} here)
   --json          print the summary as one JSON object
   -h, --help      this text
@@ -38,7 +42,7 @@ export async function main(argv: string[]): Promise<number> {
   } catch (e) {
     throw new UsageError(`--spec ${specPath}: ${(e as Error).message}`);
   }
-  const shard = parseShard(typeof values.shard === 'string' ? values.shard : '0/1');
+  const shard = values.shard === 'auto' ? slurmArrayShard(process.env, '--shard auto') : parseShard(typeof values.shard === 'string' ? values.shard : '0/1');
   const workers = intOption(values.workers, 'workers', availableParallelism(), 1, 256);
   const jobs = expandSweep(spec).flatMap((scenario, index) => (inShard(index, shard) ? [{ index, scenario }] : []));
   const outPath = outputFile(values, 'out');

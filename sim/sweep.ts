@@ -86,6 +86,30 @@ export function parseShard(spec: string): { index: number; count: number } {
   return { index, count };
 }
 
+/**
+ * The shard of this Slurm array task: task k of the array (k = (ID - MIN) / STEP, counting
+ * from 0 whatever the array's first id) is shard k/COUNT. SLURM_ARRAY_TASK_MIN and _STEP
+ * default to 0 and 1. An array that is not one evenly spaced range (--array=1,3,7) has no
+ * such k, and is refused like a missing or inconsistent variable: one line, naming it.
+ */
+export function slurmArrayShard(env: NodeJS.ProcessEnv, flag: string): { index: number; count: number } {
+  const read = (name: string, fallback?: number): number => {
+    const v = env[`SLURM_ARRAY_TASK_${name}`];
+    if (v === undefined && fallback !== undefined) return fallback;
+    if (v === undefined) throw new UsageError(`${flag} reads the Slurm job array (SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT) and SLURM_ARRAY_TASK_${name} is not set: run it as a task of sbatch --array=0-(N-1), or give --shard I/N`);
+    if (!/^\d+$/.test(v) || !Number.isSafeInteger(Number(v))) throw new UsageError(`${flag}: SLURM_ARRAY_TASK_${name}='${v}' is not a whole number`);
+    return Number(v);
+  };
+  const [id, count, min, step] = [read('ID'), read('COUNT'), read('MIN', 0), read('STEP', 1)];
+  const max = env.SLURM_ARRAY_TASK_MAX === undefined ? undefined : read('MAX');
+  const array = `SLURM_ARRAY_TASK_ID=${id}, _MIN=${min}, _STEP=${step}, _COUNT=${count}${max === undefined ? '' : `, _MAX=${max}`}`;
+  if (count < 1 || step < 1) throw new UsageError(`${flag}: ${array}: the count and step must be at least 1`);
+  if (max !== undefined && max !== min + (count - 1) * step) throw new UsageError(`${flag}: ${array}: the array is not one evenly spaced range (a list such as --array=1,3,7?); give --shard I/N`);
+  const k = (id - min) / step;
+  if (!Number.isInteger(k) || k < 0 || k >= count) throw new UsageError(`${flag}: ${array}: the task id is not one of the array's ${count} ids (MIN + k*STEP for k in 0..${count - 1})`);
+  return { index: k, count };
+}
+
 export const inShard = (i: number, shard: { index: number; count: number }) => i % shard.count === shard.index;
 
 /** Run `scenarios` (indices kept) over `workers` threads; results arrive in completion order. */

@@ -2,9 +2,13 @@
 // on every rank, collect the results. Validation happens before anything runs, so every
 // bad input becomes one CaseError naming the tensor or metadata key and what is wrong.
 //
+// Floats may be stored as f32, f64, bf16 or f16. The 16-bit ones are widened to f32 on load
+// (exactly) and computed in f32, so results are f32 and compare to a reference within
+// RESULT_TOLERANCE of the file's dtype.
+//
 // runCase takes the rank loop as a parameter: the runtime's in-process ranks (async tasks
 // over one communicator group) or its worker-thread ranks, each running `runCaseRank`.
-import { Tensor, toIndexArray, type FloatDType } from './tensor.js';
+import { Tensor, toFloat64, toIndexArray, type FloatDType } from './tensor.js';
 import { CaseError, describeError } from './errors.js';
 import { ACTIVATIONS, type Activation, type Communicator, type ExpertBackend, type ExpertWeights, type PackedExperts } from './ep/types.js';
 import { epBackward, epForward, localExpertRange, localExperts, placeLocalGrads } from './ep/layer.js';
@@ -30,9 +34,25 @@ export interface RankInputs<F extends FloatDType = FloatDType> {
   readonly gradOut_TD: Tensor<F>;
 }
 
+/** The dtypes a case file's float tensors may have (all the same one). */
+export const CASE_DTYPES = ['f32', 'f64', 'bf16', 'f16'] as const;
+export type CaseDtype = (typeof CASE_DTYPES)[number];
+
+/**
+ * Relative error ||got - want|| / ||want|| per result tensor within which a run matches a
+ * reference computed in f32 from the unrounded inputs, by the case file's dtype: 1e-5 for f32
+ * (the golden cases); for bf16 and f16 eight units of input rounding (2^-8, 2^-11), as a
+ * result is several roundings deep (the golden cases rounded reach 5.2 units in bf16, where a
+ * rounded input flips ReLU's mask). A reference itself computed in 16 bits adds its own error.
+ */
+export const RESULT_TOLERANCE: Record<CaseDtype, number> = { f32: 1e-5, f64: 1e-5, bf16: 8 * 2 ** -8, f16: 8 * 2 ** -11 };
+
 export interface CaseData<F extends FloatDType = FloatDType> {
   readonly meta: CaseMeta;
+  /** The dtype computed in: the file's, or f32 for a bf16 or f16 file. */
   readonly dtype: F;
+  /** The dtype of the file's float tensors. */
+  readonly fileDtype: CaseDtype;
   /** Global experts [E, …], packed layout as stored in the file. */
   readonly experts: PackedExperts<F>;
   readonly ranks: readonly RankInputs<F>[];
@@ -130,25 +150,30 @@ export function parseCase(file: SafetensorsFile): CaseData {
     return t;
   };
   const up = get('experts.up_w');
-  if (up.dtype !== 'f32' && up.dtype !== 'f64') throw new CaseError(`experts.up_w is ${up.dtype}, expected f32 or f64`);
-  const dtype = up.dtype;
-  shaped('experts.up_w', [E, D, H]);
-  const down = shaped('experts.down_w', [E, H, D], dtype);
+  if (!(CASE_DTYPES as readonly string[]).includes(up.dtype)) throw new CaseError(`experts.up_w is ${up.dtype}, expected one of ${CASE_DTYPES.join(', ')}`);
+  const fileDtype = up.dtype as CaseDtype;
+  const dtype: FloatDType = fileDtype === 'f64' ? 'f64' : 'f32';
+  /** A float input, checked and at the compute dtype (16-bit floats widen to f32 exactly). */
+  const float = (name: string, shape: readonly number[]): Tensor => {
+    const t = shaped(name, shape, fileDtype);
+    return t.dtype === dtype ? t : Tensor.from(dtype, t.shape, toFloat64(t).data);
+  };
+  const upW = float('experts.up_w', [E, D, H]);
+  const down = float('experts.down_w', [E, H, D]);
   const gated = meta.activation === 'silu';
   const hasGate = file.tensors.has('experts.gate_w');
   if (gated !== hasGate) throw new CaseError(gated ? 'experts.gate_w is missing (silu experts are SwiGLU)' : `experts.gate_w is present but ${meta.activation} experts have no gate`);
-  const gate = hasGate ? shaped('experts.gate_w', [E, D, H], dtype) : null;
-  const experts = { layout: 'packed', activation: meta.activation, up, gate, down } as PackedExperts<typeof dtype>;
-  for (const [name, t] of [['experts.up_w', up], ['experts.gate_w', gate], ['experts.down_w', down]] as const) if (t) requireFinite(name, t);
+  const gate = hasGate ? float('experts.gate_w', [E, D, H]) : null;
+  const experts = { layout: 'packed', activation: meta.activation, up: upW, gate, down } as PackedExperts<typeof dtype>;
+  for (const [name, t] of [['experts.up_w', upW], ['experts.gate_w', gate], ['experts.down_w', down]] as const) if (t) requireFinite(name, t);
 
   const ranks: RankInputs[] = [];
   for (let r = 0; r < ep; r++) {
-    const x = get(`rank${r}.x`);
-    const T = x.shape[0] ?? 0;
-    shaped(`rank${r}.x`, [T, D], dtype);
-    const weights = shaped(`rank${r}.weights`, [T, K], dtype);
+    const T = get(`rank${r}.x`).shape[0] ?? 0;
+    const x = float(`rank${r}.x`, [T, D]);
+    const weights = float(`rank${r}.weights`, [T, K]);
     const indices = shaped(`rank${r}.indices`, [T, K]);
-    const gradOut = shaped(`rank${r}.grad_out`, [T, D], dtype);
+    const gradOut = float(`rank${r}.grad_out`, [T, D]);
     let idx: Int32Array;
     try {
       idx = toIndexArray(indices, `rank${r}.indices`);
@@ -164,18 +189,20 @@ export function parseCase(file: SafetensorsFile): CaseData {
     for (const [name, t] of [[`rank${r}.x`, x], [`rank${r}.weights`, weights], [`rank${r}.grad_out`, gradOut]] as const) requireFinite(name, t);
     ranks.push({ x_TD: x, weights_TK: weights, indices_TK: indices, gradOut_TD: gradOut } as RankInputs);
   }
-  return { meta, dtype, experts, ranks } as CaseData;
+  return { meta, dtype, fileDtype, experts, ranks } as CaseData;
 }
 
-/** A case as the tensors of its file (parseCase's inverse); write them with caseMetadata(meta). */
+/** A case as the tensors of its file (parseCase's inverse, in the file's dtype); write them with caseMetadata(meta). */
 export function caseTensors(data: CaseData): Map<string, Tensor> {
-  const out = new Map<string, Tensor>([['experts.up_w', data.experts.up], ['experts.down_w', data.experts.down]]);
-  if (data.experts.gate) out.set('experts.gate_w', data.experts.gate);
+  // Narrowing back is exact: the values were widened from this dtype.
+  const stored = (t: Tensor): Tensor => (t.dtype === data.fileDtype ? t : Tensor.from(data.fileDtype, t.shape, t.data as Float32Array));
+  const out = new Map<string, Tensor>([['experts.up_w', stored(data.experts.up)], ['experts.down_w', stored(data.experts.down)]]);
+  if (data.experts.gate) out.set('experts.gate_w', stored(data.experts.gate));
   data.ranks.forEach((r, rank) => {
-    out.set(`rank${rank}.x`, r.x_TD);
-    out.set(`rank${rank}.weights`, r.weights_TK);
+    out.set(`rank${rank}.x`, stored(r.x_TD));
+    out.set(`rank${rank}.weights`, stored(r.weights_TK));
     out.set(`rank${rank}.indices`, r.indices_TK);
-    out.set(`rank${rank}.grad_out`, r.gradOut_TD);
+    out.set(`rank${rank}.grad_out`, stored(r.gradOut_TD));
   });
   return out;
 }
@@ -276,5 +303,5 @@ export function syntheticCase<F extends FloatDType>(spec: SyntheticSpec<F>, seed
     gradOut_TD: randomTensor(rng, dtype, [T, D]),
   }));
   const meta: CaseMeta = { ep, numExperts: E, topK: K, dim: D, hidden: H, activation: spec.activation, packed: spec.packed, gradientScale: spec.gradientScale };
-  return { meta, dtype, experts, ranks };
+  return { meta, dtype, fileDtype: dtype, experts, ranks };
 }

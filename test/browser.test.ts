@@ -1,19 +1,19 @@
-// Reports and exports opened in a real browser: the chromium on PATH (Debian's: apt-get
-// install chromium) driven by playwright-core.
+// Reports and exports opened in a real browser, driven by playwright-core: the system's
+// chromium when there is one, else the one npm installed (./chromium.ts decides).
 // Every request the page makes is routed and fails the test unless it is a data: URL, so
 // "no network at view time" is checked, not assumed. Screenshots go to test-artifacts/.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { chromium, type Browser, type Page } from 'playwright-core';
+import type { Browser, Page } from 'playwright-core';
 import { rankMachine } from '../machines/rankMachine.js';
 import { machineGraph, toMermaid, toScxml } from '../machines/exporters.js';
 import { validateScenario } from '../machines/scenario.js';
 import { reportFromDes } from '../sim/report/fromDes.js';
 import { renderReport } from '../sim/report/html.js';
 import { repoRoot } from './paths.js';
-import { missing, onPath } from './tools.js';
+import { launchChromium } from './chromium.js';
 
 // Page-side globals used inside evaluate(); the project compiles without the DOM library.
 declare const getComputedStyle: (el: unknown) => { backgroundColor: string; stroke: string };
@@ -30,19 +30,11 @@ interface XmlDoc {
   getElementsByTagName(name: string): ArrayLike<XmlEl> & Iterable<XmlEl>;
 }
 
-const CHROMIUM = onPath('chromium');
 const artifacts = join(repoRoot, 'test-artifacts');
 let browser: Browser | null = null;
 
 async function launch(): Promise<Browser> {
-  if (browser) return browser;
-  if (!CHROMIUM) throw missing('chromium', 'the browser tests need it', 'apt-get install chromium');
-  // launch() gives every run a fresh temporary profile (its --user-data-dir) and removes it on close.
-  browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
+  browser ??= await launchChromium();
   return browser;
 }
 

@@ -1,7 +1,7 @@
 // `ep-actors sweep` end to end: results, and bad usage as one line before any work.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runCli } from './cli.js';
@@ -36,6 +36,53 @@ test('bad usage is one line, exit 1, and nothing written', async () => {
     assert.match(r.stderr.trimEnd(), message);
   }
   assert.not.ok(readdirSync(dir).some((f) => f.endsWith('.jsonl') && f !== 'r.jsonl'), 'no result file was started');
+});
+
+/** This process's environment without Slurm's, plus `slurm` as SLURM_ARRAY_TASK_* variables. */
+const slurmEnv = (slurm: Record<string, string>): NodeJS.ProcessEnv => ({
+  ...Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('SLURM_'))),
+  ...Object.fromEntries(Object.entries(slurm).map(([k, v]) => [`SLURM_ARRAY_TASK_${k}`, v])),
+});
+
+test('--shard auto: each task of a Slurm array runs its own shard, whatever the array counts from', async () => {
+  // sbatch --array=0-1, --array=1-2 and --array=0-4:4 are each two tasks: shards 0/2 and 1/2.
+  const arrays = [
+    [{ ID: '0', COUNT: '2' }, { ID: '1', COUNT: '2' }],
+    [{ ID: '1', MIN: '1', MAX: '2', COUNT: '2' }, { ID: '2', MIN: '1', MAX: '2', COUNT: '2' }],
+    [{ ID: '0', MIN: '0', MAX: '4', STEP: '4', COUNT: '2' }, { ID: '4', MIN: '0', MAX: '4', STEP: '4', COUNT: '2' }],
+  ];
+  for (const tasks of arrays) {
+    const indices: number[] = [];
+    for (const [k, task] of tasks.entries()) {
+      const r = await runCli(['sweep', '--spec', good, '--shard', 'auto', '--workers', '1', '--json'], { env: slurmEnv(task) });
+      assert.ok(r.code === 0 || r.code === 2, r.stderr);
+      // Without --out the results are stdout's JSON Lines and the summary is on stderr.
+      assert.equal(JSON.parse(r.stderr).shard, { index: k, count: 2 }, JSON.stringify(task));
+      indices.push(...r.stdout.trimEnd().split('\n').map((l) => JSON.parse(l).index));
+    }
+    assert.equal(indices.sort(), [0, 1], 'every scenario in exactly one task');
+  }
+});
+
+test('--shard auto outside a Slurm array, or in an inconsistent one, is one line naming the variable; nothing written', async () => {
+  const cases: [Record<string, string>, RegExp][] = [
+    [{}, /^ep-actors: --shard auto reads the Slurm job array \(SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT\) and SLURM_ARRAY_TASK_ID is not set: run it as a task of sbatch --array=0-\(N-1\), or give --shard I\/N$/],
+    [{ ID: '3' }, /SLURM_ARRAY_TASK_COUNT is not set/],
+    [{ ID: '2', COUNT: '2' }, /^ep-actors: --shard auto: SLURM_ARRAY_TASK_ID=2, _MIN=0, _STEP=1, _COUNT=2: the task id is not one of the array's 2 ids/],
+    [{ ID: '0', MIN: '1', COUNT: '2' }, /the task id is not one of the array's 2 ids/],
+    [{ ID: '3', MIN: '1', MAX: '7', COUNT: '3' }, /the array is not one evenly spaced range \(a list such as --array=1,3,7\?\); give --shard I\/N$/],
+    [{ ID: 'one', COUNT: '2' }, /^ep-actors: --shard auto: SLURM_ARRAY_TASK_ID='one' is not a whole number$/],
+  ];
+  for (const [task, message] of cases) {
+    const out = join(dir, 'auto.jsonl');
+    const r = await runCli(['sweep', '--spec', good, '--shard', 'auto', '--out', out], { env: slurmEnv(task) });
+    assert.is(r.code, 1, JSON.stringify(task));
+    assert.is(r.stderr.trimEnd().split('\n').length, 1, r.stderr);
+    assert.match(r.stderr.trimEnd(), message);
+    assert.not.ok(existsSync(out), 'no result file was started');
+  }
+  const help = await runCli(['sweep', '--help']);
+  assert.match(help.stdout, /--shard auto {4}the shard of this Slurm job array task/);
 });
 
 test.after(() => rmSync(dir, { recursive: true, force: true }));
