@@ -1,5 +1,5 @@
-// The HTML report as a reader sees it, in a real browser (the chromium on PATH, driven by
-// playwright-core): every waiting rank's pending block drawn and visible, the timeline's
+// The HTML report as a reader sees it, in a real browser driven by playwright-core (the
+// system's chromium when there is one, else the one npm installed: ./chromium.ts): every waiting rank's pending block drawn and visible, the timeline's
 // legend in the timeline's own colours, no wait-for box clipped or overlapping at ep=64,
 // the layout in the title, a computing rank drawn as computing. Screenshots go to
 // test-artifacts/.
@@ -7,25 +7,22 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { chromium, type Browser, type Locator, type Page } from 'playwright-core';
+import type { Browser, Locator, Page } from 'playwright-core';
 import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { reportFromDes } from '../sim/report/fromDes.js';
 import { renderReport } from '../sim/report/html.js';
 import { runActors, reportFromRun } from '../actors/supervisor.js';
 import { repoRoot } from './paths.js';
-import { missing, onPath } from './tools.js';
+import { launchChromium } from './chromium.js';
 
 // Page-side global used inside evaluate(); the project compiles without the DOM library.
 declare const getComputedStyle: (el: unknown) => { fill: string; strokeDasharray: string };
 
-const CHROMIUM = onPath('chromium');
 const artifacts = join(repoRoot, 'test-artifacts');
 let browser: Browser | null = null;
 
 async function launch(): Promise<Browser> {
-  if (browser) return browser;
-  if (!CHROMIUM) throw missing('chromium', 'the report browser tests need it', 'apt-get install chromium');
-  browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'] });
+  browser ??= await launchChromium();
   return browser;
 }
 
