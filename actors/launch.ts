@@ -2,9 +2,13 @@
 // ranks through the rendezvous, connects to each over TCP (or joins an NCCL communicator
 // for the EP layer's all-to-alls), and runs its rank of a case or a scenario under its rank machine
 // (actors/rankRun.ts), exactly as a worker rank does. With no supervisor to hold the
-// ledger, each rank watches for itself: a peer that finished after issuing fewer
-// collectives than this rank is now waiting in is a missing collective, a connection that
-// closes without a goodbye is a crashed peer, and no progress for the timeout is a stall.
+// ledger, every rank holds it: each tells every peer the collectives it issues and when it
+// computes again, and feeds its own and its peers' reports to the ledger feed every engine
+// keeps. A rank waiting in a collective stops once the run is quiescent (every rank blocked
+// in the ledger, finished, or held for good), so every hung communicator is reached, as on
+// the engine; a compute that does not return within the compute limit is a stall (that rank
+// stops and its peers count it as held); a connection that closes without a goodbye is a
+// crashed peer; a collective whose data never arrives is a timeout.
 // A rank that stops (on what it saw, on a peer's stop, or on SIGTERM) drops its own work,
 // tells every peer why in its goodbye, and ends once its connections have closed.
 import { createServer } from 'node:net';
@@ -17,7 +21,8 @@ import { now, type Fault, type WorkerJob, type WorkerMessage } from './messages.
 import { type Scenario } from '../machines/scenario.js';
 import { freePort, rendezvous, type LaunchEnv, type Rendezvous } from './rendezvous.js';
 import { runRank } from './rankRun.js';
-import { acceptEarly, socketMesh, type Goodbye, type PeerState } from './socketPort.js';
+import { acceptEarly, socketMesh, type Goodbye, type PeerReport } from './socketPort.js';
+import { LedgerFeed, type RankReport } from '../machines/feed.js';
 import { runIdentity, type RefusedConnection, type RunIdentity } from './runIdentity.js';
 import { RANK_RECORD_VERSION, STALL, type RankRecord } from './rankRecord.js';
 import { generatedIndices, rankRouting } from '../machines/routing.js';
@@ -54,8 +59,9 @@ export interface LaunchOptions<F extends FloatDType> {
   readonly exchange: 'tcp' | 'nccl';
   readonly backend: BackendName;
   /**
-   * The collective limit (ms): a rank waiting in a collective this long past the compute
-   * limit (by then a peer that computes would have reported its own stall) stops with a
+   * The collective limit (ms): a collective every member issued whose data has not arrived
+   * this long, or a wait with no report from any rank this long past the compute limit (by
+   * then a peer that computes would have reported its own stall), stops the rank with a
    * timeout; the rendezvous and the connections give up after it too.
    */
   readonly timeoutMs: number;
@@ -135,58 +141,100 @@ function runConnected<F extends FloatDType>(
   refusing: { readonly refusals: NonNullable<RankRecord['refused']>; refused(r: RefusedConnection): void },
 ): Promise<LaunchedRankResult<F>> {
   const { rank } = o.env;
-  /** Collectives issued so far per communicator kind, and the one this rank waits in. */
-  const issued: Record<string, number> = {};
-  let waiting: { c: IssuedCollective; position: number } | null = null;
-  /** Peers that ended: finished (with what they issued), or stopped or went away (the error that says so). */
-  const endedPeers = new Map<number, Goodbye['issued'] | (() => LaunchedRankError)>();
-  let fail: (err: Error) => void = () => {};
+  const n = o.env.worldSize;
   const mesh = { ep: o.scenario.ep, dp: o.scenario.dp };
   const membersOf = (kind: 'ep' | 'dp') => communicators(mesh).find((c) => c.id === commOf(mesh, rank, kind))?.members ?? [];
+  /** Collectives issued so far per communicator kind, and the one this rank waits in. */
+  const issued: Record<string, number> = {};
+  let waiting: Waiting | null = null;
+  /** Peers that finished their step, with what they issued. */
+  const finishedPeers = new Map<number, Goodbye['issued']>();
+  /** Peers that stopped where they are held for good (a hung run's collective, a stalled compute), with why: they will report nothing more. */
+  const heldPeers = new Map<number, string>();
+  /** Peers that stopped on an error or went away: the error that stops a rank waiting on them. */
+  const brokenPeers = new Map<number, () => LaunchedRankError>();
+  /** Peers whose last word is that they compute (every step begins with routing). */
+  const computingPeers = new Set(Array.from({ length: n }, (_, r) => r).filter((r) => r !== rank));
+  let fail: (err: Error, held?: boolean) => void = () => {};
 
-  const describe = (w: { c: IssuedCollective; position: number }) => `${w.c.op} (layer ${w.c.layer}, ${w.c.comm} position ${w.position})`;
-  /**
-   * A member of the communicator this rank waits on that will never join: one that
-   * finished after issuing no more than `position` collectives on it, or that stopped or
-   * went away. A peer this rank does not wait on does not stop it: ranks that need none of
-   * the ended ones finish their step.
-   */
-  const missingPeer = (w: { c: IssuedCollective; position: number }) => {
-    const members = membersOf(w.c.comm);
-    for (const [peer, ended] of endedPeers) {
-      if (!members.includes(peer)) continue;
-      if (typeof ended === 'function') return fail(ended());
-      if ((ended[w.c.comm] ?? 0) <= w.position) {
-        return fail(new LaunchedRankError(`missing collective: rank ${rank} waits in ${describe(w)} but rank ${peer} finished its step after issuing ${ended[w.c.comm] ?? 0} collective(s) on ${w.c.comm}; under NCCL both would hang until the watchdog`));
-      }
-    }
+  const describe = (w: Waiting) => `${w.c.op} (layer ${w.c.layer}, ${w.c.comm} position ${w.position})`;
+  /** A member of the communicator this rank waits in that stopped on an error or went away: this rank stops on its word at once. */
+  const brokenMember = (w: Waiting) => {
+    for (const [peer, error] of brokenPeers) if (membersOf(w.c.comm).includes(peer)) return fail(error());
   };
-
   const job: WorkerJob = {
     rank, scenario: o.scenario, casePayload: o.data ? casePayloads(o.data)[rank] : undefined, backend: o.backend,
     exchange: o.exchange === 'nccl' ? 'nccl' : 'ports', device, ncclId: met.id ?? undefined, faults: o.faults ?? [], inspect: false, steps: o.steps ?? 1, record: !!o.keep,
   };
   return new Promise<LaunchedRankResult<F>>((resolve, reject) => {
     let settled = false;
-    let watchdog: NodeJS.Timeout | undefined;
-    let ports: Map<number, { goodbye(g: Goodbye): Promise<void>; state(s: PeerState): void }> = new Map();
-    /** What each peer last said it does; a peer computes until it says otherwise (every step begins with routing). */
-    const peerState = new Map<number, PeerState>();
-    const computingMember = (w: { c: IssuedCollective }) => membersOf(w.c.comm).some((m) => m !== rank && !endedPeers.has(m) && (peerState.get(m) ?? 'computing') === 'computing');
+    let ports: Map<number, { goodbye(g: Goodbye): Promise<void>; report(r: PeerReport): void }> = new Map();
+    const computeTimeoutMs = o.computeTimeoutMs ?? DEFAULT_COMPUTE_TIMEOUT_MS;
     /** What this rank computes now (set when a collective completes), for a stall. */
     let computing = 'routing layer 0';
-    const computeTimeoutMs = o.computeTimeoutMs ?? DEFAULT_COMPUTE_TIMEOUT_MS;
-    const arm = () => {
+    /** The compute limit while this rank computes; while it waits, the collective limit. */
+    let watchdog: NodeJS.Timeout | undefined;
+    /** What the data of this rank's collective brought instead of the collective (the ledger usually proves why). */
+    let badMessage: string | null = null;
+    const computeLimit = () => {
       clearTimeout(watchdog);
-      const w = waiting;
-      // Waiting: every collective limit, unless a member it waits on still computes (that member's compute limit holds it).
-      const check = (w: { c: IssuedCollective; position: number }) => () => {
-        if (computingMember(w)) watchdog = setTimeout(check(w), o.timeoutMs);
-        else fail(new LaunchedRankError(`timeout: rank ${rank} waits in ${describe(w)} and no member it waits on has computed or ended for ${o.timeoutMs} ms (collective limit)`));
-      };
-      watchdog = w
-        ? setTimeout(check(w), o.timeoutMs)
-        : setTimeout(() => fail(new LaunchedRankError(`${STALL}rank ${rank} has not returned from ${computing} for ${computeTimeoutMs} ms (compute limit)`)), computeTimeoutMs);
+      watchdog = setTimeout(() => fail(new LaunchedRankError(`${STALL}rank ${rank} has not returned from ${computing} for ${computeTimeoutMs} ms (compute limit)`), true), computeTimeoutMs);
+    };
+    // Waiting while the ledger has this rank blocked: a member that computes reports within
+    // its compute limit, so only silence past that and the collective limit is a timeout.
+    const blockedLimit = (w: Waiting) => {
+      clearTimeout(watchdog);
+      watchdog = setTimeout(() => fail(new LaunchedRankError(`timeout: rank ${rank} waits in ${describe(w)} and no rank has reported anything for ${computeTimeoutMs + o.timeoutMs} ms (compute limit + collective limit)${badMessage ? `; ${badMessage}` : ''}`)), computeTimeoutMs + o.timeoutMs);
+    };
+    const waitLimit = (w: Waiting) => {
+      clearTimeout(watchdog);
+      watchdog = setTimeout(() => fail(new LaunchedRankError(`timeout: rank ${rank} waits in ${describe(w)}: every member issued it, but its data has not arrived for ${o.timeoutMs} ms (collective limit)${badMessage ? `; ${badMessage}` : ''}`)), o.timeoutMs);
+    };
+    // The whole run's ledger, fed with this rank's reports and its peers' as the supervisor's
+    // is with its workers': at quiescence its hangs are the run's, whichever rank looks.
+    const feed = new LedgerFeed(mesh, {
+      completed: (entries) => {
+        // Every member issued the collective this rank waits in: now only its data is awaited.
+        if (waiting && entries.some((e) => e.rank === rank && e.comm === waiting!.c.comm && e.position === waiting!.position)) waitLimit(waiting);
+      },
+    }, false);
+    const tracker = feed.tracker;
+
+    /** Why this rank, held in `w` at quiescence, stops: a stalled peer, a member that finished without the collective, or the hang the ledger names. */
+    const heldReason = (w: Waiting): string => {
+      const members = membersOf(w.c.comm);
+      const stalled = [...heldPeers].filter(([, why]) => why.startsWith(STALL));
+      const stall = stalled.find(([p]) => members.includes(p)) ?? stalled[0];
+      if (stall) return `rank ${stall[0]} stopped: ${stall[1]}`;
+      for (const [peer, its] of finishedPeers) {
+        if (members.includes(peer) && (its[w.c.comm] ?? 0) <= w.position) {
+          return `missing collective: rank ${rank} waits in ${describe(w)} but rank ${peer} finished its step after issuing ${its[w.c.comm] ?? 0} collective(s) on ${w.c.comm}; under NCCL both would hang until the watchdog`;
+        }
+      }
+      const mine = tracker.blockedOn(rank);
+      const hangs = tracker.hangs();
+      const h = hangs.find((x) => x.communicator === mine?.communicator && x.position === mine.position) ?? hangs[0];
+      return h ? `${h.kind}: rank ${rank} waits in ${describe(w)}; ${h.communicator} position ${h.position}: ${h.detail}` : `rank ${rank} waits in ${describe(w)} and no rank can move`;
+    };
+    /** News from a peer: a rank the ledger has blocked waits again for the next. */
+    const heard = () => {
+      if (waiting && tracker.blockedOn(rank)) blockedLimit(waiting);
+    };
+    /** At quiescence (every rank blocked in the ledger, finished, or held for good) nothing can move any more: this rank, waiting, stops there. */
+    const settle = () => {
+      if (settled || !waiting) return;
+      const gone = new Set(heldPeers.keys());
+      // A rank whose transport let it past a collective the ledger proved inconsistent counts as held there, once no rank computes (as the supervisor does).
+      const heldPastFinding = feed.evidenceAt !== null && computingPeers.size === 0 && feed.quiescent(n, gone, true);
+      if (feed.quiescent(n, gone) || heldPastFinding) fail(new LaunchedRankError(heldReason(waiting)), true);
+    };
+    const follow = (report: RankReport) => {
+      try {
+        feed.push(report);
+      } catch (err) {
+        return fail(new LaunchedRankError(`rank ${report.rank} reported what its ledger cannot hold: ${(err as Error).message}`));
+      }
+      settle();
     };
     const messages: WorkerMessage[] = [];
     const keep = (stopped?: string) =>
@@ -204,12 +252,12 @@ function runConnected<F extends FloatDType>(
       clearTimeout(watchdog);
       void Promise.all([...ports.values()].map((p) => p.goodbye(goodbye))).then(settle);
     };
-    fail = (err) => {
+    fail = (err, held = false) => {
       if (settled) return;
       keep(err.message);
       // Peers hear why the run stopped and which rank stopped it first, so they report the cause rather than a lost connection.
       const origin = err instanceof LaunchedRankError && err.origin ? err.origin : { rank, reason: err.message };
-      end({ issued, stopped: origin.reason, stoppedBy: origin.rank }, () => reject(err));
+      end({ issued, stopped: origin.reason, stoppedBy: origin.rank, ...(held ? { held } : {}) }, () => reject(err));
     };
     if (o.signal) terminated(o.signal).catch((err: Error) => fail(err));
     let result: Uint8Array | undefined;
@@ -219,24 +267,26 @@ function runConnected<F extends FloatDType>(
       if (m.type === 'issue' || m.type === 'completed' || m.type === 'paths' || m.type === 'finished') messages.push(m);
       switch (m.type) {
         case 'issue': {
-          ports.forEach((p) => p.state('waiting'));
+          ports.forEach((p) => p.report({ kind: 'issue', collective: m.collective, dtype: m.dtype }));
           const position = issued[m.collective.comm] ?? 0;
           issued[m.collective.comm] = position + 1;
           waiting = { c: m.collective, position };
-          arm();
-          missingPeer(waiting);
-          return;
+          blockedLimit(waiting);
+          brokenMember(waiting);
+          return follow({ kind: 'issue', rank, collective: m.collective, dtype: m.dtype, at: m.at });
         }
         case 'completed':
-          ports.forEach((p) => p.state('computing'));
+          ports.forEach((p) => p.report({ kind: 'computing' }));
           waiting = null;
+          badMessage = null;
           computing = m.next;
-          arm();
-          return;
+          return computeLimit();
         case 'violation':
           return fail(new LaunchedRankError(`protocol violation: ${m.message}`));
         case 'transport-error':
-          return fail(new LaunchedRankError(`bad message between ranks: ${m.message}`));
+          // The collective stays waiting, as under NCCL: the ledger proves the divergence at quiescence.
+          badMessage ??= `bad message between ranks: ${m.message}`;
+          return;
         case 'step':
           stepMs[m.step] = m.ms; // positions keep counting across steps, as a communicator's do
           return;
@@ -247,20 +297,35 @@ function runConnected<F extends FloatDType>(
           return;
       }
     };
-    const ended = (peer: number, how: Goodbye['issued'] | (() => LaunchedRankError)) => {
-      endedPeers.set(peer, how);
-      if (waiting) missingPeer(waiting);
+    const broken = (peer: number, error: () => LaunchedRankError) => {
+      computingPeers.delete(peer);
+      brokenPeers.set(peer, error);
+      if (waiting) brokenMember(waiting);
     };
-    socketMesh({ run: met.runId, rank, world: o.env.worldSize }, secret, met.peers, listening, {
-      broken: (peer, reason) => ended(peer, () => new LaunchedRankError(`rank ${peer} went away before finishing its step (${reason}): it crashed or was killed${waiting ? `; rank ${rank} waits in ${describe(waiting)}` : ''}`)),
+    socketMesh({ run: met.runId, rank, world: n }, secret, met.peers, listening, {
+      broken: (peer, reason) => broken(peer, () => new LaunchedRankError(`rank ${peer} went away before finishing its step (${reason}): it crashed or was killed${waiting ? `; rank ${rank} waits in ${describe(waiting)}` : ''}`)),
       finished: (peer, goodbye) => {
+        computingPeers.delete(peer);
+        heard();
         const { stopped } = goodbye;
-        if (stopped === undefined) return ended(peer, goodbye.issued);
+        if (stopped === undefined) {
+          finishedPeers.set(peer, goodbye.issued);
+          return follow({ kind: 'finish', rank: peer, at: now() });
+        }
+        if (goodbye.held) {
+          heldPeers.set(peer, stopped);
+          return settle();
+        }
         const by = goodbye.stoppedBy ?? peer;
-        ended(peer, () => new LaunchedRankError(`rank ${by} stopped: ${stopped}`, { rank: by, reason: stopped }));
+        broken(peer, () => new LaunchedRankError(`rank ${by} stopped: ${stopped}`, { rank: by, reason: stopped }));
       },
       refused: refusing.refused,
-      state: (peer, s) => peerState.set(peer, s),
+      report: (peer, r) => {
+        if (r.kind === 'computing') return void computingPeers.add(peer);
+        computingPeers.delete(peer);
+        heard();
+        follow({ kind: 'issue', rank: peer, collective: r.collective, dtype: r.dtype, at: now() });
+      },
     }, o.timeoutMs).then((mesh) => {
       ports = mesh;
       if (farewell) {
@@ -269,7 +334,7 @@ function runConnected<F extends FloatDType>(
         return;
       }
       o.connected?.(met.runId);
-      arm(); // the watchdog times the step; the rendezvous and the connections have their own limits
+      computeLimit(); // the watchdog times the step; the rendezvous and the connections have their own limits
       return runRank(job, mesh, post).then(() => {
         if (settled) return;
         keep();
@@ -277,6 +342,12 @@ function runConnected<F extends FloatDType>(
       });
     }).catch((err: Error) => fail(err));
   });
+}
+
+/** The collective a rank waits in, and its position on that communicator. */
+interface Waiting {
+  readonly c: IssuedCollective;
+  readonly position: number;
 }
 
 /** This rank's row of the report's routing: from the case's indices, or the scenario's generated ones. */

@@ -146,14 +146,15 @@ function replay(records: readonly RankRecord[]): ReportInput {
   const firstStop = Math.min(...stopped.flatMap((r) => (r.stoppedAt === undefined ? [] : [r.stoppedAt])));
   const evidence = feed.evidenceAt ?? (hangs.length > 0 ? feed.lastAt : null);
   const detectedAfterMs = evidence !== null && Number.isFinite(firstStop) && firstStop >= evidence ? firstStop - evidence : undefined;
-  // A rank that stopped on its own compute limit, neither blocked nor finished: its peers only wait for it.
+  // A rank that stopped on its own compute limit, neither blocked nor finished: its peers only
+  // wait for it, and the stall is the finding, as on every engine.
   const stalled = stopped.filter((r) => r.stopped!.startsWith(STALL) && !tracker.blockedOn(r.rank) && !tracker.isFinished(r.rank));
-  if (hangs.some((h) => h.kind !== 'blocked') || (hangs.length > 0 && stalled.length === 0)) diagnosis = { ...diagnoseHangs(hangs, snapshots, tracker), ...(detectedAfterMs === undefined ? {} : { detectedAfterMs }) };
-  else if (stalled.length > 0) {
+  if (stalled.length > 0) {
     const waiters = records.filter((r) => tracker.blockedOn(r.rank)).map((r) => r.rank);
     const what = stalled.map((r) => r.stopped!.slice(STALL.length)).join('; ');
     diagnosis = { verdict: 'stall', communicator: null, position: null, culprits: stalled.map((r) => r.rank), ranks: rankReports(snapshots, tracker), cause: `${what}${waiters.length ? `; ${rankWord(waiters)} wait for it in their collectives, which is not a hang of theirs` : ''}` };
-  } else if (records.every((r) => tracker.isFinished(r.rank))) diagnosis = okDiagnosis(snapshots, tracker);
+  } else if (hangs.length > 0) diagnosis = { ...diagnoseHangs(hangs, snapshots, tracker), ...(detectedAfterMs === undefined ? {} : { detectedAfterMs }) };
+  else if (records.every((r) => tracker.isFinished(r.rank))) diagnosis = okDiagnosis(snapshots, tracker);
   else {
     const why = stopped.map((r) => `rank ${r.rank}: ${r.stopped}`).join('; ');
     diagnosis = { verdict: 'timeout', communicator: null, position: null, culprits: stopped.map((r) => r.rank), ranks: rankReports(snapshots, tracker), cause: `the records end without a proof of a hang${why ? `; ${why}` : ''}` };

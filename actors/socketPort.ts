@@ -5,7 +5,9 @@
 // (only ranks of this run get in), and a rank that ends says goodbye with how many
 // collectives it issued and, when it stopped, why (a frame starting 0xc1, which never
 // starts msgpack), so its peers can tell a finished rank from a stopped or crashed one,
-// and a collective it will never join from one it is late for. After a goodbye, either
+// and a collective it will never join from one it is late for. Frames starting 0xc1 also
+// carry the rank's reports to every peer (each collective it issues, and that it computes
+// again), from which each rank follows the whole run's ledger. After a goodbye, either
 // way, nothing more is written on the connection, and the rank that said it keeps
 // reading until the peer closes (bounded), so the peer reads the goodbye rather than a
 // reset.
@@ -13,6 +15,7 @@ import { connect, type Server, type Socket } from 'node:net';
 import { HELLO_TIMEOUT_MS, type PeerAddress } from './rendezvous.js';
 import { helloAsDialer, helloAsListener, RefusedConnection, type Hello, type Side } from './runIdentity.js';
 import { TransportError, type PeerPort } from './transport.js';
+import type { IssuedCollective } from '../machines/snapshot.js';
 
 /** A frame longer than this is a corrupt stream, not a chunk (msgpack bin32 tops out at 4 GiB). */
 const MAX_FRAME = 2 ** 31;
@@ -22,22 +25,29 @@ const GOODBYE = 0xc1;
 const LINGER_MS = 2000;
 
 /**
- * What a rank tells its peers when it ends: collectives it issued per communicator kind,
- * and, when it stopped on an error rather than finishing, what the error was.
+ * What a rank tells every peer as it goes, so each can follow the whole run's ledger (the
+ * feed every engine keeps) and tell a hang at quiescence from a wait for a peer that
+ * still computes: each collective it issues, and that it computes again once one completed.
  */
-/**
- * What a peer is doing, as it tells its peers when it changes: a rank waiting in a collective
- * is not hung while a member it waits on computes (that member's own compute limit holds it).
- */
-export type PeerState = 'computing' | 'waiting';
-/** Second byte of a state frame (after GOODBYE's 0xc1, never valid msgpack). */
-const STATE_BYTE: Record<PeerState, number> = { computing: 0x01, waiting: 0x02 };
+export type PeerReport = { readonly kind: 'computing' } | { readonly kind: 'issue'; readonly collective: IssuedCollective; readonly dtype: string };
+/** Second byte of a report frame (after GOODBYE's 0xc1, never valid msgpack); an issue's JSON follows. */
+const COMPUTING = 0x01;
+const ISSUE = 0x02;
 
+/**
+ * What a rank tells its peers when it ends: collectives it issued per communicator kind,
+ * and, when it stopped rather than finishing, why.
+ */
 export interface Goodbye {
   readonly issued: Readonly<Record<string, number>>;
   /** Why the run stopped, and which rank stopped it first (a rank passes on a peer's reason). */
   readonly stopped?: string;
   readonly stoppedBy?: number;
+  /**
+   * It stopped where it is held for good (in a collective of a hung run at quiescence, or in
+   * its own stalled compute): its peers go on to their own quiescence instead of stopping on its word.
+   */
+  readonly held?: boolean;
 }
 
 export interface SocketEvents {
@@ -45,9 +55,11 @@ export interface SocketEvents {
   broken(reason: string): void;
   /** The peer ended: finished its step, or stopped on an error (goodbye.stopped). */
   finished(goodbye: Goodbye): void;
-  /** The peer began computing, or began waiting in a collective. */
-  state?(state: PeerState): void;
+  /** The peer issued a collective, or computes again. */
+  report?(report: PeerReport): void;
 }
+
+const EMPTY = Buffer.alloc(0);
 
 export class SocketPort implements PeerPort {
   #listener: ((m: unknown) => void) | null = null;
@@ -93,15 +105,21 @@ export class SocketPort implements PeerPort {
     this.socket.write(Buffer.from(message.buffer, message.byteOffset, message.byteLength));
   }
 
+  flushed(): Promise<void> | null {
+    if (this.#ended || this.socket.writableLength === 0) return null;
+    // Writes complete in order: an empty one's callback runs once everything before it is out.
+    return new Promise((resolve) => this.socket.write(EMPTY, () => resolve()));
+  }
+
   on(_event: 'message', listener: (message: unknown) => void): this {
     this.#listener = listener;
     for (const m of this.#backlog.splice(0)) listener(m);
     return this;
   }
 
-  /** Tells the peer what this rank does now (a two-byte frame). */
-  state(s: PeerState): void {
-    this.postMessage(Uint8Array.of(GOODBYE, STATE_BYTE[s]));
+  /** Tells the peer what this rank does now. */
+  report(r: PeerReport): void {
+    this.postMessage(r.kind === 'computing' ? Uint8Array.of(GOODBYE, COMPUTING) : Buffer.concat([Uint8Array.of(GOODBYE, ISSUE), Buffer.from(JSON.stringify({ collective: r.collective, dtype: r.dtype }))]));
   }
 
   /**
@@ -138,6 +156,19 @@ export class SocketPort implements PeerPort {
     setImmediate(() => this.events.finished(g));
   }
 
+  #issue(frame: Uint8Array): void {
+    let r: { collective: IssuedCollective; dtype: string };
+    try {
+      r = JSON.parse(Buffer.from(frame.buffer, frame.byteOffset + 2, frame.byteLength - 2).toString('utf8')) as typeof r;
+      if (!r || typeof r.collective !== 'object' || r.collective === null || typeof r.dtype !== 'string') throw new Error('no collective');
+    } catch {
+      this.#broken('the peer reported an issue in a frame that does not parse');
+      this.socket.destroy();
+      return;
+    }
+    this.events.report?.({ kind: 'issue', collective: r.collective, dtype: r.dtype });
+  }
+
   #read(c: Buffer): void {
     if (this.#left) return;
     let at = 0;
@@ -167,7 +198,8 @@ export class SocketPort implements PeerPort {
         this.#frame = null;
         this.#headerBytes = 0;
         if (frame[0] === GOODBYE && frame[1] === 0x7b /* '{' */) this.#goodbye(frame);
-        else if (frame[0] === GOODBYE && frame.byteLength === 2 && (frame[1] === STATE_BYTE.computing || frame[1] === STATE_BYTE.waiting)) this.events.state?.(frame[1] === STATE_BYTE.computing ? 'computing' : 'waiting');
+        else if (frame[0] === GOODBYE && frame[1] === COMPUTING && frame.byteLength === 2) this.events.report?.({ kind: 'computing' });
+        else if (frame[0] === GOODBYE && frame[1] === ISSUE) this.#issue(frame);
         else if (this.#listener) this.#listener(frame);
         else this.#backlog.push(frame);
       }
@@ -200,8 +232,8 @@ export interface MeshEvents {
   finished(peer: number, goodbye: Goodbye): void;
   /** A connection the hello refused: someone not of this run, or not a rank that should dial here. */
   refused(r: RefusedConnection): void;
-  /** A peer began computing or waiting (optional: only the launched rank's watchdog listens). */
-  state?(peer: number, state: PeerState): void;
+  /** A peer issued a collective or computes again (optional: only a launched rank follows its peers). */
+  report?(peer: number, report: PeerReport): void;
 }
 
 /**
@@ -247,7 +279,7 @@ export async function socketMesh(
     const eventsOf = (peer: number): SocketEvents => ({
       broken: (reason) => events.broken(peer, reason),
       finished: (goodbye) => events.finished(peer, goodbye),
-      state: (s) => events.state?.(peer, s),
+      report: (r) => events.report?.(peer, r),
     });
     const add = (peer: number, sock: Socket, rest: Buffer) => {
       if (over) return void sock.destroy();

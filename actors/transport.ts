@@ -68,6 +68,11 @@ type Waiter = { op: string; resolve: (c: Chunk) => void };
 export interface PeerPort {
   postMessage(message: unknown, transfer?: ArrayBuffer[]): void;
   on(event: 'message', listener: (message: unknown) => void): unknown;
+  /**
+   * Resolves once what this side posted has left the process (null: nothing is pending).
+   * A connection that buffers writes (TCP) says so; a MessagePort hands messages over at once.
+   */
+  flushed?(): Promise<void> | null;
 }
 
 /** Buffers kept per peer for reuse; more than this in flight are dropped to the GC. */
@@ -250,6 +255,12 @@ export class PortMesh {
       const a: Announcement = { ...header, op, from: this.rank, staged: rows };
       port.postMessage(a);
     }
+  }
+
+  /** Resolves once this rank's messages to `peers` have left the process (at once over MessagePorts). */
+  flushed(peers: readonly number[]): Promise<unknown> | undefined {
+    const pending = peers.flatMap((peer) => this.ports.get(peer)?.flushed?.() ?? []);
+    return pending.length ? Promise.all(pending) : undefined;
   }
 
   /**
@@ -441,6 +452,10 @@ export class MeshCommunicator implements Communicator {
         return c;
       }),
     );
+    // As NCCL's, a rank's collective completes when its sends are done too: a rank that went
+    // on to a long compute with its rows still buffered here would hold its peers' data hostage.
+    const flushed = this.mesh.flushed(members.filter((_, j) => j !== this.rank));
+    if (flushed) await flushed;
     const arrived = profiling ? now() : 0;
     const rest = [...send.shape.slice(1)];
     let out: Tensor<D>;

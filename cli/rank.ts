@@ -30,11 +30,13 @@ WORLD_SIZE and LOCAL_RANK as torchrun sets them (else SLURM_PROCID, SLURM_NTASKS
 SLURM_LOCALID as srun does), and MASTER_ADDR:MASTER_PORT where rank 0 holds the rendezvous
 (default 127.0.0.1:29500; MASTER_PORT+1 under torchrun, whose agent holds MASTER_PORT;
 EP_ACTORS_PORT overrides). WORLD_SIZE must equal the case's ep (the scenario's dp × ep). Every rank runs its rank
-machine over the real EP layer, as on worker threads; with no supervisor, each rank stops
-with exit 2 the moment it can tell that a peer finished without issuing a collective this
-rank waits in, that a peer went away without finishing, or that nothing moved for --timeout.
-A rank that stops tells its peers why (they report its reason) and exits; so does a rank
-sent SIGTERM or SIGINT (exit 1).
+machine over the real EP layer, as on worker threads; with no supervisor, every rank tells
+every peer the collectives it issues and follows the whole run's ledger. A rank waiting in
+a collective stops with exit 2 once the run is quiescent (every rank blocked in a collective
+that cannot complete, finished, or stalled, so every hung communicator is reached), the
+moment a peer it waits on goes away or stops on an error, or when its data never arrives
+(--timeout). A rank that stops tells its peers why and exits; so does a rank sent SIGTERM
+or SIGINT (exit 1).
 
 Every connection between ranks (the rendezvous and the data connections) opens with a
 hello carrying the run id, the sender's rank and the world size; a connection from another
@@ -64,8 +66,9 @@ traffic, run the ranks over one you trust.
   --variant V     the protocol (default seed); a hazard variant reproduces its bug on real processes
   --steps N       training steps back to back (default 1); the file holds the last step's
                   results and the summary each step's time
-  --timeout MS    the collective limit (default 600000): a rank waiting in a collective this long
-                  past the compute limit, with no peer saying why, stops with exit 2 (timeout);
+  --timeout MS    the collective limit (default 600000): a collective every member issued whose
+                  data has not arrived this long, or a wait this long past the compute limit with
+                  no word from any rank, stops the rank with exit 2 (timeout);
                   the rendezvous and the connections between ranks give up after it too (exit 1)
   --compute-timeout MS
                   a compute of this rank (routing, expert forward or backward) that has not

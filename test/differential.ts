@@ -67,21 +67,14 @@ export const randomScenarios = (seed: number, count: number): Scenario[] => {
   return Array.from({ length: count }, () => randomScenario(rng));
 };
 
-/**
- * What every engine must agree on: the headline and every hung communicator. Launched ranks
- * stop themselves once they prove a hang, so communicators that only wait on a member
- * blocked elsewhere (`blocked`) may not have formed yet when they do: for them only the
- * causes (mismatch, missing, cycle) are compared.
- */
-export function verdictOf(d: Diagnosis, engine: EngineName = 'des') {
+/** What every engine must agree on: the headline and every hung communicator. */
+export function verdictOf(d: Diagnosis) {
   return {
     verdict: d.verdict,
     communicator: d.communicator,
     position: d.position,
     culprits: [...d.culprits],
-    hangs: (d.hangs ?? [])
-      .filter((h) => engine !== 'processes' || h.verdict !== 'blocked')
-      .map((h) => ({ verdict: h.verdict, communicator: h.communicator, position: h.position, culprits: [...h.culprits] })),
+    hangs: (d.hangs ?? []).map((h) => ({ verdict: h.verdict, communicator: h.communicator, position: h.position, culprits: [...h.culprits] })),
   };
 }
 
@@ -89,15 +82,15 @@ async function runOn(engine: EngineName, s: Scenario): Promise<{ diagnosis: Diag
   if (engine === 'des') return simulateDes(s);
   // A stall (kernel-hang) is found by the compute limit: short, yet far above what these small layers compute.
   if (engine === 'actors') return runActors(s, { timeoutMs: 30_000, computeTimeoutMs: 10_000 });
-  return runScenarioOnProcesses(s, ['--timeout', '30000']);
+  return runScenarioOnProcesses(s, ['--timeout', '30000', '--compute-timeout', '10000']);
 }
 
 /** null when `engine` agrees with the discrete-event engine on `s`; else what differs, with the scenario to replay. */
 export async function disagreement(s: Scenario, engine: Exclude<EngineName, 'des'>): Promise<string | null> {
   const want = simulateDes(s);
   const got = await runOn(engine, s);
-  const a = JSON.stringify(verdictOf(want.diagnosis, engine));
-  const b = JSON.stringify(verdictOf(got.diagnosis, engine));
+  const a = JSON.stringify(verdictOf(want.diagnosis));
+  const b = JSON.stringify(verdictOf(got.diagnosis));
   let differs = a !== b ? `des gives ${a}\n${engine} gives ${b}\n(${engine}: ${got.diagnosis.cause})` : null;
   if (!differs && want.diagnosis.verdict === 'ok' && JSON.stringify(canonicalLedger(want.ledger)) !== JSON.stringify(canonicalLedger(got.ledger))) {
     differs = `both ok, but the ledgers differ (${want.ledger.length} entries on des, ${got.ledger.length} on ${engine})`;

@@ -5,17 +5,19 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { EventEmitter } from 'node:events';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { createServer, type AddressInfo, type Socket } from 'node:net';
+import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 import type { ChildProcess } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv, type Rendezvous } from '../actors/rendezvous.js';
-import { acceptEarly, socketMesh, SocketPort, type Goodbye } from '../actors/socketPort.js';
+import { acceptEarly, socketMesh, SocketPort, type Goodbye, type PeerReport } from '../actors/socketPort.js';
+import type { IssuedCollective } from '../machines/snapshot.js';
 import { helloAsListener, type RunIdentity } from '../actors/runIdentity.js';
 import { LaunchedRankError, runLaunchedRank } from '../actors/launch.js';
 import { launchLocally, runScenarioOnProcesses } from '../cli/localRanks.js';
 import { checkRankRecords, mergeRankRecords, RankRecordError } from '../actors/rankRecord.js';
 import { simulateDes } from '../sim/des.js';
+import type { Diagnosis } from '../machines/diagnosis.js';
 import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { casePayloads } from '../actors/caseRanks.js';
 import { caseScenario } from '../machines/scenario.js';
@@ -151,6 +153,36 @@ test('TCP framing: frames split anywhere arrive whole, in order, 8-aligned; a co
   assert.match(broken[0]!, /frame of 4294967295 bytes/);
 });
 
+test('a rank\'s collective completes only once its rows have left the process: flushed() waits for a peer that is not reading yet', async () => {
+  const server = createServer();
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const accepted = new Promise<Socket>((r) => server.once('connection', r));
+  const client = connect((server.address() as AddressInfo).port, '127.0.0.1');
+  const reader = await accepted;
+  reader.pause(); // the peer is busy: nothing is read
+  try {
+    const port = new SocketPort(client, { broken: () => {}, finished: () => {} });
+    await new Promise((r) => client.once('connect', r));
+    port.postMessage(new Uint8Array(64 << 20));
+    const flushed = port.flushed();
+    assert.ok(flushed, 'a 64 MiB frame cannot all be in the kernel\'s buffers at once');
+    let done = false;
+    void flushed.then(() => (done = true));
+    await new Promise((r) => setTimeout(r, 100));
+    assert.not.ok(done, 'flushed while the peer had read nothing');
+    let read = 0;
+    reader.on('data', (c: Buffer) => (read += c.length));
+    reader.resume();
+    await flushed;
+    assert.ok(read > 0);
+    assert.is(port.flushed(), null, 'nothing pending after the flush');
+  } finally {
+    client.destroy();
+    reader.destroy();
+    server.close();
+  }
+});
+
 test('a goodbye frame ends the connection quietly and reaches the peer with its counts', async () => {
   const a = fakeSocket();
   new SocketPort(a as unknown as Socket, { broken: () => {}, finished: () => {} }).goodbye({ issued: { ep: 6 } });
@@ -165,19 +197,29 @@ test('a goodbye frame ends the connection quietly and reaches the peer with its 
   assert.equal(broken, []);
 });
 
-test('state frames tell a peer whether the rank computes or waits, and are never taken for data', async () => {
+test('report frames tell a peer each collective the rank issues and when it computes again, and are never taken for data', async () => {
   const a = fakeSocket();
   const sender = new SocketPort(a as unknown as Socket, { broken: () => {}, finished: () => {} });
-  sender.state('waiting');
+  const collective = { comm: 'ep', op: 'fwd.dispatch', layer: 1, microBatch: 0, phase: 'forward', sendSplits: [2, 0], recvSplits: [1, 3], why: [] } as unknown as IssuedCollective;
+  sender.report({ kind: 'issue', collective, dtype: 'f32' });
   sender.postMessage(Uint8Array.of(9, 8, 7));
-  sender.state('computing');
+  sender.report({ kind: 'computing' });
   const b = fakeSocket();
-  const states: string[] = [];
+  const reports: PeerReport[] = [];
   const data: number[][] = [];
-  new SocketPort(b as unknown as Socket, { broken: () => {}, finished: () => {}, state: (s) => states.push(s) }).on('message', (m) => data.push(Array.from(m as Uint8Array)));
+  new SocketPort(b as unknown as Socket, { broken: () => {}, finished: () => {}, report: (r) => reports.push(r) }).on('message', (m) => data.push(Array.from(m as Uint8Array)));
   b.emit('data', Buffer.concat(a.written));
-  assert.equal(states, ['waiting', 'computing']);
+  assert.equal(reports, [{ kind: 'issue', collective, dtype: 'f32' }, { kind: 'computing' }]);
   assert.equal(data, [[9, 8, 7]]);
+  // An issue report that does not parse breaks the connection, as a corrupt frame does.
+  const c = fakeSocket();
+  const broken: string[] = [];
+  new SocketPort(c as unknown as Socket, { broken: (r) => broken.push(r), finished: () => {} });
+  const bad = Buffer.from([0xc1, 0x02, 0x7b]);
+  const header = Buffer.alloc(4);
+  header.writeUInt32LE(bad.length);
+  c.emit('data', Buffer.concat([header, bad]));
+  assert.equal(broken, ['the peer reported an issue in a frame that does not parse']);
 });
 
 test('after a goodbye, either way, nothing more is written; a peer that reads a stop and then a reset reports the stop', async () => {
@@ -429,6 +471,22 @@ test('sim --engine processes: one process per rank reaches the verdict and culpr
   assert.is(cli.code, 2, cli.stderr);
   const d = JSON.parse(cli.stdout) as { verdict: string; culprits: number[] };
   assert.equal([d.verdict, d.culprits], ['missing', [1]]);
+});
+
+test('processes run to quiescence as the engine does: a kernel that never returns is a stall naming its rank; hangs in both replicas\' communicators are both listed', async () => {
+  const verdict = (d: Diagnosis) => ({ verdict: d.verdict, communicator: d.communicator, position: d.position, culprits: d.culprits, hangs: (d.hangs ?? []).map((h) => [h.verdict, h.communicator, h.position, h.culprits]) });
+  // Rank 1 holds no tokens: its expert's backward never returns (kernel-hang); its peers wait for it, which is not a hang of theirs.
+  const stall = validateScenario({ ep: 2, dp: 2, experts: 4, routing: 'starve:1', variant: 'kernel-hang' });
+  const stalled = await runScenarioOnProcesses(stall, ['--timeout', '20000', '--compute-timeout', '3000']);
+  assert.equal(verdict(stalled.diagnosis), verdict(simulateDes(stall).diagnosis), stalled.diagnosis.cause);
+  assert.equal(stalled.diagnosis.culprits, [1]);
+  assert.match(stalled.diagnosis.cause, /rank 1 has not returned from .* for 3000 ms \(compute limit\)/);
+  // wrong-group: ep rank 1 of each replica issues a collective on the wrong communicator, so ep[dp=0] and ep[dp=1] each hang on their own.
+  const two = validateScenario({ ep: 2, dp: 2, experts: 4, variant: 'wrong-group', wrongGroupRank: 1 });
+  const des = simulateDes(two).diagnosis;
+  assert.equal(des.hangs?.map((h) => h.communicator), ['ep[dp=0]', 'ep[dp=1]']);
+  const merged = await runScenarioOnProcesses(two, ['--timeout', '20000']);
+  assert.equal(verdict(merged.diagnosis), verdict(des), merged.diagnosis.cause);
 });
 
 test('fuzz: damaged rank records fail with a RankRecordError or merge to a verdict that accounts for the damage', async () => {
