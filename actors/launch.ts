@@ -26,7 +26,7 @@ import { LedgerFeed, type RankReport } from '../machines/feed.js';
 import { runIdentity, type RefusedConnection, type RunIdentity } from './runIdentity.js';
 import { RANK_RECORD_VERSION, STALL, type RankRecord } from './rankRecord.js';
 import { generatedIndices, rankRouting } from '../machines/routing.js';
-import { commOf, communicators, worldSize } from '../machines/mesh.js';
+import { commOf, communicators, ppOf, worldSize, type CommKind } from '../machines/mesh.js';
 import { toIndexArray, type FloatDType } from '../src/tensor.js';
 import { DEFAULT_COMPUTE_TIMEOUT_MS } from './supervisor.js';
 
@@ -92,7 +92,7 @@ export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>)
   const { env, scenario } = o;
   const ranks = worldSize(scenario);
   if (ranks !== env.worldSize) {
-    const what = o.data ? `the case has ep=${scenario.ep}` : `the scenario has ${ranks} ranks (dp ${scenario.dp} × ep ${scenario.ep})`;
+    const what = o.data ? `the case has ep=${scenario.ep}` : `the scenario has ${ranks} ranks (${ppOf(scenario) > 1 ? `pp ${ppOf(scenario)} × ` : ''}dp ${scenario.dp} × ep ${scenario.ep})`;
     throw new UsageError(`${what} but WORLD_SIZE is ${env.worldSize}: launch one process per rank`);
   }
   const gpu = o.exchange === 'nccl' || o.backend === 'cuda' ? await gpuOf(env, o.exchange) : null;
@@ -142,8 +142,8 @@ function runConnected<F extends FloatDType>(
 ): Promise<LaunchedRankResult<F>> {
   const { rank } = o.env;
   const n = o.env.worldSize;
-  const mesh = { ep: o.scenario.ep, dp: o.scenario.dp };
-  const membersOf = (kind: 'ep' | 'dp') => communicators(mesh).find((c) => c.id === commOf(mesh, rank, kind))?.members ?? [];
+  const mesh = o.scenario;
+  const membersOf = (kind: CommKind) => communicators(mesh).find((c) => c.id === commOf(mesh, rank, kind))?.members ?? [];
   /** Collectives issued so far per communicator kind, and the one this rank waits in. */
   const issued: Record<string, number> = {};
   let waiting: Waiting | null = null;

@@ -12,6 +12,7 @@ import type { LayerProtocol } from '../src/ep/layer.js';
 import type { CollectiveTag } from '../src/ep/types.js';
 import { Tensor } from '../src/tensor.js';
 import type { MeshCommunicator } from './transport.js';
+import type { CommKind } from '../machines/mesh.js';
 import { now, type Fault, type SnapshotWire, type WorkerMessage } from './messages.js';
 
 export class ProtocolViolation extends Error {
@@ -30,7 +31,7 @@ export class RankDriver implements LayerProtocol {
     readonly cfg: RankConfig,
     /** The scenario's completion orders (variant completion-order), as every engine follows them. */
     private readonly firstReady: FirstReady,
-    private readonly comms: { readonly ep: MeshCommunicator | null; readonly dp: MeshCommunicator | null },
+    private readonly comms: Readonly<Record<CommKind, MeshCommunicator | null>>,
     private readonly post: (m: WorkerMessage) => void,
     inspect: boolean,
     record = true,

@@ -11,7 +11,7 @@ import { diagnoseHangs, okDiagnosis, rankReports, rankWord, type Diagnosis } fro
 import { withDeadRanks } from '../machines/postmortem.js';
 import { startRank, type RankSnapshot } from '../machines/snapshot.js';
 import { rankConfig, validateScenario, type Scenario } from '../machines/scenario.js';
-import { commOf, communicators, worldSize } from '../machines/mesh.js';
+import { commOf, communicators, COMM_KINDS, worldSize } from '../machines/mesh.js';
 import type { ReportInput } from '../machines/record.js';
 import type { ReportRouting } from '../machines/routing.js';
 import type { SnapshotWire, WorkerMessage } from './messages.js';
@@ -83,7 +83,7 @@ function messageProblem(v: unknown): string | null {
   switch (m.type) {
     case 'issue': {
       const c = m.collective as Partial<Record<string, unknown>> | null;
-      if (!c || typeof c !== 'object' || (c.comm !== 'ep' && c.comm !== 'dp') || typeof c.op !== 'string' || !Number.isSafeInteger(c.layer) || !Number.isSafeInteger(c.microBatch)) return 'is an issue without a valid collective';
+      if (!c || typeof c !== 'object' || !COMM_KINDS.includes(c.comm as never) || typeof c.op !== 'string' || !Number.isSafeInteger(c.layer) || !Number.isSafeInteger(c.microBatch)) return 'is an issue without a valid collective';
       if (typeof m.dtype !== 'string' || typeof m.at !== 'number' || !snapshot(m.snapshot)) return 'is an issue without its dtype, time or machine snapshot';
       return null;
     }
@@ -107,7 +107,7 @@ export function mergeRankRecords(records: readonly RankRecord[]): ReportInput {
     const s = records[0]!.scenario;
     const dead = Array.from({ length: worldSize(s) }, (_, r) => r).filter((r) => !records.some((x) => x.rank === r));
     const input = replay([...records, ...dead.map((r) => deadRankRecord(r, records))].sort((a, b) => a.rank - b.rank));
-    return { ...input, diagnosis: withDeadRanks(input.diagnosis, dead, input.ledger, communicators({ ep: s.ep, dp: s.dp }), 'rank record') };
+    return { ...input, diagnosis: withDeadRanks(input.diagnosis, dead, input.ledger, communicators(s), 'rank record') };
   } catch (err) {
     // A machine snapshot no rank machine could have written, say: name it, do not crash.
     if (err instanceof RankRecordError) throw err;
@@ -124,7 +124,7 @@ function replay(records: readonly RankRecord[]): ReportInput {
   const spans = new CollectiveSpans(t0);
   // Each rank's reports in its own order through the feed every engine uses; the order of
   // ranks does not matter to what the tracker ends with.
-  const feed = new LedgerFeed({ ep: s.ep, dp: s.dp }, { issued: (e, at) => spans.issue(e, at) });
+  const feed = new LedgerFeed(s, { issued: (e, at) => spans.issue(e, at) });
   const tracker = feed.tracker;
   for (const r of records) {
     for (const m of r.messages) {
@@ -178,7 +178,7 @@ function replay(records: readonly RankRecord[]): ReportInput {
  */
 function deadRankRecord(dead: number, records: readonly RankRecord[]): RankRecord {
   const s = records[0]!.scenario;
-  const mesh = { ep: s.ep, dp: s.dp };
+  const mesh = s;
   const specs = communicators(mesh).filter((c) => c.members.includes(dead));
   /** Per communicator and position: each live member's issue, and whether it completed. */
   type Seen = { member: number; m: Extract<WorkerMessage, { type: 'issue' }>; completed: boolean };

@@ -3,7 +3,7 @@
 // rank actor, and runs the real EP layer for whole training steps: every micro-batch
 // forward over the layers, then backward in reverse, each collective asked of the rank
 // machine first. What it reports goes to `post` (the supervisor, or the launcher's watch).
-import { communicators } from '../machines/mesh.js';
+import { communicators, type CommKind } from '../machines/mesh.js';
 import { firstReadyOf, rankConfig } from '../machines/scenario.js';
 import { encodeMessage } from '../src/codec/msgpack.js';
 import { epBackward, epForward, type EpContext, type EpSaved } from '../src/ep/layer.js';
@@ -22,19 +22,20 @@ import type { CaseRankOutput } from './caseRanks.js';
 export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPort>, post: (m: WorkerMessage) => void): Promise<void> {
   const s = job.scenario;
   const cfg = rankConfig(s, job.rank);
-  const comms = communicators({ ep: s.ep, dp: s.dp }).filter((c) => c.members.includes(job.rank));
+  const comms = communicators(s).filter((c) => c.members.includes(job.rank));
   const mesh = new PortMesh(job.rank, ports, comms, (message) =>
     post({ type: 'transport-error', rank: job.rank, message, at: now() }),
   );
   // The device first: the addon's per-thread CUDA stream is created on the current device.
   if (job.device !== undefined) requireNative().cudaSetDevice(job.device);
   const staging = await stagingMemory(job.exchange);
-  const commOf = (kind: 'ep' | 'dp') => {
+  const commOf = (kind: CommKind) => {
     const spec = comms.find((c) => c.kind === kind);
     return spec ? new MeshCommunicator(spec, job.rank, mesh, staging) : null;
   };
   const meshEp = commOf('ep');
   const dp = commOf('dp');
+  const pp = commOf('pp');
   // NCCL carries the EP layer's all-to-alls when chosen; the collectives the rank machine
   // issues outside the layer (FSDP, the metric all-reduce) stay on the mesh.
   const ep = job.exchange === 'nccl' ? await ncclCommunicator(job, cfg.epRank) : meshEp;
@@ -46,7 +47,7 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
   for (let step = 0; step < job.steps && how === 'done'; step++) {
     const t0 = performance.now();
     post({ type: 'started', rank: job.rank, at: now() });
-    driver = new RankDriver(cfg, firstReadyOf(s), { ep: meshEp, dp }, post, job.inspect, job.record);
+    driver = new RankDriver(cfg, firstReadyOf(s), { ep: meshEp, dp, pp }, post, job.inspect, job.record);
     for (const f of step === 0 ? job.faults : []) {
       if (f.rank !== job.rank) continue;
       if (f.kind === 'throw' || f.kind === 'stall' || f.kind === 'garbage-to-supervisor') driver.fault = f;
@@ -80,7 +81,7 @@ async function ncclCommunicator(job: WorkerJob, epRank: number): Promise<Communi
   return NcclCommunicator.init({ id: job.ncclId, rank: epRank, size: job.scenario.ep, device: job.device });
 }
 
-/** One training step: every micro-batch forward over the layers, then backward in reverse. */
+/** One training step: every micro-batch forward over the stage's MoE layers, then backward in reverse. */
 async function runStep(job: WorkerJob, driver: RankDriver, base: Omit<EpContext, 'layer' | 'microBatch'>, inputs: RankStepInputs): Promise<Uint8Array | undefined> {
   const s = job.scenario;
   // Case runs (one layer, one micro-batch) send their numbers home; generated steps only their verdict.
@@ -88,7 +89,7 @@ async function runStep(job: WorkerJob, driver: RankDriver, base: Omit<EpContext,
 
   step: for (let mb = 0; mb < s.microBatches; mb++) {
     const saved: { ctx: EpContext; saved: EpSaved; out: Tensor }[] = [];
-    for (let layer = 0; layer < s.layers; layer++) {
+    for (let layer = 0; layer < driver.cfg.layers; layer++) {
       if (await driver.stopped()) break step; // the machine stopped this rank (early exit, a shorter shard)
       const ctx: EpContext = { ...base, layer, microBatch: mb };
       const { weights_TK, indices_TK } = inputs.routing(mb, layer);
@@ -96,7 +97,7 @@ async function runStep(job: WorkerJob, driver: RankDriver, base: Omit<EpContext,
       saved.push({ ctx, saved: fwd.saved, out: fwd.out_TD });
     }
     if (await driver.stopped()) break;
-    for (let layer = s.layers - 1; layer >= 0; layer--) {
+    for (let layer = driver.cfg.layers - 1; layer >= 0; layer--) {
       const { ctx, saved: sv, out } = saved[layer]!;
       const bwd = await epBackward(ctx, sv, inputs.gradOut(mb, layer));
       if (job.casePayload) {

@@ -87,7 +87,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   const pending = new PendingArrivals(n);
   const lastIssued: (LedgerEntry | undefined)[] = new Array(n).fill(undefined);
   const feed = new LedgerFeed(
-    { ep: s.ep, dp: s.dp },
+    s,
     {
       issued: (e, at) => {
         lastIssued[e.rank] = e;
@@ -106,11 +106,11 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
 
   const backend = opts.backend ?? 'ts';
   const exchange = opts.exchange ?? 'ports';
-  const comms = communicators({ ep: s.ep, dp: s.dp });
+  const comms = communicators(s);
   const gpu = await gpuPlacement(backend, exchange, n, comms.filter((c) => c.kind === 'ep').map((c) => c.id));
   const workers = Array.from({ length: n }, (_, rank) => {
     const job: WorkerJob = {
-      rank, scenario: s, casePayload: opts.casePayloads?.[rank], backend, exchange, device: gpu?.devices[rank], ncclId: gpu?.ncclIds[commOf({ ep: s.ep, dp: s.dp }, rank, 'ep')],
+      rank, scenario: s, casePayload: opts.casePayloads?.[rank], backend, exchange, device: gpu?.devices[rank], ncclId: gpu?.ncclIds[commOf(s, rank, 'ep')],
       faults: opts.faults ?? [], inspect: !!opts.onInspect, steps: opts.steps ?? 1, record,
     };
     return new Worker(WORKER_URL, { workerData: job });

@@ -185,6 +185,8 @@ export class PortMesh {
     if (!lane) return this.onError(`rank ${this.rank} received from rank ${peer} a fast-lane offer that describes no well-formed inbox`);
     this.lanes.set(peer, lane);
     this.drainLane();
+    // A receive that began before any lane existed did not listen for the doorbell: listen now.
+    if (this.waiting.size) this.armLane();
   }
 
   /** Whether a message of `bytes` rows to (or from) `peer` goes by the fast lane. */

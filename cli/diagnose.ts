@@ -6,7 +6,7 @@ import { readdir, readFile, stat, writeFile } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { helpAsked, parse } from './args.js';
 import { UsageError } from '../src/errors.js';
-import { formatDiagnosis, type Diagnosis, type RankReport, type VerdictKind } from '../machines/diagnosis.js';
+import { formatDiagnosis, type Diagnosis, type HangSummary, type RankReport, type VerdictKind } from '../machines/diagnosis.js';
 import type { LedgerEntry } from '../machines/ledger.js';
 import { mergeRankRecords, RANK_RECORD_NAME, RankRecordError, readRankRecords } from '../actors/rankRecord.js';
 import { analyzeDumps } from '../sim/postmortem/analyze.js';
@@ -44,8 +44,10 @@ and the hazard behind it.
 output: the verdict (ok, mismatch, missing, cycle, crash, timeout: no proof of a hang), the
 group and position, the culprit ranks, the cause, and where every rank stopped.
   --json      one JSON object: {verdict, communicator, position, seq, op, layer, culprits,
-              ranks, cause}; seq is the dump's collective_seq_id (null for rank records),
-              position the 0-based position in the group's ledger from where the ranks align
+              ranks, cause, hangs}; seq is the dump's collective_seq_id (null for rank
+              records), position the 0-based position in the group's ledger from where the
+              ranks align, hangs every hung group as \`sim --json\` lists them (the verdict's
+              first: {verdict, communicator, position, culprits, detail})
   --html F    the self-contained HTML report a simulation writes (ledger per group,
               timeline, wait-for graph)
   --trace F   the merged Chrome trace (opens in Perfetto)
@@ -64,6 +66,8 @@ export interface VerdictJson {
   readonly culprits: readonly number[];
   readonly ranks: readonly RankReport[];
   readonly cause: string;
+  /** Every hung group in the tracker's canonical order, the verdict's first (as `sim --json` lists them); [] when none. */
+  readonly hangs: readonly HangSummary[];
 }
 
 /** What the evidence says: the verdict on the whole ledger, and the report input (for dumps, a window of it past 20,000 calls). */
@@ -129,7 +133,7 @@ export async function readEvidence(paths: readonly string[]): Promise<Evidence> 
 export function verdictJson({ diagnosis: d, ledger, seq }: Evidence): VerdictJson {
   const at = ledger.filter((e) => e.communicator === d.communicator && e.position === d.position);
   const e = at.find((x) => !d.culprits.includes(x.rank)) ?? at[0];
-  return { verdict: d.verdict, communicator: d.communicator, position: d.position, seq, op: e?.op ?? null, layer: e?.layer ?? null, culprits: d.culprits, ranks: d.ranks, cause: d.cause };
+  return { verdict: d.verdict, communicator: d.communicator, position: d.position, seq, op: e?.op ?? null, layer: e?.layer ?? null, culprits: d.culprits, ranks: d.ranks, cause: d.cause, hangs: d.hangs ?? [] };
 }
 
 export interface RenderOptions {

@@ -10,6 +10,7 @@ import { toTraceFile } from '../sim/report/input.js';
 import type { ReportInput } from '../machines/record.js';
 import { renderReport } from '../sim/report/html.js';
 import { checkFitsMemory, type Scenario } from '../machines/scenario.js';
+import { layersOnRank } from '../machines/routing.js';
 import { worldSize } from '../machines/mesh.js';
 import type { IssuedCollective } from '../machines/snapshot.js';
 import { helpAsked, intOption, noPositionals, outputFile, parse } from './args.js';
@@ -161,7 +162,8 @@ async function runOnActors(scenario: Scenario, how: Pick<RuntimeOptions, 'backen
 
 /** Progress on a terminal: the layer calls (each layer's forward and backward, per micro-batch) the ranks have entered. */
 function layerCallProgress(s: Scenario): { onIssue(rank: number, c: IssuedCollective): void; clear(): void } {
-  const bar = progressBar(worldSize(s) * 2 * s.layers * s.microBatches, 'layer calls');
+  const calls = Array.from({ length: worldSize(s) }, (_, r) => 2 * layersOnRank(s, r) * s.microBatches).reduce((a, b) => a + b, 0);
+  const bar = progressBar(calls, 'layer calls');
   const current = new Map<number, string>();
   let entered = 0;
   bar.update(0); // drawn while the workers start: at ep=256 that alone takes a while

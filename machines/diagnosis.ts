@@ -71,11 +71,14 @@ export interface HangSummary {
   readonly detail: string;
 }
 
+/** The tracker's hangs (machines/ledger.ts hangs()) as the JSON lists them. */
+export const hangSummaries = (hangs: readonly Finding[]): HangSummary[] => hangs.map((h) => ({ verdict: h.kind, communicator: h.communicator, position: h.position, culprits: h.culprits, detail: h.detail }));
+
 /** The diagnosis of a hung run: the first hang (canonical order, machines/ledger.ts hangs()) as the headline, every hang listed. */
 export function diagnoseHangs(hangs: readonly Finding[], snapshots: readonly RankSnapshot[], tracker: CollectiveTracker): Diagnosis {
   const headline = hangs[0];
   if (!headline) throw new Error('diagnoseHangs: no hang to diagnose');
-  return { ...diagnose(headline, snapshots, tracker), hangs: hangs.map((h) => ({ verdict: h.kind, communicator: h.communicator, position: h.position, culprits: h.culprits, detail: h.detail })) };
+  return { ...diagnose(headline, snapshots, tracker), hangs: hangSummaries(hangs) };
 }
 
 /**

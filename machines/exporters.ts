@@ -124,8 +124,9 @@ export function transitionLabel(t: GraphTransition): string {
 /**
  * Contexts the rank machine's guards can see: every wrap policy, packed or not, first and
  * last layer and micro-batch, and for the current layer no rows or some rows sent, received
- * and reaching each local expert. Two EP ranks with two experts each keep it small while
- * still telling "none" from "some" from "all".
+ * and reaching each local expert; no pipeline, and both stages of a two-stage pipeline whose
+ * first stage is dense. Two EP ranks with two experts each keep it small while still telling
+ * "none" from "some" from "all".
  */
 export function rankContexts(variant: Variant): RankContext[] {
   const out: RankContext[] = [];
@@ -134,10 +135,11 @@ export function rankContexts(variant: Variant): RankContext[] {
   const sampled: Variant = variant.earlyExit ? { ...variant, earlyExit: { ...variant.earlyExit, rank: epRank } } : variant;
   const rowsChoices = [[0, 0], [1, 1]];
   const perExpert = [[0, 0], [1, 0], [1, 1]];
+  const pipelines = [{ pp: 1, ppRank: 0, stageLayers: [2] }, { pp: 2, ppRank: 0, stageLayers: [0, 1] }, { pp: 2, ppRank: 1, stageLayers: [0, 1] }];
   for (const fsdp of [null, 'block', 'split', 'experts'] as (WrapPolicy | null)[]) {
-    for (const packed of [true, false]) {
+    for (const packed of [true, false]) for (const { pp, ppRank, stageLayers } of pipelines) {
       const cfg: RankConfig = {
-        rank: epRank, epRank, dpRank: 0, ep: 2, dp: fsdp ? 2 : 1, layers: 2, microBatches: 2, numExperts: 4, topK: 1,
+        rank: epRank, epRank, dpRank: 0, ppRank, ep: 2, dp: fsdp ? 2 : 1, pp, layers: stageLayers[ppRank]!, stageLayers, microBatches: 2, numExperts: 4, topK: 1,
         packed, fsdp, paramsPerExpert: 8, attentionParams: 8, variant: sampled,
       };
       for (const layer of [0, 1]) for (const microBatch of [0, 1]) for (const layerCalls of [0, 2]) {

@@ -5,7 +5,7 @@
 // supervisor and the discrete-event engine both feed it, so they share one implementation
 // of matching and verdicts.
 import type { IssuedCollective } from './snapshot.js';
-import { commOf, communicators, type CommunicatorSpec, type Mesh } from './mesh.js';
+import { commOf, communicators, ppOf, type CommKind, type CommunicatorSpec, type Mesh } from './mesh.js';
 
 export interface LedgerEntry extends IssuedCollective {
   readonly communicator: string;
@@ -39,6 +39,8 @@ interface CommState {
   readonly issued: Map<number, number>;
   /** Positions proved inconsistent: they never complete, whoever issues them later. */
   readonly broken: Set<number>;
+  /** What the caller's own check (issue's `judge`) found at a position. */
+  readonly judged: Map<number, Finding>;
   /** Next position each member will issue. */
   readonly next: number[];
 }
@@ -62,7 +64,7 @@ export class CollectiveTracker {
   ) {
     this.mesh = mesh;
     for (const spec of specs) {
-      this.comms.set(spec.id, { spec, memberOf: new Map(spec.members.map((r, m) => [r, m])), open: new Map(), issued: new Map(), broken: new Set(), next: spec.members.map(() => 0) });
+      this.comms.set(spec.id, { spec, memberOf: new Map(spec.members.map((r, m) => [r, m])), open: new Map(), issued: new Map(), broken: new Set(), judged: new Map(), next: spec.members.map(() => 0) });
     }
   }
 
@@ -81,9 +83,11 @@ export class CollectiveTracker {
    * a mismatch or that a member will never come. Cycles are found by findCycle(), which
    * callers run when a rank blocks (cheap at actor-runtime sizes) or when nothing else can
    * move (the discrete-event engine at thousands of ranks). `communicator` names the
-   * communicator when the tracker was given its own specs instead of the mesh's.
+   * communicator when the tracker was given its own specs instead of the mesh's. `judge` is
+   * the caller's own check of the entry at its position (a post-mortem's shapes and
+   * states): what it finds breaks the position as the tracker's own checks do.
    */
-  issue(rank: number, c: IssuedCollective, dtype: string, communicator?: string): { entry: LedgerEntry; completed: LedgerEntry[] | null; finding: Finding | null } {
+  issue(rank: number, c: IssuedCollective, dtype: string, communicator?: string, judge?: (entry: LedgerEntry) => Finding | null): { entry: LedgerEntry; completed: LedgerEntry[] | null; finding: Finding | null } {
     if (this.blocked.has(rank)) throw new Error(`rank ${rank} issued ${c.op} while still blocked in ${this.blocked.get(rank)!.op}`);
     const comm = communicator === undefined ? this.commFor(rank, c.comm) : this.comms.get(communicator);
     if (!comm || !comm.memberOf.has(rank)) throw new Error(`rank ${rank} issued ${c.op} on ${communicator}, a communicator it is not a member of`);
@@ -99,7 +103,10 @@ export class CollectiveTracker {
     comm.issued.set(position, issued);
     this.blocked.set(rank, entry);
 
-    const inconsistent = this.checkConsistency(comm, position, entry);
+    const own = this.checkConsistency(comm, position, entry);
+    const judged = judge?.(entry) ?? null; // called for every entry: the caller may keep it
+    if (!own && judged && !comm.judged.has(position)) comm.judged.set(position, judged);
+    const inconsistent = own ?? judged;
     if (inconsistent) comm.broken.add(position);
     const finding = inconsistent ?? this.checkMissing(comm, position);
     if (finding) return { entry, completed: null, finding };
@@ -134,10 +141,10 @@ export class CollectiveTracker {
     return out;
   }
 
-  private commFor(rank: number, kind: 'ep' | 'dp'): CommState {
+  private commFor(rank: number, kind: CommKind): CommState {
     const id = commOf(this.mesh, rank, kind);
     const comm = this.comms.get(id);
-    if (!comm) throw new Error(`rank ${rank} issued a ${kind} collective but the mesh (ep=${this.mesh.ep}, dp=${this.mesh.dp}) has no ${kind} communicator`);
+    if (!comm) throw new Error(`rank ${rank} issued a ${kind} collective but the mesh (ep=${this.mesh.ep}, dp=${this.mesh.dp}, pp=${ppOf(this.mesh)}) has no ${kind} communicator`);
     return comm;
   }
 
@@ -203,7 +210,7 @@ export class CollectiveTracker {
     for (const comm of this.comms.values()) {
       for (const position of [...comm.open.keys()].sort((a, b) => a - b)) {
         const slot = comm.open.get(position)!;
-        const found = this.inconsistencyAt(comm, position) ?? this.checkMissing(comm, position);
+        const found = this.inconsistencyAt(comm, position) ?? comm.judged.get(position) ?? this.checkMissing(comm, position);
         if (found) causes.push(found);
         else if (inCycle.has(comm.spec.id)) {
           if (cycle!.communicator === comm.spec.id) causes.push(cycle!);

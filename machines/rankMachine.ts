@@ -9,23 +9,32 @@
 // B fwd.dispatch, C fwd.expert_ids, expert compute, D fwd.combine), then backward over
 // layers L-1..0 (FSDP all-gather, D' bwd.combine, expert backward, B' bwd.dispatch, FSDP
 // reduce-scatters as the wrap policy places them), then, under wrong-group, the experts'
-// gradient all-gather and, under layer-metric, the aux-loss metric all-reduce.
+// gradient all-gather, under layer-metric, the aux-loss metric all-reduce, and with pipeline
+// stages, the aux-loss tracker's all-reduce over the pipeline group (once with every stage's
+// keys; under stage-metric once per local key). A stage without MoE layers goes straight to
+// the step's end.
 import { assign, setup } from 'xstate';
 import type { CollectiveOp } from '../src/ep/types.js';
 import { hungExpert, shardBatches, type Variant } from './variants.js';
+import type { CommKind } from './mesh.js';
 
 /** FSDP wrap policies: where the data-parallel collectives land relative to the EP ones. */
 export type WrapPolicy = 'block' | 'split' | 'experts';
 export const WRAP_POLICIES: readonly WrapPolicy[] = ['block', 'split', 'experts'];
 
 export interface RankConfig {
-  /** Global rank, and its coordinates in the dp × ep mesh (rank = dpRank · ep + epRank). */
+  /** Global rank, and its coordinates in the pp × dp × ep mesh (rank = (ppRank · dp + dpRank) · ep + epRank). */
   readonly rank: number;
   readonly epRank: number;
   readonly dpRank: number;
+  readonly ppRank: number;
   readonly ep: number;
   readonly dp: number;
+  readonly pp: number;
+  /** MoE layers on this rank's pipeline stage (0: a dense stage). */
   readonly layers: number;
+  /** MoE layers on every pipeline stage, by stage: the aux-loss tracker's keys. */
+  readonly stageLayers: readonly number[];
   readonly microBatches: number;
   readonly numExperts: number;
   readonly topK: number;
@@ -86,7 +95,7 @@ export type RankEvent =
 /** A collective state's meta: the op the rank issues there and the communicator it uses. */
 export interface CollectiveMeta {
   readonly op: CollectiveOp;
-  readonly comm: 'ep' | 'dp';
+  readonly comm: CommKind;
   /**
    * Who issues it in a real run: the EP layer's own code (which asks the machine first), or
    * the driver on the layer's behalf (FSDP's collectives and the step's metric all-reduce,
@@ -109,7 +118,7 @@ const STEP_OPS: readonly CollectiveOp[] = ['metric.all_reduce', 'grad.all_gather
 
 const collective = (meta: Omit<CollectiveMeta, 'issuer'>) => ({
   tags: [STATE_TAGS.collective],
-  meta: { collective: { ...meta, issuer: meta.comm === 'dp' || STEP_OPS.includes(meta.op) ? 'driver' : 'layer' } satisfies CollectiveMeta },
+  meta: { collective: { ...meta, issuer: meta.comm !== 'ep' || STEP_OPS.includes(meta.op) ? 'driver' : 'layer' } satisfies CollectiveMeta },
 });
 
 export function currentFacts(ctx: RankContext): LayerFacts {
@@ -152,14 +161,22 @@ export function dataSplits(ctx: RankContext): { send: number[]; recv: number[] }
 /** Under kernel-hang, the local expert (index on this rank) whose backward GEMM never returns in the current layer, else null. */
 const stalledExpert = (ctx: RankContext) => hungExpert(ctx.cfg.variant, currentFacts(ctx).rowsPerExpert ?? []);
 
-/** Micro-batches this rank runs: all of them, or under uneven-batches its shard of the evaluation batches. */
-const ownMicroBatches = ({ cfg }: RankContext) => (cfg.variant.unevenBatches ? shardBatches(cfg.variant.unevenBatches.total, cfg.ep * cfg.dp, cfg.rank) : cfg.microBatches);
+/**
+ * Micro-batches this rank runs: all of them, or under uneven-batches its shard of the
+ * evaluation batches (sharded over one stage's ranks: every stage of a replica runs its data).
+ */
+const ownMicroBatches = ({ cfg }: RankContext) => (cfg.variant.unevenBatches ? shardBatches(cfg.variant.unevenBatches.total, cfg.ep * cfg.dp, cfg.dpRank * cfg.ep + cfg.epRank) : cfg.microBatches);
 
 /** The router recorded into the aux-loss tracker: it routed tokens in some layer of the last micro-batch. */
 const routedTokens = (ctx: RankContext) => ctx.facts.some((f) => f !== null && f.tokens > 0);
 
 /** Elements of the aux-loss metric all-reduce: one per layer, plus the MTP slot the router adds when it records. */
 export const metricSize = (ctx: RankContext) => ctx.cfg.layers + (routedTokens(ctx) ? 1 : 0);
+
+/** Elements of the aux-loss tracker's all-reduce over the pipeline group: one key, or every stage's keys at once. */
+export const stageMetricSize = ({ cfg }: RankContext) => (cfg.variant.stageMetric ? 1 : cfg.stageLayers.reduce((a, b) => a + b, 0));
+
+const count = (n: number, what: string) => `${n} ${what}${n === 1 ? '' : 's'}`;
 
 const decide = (ctx: RankContext, d: Omit<Decision, 'layer' | 'microBatch'>): Partial<RankContext> => {
   const full: Decision = { ...d, layer: ctx.layer, microBatch: ctx.microBatch };
@@ -195,6 +212,12 @@ export const rankMachine = setup({
     combineReadyFirst: ({ context: c }) => c.cfg.variant.secondStream,
     gathersExpertGradsOnOwnGroup: ({ context: c }) => c.cfg.variant.wrongGroup !== null && c.cfg.variant.wrongGroup.rank !== c.cfg.epRank,
     gathersExpertGradsOnDpGroup: ({ context: c }) => c.cfg.variant.wrongGroup?.rank === c.cfg.epRank,
+    stageHoldsNoMoeLayer: ({ context: c }) => c.cfg.layers === 0,
+    // Under stage-metric `layer` counts the local keys all-reduced so far (one key per MoE layer).
+    allReducesNextLocalKey: ({ context: c }) => c.cfg.variant.stageMetric && c.layer < c.cfg.layers,
+    stageHoldsFewerKeys: ({ context: c }) => c.cfg.variant.stageMetric && c.cfg.layers < Math.max(...c.cfg.stageLayers),
+    allReducesPerLocalKey: ({ context: c }) => c.cfg.variant.stageMetric,
+    pipelineHasStages: ({ context: c }) => c.cfg.pp > 1,
   },
   actions: {
     recordRouting: assign(({ context: c, event }) => {
@@ -274,6 +297,15 @@ export const rankMachine = setup({
         fact: `rank ${c.cfg.rank}'s shard of the ${c.cfg.variant.unevenBatches?.total} evaluation batches over ${c.cfg.ep * c.cfg.dp} ranks holds ${ownMicroBatches(c)} micro-batch(es), the longest ${c.cfg.microBatches}`,
       }),
     ),
+    noteFewerKeys: assign(({ context: c }) => {
+      const most = Math.max(...c.cfg.stageLayers);
+      return decide(c, {
+        guard: 'allReducesNextLocalKey',
+        held: false,
+        skipped: ['metric.all_reduce'],
+        fact: `rank ${c.cfg.rank} on pipeline stage ${c.cfg.ppRank} holds ${count(c.cfg.layers, 'MoE layer')}, so its aux-loss tracker has ${count(c.cfg.layers, 'key')} and it all-reduced ${count(c.cfg.layers, 'time')} over its pipeline group, where stage ${c.cfg.stageLayers.indexOf(most)} holds ${count(most, 'MoE layer')}`,
+      });
+    }),
     noteFailure: assign(({ event }) => ({ failure: event.type === 'rank.failed' ? event.error : event.type === 'supervisor.abort' ? event.reason : null })),
   },
 }).createMachine({
@@ -299,7 +331,10 @@ export const rankMachine = setup({
       states: {
         route: {
           tags: [STATE_TAGS.routing],
-          always: { guard: 'stopsEarly', target: '#rank.exited', actions: 'noteEarlyExit' },
+          always: [
+            { guard: 'stageHoldsNoMoeLayer', target: '#rank.stepEnd' },
+            { guard: 'stopsEarly', target: '#rank.exited', actions: 'noteEarlyExit' },
+          ],
           on: { 'layer.routed': { target: 'counts', actions: 'recordRouting' } },
         },
         counts: {
@@ -437,9 +472,20 @@ export const rankMachine = setup({
     gradGather: { ...collective({ op: 'grad.all_gather', comm: 'ep' }), on: { 'collective.done': { target: 'metricChoice', actions: 'clearTrail' } } },
     gradGatherOnDp: { ...collective({ op: 'grad.all_gather', comm: 'dp' }), on: { 'collective.done': { target: 'metricChoice', actions: 'clearTrail' } } },
     metricChoice: {
-      always: [{ guard: 'logsLayerMetric', target: 'metricAllReduce', actions: 'noteForcedMetric' }, { target: 'done' }],
+      always: [{ guard: 'logsLayerMetric', target: 'metricAllReduce', actions: 'noteForcedMetric' }, { target: 'pipelineMetric' }],
     },
-    metricAllReduce: { ...collective({ op: 'metric.all_reduce', comm: 'ep' }), on: { 'collective.done': { target: 'done', actions: 'clearTrail' } } },
+    metricAllReduce: { ...collective({ op: 'metric.all_reduce', comm: 'ep' }), on: { 'collective.done': { target: 'pipelineMetric', actions: 'clearTrail' } } },
+    pipelineMetric: {
+      always: [
+        { guard: 'allReducesNextLocalKey', target: 'stageMetricKey' },
+        { guard: 'stageHoldsFewerKeys', target: 'done', actions: 'noteFewerKeys' },
+        { guard: 'allReducesPerLocalKey', target: 'done' },
+        { guard: 'pipelineHasStages', target: 'stageMetricAll' },
+        { target: 'done' },
+      ],
+    },
+    stageMetricKey: { ...collective({ op: 'metric.all_reduce', comm: 'pp' }), on: { 'collective.done': { target: 'pipelineMetric', actions: ['clearTrail', 'nextLayer'] } } },
+    stageMetricAll: { ...collective({ op: 'metric.all_reduce', comm: 'pp' }), on: { 'collective.done': { target: 'done', actions: 'clearTrail' } } },
     done: { type: 'final' },
     exited: { type: 'final' },
     aborted: { type: 'final' },

@@ -8,7 +8,7 @@
 //   empty:R    global rank R holds no tokens
 //   explicit   ids given in the scenario (replay files, case files)
 import { UsageError } from '../src/errors.js';
-import { worldSize, type Mesh } from './mesh.js';
+import { ppRankOf, worldSize, type Mesh } from './mesh.js';
 
 /** What the routing generators read of a scenario: the layout, the step's shape and the generator. */
 export interface RoutedLayout extends Mesh {
@@ -16,7 +16,10 @@ export interface RoutedLayout extends Mesh {
   topK: number;
   /** Tokens per rank per micro-batch (before a routing generator empties a rank). */
   tokens: number;
+  /** MoE layers per rank per step: on every pipeline stage, or the most of any stage when `moeLayers` is given. */
   layers: number;
+  /** Pipeline: MoE layers on each stage, one count per stage (absent: `layers` on every stage). */
+  moeLayers?: number[];
   microBatches: number;
   /** uniform | zipf:S | starve:R | hot:E | empty:R | explicit (see parseRouting) */
   routing: string;
@@ -36,7 +39,10 @@ export type RoutingSpec =
 
 export const ROUTING_HELP = 'uniform | zipf:S | starve:R[,R...] | hot:E | empty:R | explicit';
 
-export function parseRouting(spec: string, s: Pick<RoutedLayout, 'ep' | 'dp' | 'experts' | 'topK' | 'explicit'>): RoutingSpec {
+/** MoE layers on global rank `rank`'s pipeline stage. */
+export const layersOnRank = (s: Pick<RoutedLayout, 'ep' | 'dp' | 'layers' | 'moeLayers'>, rank: number): number => s.moeLayers?.[ppRankOf(s, rank)] ?? s.layers;
+
+export function parseRouting(spec: string, s: Pick<RoutedLayout, 'ep' | 'dp' | 'pp' | 'experts' | 'topK' | 'explicit'>): RoutingSpec {
   const [kind, arg] = spec.split(':', 2);
   const num = (what: string) => {
     const n = Number(arg);
@@ -59,11 +65,11 @@ export function parseRouting(spec: string, s: Pick<RoutedLayout, 'ep' | 'dp' | '
     case 'starve': {
       const ranks = (arg ?? '').split(',').map((r) => {
         const n = Number(r);
-        if (r === '' || !Number.isInteger(n) || n < 0 || n >= s.ep * s.dp) throw new UsageError(`routing '${spec}': R must be a rank in [0, ${s.ep * s.dp}), got '${r}'`);
+        if (r === '' || !Number.isInteger(n) || n < 0 || n >= worldSize(s)) throw new UsageError(`routing '${spec}': R must be a rank in [0, ${worldSize(s)}), got '${r}'`);
         return n;
       });
       const nLocal = s.experts / s.ep;
-      for (let g = 0; g < s.dp; g++) {
+      for (let g = 0; g < worldSize(s) / s.ep; g++) {
         const inGroup = new Set(ranks.filter((r) => Math.floor(r / s.ep) === g)).size;
         const left = s.experts - inGroup * nLocal;
         if (left < s.topK) throw new UsageError(`routing '${spec}': starving ${inGroup} rank(s) of EP group ${g} leaves ${left} experts, fewer than top_k (${s.topK})`);
@@ -73,7 +79,7 @@ export function parseRouting(spec: string, s: Pick<RoutedLayout, 'ep' | 'dp' | '
     case 'hot':
       return { kind, expert: intIn('E', s.experts) };
     case 'empty':
-      return { kind, rank: intIn('R', s.ep * s.dp) };
+      return { kind, rank: intIn('R', worldSize(s)) };
     case 'explicit':
       if (!s.explicit) throw new UsageError(`routing 'explicit' needs the scenario's explicit routing table`);
       return { kind };
@@ -87,16 +93,17 @@ export function parseRouting(spec: string, s: Pick<RoutedLayout, 'ep' | 'dp' | '
  * trusted): per global rank, micro-batch and layer, whole tokens of top_k distinct experts in
  * [0, experts). The model assumes distinct experts per token; a repeat is refused by name.
  */
-export function checkExplicitRouting(s: Pick<RoutedLayout, 'ep' | 'dp' | 'experts' | 'topK' | 'layers' | 'microBatches' | 'explicit'>): void {
+export function checkExplicitRouting(s: Pick<RoutedLayout, 'ep' | 'dp' | 'pp' | 'experts' | 'topK' | 'layers' | 'moeLayers' | 'microBatches' | 'explicit'>): void {
   const table = s.explicit;
-  const world = s.ep * s.dp;
+  const world = worldSize(s);
   if (!Array.isArray(table) || table.length !== world) throw new UsageError(`explicit routing needs one entry per rank (${world}), got ${Array.isArray(table) ? table.length : typeof table}`);
   table.forEach((perRank, r) => {
+    const layers = layersOnRank(s, r);
     for (let mb = 0; mb < s.microBatches; mb++) {
-      for (let layer = 0; layer < s.layers; layer++) {
+      for (let layer = 0; layer < layers; layer++) {
         const where = `explicit routing: rank ${r}, micro-batch ${mb}, layer ${layer}`;
         const ids = perRank?.[mb]?.[layer];
-        if (!Array.isArray(ids)) throw new UsageError(`${where}: no expert ids (the table needs ${s.microBatches} micro-batch(es) × ${s.layers} layer(s) per rank)`);
+        if (!Array.isArray(ids)) throw new UsageError(`${where}: no expert ids (the table needs ${s.microBatches} micro-batch(es) × ${layers} layer(s) for this rank)`);
         if (ids.length % s.topK !== 0) throw new UsageError(`${where}: ${ids.length} expert ids are not whole tokens of top_k ${s.topK}`);
         for (let t = 0; t < ids.length / s.topK; t++) {
           const token = ids.slice(t * s.topK, (t + 1) * s.topK);
@@ -224,7 +231,8 @@ export function rankRouting(s: Pick<RoutedLayout, 'ep' | 'experts'>, indices: It
   return { sendRows, rowsPerExpert };
 }
 
-/** A rank's generated expert indices, every micro-batch and layer of the step. */
+/** A rank's generated expert indices, every micro-batch and every layer of its stage. */
 export function* generatedIndices(s: RoutedLayout, rank: number): Generator<Int32Array> {
-  for (let mb = 0; mb < s.microBatches; mb++) for (let layer = 0; layer < s.layers; layer++) yield routeTokens(s, rank, mb, layer);
+  const layers = layersOnRank(s, rank);
+  for (let mb = 0; mb < s.microBatches; mb++) for (let layer = 0; layer < layers; layer++) yield routeTokens(s, rank, mb, layer);
 }

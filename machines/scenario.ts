@@ -1,14 +1,14 @@
-// A scenario: the layout (dp × ep mesh, FSDP), the model sizes, the step shape (layers,
-// micro-batches), the routing generator and the variant. Both engines take one; `sim`,
+// A scenario: the layout (pp × dp × ep mesh, FSDP, MoE layers per pipeline stage), the model
+// sizes, the step shape (layers, micro-batches), the routing generator and the variant. Both engines take one; `sim`,
 // `check --replay` and sweeps read and write it as JSON.
 import { totalmem } from 'node:os';
 import type { CaseMeta } from '../src/case.js';
 import { UsageError } from '../src/errors.js';
 import { ACTIVATIONS, type CollectiveOp } from '../src/ep/types.js';
-import { dpRankOf, epRankOf, worldSize } from './mesh.js';
+import { dpRankOf, epRankOf, ppOf, ppRankOf, worldSize } from './mesh.js';
 import { WRAP_POLICIES, type RankConfig, type WrapPolicy } from './rankMachine.js';
 import { isVariantName, makeVariant, VARIANT_NAMES, type VariantName } from './variants.js';
-import { checkExplicitRouting, parseRouting, type RoutedLayout } from './routing.js';
+import { checkExplicitRouting, layersOnRank, parseRouting, type RoutedLayout } from './routing.js';
 import type { FirstReady } from './driver.js';
 import { mixSeed, seededRng } from '../src/moe/random.js';
 
@@ -59,7 +59,7 @@ export const DEFAULT_SCENARIO: Scenario = {
 };
 
 /** Every field a scenario file may hold; firstReady is the issue order `check --replay` found (sim/explorer.ts). */
-export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'wrongGroupRank', 'evalBatches', 'explicit', 'streamOrder', 'firstReady'];
+export const SCENARIO_FIELDS: readonly string[] = [...Object.keys(DEFAULT_SCENARIO), 'pp', 'moeLayers', 'earlyExitRank', 'earlyExitAfterLayers', 'capacityFactor', 'wrongGroupRank', 'evalBatches', 'explicit', 'streamOrder', 'firstReady'];
 
 /** Refuses a key of `obj` outside `known`, naming it and the known key it resembles (a typo must not run on defaults). */
 export function checkKeys(obj: object, known: readonly string[], where: string): void {
@@ -95,7 +95,7 @@ function editDistance(a: string, b: string): number {
 /** Fill defaults and check every constraint, naming the field, its value and the fix. */
 export function validateScenario(partial: Partial<Scenario>): Scenario {
   checkKeys(partial, SCENARIO_FIELDS, 'scenario: ');
-  const s: Scenario = { ...DEFAULT_SCENARIO, ...partial };
+  const s: Scenario = { ...DEFAULT_SCENARIO, ...partial, ...pipelineDefaults(partial) };
   const positive = ['ep', 'dp', 'experts', 'topK', 'dim', 'hidden', 'layers', 'microBatches'] as const;
   for (const k of positive) {
     if (!Number.isSafeInteger(s[k]) || s[k] < 1) throw new UsageError(`${k} must be a positive integer, got ${s[k]}`);
@@ -103,6 +103,7 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   for (const k of ['tokens', 'seed'] as const) {
     if (!Number.isSafeInteger(s[k]) || s[k] < 0) throw new UsageError(`${k} must be a non-negative integer, got ${s[k]}`);
   }
+  checkPipeline(s);
   if (!ACTIVATIONS.includes(s.activation)) throw new UsageError(`activation must be one of ${ACTIVATIONS.join(', ')}, got '${s.activation}'`);
   if (typeof s.packed !== 'boolean') throw new UsageError(`packed must be true or false, got ${JSON.stringify(s.packed)}`);
   if (typeof s.routing !== 'string') throw new UsageError(`routing must be a string such as 'uniform' or 'starve:1', got ${JSON.stringify(s.routing)}`);
@@ -114,10 +115,12 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   if (s.earlyExitRank !== undefined && (s.earlyExitRank < 0 || s.earlyExitRank >= s.ep)) throw new UsageError(`earlyExitRank must be an EP rank in [0, ${s.ep}), got ${s.earlyExitRank}`);
   if (s.wrongGroupRank !== undefined && (!Number.isSafeInteger(s.wrongGroupRank) || s.wrongGroupRank < 0 || s.wrongGroupRank >= s.ep)) throw new UsageError(`wrongGroupRank must be an EP rank in [0, ${s.ep}), got ${s.wrongGroupRank}`);
   if (s.variant === 'wrong-group' && s.dp < 2) throw new UsageError(`variant wrong-group issues a collective on the data-parallel communicator: dp must be at least 2, got ${s.dp}`);
+  if (s.variant === 'stage-metric' && ppOf(s) < 2) throw new UsageError(`variant stage-metric all-reduces over the pipeline group: pp must be at least 2, got ${ppOf(s)}`);
   if (s.variant === 'uneven-batches' && s.microBatches < 2) throw new UsageError(`variant uneven-batches runs a shard of the evaluation batches as micro-batches: microBatches must be at least 2, got ${s.microBatches}`);
+  // Evaluation batches are sharded over one stage's ranks (the data-parallel world).
   const world = s.ep * s.dp;
   if (s.evalBatches !== undefined && (!Number.isSafeInteger(s.evalBatches) || s.evalBatches < world || s.evalBatches > world * s.microBatches)) {
-    throw new UsageError(`evalBatches must give every one of the ${world} ranks at least one batch and at most microBatches (${s.microBatches}): an integer in [${world}, ${world * s.microBatches}], got ${s.evalBatches}`);
+    throw new UsageError(`evalBatches must give every one of the ${world} ranks of a stage at least one batch and at most microBatches (${s.microBatches}): an integer in [${world}, ${world * s.microBatches}], got ${s.evalBatches}`);
   }
   checkOrderTable(s, 'firstReady', ['bwd.dispatch', 'fsdp.reduce_scatter']);
   checkOrderTable(s, 'streamOrder', ['shared.all_gather', 'fwd.combine']);
@@ -127,12 +130,34 @@ export function validateScenario(partial: Partial<Scenario>): Scenario {
   return s;
 }
 
+/** Given MoE layer counts per stage, pp defaults to their number and (valid counts) layers to their largest. */
+function pipelineDefaults({ moeLayers: m, pp, layers }: Partial<Scenario>): Partial<Scenario> {
+  if (!Array.isArray(m)) return {};
+  const valid = m.every((n) => Number.isSafeInteger(n) && n >= 0);
+  return { pp: pp ?? m.length, ...(valid ? { layers: layers ?? Math.max(1, ...m) } : {}) };
+}
+
+/** The pipeline: pp stages and the MoE layers on each (`moeLayers`, one count per stage); `layers` is the most of any stage. */
+function checkPipeline(s: Scenario): void {
+  const m = s.moeLayers;
+  if (m !== undefined && (!Array.isArray(m) || m.length === 0)) throw new UsageError(`moeLayers must list each pipeline stage's number of MoE layers (e.g. [0, 1, 1, 0]), got ${JSON.stringify(m)}`);
+  const pp = ppOf(s);
+  if (!Number.isSafeInteger(pp) || pp < 1) throw new UsageError(`pp must be a positive integer, got ${s.pp}`);
+  if (m === undefined) return;
+  if (m.length !== pp || !m.every((n) => Number.isSafeInteger(n) && n >= 0)) {
+    throw new UsageError(`moeLayers must give each of the ${pp} pipeline stage(s) its number of MoE layers (${pp} non-negative integers), got ${JSON.stringify(m)}`);
+  }
+  const most = Math.max(...m);
+  if (most === 0) throw new UsageError(`moeLayers ${m.join(',')}: no pipeline stage holds an MoE layer`);
+  if (s.layers !== most) throw new UsageError(`layers (${s.layers}) must be the most MoE layers of any stage (${most}) when moeLayers (${m.join(',')}) is given; leave layers out`);
+}
+
 /** A completion-order table: for each rank, one of `ops` per layer call. */
 function checkOrderTable(s: Scenario, field: 'firstReady' | 'streamOrder', ops: readonly CollectiveOp[]): void {
   const t = s[field];
   if (t === undefined) return;
-  const ok = Array.isArray(t) && t.length === s.ep * s.dp && t.every((row) => Array.isArray(row) && row.length === s.layers * s.microBatches && row.every((o) => ops.includes(o)));
-  if (!ok) throw new UsageError(`${field} must list, for each of the ${s.ep * s.dp} ranks, ${s.layers * s.microBatches} entries of ${ops.map((o) => `'${o}'`).join(' or ')} (one per layer call)`);
+  const ok = Array.isArray(t) && t.length === worldSize(s) && t.every((row) => Array.isArray(row) && row.length === s.layers * s.microBatches && row.every((o) => ops.includes(o)));
+  if (!ok) throw new UsageError(`${field} must list, for each of the ${worldSize(s)} ranks, ${s.layers * s.microBatches} entries of ${ops.map((o) => `'${o}'`).join(' or ')} (one per layer call)`);
 }
 
 /** What one rank holds at its peak, estimated, by part, with the scenario fields each grows with. */
@@ -177,9 +202,12 @@ export function rankConfig(s: Scenario, rank: number): RankConfig {
     rank,
     epRank: epRankOf(s, rank),
     dpRank: dpRankOf(s, rank),
+    ppRank: ppRankOf(s, rank),
     ep: s.ep,
     dp: s.dp,
-    layers: s.layers,
+    pp: ppOf(s),
+    layers: layersOnRank(s, rank),
+    stageLayers: s.moeLayers ?? Array.from({ length: ppOf(s) }, () => s.layers),
     microBatches: s.microBatches,
     numExperts: s.experts,
     topK: s.topK,

@@ -3,12 +3,13 @@
 // decisions that led there). Both engines turn snapshots into ledger entries here.
 import { createActor, initialTransition, type ActorScope, type SnapshotFrom } from 'xstate';
 import type { CollectiveOp } from '../src/ep/types.js';
-import { dataSplits, expertsWithGrads, metricSize, rankMachine, type CollectiveMeta, type Decision, type RankConfig, type RankContext, type RankEvent } from './rankMachine.js';
+import type { CommKind } from './mesh.js';
+import { dataSplits, expertsWithGrads, metricSize, rankMachine, stageMetricSize, type CollectiveMeta, type Decision, type RankConfig, type RankContext, type RankEvent } from './rankMachine.js';
 
 export type RankSnapshot = SnapshotFrom<typeof rankMachine>;
 
 export interface IssuedCollective {
-  readonly comm: 'ep' | 'dp';
+  readonly comm: CommKind;
   readonly op: CollectiveOp;
   /** Who issues it in a real run: the EP layer, or the driver on its behalf (FSDP, metric). */
   readonly issuer: CollectiveMeta['issuer'];
@@ -111,7 +112,7 @@ export function issuedCollective(snapshot: RankSnapshot): IssuedCollective | nul
     const unit = meta.unit === 'moe' && (ctx.cfg.fsdp === 'block' || ctx.cfg.fsdp === 'experts') ? ctx.cfg.fsdp : meta.unit;
     return { ...base, unit: unit ?? null, sendSplits: null, recvSplits: null, size: fsdpSize(ctx, { ...meta, unit }) };
   }
-  if (meta.op === 'metric.all_reduce') return { ...base, sendSplits: null, recvSplits: null, size: metricSize(ctx) };
+  if (meta.op === 'metric.all_reduce') return { ...base, sendSplits: null, recvSplits: null, size: meta.comm === 'pp' ? stageMetricSize(ctx) : metricSize(ctx) };
   if (meta.op === 'fwd.counts') {
     const ones = Array.from({ length: ctx.cfg.ep }, () => 1);
     return { ...base, sendSplits: ones, recvSplits: ones, size: null };

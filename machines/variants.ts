@@ -2,7 +2,7 @@
 // real hazard each safety exists for. The rank machine's guards read these flags; nothing
 // else branches on the variant name.
 
-export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric', 'kernel-hang', 'wrong-group', 'uneven-batches', 'second-stream'] as const;
+export const VARIANT_NAMES = ['seed', 'no-dispatch-edge', 'no-unused-expert-grads', 'skip-empty-sends', 'early-exit', 'local-capacity', 'completion-order', 'layer-metric', 'kernel-hang', 'wrong-group', 'uneven-batches', 'second-stream', 'stage-metric'] as const;
 export type VariantName = (typeof VARIANT_NAMES)[number];
 
 export interface Variant {
@@ -40,6 +40,13 @@ export interface Variant {
    * (Megatron-LM #1810, vllm-ascend PR #15500).
    */
   readonly secondStream: boolean;
+  /**
+   * The aux-loss tracker all-reduced over the pipeline group once per key, one key per local
+   * MoE layer, instead of once with every stage's keys: stages with different numbers of MoE
+   * layers issue different numbers of all-reduces (Megatron-LM #1444, NeMo-RL PR #3419,
+   * Megatron-LM PR #3401).
+   */
+  readonly stageMetric: boolean;
   /** One sentence: which safety is gone and what that does. */
   readonly rule: string;
 }
@@ -57,6 +64,7 @@ const SEED: Variant = {
   wrongGroup: null,
   unevenBatches: null,
   secondStream: false,
+  stageMetric: false,
   rule: 'the seed keeps every collective on every rank',
 };
 
@@ -142,6 +150,13 @@ export function makeVariant(name: VariantName, opts: VariantOptions = {}): Varia
         name,
         secondStream: true,
         rule: "variant second-stream issues the shared expert's all-gather from a second stream, so it and fwd.combine, both ready after the expert forward, go out in the order their completions land instead of program order",
+      };
+    case 'stage-metric':
+      return {
+        ...SEED,
+        name,
+        stageMetric: true,
+        rule: "variant stage-metric all-reduces the aux-loss tracker over the pipeline group once per local key (one per MoE layer of the stage) instead of once with every stage's keys, so stages with different numbers of MoE layers issue different numbers of all-reduces",
       };
   }
 }

@@ -8,7 +8,7 @@
 // plus its latency + bytes / bandwidth, and sets every member's clock to that moment.
 // Ranks are sequential programs that only meet in collectives, so running each rank until
 // it blocks gives the same times as a global event queue, without one.
-import { dpRankOf, epRankOf, globalRank, worldSize } from '../machines/mesh.js';
+import { epRankOf, worldSize } from '../machines/mesh.js';
 import type { LedgerEntry } from '../machines/ledger.js';
 import { LedgerFeed } from '../machines/feed.js';
 import { CollectiveSpans, type TraceEvent as CollectiveSpan } from '../machines/spans.js';
@@ -92,7 +92,7 @@ class RoutingCache {
 
   group(rank: number, microBatch: number, layer: number): GroupRouting {
     const { ep, experts, topK } = this.s;
-    const base = globalRank(this.s, dpRankOf(this.s, rank), 0);
+    const base = rank - epRankOf(this.s, rank);
     const key = `${base}/${microBatch}/${layer}`;
     let g = this.groups.get(key);
     if (g) return g;
@@ -128,7 +128,7 @@ export function simulateDes(s: Scenario, opts: DesOptions = {}): DesResult {
   const firstReady = opts.firstReady ?? firstReadyOf(s);
   const n = worldSize(s);
   const collectiveSpans = opts.trace ? new CollectiveSpans() : null;
-  const feed = new LedgerFeed({ ep: s.ep, dp: s.dp }, { issued: (e) => collectiveSpans?.issue(e, clock[e.rank]!), completed: (entries) => complete(entries) });
+  const feed = new LedgerFeed(s, { issued: (e) => collectiveSpans?.issue(e, clock[e.rank]!), completed: (entries) => complete(entries) });
   const tracker = feed.tracker;
   const routing = new RoutingCache(s);
   const snaps: RankSnapshot[] = opts.initial ? [...opts.initial] : Array.from({ length: n }, (_, r) => startRank(rankConfig(s, r)));

@@ -18,6 +18,8 @@ import { seededRng } from '../src/moe/random.js';
 import { isTuple, readPickle, type PickleValue } from '../src/codec/pickle.js';
 import { repoRoot } from './paths.js';
 import { runCli } from './cli.js';
+import { verdictJson } from '../cli/diagnose.js';
+import { formatDiagnosis } from '../machines/diagnosis.js';
 
 const fixtures = join(repoRoot, 'test', 'fixtures', 'flight-recorder');
 const dumpsIn = (kase: string): FrDump[] =>
@@ -61,8 +63,8 @@ test('the causes read in the EP layer\'s terms and name the hazard', () => {
   assert.match(cause('zero-token'), /called from backward at kempnerforge\/distributed\/expert_parallel\.py:131/);
   // Shapes tell layer 0's bwd.combine (what rank 2 issued) from layer 1's bwd.dispatch (what it skipped).
   assert.match(cause('zero-token-layer1'), /rank 2 never issued bwd\.dispatch of layer 1: at that position rank 2 issued bwd\.combine of layer 0; ranks 0, 1, 3 wait in bwd\.dispatch/);
-  assert.match(cause('size-mismatch'), /128 elements but rank 2 of 96.*unused-experts hazard/);
-  assert.match(cause('fsdp-rs-vs-ag'), /rank 0 issued torch\.reduce_scatter .* but rank 2 issued torch\.all_gather.*unused-experts hazard/);
+  assert.match(cause('size-mismatch'), /rank 2 issued torch\.reduce_scatter of 96 elements but rank 0 of 128.*unused-experts hazard/);
+  assert.match(cause('fsdp-rs-vs-ag'), /rank 2 issued torch\.all_gather .* but rank 0 issued torch\.reduce_scatter.*unused-experts hazard/);
   assert.match(cause('dtype-mismatch'), /rank 0 sends Float but rank 2 sends BFloat16 in fwd\.dispatch/);
   assert.match(cause('cycle'), /a wait-for cycle across groups mesh_dp \[0, 2\], mesh_ep \[2, 3\], mesh_dp \[1, 3\] and mesh_ep \[0, 1\]|a wait-for cycle across groups .*mesh_dp.*mesh_ep/);
   assert.match(cause('dead-rank'), /^rank 3 left no Flight Recorder dump: it died .*; ranks 0–2 wait for it in fwd\.dispatch of layer 0/);
@@ -141,11 +143,11 @@ test('analyzer cases: matched, type, size and state mismatches, dtypes', () => {
   assert.is(verdictOf([dump(0, [{}]), dump(1, [{}])]).verdict, 'ok', 'an all-reduce matched with itself');
   const types = verdictOf([dump(0, [{}]), dump(1, [{ op: 'all_gather_into_tensor', in: [[4, 4]], out: [[8, 4]] }])]);
   assert.equal([types.verdict, types.position], ['mismatch', 0]);
-  assert.match(types.cause, /rank 0 issued torch\.all_reduce .* but rank 1 issued torch\.all_gather/);
+  assert.match(types.cause, /rank 1 issued torch\.all_gather .* but rank 0 issued torch\.all_reduce/);
   // Sizes alone cannot decide an all-to-all (the dump holds no per-peer splits): with equal totals it passes.
   assert.is(verdictOf([dump(0, [{ op: 'all_to_all', in: [[6, 4]], out: [[2, 4]] }]), dump(1, [{ op: 'all_to_all', in: [[2, 4]], out: [[6, 4]] }])]).verdict, 'ok');
   const inSize = verdictOf([dump(0, [{ in: [[5, 4]] }]), dump(1, [{ in: [[4, 4]] }])]);
-  assert.equal([inSize.verdict, inSize.cause.includes('20 elements but rank 1 of 16')], ['mismatch', true]);
+  assert.equal([inSize.verdict, inSize.cause.includes('rank 1 issued torch.all_reduce of 16 elements but rank 0 of 20')], ['mismatch', true], inSize.cause);
   const outSize = verdictOf([dump(0, [{ op: 'broadcast', out: [[5, 4]] }]), dump(1, [{ op: 'broadcast', out: [[4, 4]] }])]);
   assert.equal([outSize.verdict, /output \[5, 4\] but rank 1's has \[4, 4\]/.test(outSize.cause)], ['mismatch', true], outSize.cause);
   const inOut = verdictOf([dump(0, [{}]), dump(1, [{ in: [[4, 4]], out: [[5, 4]] }])]);
@@ -156,7 +158,7 @@ test('analyzer cases: matched, type, size and state mismatches, dtypes', () => {
   assert.match(state.cause, /state mismatch/);
   const dtype = verdictOf([dump(0, [{}]), dump(1, [{ outDtype: 'Half' }])]);
   assert.equal(dtype.verdict, 'mismatch');
-  assert.match(dtype.cause, /Float but rank 1 sends Float→Half/);
+  assert.match(dtype.cause, /rank 1 sends Float→Half but rank 0 sends Float/);
 });
 
 test('analyzer cases: every collective matched with itself passes, with the group-size rules', () => {
@@ -206,7 +208,7 @@ test('end to end: version 2.8, a sub-group whose members differ per rank, coales
   const b: E[] = [{ seq: 1, op: '_broadcast_oop' }, { seq: 1, op: '_broadcast_oop' }, { seq: 1, op: 'coalesced', in: [], out: [] }];
   const oop = verdictOf([dump(0, a), dump(1, b)]);
   assert.is(oop.verdict, 'mismatch');
-  assert.match(oop.cause, /41 elements but rank 1 of 32|\[4, 4\] \[5, 5\] but rank 1's has \[4, 4\] \[4, 4\]/);
+  assert.match(oop.cause, /rank 1 issued torch\.broadcast_coalesced of 32 elements but rank 0 of 41/);
   const rs: E[] = [{ op: '_reduce_oop' }, { op: '_reduce_oop' }, { seq: 3, op: 'reduce_scatter_tensor_coalesced', in: [[8], [8]], out: [[4], [4]] }, { seq: 3, op: 'coalesced', in: [], out: [] }];
   assert.is(verdictOf([dump(0, rs), dump(1, rs)]).verdict, 'ok');
   // One rank with only the all-reduce, the other with one more: PyTorch's analyzer passes it
@@ -214,6 +216,32 @@ test('end to end: version 2.8, a sub-group whose members differ per rank, coales
   // without issuing it, and its peer waits there forever: missing, culprit rank 1.
   const more = verdictOf([dump(0, [{}, { state: 'started' }]), dump(1, [{}])]);
   assert.equal([more.verdict, more.position, more.culprits], ['missing', 1, [1]]);
+});
+
+test('two groups each hung on its own: both listed, in the tracker\'s canonical order, as sim --json lists hangs', () => {
+  // Group 1 (ranks 0, 1): rank 1 stops before the second all-reduce. Group 2 (ranks 2, 3): sizes disagree at the first.
+  const groups = (r: number): { groups: Record<string, number[]> } => ({ groups: r < 2 ? { '1': [0, 1] } : { '2': [2, 3] } });
+  const pm = analyzeDumps([
+    dump(0, [{ pg: '1' }, { pg: '1', state: 'started' }], groups(0)),
+    dump(1, [{ pg: '1' }], groups(1)),
+    dump(2, [{ pg: '2', state: 'started' }], groups(2)),
+    dump(3, [{ pg: '2', in: [[5, 4]], state: 'started' }], groups(3)),
+  ]);
+  const j = verdictJson(pm);
+  assert.equal(
+    j.hangs.map((h) => [h.verdict, h.communicator, h.position, h.culprits]),
+    [
+      ['missing', 'group1', 1, [1]],
+      ['mismatch', 'group2', 0, [2, 3]],
+    ],
+  );
+  // The headline is the first hang; the readable form lists the other as well.
+  assert.equal([j.verdict, j.communicator, j.position, j.culprits], ['missing', 'group1', 1, [1]]);
+  assert.match(formatDiagnosis(pm.diagnosis), /\nalso: {4}mismatch on group2, position 0 \(ranks 2, 3\): rank 3 issued torch\.all_reduce of 20 elements but rank 2 of 16/);
+  // Each entry has exactly the fields sim --json gives every hang (machines/diagnosis.ts HangSummary).
+  for (const h of j.hangs) assert.equal(Object.keys(h), ['verdict', 'communicator', 'position', 'culprits', 'detail']);
+  // A clean run lists none.
+  assert.equal(verdictJson(analyzeDumps([dump(0, [{}]), dump(1, [{}])])).hangs, []);
 });
 
 test('a long ledger: the verdict on all of it, the report a renumbered window around it', () => {
@@ -280,7 +308,7 @@ test('fuzz: 5,000 mutated dump files read as a diagnosis or an EvidenceError, ne
 test('fuzz: 3,000 dumps with damaged fields and structure (seq ids, states, sizes, ops, groups, lost entries and dumps) give a diagnosis or an EvidenceError', () => {
   const rand = seededRng(0x5e91);
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)]!;
-  const plain = (v: PickleValue): unknown => (v instanceof Map ? Object.fromEntries([...v].map(([k, x]) => [String(k), plain(x)])) : isTuple(v) ? v.tuple.map(plain) : Array.isArray(v) ? v.map(plain) : v);
+  const plain = (v: PickleValue): unknown => (isTuple(v) ? v.tuple.map(plain) : Array.isArray(v) ? v.map(plain) : v !== null && typeof v === 'object' ? Object.fromEntries(Object.entries(v).map(([k, x]) => [k, plain(x)])) : v);
   type Raw = { pg_config: Record<string, { ranks: string }>; entries: Record<string, unknown>[] };
   const kases = readdirSync(fixtures).filter((k) => !k.includes('.') && !k.endsWith('json'));
   const sets = kases.map((k) => readdirSync(join(fixtures, k)).map((f) => [Number(/(\d+)$/.exec(f)![1]), plain(readPickle(readFileSync(join(fixtures, k, f))))] as [number, Raw]));
@@ -325,7 +353,8 @@ test('diagnose: exit codes, --json shape, --html report, --help, and one-line er
     const hang = await runCli(['diagnose', join(fixtures, 'zero-token'), '--json', '--html', html]);
     assert.is(hang.code, 2, hang.stderr);
     const j = JSON.parse(hang.stdout) as Record<string, unknown>;
-    assert.equal(Object.keys(j), ['verdict', 'communicator', 'position', 'seq', 'op', 'layer', 'culprits', 'ranks', 'cause']);
+    assert.equal(Object.keys(j), ['verdict', 'communicator', 'position', 'seq', 'op', 'layer', 'culprits', 'ranks', 'cause', 'hangs']);
+    assert.equal(j.hangs, [{ verdict: 'missing', communicator: 'mesh_ep', position: 5, culprits: [1], detail: 'rank 1 finished without issuing position 5, where ranks 0, 2, 3 wait in bwd.dispatch' }]);
     assert.equal([j.verdict, j.communicator, j.position, j.seq, j.op, j.layer, j.culprits], ['missing', 'mesh_ep', 5, 6, 'bwd.dispatch', 0, [1]]);
     const page = readFileSync(html, 'utf8');
     assert.match(page, /Flight Recorder dumps of 4 ranks/);

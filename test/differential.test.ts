@@ -13,15 +13,16 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runCli } from './cli.js';
 
-const onWorkers = randomScenarios(20261132, 64);
+const onWorkers = randomScenarios(20261140, 64);
 const onProcesses = randomScenarios(7, 10);
 
-test('the random scenarios cover every variant, FSDP with each wrap policy, zero-token ranks, several layers and micro-batches, and both hung and ok runs', () => {
+test('the random scenarios cover every variant, FSDP with each wrap policy, pipelines with a dense stage, zero-token ranks, several layers and micro-batches, and both hung and ok runs', () => {
   const all = [...onWorkers, ...onProcesses];
   for (const v of VARIANT_NAMES) assert.ok(all.some((s) => s.variant === v), `variant ${v}`);
   for (const w of ['block', 'split', 'experts']) assert.ok(all.some((s) => s.fsdp === w), `fsdp ${w}`);
   assert.ok(all.some((s) => s.tokens === 0 || /^(starve|empty):/.test(s.routing)), 'a zero-token rank');
   assert.ok(all.some((s) => s.layers > 1) && all.some((s) => s.microBatches > 1), 'several layers and micro-batches');
+  assert.ok(all.some((s) => s.variant !== 'stage-metric' && (s.pp ?? 1) > 1) && all.some((s) => s.moeLayers?.includes(0)), 'pipelines under other variants, and a dense stage');
   const verdicts = new Set(all.map((s) => simulateDes(s).diagnosis.verdict));
   for (const v of ['ok', 'missing', 'mismatch', 'cycle', 'stall']) assert.ok(verdicts.has(v as never), `some scenario gives ${v} (got ${[...verdicts].join(', ')})`);
 });

@@ -16,7 +16,7 @@ import { canonicalLedger } from './ledger.js';
 
 export type EngineName = 'des' | 'actors' | 'processes';
 
-/** A random scenario over everything that changes control flow: every variant, FSDP and its wrap policies, zero-token ranks, layers, micro-batches. */
+/** A random scenario over everything that changes control flow: every variant, FSDP and its wrap policies, pipeline stages (dense ones too), zero-token ranks, layers, micro-batches. */
 export function randomScenario(rng: Rng): Scenario {
   // A draw the layout cannot hold (a starved group left with fewer experts than top_k) is drawn again.
   for (;;) {
@@ -30,19 +30,29 @@ export function randomScenario(rng: Rng): Scenario {
 
 function drawScenario(rng: Rng): Scenario {
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rng() * xs.length)]!;
-  const ep = pick([1, 2, 2, 3, 4, 4]);
   const variant = pick(VARIANT_NAMES);
+  // stage-metric needs pipeline stages; the other variants get them now and then. A pipeline keeps the world at 8 ranks or fewer.
+  const pp = variant === 'stage-metric' ? pick([2, 3]) : pick([1, 1, 1, 2]);
+  const ep = pp > 1 ? pick([1, 2, 2]) : pick([1, 2, 2, 3, 4, 4]);
   // wrong-group needs a data-parallel communicator to issue on.
-  const dp = variant === 'wrong-group' ? 2 : pick([1, 2]);
+  const dp = variant === 'wrong-group' ? 2 : pp > 2 ? 1 : pick([1, 2]);
   const experts = ep * pick([1, 2, 3]);
   const fsdp = dp > 1 ? pick([null, ...WRAP_POLICIES, 'experts' as const]) : null;
-  const layers = pick([1, 1, 2, 3]);
-  const zeroRank = Math.floor(rng() * ep * dp);
+  let layers = pick([1, 1, 2, 3]);
+  // MoE layers per stage, dense stages included (or the same on every stage); some stage holds one.
+  const moeLayers = pp > 1 && rng() < 0.75 ? Array.from({ length: pp }, () => Math.floor(rng() * (layers + 1))) : undefined;
+  if (moeLayers) {
+    if (Math.max(...moeLayers) === 0) moeLayers[Math.floor(rng() * pp)] = layers;
+    layers = Math.max(...moeLayers);
+  }
+  const zeroRank = Math.floor(rng() * ep * dp * pp);
   // uneven-batches shards its batches as micro-batches: it needs two or more.
   const microBatches = variant === 'uneven-batches' ? pick([2, 3]) : pick([1, 1, 2]);
   return validateScenario({
     ep,
     dp,
+    ...(pp > 1 ? { pp } : {}),
+    ...(moeLayers ? { moeLayers } : {}),
     fsdp,
     experts,
     topK: 1 + Math.floor(rng() * Math.min(experts, 3)),

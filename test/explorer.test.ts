@@ -318,7 +318,8 @@ test('past the limits: one line, exit 1, no V8 fatal error', () => {
 
 test('variants whose guards the class search cannot enumerate are refused in one line, never proved', () => {
   for (const variant of UNEXPLORED_VARIANTS) {
-    const r = cli(['check', '--ep', '4', '--dp', '2', '--experts', '8', '--micro-batches', '2', '--variant', variant]);
+    // Two pipeline stages: a layout every one of them accepts (stage-metric needs pp >= 2).
+    const r = cli(['check', '--ep', '4', '--dp', '2', '--pp', '2', '--experts', '8', '--micro-batches', '2', '--variant', variant]);
     assert.is(r.status, 1, `${variant}: ${r.stdout}`);
     assert.is(r.stderr.trim().split('\n').length, 1, r.stderr);
     assert.match(r.stderr, new RegExp(`check does not explore variant ${variant} yet`));

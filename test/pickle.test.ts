@@ -5,7 +5,7 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { isTuple, PickleError, readPickle, type PickleValue } from '../src/codec/pickle.js';
+import { isTuple, PickleError, readPickle, type PickleDict, type PickleValue } from '../src/codec/pickle.js';
 import { seededRng } from '../src/moe/random.js';
 import { repoRoot } from './paths.js';
 
@@ -13,11 +13,11 @@ const fixtures = join(repoRoot, 'test', 'fixtures', 'flight-recorder');
 const file = (kase: string, rank: number) => readFileSync(join(fixtures, kase, `nccl_trace_rank_${rank}`));
 const bytes = (...parts: (number | string)[]) => Uint8Array.from(parts.flatMap((p) => (typeof p === 'number' ? [p] : [...Buffer.from(p, 'latin1')])));
 
-/** Maps and tuples as plain JSON-able values, for deep comparison. */
+/** Tuples and bigints as plain JSON-able values, for deep comparison. */
 function plain(v: PickleValue): unknown {
-  if (v instanceof Map) return Object.fromEntries([...v].map(([k, x]) => [String(k), plain(x)]));
   if (isTuple(v)) return { tuple: v.tuple.map(plain) };
   if (Array.isArray(v)) return v.map(plain);
+  if (v !== null && typeof v === 'object') return Object.fromEntries(Object.entries(v).map(([k, x]) => [k, plain(x)]));
   return typeof v === 'bigint' ? `${v}n` : v;
 }
 
@@ -38,12 +38,12 @@ test('protocols 2, 4 and 5 of one dump decode to the same value, and it is the J
 });
 
 test('64-bit integers stay exact: time_created_ns past 2**53 is a bigint, small ints are numbers', () => {
-  const dump = readPickle(file('healthy', 2)) as Map<string, PickleValue>;
-  const entries = dump.get('entries') as Map<string, PickleValue>[];
+  const dump = readPickle(file('healthy', 2)) as PickleDict;
+  const entries = dump.entries as PickleDict[];
   // make_dumps.py: T0 + 1_000_003 * record_id + 17 * rank
-  assert.is(entries[0]!.get('time_created_ns'), 1_732_000_000_123_456_789n + 34n);
-  assert.is(entries[5]!.get('time_created_ns'), 1_732_000_000_123_456_789n + 5n * 1_000_003n + 34n);
-  assert.is(entries[5]!.get('record_id'), 5);
+  assert.is(entries[0]!.time_created_ns, 1_732_000_000_123_456_789n + 34n);
+  assert.is(entries[5]!.time_created_ns, 1_732_000_000_123_456_789n + 5n * 1_000_003n + 34n);
+  assert.is(entries[5]!.record_id, 5);
   // LONG1 edge cases: negative, zero-length, 8-byte min, just inside the safe range.
   assert.is(readPickle(bytes(0x80, 2, 0x8a, 1, 0xff, 0x2e)), -1);
   assert.is(readPickle(bytes(0x80, 2, 0x8a, 0, 0x2e)), 0);
@@ -54,7 +54,7 @@ test('64-bit integers stay exact: time_created_ns past 2**53 is a bigint, small 
   assert.is(readPickle(bytes(0x80, 2, 0x4d, 0xff, 0xff, 0x2e)), 65535, 'BININT2 is unsigned');
 });
 
-test('the rest of the subset: floats, bools, None, tuples, BINUNICODE8, memo, dict and list forms, torch list tags', () => {
+test('the rest of the subset: floats, bools, None, tuples, BINUNICODE8, memo, dict and list forms', () => {
   assert.is(readPickle(bytes(0x80, 2, 0x47, 0x3f, 0xf8, 0, 0, 0, 0, 0, 0, 0x2e)), 1.5);
   assert.equal(plain(readPickle(bytes(0x80, 2, 0x88, 0x89, 0x4e, 0x87, 0x2e))), { tuple: [true, false, null] });
   assert.equal(plain(readPickle(bytes(0x80, 2, 0x29, 0x2e))), { tuple: [] });
@@ -63,12 +63,29 @@ test('the rest of the subset: floats, bools, None, tuples, BINUNICODE8, memo, di
   assert.equal(plain(readPickle(bytes(0x80, 2, 0x5d, 0x71, 0, 0x58, 1, 0, 0, 0, 'a', 0x71, 1, 0x61, 0x68, 1, 0x61, 0x2e))), ['a', 'a']);
   assert.equal(plain(readPickle(bytes(0x80, 4, 0x95, 9, 0, 0, 0, 0, 0, 0, 0, 0x7d, 0x94, 0x8c, 1, 'k', 0x94, 0x4b, 7, 0x73, 0x2e))), { k: 7 });
   assert.equal(plain(readPickle(bytes(0x80, 2, 0x28, 0x4b, 1, 0x4b, 2, 0x6c, 0x2e))), [1, 2], 'LIST');
-  assert.equal(plain(readPickle(bytes(0x80, 2, 0x28, 0x4b, 1, 0x4b, 2, 0x64, 0x2e))), { 1: 2 }, 'DICT with an int key');
-  // torch's C++ pickler may tag int lists: GLOBAL torch.jit._pickle build_intlist, then REDUCE of a 1-tuple.
-  assert.equal(plain(readPickle(bytes(0x80, 2, 0x63, 'torch.jit._pickle\nbuild_intlist\n', 0x5d, 0x28, 0x4b, 3, 0x4b, 4, 0x65, 0x85, 0x52, 0x2e))), [3, 4]);
+  assert.equal(plain(readPickle(bytes(0x80, 2, 0x28, 0x4b, 1, 0x4b, 2, 0x64, 0x2e))), { 1: 2 }, 'DICT with an int key (read as JSON would)');
+  // A "__proto__" key is an own entry, not the dict's prototype.
+  const proto = readPickle(bytes(0x80, 2, 0x7d, 0x58, 9, 0, 0, 0, '__proto__', 0x7d, 0x58, 1, 0, 0, 0, 'x', 0x4b, 1, 0x73, 0x73, 0x2e)) as PickleDict;
+  assert.equal([Object.keys(proto), Object.getPrototypeOf(proto) === Object.prototype, (proto as { x?: unknown }).x], [['__proto__'], true, undefined]);
+  assert.ok(isTuple(readPickle(bytes(0x80, 2, 0x4b, 1, 0x85, 0x2e))) && !isTuple(readPickle(bytes(0x80, 2, 0x7d, 0x58, 5, 0, 0, 0, 'tuple', 0x5d, 0x73, 0x2e))), 'a dict with a "tuple" key is no tuple');
+  // A frame dict torch memoizes once (BINPUT after SETITEMS) and shares by BINGET in every entry's frames.
+  const frames = plain(readPickle(bytes(0x80, 2, 0x5d, 0x28, 0x7d, 0x28, 0x58, 4, 0, 0, 0, 'line', 0x4b, 7, 0x75, 0x71, 0, 0x68, 0, 0x65, 0x2e)));
+  assert.equal(frames, [{ line: 7 }, { line: 7 }]);
+  // 8-byte LONG1 (torch's form of every int past 32 bits): a number while exact, a bigint past 2**53.
+  const long8 = (n: bigint) => {
+    const b = Buffer.alloc(8);
+    b.writeBigInt64LE(n);
+    return readPickle(bytes(0x80, 2, 0x8a, 8, ...b, 0x2e));
+  };
+  assert.is(long8(-1n), -1);
+  assert.is(long8(2n ** 53n - 1n), Number.MAX_SAFE_INTEGER);
+  assert.is(long8(-(2n ** 53n) + 1n), Number.MIN_SAFE_INTEGER);
+  assert.is(long8(2n ** 53n), 2n ** 53n);
+  assert.is(long8(-(2n ** 53n)), -(2n ** 53n));
+  assert.is(long8(1_732_000_000_123_456_789n), 1_732_000_000_123_456_789n);
 });
 
-test('refused with the offset: code (GLOBAL, REDUCE), unknown opcodes, truncation, cycles, deep nesting', () => {
+test('refused with the offset: every GLOBAL (torch\'s list tags too), REDUCE, unknown opcodes, truncation, cycles, deep nesting, memo blow-ups', () => {
   const refuse = (b: Uint8Array, re: RegExp) => {
     try {
       readPickle(b, 'dump.pkl');
@@ -81,7 +98,14 @@ test('refused with the offset: code (GLOBAL, REDUCE), unknown opcodes, truncatio
     assert.unreachable(`accepted ${Buffer.from(b).toString('hex')}`);
   };
   refuse(bytes(0x80, 2, 0x63, 'os\nsystem\n', 0x8c, 2, 'ls', 0x85, 0x52, 0x2e), /refuses GLOBAL os\.system .* at byte 2$/);
-  refuse(bytes(0x80, 2, 0x5d, 0x29, 0x52, 0x2e), /REDUCE of something other than a torch list-type tag at byte 4/);
+  // torch pickles a dump with type tags off and generic lists only: not even its own list tags appear (DESIGN.md).
+  refuse(bytes(0x80, 2, 0x63, 'torch.jit._pickle\nbuild_intlist\n', 0x5d, 0x28, 0x4b, 3, 0x65, 0x85, 0x52, 0x2e), /refuses GLOBAL torch\.jit\._pickle\.build_intlist .* at byte 2$/);
+  refuse(bytes(0x80, 2, 0x63, 'collections\nOrderedDict\n', 0x29, 0x52, 0x2e), /refuses GLOBAL collections\.OrderedDict .* at byte 2$/);
+  refuse(bytes(0x80, 2, 0x5d, 0x29, 0x52, 0x2e), /unsupported opcode 0x52 .* at byte 4/);
+  // Each list holds the one before twice: 64 levels would unfold to 2**64 values.
+  const laughs = [0x80, 2, 0x5d, 0x71, 0];
+  for (let i = 1; i < 64; i++) laughs.push(0x5d, 0x28, 0x68, i - 1, 0x68, i - 1, 0x65, 0x71, i);
+  refuse(bytes(...laughs, 0x2e), /unfolds to more than \d+ values .* at byte \d+/);
   refuse(bytes(0x80, 2, 0x69, 0x2e), /unsupported opcode 0x69 .* at byte 2/);
   refuse(bytes(0x80, 2, 0x58, 0xff, 0xff, 0xff, 0x7f, 'ab'), /needs 2147483647 bytes but 2 are left at byte 2/);
   refuse(bytes(0x80, 2, 0x4b, 1), /ends before its STOP opcode at byte 4/);

@@ -115,4 +115,12 @@ export const CORPUS: readonly CorpusCase[] = [
     scenario: { ep: 4, experts: 8, variant: 'second-stream', streamOrder: [['shared.all_gather'], ['fwd.combine'], ['fwd.combine'], ['fwd.combine']] },
     expected: 'mismatch',
   }),
+  make({
+    name: 'aux-loss-keys-differ-across-pipeline-stages',
+    source: 'Megatron-LM #1444; NeMo-RL PR #3419; Megatron-LM PR #3401',
+    what: 'the aux-loss tracker is all-reduced over the pipeline group once per local key; a stage without MoE layers (or with an MTP layer) holds a different number of keys (15 vs 14), so the stages issue different numbers of all-reduces and the first logging step hangs',
+    fix: "all-reduce one fixed-size tensor holding every stage's keys once (the tracker sized by the model's layers on every stage), or agree on the key set across the pipeline group first",
+    scenario: { ep: 2, experts: 4, pp: 4, moeLayers: [0, 1, 1, 0], variant: 'stage-metric' },
+    expected: 'missing',
+  }),
 ];

@@ -7,7 +7,7 @@
 // tracker findings; the tracker adds missing collectives and cross-group wait-for cycles.
 import { CollectiveTracker, describe, type Finding, type LedgerEntry } from '../../machines/ledger.js';
 import type { CommunicatorSpec } from '../../machines/mesh.js';
-import { rankRanges, rankWord, type Diagnosis, type RankReport } from '../../machines/diagnosis.js';
+import { hangSummaries, rankRanges, rankWord, type Diagnosis, type RankReport } from '../../machines/diagnosis.js';
 import { withDeadRanks } from '../../machines/postmortem.js';
 import { makeVariant } from '../../machines/variants.js';
 import type { IssuedCollective } from '../../machines/snapshot.js';
@@ -48,6 +48,17 @@ export interface PostMortem {
 
 /** torch's op names (all_gather_into_tensor, _reduce_scatter_base, …) folded to the collective they are. */
 export function opKind(op: string): string {
+  let k = opKinds.get(op);
+  if (k === undefined) {
+    if (opKinds.size > 10_000) opKinds.clear(); // a bound for a long-lived process
+    opKinds.set(op, (k = foldOp(op)));
+  }
+  return k;
+}
+/** A dump names a handful of ops a million times: each is folded once. */
+const opKinds = new Map<string, string>();
+
+function foldOp(op: string): string {
   const o = op.replace(/^_+/, '');
   if (/^all_?reduce/.test(o)) return 'all_reduce';
   if (/^all_?gather/.test(o)) return 'all_gather';
@@ -58,16 +69,25 @@ export function opKind(op: string): string {
   return o;
 }
 
-const numel = (shapes: readonly (readonly number[])[]) => shapes.reduce((a, s) => a + s.reduce((x, d) => x * d, 1), 0);
+function numel(shapes: readonly (readonly number[])[]): number {
+  let n = 0;
+  for (const s of shapes) {
+    let m = 1;
+    for (const d of s) m *= d;
+    n += m;
+  }
+  return n;
+}
 const shapeText = (shapes: readonly (readonly number[])[]) => shapes.map((s) => `[${s.join(', ')}]`).join(' ');
 
 /** The analyzer's per-op size rule on one rank's call: what is wrong, or null. */
 export function sizeRuleProblem(kind: string, entries: readonly FrEntry[], groupSize: number): string | null {
-  const inN = numel(entries.flatMap((e) => e.inputSizes));
-  const outN = numel(entries.flatMap((e) => e.outputSizes));
-  if (entries.every((e) => e.inputSizes.length === 0 && e.outputSizes.length === 0)) return null;
-  const shapes = (f: 'inputSizes' | 'outputSizes') => shapeText(entries.flatMap((e) => e[f]));
-  if (kind === 'all_reduce' && shapes('inputSizes') !== shapes('outputSizes')) return `its all_reduce's input ${shapes('inputSizes')} differs from its output ${shapes('outputSizes')}`;
+  const ins = entries.length === 1 ? entries[0]!.inputSizes : entries.flatMap((e) => e.inputSizes);
+  const outs = entries.length === 1 ? entries[0]!.outputSizes : entries.flatMap((e) => e.outputSizes);
+  if (ins.length === 0 && outs.length === 0) return null;
+  if (kind === 'all_reduce') return sameShapes(ins, outs) ? null : `its all_reduce's input ${shapeText(ins)} differs from its output ${shapeText(outs)}`;
+  const inN = numel(ins);
+  const outN = numel(outs);
   if (kind === 'all_gather' && outN !== inN * groupSize) return `its all_gather's output has ${outN} elements, not input ${inN} × group size ${groupSize}`;
   if (kind === 'reduce_scatter' && inN !== outN * groupSize) return `its reduce_scatter's input has ${inN} elements, not output ${outN} × group size ${groupSize}`;
   return null;
@@ -77,6 +97,13 @@ export function sizeRuleProblem(kind: string, entries: readonly FrEntry[], group
 const SIZED = new Set(['all_reduce', 'all_gather', 'reduce_scatter']);
 
 const STATE_ORDER: Record<FrState, number> = { scheduled: 0, started: 1, completed: 2 };
+const STATE_BIT: Record<FrState, number> = { scheduled: 1, started: 2, completed: 4 };
+
+/** The calls at one position of a group, and which states they are in (STATE_BIT). */
+interface Position {
+  readonly calls: Call[];
+  states: number;
+}
 
 /** Reads a set of dumps (one per rank) into the verdict, diagnosis and report input. */
 export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
@@ -126,52 +153,63 @@ export function analyzeDumps(dumps: readonly FrDump[]): PostMortem {
 
   const tracker = new CollectiveTracker({ ep: 1, dp: 1 }, true, specs);
   /** Per communicator, per position: the calls issued there so far. */
-  const slot = new Map<string, Call[][]>(specs.map((x) => [x.id, []]));
-  let finding: Finding | null = null;
-  const frozen = new Set<number>();
-  const take = (f: Finding | null) => {
-    finding ??= f;
-  };
+  const slot = new Map<string, Position[]>(specs.map((x) => [x.id, []]));
   const specOf = new Map(specs.map((x) => [x.id, x]));
-  /** Each rank's next call to issue. */
-  const next = new Map([...calls.keys()].map((r) => [r, 0]));
-  const pending = (r: number) => next.get(r)! < calls.get(r)!.length;
-  const finished = new Set<number>();
-  for (;;) {
-    let moved = false;
-    for (const [r, cs] of calls) {
-      if (!pending(r) || tracker.blockedOn(r) || frozen.has(r)) continue;
-      const c = cs[next.get(r)!]!;
-      next.set(r, next.get(r)! + 1);
-      moved = true;
-      const { entry, finding: f } = tracker.issue(r, c.issued, c.dtype, c.comm);
-      const positions = slot.get(entry.communicator)!;
-      const here = (positions[entry.position] ??= []);
-      here.push(c);
-      const own = f ?? frCheck(c, here, specOf.get(c.comm)!, entry.position);
-      if (own && !f) for (const x of here) frozen.add(x.rank);
-      take(own);
-    }
-    if (moved) continue;
-    // Nothing can move: a rank whose evidence ends, not blocked, has finished (dead ones never do).
-    const r = [...calls.keys()].find((rank) => !pending(rank) && !tracker.blockedOn(rank) && !finished.has(rank) && !frozen.has(rank));
-    if (r === undefined) break;
-    finished.add(r);
-    take(tracker.finish(r));
+  // Replay to quiescence: the ranks that can move take turns, one call each, first come first
+  // served; a rank leaves the queue when a call blocks it and rejoins when that position
+  // completes. A position the analyzer's checks find wrong never completes (its ranks stay
+  // blocked, as in NCCL).
+  const order = [...calls.keys()].sort((a, b) => a - b);
+  const indexOf = new Map(order.map((r, i) => [r, i]));
+  const callsOf = order.map((r) => calls.get(r)!);
+  const next = new Int32Array(order.length);
+  // A ring of rank indices, each at most once in it (queued).
+  const queue = new Int32Array(order.length);
+  const queued = new Uint8Array(order.length);
+  let head = 0;
+  let size = 0;
+  const enqueue = (i: number) => {
+    if (queued[i]) return;
+    queued[i] = 1;
+    queue[(head + size++) % queue.length] = i;
+  };
+  let current: Call;
+  const judge = (entry: LedgerEntry) => {
+    const at = (slot.get(entry.communicator)![entry.position] ??= { calls: [], states: 0 });
+    const before = at.states;
+    at.calls.push(current);
+    at.states |= STATE_BIT[current.state];
+    return frCheck(current, at, before, specOf.get(current.comm)!, entry.position);
+  };
+  order.forEach((_, i) => enqueue(i));
+  while (size > 0) {
+    const i = queue[head]!;
+    head = (head + 1) % queue.length;
+    size--;
+    queued[i] = 0;
+    if (next[i]! >= callsOf[i]!.length || tracker.blockedOn(order[i]!)) continue;
+    current = callsOf[i]![next[i]!++]!;
+    const { completed } = tracker.issue(order[i]!, current.issued, current.dtype, current.comm, judge);
+    for (const e of completed ?? []) enqueue(indexOf.get(e.rank)!);
+    if (!tracker.blockedOn(order[i]!)) enqueue(i);
   }
-  finding ??= tracker.findCycle();
+  // Nothing can move: a rank whose evidence ends, not blocked, has finished (dead ones never do).
+  for (const r of order) if (!tracker.blockedOn(r)) tracker.finish(r);
+  // Every hung group, in the tracker's canonical order (what `sim --json` lists): the first is the verdict.
+  const hangs = tracker.hangs();
 
   const ranks = rankReports(world, calls);
   const ledger = tracker.entries;
-  const found: Diagnosis = finding
-    ? explain(finding, tracker, (e) => slot.get(e.communicator)![e.position]!.find((c) => c.rank === e.rank)!, ranks, skips)
-    : finished.size === world.length && tracker.openPositions().length === 0
+  const callOf = (e: LedgerEntry) => slot.get(e.communicator)![e.position]!.calls.find((c) => c.rank === e.rank)!;
+  const found: Diagnosis = hangs.length
+    ? { ...explain(hangs[0]!, tracker, callOf, ranks, skips), hangs: hangSummaries(hangs) }
+    : world.every((r) => tracker.isFinished(r)) && tracker.openPositions().length === 0
       ? { verdict: 'ok', communicator: null, position: null, culprits: [], ranks, cause: `every rank's collectives matched; ${ledger.length} collective calls from ${dumps.length} dumps` }
       : { verdict: 'timeout', communicator: null, position: null, culprits: [], ranks, cause: 'the dumps end without a proof of a hang: collectives are in flight but no rank is shown to be missing or waiting in a cycle' };
   const diagnosis = withDeadRanks(found, dead, ledger, specs, 'Flight Recorder dump');
 
   // The dumps' own number for the verdict's position: the seq id its calls carry there.
-  const there = slot.get(diagnosis.communicator ?? '')?.[diagnosis.position ?? -1]?.[0];
+  const there = slot.get(diagnosis.communicator ?? '')?.[diagnosis.position ?? -1]?.calls[0];
   const seq = there ? there.seq : null;
   return { diagnosis, ledger, report: reportInput(dumps, world, specs, ledger, diagnosis, calls, groups), seq };
 }
@@ -231,13 +269,14 @@ function call(rank: number, comm: string, seq: number, entries: FrEntry[], kind:
 }
 
 /** One shared object per (op, size), as epIssued. */
-const torchIssuedCache = new Map<string, IssuedCollective>();
+const torchIssuedCache = new Map<string, Map<number | null, IssuedCollective>>();
 function torchIssued(kind: string, size: number | null): IssuedCollective {
-  const key = `${kind}|${size}`;
-  let i = torchIssuedCache.get(key);
+  let bySize = torchIssuedCache.get(kind);
+  if (!bySize) torchIssuedCache.set(kind, (bySize = new Map()));
+  let i = bySize.get(size);
   if (!i) {
-    if (torchIssuedCache.size > 100_000) torchIssuedCache.clear(); // a bound for a long-lived process; only sharing is lost
-    torchIssuedCache.set(key, (i = { ...ISSUED_BASE, op: `torch.${kind === 'p2p' ? 'send/recv' : kind}`, phase: 'forward', layer: 0, size, statePath: '' }));
+    if (bySize.size > 100_000) bySize.clear(); // a bound for a long-lived process; only sharing is lost
+    bySize.set(size, (i = { ...ISSUED_BASE, op: `torch.${kind === 'p2p' ? 'send/recv' : kind}`, phase: 'forward', layer: 0, size, statePath: '' }));
   }
   return i;
 }
@@ -281,12 +320,11 @@ function mapEpGroups(groups: Map<string, Group>, calls: Map<number, Call[]>): Sk
 const ISSUED_BASE = { comm: 'ep', issuer: 'layer', unit: null, microBatch: 0, sendSplits: null, recvSplits: null, size: null, why: [] } as const;
 
 /** One shared object per (op, layer): a million calls need a dozen of them. */
-const epIssuedCache = new Map<string, IssuedCollective>();
+const epIssuedCache = new Map<EpOp, IssuedCollective[]>();
 function epIssued(op: EpOp, layer: number): IssuedCollective {
-  const key = `${op}|${layer}`;
-  let i = epIssuedCache.get(key);
-  if (!i) epIssuedCache.set(key, (i = { ...ISSUED_BASE, op, phase: op.startsWith('bwd') ? 'backward' : 'forward', layer, statePath: STATE_PATH[op]! }));
-  return i;
+  let byLayer = epIssuedCache.get(op);
+  if (!byLayer) epIssuedCache.set(op, (byLayer = []));
+  return (byLayer[layer] ??= { ...ISSUED_BASE, op, phase: op.startsWith('bwd') ? 'backward' : 'forward', layer, statePath: STATE_PATH[op]! });
 }
 
 const STATE_PATH: Record<string, string> = {
@@ -369,32 +407,60 @@ function mapEp(cs: readonly Call[], n: number): { ops: ({ op: EpOp; layer: numbe
   return { ops, skips };
 }
 
-/** The analyzer's checks at a position, in the tracker's terms: shapes, state, all-to-all totals. */
-function frCheck(c: Call, here: readonly Call[], spec: CommunicatorSpec, position: number): Finding | null {
+const SIDES = ['inputSizes', 'outputSizes'] as const;
+const BOTH_STATES = STATE_BIT.completed | STATE_BIT.scheduled;
+
+/** A call's shapes of one side, over its entries (one entry: its own list, no copy). */
+const shapesOf = (c: Call, f: 'inputSizes' | 'outputSizes') => (c.entries.length === 1 ? c.entries[0]![f] : c.entries.flatMap((e) => e[f]));
+
+function sameShapes(a: readonly (readonly number[])[], b: readonly (readonly number[])[]): boolean {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i++) {
+    const x = a[i]!;
+    const y = b[i]!;
+    if (x.length !== y.length) return false;
+    for (let j = 0; j < x.length; j++) if (x[j] !== y[j]) return false;
+  }
+  return true;
+}
+
+/**
+ * The analyzer's checks of the call `c` just added at a position, in the tracker's terms:
+ * shapes, state, all-to-all totals. `before`: the states the position held without it.
+ */
+function frCheck(c: Call, at: Position, before: number, spec: CommunicatorSpec, position: number): Finding | null {
   const mismatch = (culprits: number[], detail: string): Finding => ({ kind: 'mismatch', communicator: spec.id, position, culprits, detail });
-  const what = () => describe(c.issued);
-  const kind = c.kind.replace(/_coalesced$/, '');
+  const here = at.calls;
+  // Most calls pass every check: all-to-alls until their position is full, the rest on a shape compare.
+  if (c.kind === 'all_to_all' && here.length < spec.members.length && (at.states & BOTH_STATES) !== BOTH_STATES) return null;
+  const kind = c.kind.endsWith('_coalesced') ? c.kind.slice(0, -'_coalesced'.length) : c.kind;
   const rule = SIZED.has(kind) ? sizeRuleProblem(kind, c.entries, spec.members.length) : null;
-  if (rule) return mismatch([c.rank], `rank ${c.rank}: ${rule} in ${what()}`);
+  if (rule) return mismatch([c.rank], `rank ${c.rank}: ${rule} in ${describe(c.issued)}`);
   const ref = here[0] === c ? here[1] : here[0];
   if (ref && ref.kind === c.kind && c.kind !== 'all_to_all') {
-    const sig = (x: Call, f: 'inputSizes' | 'outputSizes') => shapeText(x.entries.flatMap((e) => e[f]));
-    for (const f of ['inputSizes', 'outputSizes'] as const) {
-      if (sig(ref, f) !== sig(c, f)) return mismatch([ref.rank, c.rank], `rank ${ref.rank}'s ${what()} has ${f === 'inputSizes' ? 'input' : 'output'} ${sig(ref, f)} but rank ${c.rank}'s has ${sig(c, f)}`);
+    for (const f of SIDES) {
+      if (!sameShapes(shapesOf(ref, f), shapesOf(c, f))) return mismatch([ref.rank, c.rank], `rank ${ref.rank}'s ${describe(c.issued)} has ${f === 'inputSizes' ? 'input' : 'output'} ${shapeText(shapesOf(ref, f))} but rank ${c.rank}'s has ${shapeText(shapesOf(c, f))}`);
     }
   }
-  if (c.state !== 'started') {
-    const done = here.find((x) => x.state === 'completed');
-    const waiting = here.find((x) => x.state === 'scheduled');
-    if (done && waiting) return mismatch([waiting.rank], `rank ${done.rank}'s ${what()} completed while rank ${waiting.rank}'s is still scheduled: a state mismatch`);
+  // Completed beside scheduled: found when the call that brings the second of them arrives.
+  if ((at.states & BOTH_STATES) === BOTH_STATES && (before & BOTH_STATES) !== BOTH_STATES) {
+    const done = here.find((x) => x.state === 'completed')!;
+    const waiting = here.find((x) => x.state === 'scheduled')!;
+    return mismatch([waiting.rank], `rank ${done.rank}'s ${describe(c.issued)} completed while rank ${waiting.rank}'s is still scheduled: a state mismatch`);
   }
-  if (here.length === spec.members.length && c.kind === 'all_to_all' && here.every((x) => x.entries[0]!.inputSizes.length)) {
-    const sent = here.reduce((a, x) => a + numel(x.entries[0]!.inputSizes), 0);
-    const received = here.reduce((a, x) => a + numel(x.entries[0]!.outputSizes), 0);
+  if (here.length === spec.members.length && c.kind === 'all_to_all') {
+    let sent = 0;
+    let received = 0;
+    for (const x of here) {
+      const e = x.entries[0]!;
+      if (!e.inputSizes.length) return null; // before 2.4 no sizes: totals unknown
+      sent += numel(e.inputSizes);
+      received += numel(e.outputSizes);
+    }
     if (sent !== received) {
       return mismatch(
         here.map((x) => x.rank),
-        `the ranks' ${what()} sends ${sent} elements in all but receives ${received}: ${here.map((x) => `rank ${x.rank} ${shapeText(x.entries[0]!.inputSizes)}→${shapeText(x.entries[0]!.outputSizes)}`).join(', ')}`,
+        `the ranks' ${describe(c.issued)} sends ${sent} elements in all but receives ${received}: ${here.map((x) => `rank ${x.rank} ${shapeText(x.entries[0]!.inputSizes)}→${shapeText(x.entries[0]!.outputSizes)}`).join(', ')}`,
       );
     }
   }
@@ -462,6 +528,10 @@ function explain(finding: Finding, tracker: CollectiveTracker, callOf: (e: Ledge
       if (/sends \d+ elements in all but receives/.test(finding.detail)) parts.push('the ranks disagree on the split sizes (NCCL pairs them by position and never checks them: it hangs or reads garbage)');
       parts.push(`at ${where(w)}${frameText(callOf(w))}`);
     }
+  } else if (finding.kind === 'blocked') {
+    // Only where a dump is missing: the chain of waits ends at a rank that left no evidence.
+    const w = at[0]!;
+    parts.push(`${rankWord(at.map((e) => e.rank))} ${at.length > 1 ? 'wait' : 'waits'} in ${describe(w)} (${where(w)}) for ${rankWord(culprits)}: ${finding.detail}`);
   } else {
     const comms = [...new Set(finding.culprits.flatMap((r) => tracker.blockedOn(r)?.communicator ?? []))];
     const names = comms.length > 1 ? `groups ${comms.slice(0, -1).join(', ')} and ${comms.at(-1)}` : `group ${comms[0] ?? finding.communicator}`;
@@ -477,16 +547,33 @@ function explain(finding: Finding, tracker: CollectiveTracker, callOf: (e: Ledge
  */
 const REPORT_LIMIT = 20_000;
 const REPORT_WINDOW = 48;
+/**
+ * Past REPORT_LIMIT, the calls drawn: groups (the verdict's, the other hung ones, then in
+ * order) while their windows fit. A 512-rank job has 72 groups; all of them would be a page
+ * of 25 MB that a browser opens slowly, if at all.
+ */
+const REPORT_CALLS = 8_000;
 
 /** The report a simulation writes, from the dumps: their groups, ledger, timeline and each rank's path through the machine. */
 function reportInput(dumps: readonly FrDump[], world: readonly number[], specs: readonly CommunicatorSpec[], fullLedger: readonly LedgerEntry[], fullDiagnosis: Diagnosis, calls: Map<number, Call[]>, groups: Map<string, Group>): ReportInput {
   const from = new Map<string, number>();
+  const shown = new Set<string>();
   if (fullLedger.length > REPORT_LIMIT) {
     for (const e of fullLedger) from.set(e.communicator, Math.max(from.get(e.communicator) ?? 0, e.position - REPORT_WINDOW + 1));
     if (fullDiagnosis.communicator !== null && fullDiagnosis.position !== null) from.set(fullDiagnosis.communicator, Math.max(0, fullDiagnosis.position - REPORT_WINDOW + 8));
+    // Groups by priority while their windows fit the budget (the verdict's always).
+    const membersOf = new Map(specs.map((x) => [x.id, x.members.length]));
+    let budget = REPORT_CALLS;
+    for (const id of [fullDiagnosis.communicator, ...(fullDiagnosis.hangs ?? []).map((h) => h.communicator), ...specs.map((x) => x.id)]) {
+      const calls = REPORT_WINDOW * (membersOf.get(id ?? '') ?? 0);
+      if (id === null || !from.has(id) || shown.has(id) || (calls > budget && shown.size > 0)) continue;
+      shown.add(id);
+      budget -= calls;
+    }
   }
+  const drawn = (comm: string) => shown.size === 0 || shown.has(comm);
   const shift = (comm: string, p: number) => p - (from.get(comm) ?? 0);
-  const visible = (comm: string, p: number) => shift(comm, p) >= 0 && shift(comm, p) < REPORT_WINDOW + (from.size ? 0 : Infinity);
+  const visible = (comm: string, p: number) => drawn(comm) && shift(comm, p) >= 0 && shift(comm, p) < REPORT_WINDOW + (from.size ? 0 : Infinity);
   const ledger = fullLedger.filter((e) => visible(e.communicator, e.position)).map((e) => (from.size ? { ...e, position: shift(e.communicator, e.position) } : e));
   const diagnosis = from.size && fullDiagnosis.communicator !== null && fullDiagnosis.position !== null ? { ...fullDiagnosis, position: shift(fullDiagnosis.communicator, fullDiagnosis.position) } : fullDiagnosis;
   const ep = [...groups.values()].find((g) => ledger.some((e) => e.communicator === g.spec.id && e.op === 'fwd.counts'));
@@ -514,10 +601,14 @@ function reportInput(dumps: readonly FrDump[], world: readonly number[], specs: 
     const cs = calls.get(r) ?? [];
     const upTo = cs.findIndex((c) => c.state !== 'completed');
     const mine = upTo < 0 ? cs : cs.slice(0, upTo + 1);
+    if (from.size && !mine.some((c) => drawn(c.comm))) return [];
     return (from.size ? mine.slice(-REPORT_WINDOW) : mine).flatMap((c) => (c.issued.statePath ? [c.issued.statePath] : []));
   });
   const d0 = dumps[0]!;
-  const cut = from.size ? `; the ledger and timeline show ${REPORT_WINDOW} positions of each group (${ledger.length} of ${fullLedger.length} calls), numbered from the first shown` : '';
-  const evidence = `Flight Recorder dumps of ${dumps.length} rank${dumps.length > 1 ? 's' : ''} (trace version ${d0.version}${d0.commLibVersion ? `, ${d0.entries[0]?.backend ?? 'nccl'} ${d0.commLibVersion}` : ''}); groups: ${specs.filter((s) => !s.id.includes('→')).map((s) => `${s.id} (ranks ${rankRanges(s.members)})`).join(', ')}${cut}`;
-  return { scenario, diagnosis, ledger, paths, trace, routing: { sendRows: [], rowsPerExpert: [] }, clock: 'real', communicators: specs, evidence };
+  const groupCount = new Set(fullLedger.map((e) => e.communicator)).size;
+  const cut = from.size
+    ? `; the ledger and timeline show ${REPORT_WINDOW} positions of each group (${ledger.length} of ${fullLedger.length} calls), numbered from the first shown${shown.size < groupCount ? `, of ${shown.size} of the ${groupCount} groups (the verdict's and the other hung ones first; the verdict and --json cover all)` : ''}`
+    : '';
+  const evidence = `Flight Recorder dumps of ${dumps.length} rank${dumps.length > 1 ? 's' : ''} (trace version ${d0.version}${d0.commLibVersion ? `, ${d0.entries[0]?.backend ?? 'nccl'} ${d0.commLibVersion}` : ''}); groups: ${specs.filter((s) => !s.id.includes('→') && drawn(s.id)).map((s) => `${s.id} (ranks ${rankRanges(s.members)})`).join(', ')}${cut}`;
+  return { scenario, diagnosis, ledger, paths, trace, routing: { sendRows: [], rowsPerExpert: [] }, clock: 'real', communicators: specs.filter((x) => drawn(x.id)), evidence };
 }

@@ -2,7 +2,7 @@
 // watchdog's timeout): read as pickle (torch's protocol 2 or Python's 4/5) or JSON
 // (`_dump_nccl_trace_json`), and checked field by field into one typed form, whatever the
 // trace version (2.3 … 2.10) and container. Fields this reader does not use are ignored.
-import { isTuple, readPickle, PickleError, type PickleValue } from '../../src/codec/pickle.js';
+import { isTuple, readPickle, PickleError } from '../../src/codec/pickle.js';
 
 export class EvidenceError extends Error {
   override name = 'EvidenceError';
@@ -60,36 +60,24 @@ export interface FrDump {
   readonly truncated: boolean;
 }
 
-type Plain = null | boolean | number | bigint | string | Plain[] | { [k: string]: Plain };
-
-/** Dicts to objects and tuples to arrays, so pickle and JSON dumps read through one path. */
-function plain(v: PickleValue): Plain {
-  if (v === null || typeof v !== 'object') return v;
-  if (v instanceof Map) {
-    const o: { [k: string]: Plain } = {};
-    for (const [k, x] of v) o[String(k)] = plain(x);
-    return o;
-  }
-  return (isTuple(v) ? v.tuple : v).map(plain);
-}
-
 /** A Flight Recorder dump's file name: prefix, rank (`nccl_trace_rank_3`, `fr_dump_12.json`). */
 export const DUMP_NAME = /^(?!rank\d+\.record\.json$)(.*?)(\d+)(\.json|\.pkl)?$/;
 
 /** Reads one rank's dump from its bytes: JSON when it starts with `{`, pickle otherwise. */
 export function readDump(bytes: Uint8Array, file: string, rank: number): FrDump {
-  let value: Plain;
+  let value: unknown;
   let i = 0;
   while (i < bytes.length && (bytes[i] === 0x20 || bytes[i] === 0x0a || bytes[i] === 0x0d || bytes[i] === 0x09)) i++;
   if (bytes[i] === 0x7b) {
     try {
-      value = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes)) as Plain;
+      value = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes));
     } catch (e) {
       throw new EvidenceError(`${file}: not valid JSON: ${(e as Error).message}`);
     }
   } else if (bytes[i] === 0x80) {
     try {
-      value = plain(readPickle(bytes, file));
+      // Dicts read as the objects JSON gives, so both forms go through one reader.
+      value = readPickle(bytes, file);
     } catch (e) {
       if (e instanceof PickleError) throw new EvidenceError(e.message);
       throw e;
@@ -114,11 +102,13 @@ class FieldError extends Error {
 
 // Checkers that build no message unless a check fails (a dump holds a million fields).
 const obj = (v: unknown, field: string): Record<string, unknown> => {
-  if (v && typeof v === 'object' && !Array.isArray(v)) return v as Record<string, unknown>;
+  if (v && typeof v === 'object' && !Array.isArray(v) && !isTuple(v)) return v as Record<string, unknown>;
   throw new FieldError(field, 'is not a dict');
 };
-const list = (v: unknown, field: string): unknown[] => {
+/** A list, or a tuple (pickle keeps process_group one; JSON has lists only). */
+const list = (v: unknown, field: string): readonly unknown[] => {
   if (Array.isArray(v)) return v;
+  if (isTuple(v)) return v.tuple;
   throw new FieldError(field, 'is not a list');
 };
 const str = (v: unknown, field: string): string => {
@@ -137,22 +127,74 @@ const ns = (v: unknown, field: string): bigint | null => {
   if (typeof v === 'number' && Number.isFinite(v)) return BigInt(Math.round(v));
   throw new FieldError(field, 'is not a time in ns');
 };
-const shapes = (v: unknown, field: string): number[][] => {
+/**
+ * The lists a dump repeats entry after entry (shapes, dtypes, frames), kept once per dump:
+ * its million entries then hold a few dozen lists, not several million.
+ */
+class Shared {
+  private readonly lists = new Map<string, readonly unknown[]>();
+  private readonly frameIds = new Map<object, number>();
+  list<T>(key: string, v: readonly T[]): readonly T[] {
+    const known = this.lists.get(key);
+    if (known) return known as readonly T[];
+    this.lists.set(key, v);
+    return v;
+  }
+  /** Frames by identity: torch shares each frame dict across the entries that name it. */
+  frames(frames: readonly FrFrame[]): readonly FrFrame[] {
+    let key = 'f';
+    for (const f of frames) {
+      let id = this.frameIds.get(f);
+      if (id === undefined) this.frameIds.set(f, (id = this.frameIds.size));
+      key += `${id},`;
+    }
+    return this.list(key, frames);
+  }
+}
+const shapes = (v: unknown, field: string, shared: Shared): readonly number[][] => {
   const outer = list(v, field);
+  let key = 's';
   for (let k = 0; k < outer.length; k++) {
     const s = outer[k];
     if (!Array.isArray(s)) throw new FieldError(`${field}[${k}]`, 'is not a list');
     for (let j = 0; j < s.length; j++) if (typeof s[j] !== 'number' || !Number.isSafeInteger(s[j]) || s[j] < 0) throw new FieldError(`${field}[${k}][${j}]`, 'is not a size');
+    key += `${s.join(',')};`;
   }
-  return outer as number[][];
+  return shared.list(key, outer as readonly number[][]);
 };
-const strings = (v: unknown, field: string): string[] => {
+const strings = (v: unknown, field: string, shared: Shared): readonly string[] => {
   const out = v === undefined ? [] : list(v, field);
   for (let k = 0; k < out.length; k++) if (typeof out[k] !== 'string') throw new FieldError(`${field}[${k}]`, 'is not a string');
-  return out as string[];
+  return shared.list(`d${out.join(';')}`, out as readonly string[]);
 };
+const NO_FRAMES: readonly FrFrame[] = [];
+const isFrame = (f: unknown): f is FrFrame => !!f && typeof f === 'object' && typeof (f as FrFrame).name === 'string' && typeof (f as FrFrame).filename === 'string' && typeof (f as FrFrame).line === 'number';
+/** Frames as they are where each is {name, filename, line} (torch shares them across entries: no copy per entry); otherwise read leniently. */
+function frameList(frames: readonly unknown[]): readonly FrFrame[] {
+  if (frames.every(isFrame)) return frames;
+  return frames.map((f, k) => {
+    const fr = obj(f, `frames[${k}]`);
+    return { name: String(fr.name ?? ''), filename: String(fr.filename ?? ''), line: typeof fr.line === 'number' ? fr.line : 0 };
+  });
+}
 const PROFILING = /^([a-z]+):(\S+)(?: (\d+)(->|<-)(\d+))?$/;
 const STATES: readonly string[] = ['scheduled', 'started', 'completed'];
+
+type Profiling = Pick<FrEntry, 'backend' | 'op' | 'p2p'>;
+/** A dump repeats a handful of profiling names a million times: each is read once. */
+const profilings = new Map<string, Profiling>();
+function profiling(name: string): Profiling {
+  const known = profilings.get(name);
+  if (known) return known;
+  const pm = PROFILING.exec(name);
+  if (!pm) throw new FieldError('profiling_name', `${JSON.stringify(name.slice(0, 60))} is not backend:op`);
+  const [, backend, op, a, arrow, b] = pm;
+  if (!(BACKENDS as readonly string[]).includes(backend!)) throw new FieldError('profiling_name', `has backend ${JSON.stringify(backend)}; known: ${BACKENDS.join(', ')}`);
+  const p: Profiling = { backend: backend!, op: op!, p2p: a === undefined ? null : arrow === '->' ? { from: Number(a), to: Number(b) } : { from: Number(b), to: Number(a) } };
+  if (profilings.size > 10_000) profilings.clear(); // a bound for a long-lived process
+  profilings.set(name, p);
+  return p;
+}
 
 /** Checks a decoded dump; every error names the file and the field. */
 export function parseDump(value: unknown, file: string, rank: number): FrDump {
@@ -185,54 +227,49 @@ function parseFields(value: unknown, file: string, rank: number, fail: (msg: str
   }
   const raw = list(top.entries ?? [], 'entries');
   const entries: FrEntry[] = new Array(raw.length);
+  const shared = new Shared();
+  const mine = new Set<string>(); // groups already seen to include this rank
   for (let i = 0; i < raw.length; i++) {
     try {
-      entries[i] = parseEntry(raw[i], groups, minor);
+      entries[i] = parseEntry(raw[i], groups, minor, shared);
     } catch (e) {
       if (e instanceof FieldError) fail(`entries[${i}]${e.field ? `.${e.field}` : ''} ${e.problem}`);
       throw e;
     }
     const e = entries[i]!;
     if (i > 0 && e.recordId <= entries[i - 1]!.recordId) fail(`entries[${i}].record_id ${e.recordId} does not follow ${entries[i - 1]!.recordId}`);
-    const members = groups.get(e.pgName)!.ranks;
-    if (!members.includes(rank)) fail(`entries[${i}] is on process group ${e.pgName}, whose ranks do not include ${rank} (the rank its file name gives)`);
+    if (!mine.has(e.pgName)) {
+      if (!groups.get(e.pgName)!.ranks.includes(rank)) fail(`entries[${i}] is on process group ${e.pgName}, whose ranks do not include ${rank} (the rank its file name gives)`);
+      mine.add(e.pgName);
+    }
   }
   return { file, rank, version, commLibVersion: lib === null ? null : String(lib), groups, entries, truncated: (entries[0]?.recordId ?? 0) > 0 };
 }
 
-function parseEntry(raw: unknown, groups: ReadonlyMap<string, FrGroup>, minor: number): FrEntry {
+function parseEntry(raw: unknown, groups: ReadonlyMap<string, FrGroup>, minor: number, shared: Shared): FrEntry {
   const e = obj(raw, '');
   const pgName = str(list(e.process_group, 'process_group')[0], 'process_group[0]');
   if (!groups.has(pgName)) throw new FieldError('', `is on process group ${JSON.stringify(pgName)}, which pg_config does not list`);
   const profilingName = str(e.profiling_name, 'profiling_name');
-  const pm = PROFILING.exec(profilingName);
-  if (!pm) throw new FieldError('profiling_name', `${JSON.stringify(profilingName.slice(0, 60))} is not backend:op`);
-  const [, backend, op, a, arrow, b] = pm;
-  if (!(BACKENDS as readonly string[]).includes(backend!)) throw new FieldError('profiling_name', `has backend ${JSON.stringify(backend)}; known: ${BACKENDS.join(', ')}`);
+  const { backend, op, p2p } = profiling(profilingName);
   // Before 2.4 all-to-all entries carry no sizes; absent reads as unknown (empty).
-  const sizes = (v: unknown, field: string) => (v === undefined && minor < 4 ? [] : shapes(v, field));
+  const sizes = (v: unknown, field: string) => (v === undefined && minor < 4 ? [] : shapes(v, field, shared));
   const state = str(e.state, 'state');
   if (!STATES.includes(state)) throw new FieldError('state', `${JSON.stringify(state)} is not scheduled, started or completed`);
-  const frames =
-    e.frames === undefined
-      ? []
-      : list(e.frames, 'frames').map((f, k) => {
-          const fr = obj(f, `frames[${k}]`);
-          return { name: String(fr.name ?? ''), filename: String(fr.filename ?? ''), line: typeof fr.line === 'number' ? fr.line : 0 };
-        });
+  const frames = e.frames === undefined ? NO_FRAMES : shared.frames(frameList(list(e.frames, 'frames')));
   return {
     recordId: int(e.record_id, 'record_id'),
     pgName,
     seq: int(e.collective_seq_id, 'collective_seq_id'),
     p2pSeq: e.p2p_seq_id === undefined ? 0 : int(e.p2p_seq_id, 'p2p_seq_id'),
     profilingName,
-    backend: backend!,
-    op: op!,
-    p2p: a === undefined ? null : arrow === '->' ? { from: Number(a), to: Number(b) } : { from: Number(b), to: Number(a) },
+    backend,
+    op,
+    p2p,
     inputSizes: sizes(e.input_sizes, 'input_sizes'),
     outputSizes: sizes(e.output_sizes, 'output_sizes'),
-    inputDtypes: strings(e.input_dtypes, 'input_dtypes'),
-    outputDtypes: strings(e.output_dtypes, 'output_dtypes'),
+    inputDtypes: strings(e.input_dtypes, 'input_dtypes', shared),
+    outputDtypes: strings(e.output_dtypes, 'output_dtypes', shared),
     state: state as FrState,
     createdNs: ns(e.time_created_ns, 'time_created_ns') ?? 0n,
     completedNs: ns(e.time_discovered_completed_ns, 'time_discovered_completed_ns'),

@@ -3,7 +3,7 @@
 // with its first divergence, and the expert load. The timeline and the wait-for graph have
 // their own files.
 import { describe, type LedgerEntry } from '../../machines/ledger.js';
-import { communicators, type CommunicatorSpec } from '../../machines/mesh.js';
+import { communicators, ppOf, type CommunicatorSpec } from '../../machines/mesh.js';
 import type { RankReport, VerdictKind } from '../../machines/diagnosis.js';
 import type { Scenario } from '../../machines/scenario.js';
 import { CORPUS, type CorpusCase } from '../corpus/index.js';
@@ -12,7 +12,7 @@ import { COMPACT_FROM, esc, opClass, opOrder, shortOp } from './html-util.js';
 import { rankRanges, rankWord } from '../../machines/diagnosis.js';
 import type { ReportInput } from '../../machines/record.js';
 
-const meshOf = (input: ReportInput) => ({ ep: input.scenario.ep, dp: input.scenario.dp });
+const meshOf = (input: ReportInput) => ({ ep: input.scenario.ep, dp: input.scenario.dp, pp: input.scenario.pp });
 /** What a row of a communicator must agree on (sizes aside). */
 export const signature = (e: LedgerEntry) => `${e.op}|${e.layer}|${e.microBatch}|${e.unit ?? ''}`;
 const sum = (xs: readonly number[] | null) => (xs ?? []).reduce((a, b) => a + b, 0);
@@ -79,10 +79,10 @@ ${fix ? `<p class="fix"><b>How real code avoids it:</b> ${esc(fix.fix)}. <span c
 <table class="ranks"><thead><tr><th>ranks</th><th>state</th><th>op</th><th>phase</th><th>layer</th><th>micro-batch</th></tr></thead><tbody>${rows}</tbody></table></details></section>`;
 }
 
-/** The whole layout in one line: the page's title and its diagnosis say it alike. */
+/** The whole layout in one line (pp and each stage's MoE layers when pipelined): the page's title and its diagnosis say it alike. */
 export function layoutWords(s: Scenario): string {
   const count = (k: number, one: string, many: string) => `${k} ${k === 1 ? one : many}`;
-  return [`ep=${s.ep}`, `dp=${s.dp}`, s.fsdp ? `FSDP wrap ${s.fsdp}` : 'no FSDP', count(s.layers, 'layer', 'layers'), count(s.microBatches, 'micro-batch', 'micro-batches'), `routing ${s.routing}`, `variant ${s.variant}`].join(', ');
+  return [`ep=${s.ep}`, `dp=${s.dp}`, ...(ppOf(s) > 1 ? [`pp=${ppOf(s)}${s.moeLayers ? ` (MoE layers per stage ${s.moeLayers.join(',')})` : ''}`] : []), s.fsdp ? `FSDP wrap ${s.fsdp}` : 'no FSDP', count(s.layers, 'layer', 'layers'), count(s.microBatches, 'micro-batch', 'micro-batches'), `routing ${s.routing}`, `variant ${s.variant}`].join(', ');
 }
 
 /**
