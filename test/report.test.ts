@@ -232,6 +232,20 @@ test('a rank still computing is drawn as computing, not as a blocker (kernel-han
   }
 });
 
+test("the words name the ranks each box waits on, not every rank drawn in their box (stage-metric: two pipeline groups)", () => {
+  const c = CORPUS.find((k) => k.scenario.variant === 'stage-metric')!;
+  const sm = reportFromDes(c.scenario);
+  const { groups } = waitForGraph(sm);
+  const finished = groups.filter((g) => g.kind === 'finished');
+  assert.is(finished.length, 1, 'the finished ranks of both groups share a box');
+  const page = renderReport(sm);
+  for (const g of groups.filter((k) => k.kind === 'waits')) {
+    assert.ok(g.on.length > 0 && g.on.length < finished[0]!.ranks.length, 'each waits on some of the box');
+    const line = new RegExp(`<li>ranks ${g.ranks.join(', ')} wait in [^<]* for ranks ${g.on.join(', ')} \\(finished, in done\\)</li>`);
+    assert.match(page, line);
+  }
+});
+
 test('a mismatch in sizes only is one box stuck on itself, not one box per rank (layer-metric at ep=64)', () => {
   const mm = reportFromDes(validateScenario({ ep: 64, experts: 128, layers: 2, routing: 'empty:2', variant: 'layer-metric' }));
   assert.is(mm.diagnosis.verdict, 'mismatch');

@@ -21,6 +21,8 @@ export interface WaitGroup {
   readonly ranks: number[];
   readonly label: string;
   readonly kind: WaitKind;
+  /** The ranks its members are stuck on (the same for every member; empty when not stuck). */
+  readonly on: readonly number[];
 }
 
 const FINAL_STATES = new Set(machineGraph(rankMachine).states.filter((s) => s.kind === 'final').map((s) => s.path));
@@ -64,7 +66,7 @@ export function waitForGraph(input: ReportInput): { groups: WaitGroup[]; edges: 
         : FINAL_STATES.has(where)
           ? [`finished|${where}`, 'finished', `finished: in ${where}`]
           : [`computing|${where}`, 'computing', `${d.verdict === 'stall' && d.culprits.includes(r) ? 'computing, never returns' : 'still computing'}: in ${where}`];
-    const g = byKey.get(key) ?? { ranks: [], label, kind };
+    const g = byKey.get(key) ?? { ranks: [], label, kind, on: w?.on ?? [] };
     g.ranks.push(r);
     byKey.set(key, g);
   }
@@ -181,10 +183,11 @@ export function waitForSection(input: ReportInput): string {
   const words = groups
     .flatMap((g, i) => {
       if (g.kind !== 'waits' && g.kind !== 'mismatch') return [];
+      // The ranks this box is stuck on, by the box each is drawn in (a box may hold others too).
       const them = edges
         .filter(([a]) => a === i)
         .map(([, b]) => groups[b]!)
-        .map((o) => `${rankWord(o.ranks)} (${o.kind === 'waits' || o.kind === 'mismatch' ? o.label : o.label.replace(/: in /, ', in ')})`)
+        .map((o) => `${rankWord(o.ranks.filter((r) => g.on.includes(r)))} (${o.kind === 'waits' || o.kind === 'mismatch' ? o.label : o.label.replace(/: in /, ', in ')})`)
         .join(' and ');
       // A box stuck only on itself: its ranks issued the same op with sizes that disagree.
       if (edges.every(([a, b]) => a !== i || b === i)) return [`<li>${esc(`${rankWord(g.ranks)} ${g.label}, with sizes that do not match one another`)}</li>`];
