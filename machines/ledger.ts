@@ -30,17 +30,39 @@ export interface Finding {
   readonly detail: string;
 }
 
+interface OpenPosition {
+  /** Entries indexed by member. */
+  readonly slot: (LedgerEntry | undefined)[];
+  issued: number;
+  /** Proved inconsistent: it never completes, whoever issues it later. */
+  broken: boolean;
+  /** What the caller's own check (issue's `judge`) found here first. */
+  judged: Finding | null;
+  /** The communicator's `verified` entries when the position opened. */
+  readonly verified: readonly (LedgerEntry | undefined)[] | null;
+  /**
+   * Per member, what is known of its all-to-all splits: 1 they are those of `verified` as
+   * they were, 2 swapped (a combine after its dispatch), 3 every split of both is `uniform`
+   * (fwd.counts: one count per peer), 0 nothing; and how many issued members have each kind.
+   */
+  readonly reuse: Uint8Array;
+  readonly reused: [number, number, number, number];
+  /** The value of the first member's splits whose every split is that one value. */
+  uniform: number | null;
+}
+
 interface CommState {
   readonly spec: CommunicatorSpec;
   /** Member index of each global rank in the communicator. */
   readonly memberOf: Map<number, number>;
-  /** Entries per open position, indexed by member, and how many members have issued it. */
-  readonly open: Map<number, (LedgerEntry | undefined)[]>;
-  readonly issued: Map<number, number>;
-  /** Positions proved inconsistent: they never complete, whoever issues them later. */
-  readonly broken: Set<number>;
-  /** What the caller's own check (issue's `judge`) found at a position. */
-  readonly judged: Map<number, Finding>;
+  readonly open: Map<number, OpenPosition>;
+  /**
+   * The entries of the last all-to-all position that completed, by member: every pair of
+   * them was checked. A later position whose members bring the same splits again (an EP
+   * layer's five data exchanges all move the routing's counts) needs no pair checked twice,
+   * so a position of n members costs O(n) instead of O(n²) comparisons.
+   */
+  verified: readonly (LedgerEntry | undefined)[] | null;
   /** Next position each member will issue. */
   readonly next: number[];
 }
@@ -64,7 +86,7 @@ export class CollectiveTracker {
   ) {
     this.mesh = mesh;
     for (const spec of specs) {
-      this.comms.set(spec.id, { spec, memberOf: new Map(spec.members.map((r, m) => [r, m])), open: new Map(), issued: new Map(), broken: new Set(), judged: new Map(), next: spec.members.map(() => 0) });
+      this.comms.set(spec.id, { spec, memberOf: new Map(spec.members.map((r, m) => [r, m])), open: new Map(), verified: null, next: spec.members.map(() => 0) });
     }
   }
 
@@ -93,29 +115,39 @@ export class CollectiveTracker {
     if (!comm || !comm.memberOf.has(rank)) throw new Error(`rank ${rank} issued ${c.op} on ${communicator}, a communicator it is not a member of`);
     const member = comm.memberOf.get(rank)!;
     const position = comm.next[member]!++;
+    let pos = comm.open.get(position);
+    const n = comm.spec.members.length;
+    if (!pos) comm.open.set(position, (pos = { slot: new Array<LedgerEntry | undefined>(n), issued: 0, broken: false, judged: null, verified: comm.verified, reuse: new Uint8Array(n), reused: [0, 0, 0, 0], uniform: null }));
+    const verified = pos.verified?.[member];
+    let reuse: 0 | 1 | 2 | 3 = reuseOf(c, verified);
+    if (reuse === 0) {
+      const u = uniformOf(c, n);
+      if (u !== null && (pos.uniform ??= u) === u) reuse = 3;
+    }
+    // Splits equal to the verified ones are kept as those arrays: one copy per rank in the ledger, however many exchanges move them.
+    const issued = reuse === 0 || reuse === 3 ? c : { ...c, sendSplits: verified![reuse === 1 ? 'sendSplits' : 'recvSplits'], recvSplits: verified![reuse === 1 ? 'recvSplits' : 'sendSplits'] };
     // The spread last: V8 (node 20) takes a slow path for a spread followed by more properties (10x here).
-    const entry: LedgerEntry = { communicator: comm.spec.id, position, rank, member, dtype, ...c };
+    const entry: LedgerEntry = { communicator: comm.spec.id, position, rank, member, dtype, ...issued };
     if (this.retain) this.entries.push(entry);
-    let slot = comm.open.get(position);
-    if (!slot) comm.open.set(position, (slot = new Array<LedgerEntry | undefined>(comm.spec.members.length)));
-    slot[member] = entry;
-    const issued = (comm.issued.get(position) ?? 0) + 1;
-    comm.issued.set(position, issued);
+    pos.slot[member] = entry;
+    pos.issued++;
+    pos.reuse[member] = reuse;
+    pos.reused[reuse]++;
     this.blocked.set(rank, entry);
 
-    const own = this.checkConsistency(comm, position, entry);
+    const own = this.checkConsistency(comm, pos, entry);
     const judged = judge?.(entry) ?? null; // called for every entry: the caller may keep it
-    if (!own && judged && !comm.judged.has(position)) comm.judged.set(position, judged);
+    if (!own && judged) pos.judged ??= judged;
     const inconsistent = own ?? judged;
-    if (inconsistent) comm.broken.add(position);
+    if (inconsistent) pos.broken = true;
     const finding = inconsistent ?? this.checkMissing(comm, position);
     if (finding) return { entry, completed: null, finding };
-    if (issued === slot.length && !comm.broken.has(position)) {
+    if (pos.issued === n && !pos.broken) {
       comm.open.delete(position);
-      comm.issued.delete(position);
-      comm.broken.delete(position);
-      for (const e of slot as LedgerEntry[]) this.blocked.delete(e.rank);
-      return { entry, completed: slot as LedgerEntry[], finding: null };
+      const slot = pos.slot as LedgerEntry[];
+      if (slot.some((e) => e.sendSplits)) comm.verified = slot;
+      for (const e of slot) this.blocked.delete(e.rank);
+      return { entry, completed: slot, finding: null };
     }
     return { entry, completed: null, finding: null };
   }
@@ -136,7 +168,7 @@ export class CollectiveTracker {
   openPositions(): { communicator: string; position: number; issuedBy: number[] }[] {
     const out = [];
     for (const comm of this.comms.values()) {
-      for (const [position, slot] of comm.open) out.push({ communicator: comm.spec.id, position, issuedBy: slot.flatMap((e) => (e ? [e.rank] : [])) });
+      for (const [position, { slot }] of comm.open) out.push({ communicator: comm.spec.id, position, issuedBy: slot.flatMap((e) => (e ? [e.rank] : [])) });
     }
     return out;
   }
@@ -149,8 +181,9 @@ export class CollectiveTracker {
   }
 
   /** Same op, layer, micro-batch and dtype; all-to-all splits must pair up (send_i[j] = recv_j[i]). */
-  private checkConsistency(comm: CommState, position: number, e: LedgerEntry): Finding | null {
-    const slot = comm.open.get(position)!;
+  private checkConsistency(comm: CommState, pos: OpenPosition, e: LedgerEntry): Finding | null {
+    const { slot, reuse } = pos;
+    const position = e.position;
     const mismatch = (pair: number[], detail: string): Finding => ({ kind: 'mismatch', communicator: comm.spec.id, position, culprits: oddOnesOut(slot) ?? splitOutliers(slot) ?? [...pair].sort((a, b) => a - b), detail });
     const i = e.member;
     // Every earlier entry agreed with the others, so op, layer, unit and dtype need one comparison.
@@ -160,11 +193,15 @@ export class CollectiveTracker {
       return mismatch([ref.rank, e.rank], `rank ${ref.rank} issued ${describe(ref)} but rank ${e.rank} issued ${describe(e)}`);
     }
     if (ref.dtype !== e.dtype) return mismatch([ref.rank, e.rank], `rank ${ref.rank} sends ${ref.dtype} but rank ${e.rank} sends ${e.dtype} in ${e.op}`);
+    // Two members whose splits are the verified position's, both as they were or both swapped, pair up as they did
+    // there; two whose splits all hold the same value pair up whatever the peer.
+    const kind = reuse[i]!;
+    if (kind !== 0 && pos.reused[kind] === pos.issued) return null;
     const send = e.sendSplits;
     const recv = e.recvSplits;
     for (let j = 0; j < slot.length; j++) {
       const other = slot[j];
-      if (!other || other === e) continue;
+      if (other === undefined || other === e || (kind !== 0 && reuse[j] === kind)) continue;
       if (send && recv && other.sendSplits && other.recvSplits) {
         if (send[j] !== other.recvSplits[i]) {
           return mismatch([e.rank, other.rank], `rank ${e.rank} sends ${send[j]} rows to rank ${other.rank} but rank ${other.rank} expects ${other.recvSplits[i]} in ${e.op}`);
@@ -181,7 +218,7 @@ export class CollectiveTracker {
 
   /** A position some members issued while another member has finished without issuing it. */
   private checkMissing(comm: CommState, position: number): Finding | null {
-    const slot = comm.open.get(position);
+    const slot = comm.open.get(position)?.slot;
     if (!slot || this.finished.size === 0) return null;
     const gone = comm.spec.members.filter((r, m) => slot[m] === undefined && this.finished.has(r));
     if (gone.length === 0) return null;
@@ -209,8 +246,9 @@ export class CollectiveTracker {
     const inCycle = new Set(cycle ? cycle.culprits.map((r) => this.blocked.get(r)!.communicator) : []);
     for (const comm of this.comms.values()) {
       for (const position of [...comm.open.keys()].sort((a, b) => a - b)) {
-        const slot = comm.open.get(position)!;
-        const found = this.inconsistencyAt(comm, position) ?? comm.judged.get(position) ?? this.checkMissing(comm, position);
+        const pos = comm.open.get(position)!;
+        const slot = pos.slot;
+        const found = this.inconsistencyAt(comm, pos) ?? pos.judged ?? this.checkMissing(comm, position);
         if (found) causes.push(found);
         else if (inCycle.has(comm.spec.id)) {
           if (cycle!.communicator === comm.spec.id) causes.push(cycle!);
@@ -228,9 +266,9 @@ export class CollectiveTracker {
   }
 
   /** A consistency finding at an open position, judged over every entry there. */
-  private inconsistencyAt(comm: CommState, position: number): Finding | null {
-    for (const e of comm.open.get(position)!) {
-      const f = e && this.checkConsistency(comm, position, e);
+  private inconsistencyAt(comm: CommState, pos: OpenPosition): Finding | null {
+    for (const e of pos.slot) {
+      const f = e && this.checkConsistency(comm, pos, e);
       if (f) return f;
     }
     return null;
@@ -245,7 +283,7 @@ export class CollectiveTracker {
     const waitsOn = (rank: number): number[] => {
       const e = this.blocked.get(rank);
       if (!e) return [];
-      const slot = this.comms.get(e.communicator)!.open.get(e.position);
+      const slot = this.comms.get(e.communicator)!.open.get(e.position)?.slot;
       if (!slot) return [];
       return this.comms.get(e.communicator)!.spec.members.filter((r, m) => slot[m] === undefined && this.blocked.has(r));
     };
@@ -318,6 +356,41 @@ function splitOutliers(slot: readonly (LedgerEntry | undefined)[]): number[] | n
   const most = Math.max(0, ...disagreements.values());
   const outliers = [...disagreements].filter(([, n]) => n === most).map(([r]) => r);
   return most > 1 && outliers.length < disagreements.size ? outliers.sort((a, b) => a - b) : null;
+}
+
+/**
+ * Whether an issued all-to-all's splits equal those of `verified` (the member's entry at the
+ * last consistent all-to-all): 1 as they were, 2 swapped, 0 otherwise or without splits.
+ */
+function reuseOf(c: IssuedCollective, verified: LedgerEntry | undefined): 0 | 1 | 2 {
+  const { sendSplits: send, recvSplits: recv } = c;
+  if (!send || !recv || !verified?.sendSplits || !verified.recvSplits) return 0;
+  if (sameValues(send, verified.sendSplits) && sameValues(recv, verified.recvSplits)) return 1;
+  if (sameValues(send, verified.recvSplits) && sameValues(recv, verified.sendSplits)) return 2;
+  return 0;
+}
+
+/** The one value every split of `c` holds (both directions, one per member), or null. */
+function uniformOf(c: IssuedCollective, members: number): number | null {
+  const { sendSplits: send, recvSplits: recv } = c;
+  if (!send || !recv || send.length !== members || recv.length !== members) return null;
+  const v = uniformValue(send);
+  return v !== null && uniformValue(recv) === v ? v : null;
+}
+
+/** Per array, its one value or null; fwd.counts' array of ones is one array for every rank, looked at once. */
+const uniformValues = new WeakMap<readonly number[], number | null>();
+function uniformValue(a: readonly number[]): number | null {
+  let v = uniformValues.get(a);
+  if (v === undefined) uniformValues.set(a, (v = a.length > 0 && a.every((x) => x === a[0]) ? a[0]! : null));
+  return v;
+}
+
+function sameValues(a: readonly number[], b: readonly number[]): boolean {
+  if (a === b) return true;
+  if (a.length !== b.length) return false;
+  for (let k = 0; k < a.length; k++) if (a[k] !== b[k]) return false;
+  return true;
 }
 
 export function describe(e: Pick<LedgerEntry, 'op' | 'layer' | 'microBatch' | 'unit'>): string {

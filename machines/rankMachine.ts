@@ -143,7 +143,7 @@ export function expertsWithGrads(ctx: RankContext): number {
 }
 
 /** Rows this rank sends and receives in an all-to-all, as the variant sizes them. */
-export function dataSplits(ctx: RankContext): { send: number[]; recv: number[] } {
+export function dataSplits(ctx: RankContext): { send: readonly number[]; recv: readonly number[] } {
   const { cfg } = ctx;
   const f = currentFacts(ctx);
   const cap = cfg.variant.localCapacity;
@@ -153,9 +153,10 @@ export function dataSplits(ctx: RankContext): { send: number[]; recv: number[] }
     const nLocal = cfg.numExperts / cfg.ep;
     const c = Math.ceil((cap.factor * f.tokens * cfg.topK) / cfg.numExperts);
     const rows = Array.from({ length: cfg.ep }, () => nLocal * c);
-    return { send: rows, recv: [...rows] };
+    return { send: rows, recv: rows };
   }
-  return { send: [...f.sendCounts], recv: [...(f.recvCounts ?? f.sendCounts.map(() => 0))] };
+  // The facts themselves, not copies: they are immutable, and the ledger keeps every entry's splits.
+  return { send: f.sendCounts, recv: f.recvCounts ?? f.sendCounts.map(() => 0) };
 }
 
 /** Under kernel-hang, the local expert (index on this rank) whose backward GEMM never returns in the current layer, else null. */

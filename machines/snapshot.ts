@@ -43,9 +43,15 @@ export function startRank(cfg: RankConfig): RankSnapshot {
 let inertScope: ActorScope<RankSnapshot, RankEvent> | undefined;
 
 export function stepRank(snapshot: RankSnapshot, event: RankEvent): RankSnapshot {
-  inertScope ??= inert(createActor(rankMachine, { input: undefined as unknown as RankConfig }));
-  return rankMachine.transition(snapshot, event, inertScope);
+  return rankMachine.transition(snapshot, event, scope());
 }
+
+/** The snapshots a step passes through, eventless choice states included (xstate's getMicrosteps, with the one inert scope). */
+export function rankMicrosteps(snapshot: RankSnapshot, event: RankEvent): RankSnapshot[] {
+  return rankMachine.microstep(snapshot, event, scope());
+}
+
+const scope = () => (inertScope ??= inert(createActor(rankMachine, { input: undefined as unknown as RankConfig })));
 
 function inert(self: ActorScope<RankSnapshot, RankEvent>['self']): ActorScope<RankSnapshot, RankEvent> {
   const nothing = () => {};
@@ -87,6 +93,14 @@ function fsdpSize(ctx: RankContext, meta: CollectiveMeta): number {
   }
 }
 
+/** fwd.counts moves one count per peer: one array of ones per group size, shared by every rank's ledger entries. */
+const onesByEp = new Map<number, readonly number[]>();
+function onesOf(ep: number): readonly number[] {
+  let a = onesByEp.get(ep);
+  if (!a) onesByEp.set(ep, (a = Object.freeze(Array.from({ length: ep }, () => 1))));
+  return a;
+}
+
 /** The collective a rank in a collective state issues, or null when it is not in one. */
 export function issuedCollective(snapshot: RankSnapshot): IssuedCollective | null {
   const meta = collectiveMeta(snapshot);
@@ -114,7 +128,7 @@ export function issuedCollective(snapshot: RankSnapshot): IssuedCollective | nul
   }
   if (meta.op === 'metric.all_reduce') return { ...base, sendSplits: null, recvSplits: null, size: meta.comm === 'pp' ? stageMetricSize(ctx) : metricSize(ctx) };
   if (meta.op === 'fwd.counts') {
-    const ones = Array.from({ length: ctx.cfg.ep }, () => 1);
+    const ones = onesOf(ctx.cfg.ep);
     return { ...base, sendSplits: ones, recvSplits: ones, size: null };
   }
   const { send, recv } = dataSplits(ctx);

@@ -65,15 +65,19 @@ export function collectiveMs(c: CostModel, s: Scenario, entries: readonly Ledger
   if (first.sendSplits) {
     const rowBytes = collectiveDtype(first.op) === 'i64' ? INDEX_BYTES : s.dim * c.bytesPerElement;
     let slowest = 0;
+    // Once per position, not per pair: O(n²) lookups through the entries at thousands of ranks.
+    const nodes = entries.map((e) => node(e.rank));
     for (const e of entries) {
       let intra = 0;
       let inter = 0;
       let crossesNodes = false;
-      const home = node(e.rank);
+      const home = nodes[e.member]!;
+      const send = e.sendSplits!;
+      const recv = e.recvSplits!;
       for (let j = 0; j < entries.length; j++) {
         if (j === e.member) continue;
-        const rows = Math.max(e.sendSplits![j]!, e.recvSplits![j]!);
-        if (node(entries[j]!.rank) === home) intra += rows;
+        const rows = Math.max(send[j]!, recv[j]!);
+        if (nodes[j] === home) intra += rows;
         else {
           inter += rows;
           crossesNodes = true;

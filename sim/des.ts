@@ -117,7 +117,11 @@ function outcomeOf(s: Scenario, g: GroupRouting, rank: number) {
   const nLocal = s.experts / s.ep;
   return {
     // recv_counts[j] = what EP peer j routes to this rank: column epRank of the matrix.
-    recvCounts: () => Array.from({ length: s.ep }, (_, j) => g.sendCounts[j * s.ep + epRank]!),
+    recvCounts: () => {
+      const column = new Array<number>(s.ep);
+      for (let j = 0; j < s.ep; j++) column[j] = g.sendCounts[j * s.ep + epRank]!;
+      return column;
+    },
     rowsPerExpert: () => Array.from(g.rowsPerExpert.subarray(epRank * nLocal, (epRank + 1) * nLocal)),
   };
 }

@@ -1,9 +1,9 @@
 // The run record of the discrete-event engine: its diagnosis and ledger, each rank's path
 // (every microstep, so the eventless choice states show too), its collectives in simulated
 // time, and the routing the scenario's generator chose for the whole step.
-import { getInitialMicrosteps, getMicrosteps } from 'xstate';
+import { getInitialMicrosteps } from 'xstate';
 import { rankMachine } from '../../machines/rankMachine.js';
-import { statePath } from '../../machines/snapshot.js';
+import { rankMicrosteps, statePath } from '../../machines/snapshot.js';
 import { simulateDes } from '../des.js';
 import { routingOf } from '../../machines/routing.js';
 import { rankConfig, type Scenario } from '../../machines/scenario.js';
@@ -15,7 +15,7 @@ export function reportFromDes(scenario: Scenario): ReportInput {
   const { diagnosis, ledger, spans } = simulateDes(scenario, {
     trace: true,
     onStep(rank, before, event) {
-      for (const [s] of getMicrosteps(rankMachine, before, event)) paths[rank]!.push(statePath(s));
+      for (const s of rankMicrosteps(before, event)) paths[rank]!.push(statePath(s));
     },
   });
   return {

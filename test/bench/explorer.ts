@@ -2,14 +2,11 @@
 // RSS of the command, before and after. Before is an older checkout's CLI, given as
 // EXPLORER_BASELINE=/path/to/checkout (its dist/src/cli.js), run once with a 1 GiB heap
 // and a 30 s limit, since it enumerates rank permutations and may not finish at all.
-import { spawnSync } from 'node:child_process';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { median, type BenchRow } from './harness.js';
+import { median, runChild, type BenchRow } from './harness.js';
 
 const CLI = join(dirname(fileURLToPath(import.meta.url)), '../../cli/main.js');
-// Preloaded into the child: its peak RSS on exit (V8's fatal errors skip it).
-const RSS_HOOK = 'data:text/javascript,process.on("exit",()=>process.stderr.write("\\nmaxrss_kb="+process.resourceUsage().maxRSS+"\\n"))';
 
 interface Run {
   ms: number;
@@ -19,11 +16,8 @@ interface Run {
 }
 
 function check(cli: string, args: string[], heapMb: number | null, timeoutMs: number): Run {
-  const t0 = performance.now();
-  const r = spawnSync(process.execPath, [...(heapMb ? [`--max-old-space-size=${heapMb}`] : []), `--import=${RSS_HOOK}`, cli, 'check', ...args, '--json'], { encoding: 'utf8', timeout: timeoutMs, maxBuffer: 1 << 28 });
-  const ms = performance.now() - t0;
-  const rss = /maxrss_kb=(\d+)/.exec(r.stderr ?? '');
-  const rssMb = rss ? Number(rss[1]) / 1024 : null;
+  const r = runChild(cli, ['check', ...args, '--json'], timeoutMs, heapMb ? [`--max-old-space-size=${heapMb}`] : []);
+  const { ms, rssMb } = r;
   if (r.error || r.signal) return { ms, rssMb, verdict: r.signal === "SIGTERM" ? `timed out after ${(timeoutMs / 1000).toFixed(0)} s` : `killed (${r.signal ?? r.error?.message}) after ${(ms / 1000).toFixed(1)} s`, classes: null };
   if (r.status !== 0 && r.status !== 2) return { ms, rssMb, verdict: /heap out of memory/.test(r.stderr) ? `out of memory after ${(ms / 1000).toFixed(1)} s` : `exit ${r.status}: ${r.stderr.trim().split('\n')[0]}`, classes: null };
   const json = JSON.parse(r.stdout) as { verdict: string; classesRun: number };
