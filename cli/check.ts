@@ -6,9 +6,11 @@ import { resolve } from 'node:path';
 import { helpAsked, intOption, parse } from './args.js';
 import { SCENARIO_HELP, SCENARIO_OPTIONS, scenarioFromFlags } from './scenarioFlags.js';
 import { UsageError } from '../src/errors.js';
-import { formatDiagnosis } from '../machines/diagnosis.js';
+import { formatDiagnosis, rankWord } from '../machines/diagnosis.js';
 import { DEFAULT_MAX_CLASSES, explore, mergeResults, type ExploreResult, type MergedResult, type Progress, type Shard } from '../sim/explorer.js';
 import type { Scenario } from '../machines/scenario.js';
+import { worldSize } from '../machines/mesh.js';
+import { shardBatches } from '../machines/variants.js';
 import { parseShard, slurmArrayShard } from '../sim/sweep.js';
 
 const HELP = `usage: ep-actors check [scenario flags] [--shard I/N] [--max-classes N] [--exhaustive]
@@ -17,12 +19,21 @@ const HELP = `usage: ep-actors check [scenario flags] [--shard I/N] [--max-class
 
 Can any routing hang this layout? Runs routing classes through the discrete-event engine.
 A rank's kind is what the rank machine's guards can read of its routing: whether it holds
-tokens, whether rows reach it, how many of its local experts get rows, its completion
-order, and only as far as the variant and layout make the guards read them (the proof
-lists them). A class fixes the kinds of every rank, up to permuting EP ranks (alike in
-every dp group) and dp groups; every layer and micro-batch is routed the same way.
-Classes run fewest starved ranks (receiving no rows) first, then fewest rows, so a
-counterexample is a shortest one. The scenario's own routing, tokens and seed are unused.
+tokens, whether rows reach it, how many of its local experts get rows (or whether one gets
+none: kernel-hang), its completion order (completion-order) or its order of the shared
+expert's all-gather and fwd.combine (second-stream) per layer call, and only as far as the
+variant and layout make the guards read them (the proof lists them). early-exit's and
+wrong-group's EP rank is singled out (wrong-group on any other EP rank is the same class
+with two EP ranks' routing swapped). A class fixes the kinds of every rank, up to
+permuting EP ranks (alike in every dp group) and dp groups; every layer and micro-batch is
+routed the same way. Under uneven-batches every class also runs once per evaluation batch
+count E, from one batch per rank to --micro-batches per rank (each rank runs its
+round-robin share of E as micro-batches), fewest first. Classes run fewest starved ranks
+(receiving no rows) first, then fewest rows, so a counterexample is a shortest one. The
+scenario's own routing, tokens, evaluation batches and seed are unused.
+
+A compute that never returns (kernel-hang) is reported as a stall, naming the rank and its
+expert, not as a collective mismatch.
 
 Cutoff: two ranks of one kind issue identical, mutually consistent collectives, so a
 class's verdict depends only on which kinds it holds: 1 rank per kind stands for any
@@ -33,9 +44,10 @@ variant and FSDP wrap policy. local-capacity sizes splits from token counts: its
 give every holder one capacity level, so unequal holders are not explored.
 
   --exhaustive           no cutoff: every class of rank kinds (holds tokens x local
-                         experts reached x completion orders), for cross-checks; grows
+                         experts reached x orders per layer call), for cross-checks; grows
                          like ep^(kinds-1)
-  --max-classes N        run at most N classes, and hold at most N for one starved level
+  --max-classes N        run at most N classes (one run per class and evaluation batch
+                         count under uneven-batches), and hold at most N for one starved level
                          (default ${DEFAULT_MAX_CLASSES}); past it, stop and exit 1
   --shard I/N            run only the classes enumerated at positions I modulo N of each
                          starved level (each shard holds 1/N of a level); without it, a
@@ -43,14 +55,14 @@ give every holder one capacity level, so unequal holders are not explored.
   --merge FILE...        join the --json results of every shard of one run into one proof
                          or counterexample (the one earliest in search order)
   --replay FILE          write the counterexample as a scenario JSON (routing 'explicit',
-                         completion orders in 'firstReady') that 'ep-actors sim --scenario
-                         FILE' reproduces
+                         orders in 'firstReady' or 'streamOrder', 'evalBatches') that
+                         'ep-actors sim --scenario FILE' reproduces on every engine
   --json                 one JSON object (a shard's result, which --merge reads)
   -h, --help             this text
 
 Progress and an estimate for the current level are drawn on stderr when it is a terminal.
-Limits, each one line and exit 1: at most 4096 ranks, dp <= 6, 4 completion-order layer
-calls; a starved level that would fill the heap stops the run (shard it or add heap).
+Limits, each one line and exit 1: at most 4096 ranks, dp <= 6, one pipeline stage (pp 1;
+stage-metric is refused), 4 layer calls under completion-order or second-stream; a starved level that would fill the heap stops the run (shard it or add heap).
 
 ${SCENARIO_HELP}
 
@@ -91,21 +103,28 @@ function printSummary(r: ExploreResult | MergedResult, replay: string | null): v
     if (red.everyKindAtOnce) console.log(`one class held all ${red.columnKinds} column kind(s) and passed; a class holding fewer kinds can only hang if it does`);
     return;
   }
-  console.log(`counterexample, the first in search order (starved level ${c.key[0]}, ${c.key[1]} rows) for ${where(r.layout)} [${speed}]`);
+  // A stall is compute that never returns: say so before anything reads it as a collective hang.
+  const finding = c.diagnosis.verdict === 'stall' ? `a stall in compute (${rankWord(c.diagnosis.culprits)}), not a collective mismatch` : `a hang in the collectives (${c.diagnosis.verdict})`;
+  console.log(`counterexample: ${finding}, the first in search order (starved level ${c.key[0]}, ${c.key[1]} rows) for ${where(r.layout)} [${speed}]`);
   if (red.cutoff !== null) console.log(`cutoff: 1 rank per kind; the guards read per rank: ${observed}`);
   console.log(`routing: ${runs(c.ranks.map((k) => `${k.holdsTokens ? 'hold' : 'hold no'} tokens, ${k.usedExperts} local expert(s) reached`)).join('; ')}`);
   console.log(`starved (receiving no rows): ${c.starvedRanks.length ? c.starvedRanks.map((g) => `rank ${g}`).join(', ') : 'none'}; rows: ${c.rows}${c.firstReady ? `; issued first: ${c.firstReady.map((o, g) => `rank ${g} ${o.join('/')}`).join(', ')}` : ''}`);
+  if (c.evalBatches) {
+    const world = worldSize(r.layout);
+    const shares = Array.from({ length: world }, (_, g) => `${shardBatches(c.evalBatches!, world, g)} micro-batch(es)`);
+    console.log(`evaluation batches: ${c.evalBatches} round-robin over ${world} ranks: ${runs(shares.map((t) => `run ${t}`)).join('; ')}`);
+  }
   console.log(formatDiagnosis(c.diagnosis));
   if (replay) console.log(`wrote ${replay}`);
 }
 
-/** Consecutive ranks alike, as 'ranks 0–62 …; rank 63 …'. */
+/** Consecutive ranks alike, as 'ranks 0–62 hold …; rank 63 holds …' (each text starts with its verb, plural). */
 function runs(texts: readonly string[]): string[] {
   const out: string[] = [];
   for (let g = 0; g < texts.length; ) {
     let end = g;
     while (end + 1 < texts.length && texts[end + 1] === texts[g]) end++;
-    out.push(end > g ? `ranks ${g}–${end} ${texts[g]}` : `rank ${g} ${texts[g]!.replace(/^hold/, 'holds')}`);
+    out.push(end > g ? `ranks ${g}–${end} ${texts[g]}` : `rank ${g} ${texts[g]!.replace(/^(\w+)/, '$1s')}`);
     g = end + 1;
   }
   return out;

@@ -4,7 +4,8 @@
 // and by rows within a level, so the first counterexample is a shortest one and memory is
 // one level's column codes, never the rank permutations. Each class runs once through the
 // discrete-event engine with a representative routing (every layer and micro-batch routed
-// alike; under completion-order, each rank's completion order is part of its kind).
+// alike; under completion-order and second-stream, each rank's order of the racing pair is
+// part of its kind; under uneven-batches, once per evaluation batch count, fewest first).
 //
 // Cutoff (reduced mode, the default). The machine's guards read only a rank's own facts
 // (./explore/kinds.ts), and two ranks with the same observable facts issue identical,
@@ -15,6 +16,16 @@
 // is one in the larger class too), so when every kind fits in one class and that class
 // passes, every class passes: one run proves the layout. Otherwise, and to find a
 // shortest counterexample, the sets of kinds are searched in order.
+//
+// The issue-16 facts (./explore/kinds.ts says why each keeps the argument above): a rank
+// whose local expert gets no rows (kernel-hang) is a kind, and a stall is a finding like a
+// hang: a class holding that kind stalls wherever the kind's rank reaches its expert backward,
+// so the superset argument holds (a larger class stalls there too, or hangs before). The
+// second stream's order is a kind as completion-order's is. The wrong-group rank is singled out
+// as early-exit's. Evaluation batch counts are not a rank kind: each class runs once per count,
+// and a class passes only if every count does; with no routing fact read under that variant,
+// the verdict depends on the count alone, so the first class at level 0 finds the fewest
+// batches that hang.
 //
 // Sharding: within a starved level, shard i/n keeps the classes enumerated at positions ≡ i
 // (mod n), so each holds 1/n of a level; its results merge (mergeResults) into one proof or
@@ -27,7 +38,7 @@ import type { RankSnapshot } from '../machines/snapshot.js';
 import { startRank } from '../machines/snapshot.js';
 import { simulateDes, TransitionMemo } from './des.js';
 import { rankConfig, validateScenario, type Scenario } from '../machines/scenario.js';
-import { worldSize } from '../machines/mesh.js';
+import { ppOf, worldSize } from '../machines/mesh.js';
 import { alphabet, classesAtLevel, realize, replayScenario, withExtras, type Realized } from './explore/classes.js';
 import { observe } from './explore/kinds.js';
 import type { VariantName } from '../machines/variants.js';
@@ -38,6 +49,8 @@ export const DEFAULT_MAX_CLASSES = 1_000_000;
 export const MAX_WORLD = 4096;
 /** Heap in use past which the transition memo starts over (it only saves time). */
 const MEMO_HEAP = 256 * 2 ** 20;
+/** Initial snapshots kept for reuse across evaluation batch counts (measured: ~1.3 kB each at ep=64, so ~20 MB). */
+const MAX_INITIAL_SNAPSHOTS = 1 << 14;
 
 /** One rank's routing facts in a class. */
 export interface RankClass {
@@ -63,8 +76,10 @@ export interface Counterexample {
   readonly ranks: readonly RankClass[];
   readonly starvedRanks: readonly number[];
   readonly rows: number;
-  /** Per global rank and layer call, the collective issued first where two were ready (completion-order), else null. */
+  /** Per global rank and layer call, the collective issued first where two were ready (completion-order, second-stream), else null. */
   readonly firstReady: readonly CollectiveOp[][] | null;
+  /** uneven-batches: the evaluation batches whose round-robin shards hang, else null. */
+  readonly evalBatches: number | null;
   readonly scenario: Scenario;
   readonly diagnosis: Diagnosis;
 }
@@ -94,6 +109,7 @@ export interface ExploreResult {
   readonly shard: Shard;
   readonly verdict: 'proved' | 'counterexample' | 'stopped';
   readonly reduction: Reduction;
+  /** Engine runs: one per class (under uneven-batches, one per class and evaluation batch count); --max-classes bounds it. */
   readonly classesRun: number;
   /** Starved levels searched to the end (a level holds the classes with that many starved ranks). */
   readonly levelsDone: number;
@@ -122,16 +138,23 @@ export interface ExploreOptions {
   readonly onProgress?: (p: Progress) => void;
 }
 
-/** Explore every routing class (and completion order) of the layout under its variant. */
-/** Variants whose guards read facts the class search does not enumerate yet: refused rather than wrongly proved. */
-export const UNEXPLORED_VARIANTS: readonly VariantName[] = ['kernel-hang', 'wrong-group', 'uneven-batches', 'second-stream', 'stage-metric'];
+/**
+ * Variants whose guards read facts the class search does not enumerate yet: refused rather
+ * than wrongly proved. stage-metric: its guard reads the stage's MoE-layer count (a layout
+ * fact per pipeline stage), which the search does not vary.
+ */
+export const UNEXPLORED_VARIANTS: readonly VariantName[] = ['stage-metric'];
 
+/** Explore every routing class (with its orders and batch counts) of the layout under its variant. */
 export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreResult {
   const t0 = performance.now();
-  const s = validateScenario({ ...layout, routing: 'uniform', explicit: undefined });
+  // Routing and evaluation batch counts are what the search chooses.
+  const s = validateScenario({ ...layout, routing: 'uniform', explicit: undefined, evalBatches: undefined });
   if (UNEXPLORED_VARIANTS.includes(s.variant)) {
-    throw new UsageError(`check does not explore variant ${s.variant} yet: its guards read facts the class search does not enumerate (zero-row experts, evaluation batch counts, stream orders), so a proof would not hold; run it with sim or sweep`);
+    throw new UsageError(`check does not explore variant ${s.variant} yet: its guards read facts the class search does not enumerate, so a proof would not hold; run it with sim or sweep`);
   }
+  // The classes route the EP groups of one stage (plan and realize cover dp × ep ranks).
+  if (ppOf(s) > 1) throw new UsageError(`check does not explore pipeline stages yet (pp=${ppOf(s)}): its classes route the dp × ep ranks of one stage, so a proof would not hold; run pipelines with sim or sweep`);
   if (worldSize(s) > MAX_WORLD) throw new UsageError(`check: ${worldSize(s)} ranks (ep=${s.ep} × dp=${s.dp}); every class runs at full size through the engine, up to ${MAX_WORLD} ranks`);
   const o = observe(s);
   const reduced = opts.reduce ?? true;
@@ -144,20 +167,31 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
   const maxLevel = worldSize(s);
   // A held class costs about an object, a typed array and a slot (measured: ~200 bytes + 2 per column).
   const heldBytes = 256 + 2 * movable;
-  // Classes of one layout share every rank's initial snapshot (the config, not the routing).
-  const initial: RankSnapshot[] = Array.from({ length: worldSize(s) }, (_, r) => startRank(rankConfig(s, r)));
+  // Classes of one layout share every rank's initial snapshot (the config, not the routing);
+  // the evaluation batch count is config, so each count has its own (kept while they are few).
+  const initials = new Map<number | undefined, readonly RankSnapshot[]>();
+  const initialFor = (evalBatches: number | undefined) => {
+    const known = initials.get(evalBatches);
+    if (known) return known;
+    const sc = evalBatches === undefined ? s : { ...s, evalBatches };
+    const snaps = Array.from({ length: worldSize(s) }, (_, r) => startRank(rankConfig(sc, r)));
+    if ((initials.size + 1) * snaps.length <= MAX_INITIAL_SNAPSHOTS) initials.set(evalBatches, snaps);
+    return snaps;
+  };
   let memo = new TransitionMemo();
   let classesRun = 0;
   let levelsDone = 0;
   let everyKindAtOnce = false;
 
   const heapUsed = () => getHeapStatistics().used_heap_size;
-  const run = (r: Realized) => {
+  // Each class runs once per evaluation batch count (uneven-batches), else once.
+  const counts = o.evalBatches ?? [undefined];
+  const run = (r: Realized, evalBatches: number | undefined) => {
     classesRun++;
     // The memo only saves time: start a new one before it crowds the heap.
     if (classesRun % 64 === 0 && heapUsed() > Math.min(heapCap / 3, MEMO_HEAP)) memo = new TransitionMemo();
-    const scenario = replayScenario(s, r);
-    return { scenario, diagnosis: simulateDes(scenario, { initial, memo }).diagnosis };
+    const scenario = replayScenario(s, o, r, evalBatches);
+    return { scenario, diagnosis: simulateDes(scenario, { initial: initialFor(evalBatches), memo }).diagnosis };
   };
   const counterexample = (key: OrderKey, r: Realized, scenario: Scenario, diagnosis: Diagnosis): Counterexample => ({
     key,
@@ -165,6 +199,7 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
     starvedRanks: r.starved,
     rows: r.rows,
     firstReady: r.firstReady,
+    evalBatches: scenario.evalBatches ?? null,
     scenario,
     diagnosis,
   });
@@ -185,8 +220,8 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
     // Every column kind at once (per choice of the singled-out columns): if these pass, all do.
     const all = Array.from({ length: a.columns }, (_, c) => c);
     const reps = (o.fixedEpRanks.length ? all.map((c) => [c]) : [[]]).map((fixed) => withExtras(s, o, a, fixed, all));
-    if (reps.every((r) => r !== null)) {
-      everyKindAtOnce = reps.every((r) => run(realize(s, o, a, r!.cls)!).diagnosis.verdict === 'ok');
+    if (reps.every((r) => r !== null) && reps.length * counts.length <= limit) {
+      everyKindAtOnce = reps.every((r) => counts.every((n) => run(realize(s, o, a, r!.cls)!, n).diagnosis.verdict === 'ok'));
       if (everyKindAtOnce) {
         levelsDone = maxLevel + 1;
         return finish('proved', null, null);
@@ -212,11 +247,13 @@ export function explore(layout: Scenario, opts: ExploreOptions = {}): ExploreRes
     held.sort((x, y) => x.rows - y.rows || x.seq - y.seq);
     for (let i = 0; i < held.length; i++) {
       const key: OrderKey = [level, held[i]!.rows, held[i]!.seq];
-      if (classesRun >= limit) return finish('stopped', null, { reason: 'max-classes', key });
-      if (classesRun % 256 === 255 && heapUsed() > heapCap) return finish('stopped', null, { reason: 'memory', key });
       const r = realize(s, o, a, { fixed: held[i]!.fixed, columns: [...held[i]!.columns] })!;
-      const { scenario, diagnosis } = run(r);
-      if (diagnosis.verdict !== 'ok') return finish('counterexample', counterexample(key, r, scenario, diagnosis), null);
+      for (const n of counts) {
+        if (classesRun >= limit) return finish('stopped', null, { reason: 'max-classes', key });
+        if (classesRun % 256 === 255 && heapUsed() > heapCap) return finish('stopped', null, { reason: 'memory', key });
+        const { scenario, diagnosis } = run(r, n);
+        if (diagnosis.verdict !== 'ok') return finish('counterexample', counterexample(key, r, scenario, diagnosis), null);
+      }
       const now = performance.now();
       if (opts.onProgress && now - lastReport > 200) {
         lastReport = now;

@@ -8,25 +8,30 @@ import { validateScenario, type Scenario } from '../machines/scenario.js';
 import { worldSize } from '../machines/mesh.js';
 import { VARIANT_NAMES as ALL_VARIANTS, type VariantName } from '../machines/variants.js';
 
-// The explorer does not explore the issue-16 classes yet (it refuses them): its cutoff is checked on the variants it covers.
+// The cutoff is checked on the variants the explorer covers (it refuses the others).
 const VARIANT_NAMES = ALL_VARIANTS.filter((v) => !UNEXPLORED_VARIANTS.includes(v));
 import { WRAP_POLICIES } from '../machines/rankMachine.js';
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { cliPath } from './paths.js';
+import { verdictOf } from './differential.js';
 
 const cli = (args: string[], env: NodeJS.ProcessEnv = {}) =>
   spawnSync(process.execPath, [cliPath, ...args], { encoding: 'utf8', timeout: 120_000, env: { ...process.env, ...env } });
 
+/** A class's verdict: its representative's, under uneven-batches the first that is not ok over every evaluation batch count. */
+function classVerdict(s: Scenario, o: Observation, a: Alphabet, cls: ColumnClass): string {
+  const r = realize(s, o, a, cls)!;
+  const verdicts = (o.evalBatches ?? [undefined]).map((n) => simulateDes(replayScenario(s, o, r, n)).diagnosis.verdict);
+  return verdicts.find((v) => v !== 'ok') ?? 'ok';
+}
+
 /** Every class of the search, level by level, with its representative's verdict. */
 function* everyClass(s: Scenario, o: Observation, a: Alphabet, reduced: boolean): Generator<{ cls: ColumnClass; verdict: string }> {
   for (let level = 0; level <= worldSize(s); level++) {
-    for (const { cls } of classesAtLevel(s, o, a, reduced, level)) {
-      const r = realize(s, o, a, cls)!;
-      yield { cls, verdict: simulateDes(replayScenario(s, r)).diagnosis.verdict };
-    }
+    for (const { cls } of classesAtLevel(s, o, a, reduced, level)) yield { cls, verdict: classVerdict(s, o, a, cls) };
   }
 }
 
@@ -47,10 +52,19 @@ const CROSS: Partial<Scenario>[] = [
   ...[2, 3, 4, 5].map((ep) => ({ ep, experts: 2 * ep, topK: 2, microBatches: 2 })),
   ...WRAP_POLICIES.flatMap((fsdp) => [true, false].map((packed) => ({ ep: 2, dp: 2, experts: 4, topK: 2, fsdp, packed }))),
 ];
-// ep=3, dp=2 for the variants whose FSDP facts differ (completion order there is 142k classes).
+// Which of them a variant runs on: wrong-group needs dp >= 2, uneven-batches micro-batches >= 2,
+// and second-stream's 2^calls orders per rank make two layer calls too many for the exhaustive
+// search at ep=5 (it gets layouts of its own below).
+const runsOn = (l: Partial<Scenario>, v: VariantName) =>
+  (v !== 'wrong-group' || (l.dp ?? 1) >= 2) && (v !== 'uneven-batches' || (l.microBatches ?? 1) >= 2) && (v !== 'second-stream' || (l.microBatches ?? 1) * (l.layers ?? 1) === 1);
+// ep=3, dp=2 for the variants whose FSDP facts differ (completion order there is 142k classes);
+// the issue-16 variants on layouts the ones above miss (dp=2 without FSDP, or with micro-batches).
 const CROSS_ALL: (readonly [Partial<Scenario>, readonly VariantName[]])[] = [
-  ...CROSS.map((l) => [l, VARIANT_NAMES] as const),
+  ...CROSS.map((l) => [l, VARIANT_NAMES.filter((v) => runsOn(l, v))] as const),
   [{ ep: 3, dp: 2, experts: 6, topK: 2, fsdp: 'experts', packed: false }, ['no-unused-expert-grads', 'no-dispatch-edge']],
+  [{ ep: 3, experts: 6, topK: 2 }, ['second-stream', 'kernel-hang']],
+  [{ ep: 3, dp: 2, experts: 6, topK: 2 }, ['wrong-group', 'kernel-hang']],
+  [{ ep: 2, dp: 2, experts: 4, topK: 2, fsdp: 'block', microBatches: 2 }, ['uneven-batches', 'wrong-group']],
 ];
 
 test('cutoff: every class of the exhaustive search has the verdict of its reduced class, for every variant and wrap policy', () => {
@@ -67,10 +81,7 @@ test('cutoff: every class of the exhaustive search has the verdict of its reduce
         const rc = reducedOf(s, o, full, red, cls);
         assert.ok(rc, `${variant} ${JSON.stringify(layout)}: the reduced class of ${JSON.stringify(cls)} has no routing`);
         const key = JSON.stringify(rc);
-        if (!reducedVerdict.has(key)) {
-          const r = realize(s, o, red, rc)!;
-          reducedVerdict.set(key, simulateDes(replayScenario(s, r)).diagnosis.verdict);
-        }
+        if (!reducedVerdict.has(key)) reducedVerdict.set(key, classVerdict(s, o, red, rc));
         assert.is(reducedVerdict.get(key) === 'ok', verdict === 'ok', `${variant} ${JSON.stringify(layout)}: class ${JSON.stringify(cls)} is ${verdict}, its reduced class ${reducedVerdict.get(key)}`);
         if (verdict !== 'ok') hangs++;
         compared++;
@@ -91,7 +102,7 @@ test('cutoff: every class of the exhaustive search has the verdict of its reduce
 test('a class holding fewer kinds passes where one holding more passes (the one-class proof rests on it)', () => {
   let pairs = 0;
   // Plus ep=4, dp=2, where one class can hold every column kind of the seed (2 x 2 kinds).
-  const wide = (['block', 'experts'] as const).map((fsdp) => [{ ep: 4, dp: 2, experts: 8, topK: 2, fsdp, packed: false }, VARIANT_NAMES.filter((v) => v !== 'completion-order')] as const);
+  const wide = (['block', 'experts'] as const).map((fsdp) => [{ ep: 4, dp: 2, experts: 8, topK: 2, fsdp, packed: false }, VARIANT_NAMES.filter((v) => v !== 'completion-order' && v !== 'second-stream' && runsOn({ dp: 2 }, v))] as const);
   for (const [layout, variants] of [...CROSS_ALL, ...wide]) {
     for (const variant of variants) {
       const s = validateScenario({ ...layout, variant });
@@ -111,7 +122,7 @@ test('a class holding fewer kinds passes where one holding more passes (the one-
 });
 
 test('the cutoff search finds hazards the exhaustive one finds (some variants hang, some prove) in the cross-check layouts', () => {
-  const verdicts = new Set(VARIANT_NAMES.map((variant) => explore(validateScenario({ ...CROSS.at(-1)!, variant })).verdict));
+  const verdicts = new Set(VARIANT_NAMES.filter((v) => runsOn(CROSS.at(-1)!, v)).map((variant) => explore(validateScenario({ ...CROSS.at(-1)!, variant })).verdict));
   assert.equal([...verdicts].sort(), ['counterexample', 'proved']);
 });
 
@@ -316,13 +327,190 @@ test('past the limits: one line, exit 1, no V8 fatal error', () => {
   assert.not.match(r.stderr, /FATAL|heap out of memory/);
 });
 
-test('variants whose guards the class search cannot enumerate are refused in one line, never proved', () => {
-  for (const variant of UNEXPLORED_VARIANTS) {
-    // Two pipeline stages: a layout every one of them accepts (stage-metric needs pp >= 2).
-    const r = cli(['check', '--ep', '4', '--dp', '2', '--pp', '2', '--experts', '8', '--micro-batches', '2', '--variant', variant]);
-    assert.is(r.status, 1, `${variant}: ${r.stdout}`);
-    assert.is(r.stderr.trim().split('\n').length, 1, r.stderr);
-    assert.match(r.stderr, new RegExp(`check does not explore variant ${variant} yet`));
+test('every variant is explored (proved or a counterexample) unless the explorer refuses it, in one line; so are pipelines', () => {
+  for (const variant of ALL_VARIANTS) {
+    // stage-metric needs two pipeline stages.
+    const pp = variant === 'stage-metric' ? ['--pp', '2'] : [];
+    const r = cli(['check', '--ep', '4', '--dp', '2', ...pp, '--experts', '8', '--micro-batches', '2', '--variant', variant]);
+    if (UNEXPLORED_VARIANTS.includes(variant)) {
+      assert.is(r.status, 1, `${variant}: ${r.stdout}`);
+      assert.is(r.stderr.trim().split('\n').length, 1, r.stderr);
+      assert.match(r.stderr, new RegExp(`check does not explore variant ${variant} yet`));
+    } else {
+      assert.ok(r.status === 0 || r.status === 2, `${variant}: exit ${r.status}: ${r.stderr}`);
+      assert.match(r.stdout, /^(proved|counterexample)/, variant);
+    }
+  }
+  const pipeline = cli(['check', '--ep', '4', '--pp', '2', '--experts', '8']);
+  assert.is(pipeline.status, 1, pipeline.stdout);
+  assert.is(pipeline.stderr.trim().split('\n').length, 1, pipeline.stderr);
+  assert.match(pipeline.stderr, /check does not explore pipeline stages yet \(pp=2\)/);
+});
+
+// Issue 16's classes against brute force: every concrete routing of a tiny layout (each rank
+// holds 0..maxTokens tokens, each picking top_k distinct experts, every layer and micro-batch
+// routed alike, as the explorer routes them) times every value of the variant's own
+// dimension, run through the engine. The explorer's counterexample must sit at the least
+// (starved ranks, rows) of the hanging ones, and the seed must hang nowhere in that space.
+
+const combinations = (n: number, k: number): number[][] =>
+  k === 0 ? [[]] : combinations(n, k - 1).flatMap((c) => Array.from({ length: n - (c.at(-1) ?? -1) - 1 }, (_, i) => [...c, (c.at(-1) ?? -1) + 1 + i]));
+
+/** Multisets of `size` of 0..n-1, each sorted. */
+const multisets = (n: number, size: number): number[][] =>
+  size === 0 ? [[]] : multisets(n, size - 1).flatMap((m) => Array.from({ length: n - (m.at(-1) ?? 0) }, (_, i) => [...m, (m.at(-1) ?? 0) + i]));
+
+/** Every concrete routing of the layout, with the variant's dimension `extras` crossed in. */
+function* concrete(base: Partial<Scenario>, maxTokens: number, extras: readonly Partial<Scenario>[]): Generator<{ scenario: Scenario; starved: number; rows: number; extra: Partial<Scenario> }> {
+  const s = validateScenario(base);
+  const picks = combinations(s.experts, s.topK);
+  const options = Array.from({ length: maxTokens + 1 }, (_, t) => multisets(picks.length, t).map((m) => m.flatMap((i) => picks[i]!))).flat();
+  const world = worldSize(s);
+  const nLocal = s.experts / s.ep;
+  for (let x = 0; x < options.length ** world; x++) {
+    const ids = Array.from({ length: world }, (_, g) => options[Math.floor(x / options.length ** g) % options.length]!);
+    let starved = 0;
+    for (let g = 0; g < world; g++) {
+      const group = ids.slice(Math.floor(g / s.ep) * s.ep, Math.floor(g / s.ep) * s.ep + s.ep).flat();
+      if (!group.some((e) => Math.floor(e / nLocal) === g % s.ep)) starved++;
+    }
+    const explicit = ids.map((r) => Array.from({ length: s.microBatches }, () => Array.from({ length: s.layers }, () => [...r])));
+    const tokens = Math.max(...ids.map((r) => r.length / s.topK));
+    for (const extra of extras) yield { scenario: validateScenario({ ...base, ...extra, routing: 'explicit', explicit, tokens }), starved, rows: ids.flat().length, extra };
+  }
+}
+
+/** The least (starved, rows) of the hanging concrete runs and those runs, or null when none hangs. */
+function bruteShortest(base: Partial<Scenario>, maxTokens: number, extras: readonly Partial<Scenario>[]) {
+  let best: { starved: number; rows: number; runs: Partial<Scenario>[] } | null = null;
+  let runs = 0;
+  for (const c of concrete(base, maxTokens, extras)) {
+    runs++;
+    if (best && (c.starved > best.starved || (c.starved === best.starved && c.rows > best.rows))) continue;
+    if (simulateDes(c.scenario).diagnosis.verdict === 'ok') continue;
+    if (!best || c.starved < best.starved || c.rows < best.rows) best = { starved: c.starved, rows: c.rows, runs: [] };
+    best.runs.push(c.extra);
+  }
+  return { best, runs };
+}
+
+/** Every table of per-rank, per-layer-call orders of the shared all-gather and fwd.combine. */
+const streamOrders = (world: number, calls: number): Partial<Scenario>[] =>
+  Array.from({ length: 2 ** (world * calls) }, (_, m) => ({
+    streamOrder: Array.from({ length: world }, (_, g) => Array.from({ length: calls }, (_, c) => ((m >> (g * calls + c)) & 1 ? 'shared.all_gather' : 'fwd.combine'))),
+  }));
+
+interface Issue16Case {
+  readonly layout: Partial<Scenario>;
+  readonly maxTokens: number;
+  /** The variant's own dimension, as scenario fields the brute force crosses in. */
+  readonly extras: readonly Partial<Scenario>[];
+  /** The explorer's finding, or 'ok' where it must prove the layout. */
+  readonly verdict: string;
+}
+
+const ISSUE16: Record<'kernel-hang' | 'wrong-group' | 'uneven-batches' | 'second-stream', readonly Issue16Case[]> = {
+  // Two local experts: one without rows stalls with no rank starved; one expert: only a starved rank stalls.
+  'kernel-hang': [
+    { layout: { ep: 2, experts: 4, topK: 1 }, maxTokens: 2, extras: [{}], verdict: 'stall' },
+    { layout: { ep: 2, experts: 2, topK: 1 }, maxTokens: 2, extras: [{}], verdict: 'stall' },
+  ],
+  // Which EP rank gathers on the dp communicator; ep=1 has no EP peer to miss it.
+  'wrong-group': [
+    { layout: { ep: 2, dp: 2, experts: 2, topK: 1 }, maxTokens: 1, extras: [{ wrongGroupRank: 0 }, { wrongGroupRank: 1 }], verdict: 'missing' },
+    { layout: { ep: 1, dp: 2, experts: 2, topK: 1 }, maxTokens: 2, extras: [{ wrongGroupRank: 0 }], verdict: 'ok' },
+  ],
+  // Every evaluation batch count; with EP groups of one rank and no FSDP no communicator spans unequal shards.
+  'uneven-batches': [
+    { layout: { ep: 2, dp: 2, experts: 2, topK: 1, microBatches: 2 }, maxTokens: 1, extras: [4, 5, 6, 7, 8].map((evalBatches) => ({ evalBatches })), verdict: 'missing' },
+    { layout: { ep: 1, dp: 2, experts: 2, topK: 1, microBatches: 2 }, maxTokens: 1, extras: [2, 3, 4].map((evalBatches) => ({ evalBatches })), verdict: 'ok' },
+  ],
+  // Every per-rank order of the shared all-gather and fwd.combine, at one and at two layer calls.
+  'second-stream': [
+    { layout: { ep: 2, dp: 2, experts: 2, topK: 1 }, maxTokens: 1, extras: streamOrders(4, 1), verdict: 'mismatch' },
+    { layout: { ep: 2, experts: 4, topK: 2, layers: 2 }, maxTokens: 1, extras: streamOrders(2, 2), verdict: 'mismatch' },
+  ],
+};
+
+for (const [variant, cases] of Object.entries(ISSUE16)) {
+  test(`${variant}: check's counterexample is the shortest brute force finds over every routing and ${variant === 'kernel-hang' ? 'expert' : 'the variant\'s own dimension'}; the seed is proved at the same layout`, () => {
+    for (const { layout, maxTokens, extras, verdict } of cases) {
+      const where = `${variant} ${JSON.stringify(layout)}`;
+      const base = { ...layout, variant: variant as VariantName };
+      const r = explore(validateScenario(base));
+      const brute = bruteShortest(base, maxTokens, extras);
+      assert.ok(brute.runs >= 16, `${where}: ${brute.runs} runs`);
+      if (verdict === 'ok') {
+        assert.is(r.verdict, 'proved', where);
+        assert.is(brute.best, null, `${where}: brute force hangs at ${JSON.stringify(brute.best)}`);
+      } else {
+        assert.is(r.verdict, 'counterexample', where);
+        const c = r.counterexample!;
+        assert.is(c.diagnosis.verdict, verdict, `${where}: ${c.diagnosis.cause}`);
+        assert.ok(brute.best, `${where}: brute force finds no hang`);
+        assert.equal([c.key[0], c.key[1]], [brute.best!.starved, brute.best!.rows], `${where}: explorer (starved, rows) vs brute force`);
+        assert.is(c.starvedRanks.length, c.key[0]);
+        if (variant === 'uneven-batches') assert.is(c.evalBatches, Math.min(...brute.best!.runs.map((e) => e.evalBatches!)), `${where}: fewest evaluation batches`);
+        // What check writes with --replay reproduces it, through JSON and validation.
+        assert.equal(verdictOf(simulateDes(validateScenario(JSON.parse(JSON.stringify(c.scenario)))).diagnosis), verdictOf(c.diagnosis), where);
+      }
+      const seed = { ...layout, variant: 'seed' as const };
+      assert.is(explore(validateScenario(seed)).verdict, 'proved', `seed ${JSON.stringify(layout)}`);
+      assert.is(bruteShortest(seed, maxTokens, [{}]).best, null, `seed ${JSON.stringify(layout)} hangs somewhere`);
+    }
+  });
+}
+
+test('wrong-group: which EP rank gathers on the other communicator changes nothing but the culprit (one rank covers every choice)', () => {
+  const keys = [0, 1, 2, 3].map((w) => {
+    const c = explore(validateScenario({ ep: 4, dp: 2, experts: 8, variant: 'wrong-group', wrongGroupRank: w })).counterexample!;
+    assert.equal([...c.diagnosis.culprits], [w]);
+    return c.key.slice(0, 2);
+  });
+  for (const k of keys) assert.equal(k, keys[0]);
+});
+
+test('uneven-batches: the counterexample names the fewest evaluation batches that hang; a count that splits no communicator passes', () => {
+  // ep=2, dp=2: 6 batches give each EP group equal shards (ok without FSDP), not each dp group.
+  const plain = explore(validateScenario({ ep: 2, dp: 2, experts: 4, microBatches: 2, variant: 'uneven-batches' }));
+  assert.is(plain.counterexample!.evalBatches, 5);
+  const sixOk = simulateDes(validateScenario({ ep: 2, dp: 2, experts: 4, microBatches: 2, variant: 'uneven-batches', evalBatches: 6 })).diagnosis.verdict;
+  assert.is(sixOk, 'ok');
+  // With FSDP the dp communicator spans the two EP groups' unequal shards.
+  const fsdp = explore(validateScenario({ ep: 2, dp: 2, experts: 4, microBatches: 2, fsdp: 'block', variant: 'uneven-batches' }));
+  assert.is(fsdp.counterexample!.evalBatches, 5);
+  // EP groups of one rank, no FSDP: no communicator spans two shards. Every class ran every count, 3 to 9.
+  const proof = explore(validateScenario({ ep: 1, dp: 3, experts: 2, topK: 1, microBatches: 3, variant: 'uneven-batches' }));
+  assert.is(proof.verdict, 'proved');
+  assert.ok(proof.classesRun > 0 && proof.classesRun % 7 === 0, `${proof.classesRun} runs`);
+});
+
+test('check --replay of each issue-16 counterexample: sim reproduces it on des and on worker ranks; a stall is reported as a stall', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ep-check-'));
+  const layouts: Record<keyof typeof ISSUE16, string[]> = {
+    'kernel-hang': ['--ep', '4', '--experts', '8', '--top-k', '2'],
+    'wrong-group': ['--ep', '4', '--dp', '2', '--experts', '8'],
+    'uneven-batches': ['--ep', '2', '--dp', '2', '--experts', '4', '--micro-batches', '3'],
+    'second-stream': ['--ep', '4', '--experts', '8', '--layers', '2'],
+  };
+  for (const [variant, flags] of Object.entries(layouts)) {
+    const file = join(dir, `${variant}.json`);
+    const check = cli(['check', ...flags, '--variant', variant, '--replay', file]);
+    assert.is(check.status, 2, `${variant}: ${check.stderr}`);
+    assert.match(check.stdout, new RegExp(`wrote ${file}`));
+    const headline = check.stdout.split('\n')[0]!;
+    if (variant === 'kernel-hang') assert.match(headline, /^counterexample: a stall in compute \(rank.*\), not a collective mismatch/);
+    else assert.match(headline, /^counterexample: a hang in the collectives \((missing|mismatch)\)/);
+    const expected = verdictOf(simulateDes(validateScenario(JSON.parse(readFileSync(file, 'utf8')))).diagnosis);
+    assert.is(expected.verdict, variant === 'kernel-hang' ? 'stall' : variant === 'second-stream' ? 'mismatch' : 'missing', variant);
+    for (const engine of ['des', 'actors']) {
+      const sim = cli(['sim', '--scenario', file, '--engine', engine, '--json', ...(engine === 'actors' ? ['--compute-timeout', '3000'] : [])]);
+      assert.is(sim.status, 2, `${variant} ${engine}: ${sim.stderr}`);
+      const d = JSON.parse(sim.stdout);
+      assert.equal({ verdict: d.verdict, communicator: d.communicator, position: d.position, culprits: d.culprits }, { verdict: expected.verdict, communicator: expected.communicator, position: expected.position, culprits: expected.culprits }, `${variant} ${engine}: ${d.cause}`);
+    }
+    const seed = cli(['check', ...flags, '--variant', 'seed']);
+    assert.is(seed.status, 0, `seed at the ${variant} layout: ${seed.stdout}`);
   }
 });
 

@@ -200,6 +200,7 @@ export interface Realized extends Plan {
   /** Per global rank, per micro-batch, per layer, the expert ids its tokens pick. */
   readonly explicit: number[][][][];
   readonly tokens: number;
+  /** Per global rank and layer call, which of the racing pair it issues first (o.race), else null. */
   readonly firstReady: CollectiveOp[][] | null;
 }
 
@@ -267,18 +268,17 @@ export function realize(s: Scenario, o: Observation, a: Alphabet, cls: ColumnCla
       explicit.push(Array.from({ length: s.microBatches }, () => Array.from({ length: s.layers }, () => [...ids])));
     }
   }
-  const firstReady =
-    o.layerCalls > 0
-      ? p.kinds.map((k) => Array.from({ length: o.layerCalls }, (_, c) => ((k.schedule >> c) & 1 ? 'bwd.dispatch' : 'fsdp.reduce_scatter') as CollectiveOp))
-      : null;
+  const race = o.race;
+  const firstReady = race ? p.kinds.map((k) => Array.from({ length: race.calls }, (_, c) => race.ops[(k.schedule >> c) & 1 ? 0 : 1])) : null;
   return { ...p, explicit, tokens: Math.max(0, ...p.perHolder), firstReady };
 }
 
-/** The scenario that replays a realized class: explicit routing, and its completion orders. */
-export const replayScenario = (s: Scenario, r: Realized): Scenario => ({
+/** The scenario that replays a realized class: explicit routing, its orders of the racing pair, and under uneven-batches the evaluation batches. */
+export const replayScenario = (s: Scenario, o: Observation, r: Realized, evalBatches?: number): Scenario => ({
   ...s,
   routing: 'explicit',
   explicit: r.explicit,
   tokens: r.tokens,
-  ...(r.firstReady ? { firstReady: r.firstReady } : {}),
+  ...(o.race && r.firstReady ? { [o.race.field]: r.firstReady } : {}),
+  ...(evalBatches !== undefined ? { evalBatches } : {}),
 });

@@ -35,6 +35,11 @@ const ROWS: { what: string; args: string[] }[] = [
     args: ['--ep', '64', '--experts', '256', '--top-k', '8', '--variant', variant],
   })),
   { what: 'no-unused-expert-grads, ep=64 dp=2 FSDP experts unpacked E=256 top-8', args: ['--ep', '64', '--dp', '2', '--fsdp', '--wrap', 'experts', '--unpacked', '--experts', '256', '--top-k', '8', '--variant', 'no-unused-expert-grads'] },
+  // Issue 16's classes at the same size, with the dimension each needs (dp for wrong-group, micro-batches for uneven-batches).
+  ...['kernel-hang', 'second-stream'].map((variant) => ({ what: `${variant}, ep=64 E=256 top-8`, args: ['--ep', '64', '--experts', '256', '--top-k', '8', '--variant', variant] })),
+  { what: 'wrong-group, ep=64 dp=2 E=256 top-8', args: ['--ep', '64', '--dp', '2', '--experts', '256', '--top-k', '8', '--variant', 'wrong-group'] },
+  { what: 'uneven-batches, ep=64 E=256 top-8, 4 micro-batches', args: ['--ep', '64', '--experts', '256', '--top-k', '8', '--micro-batches', '4', '--variant', 'uneven-batches'] },
+  { what: 'second-stream, ep=64 E=256 top-8, 2 layers x 2 micro-batches (16 orders per rank)', args: ['--ep', '64', '--experts', '256', '--top-k', '8', '--layers', '2', '--micro-batches', '2', '--variant', 'second-stream'] },
 ];
 
 export async function bench(): Promise<BenchRow[]> {
