@@ -137,8 +137,10 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
       done = true;
       clearInterval(watch);
       clearTimeout(pendingTransportError);
+      // Pending collectives end at the verdict, not after the workers' exit.
+      const trace = spans.close(now());
       for (const w of workers) void w.terminate();
-      void Promise.all(exited).then(() => resolve({ diagnosis, ledger: tracker.entries, trace: spans.close(now()), paths, results, stepMs, wallMs: now() - t0 }));
+      void Promise.all(exited).then(() => resolve({ diagnosis, ledger: tracker.entries, trace, paths, results, stepMs, wallMs: now() - t0 }));
     };
     const failure = (kind: VerdictKind, culprits: readonly number[], cause: string, decidedAt: number) => {
       end({ verdict: kind, communicator: null, position: null, culprits, ranks: rankReports(snapshots(), tracker), cause, detectedAfterMs: now() - decidedAt });

@@ -593,7 +593,7 @@ function reportInput(dumps: readonly FrDump[], world: readonly number[], specs: 
       if (!visible(c.comm, p)) continue;
       const first = c.entries[0]!;
       const stop = c.entries.at(-1)!.completedNs ?? end;
-      trace.push({ name: c.issued.op, ph: 'X', ts: us(first.createdNs), dur: Math.max(0, us(stop) - us(first.createdNs)), pid: 0, tid: rank, args: { communicator: c.comm, position: shift(c.comm, p), layer: c.issued.layer, microBatch: 0 } });
+      trace.push({ name: c.issued.op, ph: 'X', ts: us(first.createdNs), dur: Math.max(0, us(stop) - us(first.createdNs)), pid: 0, tid: rank, args: { communicator: c.comm, position: shift(c.comm, p), layer: c.issued.layer, microBatch: 0, ...(c.state === 'completed' ? {} : { completed: false as const }) } });
     }
   }
   // Each rank's path through the machine up to where it stopped (in a windowed report, its last REPORT_WINDOW calls).

@@ -6,9 +6,11 @@ import { rankMachine } from '../../machines/rankMachine.js';
 import { liveUnder, machineGraph, rankContexts } from '../../machines/exporters.js';
 import { rankConfig } from '../../machines/scenario.js';
 import { renderDiagram, type Diagram } from './diagram.js';
-import { esc } from './html-util.js';
+import { esc, OP_CSS } from './html-util.js';
 import type { ReportInput } from '../../machines/record.js';
-import { diagnosisSection, ledgerSection, loadSection, timelineSection, waitForSection } from './sections.js';
+import { diagnosisSection, layoutWords, ledgerSection, loadSection } from './sections.js';
+import { timelineSection } from './timeline.js';
+import { waitForSection } from './waitfor.js';
 
 /** A rank's highlight: visited nodes and edges (shared between ranks that took the same path) and where it stopped. */
 interface PathData {
@@ -93,14 +95,14 @@ main{padding:4px 20px 40px;max-width:1500px}section{background:#fff;border:1px s
 h2{font-size:16px;margin:6px 0 8px}code{font:12px ui-monospace,Menlo,Consolas,monospace}.scroll{overflow:auto;max-width:100%}.scroll.tall{max-height:75vh}
 .badge{display:inline-block;padding:2px 10px;border-radius:12px;font-weight:700;margin-right:8px;background:#e5e7eb}.v-ok .badge{background:#bbf7d0;color:#14532d}
 .v-missing .badge,.v-mismatch .badge,.v-cycle .badge,.v-crash .badge,.v-timeout .badge,.v-violation .badge{background:#fecaca;color:#7f1d1d}
-.cause{font-size:15px}.scenario{color:var(--muted)}table{border-collapse:collapse}td,th{padding:2px 6px;border:1px solid #e5e7eb;white-space:nowrap;font-size:12px}
+.cause{font-size:15px}.fix{border-left:3px solid #16a34a;padding-left:8px}.fix .source{color:var(--muted)}.scenario{color:var(--muted)}table{border-collapse:collapse}td,th{padding:2px 6px;border:1px solid #e5e7eb;white-space:nowrap;font-size:12px}
 table.ranks tr.culprit td{background:#fee2e2}
 table.ledger td{font:11px ui-monospace,Menlo,Consolas,monospace;text-align:center}table.ledger.compact td,table.ledger.compact th{padding:1px 2px;font-size:10px}
 table.ledger thead th{position:sticky;top:0;background:#f3f4f6;cursor:pointer}table.ledger tbody th{background:#f9fafb}
 table.ledger td.odd{background:#fde68a;font-weight:700}table.ledger td.missing{background:#fecaca;color:#991b1b;font-weight:700}
 table.ledger tr.divergence th,table.ledger tr.divergence td{border-top:2px solid #dc2626;border-bottom:2px solid #dc2626}table.ledger tr.divergence{background:#fff1f2}
 details.comm{margin:6px 0}details.comm>summary{cursor:pointer}.legend span{font:11px ui-monospace,monospace;padding:0 4px;border-radius:3px}
-.op-A{background:#dbeafe}.op-B{background:#bfdbfe}.op-C{background:#c7d2fe}.op-D{background:#a5f3fc}.op-Dp{background:#bbf7d0}.op-Bp{background:#86efac}.op-AG{background:#e9d5ff}.op-RS{background:#f5d0fe}.op-x{background:#e5e7eb}
+${OP_CSS}
 svg text{font:11px system-ui,Helvetica,Arial,sans-serif}
 svg.machine .st rect{fill:#fff;stroke:#6b7280;stroke-width:1.2}svg.machine .st text{text-anchor:middle;fill:var(--ink)}svg.machine .st text.sub{font-size:9.5px;fill:#4b5563}
 svg.machine .st.final rect{stroke-width:2.2}svg.machine .st.any rect{stroke-dasharray:3 2;fill:#f9fafb}
@@ -110,12 +112,13 @@ svg.machine .tr text{font-size:9.5px;fill:#374151}svg.machine .tr.dead path{stro
 svg.machine marker path{fill:#6b7280}.controls{display:flex;gap:16px;align-items:center;flex-wrap:wrap;margin-bottom:6px}
 .key i{display:inline-block;width:12px;height:12px;border-radius:3px;vertical-align:middle;margin:0 4px 0 8px}.k-on{background:var(--on-fill);border:1px solid var(--on)}.k-stop{border:2px solid var(--stop)}
 svg.timeline{width:100%;min-width:760px;height:auto}svg.timeline .bg{fill:transparent}svg.timeline .lane:nth-child(even) .bg{fill:#f9fafb}svg.timeline .lane text{font-size:9px;fill:var(--muted);cursor:pointer}
-svg.timeline .lane rect:not(.bg){stroke:#475569;stroke-width:.4}.op-A,.op-B,.op-C,.op-D,.op-Dp,.op-Bp,.op-AG,.op-RS,.op-x{fill:currentColor}
-svg.timeline .op-A{fill:#93c5fd}svg.timeline .op-B{fill:#60a5fa}svg.timeline .op-C{fill:#818cf8}svg.timeline .op-D{fill:#22d3ee}svg.timeline .op-Dp{fill:#4ade80}svg.timeline .op-Bp{fill:#16a34a}svg.timeline .op-AG{fill:#c084fc}svg.timeline .op-RS{fill:#e879f9}
-svg.timeline rect.hung{fill:#fca5a5;stroke:#dc2626;stroke-width:1;stroke-dasharray:3 2}svg.timeline .join{stroke:#0f172a;stroke-width:1.5}
+svg.timeline .lane rect:not(.bg),svg.swatch rect{stroke:#475569;stroke-width:.5}
+svg rect.hung{fill:url(#hatch);stroke:#dc2626;stroke-width:1}svg .join{stroke:#0f172a;stroke-width:1.5}svg rect.work{fill:#fff}svg rect.fold{fill:rgba(100,116,139,.18);stroke:none}svg.swatch rect.fold{stroke:none}svg.timeline text.fold{font-size:9px;fill:var(--muted)}svg.timeline line.end{stroke:#dc2626;stroke-dasharray:3 2}
+.tl-legend{display:flex;flex-wrap:wrap;gap:4px 16px;margin:4px 0 8px}.tl-legend span{font:12px system-ui,Helvetica,Arial,sans-serif;padding:0;white-space:nowrap}.tl-legend b{font-weight:600;margin-right:3px}svg.swatch{vertical-align:middle;margin-right:4px}
 svg.timeline line.tick{stroke:#e5e7eb}svg.timeline text.tick{font-size:9px;fill:var(--muted);text-anchor:middle}
-svg.waitfor .wf rect{stroke-width:1.5}svg.waitfor .waits rect,svg.waitfor .mismatch rect{fill:#fee2e2;stroke:#dc2626}svg.waitfor .free rect{fill:#e0f2fe;stroke:#0369a1}
-svg.waitfor text{text-anchor:middle;font-weight:600}svg.waitfor text.sub{font-weight:400;font-size:10px}svg.waitfor .wfe{fill:none;stroke:#7f1d1d;stroke-width:1.6;marker-end:url(#wfarr)}svg.waitfor .wfe.mismatch{stroke-dasharray:5 3}svg.waitfor marker path{fill:#7f1d1d}
+svg.waitfor{max-width:100%;height:auto}svg.waitfor .wf rect{stroke-width:1.5}svg.waitfor .wf.culprit rect{stroke-width:3.5}.waits,.mismatch{--wf-fill:#fee2e2;--wf-line:#dc2626}.finished{--wf-fill:#e0f2fe;--wf-line:#0369a1}.computing{--wf-fill:#fef3c7;--wf-line:#b45309}.crashed{--wf-fill:#e5e7eb;--wf-line:#111827}
+svg.waitfor .wf rect{fill:var(--wf-fill);stroke:var(--wf-line)}svg.waitfor .computing rect{stroke-dasharray:6 3}.key i.wf-key{background:var(--wf-fill);border:1.5px solid var(--wf-line)}.key i.wf-key.computing{border-style:dashed}
+svg.waitfor text{text-anchor:middle;font-weight:600}svg.waitfor text.sub{font-weight:400;font-size:10px}svg.waitfor .wfe{fill:none;stroke:#7f1d1d;stroke-width:1.6;marker-end:url(#wfarr)}svg.waitfor .wfe.mismatch{stroke-dasharray:5 3}svg.waitfor .wfe.arrives{stroke:#b45309;stroke-dasharray:2 3}svg.waitfor marker path{fill:#7f1d1d}
 .load{display:flex;gap:24px;flex-wrap:wrap}figure{margin:0}figcaption{color:var(--muted);font-size:12px;margin-bottom:4px}.readout{color:var(--ink);font-weight:600}
 svg.heat text{font-size:9px;fill:var(--muted);text-anchor:middle}svg.heat text.rl{text-anchor:end}svg.heat text.axis{text-anchor:start}svg.heat image{image-rendering:pixelated}svg.heat .none{fill:#dc2626;font-weight:700}
 svg.bars .bar{fill:#3b82f6}svg.bars .zero{fill:#dc2626}svg.bars .band{fill:#f1f5f9}`;
@@ -134,7 +137,7 @@ export function renderReport(input: ReportInput): string {
   const machine = `<section id="machine"><h2>Rank machine</h2><p>Generated from the machine definition: boxes are states (a collective state names its op and communicator), dotted arrows are eventless choices, arrow labels are guards. Greyed arrows marked ✗ are transitions that no guard can take under variant <code>${esc(s.variant)}</code>. The picked rank's path is highlighted; a red frame marks the state it stopped in.</p>
 <div class="controls"><label>Rank <select id="rank-pick">${options}</select></label><span id="path-info">rank ${first}: ${paths.steps[first]} states visited, stopped in ${esc(paths.stopName[first] ?? '?')}</span><span class="key"><i class="k-on"></i>visited<i class="k-stop"></i>stopped here</span></div>
 <div class="scroll tall">${diagram.svg}</div></section>`;
-  const title = `ep-actors report — ${d.verdict}${d.communicator ? ` on ${d.communicator} #${d.position}` : ''} (${input.evidence ? 'post-mortem' : `ep=${s.ep}, ${s.routing}, ${s.variant}`})`;
+  const title = `ep-actors report — ${d.verdict}${d.communicator ? ` on ${d.communicator} #${d.position}` : ''} (${input.evidence ? 'post-mortem' : layoutWords(s)})`;
   return `<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>${esc(title)}</title><style>${CSS}</style><style id="sel-style">${selectionCss(paths, first)}</style></head>
