@@ -94,7 +94,7 @@ function progressLine(p: Progress): string {
 
 function stopLine(r: ExploreResult, maxClasses: number): string {
   const s = r.stopped!;
-  const got = `check: stopped in starved level ${s.key[0]} of ${r.layout.ep * r.layout.dp} (${r.classesRun} classes run, all passed)`;
+  const got = `check: stopped in starved level ${s.key[0]} of ${worldSize(r.layout)} (${r.classesRun} classes run, all passed)`;
   if (s.reason === 'memory') return `${got}: the heap is nearly full; give node more heap (NODE_OPTIONS=--max-old-space-size=MB)${r.reduction.cutoff === null ? ' or drop --exhaustive' : ''}, or split the run with --shard I/N`;
   if (s.reason === 'level') return `${got}: starved level ${s.key[0]} alone holds more than --max-classes ${maxClasses} classes; raise --max-classes (memory grows with it)${r.reduction.cutoff === null ? ', or drop --exhaustive' : ''}`;
   return `${got}: --max-classes ${maxClasses} reached; split the run with --shard I/N (then --merge), or raise --max-classes`;
