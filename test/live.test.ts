@@ -167,6 +167,7 @@ test('the page: one row per rank, inline script and style, no other origin; unkn
     for (const [, url] of html.matchAll(/\b(?:src|href)="([^"]*)"/g)) assert.ok(url!.startsWith('data:'), url);
     assert.not.match(html, /@import|url\(/);
     assert.match(html, /new EventSource\('events'\)/);
+    assert.match(html, /<h1>ep-actors live — ep=8, dp=1, no FSDP, 1 layer, 1 micro-batch, routing starve:1, variant no-dispatch-edge<\/h1>/, 'the title names the whole layout, as the report\'s');
 
     assert.is((await request(`${live.url}nope`)).statusCode, 404);
     assert.is((await request(live.url, { Host: 'attacker.example' })).statusCode, 403);

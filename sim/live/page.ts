@@ -3,6 +3,7 @@
 // here; the script fills the rows from the server's `ranks` events and, on `verdict`,
 // shows the diagnosis and where every rank stopped, then closes the stream.
 import { esc } from '../report/html-util.js';
+import { layoutWords } from '../report/sections.js';
 import { type Scenario } from '../../machines/scenario.js';
 import { worldSize } from '../../machines/mesh.js';
 
@@ -63,7 +64,7 @@ thead th{position:sticky;top:0;background:#f3f4f6}td.n{text-align:right}td code,
 tr.culprit td{background:#fee2e2}tr.changed td{animation:changed .6s ease-out}@keyframes changed{from{background:#fef3c7}}`;
 
 export function livePage(s: Scenario): string {
-  const title = `ep-actors live — ep=${s.ep}, dp=${s.dp}, ${s.routing}, ${s.variant}`;
+  const title = `ep-actors live — ${layoutWords(s)}`;
   const rows = Array.from(
     { length: worldSize(s) },
     (_, r) => `<tr><th>${r}</th><td data-k="state">—</td><td data-k="event">—</td><td class="n" data-k="collectives">0</td><td class="n" data-k="events">0</td><td data-k="verdict"></td></tr>`,
