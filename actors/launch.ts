@@ -224,9 +224,7 @@ function runConnected<F extends FloatDType>(
     const settle = () => {
       if (settled || !waiting) return;
       const gone = new Set(heldPeers.keys());
-      // A rank whose transport let it past a collective the ledger proved inconsistent counts as held there, once no rank computes (as the supervisor does).
-      const heldPastFinding = feed.evidenceAt !== null && computingPeers.size === 0 && feed.quiescent(n, gone, true);
-      if (feed.quiescent(n, gone) || heldPastFinding) fail(new LaunchedRankError(heldReason(waiting)), true);
+      if (feed.settled(n, gone, () => computingPeers.size === 0)) fail(new LaunchedRankError(heldReason(waiting)), true);
     };
     const follow = (report: RankReport) => {
       try {

@@ -145,19 +145,10 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
     const failure = (kind: VerdictKind, culprits: readonly number[], cause: string, decidedAt: number) => {
       end({ verdict: kind, communicator: null, position: null, culprits, ranks: rankReports(snapshots(), tracker), cause, detectedAfterMs: now() - decidedAt });
     };
-    /**
-     * Quiescent: the tracker's hangs are the verdict (or every rank finished). Once a finding
-     * exists, a rank whose transport let it past a collective the tracker proved inconsistent
-     * (its reports wait behind that collective forever) counts as held there, as NCCL would
-     * hold it, once it has stopped computing.
-     */
-    const heldPastFinding = () =>
-      feed.evidenceAt !== null &&
-      working.every((w, r) => w === null || dead.has(r)) &&
-      pending.none() &&
-      feed.quiescent(n, dead, true);
+    /** At quiescence the tracker's hangs are the verdict (or every rank finished); a rank still working or awaiting its data can move. */
+    const idle = () => working.every((w, r) => w === null || dead.has(r)) && pending.none();
     const settle = () => {
-      if (done || !(feed.quiescent(n, dead) || heldPastFinding())) return;
+      if (done || !feed.settled(n, dead, idle)) return;
       const hangs = tracker.hangs();
       if (hangs.length > 0) {
         const evidence = feed.evidenceAt ?? feed.lastAt;

@@ -66,6 +66,15 @@ export class LedgerFeed {
     return true;
   }
 
+  /**
+   * Nothing can move any more: quiescent, or, once a finding exists and no rank is on its own
+   * work (`idle`), quiescent with the ranks whose transport let them past the collective the
+   * tracker proved inconsistent counted as held there (their reports wait behind it forever).
+   */
+  settled(ranks: number, gone: ReadonlySet<number>, idle: () => boolean): boolean {
+    return this.quiescent(ranks, gone) || (this.evidenceAt !== null && idle() && this.quiescent(ranks, gone, true));
+  }
+
   private apply(report: RankReport): void {
     this.lastAt = Math.max(this.lastAt, report.at);
     if (report.kind === 'finish') {
