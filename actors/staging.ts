@@ -12,8 +12,11 @@ import type { DeviceMemory } from '../src/native/cuda.js';
 /** A staged region as a peer receives it: a SharedArrayBuffer, or a device pointer of this process. */
 export type StagedHandle = SharedArrayBuffer | bigint;
 
-/** Where a receiver finds one piece of its result. */
-export type Piece = { readonly handle: StagedHandle; readonly offset: number; readonly bytes: number } | { readonly local: Uint8Array };
+/**
+ * Where a receiver finds one piece of its result: staged by its sender, in this thread, or
+ * already placed in the result (a worker-thread peer wrote it there: actors/transport.ts).
+ */
+export type Piece = { readonly handle: StagedHandle; readonly offset: number; readonly bytes: number } | { readonly local: Uint8Array } | { readonly placed: number };
 
 export interface StagingMemory {
   readonly name: 'shared' | 'device-copy';
@@ -30,6 +33,20 @@ export interface StagingMemory {
 /** Regions kept for reuse: allocating multi-MiB shared buffers per exchange costs page faults. */
 const FREE_REGIONS = 8;
 
+/** Fills `out` with host pieces, in order, skipping those already placed in it. */
+export function gatherHost(out: Uint8Array, pieces: readonly Piece[]): void {
+  let at = 0;
+  for (const p of pieces) {
+    if ('placed' in p) {
+      at += p.placed;
+      continue;
+    }
+    const src = 'local' in p ? p.local : new Uint8Array(p.handle as SharedArrayBuffer, p.offset, p.bytes);
+    out.set(src, at);
+    at += src.byteLength;
+  }
+}
+
 /** Host shared memory: one copy in (stage), one copy out (gather) straight into the result. */
 export function sharedMemory(): StagingMemory {
   const free: SharedArrayBuffer[] = [];
@@ -41,14 +58,7 @@ export function sharedMemory(): StagingMemory {
       new Uint8Array(region, 0, bytes.byteLength).set(bytes);
       return region;
     },
-    gather(out, pieces) {
-      let at = 0;
-      for (const p of pieces) {
-        const src = 'local' in p ? p.local : new Uint8Array(p.handle as SharedArrayBuffer, p.offset, p.bytes);
-        out.set(src, at);
-        at += src.byteLength;
-      }
-    },
+    gather: gatherHost,
     unstage(handle) {
       if (handle instanceof SharedArrayBuffer && free.length < FREE_REGIONS && !free.includes(handle)) free.push(handle);
     },
@@ -85,6 +95,7 @@ export function deviceCopyMemory(a: DeviceMemory): StagingMemory {
       try {
         let at = 0;
         for (const piece of pieces) {
+          if ('placed' in piece) throw new NativeError('the device-copy exchange got a piece placed by a peer thread', 'BAD_ARGUMENT');
           const bytes = 'local' in piece ? piece.local.byteLength : piece.bytes;
           if (bytes > 0) {
             if ('local' in piece) a.upload(recv + BigInt(at), piece.local);

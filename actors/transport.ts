@@ -4,7 +4,10 @@
 // where the sender staged the peer's rows. Between worker threads of one process, small
 // messages take the fast lane instead (actors/lane.ts): the same msgpack bytes in a shared
 // ring, signalled through Atomics, and a receiver blocks for them briefly rather than
-// waiting on its event loop. Every message names its communicator, position and op, so a
+// waiting on its event loop. Large chunks between worker threads are written once, by their
+// sender, straight into the receiver's result (shared memory the receiver offers in an
+// invitation); only a small header and a signal travel as messages. Every message names its
+// communicator, position and op, so a
 // chunk for the right position but another op, a chunk for a communicator the pair does
 // not share, a stale position or bytes that do not decode are reported at once instead of
 // hanging.
@@ -14,7 +17,7 @@ import { DTYPES, ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '.
 import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.js';
 import type { CommunicatorSpec } from '../machines/mesh.js';
 import type { CollectiveTag, Communicator } from '../src/ep/types.js';
-import type { Piece, StagedHandle, StagingMemory } from './staging.js';
+import { gatherHost, type Piece, type StagedHandle, type StagingMemory } from './staging.js';
 import { Inbox, Outbox, isLaneHello } from './lane.js';
 import { now } from './messages.js';
 
@@ -32,6 +35,15 @@ export interface StagedRows {
   readonly dtype: DType;
 }
 
+/** A chunk a worker-thread peer writes straight into this rank's result, as its header says. */
+export interface DirectRows {
+  readonly rows: number;
+  readonly rowSize: number;
+  readonly dtype: DType;
+  /** The rows were in place when the header was sent; else a `wrote` signal follows. */
+  readonly written: boolean;
+}
+
 export interface Chunk {
   readonly comm: string;
   readonly position: number;
@@ -42,9 +54,34 @@ export interface Chunk {
   /**
    * The rows: a decoded tensor with its message's buffer (the tensor may be a view into it;
    * the buffer goes back to the sender once consumed; null when it came by the fast lane,
-   * as a copy), or where the sender staged them.
+   * as a copy), where the sender staged them, or a header for rows the sender writes into
+   * this rank's result.
    */
-  readonly rows: { readonly tensor: Tensor; readonly buffer: ArrayBuffer | null } | { readonly staged: StagedRows };
+  readonly rows: { readonly tensor: Tensor; readonly buffer: ArrayBuffer | null } | { readonly staged: StagedRows } | { readonly direct: DirectRows };
+}
+
+/** A sender's signal that the rows its header announced are now in the receiver's result. */
+interface Wrote {
+  readonly comm: string;
+  readonly position: number;
+  readonly op: string;
+  readonly from: number;
+  readonly wrote: true;
+}
+
+/** A receiver tells a worker-thread peer where in its result (shared memory) that peer's rows go. */
+interface Invitation {
+  readonly invite: string;
+  readonly position: number;
+  readonly op: string;
+  readonly from: number;
+  readonly into: StagedRows;
+}
+
+/** A receiver refuses rows it was offered (and has reported why): their sender stops waiting to write them. */
+interface Decline {
+  readonly decline: string;
+  readonly position: number;
 }
 
 /** A staged chunk's announcement, as posted (structured clone shares a SharedArrayBuffer). */
@@ -148,6 +185,15 @@ export class PortMesh {
   private armed = false;
   /** Reused to encode fast-lane messages, which are copied into the peer's ring. */
   private scratch: ArrayBuffer | undefined;
+  /** Where receivers asked this rank to write its rows, by (comm, position, receiver), until it sends them. */
+  private readonly invitations = new Map<string, StagedRows & { op: string }>();
+  /** Rows sent as a header whose receiver has not invited them yet. */
+  private readonly unwritten = new Map<string, { op: string; rows: Tensor; resolve: () => void }>();
+  /** The highest position sent per (communicator, peer): an invitation for one already sent another way is moot. */
+  private readonly sentUpTo = new Map<string, number>();
+  /** `wrote` signals for chunks not yet waited for, and the receives waiting for theirs. */
+  private readonly wroteEarly = new Set<string>();
+  private readonly wroteWaiters = new Map<string, () => void>();
 
   constructor(
     readonly rank: number,
@@ -168,6 +214,8 @@ export class PortMesh {
       port.on('message', (m: unknown) => {
         if (m instanceof ArrayBuffer) this.returned(peer, m);
         else if (m && typeof m === 'object' && 'ack' in m) this.acked(peer, m as Ack);
+        else if (m && typeof m === 'object' && 'invite' in m) this.invited(peer, m as Partial<Invitation>);
+        else if (m && typeof m === 'object' && 'decline' in m) this.declined(peer, m as Partial<Decline>);
         else if (isLaneHello(m)) this.hello(peer, m);
         else {
           this.drainLane(); // what the peer wrote to the lane before posting this comes first
@@ -186,7 +234,28 @@ export class PortMesh {
     this.lanes.set(peer, lane);
     this.drainLane();
     // A receive that began before any lane existed did not listen for the doorbell: listen now.
-    if (this.waiting.size) this.armLane();
+    if (this.expecting()) this.armLane();
+  }
+
+  /** Whether anything this rank waits for may come by the fast lane. */
+  private expecting(): boolean {
+    return this.waiting.size > 0 || this.wroteWaiters.size > 0;
+  }
+
+  /** Whether `bytes` of rows to `peer`, a worker thread, are too many for the fast lane and go straight into its result. */
+  directSend(peer: number, bytes: number): boolean {
+    const lane = this.lanes.get(peer);
+    return !!lane && bytes + HEADER_ROOM > lane.capacity;
+  }
+
+  /** Whether `bytes` of rows from a worker-thread peer would be written straight into this rank's result. */
+  directRecv(bytes: number): boolean {
+    return !!this.inbox && bytes + HEADER_ROOM > this.inbox.capacity;
+  }
+
+  /** Whether `peer` can be invited to write into this rank's memory now (its offer of a lane arrived: it is another thread). */
+  invitable(peer: number): boolean {
+    return this.lanes.has(peer);
   }
 
   /** Whether a message of `bytes` rows to (or from) `peer` goes by the fast lane. */
@@ -223,14 +292,18 @@ export class PortMesh {
     void this.inbox.waitAsync().then(() => {
       this.armed = false;
       this.drainLane();
-      if (this.waiting.size) this.armLane();
+      if (this.expecting()) this.armLane();
     });
   }
 
-  /** Sends a peer its rows: in a msgpack message, or as an announcement of where they are staged. */
-  send(peer: number, comm: string, position: number, op: string, rows: Tensor | StagedRows): void {
-    const port = this.ports.get(peer);
-    if (!port) throw new TransportError(`rank ${this.rank} has no port to rank ${peer}`);
+  /**
+   * Sends a peer its rows: in a msgpack message, as an announcement of where they are staged,
+   * or as the header of rows this rank writes into the peer's result.
+   */
+  send(peer: number, comm: string, position: number, op: string, rows: Tensor | StagedRows | DirectRows): void {
+    const port = this.port(peer);
+    const sent = `${comm}|${peer}`;
+    this.sentUpTo.set(sent, Math.max(this.sentUpTo.get(sent) ?? -1, position));
     let header: { comm: string; position: number; at?: number } = profiling ? { comm, position, at: now() } : { comm, position };
     if (this.fault?.op === op) {
       const kind = this.fault.kind;
@@ -243,20 +316,99 @@ export class PortMesh {
     }
     if (rows instanceof Tensor) {
       const message = { ...header, op, from: this.rank, tensor: rows };
-      if (this.laneCarries(peer, rows.data.byteLength)) {
-        const bytes = encodeMessage(message, this.scratch);
-        this.scratch = bytes.buffer as ArrayBuffer;
-        if (this.lanes.get(peer)!.write(bytes)) return;
-        this.scratch = undefined; // the ring is full: these bytes go by the port instead
-        port.postMessage(bytes, [bytes.buffer as ArrayBuffer]);
-        return;
-      }
+      if (this.laneCarries(peer, rows.data.byteLength)) return this.post(peer, message);
       const bytes = encodeMessage(message, this.pool.get(peer)?.pop());
       port.postMessage(bytes, [bytes.buffer as ArrayBuffer]);
+    } else if ('written' in rows) {
+      this.post(peer, { ...header, op, from: this.rank, direct: rows });
     } else {
       const a: Announcement = { ...header, op, from: this.rank, staged: rows };
       port.postMessage(a);
     }
+  }
+
+  private port(peer: number): PeerPort {
+    const port = this.ports.get(peer);
+    if (!port) throw new TransportError(`rank ${this.rank} has no port to rank ${peer}`);
+    return port;
+  }
+
+  /** Sends a small msgpack message: by the fast lane where there is one with room, else by the port. */
+  private post(peer: number, message: unknown): void {
+    const bytes = encodeMessage(message, this.lanes.has(peer) ? this.scratch : undefined);
+    const lane = this.lanes.get(peer);
+    if (lane) {
+      this.scratch = bytes.buffer as ArrayBuffer;
+      if (lane.write(bytes)) return;
+      this.scratch = undefined; // the ring is full: these bytes go by the port instead
+    }
+    this.port(peer).postMessage(bytes, [bytes.buffer as ArrayBuffer]);
+  }
+
+  /**
+   * Sends `rows` to a worker-thread peer by writing them into its result where it invites
+   * this rank to (its invitation may come before or after); resolves once they are written,
+   * or once the peer refused them (they did not match what it expects, which it reports).
+   */
+  sendDirect(peer: number, comm: string, position: number, op: string, rows: Tensor): Promise<void> {
+    const key = `${comm}|${position}|${peer}`;
+    const into = this.invitations.get(key);
+    this.invitations.delete(key);
+    const header = (written: boolean): DirectRows => ({ rows: rows.shape[0] ?? 0, rowSize: rows.rowSize, dtype: rows.dtype, written });
+    if (into) {
+      this.send(peer, comm, position, op, header(writeRows(into, op, rows)));
+      return Promise.resolve();
+    }
+    this.send(peer, comm, position, op, header(false));
+    return new Promise((resolve) => this.unwritten.set(key, { op, rows, resolve }));
+  }
+
+  /** Asks a worker-thread peer to write its rows for (comm, position) at `into`, in this rank's result. */
+  invite(peer: number, comm: string, position: number, op: string, into: StagedRows): void {
+    this.port(peer).postMessage({ invite: comm, position, op, from: this.rank, into } satisfies Invitation);
+  }
+
+  /** Tells a peer this rank will not take the rows its header offered (after reporting why). */
+  decline(peer: number, comm: string, position: number): void {
+    this.port(peer).postMessage({ decline: comm, position } satisfies Decline);
+  }
+
+  /** Resolves once the peer signals that the rows its header announced for (comm, position) are written. */
+  written(peer: number, comm: string, position: number): Promise<void> {
+    const key = `${comm}|${position}|${peer}`;
+    if (this.wroteEarly.delete(key)) return Promise.resolve();
+    this.armLane();
+    return new Promise((resolve) => this.wroteWaiters.set(key, resolve));
+  }
+
+  private invited(peer: number, m: Partial<Invitation>): void {
+    const what = `rank ${this.rank} received from rank ${peer} an invitation to write`;
+    if (typeof m.invite !== 'string' || typeof m.op !== 'string' || !Number.isSafeInteger(m.position) || m.from !== peer) return this.onError(`${what} without a valid communicator, position, op and sender`);
+    if (!this.shared.get(peer)?.has(m.invite)) return this.onError(`${what} for communicator '${m.invite}', which the two ranks do not share`);
+    let into: StagedRows;
+    try {
+      into = stagedRows(m.into, what);
+    } catch (err) {
+      return this.onError((err as Error).message);
+    }
+    if (!(into.handle instanceof SharedArrayBuffer)) return this.onError(`${what} into memory other than a SharedArrayBuffer`);
+    const key = `${m.invite}|${m.position}|${peer}`;
+    const pending = this.unwritten.get(key);
+    if (pending) {
+      this.unwritten.delete(key);
+      if (writeRows({ ...into, op: m.op }, pending.op, pending.rows)) this.post(peer, { comm: m.invite, position: m.position!, op: pending.op, from: this.rank, wrote: true } satisfies Wrote);
+      pending.resolve();
+    } else if ((this.sentUpTo.get(`${m.invite}|${peer}`) ?? -1) < m.position!) {
+      this.invitations.set(key, { ...into, op: m.op });
+    } // else: this rank sent that chunk another way (before it knew the peer's thread), which the peer takes too
+  }
+
+  private declined(peer: number, m: Partial<Decline>): void {
+    if (typeof m.decline !== 'string' || !Number.isSafeInteger(m.position)) return this.onError(`rank ${this.rank} received from rank ${peer} a refusal without a valid communicator and position`);
+    const key = `${m.decline}|${m.position}|${peer}`;
+    const pending = this.unwritten.get(key);
+    this.unwritten.delete(key);
+    pending?.resolve();
   }
 
   /** Resolves once this rank's messages to `peers` have left the process (at once over MessagePorts). */
@@ -276,8 +428,8 @@ export class PortMesh {
   /** The reader is done with a consumed chunk: its buffer goes back to the sender, or its staged region is released. */
   recycle(chunk: Chunk): void {
     const port = this.ports.get(chunk.from);
-    if (!('buffer' in chunk.rows)) port?.postMessage({ ack: chunk.comm, position: chunk.position } satisfies Ack);
-    else if (chunk.rows.buffer) port?.postMessage(chunk.rows.buffer, [chunk.rows.buffer]);
+    if ('staged' in chunk.rows) port?.postMessage({ ack: chunk.comm, position: chunk.position } satisfies Ack);
+    else if ('buffer' in chunk.rows && chunk.rows.buffer) port?.postMessage(chunk.rows.buffer, [chunk.rows.buffer]);
   }
 
   private returned(peer: number, buffer: ArrayBuffer): void {
@@ -310,6 +462,7 @@ export class PortMesh {
     const key = `${chunk.comm}|${chunk.from}`;
     this.consumed.set(key, Math.max(this.consumed.get(key) ?? -1, chunk.position));
     if (chunk.op !== op) {
+      if ('direct' in chunk.rows) this.decline(chunk.from, chunk.comm, chunk.position);
       return this.stall(`rank ${this.rank} expected ${op} from rank ${chunk.from} at ${chunk.comm} position ${chunk.position} but received ${chunk.op}`);
     }
     return Promise.resolve(chunk);
@@ -325,11 +478,20 @@ export class PortMesh {
   }
 
   private deliver(peer: number, message: unknown, viaLane: boolean): void {
-    let chunk: Chunk;
+    let chunk: Chunk | Wrote;
     try {
       chunk = this.parse(peer, message, viaLane);
     } catch (err) {
       this.onError((err as Error).message);
+      return;
+    }
+    if ('wrote' in chunk) {
+      // Comes after its header, which may already be consumed: not a chunk, never stale.
+      const key = `${chunk.comm}|${chunk.position}|${peer}`;
+      const waiter = this.wroteWaiters.get(key);
+      this.wroteWaiters.delete(key);
+      if (waiter) waiter();
+      else this.wroteEarly.add(key);
       return;
     }
     const stale = this.consumed.get(`${chunk.comm}|${peer}`) ?? -1;
@@ -352,9 +514,9 @@ export class PortMesh {
   }
 
   /** Decode and check a peer's message; anything malformed becomes a TransportError naming the sender. */
-  private parse(peer: number, message: unknown, viaLane: boolean): Chunk {
+  private parse(peer: number, message: unknown, viaLane: boolean): Chunk | Wrote {
     const from = `rank ${this.rank} received from rank ${peer}`;
-    let m: Partial<Omit<Chunk, 'rows'> & { tensor: unknown; staged: unknown }> | null;
+    let m: Partial<Omit<Chunk, 'rows'> & { tensor: unknown; staged: unknown; direct: unknown; wrote: unknown }> | null;
     if (message instanceof Uint8Array) {
       try {
         m = decodeMessage(message) as typeof m;
@@ -375,6 +537,8 @@ export class PortMesh {
     }
     const header = { comm: m.comm, position: m.position!, op: m.op, from: peer, ...(typeof m.at === 'number' ? { at: m.at } : {}) };
     if (message instanceof Uint8Array) {
+      if (m.wrote === true) return { ...header, wrote: true };
+      if (m.direct !== undefined) return { ...header, rows: { direct: directRows(m.direct, `${from} a direct-chunk header`) } };
       if (!(m.tensor instanceof Tensor)) throw new TransportError(`${from} a message without a tensor`);
       return { ...header, rows: { tensor: m.tensor, buffer: viaLane ? null : (message.buffer as ArrayBuffer) } };
     }
@@ -393,6 +557,23 @@ function stagedRows(v: unknown, what: string): StagedRows {
   return r as StagedRows;
 }
 
+/** Checks a direct chunk's header (it came from another thread: trust nothing). */
+function directRows(v: unknown, what: string): DirectRows {
+  const r = v as Partial<DirectRows> | null;
+  const count = (x: unknown) => Number.isSafeInteger(x) && (x as number) >= 0;
+  if (!r || typeof r !== 'object' || !count(r.rows) || !count(r.rowSize) || !DTYPES.includes(r.dtype as DType) || typeof r.written !== 'boolean') {
+    throw new TransportError(`${what} with an invalid row count, row size, dtype or written flag`);
+  }
+  return r as DirectRows;
+}
+
+/** Writes `rows` where a receiver invited them, if they are what it expects there (else it reports the mismatch). */
+function writeRows(into: StagedRows & { op: string }, op: string, rows: Tensor): boolean {
+  if (into.op !== op || into.dtype !== rows.dtype || into.rowSize !== rows.rowSize || into.rows !== (rows.shape[0] ?? 0)) return false;
+  new Uint8Array(into.handle as SharedArrayBuffer, into.offset, rows.data.byteLength).set(bytesOf(rows));
+  return true;
+}
+
 /** A communicator of the mesh as seen from one worker: positions counted locally, exchanges over the PortMesh. */
 export class MeshCommunicator implements Communicator {
   readonly name: string;
@@ -400,8 +581,8 @@ export class MeshCommunicator implements Communicator {
   readonly size: number;
   private position = 0;
   /** Output buffers this communicator allocated, and those released back for reuse. */
-  private readonly mine = new WeakSet<ArrayBuffer>();
-  private readonly free: ArrayBuffer[] = [];
+  private readonly mine = new WeakSet<ArrayBufferLike>();
+  private readonly free: ArrayBufferLike[] = [];
 
   constructor(
     readonly spec: CommunicatorSpec,
@@ -425,74 +606,99 @@ export class MeshCommunicator implements Communicator {
     const enter = profiling ? now() : 0;
     const rowBytes = rowSize * ELEMENT_SIZE[send.dtype];
     const members = this.spec.members;
+    const id = this.spec.id;
+    // Rows this rank keeps stay as they are; each peer's are checked against recvSplits.
+    const pieceRows = members.map((_, j) => (j === this.rank ? sendSplits[j]! : recvSplits[j]!));
+    // On the host, worker-thread peers write large chunks straight into the result, which is
+    // then shared memory offered to them in invitations: one copy of each byte.
+    const host = this.staging?.name !== 'device-copy';
+    const direct = members.map((_, j) => host && j !== this.rank && this.mesh.directRecv(recvSplits[j]! * rowBytes));
+    const out = uninitialised(send.dtype, [pieceRows.reduce((a, b) => a + b, 0), ...send.shape.slice(1)], (bytes) => this.buffer(bytes, direct.includes(true)));
+    const at: number[] = [];
+    pieceRows.reduce((offset, n) => (at.push(offset), offset + n * rowBytes), out.data.byteOffset);
+    const invited = new Set<number>();
+    const invite = (j: number) => {
+      invited.add(j);
+      this.mesh.invite(members[j]!, id, position, tag.op, { handle: out.data.buffer as SharedArrayBuffer, offset: at[j]!, rows: recvSplits[j]!, rowSize, dtype: send.dtype });
+    };
+    members.forEach((peer, j) => direct[j] && this.mesh.invitable(peer) && invite(j));
+    const directTo = (peer: number, j: number) => host && this.mesh.directSend(peer, sendSplits[j]! * rowBytes);
     // Small chunks take the fast lane whatever the exchange; the rest are staged when it stages.
-    const staged = this.staging ? members.filter((peer, j) => j !== this.rank && !this.mesh.laneCarries(peer, sendSplits[j]! * rowBytes)) : [];
+    const staged = this.staging ? members.filter((peer, j) => j !== this.rank && !this.mesh.laneCarries(peer, sendSplits[j]! * rowBytes) && !directTo(peer, j)) : [];
     const region = staged.length ? this.staging!.stage(bytesOf(send)) : null;
+    const writes: Promise<void>[] = [];
     let offset = 0;
     let own: Tensor<D> | null = null;
     for (let j = 0; j < this.size; j++) {
       const chunk = rowsOf(send, offset, sendSplits[j]!);
       const peer = members[j]!;
       if (j === this.rank) own = chunk;
-      else this.mesh.send(peer, this.spec.id, position, tag.op, region && staged.includes(peer) ? { handle: region, offset: offset * rowBytes, rows: sendSplits[j]!, rowSize, dtype: send.dtype } : chunk);
+      else if (region && staged.includes(peer)) this.mesh.send(peer, id, position, tag.op, { handle: region, offset: offset * rowBytes, rows: sendSplits[j]!, rowSize, dtype: send.dtype });
+      else if (directTo(peer, j)) writes.push(this.mesh.sendDirect(peer, id, position, tag.op, chunk));
+      else this.mesh.send(peer, id, position, tag.op, chunk);
       offset += sendSplits[j]!;
     }
-    const acknowledged = region === null ? null : this.mesh.acknowledgements(this.spec.id, position, staged);
+    const acknowledged = region === null ? null : this.mesh.acknowledgements(id, position, staged);
     const sent = profiling ? now() : 0;
-    this.mesh.awaitLane(this.spec.id, position, members.filter((peer, j) => j !== this.rank && this.mesh.laneCarries(peer, recvSplits[j]! * rowBytes)));
+    this.mesh.awaitLane(id, position, members.filter((peer, j) => j !== this.rank && this.mesh.laneCarries(peer, recvSplits[j]! * rowBytes)));
     const chunks = await Promise.all(
-      this.spec.members.map(async (peer, j) => {
+      members.map(async (peer, j) => {
         if (j === this.rank) return null;
-        const c = await this.mesh.receive(peer, this.spec.id, position, tag.op);
-        const got = 'tensor' in c.rows ? { rows: c.rows.tensor.shape[0] ?? 0, dtype: c.rows.tensor.dtype, rowSize: c.rows.tensor.rowSize } : c.rows.staged;
+        const c = await this.mesh.receive(peer, id, position, tag.op);
+        const got = 'tensor' in c.rows ? { rows: c.rows.tensor.shape[0] ?? 0, dtype: c.rows.tensor.dtype, rowSize: c.rows.tensor.rowSize } : 'staged' in c.rows ? c.rows.staged : c.rows.direct;
         if (got.dtype !== send.dtype || got.rows !== recvSplits[j] || got.rowSize !== rowSize) {
-          return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} sent ${got.rows} rows of ${got.dtype} × ${got.rowSize}, rank ${this.globalRank} expected ${recvSplits[j]} rows of ${send.dtype} × ${rowSize}`);
+          if ('direct' in c.rows) this.mesh.decline(peer, id, position);
+          return this.mesh.stall(`${tag.op} on ${id} position ${position}: rank ${peer} sent ${got.rows} rows of ${got.dtype} × ${got.rowSize}, rank ${this.globalRank} expected ${recvSplits[j]} rows of ${send.dtype} × ${rowSize}`);
         }
         if ('staged' in c.rows && !this.staging?.isHandle(c.rows.staged.handle)) {
-          return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} staged its rows in memory that rank ${this.globalRank}'s ${this.staging?.name ?? 'ports'} exchange cannot read`);
+          return this.mesh.stall(`${tag.op} on ${id} position ${position}: rank ${peer} staged its rows in memory that rank ${this.globalRank}'s ${this.staging?.name ?? 'ports'} exchange cannot read`);
+        }
+        if ('direct' in c.rows) {
+          if (!direct[j]) {
+            this.mesh.decline(peer, id, position);
+            return this.mesh.stall(`${tag.op} on ${id} position ${position}: rank ${peer} offered to write its rows into rank ${this.globalRank}'s result, which its ${this.staging?.name ?? 'ports'} exchange does not offer`);
+          }
+          // The peer's offer of a lane came after this rank entered: invite it now.
+          if (!invited.has(j)) invite(j);
+          if (!c.rows.direct.written) await this.mesh.written(peer, id, position);
         }
         return c;
       }),
     );
     // As NCCL's, a rank's collective completes when its sends are done too: a rank that went
     // on to a long compute with its rows still buffered here would hold its peers' data hostage.
+    if (writes.length) await Promise.all(writes);
     const flushed = this.mesh.flushed(members.filter((_, j) => j !== this.rank));
     if (flushed) await flushed;
     const arrived = profiling ? now() : 0;
-    const rest = [...send.shape.slice(1)];
-    let out: Tensor<D>;
-    if (this.staging) {
-      out = uninitialised(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], (bytes) => this.buffer(bytes));
-      const pieces = chunks.map((c): Piece => {
-        if (!c) return { local: bytesOf(own!) };
-        if ('tensor' in c.rows) return { local: bytesOf(c.rows.tensor) };
-        const s = c.rows.staged;
-        return { handle: s.handle, offset: s.offset, bytes: s.rows * rowBytes };
-      });
-      this.staging.gather(bytesOf(out), pieces);
-    } else {
-      out = concatRows(send.dtype, chunks.map((c) => (c ? ((c.rows as { tensor: Tensor }).tensor as Tensor<D>) : own!)), rest, (bytes) => this.buffer(bytes));
-    }
+    const pieces = chunks.map((c, j): Piece => {
+      if (!c) return { local: bytesOf(own!) };
+      if ('tensor' in c.rows) return { local: bytesOf(c.rows.tensor) };
+      if ('direct' in c.rows) return { placed: pieceRows[j]! * rowBytes };
+      const s = c.rows.staged;
+      return { handle: s.handle, offset: s.offset, bytes: s.rows * rowBytes };
+    });
+    (this.staging?.gather ?? gatherHost)(bytesOf(out), pieces);
     for (const c of chunks) if (c) this.mesh.recycle(c);
     // Peers copy out of the region until they say they are done; this rank need not wait.
     if (region !== null) void acknowledged!.then(() => this.staging!.unstage(region));
     if (profiling) {
       const peerSent = Math.max(enter, ...chunks.map((c) => c?.at ?? enter));
-      reportProfile({ rank: this.globalRank, comm: this.spec.id, op: tag.op, position, enter, sent, peerSent, arrived, done: now() });
+      reportProfile({ rank: this.globalRank, comm: id, op: tag.op, position, enter, sent, peerSent, arrived, done: now() });
     }
     return out;
   }
 
   release(t: Tensor): void {
-    const buffer = t.data.buffer as ArrayBuffer;
+    const buffer = t.data.buffer;
     if (this.mine.has(buffer) && !this.free.includes(buffer) && this.free.length < FREE_BUFFERS) this.free.push(buffer);
   }
 
-  /** A buffer of at least `bytes` for a result: a released one that fits (not more than twice as big), else a new one. */
-  private buffer(bytes: number): ArrayBuffer {
-    const i = this.free.findIndex((b) => b.byteLength >= bytes && b.byteLength <= 2 * bytes);
+  /** A buffer of at least `bytes` for a result: a released one of the kind that fits (not more than twice as big), else a new one. */
+  private buffer(bytes: number, shared: boolean): ArrayBufferLike {
+    const i = this.free.findIndex((b) => b instanceof SharedArrayBuffer === shared && b.byteLength >= bytes && b.byteLength <= 2 * bytes);
     if (i >= 0) return this.free.splice(i, 1)[0]!;
-    const b = Buffer.allocUnsafeSlow(Math.max(bytes, 8)).buffer as ArrayBuffer;
+    const b = shared ? new SharedArrayBuffer(Math.max(bytes, 8)) : (Buffer.allocUnsafeSlow(Math.max(bytes, 8)).buffer as ArrayBuffer);
     this.mine.add(b);
     return b;
   }
@@ -542,12 +748,12 @@ function rowsOf<D extends DType>(t: Tensor<D>, start: number, count: number): Te
 }
 
 /** A tensor whose every element the caller writes, so its buffer need not be zeroed. */
-function uninitialised<D extends DType>(dtype: D, shape: number[], buffer: (bytes: number) => ArrayBuffer = (b) => Buffer.allocUnsafeSlow(b).buffer as ArrayBuffer): Tensor<D> {
+function uninitialised<D extends DType>(dtype: D, shape: number[], buffer: (bytes: number) => ArrayBufferLike = (b) => Buffer.allocUnsafeSlow(b).buffer as ArrayBuffer): Tensor<D> {
   const n = numel(shape);
-  return new Tensor(dtype, shape, new STORAGE_CTOR[dtype](buffer(n * ELEMENT_SIZE[dtype]), 0, n) as Tensor<D>['data']);
+  return new Tensor(dtype, shape, new STORAGE_CTOR[dtype](buffer(n * ELEMENT_SIZE[dtype]) as ArrayBuffer, 0, n) as Tensor<D>['data']);
 }
 
-function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[], buffer?: (bytes: number) => ArrayBuffer): Tensor<D> {
+function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[], buffer?: (bytes: number) => ArrayBufferLike): Tensor<D> {
   const rows = parts.reduce((a, p) => a + (p.shape[0] ?? 0), 0);
   const out = uninitialised(dtype, [rows, ...rest], buffer);
   let at = 0;

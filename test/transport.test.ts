@@ -3,7 +3,8 @@
 // msgpack chunks over the ports and for the staged (shared-memory) exchange alike; then
 // what a staged exchange does with announcements and acknowledgements it cannot trust; the
 // fast lane's rings, and small and large chunks between two worker threads, where small
-// ones take the lane and keep their checks.
+// ones take the lane, large ones are written straight into the receiver's result, and both
+// keep their checks.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
@@ -126,7 +127,7 @@ test('shared: staged regions are reused once every peer has acknowledged them (t
 /** Waits until messages posted so far have been delivered. */
 const drained = () => new Promise((r) => setTimeout(r, 20));
 
-test('staged announcements that cannot be trusted are reported one error each, never thrown, never delivered', async () => {
+test('staged announcements and invitations that cannot be trusted are reported one error each, never thrown, never delivered', async () => {
   const errors: string[] = [];
   const { comms, ports, close } = group(2, sharedMemory, (m) => errors.push(m));
   const fromRank1 = ports[1]!.get(0)!; // what rank 1 posts, rank 0's mesh receives
@@ -155,7 +156,9 @@ test('staged announcements that cannot be trusted are reported one error each, n
     fromRank1.postMessage(m);
     posted++;
   }
-  for (const garbage of [null, 42, 'bytes', [1, 2], { ack: 'ep', position: 9 }, new Uint8Array([0xc1]), { staged: true }]) {
+  const invitation = { invite: 'ep', position: 0, op: 'fwd.dispatch', from: 1, into: { handle: new SharedArrayBuffer(64), offset: 0, rows: 2, rowSize: 4, dtype: 'f32' } };
+  const badInvitations = [{ ...invitation, invite: 5 }, { ...invitation, invite: 'ep-bogus' }, { ...invitation, from: 0 }, { ...invitation, into: { ...invitation.into, rows: 9 } }, { ...invitation, into: { ...invitation.into, handle: 7n } }, { decline: 'ep', position: 'x' }];
+  for (const garbage of [null, 42, 'bytes', [1, 2], { ack: 'ep', position: 9 }, new Uint8Array([0xc1]), { staged: true }, ...badInvitations]) {
     fromRank1.postMessage(garbage);
     posted++;
   }
@@ -163,6 +166,7 @@ test('staged announcements that cannot be trusted are reported one error each, n
   assert.is(errors.length, posted, errors.slice(0, 5).join('\n'));
   assert.ok(errors.some((e) => /past its 64-byte region/.test(e)));
   assert.ok(errors.some((e) => /never staged/.test(e)));
+  assert.ok(errors.some((e) => /an invitation to write whose rows end at byte 144, past its 64-byte region/.test(e)), errors.filter((e) => /invitation/.test(e)).join('\n'));
   // Nothing was delivered: a real exchange at position 0 still works.
   const done = await Promise.all(comms.map((c) => c.allToAll(tag, Tensor.zeros('f32', [2, 4]), [1, 1], [1, 1])));
   assert.equal(done.map((t) => t.shape), [[2, 4], [2, 4]]);
@@ -244,7 +248,7 @@ async function twoWorkerRanks(script: string): Promise<unknown[]> {
   }
 }
 
-test('worker ranks: small chunks take the fast lane, large ones the port, and both arrive intact', async () => {
+test('worker ranks: small chunks take the fast lane, large ones are written into the receiver\'s result, and both arrive intact', async () => {
   const results = await twoWorkerRanks(`
     const peer = 1 - rank;
     const out = { lane: [], counts: [], rows: [] };
@@ -257,16 +261,36 @@ test('worker ranks: small chunks take the fast lane, large ones the port, and bo
       x.data.fill(rank + i);
       const got = await comm.allToAll({ ...tag, op: 'fwd.dispatch' }, x, [rows, rows], [rows, rows]);
       out.rows.push([got.data[0], got.data[got.data.length - 1], got.shape[0]]);
-      out.lane.push([mesh.laneCarries(peer, 8), mesh.laneCarries(peer, 4 * rows * 4)]);
+      out.lane.push([mesh.laneCarries(peer, 8), mesh.laneCarries(peer, 4 * rows * 4), mesh.directSend(peer, 4 * rows * 4), got.data.buffer instanceof SharedArrayBuffer]);
+      comm.release(got); // the next exchanges reuse it, as peers write into it again
     }
     parentPort.postMessage(out);
   `);
   results.forEach((r, rank) => {
     const { lane, counts, rows } = r as { lane: boolean[][]; counts: number[][]; rows: number[][] };
-    assert.equal(lane.at(-1), [true, false], `rank ${rank}: the lane carries the counts, not the rows`);
+    assert.equal(lane.at(-1), [true, false, true, true], `rank ${rank}: the lane carries the counts; the rows are written into a shared result`);
     counts.forEach((c, i) => assert.equal(c, [i + (rank === 0 ? 0 : 50), 100 + i + (rank === 0 ? 0 : 50)], `rank ${rank} exchange ${i}`));
     rows.forEach((x, i) => assert.equal(x, [i, 1 + i, 8192], `rank ${rank} exchange ${i}`));
   });
+});
+
+test('worker ranks: written rows whose count or op disagrees are reported, never written, and the sender completes', async () => {
+  const results = await twoWorkerRanks(`
+    const rows = 4096; // 64 KiB: written into the receiver's result
+    const send = (n, op) => comm.allToAll({ op, layer: 0, microBatch: 0 }, Tensor.zeros('f32', [rows + n, 4]), [rows, n], [rows, rows]);
+    if (rank === 0) {
+      // Twice the rows rank 1 expects: rank 1 reports it and waits; rank 0 completes and goes on.
+      await send(2 * rows, 'fwd.dispatch');
+      void send(rows, 'fwd.dispatch');
+    } else {
+      void send(rows, 'fwd.dispatch');
+      void send(rows, 'fwd.combine'); // and the next position disagrees on the op
+    }
+  `);
+  const [rank0, rank1] = (results as { errors: string[] }[]).map((r) => r.errors.join('\n'));
+  assert.match(rank1!, /fwd.dispatch on ep position 0: rank 0 sent 8192 rows of f32 × 4, rank 1 expected 4096 rows/);
+  // Rank 0 reached position 1 (its first exchange completed) and saw rank 1's header there.
+  assert.match(rank0!, /rank 0 expected fwd.dispatch from rank 1 at ep position 1 but received fwd.combine/);
 });
 
 test('worker ranks: a chunk damaged on the fast lane is reported as through a port', async () => {
