@@ -580,7 +580,7 @@ export class MeshCommunicator implements Communicator {
   readonly rank: number;
   readonly size: number;
   private position = 0;
-  /** Output buffers this communicator allocated, and those released back for reuse. */
+  /** Result and landing buffers this communicator allocated, and those free for reuse. */
   private readonly mine = new WeakSet<ArrayBufferLike>();
   private readonly free: ArrayBufferLike[] = [];
 
@@ -590,6 +590,13 @@ export class MeshCommunicator implements Communicator {
     private readonly mesh: PortMesh,
     /** Set for a staged exchange: rows are staged here and peers copy them out. */
     private readonly staging: StagingMemory | null = null,
+    /**
+     * Whether results may live in shared memory, so worker-thread peers write their rows
+     * straight into them (one copy). Not while a consumer refuses SharedArrayBuffer-backed
+     * arrays, as the native addon does: then peers write into a shared landing region that
+     * this rank copies into its result.
+     */
+    private readonly sharedResults = false,
   ) {
     this.name = spec.kind;
     this.rank = spec.members.indexOf(globalRank);
@@ -613,13 +620,16 @@ export class MeshCommunicator implements Communicator {
     // then shared memory offered to them in invitations: one copy of each byte.
     const host = this.staging?.name !== 'device-copy';
     const direct = members.map((_, j) => host && j !== this.rank && this.mesh.directRecv(recvSplits[j]! * rowBytes));
-    const out = uninitialised(send.dtype, [pieceRows.reduce((a, b) => a + b, 0), ...send.shape.slice(1)], (bytes) => this.buffer(bytes, direct.includes(true)));
-    const at: number[] = [];
-    pieceRows.reduce((offset, n) => (at.push(offset), offset + n * rowBytes), out.data.byteOffset);
+    const toLand = direct.includes(true);
+    const out = uninitialised(send.dtype, [pieceRows.reduce((a, b) => a + b, 0), ...send.shape.slice(1)], (bytes) => this.buffer(bytes, toLand && this.sharedResults));
+    const at: number[] = []; // each member's piece, in bytes from the start of the result
+    pieceRows.reduce((offset, n) => (at.push(offset), offset + n * rowBytes), 0);
+    // Where peers write: the result itself, or a landing region laid out as the result.
+    const landing = !toLand ? null : this.sharedResults ? { region: out.data.buffer as SharedArrayBuffer, base: out.data.byteOffset } : { region: this.buffer(out.data.byteLength, true) as SharedArrayBuffer, base: 0 };
     const invited = new Set<number>();
     const invite = (j: number) => {
       invited.add(j);
-      this.mesh.invite(members[j]!, id, position, tag.op, { handle: out.data.buffer as SharedArrayBuffer, offset: at[j]!, rows: recvSplits[j]!, rowSize, dtype: send.dtype });
+      this.mesh.invite(members[j]!, id, position, tag.op, { handle: landing!.region, offset: landing!.base + at[j]!, rows: recvSplits[j]!, rowSize, dtype: send.dtype });
     };
     members.forEach((peer, j) => direct[j] && this.mesh.invitable(peer) && invite(j));
     const directTo = (peer: number, j: number) => host && this.mesh.directSend(peer, sendSplits[j]! * rowBytes);
@@ -674,11 +684,12 @@ export class MeshCommunicator implements Communicator {
     const pieces = chunks.map((c, j): Piece => {
       if (!c) return { local: bytesOf(own!) };
       if ('tensor' in c.rows) return { local: bytesOf(c.rows.tensor) };
-      if ('direct' in c.rows) return { placed: pieceRows[j]! * rowBytes };
+      if ('direct' in c.rows) return landing!.region === out.data.buffer ? { placed: pieceRows[j]! * rowBytes } : { handle: landing!.region, offset: at[j]!, bytes: pieceRows[j]! * rowBytes };
       const s = c.rows.staged;
       return { handle: s.handle, offset: s.offset, bytes: s.rows * rowBytes };
     });
     (this.staging?.gather ?? gatherHost)(bytesOf(out), pieces);
+    if (landing && landing.region !== out.data.buffer) this.keep(landing.region);
     for (const c of chunks) if (c) this.mesh.recycle(c);
     // Peers copy out of the region until they say they are done; this rank need not wait.
     if (region !== null) void acknowledged!.then(() => this.staging!.unstage(region));
@@ -690,7 +701,11 @@ export class MeshCommunicator implements Communicator {
   }
 
   release(t: Tensor): void {
-    const buffer = t.data.buffer;
+    this.keep(t.data.buffer);
+  }
+
+  /** Keeps one of this communicator's buffers, no longer in use, for a later result or landing region. */
+  private keep(buffer: ArrayBufferLike): void {
     if (this.mine.has(buffer) && !this.free.includes(buffer) && this.free.length < FREE_BUFFERS) this.free.push(buffer);
   }
 

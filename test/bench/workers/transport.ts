@@ -15,20 +15,25 @@ export interface TransportJob {
   rows: { perPeer: number; rowSize: number } | null;
   iterations: number;
   exchange: 'ports' | 'shared';
+  /** Results in shared memory, which peers write straight into (a consumer that takes SharedArrayBuffer-backed arrays). */
+  sharedResults?: boolean;
 }
 
-const { rank, ep, rows, iterations, exchange } = workerData as TransportJob;
+const { rank, ep, rows, iterations, exchange, sharedResults } = workerData as TransportJob;
 
 parentPort!.once('message', async (m: { ports: Record<number, MessagePort> }) => {
   const spec = communicators({ ep, dp: 1 })[0]!;
   const mesh = new PortMesh(rank, new Map(Object.entries(m.ports).map(([k, p]) => [Number(k), p])), [spec], (e) => {
     throw new Error(e);
   });
-  const comm = new MeshCommunicator(spec, rank, mesh, await stagingMemory(exchange));
+  const comm = new MeshCommunicator(spec, rank, mesh, await stagingMemory(exchange), sharedResults);
   const splits = new Array<number>(ep).fill(rows?.perPeer ?? 1);
+  // Real values: a fresh zeroed buffer maps the kernel's zero page, which reads unrealistically fast.
   const send = rows ? Tensor.zeros('f32', [rows.perPeer * ep, rows.rowSize]) : Tensor.from('i64', [ep], splits);
+  if (rows) (send.data as Float32Array).fill(rank + 1);
   const tag = { op: rows ? ('fwd.dispatch' as const) : ('fwd.counts' as const), layer: 0, microBatch: 0 };
-  for (let i = 0; i < 3; i++) comm.release(await comm.allToAll(tag, send, splits, splits)); // warm-up
+  // As many exchanges untimed as timed: the JIT has compiled the path by then, as in a run of many steps.
+  for (let i = 0; i < Math.max(3, iterations); i++) comm.release(await comm.allToAll(tag, send, splits, splits));
   const samples: number[] = [];
   for (let i = 0; i < iterations; i++) {
     const t0 = performance.now();
