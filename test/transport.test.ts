@@ -216,7 +216,7 @@ test('fast lane: messages arrive in order per peer as copies; full rings and ove
 });
 
 /** Two ranks in two worker threads: `script` runs in each with `mesh`, `comm`, `rank`, `Tensor` in scope and posts its result. */
-async function twoWorkerRanks(script: string): Promise<unknown[]> {
+async function twoWorkerRanks(script: string, sharedResults = false): Promise<unknown[]> {
   const code = `
     const { parentPort, workerData } = require('node:worker_threads');
     parentPort.once('message', async ({ port }) => {
@@ -227,13 +227,13 @@ async function twoWorkerRanks(script: string): Promise<unknown[]> {
       const spec = communicators({ ep: 2, dp: 1 })[0];
       const errors = [];
       const mesh = new PortMesh(rank, new Map([[1 - rank, port]]), [spec], (e) => { errors.push(e); parentPort.postMessage({ errors }); });
-      const comm = new MeshCommunicator(spec, rank, mesh, null);
+      const comm = new MeshCommunicator(spec, rank, mesh, null, workerData.sharedResults);
       ${script}
     });`;
   const url = (p: string) => new URL(p, import.meta.url).href;
   const { port1, port2 } = new MessageChannel();
   const workers = [port1, port2].map((port, rank) => {
-    const w = new Worker(code, { eval: true, workerData: { rank, transport: url('../actors/transport.js'), mesh: url('../machines/mesh.js'), tensor: url('../src/tensor.js') } });
+    const w = new Worker(code, { eval: true, workerData: { rank, sharedResults, transport: url('../actors/transport.js'), mesh: url('../machines/mesh.js'), tensor: url('../src/tensor.js') } });
     w.postMessage({ port }, [port]);
     return w;
   });
@@ -248,31 +248,33 @@ async function twoWorkerRanks(script: string): Promise<unknown[]> {
   }
 }
 
-test('worker ranks: small chunks take the fast lane, large ones are written into the receiver\'s result, and both arrive intact', async () => {
-  const results = await twoWorkerRanks(`
-    const peer = 1 - rank;
-    const out = { lane: [], counts: [], rows: [] };
-    for (let i = 0; i < 12; i++) {
-      const tag = { op: 'fwd.counts', layer: 0, microBatch: 0 };
-      const counts = await comm.allToAll(tag, Tensor.from('i64', [2], [100 * rank + i, 100 * rank + i + 50]), [1, 1], [1, 1]);
-      out.counts.push(Array.from(counts.data, Number));
-      const rows = 4096; // 64 KiB to the peer: more than a lane slot holds
-      const x = Tensor.zeros('f32', [2 * rows, 4]);
-      x.data.fill(rank + i);
-      const got = await comm.allToAll({ ...tag, op: 'fwd.dispatch' }, x, [rows, rows], [rows, rows]);
-      out.rows.push([got.data[0], got.data[got.data.length - 1], got.shape[0]]);
-      out.lane.push([mesh.laneCarries(peer, 8), mesh.laneCarries(peer, 4 * rows * 4), mesh.directSend(peer, 4 * rows * 4), got.data.buffer instanceof SharedArrayBuffer]);
-      comm.release(got); // the next exchanges reuse it, as peers write into it again
-    }
-    parentPort.postMessage(out);
-  `);
-  results.forEach((r, rank) => {
-    const { lane, counts, rows } = r as { lane: boolean[][]; counts: number[][]; rows: number[][] };
-    assert.equal(lane.at(-1), [true, false, true, true], `rank ${rank}: the lane carries the counts; the rows are written into a shared result`);
-    counts.forEach((c, i) => assert.equal(c, [i + (rank === 0 ? 0 : 50), 100 + i + (rank === 0 ? 0 : 50)], `rank ${rank} exchange ${i}`));
-    rows.forEach((x, i) => assert.equal(x, [i, 1 + i, 8192], `rank ${rank} exchange ${i}`));
+for (const sharedResults of [false, true]) {
+  test(`worker ranks: small chunks take the fast lane, large ones are written by their sender into ${sharedResults ? 'the receiver\'s result' : 'a landing region'}, and both arrive intact`, async () => {
+    const results = await twoWorkerRanks(`
+      const peer = 1 - rank;
+      const out = { lane: [], counts: [], rows: [] };
+      for (let i = 0; i < 12; i++) {
+        const tag = { op: 'fwd.counts', layer: 0, microBatch: 0 };
+        const counts = await comm.allToAll(tag, Tensor.from('i64', [2], [100 * rank + i, 100 * rank + i + 50]), [1, 1], [1, 1]);
+        out.counts.push(Array.from(counts.data, Number));
+        const rows = 4096; // 64 KiB to the peer: more than a lane slot holds
+        const x = Tensor.zeros('f32', [2 * rows, 4]);
+        x.data.fill(rank + i);
+        const got = await comm.allToAll({ ...tag, op: 'fwd.dispatch' }, x, [rows, rows], [rows, rows]);
+        out.rows.push([got.data[0], got.data[got.data.length - 1], got.shape[0]]);
+        out.lane.push([mesh.laneCarries(peer, 8), mesh.laneCarries(peer, 4 * rows * 4), mesh.directSend(peer, 4 * rows * 4), got.data.buffer instanceof SharedArrayBuffer]);
+        comm.release(got); // the next exchanges reuse it, as peers write into it again
+      }
+      parentPort.postMessage(out);
+    `, sharedResults);
+    results.forEach((r, rank) => {
+      const { lane, counts, rows } = r as { lane: boolean[][]; counts: number[][]; rows: number[][] };
+      assert.equal(lane.at(-1), [true, false, true, sharedResults], `rank ${rank}: the lane carries the counts; the rows are written by the sender`);
+      counts.forEach((c, i) => assert.equal(c, [i + (rank === 0 ? 0 : 50), 100 + i + (rank === 0 ? 0 : 50)], `rank ${rank} exchange ${i}`));
+      rows.forEach((x, i) => assert.equal(x, [i, 1 + i, 8192], `rank ${rank} exchange ${i}`));
+    });
   });
-});
+}
 
 test('worker ranks: written rows whose count or op disagrees are reported, never written, and the sender completes', async () => {
   const results = await twoWorkerRanks(`
