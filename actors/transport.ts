@@ -4,10 +4,11 @@
 // where the sender staged the peer's rows. Between worker threads of one process, small
 // messages take the fast lane instead (actors/lane.ts): the same msgpack bytes in a shared
 // ring, signalled through Atomics, and a receiver blocks for them briefly rather than
-// waiting on its event loop. Large chunks between worker threads are written once, by their
-// sender, straight into the receiver's result (shared memory the receiver offers in an
-// invitation); only a small header and a signal travel as messages. Every message names its
-// communicator, position and op, so a
+// waiting on its event loop. Large chunks between worker threads are written by their sender
+// into shared memory the receiver offers in an invitation (its result, when its consumers
+// take shared memory, else a landing region it copies from), instead of being encoded,
+// transferred and copied again; their header and a `wrote` signal still travel as msgpack
+// messages with every check. Every message names its communicator, position and op, so a
 // chunk for the right position but another op, a chunk for a communicator the pair does
 // not share, a stale position or bytes that do not decode are reported at once instead of
 // hanging.
@@ -189,7 +190,7 @@ export class PortMesh {
   private readonly invitations = new Map<string, StagedRows & { op: string }>();
   /** Rows sent as a header whose receiver has not invited them yet. */
   private readonly unwritten = new Map<string, { op: string; rows: Tensor; resolve: () => void }>();
-  /** The highest position sent per (communicator, peer): an invitation for one already sent another way is moot. */
+  /** The highest position sent per (communicator, peer) before the peer's lane offer came: invitations for those are moot. */
   private readonly sentUpTo = new Map<string, number>();
   /** `wrote` signals for chunks not yet waited for, and the receives waiting for theirs. */
   private readonly wroteEarly = new Set<string>();
@@ -302,8 +303,11 @@ export class PortMesh {
    */
   send(peer: number, comm: string, position: number, op: string, rows: Tensor | StagedRows | DirectRows): void {
     const port = this.port(peer);
-    const sent = `${comm}|${peer}`;
-    this.sentUpTo.set(sent, Math.max(this.sentUpTo.get(sent) ?? -1, position));
+    if (!this.lanes.has(peer)) {
+      // Until the peer's offer of a lane arrives, its invitations for what this rank sends are moot.
+      const sent = `${comm}|${peer}`;
+      this.sentUpTo.set(sent, Math.max(this.sentUpTo.get(sent) ?? -1, position));
+    }
     let header: { comm: string; position: number; at?: number } = profiling ? { comm, position, at: now() } : { comm, position };
     if (this.fault?.op === op) {
       const kind = this.fault.kind;
