@@ -232,7 +232,7 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
 
   // Grad of the returned rows (w · grad_out[t], rounded once into the dtype) and of the
   // routing weights (<grad_out[t], row>, summed in f64).
-  const gradReturned = Tensor.zeros(gradOut_TD.dtype, [S, D]);
+  const gradReturned = Tensor.unfilled(gradOut_TD.dtype, [S, D]); // routeGrad writes every row
   const gradWeights = new Float64Array(T * K);
   routeGrad(g, D, ret, token_S, sortOrder_S, weights_S, gradReturned.data as Floats, gradWeights);
 

@@ -41,7 +41,7 @@ export function moveRows(src: Floats, index: Int32Array, D: number, dst: Floats,
 
 /** The rows of `t` in a new order: out[i] = t[index[i]] (times scale[i]). */
 export function gatherRows<F extends DType>(t: Tensor<F>, index: Int32Array, scale: Float64Array | null = null): Tensor<F> {
-  const out = Tensor.zeros(t.dtype, [index.length, ...t.shape.slice(1)]);
+  const out = Tensor.unfilled(t.dtype, [index.length, ...t.shape.slice(1)]);
   moveRows(t.data as Floats, index, t.rowSize, out.data as Floats, scale, false);
   return out;
 }
@@ -86,9 +86,13 @@ export function routeGrad(g: Floats, D: number, ret: Floats, token_S: Int32Array
   }
 }
 
-/** Expert-grouped rows back in received order (row byExpert[q] ← grouped row q), times a per-row scale. */
+/**
+ * Expert-grouped rows back in received order (row byExpert[q] ← grouped row q), times a
+ * per-row scale. byExpert_R is a permutation, so every row of the result is written.
+ */
 export function ungroup<F extends FloatDType>(grouped_RD: Tensor<F>, byExpert_R: Int32Array, rowScale_R: Float64Array | null): Tensor<F> {
-  const out = Tensor.zeros(grouped_RD.dtype, grouped_RD.shape);
+  if (byExpert_R.length !== grouped_RD.shape[0]) throw new Error(`ungroup: ${byExpert_R.length} row indices for ${grouped_RD.shape[0]} rows`);
+  const out = Tensor.unfilled(grouped_RD.dtype, grouped_RD.shape);
   moveRows(grouped_RD.data as Floats, byExpert_R, grouped_RD.rowSize, out.data as Floats, rowScale_R, true);
   return out;
 }

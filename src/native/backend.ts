@@ -5,7 +5,7 @@ import { createRequire } from 'node:module';
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Tensor, type FloatDType, type StorageOf } from '../tensor.js';
+import { Tensor, unfilledStorage, type FloatDType, type StorageOf } from '../tensor.js';
 import type {
   Activation,
   ExpertBackend,
@@ -186,8 +186,9 @@ interface NativeSaved {
   readonly counts: Int32Array;
 }
 
+/** An output buffer the kernels write in full (every row belongs to one expert). */
 function alloc(dtype: FloatDType, n: number): Floats {
-  return dtype === 'f64' ? new Float64Array(n) : new Float32Array(n);
+  return unfilledStorage(dtype, n);
 }
 
 function describe(w: ExpertWeights): { n: number; d: number; h: number } {
