@@ -16,6 +16,7 @@ import { loadCase, parseCase, resultTensors, runCase } from '../src/case.js';
 import { Tensor, relativeError, type FloatDType } from '../src/tensor.js';
 import { ACTIVATIONS, type Activation, type ExpertWeights } from '../src/ep/types.js';
 import { tsBackend, convertLayout } from '../src/moe/experts.js';
+import { tokenPositions } from '../src/ep/rows.js';
 import {
   NativeError,
   NativeExpertBackend,
@@ -190,7 +191,7 @@ nativeTest('the layer\'s row moves match their definition; a bad index throws Na
   }
 });
 
-nativeTest("the EP layer's row kernels (moveRows, scatterAddF64, routeGrad) match its TypeScript loops bit for bit", (addon) => {
+nativeTest("the EP layer's row kernels (moveRows, combineRows, routeGrad) match its TypeScript loops bit for bit", (addon) => {
   const r = rng(7);
   for (const dtype of ['f32', 'f64'] as const) {
     const make = (n: number) => Tensor.from(dtype, [n], Array.from({ length: n }, () => r() * 3)).data as Float32Array | Float64Array;
@@ -211,15 +212,25 @@ nativeTest("the EP layer's row kernels (moveRows, scatterAddF64, routeGrad) matc
         assert.equal(Array.from(dst), Array.from(want), `moveRows ${dtype} scatter=${scatter} scale=${sc !== null}`);
       }
     }
-    for (const w of [null, scale]) {
-      const out = new Float64Array(rows * D).map(() => r());
-      const want = out.slice();
-      addon.scatterAddF64(src.subarray(0, index.length * D), D, index, w, out);
-      index.forEach((row, p) => {
-        for (let d = 0; d < D; d++) want[row * D + d] += (w ? w[p]! : 1) * src[p * D + d]!;
+    // The combine against the seed's scatter_add: out[token[p]] += w[p]·src[p] in send order, in f64, rounded once.
+    const token = Int32Array.from([2, 0, 3, 2, 1, 0, 3, 1]);
+    const [T, K] = [4, 2];
+    const positions = tokenPositions(token, T, K);
+    const rowsS = src.subarray(0, token.length * D);
+    const weight = Float64Array.from(token, () => r() * 2);
+    for (const w of [null, weight]) {
+      const dst = make(T * D);
+      addon.combineRows(rowsS, D, positions, K, w, dst);
+      const sum = new Float64Array(T * D);
+      token.forEach((t, p) => {
+        for (let d = 0; d < D; d++) sum[t * D + d] += (w ? w[p]! : 1) * rowsS[p * D + d]!;
       });
-      assert.equal(Array.from(out), Array.from(want), `scatterAddF64 ${dtype} weight=${w !== null}`);
+      const want = dtype === 'f32' ? Array.from(Float32Array.from(sum)) : Array.from(sum);
+      assert.equal(Array.from(dst), want, `combineRows ${dtype} weight=${w !== null}`);
     }
+    const unordered = positions.slice();
+    [unordered[0], unordered[1]] = [unordered[1]!, unordered[0]!];
+    assert.throws(() => addon.combineRows(rowsS, D, unordered, K, null, make(T * D)), (e: unknown) => e instanceof NativeError && e.code === 'INDEX_OUT_OF_RANGE' && /not after/.test(e.message));
     const S = index.length;
     const ret = make(S * D);
     const entry = Int32Array.from([5, 2, 0, 1, 4, 3]);

@@ -307,20 +307,28 @@ void moveRows(const T* src, long srcRows, long D, const int* index, long n, T* d
 }
 
 template <typename T>
-void scatterAddF64(const T* src, long m, long D, const int* index, const double* weight, double* out, long outRows) {
-  for (long p = 0; p < m; p++) {
-    const long r = index[p];
-    if (r < 0 || r >= outRows)
-      fail("INDEX_OUT_OF_RANGE", "target row " + std::to_string(r) + " at position " + std::to_string(p) + " outside [0, " +
-                                     std::to_string(outRows) + ")");
-    const T* s = src + p * D;
-    double* o = out + r * D;
-    if (weight) {
-      const double w = weight[p];
-      for (long d = 0; d < D; d++) o[d] += w * static_cast<double>(s[d]);
-    } else {
-      for (long d = 0; d < D; d++) o[d] += static_cast<double>(s[d]);
+void combineRows(const T* src, long S, long D, const int* positions, long tokens, long K, const double* weight, T* dst) {
+  thread_local std::vector<double> acc;
+  acc.resize(D);
+  for (long t = 0; t < tokens; t++) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    long prev = -1;
+    for (long k = 0; k < K; k++) {
+      const long p = positions[t * K + k];
+      if (p <= prev || p >= S)
+        fail("INDEX_OUT_OF_RANGE", "position " + std::to_string(p) + " of token " + std::to_string(t) +
+                                       (p >= S ? " outside [0, " + std::to_string(S) + ")" : " is not after the token's previous one"));
+      prev = p;
+      const T* s = src + p * D;
+      if (weight) {
+        const double w = weight[p];
+        for (long d = 0; d < D; d++) acc[d] += w * static_cast<double>(s[d]);
+      } else {
+        for (long d = 0; d < D; d++) acc[d] += static_cast<double>(s[d]);
+      }
     }
+    T* o = dst + t * D;
+    for (long d = 0; d < D; d++) o[d] = static_cast<T>(acc[d]);
   }
 }
 
@@ -348,8 +356,8 @@ void routeGrad(const T* g, long tokens, long D, const T* ret, long S, const int*
 
 template void moveRows<float>(const float*, long, long, const int*, long, float*, long, const double*, bool);
 template void moveRows<double>(const double*, long, long, const int*, long, double*, long, const double*, bool);
-template void scatterAddF64<float>(const float*, long, long, const int*, const double*, double*, long);
-template void scatterAddF64<double>(const double*, long, long, const int*, const double*, double*, long);
+template void combineRows<float>(const float*, long, long, const int*, long, long, const double*, float*);
+template void combineRows<double>(const double*, long, long, const int*, long, long, const double*, double*);
 template void routeGrad<float>(const float*, long, long, const float*, long, const int*, const int*, const double*, float*,
                                double*, long);
 template void routeGrad<double>(const double*, long, long, const double*, long, const int*, const int*, const double*,

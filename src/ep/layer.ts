@@ -9,7 +9,7 @@
 import { Tensor, toFloat64, toIndexArray, type DType, type FloatDType } from '../tensor.js';
 import { UsageError } from '../errors.js';
 import { floatTensor } from '../moe/experts.js';
-import { gatherRows, routeGrad, ungroup, weightedScatterAdd, type Floats } from './rows.js';
+import { combineRows, gatherRows, routeGrad, tokenPositions, ungroup, type Floats } from './rows.js';
 import type { CollectiveOp, CollectiveTag, Communicator, ExpertBackend, ExpertForward, ExpertWeights, PackedExperts } from './types.js';
 
 /**
@@ -51,6 +51,8 @@ export interface EpSaved<F extends FloatDType = FloatDType> {
   readonly K: number;
   /** sortOrder_S[p] = flat (t, k) entry at send position p (stable sort by target rank). */
   readonly sortOrder_S: Int32Array;
+  /** Each token's K send positions, ascending (the combine's summation order). */
+  readonly positions_TK: Int32Array;
   readonly sendCounts: readonly number[];
   readonly recvCounts: readonly number[];
   /** byExpert_R[q] = received row at expert-grouped position q. */
@@ -212,13 +214,13 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   const weightsFlat = toFloat64(weights_TK).data;
   const weights_S = new Float64Array(S);
   for (let p = 0; p < S; p++) weights_S[p] = weightsFlat[sortOrder_S[p]!]!;
-  const out = new Float64Array(T * D);
-  weightedScatterAdd(returned_SD.data as Floats, token_S, weights_S, D, out);
+  const positions_TK = tokenPositions(token_S, T, K);
+  const out_TD = combineRows(returned_SD, positions_TK, K, weights_S, T);
 
   const saved: EpSaved<F> = Object.freeze({
-    T, D, K, sortOrder_S, sendCounts, recvCounts, byExpert_R, rowsPerExpert, rowScale_R, recvGrouped_RD, expertFwd, returned_SD, weights_S,
+    T, D, K, sortOrder_S, positions_TK, sendCounts, recvCounts, byExpert_R, rowsPerExpert, rowScale_R, recvGrouped_RD, expertFwd, returned_SD, weights_S,
   });
-  return { out_TD: floatTensor(x_TD.dtype, [T, D], out), saved };
+  return { out_TD, saved };
 }
 
 export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved: EpSaved<F>, gradOut_TD: Tensor<F>): Promise<EpBackwardResult<F>> {
@@ -246,11 +248,10 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
   // B': grads of the dispatched rows go home; gather-add into grad_x (f64, rounded once).
   const gradRecv_RD = ungroup(expertBwd.gradX, byExpert_R, null);
   const gradSorted_SD = await collective(ctx, 'bwd.dispatch', gradRecv_RD, recvCounts, sendCounts);
-  const gradX = new Float64Array(T * D);
-  weightedScatterAdd(gradSorted_SD.data as Floats, token_S, null, D, gradX);
+  const gradX_TD = combineRows(gradSorted_SD, saved.positions_TK, K, null, T);
   release(ctx, gradSorted_SD);
   return {
-    gradX_TD: floatTensor(gradOut_TD.dtype, [T, D], gradX),
+    gradX_TD,
     gradWeights_TK: floatTensor(gradOut_TD.dtype, [T, K], gradWeights),
     grads: expertBwd.grads,
   };

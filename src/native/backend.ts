@@ -92,8 +92,8 @@ export interface NativeAddon {
   // The EP layer's row bookkeeping (src/ep/layer.ts), same arithmetic as its TypeScript loops.
   /** gather: dst[i] = scale[i]·src[index[i]]; scatter: dst[index[i]] = scale[i]·src[i] (scale 1 when null). */
   moveRows(src: Floats, rowSize: number, index: Int32Array, dst: Floats, scale: Float64Array | null, scatter: boolean): void;
-  /** out[index[p]] += weight[p]·src[p] in f64, p in order (weight 1 when null). */
-  scatterAddF64(src: Floats, rowSize: number, index: Int32Array, weight: Float64Array | null, out: Float64Array): void;
+  /** dst[t] = Σ_k weight[p]·src[p] over p = positions[t·K + k] (ascending per t; weight 1 when null), in f64 from 0, rounded once. */
+  combineRows(src: Floats, rowSize: number, positions: Int32Array, K: number, weight: Float64Array | null, dst: Floats): void;
   /** gr[p] = w[p]·g[token[p]]; gw[entry[p]] = <g[token[p]], ret[p]> (f64). */
   routeGrad(g: Floats, D: number, ret: Floats, token: Int32Array, entry: Int32Array, w: Float64Array, gr: Floats, gw: Float64Array): void;
   // CUDA (native/src/cuda_backend.cc); each throws NativeError CUDA_NOT_BUILT in a CPU-only build.
