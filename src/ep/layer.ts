@@ -11,6 +11,7 @@ import { UsageError } from '../errors.js';
 import { floatTensor } from '../moe/experts.js';
 import { combineRows, gatherRows, routeGrad, tokenPositions, ungroup, type Floats } from './rows.js';
 import type { CollectiveOp, CollectiveTag, Communicator, ExpertBackend, ExpertForward, ExpertWeights, PackedExperts } from './types.js';
+import { takeUnfilled, type ScratchPool } from './scratch.js';
 
 /**
  * How a runtime drives and checks the layer's collectives (the actor runtime backs it with
@@ -42,6 +43,11 @@ export interface EpContext<F extends FloatDType = FloatDType> {
   readonly microBatch: number;
   /** Protocol hooks; absent, every collective is issued unconditionally. */
   readonly protocol?: LayerProtocol;
+  /**
+   * Row buffers reused across calls. With it, the layer gives its temporaries back as they
+   * die and epBackward consumes its EpSaved: backpropagate each forward once.
+   */
+  readonly scratch?: ScratchPool;
 }
 
 /** What forward leaves for backward. S = T·K dispatch entries; R rows received. */
@@ -170,7 +176,7 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
     token_S[p] = Math.floor(entry / K);
     idsSorted_S.data[p] = BigInt(idx_S[entry]!);
   }
-  const xSorted_SD = gatherRows(x_TD, token_S);
+  const xSorted_SD = gatherRows(x_TD, token_S, null, ctx.scratch);
 
   // 2-4. A counts, B rows, C expert ids (the seed sends ids as f32 [n,1]; i64 [n] is exact for any E).
   await ctx.protocol?.routed(T, sendCounts);
@@ -180,6 +186,7 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   const recvCounts = countsOf(recvCountsT);
   release(ctx, recvCountsT);
   const recv_RD = await collective(ctx, 'fwd.dispatch', xSorted_SD, sendCounts, recvCounts);
+  ctx.scratch?.give(xSorted_SD); // every exchange has copied the rows when it returns
   const recvIds = await collective(ctx, 'fwd.expert_ids', idsSorted_S, sendCounts, recvCounts, start);
   const recvIds_R = toIndexArray(recvIds, 'received expert ids');
   release(ctx, recvIds);
@@ -192,9 +199,9 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
     local_R[r] = l;
   }
   const { order: byExpert_R, counts: rowsPerExpert } = stableBucketSort(local_R, N);
-  const recvGrouped_RD = gatherRows(recv_RD, byExpert_R);
+  const recvGrouped_RD = gatherRows(recv_RD, byExpert_R, null, ctx.scratch);
   release(ctx, recv_RD);
-  const expertFwd = await ctx.backend.forward(ctx.experts, recvGrouped_RD, rowsPerExpert);
+  const expertFwd = await ctx.backend.forward(ctx.experts, recvGrouped_RD, rowsPerExpert, ctx.scratch);
   await ctx.protocol?.computed('forward');
 
   // 6. Gradient scale: rows of local expert i scaled by (R / N) / c_i, in forward too.
@@ -205,10 +212,12 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
     let q = 0;
     for (const c of rowsPerExpert) rowScale_R.fill(R / N / c, q, (q += c));
   }
-  const local_RD = ungroup(expertFwd.y, byExpert_R, rowScale_R);
+  const local_RD = ungroup(expertFwd.y, byExpert_R, rowScale_R, ctx.scratch);
+  ctx.scratch?.give(expertFwd.y);
 
   // 7. D: expert outputs go home, splits swapped.
   const returned_SD = await collective(ctx, 'fwd.combine', local_RD, recvCounts, sendCounts);
+  ctx.scratch?.give(local_RD);
 
   // 8. Unsort, weight, scatter-add into out [T,D] (summed in f64 in send order, rounded once).
   const weightsFlat = toFloat64(weights_TK).data;
@@ -234,20 +243,24 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
 
   // Grad of the returned rows (w · grad_out[t], rounded once into the dtype) and of the
   // routing weights (<grad_out[t], row>, summed in f64).
-  const gradReturned = Tensor.unfilled(gradOut_TD.dtype, [S, D]); // routeGrad writes every row
+  const gradReturned = takeUnfilled(ctx.scratch, gradOut_TD.dtype, [S, D]); // routeGrad writes every row
   const gradWeights = new Float64Array(T * K);
   routeGrad(g, D, ret, token_S, sortOrder_S, weights_S, gradReturned.data as Floats, gradWeights);
 
   // D': grads go to the expert owners; regroup by expert, apply the forward's scale.
   const gradLocal_RD = await collective(ctx, 'bwd.combine', gradReturned, sendCounts, recvCounts);
-  const gradY_RD = gatherRows(gradLocal_RD, byExpert_R, rowScale_R);
+  ctx.scratch?.give(gradReturned);
+  const gradY_RD = gatherRows(gradLocal_RD, byExpert_R, rowScale_R, ctx.scratch);
   release(ctx, gradLocal_RD);
-  const expertBwd = await ctx.backend.backward(ctx.experts, saved.recvGrouped_RD, rowsPerExpert, saved.expertFwd, gradY_RD);
+  const expertBwd = await ctx.backend.backward(ctx.experts, saved.recvGrouped_RD, rowsPerExpert, saved.expertFwd, gradY_RD, ctx.scratch);
+  ctx.scratch?.give(gradY_RD, saved.recvGrouped_RD);
   await ctx.protocol?.computed('backward');
 
   // B': grads of the dispatched rows go home; gather-add into grad_x (f64, rounded once).
-  const gradRecv_RD = ungroup(expertBwd.gradX, byExpert_R, null);
+  const gradRecv_RD = ungroup(expertBwd.gradX, byExpert_R, null, ctx.scratch);
+  ctx.scratch?.give(expertBwd.gradX);
   const gradSorted_SD = await collective(ctx, 'bwd.dispatch', gradRecv_RD, recvCounts, sendCounts);
+  ctx.scratch?.give(gradRecv_RD);
   const gradX_TD = combineRows(gradSorted_SD, saved.positions_TK, K, null, T);
   release(ctx, gradSorted_SD);
   return {

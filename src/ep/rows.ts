@@ -3,6 +3,7 @@
 // TypeScript loops otherwise, with the same arithmetic.
 import { Tensor, type DType, type FloatDType } from '../tensor.js';
 import { loadNative, type NativeAddon } from '../native/backend.js';
+import { takeUnfilled, type ScratchPool } from './scratch.js';
 
 export type Floats = Float32Array | Float64Array;
 
@@ -40,8 +41,8 @@ export function moveRows(src: Floats, index: Int32Array, D: number, dst: Floats,
 }
 
 /** The rows of `t` in a new order: out[i] = t[index[i]] (times scale[i]). */
-export function gatherRows<F extends DType>(t: Tensor<F>, index: Int32Array, scale: Float64Array | null = null): Tensor<F> {
-  const out = Tensor.unfilled(t.dtype, [index.length, ...t.shape.slice(1)]);
+export function gatherRows<F extends DType>(t: Tensor<F>, index: Int32Array, scale: Float64Array | null = null, scratch?: ScratchPool): Tensor<F> {
+  const out = takeUnfilled(scratch, t.dtype, [index.length, ...t.shape.slice(1)]);
   moveRows(t.data as Floats, index, t.rowSize, out.data as Floats, scale, false);
   return out;
 }
@@ -113,9 +114,9 @@ export function routeGrad(g: Floats, D: number, ret: Floats, token_S: Int32Array
  * Expert-grouped rows back in received order (row byExpert[q] ← grouped row q), times a
  * per-row scale. byExpert_R is a permutation, so every row of the result is written.
  */
-export function ungroup<F extends FloatDType>(grouped_RD: Tensor<F>, byExpert_R: Int32Array, rowScale_R: Float64Array | null): Tensor<F> {
+export function ungroup<F extends FloatDType>(grouped_RD: Tensor<F>, byExpert_R: Int32Array, rowScale_R: Float64Array | null, scratch?: ScratchPool): Tensor<F> {
   if (byExpert_R.length !== grouped_RD.shape[0]) throw new Error(`ungroup: ${byExpert_R.length} row indices for ${grouped_RD.shape[0]} rows`);
-  const out = Tensor.unfilled(grouped_RD.dtype, grouped_RD.shape);
+  const out = takeUnfilled(scratch, grouped_RD.dtype, grouped_RD.shape);
   moveRows(grouped_RD.data as Floats, byExpert_R, grouped_RD.rowSize, out.data as Floats, rowScale_R, true);
   return out;
 }

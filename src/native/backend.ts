@@ -5,7 +5,8 @@ import { createRequire } from 'node:module';
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Tensor, unfilledStorage, type FloatDType, type StorageOf } from '../tensor.js';
+import { Tensor, type FloatDType, type StorageOf } from '../tensor.js';
+import { takeUnfilled, type ScratchPool } from '../ep/scratch.js';
 import type {
   Activation,
   ExpertBackend,
@@ -186,9 +187,12 @@ interface NativeSaved {
   readonly counts: Int32Array;
 }
 
+/** The saved activations of a job before its direction sets them. */
+const NO_ROWS = new Float32Array(0);
+
 /** An output buffer the kernels write in full (every row belongs to one expert). */
-function alloc(dtype: FloatDType, n: number): Floats {
-  return unfilledStorage(dtype, n);
+function alloc(dtype: FloatDType, n: number, scratch: ScratchPool | undefined): Floats {
+  return takeUnfilled(scratch, dtype, [n]).data as Floats;
 }
 
 function describe(w: ExpertWeights): { n: number; d: number; h: number } {
@@ -262,6 +266,7 @@ export class NativeExpertBackend implements ExpertBackend {
     this.name = this.#blas ? 'native' : 'native-noblas';
   }
 
+  /** The job both directions share; the caller sets the saved activations (forward: new, backward: the forward's). */
   #job<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[]): { job: ExpertJob; R: number; d: number; h: number } {
     const { n, d: dW, h } = describe(w);
     if (x.dtype !== 'f32' && x.dtype !== 'f64') throw new NativeError(`native backend takes f32 or f64, got ${x.dtype}`, 'BAD_ARGUMENT');
@@ -276,7 +281,6 @@ export class NativeExpertBackend implements ExpertBackend {
     }
     if (sum !== R) throw new NativeError(`row counts sum to ${sum} but x has ${R} rows`, 'BAD_ARGUMENT');
     const v = weightViews(w, x.dtype, d, h);
-    const gated = w.activation === 'silu';
     const job: ExpertJob = {
       dtype: x.dtype,
       act: w.activation,
@@ -288,17 +292,19 @@ export class NativeExpertBackend implements ExpertBackend {
       up: v.up,
       gate: v.gate,
       down: v.down,
-      saveUp: alloc(x.dtype, R * h),
-      saveGate: gated ? alloc(x.dtype, R * h) : null,
+      saveUp: NO_ROWS,
+      saveGate: null,
       blas: this.#blas,
     };
     return { job, R, d, h };
   }
 
-  async forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[]): Promise<ExpertForward<F>> {
+  async forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[], scratch?: ScratchPool): Promise<ExpertForward<F>> {
     const addon = requireNative();
-    const { job, R, d } = this.#job(w, x, rowsPerExpert);
-    job.y = alloc(x.dtype, R * d);
+    const { job, R, d, h } = this.#job(w, x, rowsPerExpert);
+    job.saveUp = alloc(x.dtype, R * h, scratch);
+    if (w.activation === 'silu') job.saveGate = alloc(x.dtype, R * h, scratch);
+    job.y = alloc(x.dtype, R * d, scratch);
     if (this.#runForward) this.#runForward(job);
     else if (this.#sync) addon.expertForward(job, true);
     else await addon.expertForward(job);
@@ -312,6 +318,7 @@ export class NativeExpertBackend implements ExpertBackend {
     rowsPerExpert: readonly number[],
     fwd: ExpertForward<F>,
     gradY: Tensor<F>,
+    scratch?: ScratchPool,
   ): Promise<ExpertBackward<F>> {
     const addon = requireNative();
     const saved = fwd.saved as NativeSaved | undefined;
@@ -322,7 +329,7 @@ export class NativeExpertBackend implements ExpertBackend {
     job.saveUp = saved.up;
     job.saveGate = saved.gate;
     job.gy = gradY.data as Floats;
-    job.gx = alloc(x.dtype, R * d);
+    job.gx = alloc(x.dtype, R * d, scratch);
     const grads = zeroGrads(w, x.dtype, d, h);
     const v = weightViews(grads, x.dtype, d, h);
     job.gUp = v.up;
@@ -331,6 +338,7 @@ export class NativeExpertBackend implements ExpertBackend {
     if (this.#runBackward) this.#runBackward(job);
     else if (this.#sync) addon.expertBackward(job, true);
     else await addon.expertBackward(job);
+    scratch?.give(saved.up, saved.gate); // the forward is consumed
     return { gradX: new Tensor(x.dtype, [R, d], job.gx as StorageOf[F]), grads };
   }
 }
