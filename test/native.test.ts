@@ -133,6 +133,30 @@ for (const name of readdirSync(goldenDir).filter((f) => f.endsWith('.safetensors
   });
 }
 
+nativeTest("the SwiGLU backward from the forward's saved sigmoid equals the one that evaluates it again, bit for bit", (addon) => {
+  const r = rng(5);
+  const [d, h] = [24, 41]; // rows·h leaves SIMD remainders, which the rebuild must leave to the scalar path
+  const counts = Int32Array.from([7, 0, 13]);
+  const R = 20;
+  const f32 = (n: number, scale = 1) => Float32Array.from({ length: n }, () => r() * 2 * scale);
+  const weights = (n: number) => Array.from({ length: counts.length }, () => f32(n, 1 / Math.sqrt(d)));
+  const base = { dtype: 'f32' as const, act: 'silu' as const, layout: 'packed' as const, d, h, counts, x: f32(R * d), up: weights(d * h), gate: weights(d * h), down: weights(h * d), blas: false };
+  const saveSigmoid = new Float64Array(R * h);
+  const fwd = { ...base, saveUp: new Float32Array(R * h), saveGate: new Float32Array(R * h), saveSigmoid, y: new Float32Array(R * d) };
+  addon.expertForward(fwd, true);
+  const gy = f32(R * d);
+  const backward = (sigmoid: Float64Array | null) => {
+    const grads = () => Array.from({ length: counts.length }, () => new Float32Array(d * h));
+    const job = { ...base, saveUp: fwd.saveUp, saveGate: fwd.saveGate, saveSigmoid: sigmoid, gy, gx: new Float32Array(R * d), gUp: grads(), gGate: grads(), gDown: grads() };
+    addon.expertBackward(job, true);
+    return [job.gx, ...job.gUp, ...job.gGate, ...job.gDown].map((a) => Array.from(a));
+  };
+  const reused = backward(saveSigmoid);
+  const again = backward(null);
+  assert.ok(saveSigmoid.some((v) => v > 0), 'the forward filled the saved sigmoid');
+  reused.forEach((a, i) => assert.equal(a, again[i], `output ${i}`));
+});
+
 nativeTest('results are bitwise deterministic across runs', async () => {
   const r = rng(99);
   const w = packedWeights('f32', 'silu', 3, 64, 96, r);

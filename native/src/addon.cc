@@ -108,6 +108,9 @@ template <typename T> ExpertJob<T> parseJob(Napi::Env env, Napi::Object o, bool 
     for (auto* p : floatList<T>(env, o, "gate", n, W)) j.gate.push_back(p);
   j.saveUp = floatArray<T>(env, o, "saveUp", R * H);
   if (gated) j.saveGate = floatArray<T>(env, o, "saveGate", R * H);
+  Napi::Value sig = o.Get("saveSigmoid");
+  if (gated && !sig.IsNull() && !sig.IsUndefined())
+    j.saveSigmoid = static_cast<double*>(typedData(env, sig, napi_float64_array, R * H, "job.saveSigmoid"));
   if (!backward) {
     j.y = floatArray<T>(env, o, "y", R * D);
   } else {

@@ -20,6 +20,9 @@ struct ExpertJob {
   T* y = nullptr;      // [R, D]
   T* saveUp = nullptr;    // [R, H] x·up (pre-activation), kept for backward
   T* saveGate = nullptr;  // [R, H] x·gate (silu only)
+  // [R, H] sigmoid(x·gate), optional: for the f32 SwiGLU's SIMD path the forward fills it and
+  // the backward reads it instead of evaluating exp again (ignored where that path does not run).
+  double* saveSigmoid = nullptr;
   // backward inputs / outputs
   const T* gy = nullptr;  // [R, D]
   T* gx = nullptr;        // [R, D]

@@ -43,6 +43,8 @@ export interface ExpertJob {
   down: Floats[];
   saveUp: Floats;
   saveGate: Floats | null;
+  /** sigmoid(x·gate) in f64, f32 SwiGLU only: the forward fills it (on SIMD CPUs), the backward reuses it. */
+  saveSigmoid?: Float64Array | null;
   y?: Floats;
   gy?: Floats;
   gx?: Floats;
@@ -184,6 +186,7 @@ interface NativeSaved {
   readonly [SAVED]: true;
   readonly up: Floats;
   readonly gate: Floats | null;
+  readonly sigmoid: Float64Array | null;
   readonly counts: Int32Array;
 }
 
@@ -304,11 +307,13 @@ export class NativeExpertBackend implements ExpertBackend {
     const { job, R, d, h } = this.#job(w, x, rowsPerExpert);
     job.saveUp = alloc(x.dtype, R * h, scratch);
     if (w.activation === 'silu') job.saveGate = alloc(x.dtype, R * h, scratch);
+    // Memory for exp: the backward would evaluate it again (the CUDA jobs keep their own).
+    if (w.activation === 'silu' && x.dtype === 'f32' && !this.#runForward) job.saveSigmoid = alloc('f64', R * h, scratch) as Float64Array;
     job.y = alloc(x.dtype, R * d, scratch);
     if (this.#runForward) this.#runForward(job);
     else if (this.#sync) addon.expertForward(job, true);
     else await addon.expertForward(job);
-    const saved: NativeSaved = { [SAVED]: true, up: job.saveUp, gate: job.saveGate, counts: job.counts };
+    const saved: NativeSaved = { [SAVED]: true, up: job.saveUp, gate: job.saveGate, sigmoid: job.saveSigmoid ?? null, counts: job.counts };
     return { y: new Tensor(x.dtype, [R, d], job.y as StorageOf[F]), saved };
   }
 
@@ -328,6 +333,7 @@ export class NativeExpertBackend implements ExpertBackend {
     if (saved.up.length !== R * h) throw new NativeError('the saved forward does not match these inputs', 'BAD_ARGUMENT');
     job.saveUp = saved.up;
     job.saveGate = saved.gate;
+    job.saveSigmoid = saved.sigmoid;
     job.gy = gradY.data as Floats;
     job.gx = alloc(x.dtype, R * d, scratch);
     const grads = zeroGrads(w, x.dtype, d, h);
@@ -338,7 +344,7 @@ export class NativeExpertBackend implements ExpertBackend {
     if (this.#runBackward) this.#runBackward(job);
     else if (this.#sync) addon.expertBackward(job, true);
     else await addon.expertBackward(job);
-    scratch?.give(saved.up, saved.gate); // the forward is consumed
+    scratch?.give(saved.up, saved.gate, saved.sigmoid); // the forward is consumed
     return { gradX: new Tensor(x.dtype, [R, d], job.gx as StorageOf[F]), grads };
   }
 }
