@@ -123,6 +123,14 @@ async function collective<D extends DType>(
   return received;
 }
 
+/**
+ * A temporary sent on an exchange that has returned goes back to the scratch pool, unless
+ * the exchange handed back that very tensor (ep = 1 has no exchange).
+ */
+function recycleSent(ctx: EpContext, sent: Tensor, received: Tensor): void {
+  if (sent !== received) ctx.scratch?.give(sent);
+}
+
 /** Hand an exchange result the layer has copied out of back to the communicator for reuse. */
 function release(ctx: EpContext, t: Tensor): void {
   ctx.comm?.release?.(t);
@@ -186,7 +194,7 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   const recvCounts = countsOf(recvCountsT);
   release(ctx, recvCountsT);
   const recv_RD = await collective(ctx, 'fwd.dispatch', xSorted_SD, sendCounts, recvCounts);
-  ctx.scratch?.give(xSorted_SD); // every exchange has copied the rows when it returns
+  recycleSent(ctx, xSorted_SD, recv_RD); // every exchange has copied the rows when it returns
   const recvIds = await collective(ctx, 'fwd.expert_ids', idsSorted_S, sendCounts, recvCounts, start);
   const recvIds_R = toIndexArray(recvIds, 'received expert ids');
   release(ctx, recvIds);
@@ -217,7 +225,7 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
 
   // 7. D: expert outputs go home, splits swapped.
   const returned_SD = await collective(ctx, 'fwd.combine', local_RD, recvCounts, sendCounts);
-  ctx.scratch?.give(local_RD);
+  recycleSent(ctx, local_RD, returned_SD);
 
   // 8. Unsort, weight, scatter-add into out [T,D] (summed in f64 in send order, rounded once).
   const weightsFlat = toFloat64(weights_TK).data;
@@ -249,7 +257,7 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
 
   // D': grads go to the expert owners; regroup by expert, apply the forward's scale.
   const gradLocal_RD = await collective(ctx, 'bwd.combine', gradReturned, sendCounts, recvCounts);
-  ctx.scratch?.give(gradReturned);
+  recycleSent(ctx, gradReturned, gradLocal_RD);
   const gradY_RD = gatherRows(gradLocal_RD, byExpert_R, rowScale_R, ctx.scratch);
   release(ctx, gradLocal_RD);
   const expertBwd = await ctx.backend.backward(ctx.experts, saved.recvGrouped_RD, rowsPerExpert, saved.expertFwd, gradY_RD, ctx.scratch);
@@ -260,7 +268,7 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
   const gradRecv_RD = ungroup(expertBwd.gradX, byExpert_R, null, ctx.scratch);
   ctx.scratch?.give(expertBwd.gradX);
   const gradSorted_SD = await collective(ctx, 'bwd.dispatch', gradRecv_RD, recvCounts, sendCounts);
-  ctx.scratch?.give(gradRecv_RD);
+  recycleSent(ctx, gradRecv_RD, gradSorted_SD);
   const gradX_TD = combineRows(gradSorted_SD, saved.positions_TK, K, null, T);
   release(ctx, gradSorted_SD);
   return {
