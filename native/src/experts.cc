@@ -59,29 +59,45 @@ template <typename T> void activateBackwardScalar(Act act, const T* up, const T*
   }
 }
 
-// ---- SwiGLU in f32 with AVX2: four lanes of double, so values match the scalar path ----
+// ---- SwiGLU in f32 with SIMD over double lanes, so values match the scalar path ----
 // libm's exp, one value at a time, cost about as much as a third of the expert GEMMs; this
 // exp is a Cody-Waite reduction and a degree-13 Taylor polynomial (|r| <= ln2/2, error
-// below 1e-17 before rounding), then 2^n built in the exponent bits.
+// below 1e-17 before rounding), then 2^n built in the exponent bits. The AVX-512 and AVX2
+// versions run the same operations in the same order (8 or 4 lanes), so they agree bit for bit.
+
+constexpr double kExpPoly[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                               1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
+                               1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
+                               1.0,                1.0};
+constexpr double kLog2e = 1.4426950408889634, kLn2Hi = 6.93147180369123816490e-01, kLn2Lo = 1.90821492927058770002e-10;
+// n + 1.5·2^52 holds n in its low mantissa bits; subtracting the bias's bits leaves n as int64.
+constexpr double kRoundMagic = 6755399441055744.0;
 
 __attribute__((target("avx2,fma"))) inline __m256d exp4(__m256d x) {
   // exp(±708) stays a normal double; beyond, sigmoid is 0 or 1 to double precision anyway.
   x = _mm256_min_pd(_mm256_max_pd(x, _mm256_set1_pd(-708.0)), _mm256_set1_pd(708.0));
-  const __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180369123816490e-01), x);
-  r = _mm256_fnmadd_pd(n, _mm256_set1_pd(1.90821492927058770002e-10), r);
-  static constexpr double c[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
-                                 1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
-                                 1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
-                                 1.0,                1.0};
-  __m256d p = _mm256_set1_pd(c[0]);
-  for (int i = 1; i < 14; i++) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(c[i]));
-  // n + 1.5·2^52 holds n in its low mantissa bits; subtracting the bias's bits leaves n as int64.
-  const __m256d magic = _mm256_set1_pd(6755399441055744.0);
+  const __m256d n = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(kLn2Hi), x);
+  r = _mm256_fnmadd_pd(n, _mm256_set1_pd(kLn2Lo), r);
+  __m256d p = _mm256_set1_pd(kExpPoly[0]);
+  for (int i = 1; i < 14; i++) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kExpPoly[i]));
+  const __m256d magic = _mm256_set1_pd(kRoundMagic);
   const __m256i ni = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(n, magic)), _mm256_castpd_si256(magic));
   const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(ni, _mm256_set1_epi64x(1023)), 52);
   return _mm256_mul_pd(p, _mm256_castsi256_pd(bits));
+}
+
+__attribute__((target("avx512f"))) inline __m512d exp8(__m512d x) {
+  x = _mm512_min_pd(_mm512_max_pd(x, _mm512_set1_pd(-708.0)), _mm512_set1_pd(708.0));
+  const __m512d n = _mm512_roundscale_pd(_mm512_mul_pd(x, _mm512_set1_pd(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512d r = _mm512_fnmadd_pd(n, _mm512_set1_pd(kLn2Hi), x);
+  r = _mm512_fnmadd_pd(n, _mm512_set1_pd(kLn2Lo), r);
+  __m512d p = _mm512_set1_pd(kExpPoly[0]);
+  for (int i = 1; i < 14; i++) p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(kExpPoly[i]));
+  const __m512d magic = _mm512_set1_pd(kRoundMagic);
+  const __m512i ni = _mm512_sub_epi64(_mm512_castpd_si512(_mm512_add_pd(n, magic)), _mm512_castpd_si512(magic));
+  const __m512i bits = _mm512_slli_epi64(_mm512_add_epi64(ni, _mm512_set1_epi64(1023)), 52);
+  return _mm512_mul_pd(p, _mm512_castsi512_pd(bits));
 }
 
 __attribute__((target("avx2,fma"))) inline __m256d sigmoid4(__m256d g) {
@@ -89,40 +105,81 @@ __attribute__((target("avx2,fma"))) inline __m256d sigmoid4(__m256d g) {
   return _mm256_div_pd(one, _mm256_add_pd(one, exp4(_mm256_sub_pd(_mm256_setzero_pd(), g))));
 }
 
-/** silu(gate)·up over n floats; returns how many it did (a multiple of 4), the rest is scalar. */
-__attribute__((target("avx2,fma"))) long siluForwardAvx2(const float* up, const float* gate, float* h, long n) {
+__attribute__((target("avx512f"))) inline __m512d sigmoid8(__m512d g) {
+  const __m512d one = _mm512_set1_pd(1.0);
+  return _mm512_div_pd(one, _mm512_add_pd(one, exp8(_mm512_sub_pd(_mm512_setzero_pd(), g))));
+}
+
+// h = silu(gate)·up over n floats, and s = sigmoid(gate) in double when s is given (the
+// backward keeps it for its second pass instead of evaluating exp again). Each returns how
+// many it did (a multiple of its width); the caller goes on with the narrower path. The
+// AVX-512 and AVX2 bodies are separate functions so AVX2-only CPUs never meet an EVEX op.
+
+__attribute__((target("avx512f"))) long siluForwardAvx512(const float* up, const float* gate, float* h, double* s, long n) {
   long i = 0;
-  for (; i + 4 <= n; i += 4) {
-    const __m256d g = _mm256_cvtps_pd(_mm_loadu_ps(gate + i)), u = _mm256_cvtps_pd(_mm_loadu_ps(up + i));
+  for (; i + 8 <= n; i += 8) {
+    const __m512d g = _mm512_cvtps_pd(_mm256_loadu_ps(gate + i)), u = _mm512_cvtps_pd(_mm256_loadu_ps(up + i));
+    const __m512d sg = sigmoid8(g);
+    if (s) _mm512_storeu_pd(s + i, sg);
     // (g · s) · up, as the scalar path rounds it
-    _mm_storeu_ps(h + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(g, sigmoid4(g)), u)));
+    _mm256_storeu_ps(h + i, _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(g, sg), u)));
   }
   return i;
 }
 
-__attribute__((target("avx2,fma"))) long siluBackwardAvx2(const float* up, const float* gate, float* dh, float* dGate, long n) {
+__attribute__((target("avx2,fma"))) long siluForwardAvx2(const float* up, const float* gate, float* h, double* s, long n) {
+  long i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const __m256d g = _mm256_cvtps_pd(_mm_loadu_ps(gate + i)), u = _mm256_cvtps_pd(_mm_loadu_ps(up + i));
+    const __m256d sg = sigmoid4(g);
+    if (s) _mm256_storeu_pd(s + i, sg);
+    _mm_storeu_ps(h + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(g, sg), u)));
+  }
+  return i;
+}
+
+// From dh and the forward's s: dGate = dh·up·s·(1 + g·(1 − s)) and dUp = dh·g·s over dh,
+// multiplied in the scalar path's order.
+
+__attribute__((target("avx512f"))) long siluBackwardAvx512(const float* up, const float* gate, const double* s, float* dh, float* dGate,
+                                                         long n) {
+  const __m512d one = _mm512_set1_pd(1.0);
+  long i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m512d g = _mm512_cvtps_pd(_mm256_loadu_ps(gate + i)), u = _mm512_cvtps_pd(_mm256_loadu_ps(up + i));
+    const __m512d d = _mm512_cvtps_pd(_mm256_loadu_ps(dh + i)), sg = _mm512_loadu_pd(s + i);
+    const __m512d t = _mm512_add_pd(one, _mm512_mul_pd(g, _mm512_sub_pd(one, sg)));
+    _mm256_storeu_ps(dGate + i, _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(_mm512_mul_pd(d, u), sg), t)));
+    _mm256_storeu_ps(dh + i, _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(d, g), sg)));
+  }
+  return i;
+}
+
+__attribute__((target("avx2,fma"))) long siluBackwardAvx2(const float* up, const float* gate, const double* s, float* dh, float* dGate,
+                                                        long n) {
   const __m256d one = _mm256_set1_pd(1.0);
   long i = 0;
   for (; i + 4 <= n; i += 4) {
     const __m256d g = _mm256_cvtps_pd(_mm_loadu_ps(gate + i)), u = _mm256_cvtps_pd(_mm_loadu_ps(up + i));
-    const __m256d d = _mm256_cvtps_pd(_mm_loadu_ps(dh + i)), s = sigmoid4(g);
-    // d·up·s·(1 + g·(1 − s)) and d·g·s, multiplied in the scalar path's order
-    const __m256d t = _mm256_add_pd(one, _mm256_mul_pd(g, _mm256_sub_pd(one, s)));
-    _mm_storeu_ps(dGate + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(d, u), s), t)));
-    _mm_storeu_ps(dh + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(d, g), s)));
+    const __m256d d = _mm256_cvtps_pd(_mm_loadu_ps(dh + i)), sg = _mm256_loadu_pd(s + i);
+    const __m256d t = _mm256_add_pd(one, _mm256_mul_pd(g, _mm256_sub_pd(one, sg)));
+    _mm_storeu_ps(dGate + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(d, u), sg), t)));
+    _mm_storeu_ps(dh + i, _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_mul_pd(d, g), sg)));
   }
   return i;
 }
 
-bool hasAvx2Fma() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
+/** The SwiGLU SIMD path applies: f32 silu on a CPU with AVX2 and FMA. */
+template <typename T> bool siluSimd(Act act) {
+  return std::is_same_v<T, float> && act == Act::Silu && hasAvx2Fma();
 }
 
-template <typename T> void activate(Act act, const T* up, const T* gate, T* h, long n) {
+/** h = act(up) or silu(gate)·up; for the SIMD SwiGLU, also s = sigmoid(gate) when s is given. */
+template <typename T> void activate(Act act, const T* up, const T* gate, T* h, double* s, long n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (act == Act::Silu && hasAvx2Fma()) {
-      const long done = siluForwardAvx2(up, gate, h, n);
+    if (siluSimd<T>(act)) {
+      long done = hasAvx512() ? siluForwardAvx512(up, gate, h, s, n) : 0;
+      done += siluForwardAvx2(up + done, gate + done, h + done, s ? s + done : nullptr, n - done);
       activateScalar(act, up + done, gate + done, h + done, n - done);
       return;
     }
@@ -130,10 +187,22 @@ template <typename T> void activate(Act act, const T* up, const T* gate, T* h, l
   activateScalar(act, up, gate, h, n);
 }
 
-template <typename T> void activateBackward(Act act, const T* up, const T* gate, T* dh, T* dGate, long n) {
+/**
+ * h = silu(gate)·up again in the backward from the forward's s = sigmoid(gate): the elements
+ * the SIMD path covered (it stores s) multiply as it did, the rest take the scalar path.
+ */
+template <typename T> void rebuildSilu(const T* up, const T* gate, const double* s, T* h, long n) {
+  const long simd = n / 4 * 4;  // what siluForwardAvx512 + siluForwardAvx2 covered
+  for (long i = 0; i < simd; i++) h[i] = static_cast<T>(static_cast<double>(gate[i]) * s[i] * static_cast<double>(up[i]));
+  activateScalar(Act::Silu, up + simd, gate + simd, h + simd, n - simd);
+}
+
+/** From dh: dUp (in place over dh) and dGate; the SIMD SwiGLU reads the s its activate kept. */
+template <typename T> void activateBackward(Act act, const T* up, const T* gate, const double* s, T* dh, T* dGate, long n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (act == Act::Silu && hasAvx2Fma()) {
-      const long done = siluBackwardAvx2(up, gate, dh, dGate, n);
+    if (siluSimd<T>(act)) {
+      long done = hasAvx512() ? siluBackwardAvx512(up, gate, s, dh, dGate, n) : 0;
+      done += siluBackwardAvx2(up + done, gate + done, s + done, dh + done, dGate + done, n - done);
       activateBackwardScalar(act, up + done, gate + done, dh + done, dGate + done, n - done);
       return;
     }
@@ -144,7 +213,7 @@ template <typename T> void activateBackward(Act act, const T* up, const T* gate,
 /** Per-thread scratch rows, kept between calls (fresh multi-MB vectors per expert meant
  *  an mmap, page faults and a munmap every time). */
 template <typename T> T* scratch(int which, size_t n) {
-  thread_local std::vector<T> bufs[3];
+  thread_local std::vector<T> bufs[4];
   auto& b = bufs[which];
   if (b.size() < n) b.resize(n);
   return b.data();
@@ -176,7 +245,8 @@ template <typename T> void expertForward(const ExpertJob<T>& job) {
     gemm<T>(false, u, n, H, D, x, D, job.up[e], u ? D : H, a, H, false, job.useBlas, job.threads);
     if (gated) gemm<T>(false, u, n, H, D, x, D, job.gate[e], u ? D : H, g, H, false, job.useBlas, job.threads);
     T* h = scratch<T>(0, static_cast<size_t>(n) * H);
-    activate(job.act, a, g, h, static_cast<long>(n) * H);
+    double* s = job.saveSigmoid && siluSimd<T>(job.act) ? job.saveSigmoid + r0 * H : nullptr;
+    activate<T>(job.act, a, g, h, s, static_cast<long>(n) * H);
     gemm<T>(false, u, n, D, H, h, H, job.down[e], u ? H : D, job.y + r0 * D, D, false, job.useBlas, job.threads);
     r0 += n;
   }
@@ -204,13 +274,20 @@ template <typename T> void expertBackward(const ExpertJob<T>& job) {
     T* h = scratch<T>(0, nh);
     T* dh = scratch<T>(1, nh);
     T* dg = gated ? scratch<T>(2, nh) : nullptr;
-    activate(job.act, a, g, h, nh);
+    double* s = nullptr;
+    if (job.saveSigmoid && siluSimd<T>(job.act)) {
+      s = job.saveSigmoid + r0 * H;
+      rebuildSilu<T>(a, g, s, h, nh);
+    } else {
+      if (siluSimd<T>(job.act)) s = scratch<double>(3, nh);
+      activate<T>(job.act, a, g, h, s, nh);
+    }
     // dDown: packed [H,D] = hᵀ·gy; unpacked [D,H] = gyᵀ·h
     if (u) gemm<T>(true, false, D, H, n, gy, D, h, H, job.gDown[e], H, false, job.useBlas, job.threads);
     else gemm<T>(true, false, H, D, n, h, H, gy, D, job.gDown[e], D, false, job.useBlas, job.threads);
     // dh = gy·downᵀ: packed down [H,D] is transposed, unpacked [D,H] is not
     gemm<T>(false, !u, n, H, D, gy, D, job.down[e], u ? H : D, dh, H, false, job.useBlas, job.threads);
-    activateBackward(job.act, a, g, dh, dg, nh);
+    activateBackward<T>(job.act, a, g, s, dh, dg, nh);
     // dUp: packed [D,H] = xᵀ·dA; unpacked [H,D] = dAᵀ·x (same for gate)
     auto wgrad = [&](const T* d, T* out) {
       if (u) gemm<T>(true, false, H, D, n, d, H, x, D, out, D, false, job.useBlas, job.threads);
@@ -247,20 +324,28 @@ void moveRows(const T* src, long srcRows, long D, const int* index, long n, T* d
 }
 
 template <typename T>
-void scatterAddF64(const T* src, long m, long D, const int* index, const double* weight, double* out, long outRows) {
-  for (long p = 0; p < m; p++) {
-    const long r = index[p];
-    if (r < 0 || r >= outRows)
-      fail("INDEX_OUT_OF_RANGE", "target row " + std::to_string(r) + " at position " + std::to_string(p) + " outside [0, " +
-                                     std::to_string(outRows) + ")");
-    const T* s = src + p * D;
-    double* o = out + r * D;
-    if (weight) {
-      const double w = weight[p];
-      for (long d = 0; d < D; d++) o[d] += w * static_cast<double>(s[d]);
-    } else {
-      for (long d = 0; d < D; d++) o[d] += static_cast<double>(s[d]);
+void combineRows(const T* src, long S, long D, const int* positions, long tokens, long K, const double* weight, T* dst) {
+  thread_local std::vector<double> acc;
+  acc.resize(D);
+  for (long t = 0; t < tokens; t++) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    long prev = -1;
+    for (long k = 0; k < K; k++) {
+      const long p = positions[t * K + k];
+      if (p <= prev || p >= S)
+        fail("INDEX_OUT_OF_RANGE", "position " + std::to_string(p) + " of token " + std::to_string(t) +
+                                       (p >= S ? " outside [0, " + std::to_string(S) + ")" : " is not after the token's previous one"));
+      prev = p;
+      const T* s = src + p * D;
+      if (weight) {
+        const double w = weight[p];
+        for (long d = 0; d < D; d++) acc[d] += w * static_cast<double>(s[d]);
+      } else {
+        for (long d = 0; d < D; d++) acc[d] += static_cast<double>(s[d]);
+      }
     }
+    T* o = dst + t * D;
+    for (long d = 0; d < D; d++) o[d] = static_cast<T>(acc[d]);
   }
 }
 
@@ -288,8 +373,8 @@ void routeGrad(const T* g, long tokens, long D, const T* ret, long S, const int*
 
 template void moveRows<float>(const float*, long, long, const int*, long, float*, long, const double*, bool);
 template void moveRows<double>(const double*, long, long, const int*, long, double*, long, const double*, bool);
-template void scatterAddF64<float>(const float*, long, long, const int*, const double*, double*, long);
-template void scatterAddF64<double>(const double*, long, long, const int*, const double*, double*, long);
+template void combineRows<float>(const float*, long, long, const int*, long, long, const double*, float*);
+template void combineRows<double>(const double*, long, long, const int*, long, long, const double*, double*);
 template void routeGrad<float>(const float*, long, long, const float*, long, const int*, const int*, const double*, float*,
                                double*, long);
 template void routeGrad<double>(const double*, long, long, const double*, long, const int*, const int*, const double*,

@@ -45,12 +45,6 @@ int cpuThreads() {
 
 void setCpuThreads(int n) { threadCap.store(n > 0 ? std::min(n, 64) : 0, std::memory_order_relaxed); }
 
-namespace {
-
-template <typename T> struct Tile;
-template <> struct Tile<float> { static constexpr int MR = 6, NR = 16, KC = 256, MC = 96, NC = 1024; };
-template <> struct Tile<double> { static constexpr int MR = 4, NR = 8, KC = 256, MC = 64, NC = 512; };
-
 bool hasAvx2Fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return ok;
@@ -60,6 +54,12 @@ bool hasAvx512() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;
 }
+
+namespace {
+
+template <typename T> struct Tile;
+template <> struct Tile<float> { static constexpr int MR = 6, NR = 16, KC = 256, MC = 96, NC = 1024; };
+template <> struct Tile<double> { static constexpr int MR = 4, NR = 8, KC = 256, MC = 64, NC = 512; };
 
 // ---- micro-kernels: acc[MR×NR] = Σ_k a[k][:] ⊗ b[k][:], then C = acc (+ C) ----
 

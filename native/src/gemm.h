@@ -26,6 +26,10 @@ struct JobSlot {
 /** Threads a GEMM starting now may use: this thread plus the cores no running job holds, at most cap. */
 int threadsNow(int cap);
 
+/** What this CPU offers the SIMD paths (checked once). */
+bool hasAvx2Fma();
+bool hasAvx512();
+
 /** Which micro-kernel the own GEMM uses on this CPU: "avx2-fma" or "generic". */
 const char* gemmKernelName();
 
