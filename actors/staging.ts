@@ -2,9 +2,8 @@
 // send tensor once in memory that every rank worker of the process can read, tells each
 // peer where that peer's rows are, and each receiver copies its rows out itself; the
 // sender reuses the region once every peer has said it is done. Host SharedArrayBuffers
-// back the 'shared' exchange (between worker threads its large chunks are written into the
-// receiver's memory instead, as the ports exchange's are: actors/transport.ts; staging
-// remains for peers without a fast lane); one GPU's memory backs the 'device-copy' exchange
+// back the 'shared' exchange (unless results may live in shared memory: then peers write
+// into them, actors/transport.ts); one GPU's memory backs the 'device-copy' exchange
 // (src/native/cuda.ts), which is how several ranks share one GPU (NCCL refuses duplicate
 // GPUs). Positions, ops and communicators are checked exactly as for message chunks.
 import type { ExchangeName } from './exchanges.js';

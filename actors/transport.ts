@@ -4,11 +4,11 @@
 // where the sender staged the peer's rows. Between worker threads of one process, small
 // messages take the fast lane instead (actors/lane.ts): the same msgpack bytes in a shared
 // ring, signalled through Atomics, and a receiver blocks for them briefly rather than
-// waiting on its event loop. Large chunks between worker threads are written by their sender
-// into shared memory the receiver offers in an invitation (its result, when its consumers
-// take shared memory, else a landing region it copies from), instead of being encoded,
-// transferred and copied again; their header and a `wrote` signal still travel as msgpack
-// messages with every check. Every message names its communicator, position and op, so a
+// waiting on its event loop. When results may live in shared memory, large chunks between
+// worker threads are written by their sender straight into the receiver's result, where an
+// invitation from the receiver says, instead of being encoded, transferred and copied again;
+// their header and a `wrote` signal still travel as msgpack messages with every check.
+// Every message names its communicator, position and op, so a
 // chunk for the right position but another op, a chunk for a communicator the pair does
 // not share, a stale position or bytes that do not decode are reported at once instead of
 // hanging.
@@ -584,7 +584,7 @@ export class MeshCommunicator implements Communicator {
   readonly rank: number;
   readonly size: number;
   private position = 0;
-  /** Result and landing buffers this communicator allocated, and those free for reuse. */
+  /** Result buffers this communicator allocated, and those released back for reuse. */
   private readonly mine = new WeakSet<ArrayBufferLike>();
   private readonly free: ArrayBufferLike[] = [];
 
@@ -595,10 +595,10 @@ export class MeshCommunicator implements Communicator {
     /** Set for a staged exchange: rows are staged here and peers copy them out. */
     private readonly staging: StagingMemory | null = null,
     /**
-     * Whether results may live in shared memory, so worker-thread peers write their rows
-     * straight into them (one copy). Not while a consumer refuses SharedArrayBuffer-backed
-     * arrays, as the native addon does: then peers write into a shared landing region that
-     * this rank copies into its result.
+     * Whether results may live in shared memory, so that worker-thread peers write large
+     * chunks straight into them (one copy of each byte instead of two). Every rank of a run
+     * must agree. Off while a consumer refuses SharedArrayBuffer-backed arrays, as the native
+     * addon does (it reads them through ArrayBuffer::Data).
      */
     private readonly sharedResults = false,
   ) {
@@ -620,23 +620,14 @@ export class MeshCommunicator implements Communicator {
     const id = this.spec.id;
     // Rows this rank keeps stay as they are; each peer's are checked against recvSplits.
     const pieceRows = members.map((_, j) => (j === this.rank ? sendSplits[j]! : recvSplits[j]!));
-    // On the host, worker-thread peers write large chunks straight into the result, which is
-    // then shared memory offered to them in invitations: one copy of each byte.
-    const host = this.staging?.name !== 'device-copy';
-    const direct = members.map((_, j) => host && j !== this.rank && this.mesh.directRecv(recvSplits[j]! * rowBytes));
-    const toLand = direct.includes(true);
-    const out = uninitialised(send.dtype, [pieceRows.reduce((a, b) => a + b, 0), ...send.shape.slice(1)], (bytes) => this.buffer(bytes, toLand && this.sharedResults));
-    const at: number[] = []; // each member's piece, in bytes from the start of the result
-    pieceRows.reduce((offset, n) => (at.push(offset), offset + n * rowBytes), 0);
-    // Where peers write: the result itself, or a landing region laid out as the result.
-    const landing = !toLand ? null : this.sharedResults ? { region: out.data.buffer as SharedArrayBuffer, base: out.data.byteOffset } : { region: this.buffer(out.data.byteLength, true) as SharedArrayBuffer, base: 0 };
-    const invited = new Set<number>();
-    const invite = (j: number) => {
-      invited.add(j);
-      this.mesh.invite(members[j]!, id, position, tag.op, { handle: landing!.region, offset: landing!.base + at[j]!, rows: recvSplits[j]!, rowSize, dtype: send.dtype });
-    };
-    members.forEach((peer, j) => direct[j] && this.mesh.invitable(peer) && invite(j));
-    const directTo = (peer: number, j: number) => host && this.mesh.directSend(peer, sendSplits[j]! * rowBytes);
+    // With results in shared memory (host exchanges), worker-thread peers write large chunks
+    // straight into them: one copy of each byte.
+    const writing = this.sharedResults && this.staging?.name !== 'device-copy';
+    const direct = writing ? members.map((_, j) => j !== this.rank && this.mesh.directRecv(recvSplits[j]! * rowBytes)) : null;
+    const shared = !!direct?.includes(true);
+    const out = uninitialised(send.dtype, [pieceRows.reduce((a, b) => a + b, 0), ...send.shape.slice(1)], (bytes) => this.buffer(bytes, shared));
+    const offer = shared ? this.offer(out, direct!, pieceRows, position, tag.op, recvSplits) : null;
+    const directTo = (peer: number, j: number) => writing && this.mesh.directSend(peer, sendSplits[j]! * rowBytes);
     // Small chunks take the fast lane whatever the exchange; the rest are staged when it stages.
     const staged = this.staging ? members.filter((peer, j) => j !== this.rank && !this.mesh.laneCarries(peer, sendSplits[j]! * rowBytes) && !directTo(peer, j)) : [];
     const region = staged.length ? this.staging!.stage(bytesOf(send)) : null;
@@ -668,12 +659,12 @@ export class MeshCommunicator implements Communicator {
           return this.mesh.stall(`${tag.op} on ${id} position ${position}: rank ${peer} staged its rows in memory that rank ${this.globalRank}'s ${this.staging?.name ?? 'ports'} exchange cannot read`);
         }
         if ('direct' in c.rows) {
-          if (!direct[j]) {
+          if (!offer || !direct![j]) {
             this.mesh.decline(peer, id, position);
-            return this.mesh.stall(`${tag.op} on ${id} position ${position}: rank ${peer} offered to write its rows into rank ${this.globalRank}'s result, which its ${this.staging?.name ?? 'ports'} exchange does not offer`);
+            return this.mesh.stall(`${tag.op} on ${id} position ${position}: rank ${peer} offered to write its rows into rank ${this.globalRank}'s result, which is not in shared memory`);
           }
           // The peer's offer of a lane came after this rank entered: invite it now.
-          if (!invited.has(j)) invite(j);
+          if (!offer.invited.has(j)) offer.invite(j);
           if (!c.rows.direct.written) await this.mesh.written(peer, id, position);
         }
         return c;
@@ -688,12 +679,11 @@ export class MeshCommunicator implements Communicator {
     const pieces = chunks.map((c, j): Piece => {
       if (!c) return { local: bytesOf(own!) };
       if ('tensor' in c.rows) return { local: bytesOf(c.rows.tensor) };
-      if ('direct' in c.rows) return landing!.region === out.data.buffer ? { placed: pieceRows[j]! * rowBytes } : { handle: landing!.region, offset: at[j]!, bytes: pieceRows[j]! * rowBytes };
+      if ('direct' in c.rows) return { placed: pieceRows[j]! * rowBytes };
       const s = c.rows.staged;
       return { handle: s.handle, offset: s.offset, bytes: s.rows * rowBytes };
     });
     (this.staging?.gather ?? gatherHost)(bytesOf(out), pieces);
-    if (landing && landing.region !== out.data.buffer) this.keep(landing.region);
     for (const c of chunks) if (c) this.mesh.recycle(c);
     // Peers copy out of the region until they say they are done; this rank need not wait.
     if (region !== null) void acknowledged!.then(() => this.staging!.unstage(region));
@@ -705,12 +695,26 @@ export class MeshCommunicator implements Communicator {
   }
 
   release(t: Tensor): void {
-    this.keep(t.data.buffer);
+    const buffer = t.data.buffer;
+    if (this.mine.has(buffer) && !this.free.includes(buffer) && this.free.length < FREE_BUFFERS) this.free.push(buffer);
   }
 
-  /** Keeps one of this communicator's buffers, no longer in use, for a later result or landing region. */
-  private keep(buffer: ArrayBufferLike): void {
-    if (this.mine.has(buffer) && !this.free.includes(buffer) && this.free.length < FREE_BUFFERS) this.free.push(buffer);
+  /**
+   * Offers the worker-thread peers marked `direct` the places of their rows in `out` (shared
+   * memory), inviting those whose lane offer has come; the others are invited once their
+   * header arrives.
+   */
+  private offer(out: Tensor, direct: readonly boolean[], pieceRows: readonly number[], position: number, op: string, recvSplits: readonly number[]): { invited: Set<number>; invite(j: number): void } {
+    const rowBytes = out.rowSize * ELEMENT_SIZE[out.dtype];
+    const at: number[] = [];
+    pieceRows.reduce((offset, n) => (at.push(offset), offset + n * rowBytes), out.data.byteOffset);
+    const invited = new Set<number>();
+    const invite = (j: number) => {
+      invited.add(j);
+      this.mesh.invite(this.spec.members[j]!, this.spec.id, position, op, { handle: out.data.buffer as SharedArrayBuffer, offset: at[j]!, rows: recvSplits[j]!, rowSize: out.rowSize, dtype: out.dtype });
+    };
+    this.spec.members.forEach((peer, j) => direct[j] && this.mesh.invitable(peer) && invite(j));
+    return { invited, invite };
   }
 
   /** A buffer of at least `bytes` for a result: a released one of the kind that fits (not more than twice as big), else a new one. */

@@ -249,7 +249,7 @@ async function twoWorkerRanks(script: string, sharedResults = false): Promise<un
 }
 
 for (const sharedResults of [false, true]) {
-  test(`worker ranks: small chunks take the fast lane, large ones are written by their sender into ${sharedResults ? 'the receiver\'s result' : 'a landing region'}, and both arrive intact`, async () => {
+  test(`worker ranks: small chunks take the fast lane, large ones ${sharedResults ? 'are written by their sender into the receiver\'s shared result' : 'go by the port'}, and both arrive intact`, async () => {
     const results = await twoWorkerRanks(`
       const peer = 1 - rank;
       const out = { lane: [], counts: [], rows: [] };
@@ -269,7 +269,7 @@ for (const sharedResults of [false, true]) {
     `, sharedResults);
     results.forEach((r, rank) => {
       const { lane, counts, rows } = r as { lane: boolean[][]; counts: number[][]; rows: number[][] };
-      assert.equal(lane.at(-1), [true, false, true, sharedResults], `rank ${rank}: the lane carries the counts; the rows are written by the sender`);
+      assert.equal(lane.at(-1), [true, false, true, sharedResults], `rank ${rank}: the lane carries the counts, not the rows`);
       counts.forEach((c, i) => assert.equal(c, [i + (rank === 0 ? 0 : 50), 100 + i + (rank === 0 ? 0 : 50)], `rank ${rank} exchange ${i}`));
       rows.forEach((x, i) => assert.equal(x, [i, 1 + i, 8192], `rank ${rank} exchange ${i}`));
     });
@@ -288,7 +288,7 @@ test('worker ranks: written rows whose count or op disagrees are reported, never
       void send(rows, 'fwd.dispatch');
       void send(rows, 'fwd.combine'); // and the next position disagrees on the op
     }
-  `);
+  `, true);
   const [rank0, rank1] = (results as { errors: string[] }[]).map((r) => r.errors.join('\n'));
   assert.match(rank1!, /fwd.dispatch on ep position 0: rank 0 sent 8192 rows of f32 × 4, rank 1 expected 4096 rows/);
   // Rank 0 reached position 1 (its first exchange completed) and saw rank 1's header there.

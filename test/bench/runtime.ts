@@ -56,14 +56,14 @@ async function transport(exchange: 'ports' | 'shared', sharedResults = false): P
     for (let i = 0; i < 3; i++) dst.set(src);
   }, 15, 3);
   const memcpy = (3 * 4 * MiB) / (copy.medianMs / 1e3) / 1e9;
-  const how = sharedResults ? 'ports exchange, results in shared memory (one copy)' : exchange === 'ports' ? 'ports exchange (written into a landing region, copied into the result)' : 'shared exchange';
+  const how = sharedResults ? 'written by senders into results in shared memory' : exchange === 'ports' ? 'over MessagePorts (msgpack)' : 'over shared memory (staged)';
   return {
-    name: `all-to-all, ${how}, 4 worker ranks, 4 MiB per pair (GB/s sent per rank)`,
+    name: `all-to-all ${how}, 4 worker ranks, 4 MiB per pair (GB/s sent per rank)`,
     value: gbps,
     unit: 'GB/s',
     baseline: { name: 'memcpy (TypedArray.set) of the same bytes, one thread', value: memcpy, unit: 'GB/s' },
     ratio: gbps / memcpy,
-    note: `median of ${iterations} after as many untimed; ratio = ours / memcpy (aim >= 0.25); 4 workers share the cores`,
+    note: `median of ${iterations} after as many untimed; ratio = ours / memcpy (aim >= 0.25); 4 workers share the cores${sharedResults ? '; results the native addon cannot read yet (SharedArrayBuffer-backed)' : ''}`,
   };
 }
 
