@@ -617,55 +617,48 @@ export class MeshCommunicator implements Communicator {
     const enter = profiling ? now() : 0;
     const rowBytes = rowSize * ELEMENT_SIZE[send.dtype];
     const members = this.spec.members;
-    const id = this.spec.id;
-    // Rows this rank keeps stay as they are; each peer's are checked against recvSplits.
-    const pieceRows = members.map((_, j) => (j === this.rank ? sendSplits[j]! : recvSplits[j]!));
+    const rest = [...send.shape.slice(1)];
     // With results in shared memory (host exchanges), worker-thread peers write large chunks
     // straight into them: one copy of each byte.
     const writing = this.sharedResults && this.staging?.name !== 'device-copy';
-    const direct = writing ? members.map((_, j) => j !== this.rank && this.mesh.directRecv(recvSplits[j]! * rowBytes)) : null;
-    const shared = !!direct?.includes(true);
-    const out = uninitialised(send.dtype, [pieceRows.reduce((a, b) => a + b, 0), ...send.shape.slice(1)], (bytes) => this.buffer(bytes, shared));
-    const offer = shared ? this.offer(out, direct!, pieceRows, position, tag.op, recvSplits) : null;
-    const directTo = (peer: number, j: number) => writing && this.mesh.directSend(peer, sendSplits[j]! * rowBytes);
-    // Small chunks take the fast lane whatever the exchange; the rest are staged when it stages.
-    const staged = this.staging ? members.filter((peer, j) => j !== this.rank && !this.mesh.laneCarries(peer, sendSplits[j]! * rowBytes) && !directTo(peer, j)) : [];
-    const region = staged.length ? this.staging!.stage(bytesOf(send)) : null;
+    const offer = writing ? this.offer(uninitialised(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], (bytes) => this.buffer(bytes, true)), position, tag.op, recvSplits) : null;
     const writes: Promise<void>[] = [];
+    // Small chunks take the fast lane whatever the exchange; the rest are staged when it stages.
+    const staged = this.staging ? members.filter((peer, j) => j !== this.rank && !this.mesh.laneCarries(peer, sendSplits[j]! * rowBytes) && !(writing && this.mesh.directSend(peer, sendSplits[j]! * rowBytes))) : [];
+    const region = staged.length ? this.staging!.stage(bytesOf(send)) : null;
     let offset = 0;
     let own: Tensor<D> | null = null;
     for (let j = 0; j < this.size; j++) {
       const chunk = rowsOf(send, offset, sendSplits[j]!);
       const peer = members[j]!;
       if (j === this.rank) own = chunk;
-      else if (region && staged.includes(peer)) this.mesh.send(peer, id, position, tag.op, { handle: region, offset: offset * rowBytes, rows: sendSplits[j]!, rowSize, dtype: send.dtype });
-      else if (directTo(peer, j)) writes.push(this.mesh.sendDirect(peer, id, position, tag.op, chunk));
-      else this.mesh.send(peer, id, position, tag.op, chunk);
+      else if (writing && this.mesh.directSend(peer, chunk.byteLength)) writes.push(this.mesh.sendDirect(peer, this.spec.id, position, tag.op, chunk));
+      else this.mesh.send(peer, this.spec.id, position, tag.op, region && staged.includes(peer) ? { handle: region, offset: offset * rowBytes, rows: sendSplits[j]!, rowSize, dtype: send.dtype } : chunk);
       offset += sendSplits[j]!;
     }
-    const acknowledged = region === null ? null : this.mesh.acknowledgements(id, position, staged);
+    const acknowledged = region === null ? null : this.mesh.acknowledgements(this.spec.id, position, staged);
     const sent = profiling ? now() : 0;
-    this.mesh.awaitLane(id, position, members.filter((peer, j) => j !== this.rank && this.mesh.laneCarries(peer, recvSplits[j]! * rowBytes)));
+    this.mesh.awaitLane(this.spec.id, position, members.filter((peer, j) => j !== this.rank && this.mesh.laneCarries(peer, recvSplits[j]! * rowBytes)));
     const chunks = await Promise.all(
-      members.map(async (peer, j) => {
+      this.spec.members.map(async (peer, j) => {
         if (j === this.rank) return null;
-        const c = await this.mesh.receive(peer, id, position, tag.op);
+        const c = await this.mesh.receive(peer, this.spec.id, position, tag.op);
         const got = 'tensor' in c.rows ? { rows: c.rows.tensor.shape[0] ?? 0, dtype: c.rows.tensor.dtype, rowSize: c.rows.tensor.rowSize } : 'staged' in c.rows ? c.rows.staged : c.rows.direct;
         if (got.dtype !== send.dtype || got.rows !== recvSplits[j] || got.rowSize !== rowSize) {
-          if ('direct' in c.rows) this.mesh.decline(peer, id, position);
-          return this.mesh.stall(`${tag.op} on ${id} position ${position}: rank ${peer} sent ${got.rows} rows of ${got.dtype} × ${got.rowSize}, rank ${this.globalRank} expected ${recvSplits[j]} rows of ${send.dtype} × ${rowSize}`);
+          if ('direct' in c.rows) this.mesh.decline(peer, this.spec.id, position);
+          return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} sent ${got.rows} rows of ${got.dtype} × ${got.rowSize}, rank ${this.globalRank} expected ${recvSplits[j]} rows of ${send.dtype} × ${rowSize}`);
         }
         if ('staged' in c.rows && !this.staging?.isHandle(c.rows.staged.handle)) {
-          return this.mesh.stall(`${tag.op} on ${id} position ${position}: rank ${peer} staged its rows in memory that rank ${this.globalRank}'s ${this.staging?.name ?? 'ports'} exchange cannot read`);
+          return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} staged its rows in memory that rank ${this.globalRank}'s ${this.staging?.name ?? 'ports'} exchange cannot read`);
         }
         if ('direct' in c.rows) {
-          if (!offer || !direct![j]) {
-            this.mesh.decline(peer, id, position);
-            return this.mesh.stall(`${tag.op} on ${id} position ${position}: rank ${peer} offered to write its rows into rank ${this.globalRank}'s result, which is not in shared memory`);
+          if (!offer) {
+            this.mesh.decline(peer, this.spec.id, position);
+            return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} offered to write its rows into rank ${this.globalRank}'s result, which is not in shared memory`);
           }
           // The peer's offer of a lane came after this rank entered: invite it now.
           if (!offer.invited.has(j)) offer.invite(j);
-          if (!c.rows.direct.written) await this.mesh.written(peer, id, position);
+          if (!c.rows.direct.written) await this.mesh.written(peer, this.spec.id, position);
         }
         return c;
       }),
@@ -676,20 +669,26 @@ export class MeshCommunicator implements Communicator {
     const flushed = this.mesh.flushed(members.filter((_, j) => j !== this.rank));
     if (flushed) await flushed;
     const arrived = profiling ? now() : 0;
-    const pieces = chunks.map((c, j): Piece => {
-      if (!c) return { local: bytesOf(own!) };
-      if ('tensor' in c.rows) return { local: bytesOf(c.rows.tensor) };
-      if ('direct' in c.rows) return { placed: pieceRows[j]! * rowBytes };
-      const s = c.rows.staged;
-      return { handle: s.handle, offset: s.offset, bytes: s.rows * rowBytes };
-    });
-    (this.staging?.gather ?? gatherHost)(bytesOf(out), pieces);
+    let out: Tensor<D>;
+    if (this.staging || offer) {
+      out = (offer?.out as Tensor<D> | undefined) ?? uninitialised(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], (bytes) => this.buffer(bytes, false));
+      const pieces = chunks.map((c, j): Piece => {
+        if (!c) return { local: bytesOf(own!) };
+        if ('tensor' in c.rows) return { local: bytesOf(c.rows.tensor) };
+        if ('direct' in c.rows) return { placed: recvSplits[j]! * rowBytes };
+        const s = c.rows.staged;
+        return { handle: s.handle, offset: s.offset, bytes: s.rows * rowBytes };
+      });
+      (this.staging?.gather ?? gatherHost)(bytesOf(out), pieces);
+    } else {
+      out = concatRows(send.dtype, chunks.map((c) => (c ? ((c.rows as { tensor: Tensor }).tensor as Tensor<D>) : own!)), rest, (bytes) => this.buffer(bytes, false));
+    }
     for (const c of chunks) if (c) this.mesh.recycle(c);
     // Peers copy out of the region until they say they are done; this rank need not wait.
     if (region !== null) void acknowledged!.then(() => this.staging!.unstage(region));
     if (profiling) {
       const peerSent = Math.max(enter, ...chunks.map((c) => c?.at ?? enter));
-      reportProfile({ rank: this.globalRank, comm: id, op: tag.op, position, enter, sent, peerSent, arrived, done: now() });
+      reportProfile({ rank: this.globalRank, comm: this.spec.id, op: tag.op, position, enter, sent, peerSent, arrived, done: now() });
     }
     return out;
   }
@@ -700,21 +699,21 @@ export class MeshCommunicator implements Communicator {
   }
 
   /**
-   * Offers the worker-thread peers marked `direct` the places of their rows in `out` (shared
-   * memory), inviting those whose lane offer has come; the others are invited once their
-   * header arrives.
+   * Offers worker-thread peers whose chunks are too large for the lane their places in `out`
+   * (shared memory), inviting those whose lane offer has come; the others are invited once
+   * their header arrives.
    */
-  private offer(out: Tensor, direct: readonly boolean[], pieceRows: readonly number[], position: number, op: string, recvSplits: readonly number[]): { invited: Set<number>; invite(j: number): void } {
+  private offer(out: Tensor, position: number, op: string, recvSplits: readonly number[]): { out: Tensor; invited: Set<number>; invite(j: number): void } {
     const rowBytes = out.rowSize * ELEMENT_SIZE[out.dtype];
     const at: number[] = [];
-    pieceRows.reduce((offset, n) => (at.push(offset), offset + n * rowBytes), out.data.byteOffset);
+    recvSplits.reduce((offset, n) => (at.push(offset), offset + n * rowBytes), out.data.byteOffset);
     const invited = new Set<number>();
     const invite = (j: number) => {
       invited.add(j);
       this.mesh.invite(this.spec.members[j]!, this.spec.id, position, op, { handle: out.data.buffer as SharedArrayBuffer, offset: at[j]!, rows: recvSplits[j]!, rowSize: out.rowSize, dtype: out.dtype });
     };
-    this.spec.members.forEach((peer, j) => direct[j] && this.mesh.invitable(peer) && invite(j));
-    return { invited, invite };
+    this.spec.members.forEach((peer, j) => j !== this.rank && this.mesh.directRecv(recvSplits[j]! * rowBytes) && this.mesh.invitable(peer) && invite(j));
+    return { out, invited, invite };
   }
 
   /** A buffer of at least `bytes` for a result: a released one of the kind that fits (not more than twice as big), else a new one. */
