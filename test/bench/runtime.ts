@@ -153,6 +153,7 @@ async function soak(): Promise<BenchRow> {
 
 export async function bench(): Promise<BenchRow[]> {
   const rows = [await countsExchange('ports'), await countsExchange('shared'), await transport('ports'), await transport('shared'), await transport('ports', true)];
+  if (process.env.BENCH_RUNTIME_ROWS === 'transport') return rows; // the exchanges alone, for A/B runs
   // The TypeScript kernels take tens of seconds per step here: one warm-up, one timed step.
   rows.push(await epStep('ts', 2));
   const native = await import('../../src/native/backend.js');
