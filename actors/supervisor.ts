@@ -46,7 +46,7 @@ export interface RuntimeOptions {
   steps?: number;
   /** Keep the ledger, state paths and trace (default true; off for long benchmark runs). */
   record?: boolean;
-  /** Ranks per worker thread (default: one up to MANY_RANKS ranks; beyond, as many as fill THREADS_AT_SCALE threads). */
+  /** Ranks per worker thread (default: one up to MANY_RANKS ranks or on GPUs; beyond, as many as fill THREADS_AT_SCALE threads). */
   ranksPerThread?: number;
 }
 
@@ -130,8 +130,10 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   const exchange = opts.exchange ?? 'ports';
   const comms = communicators(s);
   const gpu = await gpuPlacement(backend, exchange, n, comms.filter((c) => c.kind === 'ep').map((c) => c.id));
-  const ranksPerThread = opts.ranksPerThread ?? (n > MANY_RANKS ? Math.ceil(n / THREADS_AT_SCALE) : 1);
+  // Ranks on GPUs keep a thread each: a thread has one current CUDA device and one stream of the addon's.
+  const ranksPerThread = opts.ranksPerThread ?? (n > MANY_RANKS && !gpu ? Math.ceil(n / THREADS_AT_SCALE) : 1);
   if (!Number.isSafeInteger(ranksPerThread) || ranksPerThread < 1) throw new RangeError(`ranksPerThread must be a positive integer, got ${ranksPerThread}`);
+  if (gpu && ranksPerThread > 1) throw new RangeError(`ranks on GPUs run one per worker thread (a thread has one current CUDA device), not ${ranksPerThread}`);
   const threadOf = (rank: number) => Math.floor(rank / ranksPerThread);
   /** Per worker thread, the ranks it hosts. */
   const hosted = Array.from({ length: Math.ceil(n / ranksPerThread) }, (_, t) => Array.from({ length: Math.min(ranksPerThread, n - t * ranksPerThread) }, (_, i) => t * ranksPerThread + i));
