@@ -7,6 +7,7 @@ import { communicators, type CommKind } from '../machines/mesh.js';
 import { firstReadyOf, rankConfig } from '../machines/scenario.js';
 import { encodeMessage } from '../src/codec/msgpack.js';
 import { epBackward, epForward, type EpContext, type EpSaved } from '../src/ep/layer.js';
+import { ScratchPool } from '../src/ep/scratch.js';
 import { loadBackend } from '../src/backends.js';
 import type { Tensor } from '../src/tensor.js';
 import { RankDriver } from './rankDriver.js';
@@ -43,6 +44,8 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
   const ep = job.exchange === 'nccl' ? await ncclCommunicator(job, cfg.epRank) : meshEp;
   const inputs: RankStepInputs = rankInputs(job);
   const backend = withKernelHang(cfg.variant, await loadBackend(job.backend));
+  // Row buffers reused across the rank's layers and steps; each forward is backpropagated once.
+  const scratch = new ScratchPool();
   let how: 'done' | 'exited' = 'done';
   let driver: RankDriver | null = null;
   let result: Uint8Array | undefined;
@@ -55,7 +58,7 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
       if (f.kind === 'throw' || f.kind === 'stall' || f.kind === 'garbage-to-supervisor') driver.fault = f;
       else mesh.fault = { op: f.op, kind: f.kind };
     }
-    result = await runStep(job, driver, { comm: ep, backend, experts: inputs.experts, numExperts: s.experts, topK: s.topK, gradientScale: inputs.gradientScale, protocol: driver }, inputs);
+    result = await runStep(job, driver, { comm: ep, backend, scratch, experts: inputs.experts, numExperts: s.experts, topK: s.topK, gradientScale: inputs.gradientScale, protocol: driver }, inputs);
     how = await driver.finish();
     post({ type: 'step', rank: job.rank, step, ms: performance.now() - t0 });
   }
@@ -71,9 +74,10 @@ function withKernelHang(variant: Variant, backend: ExpertBackend): ExpertBackend
   if (!variant.kernelHang) return backend;
   return {
     name: backend.name,
-    forward: (w, x, rows) => backend.forward(w, x, rows),
+    forward: (w, x, rows, scratch) => backend.forward(w, x, rows, scratch),
     // A hung kernel keeps its thread alive: a timer that holds the event loop, not a bare pending promise.
-    backward: (w, x, rows, fwd, gradY) => (hungExpert(variant, rows) === null ? backend.backward(w, x, rows, fwd, gradY) : new Promise<never>(() => setInterval(() => {}, 2 ** 30))),
+    backward: (w, x, rows, fwd, gradY, scratch) =>
+      hungExpert(variant, rows) === null ? backend.backward(w, x, rows, fwd, gradY, scratch) : new Promise<never>(() => setInterval(() => {}, 2 ** 30)),
   };
 }
 

@@ -90,7 +90,7 @@ export class Tensor<D extends DType = DType> {
 }
 
 /** Below this many bytes a zero fill costs less than the allocation itself. */
-const UNFILLED_MIN_BYTES = 64 * 1024;
+export const UNFILLED_MIN_BYTES = 64 * 1024;
 
 /** Storage for n elements with unspecified contents (see Tensor.unfilled). */
 export function unfilledStorage<D extends DType>(dtype: D, n: number): StorageOf[D] {

@@ -6,8 +6,10 @@ import { convertLayout, tsBackend } from '../src/moe/experts.js';
 import { randInt, seededRng } from '../src/moe/random.js';
 import { epBackward, epForward, localExpertRange, localExperts } from '../src/ep/layer.js';
 import { createInProcessGroup, inProcessRanks } from '../actors/inprocess.js';
-import { ACTIVATIONS, type CollectiveOp, type Communicator } from '../src/ep/types.js';
+import { ACTIVATIONS, type CollectiveOp, type Communicator, type PackedExperts } from '../src/ep/types.js';
 import { Tensor, relativeError, type FloatDType } from '../src/tensor.js';
+import { ScratchPool } from '../src/ep/scratch.js';
+import { loadNative, nativeBackend } from '../src/native/backend.js';
 
 function concatRows<F extends FloatDType | 'i64'>(parts: readonly Tensor<F>[]): Tensor<F> {
   const rowShape = parts[0]!.shape.slice(1);
@@ -186,6 +188,69 @@ test('in-process group: all-to-all delivers rows grouped by source rank', async 
   ]);
   assert.equal(Array.from(r0!.data), [1, 4]);
   assert.equal(Array.from(r1!.data), [2, 3, 5]);
+});
+
+
+test('scratch pool: a taken buffer comes back for a later take of a fitting size; foreign, repeated and tiny gives are ignored', () => {
+  const pool = new ScratchPool();
+  const a = pool.take('f32', [256, 256]); // 256 KiB
+  assert.is(pool.freeBytes, 0);
+  pool.give(a, a); // the second give of the same buffer must not hand it out twice
+  assert.is(pool.freeBytes, a.byteLength);
+  const b = pool.take('f64', [100, 256]); // 200 KiB: fits within twice its size
+  assert.is(b.data.buffer, a.data.buffer);
+  assert.is(pool.take('f32', [256, 256]).data.buffer === a.data.buffer, false, 'a buffer in use is not handed out again');
+  pool.give(Tensor.unfilled('f32', [256, 256])); // not the pool's: its memory may be shared
+  assert.is(pool.freeBytes, 0);
+  pool.give(b);
+  assert.is(pool.take('f32', [16, 256]).data.buffer === b.data.buffer, false, 'a buffer more than twice the request stays for bigger ones');
+  const tiny = pool.take('f32', [4]);
+  pool.give(tiny);
+  assert.is(pool.freeBytes, b.data.buffer.byteLength, 'small tensors are not kept');
+});
+
+test('with a (poisoning) scratch pool, two layers of forward and backward give bit-identical results to fresh buffers (native and TypeScript backends)', async () => {
+  const backends = [tsBackend, ...(loadNative() ? [nativeBackend] : [])];
+  // ep = 1 too: there the exchanges hand back the very tensor they were given.
+  const layouts = [
+    { ep: 3, tokensPerRank: [300, 256, 0] },
+    { ep: 1, tokensPerRank: [300] },
+  ];
+  for (const [i, [dtype, layout]] of (['f32', 'f64'] as const).flatMap((d) => layouts.map((l) => [d, l] as const)).entries()) {
+    const data = syntheticCase(
+      { ep: layout.ep, numExperts: 6, topK: 2, dim: 64, hidden: 96, activation: 'silu', packed: true, gradientScale: i % 2 === 0, dtype, tokensPerRank: layout.tokensPerRank },
+      11 + i,
+    );
+    for (const backend of backends) {
+      const run = async (pooled: boolean): Promise<Tensor[]> => {
+        const group = createInProcessGroup(data.meta.ep);
+        const comms: readonly (Communicator | null)[] = data.meta.ep === 1 ? [null] : group.members;
+        const outs = await Promise.all(
+          comms.map(async (comm, rank) => {
+            // Poisoned: a buffer read after the layer gave it back holds NaN, and the results differ.
+            const scratch = pooled ? new ScratchPool({ poison: true }) : undefined;
+            const base = { comm, backend, scratch, experts: localExperts(data.experts, data.meta.ep, rank), numExperts: data.meta.numExperts, topK: data.meta.topK, gradientScale: data.meta.gradientScale, microBatch: 0 };
+            const input = data.ranks[rank]!;
+            const got: Tensor[] = [];
+            for (let layer = 0; layer < 2; layer++) {
+              const ctx = { ...base, layer };
+              const { out_TD, saved } = await epForward(ctx, input.x_TD, input.weights_TK, input.indices_TK);
+              const bwd = await epBackward(ctx, saved, input.gradOut_TD);
+              const g = bwd.grads as PackedExperts;
+              got.push(out_TD, bwd.gradX_TD, bwd.gradWeights_TK, g.up, g.gate!, g.down);
+            }
+            if (comm) group.finish(rank);
+            return got;
+          }),
+        );
+        return outs.flat();
+      };
+      const fresh = await run(false);
+      const pooled = await run(true);
+      assert.is(pooled.length, fresh.length);
+      pooled.forEach((t, j) => assert.equal(Array.from(t.data as Float64Array), Array.from(fresh[j]!.data as Float64Array), `ep=${data.meta.ep} ${dtype} ${backend.name}: tensor ${j} differs with the pool`));
+    }
+  }
 });
 
 test.run();

@@ -16,6 +16,7 @@ import { loadCase, parseCase, resultTensors, runCase } from '../src/case.js';
 import { Tensor, relativeError, type FloatDType } from '../src/tensor.js';
 import { ACTIVATIONS, type Activation, type ExpertWeights } from '../src/ep/types.js';
 import { tsBackend, convertLayout } from '../src/moe/experts.js';
+import { tokenPositions } from '../src/ep/rows.js';
 import {
   NativeError,
   NativeExpertBackend,
@@ -132,6 +133,30 @@ for (const name of readdirSync(goldenDir).filter((f) => f.endsWith('.safetensors
   });
 }
 
+nativeTest("the SwiGLU backward from the forward's saved sigmoid equals the one that evaluates it again, bit for bit", (addon) => {
+  const r = rng(5);
+  const [d, h] = [24, 41]; // rows·h leaves SIMD remainders, which the rebuild must leave to the scalar path
+  const counts = Int32Array.from([7, 0, 13]);
+  const R = 20;
+  const f32 = (n: number, scale = 1) => Float32Array.from({ length: n }, () => r() * 2 * scale);
+  const weights = (n: number) => Array.from({ length: counts.length }, () => f32(n, 1 / Math.sqrt(d)));
+  const base = { dtype: 'f32' as const, act: 'silu' as const, layout: 'packed' as const, d, h, counts, x: f32(R * d), up: weights(d * h), gate: weights(d * h), down: weights(h * d), blas: false };
+  const saveSigmoid = new Float64Array(R * h);
+  const fwd = { ...base, saveUp: new Float32Array(R * h), saveGate: new Float32Array(R * h), saveSigmoid, y: new Float32Array(R * d) };
+  addon.expertForward(fwd, true);
+  const gy = f32(R * d);
+  const backward = (sigmoid: Float64Array | null) => {
+    const grads = () => Array.from({ length: counts.length }, () => new Float32Array(d * h));
+    const job = { ...base, saveUp: fwd.saveUp, saveGate: fwd.saveGate, saveSigmoid: sigmoid, gy, gx: new Float32Array(R * d), gUp: grads(), gGate: grads(), gDown: grads() };
+    addon.expertBackward(job, true);
+    return [job.gx, ...job.gUp, ...job.gGate, ...job.gDown].map((a) => Array.from(a));
+  };
+  const reused = backward(saveSigmoid);
+  const again = backward(null);
+  assert.ok(saveSigmoid.some((v) => v > 0), 'the forward filled the saved sigmoid');
+  reused.forEach((a, i) => assert.equal(a, again[i], `output ${i}`));
+});
+
 nativeTest('results are bitwise deterministic across runs', async () => {
   const r = rng(99);
   const w = packedWeights('f32', 'silu', 3, 64, 96, r);
@@ -190,7 +215,7 @@ nativeTest('the layer\'s row moves match their definition; a bad index throws Na
   }
 });
 
-nativeTest("the EP layer's row kernels (moveRows, scatterAddF64, routeGrad) match its TypeScript loops bit for bit", (addon) => {
+nativeTest("the EP layer's row kernels (moveRows, combineRows, routeGrad) match its TypeScript loops bit for bit", (addon) => {
   const r = rng(7);
   for (const dtype of ['f32', 'f64'] as const) {
     const make = (n: number) => Tensor.from(dtype, [n], Array.from({ length: n }, () => r() * 3)).data as Float32Array | Float64Array;
@@ -211,15 +236,25 @@ nativeTest("the EP layer's row kernels (moveRows, scatterAddF64, routeGrad) matc
         assert.equal(Array.from(dst), Array.from(want), `moveRows ${dtype} scatter=${scatter} scale=${sc !== null}`);
       }
     }
-    for (const w of [null, scale]) {
-      const out = new Float64Array(rows * D).map(() => r());
-      const want = out.slice();
-      addon.scatterAddF64(src.subarray(0, index.length * D), D, index, w, out);
-      index.forEach((row, p) => {
-        for (let d = 0; d < D; d++) want[row * D + d] += (w ? w[p]! : 1) * src[p * D + d]!;
+    // The combine against the seed's scatter_add: out[token[p]] += w[p]·src[p] in send order, in f64, rounded once.
+    const token = Int32Array.from([2, 0, 3, 2, 1, 0, 3, 1]);
+    const [T, K] = [4, 2];
+    const positions = tokenPositions(token, T, K);
+    const rowsS = src.subarray(0, token.length * D);
+    const weight = Float64Array.from(token, () => r() * 2);
+    for (const w of [null, weight]) {
+      const dst = make(T * D);
+      addon.combineRows(rowsS, D, positions, K, w, dst);
+      const sum = new Float64Array(T * D);
+      token.forEach((t, p) => {
+        for (let d = 0; d < D; d++) sum[t * D + d] += (w ? w[p]! : 1) * rowsS[p * D + d]!;
       });
-      assert.equal(Array.from(out), Array.from(want), `scatterAddF64 ${dtype} weight=${w !== null}`);
+      const want = dtype === 'f32' ? Array.from(Float32Array.from(sum)) : Array.from(sum);
+      assert.equal(Array.from(dst), want, `combineRows ${dtype} weight=${w !== null}`);
     }
+    const unordered = positions.slice();
+    [unordered[0], unordered[1]] = [unordered[1]!, unordered[0]!];
+    assert.throws(() => addon.combineRows(rowsS, D, unordered, K, null, make(T * D)), (e: unknown) => e instanceof NativeError && e.code === 'INDEX_OUT_OF_RANGE' && /not after/.test(e.message));
     const S = index.length;
     const ret = make(S * D);
     const entry = Int32Array.from([5, 2, 0, 1, 4, 3]);

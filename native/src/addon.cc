@@ -108,6 +108,9 @@ template <typename T> ExpertJob<T> parseJob(Napi::Env env, Napi::Object o, bool 
     for (auto* p : floatList<T>(env, o, "gate", n, W)) j.gate.push_back(p);
   j.saveUp = floatArray<T>(env, o, "saveUp", R * H);
   if (gated) j.saveGate = floatArray<T>(env, o, "saveGate", R * H);
+  Napi::Value sig = o.Get("saveSigmoid");
+  if (gated && !sig.IsNull() && !sig.IsUndefined())
+    j.saveSigmoid = static_cast<double*>(typedData(env, sig, napi_float64_array, R * H, "job.saveSigmoid"));
   if (!backward) {
     j.y = floatArray<T>(env, o, "y", R * D);
   } else {
@@ -209,7 +212,7 @@ EpAddon::EpAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod("expertBackward", &EpAddon::ExpertBackward),
                            InstanceMethod("gemm", &EpAddon::Gemm),
                            InstanceMethod("moveRows", &EpAddon::MoveRows),
-                           InstanceMethod("scatterAddF64", &EpAddon::ScatterAddF64),
+                           InstanceMethod("combineRows", &EpAddon::CombineRows),
                            InstanceMethod("routeGrad", &EpAddon::RouteGrad),
                        });
   initCuda(env, exports);
@@ -344,20 +347,24 @@ Napi::Value EpAddon::MoveRows(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// scatterAddF64(src [m,rowSize], rowSize, index: Int32Array [m], weight: Float64Array [m] | null, out: Float64Array)
-Napi::Value EpAddon::ScatterAddF64(const Napi::CallbackInfo& info) {
+// combineRows(src [S,rowSize], rowSize, positions: Int32Array [tokens·K], K, weight: Float64Array [S] | null, dst [tokens,rowSize])
+Napi::Value EpAddon::CombineRows(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const long rs = rowSizeArg(env, info[1]);
-  size_t m = 0, outLen = 0;
-  const int* idx = static_cast<const int*>(typedData(env, info[2], napi_int32_array, -1, "index", &m));
-  const double* w = optionalF64(env, info[3], static_cast<long>(m), "weight");
-  double* out = static_cast<double*>(typedData(env, info[4], napi_float64_array, -1, "out", &outLen));
-  if (outLen % rs) throwNative(env, "BAD_ARGUMENT", "out length is not a multiple of rowSize");
+  if (!info[3].IsNumber() || info[3].As<Napi::Number>().Int64Value() <= 0) throwNative(env, "BAD_ARGUMENT", "K must be a positive number");
+  const long K = info[3].As<Napi::Number>().Int64Value();
+  size_t nPos = 0, srcLen = 0, dstLen = 0;
+  const int* positions = static_cast<const int*>(typedData(env, info[2], napi_int32_array, -1, "positions", &nPos));
   auto go = [&](auto tag) {
     using T = decltype(tag);
-    const T* src = static_cast<const T*>(typedData(env, info[0], floatType<T>(), static_cast<long>(m) * rs, "src"));
+    const T* src = static_cast<const T*>(typedData(env, info[0], floatType<T>(), -1, "src", &srcLen));
+    T* dst = static_cast<T*>(typedData(env, info[5], floatType<T>(), -1, "dst", &dstLen));
+    if (srcLen % rs || dstLen % rs) throwNative(env, "BAD_ARGUMENT", "src and dst lengths must be multiples of rowSize");
+    const long S = static_cast<long>(srcLen) / rs, tokens = static_cast<long>(dstLen) / rs;
+    if (static_cast<long>(nPos) != tokens * K) throwNative(env, "BAD_ARGUMENT", "positions must hold K per dst row");
+    const double* w = optionalF64(env, info[4], S, "weight");
     guarded(env, [&] {
-      scatterAddF64<T>(src, m, rs, idx, w, out, outLen / rs);
+      combineRows<T>(src, S, rs, positions, tokens, K, w, dst);
       return 0;
     });
   };

@@ -28,7 +28,7 @@ class EpAddon : public Napi::Addon<EpAddon> {
   Napi::Value ExpertBackward(const Napi::CallbackInfo& info);
   Napi::Value Gemm(const Napi::CallbackInfo& info);
   Napi::Value MoveRows(const Napi::CallbackInfo& info);
-  Napi::Value ScatterAddF64(const Napi::CallbackInfo& info);
+  Napi::Value CombineRows(const Napi::CallbackInfo& info);
   Napi::Value RouteGrad(const Napi::CallbackInfo& info);
   void teardown();
   static void cleanupHook(void* self);

@@ -187,6 +187,16 @@ template <typename T> void activate(Act act, const T* up, const T* gate, T* h, d
   activateScalar(act, up, gate, h, n);
 }
 
+/**
+ * h = silu(gate)·up again in the backward from the forward's s = sigmoid(gate): the elements
+ * the SIMD path covered (it stores s) multiply as it did, the rest take the scalar path.
+ */
+template <typename T> void rebuildSilu(const T* up, const T* gate, const double* s, T* h, long n) {
+  const long simd = n / 4 * 4;  // what siluForwardAvx512 + siluForwardAvx2 covered
+  for (long i = 0; i < simd; i++) h[i] = static_cast<T>(static_cast<double>(gate[i]) * s[i] * static_cast<double>(up[i]));
+  activateScalar(Act::Silu, up + simd, gate + simd, h + simd, n - simd);
+}
+
 /** From dh: dUp (in place over dh) and dGate; the SIMD SwiGLU reads the s its activate kept. */
 template <typename T> void activateBackward(Act act, const T* up, const T* gate, const double* s, T* dh, T* dGate, long n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -235,7 +245,8 @@ template <typename T> void expertForward(const ExpertJob<T>& job) {
     gemm<T>(false, u, n, H, D, x, D, job.up[e], u ? D : H, a, H, false, job.useBlas, job.threads);
     if (gated) gemm<T>(false, u, n, H, D, x, D, job.gate[e], u ? D : H, g, H, false, job.useBlas, job.threads);
     T* h = scratch<T>(0, static_cast<size_t>(n) * H);
-    activate<T>(job.act, a, g, h, nullptr, static_cast<long>(n) * H);
+    double* s = job.saveSigmoid && siluSimd<T>(job.act) ? job.saveSigmoid + r0 * H : nullptr;
+    activate<T>(job.act, a, g, h, s, static_cast<long>(n) * H);
     gemm<T>(false, u, n, D, H, h, H, job.down[e], u ? H : D, job.y + r0 * D, D, false, job.useBlas, job.threads);
     r0 += n;
   }
@@ -263,8 +274,14 @@ template <typename T> void expertBackward(const ExpertJob<T>& job) {
     T* h = scratch<T>(0, nh);
     T* dh = scratch<T>(1, nh);
     T* dg = gated ? scratch<T>(2, nh) : nullptr;
-    double* s = siluSimd<T>(job.act) ? scratch<double>(3, nh) : nullptr;
-    activate<T>(job.act, a, g, h, s, nh);
+    double* s = nullptr;
+    if (job.saveSigmoid && siluSimd<T>(job.act)) {
+      s = job.saveSigmoid + r0 * H;
+      rebuildSilu<T>(a, g, s, h, nh);
+    } else {
+      if (siluSimd<T>(job.act)) s = scratch<double>(3, nh);
+      activate<T>(job.act, a, g, h, s, nh);
+    }
     // dDown: packed [H,D] = hᵀ·gy; unpacked [D,H] = gyᵀ·h
     if (u) gemm<T>(true, false, D, H, n, gy, D, h, H, job.gDown[e], H, false, job.useBlas, job.threads);
     else gemm<T>(true, false, H, D, n, h, H, gy, D, job.gDown[e], D, false, job.useBlas, job.threads);
@@ -307,20 +324,28 @@ void moveRows(const T* src, long srcRows, long D, const int* index, long n, T* d
 }
 
 template <typename T>
-void scatterAddF64(const T* src, long m, long D, const int* index, const double* weight, double* out, long outRows) {
-  for (long p = 0; p < m; p++) {
-    const long r = index[p];
-    if (r < 0 || r >= outRows)
-      fail("INDEX_OUT_OF_RANGE", "target row " + std::to_string(r) + " at position " + std::to_string(p) + " outside [0, " +
-                                     std::to_string(outRows) + ")");
-    const T* s = src + p * D;
-    double* o = out + r * D;
-    if (weight) {
-      const double w = weight[p];
-      for (long d = 0; d < D; d++) o[d] += w * static_cast<double>(s[d]);
-    } else {
-      for (long d = 0; d < D; d++) o[d] += static_cast<double>(s[d]);
+void combineRows(const T* src, long S, long D, const int* positions, long tokens, long K, const double* weight, T* dst) {
+  thread_local std::vector<double> acc;
+  acc.resize(D);
+  for (long t = 0; t < tokens; t++) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    long prev = -1;
+    for (long k = 0; k < K; k++) {
+      const long p = positions[t * K + k];
+      if (p <= prev || p >= S)
+        fail("INDEX_OUT_OF_RANGE", "position " + std::to_string(p) + " of token " + std::to_string(t) +
+                                       (p >= S ? " outside [0, " + std::to_string(S) + ")" : " is not after the token's previous one"));
+      prev = p;
+      const T* s = src + p * D;
+      if (weight) {
+        const double w = weight[p];
+        for (long d = 0; d < D; d++) acc[d] += w * static_cast<double>(s[d]);
+      } else {
+        for (long d = 0; d < D; d++) acc[d] += static_cast<double>(s[d]);
+      }
     }
+    T* o = dst + t * D;
+    for (long d = 0; d < D; d++) o[d] = static_cast<T>(acc[d]);
   }
 }
 
@@ -348,8 +373,8 @@ void routeGrad(const T* g, long tokens, long D, const T* ret, long S, const int*
 
 template void moveRows<float>(const float*, long, long, const int*, long, float*, long, const double*, bool);
 template void moveRows<double>(const double*, long, long, const int*, long, double*, long, const double*, bool);
-template void scatterAddF64<float>(const float*, long, long, const int*, const double*, double*, long);
-template void scatterAddF64<double>(const double*, long, long, const int*, const double*, double*, long);
+template void combineRows<float>(const float*, long, long, const int*, long, long, const double*, float*);
+template void combineRows<double>(const double*, long, long, const int*, long, long, const double*, double*);
 template void routeGrad<float>(const float*, long, long, const float*, long, const int*, const int*, const double*, float*,
                                double*, long);
 template void routeGrad<double>(const double*, long, long, const double*, long, const int*, const int*, const double*,

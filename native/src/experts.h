@@ -20,6 +20,9 @@ struct ExpertJob {
   T* y = nullptr;      // [R, D]
   T* saveUp = nullptr;    // [R, H] x·up (pre-activation), kept for backward
   T* saveGate = nullptr;  // [R, H] x·gate (silu only)
+  // [R, H] sigmoid(x·gate), optional: for the f32 SwiGLU's SIMD path the forward fills it and
+  // the backward reads it instead of evaluating exp again (ignored where that path does not run).
+  double* saveSigmoid = nullptr;
   // backward inputs / outputs
   const T* gy = nullptr;  // [R, D]
   T* gx = nullptr;        // [R, D]
@@ -39,9 +42,12 @@ template <typename T> void expertBackward(const ExpertJob<T>& job);
 template <typename T>
 void moveRows(const T* src, long srcRows, long D, const int* index, long n, T* dst, long dstRows, const double* scale,
               bool scatter);
-/** out[index[p]] += weight[p] · src[p] (weight 1 when null), in double, p in order. */
+/**
+ * dst[t] = Σ_k weight[p]·src[p] over p = positions[t·K + k] (weight 1 when null): summed in
+ * double from 0 in k order, rounded once into T. Each token's positions must ascend.
+ */
 template <typename T>
-void scatterAddF64(const T* src, long m, long D, const int* index, const double* weight, double* out, long outRows);
+void combineRows(const T* src, long S, long D, const int* positions, long tokens, long K, const double* weight, T* dst);
 /** gr[p] = w[p] · g[token[p]] and gw[entry[p]] = <g[token[p]], ret[p]> (the combine's backward). */
 template <typename T>
 void routeGrad(const T* g, long tokens, long D, const T* ret, long S, const int* token, const int* entry, const double* w,

@@ -9,8 +9,9 @@
 import { Tensor, toFloat64, toIndexArray, type DType, type FloatDType } from '../tensor.js';
 import { UsageError } from '../errors.js';
 import { floatTensor } from '../moe/experts.js';
-import { gatherRows, routeGrad, ungroup, weightedScatterAdd, type Floats } from './rows.js';
+import { combineRows, gatherRows, routeGrad, tokenPositions, ungroup, type Floats } from './rows.js';
 import type { CollectiveOp, CollectiveTag, Communicator, ExpertBackend, ExpertForward, ExpertWeights, PackedExperts } from './types.js';
+import { takeUnfilled, type ScratchPool } from './scratch.js';
 
 /**
  * How a runtime drives and checks the layer's collectives (the actor runtime backs it with
@@ -42,6 +43,11 @@ export interface EpContext<F extends FloatDType = FloatDType> {
   readonly microBatch: number;
   /** Protocol hooks; absent, every collective is issued unconditionally. */
   readonly protocol?: LayerProtocol;
+  /**
+   * Row buffers reused across calls. With it, the layer gives its temporaries back as they
+   * die and epBackward consumes its EpSaved: backpropagate each forward once.
+   */
+  readonly scratch?: ScratchPool;
 }
 
 /** What forward leaves for backward. S = T·K dispatch entries; R rows received. */
@@ -51,6 +57,8 @@ export interface EpSaved<F extends FloatDType = FloatDType> {
   readonly K: number;
   /** sortOrder_S[p] = flat (t, k) entry at send position p (stable sort by target rank). */
   readonly sortOrder_S: Int32Array;
+  /** Each token's K send positions, ascending (the combine's summation order). */
+  readonly positions_TK: Int32Array;
   readonly sendCounts: readonly number[];
   readonly recvCounts: readonly number[];
   /** byExpert_R[q] = received row at expert-grouped position q. */
@@ -115,6 +123,14 @@ async function collective<D extends DType>(
   return received;
 }
 
+/**
+ * A temporary sent on an exchange that has returned goes back to the scratch pool, unless
+ * the exchange handed back that very tensor (ep = 1 has no exchange).
+ */
+function recycleSent(ctx: EpContext, sent: Tensor, received: Tensor): void {
+  if (sent !== received) ctx.scratch?.give(sent);
+}
+
 /** Hand an exchange result the layer has copied out of back to the communicator for reuse. */
 function release(ctx: EpContext, t: Tensor): void {
   ctx.comm?.release?.(t);
@@ -168,7 +184,7 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
     token_S[p] = Math.floor(entry / K);
     idsSorted_S.data[p] = BigInt(idx_S[entry]!);
   }
-  const xSorted_SD = gatherRows(x_TD, token_S);
+  const xSorted_SD = gatherRows(x_TD, token_S, null, ctx.scratch);
 
   // 2-4. A counts, B rows, C expert ids (the seed sends ids as f32 [n,1]; i64 [n] is exact for any E).
   await ctx.protocol?.routed(T, sendCounts);
@@ -178,6 +194,7 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   const recvCounts = countsOf(recvCountsT);
   release(ctx, recvCountsT);
   const recv_RD = await collective(ctx, 'fwd.dispatch', xSorted_SD, sendCounts, recvCounts);
+  recycleSent(ctx, xSorted_SD, recv_RD); // every exchange has copied the rows when it returns
   const recvIds = await collective(ctx, 'fwd.expert_ids', idsSorted_S, sendCounts, recvCounts, start);
   const recvIds_R = toIndexArray(recvIds, 'received expert ids');
   release(ctx, recvIds);
@@ -190,9 +207,9 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
     local_R[r] = l;
   }
   const { order: byExpert_R, counts: rowsPerExpert } = stableBucketSort(local_R, N);
-  const recvGrouped_RD = gatherRows(recv_RD, byExpert_R);
+  const recvGrouped_RD = gatherRows(recv_RD, byExpert_R, null, ctx.scratch);
   release(ctx, recv_RD);
-  const expertFwd = await ctx.backend.forward(ctx.experts, recvGrouped_RD, rowsPerExpert);
+  const expertFwd = await ctx.backend.forward(ctx.experts, recvGrouped_RD, rowsPerExpert, ctx.scratch);
   await ctx.protocol?.computed('forward');
 
   // 6. Gradient scale: rows of local expert i scaled by (R / N) / c_i, in forward too.
@@ -203,22 +220,24 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
     let q = 0;
     for (const c of rowsPerExpert) rowScale_R.fill(R / N / c, q, (q += c));
   }
-  const local_RD = ungroup(expertFwd.y, byExpert_R, rowScale_R);
+  const local_RD = ungroup(expertFwd.y, byExpert_R, rowScale_R, ctx.scratch);
+  ctx.scratch?.give(expertFwd.y);
 
   // 7. D: expert outputs go home, splits swapped.
   const returned_SD = await collective(ctx, 'fwd.combine', local_RD, recvCounts, sendCounts);
+  recycleSent(ctx, local_RD, returned_SD);
 
   // 8. Unsort, weight, scatter-add into out [T,D] (summed in f64 in send order, rounded once).
   const weightsFlat = toFloat64(weights_TK).data;
   const weights_S = new Float64Array(S);
   for (let p = 0; p < S; p++) weights_S[p] = weightsFlat[sortOrder_S[p]!]!;
-  const out = new Float64Array(T * D);
-  weightedScatterAdd(returned_SD.data as Floats, token_S, weights_S, D, out);
+  const positions_TK = tokenPositions(token_S, T, K);
+  const out_TD = combineRows(returned_SD, positions_TK, K, weights_S, T);
 
   const saved: EpSaved<F> = Object.freeze({
-    T, D, K, sortOrder_S, sendCounts, recvCounts, byExpert_R, rowsPerExpert, rowScale_R, recvGrouped_RD, expertFwd, returned_SD, weights_S,
+    T, D, K, sortOrder_S, positions_TK, sendCounts, recvCounts, byExpert_R, rowsPerExpert, rowScale_R, recvGrouped_RD, expertFwd, returned_SD, weights_S,
   });
-  return { out_TD: floatTensor(x_TD.dtype, [T, D], out), saved };
+  return { out_TD, saved };
 }
 
 export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved: EpSaved<F>, gradOut_TD: Tensor<F>): Promise<EpBackwardResult<F>> {
@@ -232,25 +251,28 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
 
   // Grad of the returned rows (w · grad_out[t], rounded once into the dtype) and of the
   // routing weights (<grad_out[t], row>, summed in f64).
-  const gradReturned = Tensor.unfilled(gradOut_TD.dtype, [S, D]); // routeGrad writes every row
+  const gradReturned = takeUnfilled(ctx.scratch, gradOut_TD.dtype, [S, D]); // routeGrad writes every row
   const gradWeights = new Float64Array(T * K);
   routeGrad(g, D, ret, token_S, sortOrder_S, weights_S, gradReturned.data as Floats, gradWeights);
 
   // D': grads go to the expert owners; regroup by expert, apply the forward's scale.
   const gradLocal_RD = await collective(ctx, 'bwd.combine', gradReturned, sendCounts, recvCounts);
-  const gradY_RD = gatherRows(gradLocal_RD, byExpert_R, rowScale_R);
+  recycleSent(ctx, gradReturned, gradLocal_RD);
+  const gradY_RD = gatherRows(gradLocal_RD, byExpert_R, rowScale_R, ctx.scratch);
   release(ctx, gradLocal_RD);
-  const expertBwd = await ctx.backend.backward(ctx.experts, saved.recvGrouped_RD, rowsPerExpert, saved.expertFwd, gradY_RD);
+  const expertBwd = await ctx.backend.backward(ctx.experts, saved.recvGrouped_RD, rowsPerExpert, saved.expertFwd, gradY_RD, ctx.scratch);
+  ctx.scratch?.give(gradY_RD, saved.recvGrouped_RD);
   await ctx.protocol?.computed('backward');
 
   // B': grads of the dispatched rows go home; gather-add into grad_x (f64, rounded once).
-  const gradRecv_RD = ungroup(expertBwd.gradX, byExpert_R, null);
+  const gradRecv_RD = ungroup(expertBwd.gradX, byExpert_R, null, ctx.scratch);
+  ctx.scratch?.give(expertBwd.gradX);
   const gradSorted_SD = await collective(ctx, 'bwd.dispatch', gradRecv_RD, recvCounts, sendCounts);
-  const gradX = new Float64Array(T * D);
-  weightedScatterAdd(gradSorted_SD.data as Floats, token_S, null, D, gradX);
+  recycleSent(ctx, gradRecv_RD, gradSorted_SD);
+  const gradX_TD = combineRows(gradSorted_SD, saved.positions_TK, K, null, T);
   release(ctx, gradSorted_SD);
   return {
-    gradX_TD: floatTensor(gradOut_TD.dtype, [T, D], gradX),
+    gradX_TD,
     gradWeights_TK: floatTensor(gradOut_TD.dtype, [T, K], gradWeights),
     grads: expertBwd.grads,
   };

@@ -3,6 +3,7 @@
 // TypeScript loops otherwise, with the same arithmetic.
 import { Tensor, type DType, type FloatDType } from '../tensor.js';
 import { loadNative, type NativeAddon } from '../native/backend.js';
+import { takeUnfilled, type ScratchPool } from './scratch.js';
 
 export type Floats = Float32Array | Float64Array;
 
@@ -40,29 +41,52 @@ export function moveRows(src: Floats, index: Int32Array, D: number, dst: Floats,
 }
 
 /** The rows of `t` in a new order: out[i] = t[index[i]] (times scale[i]). */
-export function gatherRows<F extends DType>(t: Tensor<F>, index: Int32Array, scale: Float64Array | null = null): Tensor<F> {
-  const out = Tensor.unfilled(t.dtype, [index.length, ...t.shape.slice(1)]);
+export function gatherRows<F extends DType>(t: Tensor<F>, index: Int32Array, scale: Float64Array | null = null, scratch?: ScratchPool): Tensor<F> {
+  const out = takeUnfilled(scratch, t.dtype, [index.length, ...t.shape.slice(1)]);
   moveRows(t.data as Floats, index, t.rowSize, out.data as Floats, scale, false);
   return out;
 }
 
-/** out[token[p]] += weight[p] · rows[p] for p in order (rows of D values), in f64. */
-export function weightedScatterAdd(rows: Floats, token_S: Int32Array, weight_S: Float64Array | null, D: number, out: Float64Array): void {
+/**
+ * Each token's send positions, ascending: positions_TK[t·K + k] is the k-th position p (in
+ * send order) whose row belongs to token t. Every token has exactly K entries.
+ */
+export function tokenPositions(token_S: Int32Array, T: number, K: number): Int32Array {
+  const positions = new Int32Array(T * K);
+  const filled = new Int32Array(T);
+  for (let p = 0; p < token_S.length; p++) {
+    const t = token_S[p]!;
+    positions[t * K + filled[t]!++] = p;
+  }
+  return positions;
+}
+
+/**
+ * The combine: out[t] = Σ_k weight[p]·rows[p] over token t's positions p (weight 1 when
+ * null), summed in f64 from 0 in send order and rounded once into the rows' dtype — the
+ * seed's scatter_add, with one fixed summation order whatever ran it.
+ */
+export function combineRows<F extends FloatDType>(rows: Tensor<F>, positions_TK: Int32Array, K: number, weight_S: Float64Array | null, T: number): Tensor<F> {
+  const D = rows.rowSize;
+  const out = Tensor.unfilled(rows.dtype, [T, D]);
+  const src = rows.data as Floats;
+  const dst = out.data as Floats;
   const addon = native();
   if (addon && D > 0) {
-    addon.scatterAddF64(rows, D, token_S, weight_S, out);
-    return;
+    addon.combineRows(src, D, positions_TK, K, weight_S, dst);
+    return out;
   }
-  for (let p = 0; p < token_S.length; p++) {
-    const o = token_S[p]! * D;
-    const s = p * D;
-    if (weight_S) {
-      const w = weight_S[p]!;
-      for (let d = 0; d < D; d++) out[o + d] += w * rows[s + d]!;
-    } else {
-      for (let d = 0; d < D; d++) out[o + d] += rows[s + d]!;
+  const acc = new Float64Array(D);
+  for (let t = 0; t < T; t++) {
+    acc.fill(0);
+    for (let k = 0; k < K; k++) {
+      const p = positions_TK[t * K + k]!;
+      const w = weight_S ? weight_S[p]! : 1;
+      for (let d = 0; d < D; d++) acc[d] += w * src[p * D + d]!;
     }
+    dst.set(acc, t * D); // one rounding into f32 (or none for f64)
   }
+  return out;
 }
 
 /** gr[p] = w[p] · g[token[p]] (rounded once into gr's dtype); gw[entry[p]] = <g[token[p]], ret[p]> in f64. */
@@ -90,9 +114,9 @@ export function routeGrad(g: Floats, D: number, ret: Floats, token_S: Int32Array
  * Expert-grouped rows back in received order (row byExpert[q] ← grouped row q), times a
  * per-row scale. byExpert_R is a permutation, so every row of the result is written.
  */
-export function ungroup<F extends FloatDType>(grouped_RD: Tensor<F>, byExpert_R: Int32Array, rowScale_R: Float64Array | null): Tensor<F> {
+export function ungroup<F extends FloatDType>(grouped_RD: Tensor<F>, byExpert_R: Int32Array, rowScale_R: Float64Array | null, scratch?: ScratchPool): Tensor<F> {
   if (byExpert_R.length !== grouped_RD.shape[0]) throw new Error(`ungroup: ${byExpert_R.length} row indices for ${grouped_RD.shape[0]} rows`);
-  const out = Tensor.unfilled(grouped_RD.dtype, grouped_RD.shape);
+  const out = takeUnfilled(scratch, grouped_RD.dtype, grouped_RD.shape);
   moveRows(grouped_RD.data as Floats, byExpert_R, grouped_RD.rowSize, out.data as Floats, rowScale_R, true);
   return out;
 }

@@ -5,6 +5,7 @@
 // Shape legend used in names across src/: T tokens on this rank, K top-k, D model dim,
 // H expert hidden dim, E global experts, N local experts (E / ep), R received rows.
 import type { DType, FloatDType, Tensor } from '../tensor.js';
+import type { ScratchPool } from './scratch.js';
 
 /** Every collective the protocol knows, named as the ledger and the machines name them. */
 export type CollectiveOp =
@@ -38,7 +39,8 @@ export interface Communicator {
   /**
    * Uneven all-to-all along dim 0 (torch's all_to_all_single): sendSplits[j] rows of
    * `send`, in order, go to rank j; the result holds recvSplits[j] rows from each rank j,
-   * grouped by source rank 0..size-1.
+   * grouped by source rank 0..size-1. Once it resolves the communicator holds no reference
+   * to `send` (NCCL's contract too): the caller may overwrite or reuse its memory.
    */
   allToAll<D extends DType>(
     tag: CollectiveTag,
@@ -82,6 +84,7 @@ export type ExpertWeights<F extends FloatDType = FloatDType> = PackedExperts<F> 
 
 /** What a backend's forward returns: outputs plus whatever its backward needs (opaque). */
 export interface ExpertForward<F extends FloatDType = FloatDType> {
+  /** The caller's: backward never reads it. */
   readonly y: Tensor<F>;
   readonly saved: unknown;
 }
@@ -98,7 +101,11 @@ export interface ExpertBackend {
    * Grouped forward: x [R,D] holds rowsPerExpert[0] rows of local expert 0, then
    * rowsPerExpert[1] rows of expert 1, and so on (sum = R; any count may be 0).
    */
-  forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[]): ExpertForward<F> | Promise<ExpertForward<F>>;
-  /** Backward of the forward call that produced `fwd`, given gradY [R,D]. */
-  backward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[], fwd: ExpertForward<F>, gradY: Tensor<F>): ExpertBackward<F> | Promise<ExpertBackward<F>>;
+  forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[], scratch?: ScratchPool): ExpertForward<F> | Promise<ExpertForward<F>>;
+  /**
+   * Backward of the forward call that produced `fwd`, given gradY [R,D]. With `scratch`, the
+   * backend may take its outputs (not the parameter gradients) from the pool and give the
+   * forward's saved buffers back to it: such a forward is consumed (one backward each).
+   */
+  backward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[], fwd: ExpertForward<F>, gradY: Tensor<F>, scratch?: ScratchPool): ExpertBackward<F> | Promise<ExpertBackward<F>>;
 }

@@ -5,7 +5,8 @@ import { createRequire } from 'node:module';
 import { existsSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { Tensor, unfilledStorage, type FloatDType, type StorageOf } from '../tensor.js';
+import { Tensor, type FloatDType, type StorageOf } from '../tensor.js';
+import { takeUnfilled, type ScratchPool } from '../ep/scratch.js';
 import type {
   Activation,
   ExpertBackend,
@@ -42,6 +43,8 @@ export interface ExpertJob {
   down: Floats[];
   saveUp: Floats;
   saveGate: Floats | null;
+  /** sigmoid(x·gate) in f64, f32 SwiGLU only: the forward fills it (on SIMD CPUs), the backward reuses it. */
+  saveSigmoid?: Float64Array | null;
   y?: Floats;
   gy?: Floats;
   gx?: Floats;
@@ -92,8 +95,8 @@ export interface NativeAddon {
   // The EP layer's row bookkeeping (src/ep/layer.ts), same arithmetic as its TypeScript loops.
   /** gather: dst[i] = scale[i]·src[index[i]]; scatter: dst[index[i]] = scale[i]·src[i] (scale 1 when null). */
   moveRows(src: Floats, rowSize: number, index: Int32Array, dst: Floats, scale: Float64Array | null, scatter: boolean): void;
-  /** out[index[p]] += weight[p]·src[p] in f64, p in order (weight 1 when null). */
-  scatterAddF64(src: Floats, rowSize: number, index: Int32Array, weight: Float64Array | null, out: Float64Array): void;
+  /** dst[t] = Σ_k weight[p]·src[p] over p = positions[t·K + k] (ascending per t; weight 1 when null), in f64 from 0, rounded once. */
+  combineRows(src: Floats, rowSize: number, positions: Int32Array, K: number, weight: Float64Array | null, dst: Floats): void;
   /** gr[p] = w[p]·g[token[p]]; gw[entry[p]] = <g[token[p]], ret[p]> (f64). */
   routeGrad(g: Floats, D: number, ret: Floats, token: Int32Array, entry: Int32Array, w: Float64Array, gr: Floats, gw: Float64Array): void;
   // CUDA (native/src/cuda_backend.cc); each throws NativeError CUDA_NOT_BUILT in a CPU-only build.
@@ -183,12 +186,16 @@ interface NativeSaved {
   readonly [SAVED]: true;
   readonly up: Floats;
   readonly gate: Floats | null;
+  readonly sigmoid: Float64Array | null;
   readonly counts: Int32Array;
 }
 
+/** The saved activations of a job before its direction sets them. */
+const NO_ROWS = new Float32Array(0);
+
 /** An output buffer the kernels write in full (every row belongs to one expert). */
-function alloc(dtype: FloatDType, n: number): Floats {
-  return unfilledStorage(dtype, n);
+function alloc(dtype: FloatDType, n: number, scratch: ScratchPool | undefined): Floats {
+  return takeUnfilled(scratch, dtype, [n]).data as Floats;
 }
 
 function describe(w: ExpertWeights): { n: number; d: number; h: number } {
@@ -262,6 +269,7 @@ export class NativeExpertBackend implements ExpertBackend {
     this.name = this.#blas ? 'native' : 'native-noblas';
   }
 
+  /** The job both directions share; the caller sets the saved activations (forward: new, backward: the forward's). */
   #job<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[]): { job: ExpertJob; R: number; d: number; h: number } {
     const { n, d: dW, h } = describe(w);
     if (x.dtype !== 'f32' && x.dtype !== 'f64') throw new NativeError(`native backend takes f32 or f64, got ${x.dtype}`, 'BAD_ARGUMENT');
@@ -276,7 +284,6 @@ export class NativeExpertBackend implements ExpertBackend {
     }
     if (sum !== R) throw new NativeError(`row counts sum to ${sum} but x has ${R} rows`, 'BAD_ARGUMENT');
     const v = weightViews(w, x.dtype, d, h);
-    const gated = w.activation === 'silu';
     const job: ExpertJob = {
       dtype: x.dtype,
       act: w.activation,
@@ -288,21 +295,25 @@ export class NativeExpertBackend implements ExpertBackend {
       up: v.up,
       gate: v.gate,
       down: v.down,
-      saveUp: alloc(x.dtype, R * h),
-      saveGate: gated ? alloc(x.dtype, R * h) : null,
+      saveUp: NO_ROWS,
+      saveGate: null,
       blas: this.#blas,
     };
     return { job, R, d, h };
   }
 
-  async forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[]): Promise<ExpertForward<F>> {
+  async forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[], scratch?: ScratchPool): Promise<ExpertForward<F>> {
     const addon = requireNative();
-    const { job, R, d } = this.#job(w, x, rowsPerExpert);
-    job.y = alloc(x.dtype, R * d);
+    const { job, R, d, h } = this.#job(w, x, rowsPerExpert);
+    job.saveUp = alloc(x.dtype, R * h, scratch);
+    if (w.activation === 'silu') job.saveGate = alloc(x.dtype, R * h, scratch);
+    // Memory for exp: the backward would evaluate it again (the CUDA jobs keep their own).
+    if (w.activation === 'silu' && x.dtype === 'f32' && !this.#runForward) job.saveSigmoid = alloc('f64', R * h, scratch) as Float64Array;
+    job.y = alloc(x.dtype, R * d, scratch);
     if (this.#runForward) this.#runForward(job);
     else if (this.#sync) addon.expertForward(job, true);
     else await addon.expertForward(job);
-    const saved: NativeSaved = { [SAVED]: true, up: job.saveUp, gate: job.saveGate, counts: job.counts };
+    const saved: NativeSaved = { [SAVED]: true, up: job.saveUp, gate: job.saveGate, sigmoid: job.saveSigmoid ?? null, counts: job.counts };
     return { y: new Tensor(x.dtype, [R, d], job.y as StorageOf[F]), saved };
   }
 
@@ -312,6 +323,7 @@ export class NativeExpertBackend implements ExpertBackend {
     rowsPerExpert: readonly number[],
     fwd: ExpertForward<F>,
     gradY: Tensor<F>,
+    scratch?: ScratchPool,
   ): Promise<ExpertBackward<F>> {
     const addon = requireNative();
     const saved = fwd.saved as NativeSaved | undefined;
@@ -321,8 +333,9 @@ export class NativeExpertBackend implements ExpertBackend {
     if (saved.up.length !== R * h) throw new NativeError('the saved forward does not match these inputs', 'BAD_ARGUMENT');
     job.saveUp = saved.up;
     job.saveGate = saved.gate;
+    job.saveSigmoid = saved.sigmoid;
     job.gy = gradY.data as Floats;
-    job.gx = alloc(x.dtype, R * d);
+    job.gx = alloc(x.dtype, R * d, scratch);
     const grads = zeroGrads(w, x.dtype, d, h);
     const v = weightViews(grads, x.dtype, d, h);
     job.gUp = v.up;
@@ -331,6 +344,7 @@ export class NativeExpertBackend implements ExpertBackend {
     if (this.#runBackward) this.#runBackward(job);
     else if (this.#sync) addon.expertBackward(job, true);
     else await addon.expertBackward(job);
+    scratch?.give(saved.up, saved.gate, saved.sigmoid); // the forward is consumed
     return { gradX: new Tensor(x.dtype, [R, d], job.gx as StorageOf[F]), grads };
   }
 }

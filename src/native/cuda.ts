@@ -3,6 +3,7 @@
 // when several ranks share one GPU (NCCL refuses duplicate GPUs).
 import type { Tensor, FloatDType } from '../tensor.js';
 import type { ExpertBackend, ExpertBackward, ExpertForward, ExpertWeights } from '../ep/types.js';
+import type { ScratchPool } from '../ep/scratch.js';
 import { NativeError, NativeExpertBackend, requireNative, type ExpertJob } from './backend.js';
 
 /**
@@ -24,12 +25,12 @@ export class CudaExpertBackend implements ExpertBackend {
     this.#jobs = new NativeExpertBackend({ sync: true, runForward: run('cudaExpertForward'), runBackward: run('cudaExpertBackward') });
   }
 
-  forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[]): Promise<ExpertForward<F>> {
-    return this.#jobs.forward(w, x, rowsPerExpert);
+  forward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[], scratch?: ScratchPool): Promise<ExpertForward<F>> {
+    return this.#jobs.forward(w, x, rowsPerExpert, scratch);
   }
 
-  backward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[], fwd: ExpertForward<F>, gradY: Tensor<F>): Promise<ExpertBackward<F>> {
-    return this.#jobs.backward(w, x, rowsPerExpert, fwd, gradY);
+  backward<F extends FloatDType>(w: ExpertWeights<F>, x: Tensor<F>, rowsPerExpert: readonly number[], fwd: ExpertForward<F>, gradY: Tensor<F>, scratch?: ScratchPool): Promise<ExpertBackward<F>> {
+    return this.#jobs.backward(w, x, rowsPerExpert, fwd, gradY, scratch);
   }
 }
 
