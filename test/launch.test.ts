@@ -277,7 +277,12 @@ test('golden cases computed by 4 launched processes over TCP match within 1e-5, 
         assert.ok(relativeError(all, want.tensors.get(`expected.${key}`)!) <= 1e-5, `${name}: ${key}`);
       }
       // The ranks' records replay into the ledger the worker runtime keeps for the same case and steps.
-      const merged = mergeRankRecords(readRecords(dir));
+      const records = readRecords(dir);
+      for (const r of records) {
+        const finished = r.messages.find((m) => m.type === 'finished') as Record<string, unknown> | undefined;
+        assert.ok(finished && !('result' in finished), `${name} rank ${r.rank}: the record keeps the finish but not the case's result bytes`);
+      }
+      const merged = mergeRankRecords(records);
       assert.is(merged.diagnosis.verdict, 'ok', merged.diagnosis.cause);
       const data = await loadCase(golden);
       const onWorkers = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps: 2 });
