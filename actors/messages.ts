@@ -60,7 +60,28 @@ export type WorkerMessage =
   | { type: 'transport-error'; rank: number; message: string; at: number }
   | { type: 'inspect'; rank: number; event: unknown };
 
-export type SupervisorMessage = { type: 'start'; ports: Record<number, MessagePort> };
+/**
+ * What one worker thread hosts: its ranks' jobs (one scenario for all of them, not a copy
+ * per rank) and how ranks are placed on threads (rank r runs on thread ⌊r / ranksPerThread⌋).
+ */
+export interface ThreadJob {
+  readonly scenario: Scenario;
+  readonly ranks: readonly Omit<WorkerJob, 'scenario'>[];
+  readonly ranksPerThread: number;
+}
+
+/**
+ * The connections of a worker thread, keyed by the other thread's index: one MessagePort per
+ * pair of threads whose ranks share a communicator, carrying every pair of their ranks.
+ */
+export type SupervisorMessage = { type: 'start'; links: Record<number, MessagePort> };
+
+/** A rank's message through a link shared by several pairs of ranks: addressed. */
+export interface LinkMessage {
+  readonly from: number;
+  readonly to: number;
+  readonly m: unknown;
+}
 
 /** Milliseconds on a clock shared by every thread of the process. */
 export function now(): number {

@@ -20,12 +20,14 @@ import { now, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankInputs, type RankStepInputs } from './inputs.js';
 import type { CaseRankOutput } from './caseRanks.js';
 
-export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPort>, post: (m: WorkerMessage) => void): Promise<void> {
+/** blockForLane: whether the rank may block its thread for fast-lane chunks (not when the thread hosts other ranks). */
+export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPort>, post: (m: WorkerMessage) => void, blockForLane = true): Promise<void> {
   const s = job.scenario;
   const cfg = rankConfig(s, job.rank);
   const comms = communicators(s).filter((c) => c.members.includes(job.rank));
   const mesh = new PortMesh(job.rank, ports, comms, (message) =>
     post({ type: 'transport-error', rank: job.rank, message, at: now() }),
+    blockForLane,
   );
   // The device first: the addon's per-thread CUDA stream is created on the current device.
   if (job.device !== undefined) requireNative().cudaSetDevice(job.device);

@@ -1,14 +1,16 @@
-// The supervisor (main thread): spawns one worker thread per rank, wires a MessagePort
-// per pair of ranks that share a communicator, feeds the ranks' reports to the collective
+// The supervisor (main thread): spawns one worker thread per rank (several ranks per thread
+// in a large run: a thread costs more memory than a rank), wires a MessagePort per pair of
+// threads whose ranks share a communicator, feeds the ranks' reports to the collective
 // tracker (machines/feed.ts, as every engine does), and ends the run with a verdict:
 // - at quiescence (every rank blocked in a collective or finished), the tracker's hangs
 //   (mismatch, missing, cycle), or ok when every rank finished;
-// - crash (a worker threw or exited), a protocol violation, or a corrupt message, at once;
+// - crash (a rank threw, or its worker exited), a protocol violation, or a corrupt message, at once;
 // - stall: a rank's own work (routing, expert compute) has not returned for the compute
 //   limit — the ranks waiting for it are not hung, they wait for a compute;
 // - timeout: a collective every member issued has not completed on a rank for the
 //   collective limit (bytes that never arrive).
 // Every worker is terminated before the result is returned: no thread outlives a run.
+import { availableParallelism } from 'node:os';
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import type { LedgerEntry } from '../machines/ledger.js';
 import { commOf, communicators, worldSize } from '../machines/mesh.js';
@@ -19,7 +21,7 @@ import { CollectiveSpans, type TraceEvent } from '../machines/spans.js';
 import { type Scenario } from '../machines/scenario.js';
 import type { BackendName } from '../src/backends.js';
 import { gpuPlacement, type ExchangeName } from './exchanges.js';
-import { now, type Fault, type SnapshotWire, type WorkerJob, type WorkerMessage } from './messages.js';
+import { now, type Fault, type SnapshotWire, type ThreadJob, type WorkerMessage } from './messages.js';
 import { PendingArrivals } from './arrivals.js';
 import { rankSnapshots } from './rankRecord.js';
 import type { ReportInput } from '../machines/record.js';
@@ -44,6 +46,8 @@ export interface RuntimeOptions {
   steps?: number;
   /** Keep the ledger, state paths and trace (default true; off for long benchmark runs). */
   record?: boolean;
+  /** Ranks per worker thread (default: one up to MANY_RANKS ranks or on GPUs; beyond, as many as fill THREADS_AT_SCALE threads). */
+  ranksPerThread?: number;
 }
 
 export interface RuntimeResult {
@@ -62,13 +66,21 @@ export interface RuntimeResult {
 const WORKER_URL = new URL('./rankWorker.js', import.meta.url);
 
 /**
- * From this many ranks on, each rank worker's young generation is capped at
- * YOUNG_GENERATION_MB: V8 lets every isolate's grow to several MB, which a run pays once per
- * rank (sim at ep=64: peak RSS 1000–1073 MB by default, 955–964 MB capped at 2 MB, CPU time
- * the same within the noise). Smaller runs keep V8's default, which the EP-step benchmarks
- * were measured with.
+ * Up to this many ranks, each rank has a worker thread of its own; beyond, a thread hosts
+ * several ranks, each its own async task, spread over THREADS_AT_SCALE threads: one per core
+ * (more threads compute nothing sooner), at most 16. A thread (a V8 isolate with Node and
+ * our modules) costs about 16 MB before its ranks do anything: at 256 ranks, 16 threads
+ * peak at about 1.05 GB, 2 threads at 0.7 GB, one per rank at 4.4 GB (docs/BENCHMARKS.md,
+ * "Several ranks per worker thread").
  */
-const MANY_WORKERS = 32;
+const MANY_RANKS = 32;
+const THREADS_AT_SCALE = Math.min(16, availableParallelism());
+/**
+ * From MANY_RANKS ranks on, each worker's young generation is capped at YOUNG_GENERATION_MB:
+ * V8 lets every isolate's grow to several MB (sim at ep=64 on 64 threads: peak RSS
+ * 1000–1073 MB by default, 955–964 MB capped at 2 MB, CPU time the same within the noise).
+ * Smaller runs keep V8's default, which the EP-step benchmarks were measured with.
+ */
 const YOUNG_GENERATION_MB = 2;
 
 export const DEFAULT_TIMEOUT_MS = 10_000;
@@ -118,12 +130,23 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   const exchange = opts.exchange ?? 'ports';
   const comms = communicators(s);
   const gpu = await gpuPlacement(backend, exchange, n, comms.filter((c) => c.kind === 'ep').map((c) => c.id));
-  const workers = Array.from({ length: n }, (_, rank) => {
-    const job: WorkerJob = {
-      rank, scenario: s, casePayload: opts.casePayloads?.[rank], backend, exchange, device: gpu?.devices[rank], ncclId: gpu?.ncclIds[commOf(s, rank, 'ep')],
-      faults: opts.faults ?? [], inspect: !!opts.onInspect, steps: opts.steps ?? 1, record,
+  // Ranks on GPUs keep a thread each: a thread has one current CUDA device and one stream of the addon's.
+  const ranksPerThread = opts.ranksPerThread ?? (n > MANY_RANKS && !gpu ? Math.ceil(n / THREADS_AT_SCALE) : 1);
+  if (!Number.isSafeInteger(ranksPerThread) || ranksPerThread < 1) throw new RangeError(`ranksPerThread must be a positive integer, got ${ranksPerThread}`);
+  if (gpu && ranksPerThread > 1) throw new RangeError(`ranks on GPUs run one per worker thread (a thread has one current CUDA device), not ${ranksPerThread}`);
+  const threadOf = (rank: number) => Math.floor(rank / ranksPerThread);
+  /** Per worker thread, the ranks it hosts. */
+  const hosted = Array.from({ length: Math.ceil(n / ranksPerThread) }, (_, t) => Array.from({ length: Math.min(ranksPerThread, n - t * ranksPerThread) }, (_, i) => t * ranksPerThread + i));
+  const workers = hosted.map((ranks) => {
+    const job: ThreadJob = {
+      scenario: s,
+      ranksPerThread,
+      ranks: ranks.map((rank) => ({
+        rank, casePayload: opts.casePayloads?.[rank], backend, exchange, device: gpu?.devices[rank], ncclId: gpu?.ncclIds[commOf(s, rank, 'ep')],
+        faults: opts.faults ?? [], inspect: !!opts.onInspect, steps: opts.steps ?? 1, record,
+      })),
     };
-    return new Worker(WORKER_URL, { workerData: job, ...(n >= MANY_WORKERS && { resourceLimits: { maxYoungGenerationSizeMb: YOUNG_GENERATION_MB } }) });
+    return new Worker(WORKER_URL, { workerData: job, ...(n >= MANY_RANKS && { resourceLimits: { maxYoungGenerationSizeMb: YOUNG_GENERATION_MB } }) });
   });
   const exited = workers.map((w) => new Promise<void>((resolve) => w.once('exit', () => resolve())));
 
@@ -222,44 +245,61 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
           return;
       }
     };
-    const died = (rank: number, cause: string) => {
-      if (done || tracker.isFinished(rank)) return;
+    /** Ranks whose thread ended: those of them that had not finished died. */
+    const died = (ranks: readonly number[], cause: string) => {
+      const gone = ranks.filter((r) => !tracker.isFinished(r));
+      if (done || gone.length === 0) return;
       // After a proved divergence a rank may fail on the data it was sent: the ledger has the cause.
       if (feed.evidenceAt !== null) {
-        dead.add(rank);
-        working[rank] = null;
+        for (const r of gone) {
+          dead.add(r);
+          working[r] = null;
+        }
         return settle();
       }
-      failure('crash', [rank], cause, now());
+      failure('crash', gone, cause, now());
     };
 
-    workers.forEach((w, rank) => {
+    workers.forEach((w, t) => {
+      const ranks = hosted[t]!;
+      /** What a crash or an exit of this thread says about its other ranks, which end with it. */
+      const others = (rank: number) => (ranks.length > 1 ? `; its worker thread, which ended with it, also hosted ${rankWord(ranks.filter((r) => r !== rank))}` : '');
       w.on('message', (m: unknown) => {
         if (done) return;
+        // A rank names itself in every message; one that is not this thread's is not to be trusted.
+        const rank = (m as { rank?: unknown } | null)?.rank;
+        const from = ranks.includes(rank as number) ? (rank as number) : ranks[0]!;
         // A worker's message that does not make sense must not take the supervisor down.
         try {
+          if (from !== rank) throw new Error(`it names rank ${String(rank)}, which this worker thread does not host`);
           handle(m as WorkerMessage);
         } catch (err) {
-          failure('violation', [rank], `rank ${rank} sent the supervisor a message it cannot use (${describeMessage(m)}): ${(err as Error).message}`, now());
+          failure('violation', [from], `rank ${from} sent the supervisor a message it cannot use (${describeMessage(m)}): ${(err as Error).message}`, now());
         }
       });
-      w.on('error', (err) => died(rank, `rank ${rank} crashed: ${err.message}; every rank was aborted`));
-      w.on('exit', (code) => died(rank, `rank ${rank} exited (code ${code}) before finishing its step; every rank was aborted`));
+      w.on('error', (err) => {
+        // The thread names the rank whose task threw; anything else (its start) is the whole thread's.
+        const named = (err as { rank?: unknown }).rank as number;
+        const rank = ranks.length === 1 ? ranks[0]! : ranks.includes(named) ? named : null;
+        if (rank !== null) died([rank], `rank ${rank} crashed: ${err.message}${others(rank)}; every rank was aborted`);
+        else died(ranks, `the worker thread of ${rankWord(ranks)} crashed: ${err.message}; every rank was aborted`);
+      });
+      w.on('exit', (code) => died(ranks, `${rankWord(ranks)} exited (code ${code}) before finishing ${ranks.length > 1 ? 'their' : 'its'} step; every rank was aborted`));
     });
 
-    // One MessageChannel per pair of ranks that share a communicator.
-    const ports: Record<number, MessagePort>[] = Array.from({ length: n }, () => ({}));
+    // One MessageChannel per pair of threads whose ranks share a communicator.
+    const links: Record<number, MessagePort>[] = workers.map(() => ({}));
     for (const c of comms) {
-      for (const a of c.members) {
-        for (const b of c.members) {
-          if (a >= b || ports[a]![b]) continue;
+      for (const a of new Set(c.members.map(threadOf))) {
+        for (const b of new Set(c.members.map(threadOf))) {
+          if (a >= b || links[a]![b]) continue;
           const { port1, port2 } = new MessageChannel();
-          ports[a]![b] = port1;
-          ports[b]![a] = port2;
+          links[a]![b] = port1;
+          links[b]![a] = port2;
         }
       }
     }
-    workers.forEach((w, rank) => w.postMessage({ type: 'start', ports: ports[rank] }, Object.values(ports[rank]!)));
+    workers.forEach((w, t) => w.postMessage({ type: 'start', links: links[t] }, Object.values(links[t]!)));
   });
 }
 

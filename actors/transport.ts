@@ -111,6 +111,8 @@ export interface PeerPort {
    * A connection that buffers writes (TCP) says so; a MessagePort hands messages over at once.
    */
   flushed?(): Promise<void> | null;
+  /** A connection to a rank in another worker thread of this process that is not a MessagePort itself (actors/rankWorker.ts). */
+  readonly betweenThreads?: boolean;
 }
 
 /** Buffers kept per peer for reuse; more than this in flight are dropped to the GC. */
@@ -201,6 +203,8 @@ export class PortMesh {
     private readonly ports: ReadonlyMap<number, PeerPort>,
     comms: readonly CommunicatorSpec[],
     private readonly onError: (message: string) => void,
+    /** Whether awaitLane may block the thread: not where the thread hosts other ranks, which it would stall. */
+    private readonly blockForLane = true,
   ) {
     for (const c of comms) {
       if (!c.members.includes(rank)) continue;
@@ -209,7 +213,7 @@ export class PortMesh {
         this.shared.get(m)!.add(c.id);
       }
     }
-    const threadPeers = [...ports].filter(([, port]) => port instanceof MessagePort).map(([peer]) => peer);
+    const threadPeers = [...ports].filter(([, port]) => port instanceof MessagePort || port.betweenThreads).map(([peer]) => peer);
     this.inbox = threadPeers.length ? new Inbox(threadPeers) : null;
     for (const [peer, port] of ports) {
       port.on('message', (m: unknown) => {
@@ -274,7 +278,7 @@ export class PortMesh {
    * `peers` have come by the fast lane; whatever has not by then is awaited as usual.
    */
   awaitLane(comm: string, position: number, peers: readonly number[]): void {
-    if (!this.inbox || peers.length === 0) return;
+    if (!this.inbox || peers.length === 0 || !this.blockForLane) return;
     const keys = peers.map((p) => `${comm}|${position}|${p}`);
     const deadline = performance.now() + LANE_WAIT_MS;
     for (;;) {
