@@ -625,7 +625,8 @@ export class MeshCommunicator implements Communicator {
     // With results in shared memory (host exchanges), worker-thread peers write large chunks
     // straight into them: one copy of each byte.
     const writing = this.sharedResults && this.staging?.name !== 'device-copy';
-    const offer = writing ? this.offer(uninitialised(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], (bytes) => this.buffer(bytes, true)), position, tag.op, recvSplits) : null;
+    const large = writing && members.some((_, j) => j !== this.rank && this.mesh.directRecv(recvSplits[j]! * rowBytes));
+    const offer = large ? this.offer(uninitialised(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], (bytes) => this.buffer(bytes, true)), position, tag.op, recvSplits) : null;
     const writes: Promise<void>[] = [];
     // Small chunks take the fast lane whatever the exchange; the rest are staged when it stages.
     const staged = this.staging ? members.filter((peer, j) => j !== this.rank && !this.mesh.laneCarries(peer, sendSplits[j]! * rowBytes) && !(writing && this.mesh.directSend(peer, sendSplits[j]! * rowBytes))) : [];
