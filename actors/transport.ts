@@ -641,6 +641,8 @@ export class MeshCommunicator implements Communicator {
       else this.mesh.send(peer, this.spec.id, position, tag.op, region && staged.includes(peer) ? { handle: region, offset: offset * rowBytes, rows: sendSplits[j]!, rowSize, dtype: send.dtype } : chunk);
       offset += sendSplits[j]!;
     }
+    // This rank's own rows go into a shared result now, while peers write theirs.
+    if (offer) new Uint8Array(offer.out.data.buffer, offer.at[this.rank]!, own!.byteLength).set(bytesOf(own!));
     const acknowledged = region === null ? null : this.mesh.acknowledgements(this.spec.id, position, staged);
     const sent = profiling ? now() : 0;
     this.mesh.awaitLane(this.spec.id, position, members.filter((peer, j) => j !== this.rank && this.mesh.laneCarries(peer, recvSplits[j]! * rowBytes)));
@@ -678,7 +680,7 @@ export class MeshCommunicator implements Communicator {
     if (this.staging || offer) {
       out = (offer?.out as Tensor<D> | undefined) ?? uninitialised(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], (bytes) => this.buffer(bytes, false));
       const pieces = chunks.map((c, j): Piece => {
-        if (!c) return { local: bytesOf(own!) };
+        if (!c) return offer ? { placed: own!.byteLength } : { local: bytesOf(own!) };
         if ('tensor' in c.rows) return { local: bytesOf(c.rows.tensor) };
         if ('direct' in c.rows) return { placed: recvSplits[j]! * rowBytes };
         const s = c.rows.staged;
@@ -705,10 +707,10 @@ export class MeshCommunicator implements Communicator {
 
   /**
    * Offers worker-thread peers whose chunks are too large for the lane their places in `out`
-   * (shared memory), inviting those whose lane offer has come; the others are invited once
-   * their header arrives.
+   * (shared memory; `at`: each member's byte offset), inviting those whose lane offer has
+   * come; the others are invited once their header arrives.
    */
-  private offer(out: Tensor, position: number, op: string, recvSplits: readonly number[]): { out: Tensor; invited: Set<number>; invite(j: number): void } {
+  private offer(out: Tensor, position: number, op: string, recvSplits: readonly number[]): { out: Tensor; at: readonly number[]; invited: Set<number>; invite(j: number): void } {
     const rowBytes = out.rowSize * ELEMENT_SIZE[out.dtype];
     const at: number[] = [];
     recvSplits.reduce((offset, n) => (at.push(offset), offset + n * rowBytes), out.data.byteOffset);
@@ -718,7 +720,7 @@ export class MeshCommunicator implements Communicator {
       this.mesh.invite(this.spec.members[j]!, this.spec.id, position, op, { handle: out.data.buffer as SharedArrayBuffer, offset: at[j]!, rows: recvSplits[j]!, rowSize: out.rowSize, dtype: out.dtype });
     };
     this.spec.members.forEach((peer, j) => j !== this.rank && this.mesh.directRecv(recvSplits[j]! * rowBytes) && this.mesh.invitable(peer) && invite(j));
-    return { out, invited, invite };
+    return { out, at, invited, invite };
   }
 
   /** A buffer of at least `bytes` for a result: a released one of the kind that fits (not more than twice as big), else a new one. */
