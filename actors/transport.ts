@@ -601,8 +601,8 @@ export class MeshCommunicator implements Communicator {
     /**
      * Whether results may live in shared memory, so that worker-thread peers write large
      * chunks straight into them (one copy of each byte instead of two). Every rank of a run
-     * must agree. Off while a consumer refuses SharedArrayBuffer-backed arrays, as the native
-     * addon does (it reads them through ArrayBuffer::Data).
+     * must agree. Off by default: it gains on 4 MiB chunks (1.4× the ports exchange) but the
+     * EP step measured no faster with it (docs/BENCHMARKS.md).
      */
     private readonly sharedResults = false,
   ) {

@@ -215,6 +215,14 @@ nativeTest('the layer\'s row moves match their definition; a bad index throws Na
   }
 });
 
+nativeTest('the kernels read and write typed arrays that a SharedArrayBuffer backs, at an offset', (addon) => {
+  const shared = new Float32Array(new SharedArrayBuffer(40 * 4), 8 * 4, 32); // rows of 4 from element 8
+  shared.forEach((_, i) => (shared[i] = i));
+  const dst = new Float32Array(new SharedArrayBuffer(16 * 4), 4 * 4, 12);
+  addon.moveRows(shared, 4, Int32Array.from([7, 0, 3]), dst, null, false);
+  assert.equal(Array.from(dst), [28, 29, 30, 31, 0, 1, 2, 3, 12, 13, 14, 15]);
+});
+
 nativeTest("the EP layer's row kernels (moveRows, combineRows, routeGrad) match its TypeScript loops bit for bit", (addon) => {
   const r = rng(7);
   for (const dtype of ['f32', 'f64'] as const) {

@@ -42,7 +42,15 @@ void* typedData(Napi::Env env, Napi::Value v, napi_typedarray_type want, long le
     throwNative(env, "BAD_ARGUMENT", std::string(what) + " holds " + std::to_string(ta.ElementLength()) +
                                          " elements, expected " + std::to_string(len));
   if (outLen) *outLen = ta.ElementLength();
-  return static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset();
+  return viewBytes(env, ta);
+}
+
+uint8_t* viewBytes(Napi::Env env, const Napi::TypedArray& ta) {
+  // Not ta.ArrayBuffer().Data(): node-addon-api's ArrayBuffer refuses a SharedArrayBuffer.
+  void* data = nullptr;
+  if (napi_get_typedarray_info(env, ta, nullptr, nullptr, &data, nullptr, nullptr) != napi_ok)
+    throwNative(env, "BAD_ARGUMENT", "cannot read a typed array's memory");
+  return static_cast<uint8_t*>(data);
 }
 
 namespace {

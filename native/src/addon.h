@@ -41,6 +41,9 @@ class EpAddon : public Napi::Addon<EpAddon> {
 Napi::Error nativeError(Napi::Env env, const std::string& code, const std::string& msg);
 [[noreturn]] void throwNative(Napi::Env env, const std::string& code, const std::string& msg);
 
+/** The first byte of a typed array's view, whether an ArrayBuffer or a SharedArrayBuffer backs it. */
+uint8_t* viewBytes(Napi::Env env, const Napi::TypedArray& ta);
+
 /** A typed array's data, checked to be `want` (napi_float32_array, ...) and `len` long (-1: any). */
 void* typedData(Napi::Env env, Napi::Value v, napi_typedarray_type want, long len, const char* what, size_t* outLen = nullptr);
 

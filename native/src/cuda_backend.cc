@@ -332,14 +332,14 @@ Napi::Value CudaFree(const Napi::CallbackInfo& info) {
 Napi::Value CudaUpload(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto ta = info[1].As<Napi::TypedArray>();
-  ck(env, epc_upload(ptrArg(env, info[0], "dst"), static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), ta.ByteLength()), "upload");
+  ck(env, epc_upload(ptrArg(env, info[0], "dst"), viewBytes(env, ta), ta.ByteLength()), "upload");
   return env.Undefined();
 }
 
 Napi::Value CudaDownload(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto ta = info[1].As<Napi::TypedArray>();
-  ck(env, epc_download(static_cast<uint8_t*>(ta.ArrayBuffer().Data()) + ta.ByteOffset(), ptrArg(env, info[0], "src"), ta.ByteLength()), "download");
+  ck(env, epc_download(viewBytes(env, ta), ptrArg(env, info[0], "src"), ta.ByteLength()), "download");
   return env.Undefined();
 }
 
