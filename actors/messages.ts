@@ -70,6 +70,11 @@ export interface ThreadJob {
   readonly ranksPerThread: number;
 }
 
+/** The worker thread that hosts `rank` when each hosts `ranksPerThread` consecutive ranks. */
+export function threadOfRank(rank: number, ranksPerThread: number): number {
+  return Math.floor(rank / ranksPerThread);
+}
+
 /**
  * The connections of a worker thread, keyed by the other thread's index: one MessagePort per
  * pair of threads whose ranks share a communicator, carrying every pair of their ranks.

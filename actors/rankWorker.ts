@@ -6,7 +6,7 @@ import { parentPort, workerData, type MessagePort } from 'node:worker_threads';
 import { communicators } from '../machines/mesh.js';
 import { runRank } from './rankRun.js';
 import type { PeerPort } from './transport.js';
-import type { LinkMessage, SupervisorMessage, ThreadJob, WorkerMessage } from './messages.js';
+import { threadOfRank, type LinkMessage, type SupervisorMessage, type ThreadJob, type WorkerMessage } from './messages.js';
 
 const job = workerData as ThreadJob;
 const post = (msg: WorkerMessage) => parentPort!.postMessage(msg);
@@ -36,7 +36,6 @@ parentPort!.once('message', (m: SupervisorMessage) => {
 
 /** Per hosted rank, its connection to each peer it shares a communicator with. */
 function connect({ scenario, ranks, ranksPerThread }: ThreadJob, links: Record<number, MessagePort>): Map<number, Map<number, PeerPort>> {
-  const threadOf = (rank: number) => Math.floor(rank / ranksPerThread);
   const hosted = new Set(ranks.map((r) => r.rank));
   const ports = new Map([...hosted].map((r) => [r, new Map<number, PeerPort>()]));
   /** Per link, its addressed endpoints by (to, from). */
@@ -53,7 +52,7 @@ function connect({ scenario, ranks, ranksPerThread }: ThreadJob, links: Record<n
           ports.get(b)!.set(a, pb);
           continue;
         }
-        const link = links[threadOf(b)];
+        const link = links[threadOfRank(b, ranksPerThread)];
         if (!link) throw new Error(`rank ${a}'s thread has no link to rank ${b}'s`);
         // Between threads of one rank each, the link carries this pair only: it is the port itself.
         if (ranksPerThread === 1) {

@@ -21,7 +21,7 @@ import { CollectiveSpans, type TraceEvent } from '../machines/spans.js';
 import { type Scenario } from '../machines/scenario.js';
 import type { BackendName } from '../src/backends.js';
 import { gpuPlacement, type ExchangeName } from './exchanges.js';
-import { now, type Fault, type SnapshotWire, type ThreadJob, type WorkerMessage } from './messages.js';
+import { now, threadOfRank, type Fault, type SnapshotWire, type ThreadJob, type WorkerMessage } from './messages.js';
 import { PendingArrivals } from './arrivals.js';
 import { rankSnapshots } from './rankRecord.js';
 import type { ReportInput } from '../machines/record.js';
@@ -134,7 +134,6 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   const ranksPerThread = opts.ranksPerThread ?? (n > MANY_RANKS && !gpu ? Math.ceil(n / THREADS_AT_SCALE) : 1);
   if (!Number.isSafeInteger(ranksPerThread) || ranksPerThread < 1) throw new RangeError(`ranksPerThread must be a positive integer, got ${ranksPerThread}`);
   if (gpu && ranksPerThread > 1) throw new RangeError(`ranks on GPUs run one per worker thread (a thread has one current CUDA device), not ${ranksPerThread}`);
-  const threadOf = (rank: number) => Math.floor(rank / ranksPerThread);
   /** Per worker thread, the ranks it hosts. */
   const hosted = Array.from({ length: Math.ceil(n / ranksPerThread) }, (_, t) => Array.from({ length: Math.min(ranksPerThread, n - t * ranksPerThread) }, (_, i) => t * ranksPerThread + i));
   const workers = hosted.map((ranks) => {
@@ -290,8 +289,9 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
     // One MessageChannel per pair of threads whose ranks share a communicator.
     const links: Record<number, MessagePort>[] = workers.map(() => ({}));
     for (const c of comms) {
-      for (const a of new Set(c.members.map(threadOf))) {
-        for (const b of new Set(c.members.map(threadOf))) {
+      const threads = new Set(c.members.map((r) => threadOfRank(r, ranksPerThread)));
+      for (const a of threads) {
+        for (const b of threads) {
           if (a >= b || links[a]![b]) continue;
           const { port1, port2 } = new MessageChannel();
           links[a]![b] = port1;

@@ -14,12 +14,13 @@
 // hanging.
 import { BroadcastChannel, MessagePort, threadId } from 'node:worker_threads';
 import { performance } from 'node:perf_hooks';
-import { DTYPES, ELEMENT_SIZE, STORAGE_CTOR, Tensor, numel, type DType } from '../src/tensor.js';
+import { DTYPES, ELEMENT_SIZE, Tensor, type DType } from '../src/tensor.js';
 import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.js';
 import type { CommunicatorSpec } from '../machines/mesh.js';
 import type { CollectiveTag, Communicator } from '../src/ep/types.js';
 import { gatherHost, type Piece, type StagedHandle, type StagingMemory } from './staging.js';
 import { Inbox, Outbox, isLaneHello } from './lane.js';
+import { ScratchPool, takeUnfilled } from '../src/ep/scratch.js';
 import { now } from './messages.js';
 
 export class TransportError extends Error {
@@ -588,9 +589,8 @@ export class MeshCommunicator implements Communicator {
   readonly rank: number;
   readonly size: number;
   private position = 0;
-  /** Result buffers this communicator allocated, and those released back for reuse. */
-  private readonly mine = new WeakSet<ArrayBufferLike>();
-  private readonly free: ArrayBufferLike[] = [];
+  /** Result buffers: released ones back the next results. */
+  private readonly results = new ScratchPool({ minBytes: 0, maxFreeBytes: Infinity, maxFreeBuffers: FREE_BUFFERS });
 
   constructor(
     readonly spec: CommunicatorSpec,
@@ -626,7 +626,7 @@ export class MeshCommunicator implements Communicator {
     // straight into them: one copy of each byte.
     const writing = this.sharedResults && this.staging?.name !== 'device-copy';
     const large = writing && members.some((_, j) => j !== this.rank && this.mesh.directRecv(recvSplits[j]! * rowBytes));
-    const offer = large ? this.offer(uninitialised(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], (bytes) => this.buffer(bytes, true)), position, tag.op, recvSplits) : null;
+    const offer = large ? this.offer(this.results.take(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], true), position, tag.op, recvSplits) : null;
     const writes: Promise<void>[] = [];
     // Small chunks take the fast lane whatever the exchange; the rest are staged when it stages.
     const staged = this.staging ? members.filter((peer, j) => j !== this.rank && !this.mesh.laneCarries(peer, sendSplits[j]! * rowBytes) && !(writing && this.mesh.directSend(peer, sendSplits[j]! * rowBytes))) : [];
@@ -678,7 +678,7 @@ export class MeshCommunicator implements Communicator {
     const arrived = profiling ? now() : 0;
     let out: Tensor<D>;
     if (this.staging || offer) {
-      out = (offer?.out as Tensor<D> | undefined) ?? uninitialised(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest], (bytes) => this.buffer(bytes, false));
+      out = (offer?.out as Tensor<D> | undefined) ?? this.results.take(send.dtype, [recvSplits.reduce((a, b) => a + b, 0), ...rest]);
       const pieces = chunks.map((c, j): Piece => {
         if (!c) return offer ? { placed: own!.byteLength } : { local: bytesOf(own!) };
         if ('tensor' in c.rows) return { local: bytesOf(c.rows.tensor) };
@@ -688,7 +688,7 @@ export class MeshCommunicator implements Communicator {
       });
       (this.staging?.gather ?? gatherHost)(bytesOf(out), pieces);
     } else {
-      out = concatRows(send.dtype, chunks.map((c) => (c ? ((c.rows as { tensor: Tensor }).tensor as Tensor<D>) : own!)), rest, (bytes) => this.buffer(bytes, false));
+      out = concatRows(send.dtype, chunks.map((c) => (c ? ((c.rows as { tensor: Tensor }).tensor as Tensor<D>) : own!)), rest, this.results);
     }
     for (const c of chunks) if (c) this.mesh.recycle(c);
     // Peers copy out of the region until they say they are done; this rank need not wait.
@@ -701,8 +701,7 @@ export class MeshCommunicator implements Communicator {
   }
 
   release(t: Tensor): void {
-    const buffer = t.data.buffer;
-    if (this.mine.has(buffer) && !this.free.includes(buffer) && this.free.length < FREE_BUFFERS) this.free.push(buffer);
+    this.results.give(t);
   }
 
   /**
@@ -721,15 +720,6 @@ export class MeshCommunicator implements Communicator {
     };
     this.spec.members.forEach((peer, j) => j !== this.rank && this.mesh.directRecv(recvSplits[j]! * rowBytes) && this.mesh.invitable(peer) && invite(j));
     return { out, at, invited, invite };
-  }
-
-  /** A buffer of at least `bytes` for a result: a released one of the kind that fits (not more than twice as big), else a new one. */
-  private buffer(bytes: number, shared: boolean): ArrayBufferLike {
-    const i = this.free.findIndex((b) => b instanceof SharedArrayBuffer === shared && b.byteLength >= bytes && b.byteLength <= 2 * bytes);
-    if (i >= 0) return this.free.splice(i, 1)[0]!;
-    const b = shared ? new SharedArrayBuffer(Math.max(bytes, 8)) : (Buffer.allocUnsafeSlow(Math.max(bytes, 8)).buffer as ArrayBuffer);
-    this.mine.add(b);
-    return b;
   }
 
   /** Returns once every member has entered it: an all-to-all of nothing. */
@@ -776,15 +766,9 @@ function rowsOf<D extends DType>(t: Tensor<D>, start: number, count: number): Te
   return new Tensor(t.dtype, [count, ...t.shape.slice(1)], t.data.subarray(start * rs, (start + count) * rs) as Tensor<D>['data']);
 }
 
-/** A tensor whose every element the caller writes, so its buffer need not be zeroed. */
-function uninitialised<D extends DType>(dtype: D, shape: number[], buffer: (bytes: number) => ArrayBufferLike = (b) => Buffer.allocUnsafeSlow(b).buffer as ArrayBuffer): Tensor<D> {
-  const n = numel(shape);
-  return new Tensor(dtype, shape, new STORAGE_CTOR[dtype](buffer(n * ELEMENT_SIZE[dtype]) as ArrayBuffer, 0, n) as Tensor<D>['data']);
-}
-
-function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[], buffer?: (bytes: number) => ArrayBufferLike): Tensor<D> {
+function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[], pool?: ScratchPool): Tensor<D> {
   const rows = parts.reduce((a, p) => a + (p.shape[0] ?? 0), 0);
-  const out = uninitialised(dtype, [rows, ...rest], buffer);
+  const out = takeUnfilled(pool, dtype, [rows, ...rest]);
   let at = 0;
   for (const p of parts) {
     (out.data as Float32Array).set(p.data as Float32Array, at);

@@ -94,12 +94,19 @@ export const UNFILLED_MIN_BYTES = 64 * 1024;
 
 /** Storage for n elements with unspecified contents (see Tensor.unfilled). */
 export function unfilledStorage<D extends DType>(dtype: D, n: number): StorageOf[D] {
-  const Ctor = STORAGE_CTOR[dtype] as unknown as { new (n: number): StorageOf[D]; new (b: ArrayBufferLike, offset: number, n: number): StorageOf[D] };
   const bytes = n * ELEMENT_SIZE[dtype];
-  if (bytes < UNFILLED_MIN_BYTES) return new Ctor(n);
-  // allocUnsafeSlow: a buffer of its own (offset 0, malloc-aligned), not zero-filled.
-  const buf = Buffer.allocUnsafeSlow(bytes);
-  return new Ctor(buf.buffer, buf.byteOffset, n);
+  if (bytes < UNFILLED_MIN_BYTES) return new STORAGE_CTOR[dtype](n) as StorageOf[D];
+  return storageOver(dtype, unfilledBuffer(bytes), n);
+}
+
+/** A buffer of its own of `bytes` (at least 8), not zero-filled (Node's allocUnsafeSlow: offset 0, malloc-aligned). */
+export function unfilledBuffer(bytes: number): ArrayBuffer {
+  return Buffer.allocUnsafeSlow(Math.max(bytes, 8)).buffer as ArrayBuffer;
+}
+
+/** n elements of `dtype` over the start of `buffer`, which must hold them. */
+export function storageOver<D extends DType>(dtype: D, buffer: ArrayBufferLike, n: number): StorageOf[D] {
+  return new (STORAGE_CTOR[dtype] as unknown as new (b: ArrayBufferLike, offset: number, n: number) => StorageOf[D])(buffer, 0, n);
 }
 
 export function numel(shape: readonly number[]): number {
