@@ -48,7 +48,7 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
   const scratch = new ScratchPool();
   let how: 'done' | 'exited' = 'done';
   let driver: RankDriver | null = null;
-  let result: Uint8Array | undefined;
+  let output: CaseRankOutput | undefined;
   for (let step = 0; step < job.steps && how === 'done'; step++) {
     const t0 = performance.now();
     post({ type: 'started', rank: job.rank, at: now() });
@@ -58,10 +58,12 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
       if (f.kind === 'throw' || f.kind === 'stall' || f.kind === 'garbage-to-supervisor') driver.fault = f;
       else mesh.fault = { op: f.op, kind: f.kind };
     }
-    result = await runStep(job, driver, { comm: ep, backend, scratch, experts: inputs.experts, numExperts: s.experts, topK: s.topK, gradientScale: inputs.gradientScale, protocol: driver }, inputs);
+    output = await runStep(job, driver, { comm: ep, backend, scratch, experts: inputs.experts, numExperts: s.experts, topK: s.topK, gradientScale: inputs.gradientScale, protocol: driver }, inputs);
     how = await driver.finish();
     post({ type: 'step', rank: job.rank, step, ms: performance.now() - t0 });
   }
+  // Only the last step's numbers go home: encoding them every step cost a few ms per step.
+  const result = output && encodeMessage(output);
   post({ type: 'finished', rank: job.rank, how, snapshot: driver!.wire(), result, at: now() });
 }
 
@@ -88,10 +90,10 @@ async function ncclCommunicator(job: WorkerJob, epRank: number): Promise<Communi
 }
 
 /** One training step: every micro-batch forward over the stage's MoE layers, then backward in reverse. */
-async function runStep(job: WorkerJob, driver: RankDriver, base: Omit<EpContext, 'layer' | 'microBatch'>, inputs: RankStepInputs): Promise<Uint8Array | undefined> {
+async function runStep(job: WorkerJob, driver: RankDriver, base: Omit<EpContext, 'layer' | 'microBatch'>, inputs: RankStepInputs): Promise<CaseRankOutput | undefined> {
   const s = job.scenario;
   // Case runs (one layer, one micro-batch) send their numbers home; generated steps only their verdict.
-  let result: Uint8Array | undefined;
+  let output: CaseRankOutput | undefined;
 
   step: for (let mb = 0; mb < s.microBatches; mb++) {
     const saved: { ctx: EpContext; saved: EpSaved; out: Tensor }[] = [];
@@ -106,11 +108,8 @@ async function runStep(job: WorkerJob, driver: RankDriver, base: Omit<EpContext,
     for (let layer = driver.cfg.layers - 1; layer >= 0; layer--) {
       const { ctx, saved: sv, out } = saved[layer]!;
       const bwd = await epBackward(ctx, sv, inputs.gradOut(mb, layer));
-      if (job.casePayload) {
-        const output: CaseRankOutput = { out, gradX: bwd.gradX_TD, gradWeights: bwd.gradWeights_TK, grads: bwd.grads, rowsSent: sv.sortOrder_S.length, rowsReceived: sv.byExpert_R.length };
-        result = encodeMessage(output);
-      }
+      if (job.casePayload) output = { out, gradX: bwd.gradX_TD, gradWeights: bwd.gradWeights_TK, grads: bwd.grads, rowsSent: sv.sortOrder_S.length, rowsReceived: sv.byExpert_R.length };
     }
   }
-  return result;
+  return output;
 }

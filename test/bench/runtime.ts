@@ -82,27 +82,35 @@ async function countsExchange(exchange: 'ports' | 'shared'): Promise<BenchRow> {
   return { ...row, baseline: { name: 'gloo all_to_all_single of the same counts, 4 torch processes', value: torch.countsUs, unit: 'µs' }, ratio: torch.countsUs / us, note: `${row.note}; ratio = gloo / ours (>1: we are faster)` };
 }
 
-async function epStep(backend: BackendName, steps: number, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
+/** How many steps run untimed, then timed (the torch script runs 3 and 10). */
+interface StepCounts {
+  warmup: number;
+  timed: number;
+}
+/** The native rows: step times vary by tens of ms on two shared cores, so ten timed steps. */
+const NATIVE_STEPS: StepCounts = { warmup: 2, timed: 10 };
+
+async function epStep(backend: BackendName, n: StepCounts, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
   const data = epStepCase(o);
   pinKernelThreads(o);
-  const run = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps, record: false, timeoutMs: 300_000, backend });
+  const run = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps: n.warmup + n.timed, record: false, timeoutMs: 300_000, backend });
   if (run.diagnosis.verdict !== 'ok') throw new Error(`EP step did not complete: ${run.diagnosis.cause}`);
-  return againstTorch(`${backend} kernels, ${o.ep} worker-thread ranks, f32`, run.stepMs, o);
+  return againstTorch(`${backend} kernels, ${o.ep} worker-thread ranks, f32`, run.stepMs.slice(n.warmup), o);
 }
 
 /** The same step with each rank its own process (ep-actors rank), over TCP, as torch+gloo runs it. */
-async function launchedEpStep(backend: BackendName, steps: number, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
+async function launchedEpStep(backend: BackendName, n: StepCounts, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
   const data = epStepCase(o);
   // As many kernel threads per process as each torch process has.
   const env = { ...process.env, EP_ACTORS_THREADS: String(o.threads) };
-  const slowest = await withLaunchedRanks({ case: data }, ['--backend', backend, '--steps', String(steps), '--json'], { env, timeoutMs: 300_000 }, async (runs) => {
+  const slowest = await withLaunchedRanks({ case: data }, ['--backend', backend, '--steps', String(n.warmup + n.timed), '--json'], { env, timeoutMs: 300_000 }, async (runs) => {
     const ranks = runs.map((r, rank) => {
       if (r.code !== 0) throw new Error(`rank ${rank} exited ${r.code}: ${r.stderr}`);
       return (JSON.parse(r.stdout) as { stepMs: number[] }).stepMs;
     });
     return ranks[0]!.map((_, step) => Math.max(...ranks.map((r) => r[step]!)));
   });
-  return againstTorch(`${backend} kernels, ${o.ep} processes over TCP (ep-actors rank), f32`, slowest, o);
+  return againstTorch(`${backend} kernels, ${o.ep} processes over TCP (ep-actors rank), f32`, slowest.slice(n.warmup), o);
 }
 
 /**
@@ -125,10 +133,11 @@ async function launchedDetection(runs: number): Promise<BenchRow> {
   };
 }
 
-/** A row for per-step times (slowest rank per step; the first step pays for JIT warm-up) with torch+gloo measured now. */
-async function againstTorch(impl: string, stepMs: readonly number[], o: TorchEpOptions): Promise<BenchRow> {
-  const ms = median(stepMs.slice(1));
-  const row: BenchRow = { name: epStepLabel(impl, o), value: ms, unit: 'ms', note: `median of ${stepMs.length - 1} steps after one warm-up; slowest rank per step` };
+/** A row for timed per-step times (slowest rank per step, after the warm-up steps) with torch+gloo measured now. */
+async function againstTorch(impl: string, timedMs: readonly number[], o: TorchEpOptions): Promise<BenchRow> {
+  const ms = median(timedMs);
+  const spread = `${Math.min(...timedMs).toFixed(1)}–${Math.max(...timedMs).toFixed(1)}`;
+  const row: BenchRow = { name: epStepLabel(impl, o), value: ms, unit: 'ms', note: `median of ${timedMs.length} steps (${spread}) after warm-up; slowest rank per step` };
   const torch = await torchEpStep(o, true); // right after ours
   if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
   return { ...row, baseline: { name: epStepLabel(`seed on torch+gloo, ${o.ep} processes`, o), value: torch.medianMs, unit: 'ms' }, ratio: torch.medianMs / ms, note: `${row.note}; ratio = torch / ours (>1: we are faster); torch BLAS: ${torch.blas}` };
@@ -155,11 +164,11 @@ export async function bench(): Promise<BenchRow[]> {
   const rows = [await countsExchange('ports'), await countsExchange('shared'), await transport('ports'), await transport('shared'), await transport('ports', true)];
   if (process.env.BENCH_RUNTIME_ROWS === 'transport') return rows; // the exchanges alone, for A/B runs
   // The TypeScript kernels take tens of seconds per step here: one warm-up, one timed step.
-  rows.push(await epStep('ts', 2));
+  rows.push(await epStep('ts', { warmup: 1, timed: 1 }));
   const native = await import('../../src/native/backend.js');
   if (native.loadNative()) {
-    rows.push(await epStep('native', 6), await launchedEpStep('native', 6));
-    rows.push(await epStep('native', 4, { ...DEFAULT_EP_OPTIONS, ep: 8, experts: 16 }), await epStep('native', 4, { ...DEFAULT_EP_OPTIONS, tokens: 4096 }));
+    rows.push(await epStep('native', NATIVE_STEPS), await launchedEpStep('native', NATIVE_STEPS));
+    rows.push(await epStep('native', NATIVE_STEPS, { ...DEFAULT_EP_OPTIONS, ep: 8, experts: 16 }), await epStep('native', NATIVE_STEPS, { ...DEFAULT_EP_OPTIONS, tokens: 4096 }));
   } else rows.push({ name: epStepLabel('native kernels, 4 worker-thread ranks'), value: NaN, unit: 'ms', note: `skipped: ${native.nativeUnavailableReason()}` });
   rows.push(await launchedDetection(5));
   rows.push(await soak());
