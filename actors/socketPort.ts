@@ -23,6 +23,14 @@ const MAX_FRAME = 2 ** 31;
 const GOODBYE = 0xc1;
 /** How long a rank that said goodbye waits for the peer to close before it closes itself. */
 const LINGER_MS = 2000;
+/**
+ * Buffers at least this large are worth reusing: a chunk's buffer goes back to the mesh's
+ * pool once written, and a consumed one backs a later frame (smaller ones would only take
+ * the pools' few places).
+ */
+const REUSE_MIN = 64 * 1024;
+/** Consumed frame buffers a connection keeps for the frames it reads next. */
+const FREE_FRAMES = 4;
 
 /**
  * What a rank tells every peer as it goes, so each can follow the whole run's ledger (the
@@ -73,6 +81,10 @@ export class SocketPort implements PeerPort {
   #ended = false;
   /** Set once this side said goodbye: what arrives after it is read and dropped. */
   #left = false;
+  /** Buffers of frames the mesh consumed, for the next large frames (allocating them fresh cost page faults and GC). */
+  readonly #free: ArrayBuffer[] = [];
+  /** Set while this tick's frames are held back, to leave in one write when it ends. */
+  #corked = false;
   readonly #closed: Promise<void>;
 
   constructor(
@@ -95,14 +107,40 @@ export class SocketPort implements PeerPort {
     this.events.broken(reason);
   }
 
-  postMessage(message: unknown): void {
+  /**
+   * Sends one frame. The frames of one turn of the event loop (a collective's report and its
+   * chunk, say) leave together in one write, so the peer wakes once for them. A transferred
+   * buffer (the sender gives it up) goes back to the mesh's pool once written.
+   */
+  postMessage(message: unknown, transfer?: readonly ArrayBuffer[]): void {
+    if (message instanceof ArrayBuffer) {
+      // A consumed chunk's buffer, given back: it backs a later frame from this peer.
+      if (message.byteLength >= REUSE_MIN) this.#free.push(message) > FREE_FRAMES && this.#free.shift();
+      return;
+    }
     if (this.#ended) return; // the run is over on this connection: a late chunk would only meet a closed socket
-    if (message instanceof ArrayBuffer) return; // a consumed chunk's buffer: only reused within one process
     if (!(message instanceof Uint8Array)) throw new TransportError('a TCP connection carries msgpack chunks only, not staged announcements');
-    const header = Buffer.alloc(4);
+    if (!this.#corked) {
+      this.#corked = true;
+      this.socket.cork();
+      setImmediate(() => {
+        this.#corked = false;
+        this.socket.uncork();
+      });
+    }
+    const header = Buffer.allocUnsafe(4);
     header.writeUInt32LE(message.byteLength);
     this.socket.write(header);
-    this.socket.write(Buffer.from(message.buffer, message.byteOffset, message.byteLength));
+    const buffer = message.buffer as ArrayBuffer;
+    const mine = transfer?.includes(buffer) && buffer.byteLength >= REUSE_MIN;
+    this.socket.write(Buffer.from(buffer, message.byteOffset, message.byteLength), mine ? (err) => void (err || this.#listener?.(buffer)) : undefined);
+  }
+
+  /** A buffer for a frame of `length` bytes: a consumed one that fits, else a fresh one (8-aligned either way, so decoded tensors are views). */
+  #frameBuffer(length: number): Uint8Array {
+    const i = length >= REUSE_MIN ? this.#free.findIndex((b) => b.byteLength >= length) : -1;
+    const buffer = i < 0 ? Buffer.allocUnsafeSlow(length).buffer : this.#free.splice(i, 1)[0]!;
+    return new Uint8Array(buffer, 0, length);
   }
 
   flushed(): Promise<void> | null {
@@ -185,8 +223,7 @@ export class SocketPort implements PeerPort {
           this.socket.destroy();
           return;
         }
-        // A fresh buffer per frame starts 8-aligned, so decoded tensors are views, not copies.
-        this.#frame = new Uint8Array(Buffer.allocUnsafeSlow(length).buffer, 0, length);
+        this.#frame = this.#frameBuffer(length);
         this.#frameBytes = 0;
       }
       const take = Math.min(this.#frame.byteLength - this.#frameBytes, c.length - at);

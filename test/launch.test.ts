@@ -118,9 +118,22 @@ const readRecords = (dir: string) => {
 
 /** A stand-in for a net.Socket: the test feeds it bytes. */
 function fakeSocket() {
-  const s = new EventEmitter() as EventEmitter & { written: Buffer[] };
+  const s = new EventEmitter() as EventEmitter & { written: Buffer[]; corked: number; log: string[] };
   s.written = [];
-  Object.assign(s, { setNoDelay() {}, write: (b: Buffer) => s.written.push(Buffer.from(b)), end() {}, destroy() {} });
+  s.corked = 0;
+  s.log = [];
+  Object.assign(s, {
+    setNoDelay() {},
+    cork: () => (s.corked++, s.log.push('cork')),
+    uncork: () => (s.corked && s.corked--, s.log.push('uncork')),
+    write: (b: Buffer, done?: (err?: Error | null) => void) => {
+      s.written.push(Buffer.from(b));
+      s.log.push(`write ${b.length}`);
+      done?.(null);
+    },
+    end() {},
+    destroy() {},
+  });
   return s;
 }
 
@@ -220,6 +233,42 @@ test('report frames tell a peer each collective the rank issues and when it comp
   header.writeUInt32LE(bad.length);
   c.emit('data', Buffer.concat([header, bad]));
   assert.equal(broken, ['the peer reported an issue in a frame that does not parse']);
+});
+
+test('frames of one event-loop turn leave in one write; large buffers are reused: a written chunk\'s goes back to the sender\'s mesh, a consumed one backs the next frame', async () => {
+  const a = fakeSocket();
+  const sender = new SocketPort(a as unknown as Socket, { broken: () => {}, finished: () => {} });
+  const returned: unknown[] = [];
+  sender.on('message', (m) => returned.push(m));
+  const big = new Uint8Array(128 * 1024).fill(5);
+  sender.report({ kind: 'computing' });
+  sender.postMessage(big, [big.buffer]);
+  const small = Uint8Array.of(1, 2, 3);
+  sender.postMessage(small, [small.buffer]);
+  assert.is(a.log.filter((e) => e === 'cork').length, 1, 'corked once for the turn');
+  assert.is(a.corked, 1, 'held until the turn ends');
+  await new Promise((r) => setImmediate(r));
+  assert.is(a.corked, 0, 'the turn\'s frames left');
+  assert.equal(a.log.slice(-1), ['uncork']);
+  // Only the large transferred buffer goes back (a small one would take a pool's place; a report's is not the sender's).
+  assert.equal(returned, [big.buffer]);
+  sender.postMessage(Uint8Array.of(4)); // not transferred: stays the caller's
+  await new Promise((r) => setImmediate(r));
+  assert.is(returned.length, 1);
+
+  const b = fakeSocket();
+  const reader = new SocketPort(b as unknown as Socket, { broken: (r) => assert.unreachable(r), finished: () => {} });
+  const frames: Uint8Array[] = [];
+  reader.on('message', (m) => frames.push(m as Uint8Array));
+  const wire = (n: number, v: number) => Buffer.concat([Buffer.from(Uint32Array.of(n).buffer), Buffer.alloc(n, v)]);
+  b.emit('data', wire(100 * 1024, 1));
+  reader.postMessage(frames[0]!.buffer); // consumed: the mesh gives it back
+  b.emit('data', wire(90 * 1024, 2)); // fits the consumed buffer
+  b.emit('data', wire(200 * 1024, 3)); // does not: a fresh one
+  assert.is(frames[1]!.buffer, frames[0]!.buffer, 'the consumed buffer backs the next frame that fits');
+  assert.is.not(frames[2]!.buffer, frames[0]!.buffer);
+  assert.equal([frames[1]!.byteLength, frames[1]!.byteOffset, frames[1]!.every((x) => x === 2)], [90 * 1024, 0, true]);
+  assert.ok(frames[2]!.every((x) => x === 3));
 });
 
 test('after a goodbye, either way, nothing more is written; a peer that reads a stop and then a reset reports the stop', async () => {
