@@ -27,13 +27,26 @@ export interface SpawnOptions {
   readonly timeoutMs?: number;
   /** Hears each process as it starts (to signal it, say). */
   readonly started?: (child: ChildProcess) => void;
+  /** Node's own flags, before the script. */
+  readonly nodeFlags?: readonly string[];
 }
+
+/**
+ * A rank process starts with room for 64 MB of old generation before its first full GC.
+ * Node's default starts small, and the chunks a rank reads (external memory, about 6 MB
+ * per EP step at the default bench size) pushed a blocking full GC on every rank every few
+ * steps (10–60 ms each, and every peer waits for the rank that collects): 50 full GCs in
+ * 40 steps on 4 ranks, 8 with this flag (docs/BENCHMARKS.md). Node accepts it only on
+ * its command line, not in NODE_OPTIONS: torchrun users pass it the same way
+ * (`torchrun ... --no_python node --initial-old-space-size=64 $(which ep-actors) rank ...`).
+ */
+export const RANK_NODE_FLAGS = ['--initial-old-space-size=64'] as const;
 
 /** `ep-actors ...args` as a child process of this Node, with its exit code and output. */
 export function runEpActors(args: readonly string[], opts: SpawnOptions = {}): Promise<CliRun> {
   const cli = fileURLToPath(new URL('./main.js', import.meta.url));
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [cli, ...args], { env: opts.env ?? process.env, timeout: opts.timeoutMs ?? 600_000, killSignal: 'SIGKILL' });
+    const child = spawn(process.execPath, [...(opts.nodeFlags ?? []), cli, ...args], { env: opts.env ?? process.env, timeout: opts.timeoutMs ?? 600_000, killSignal: 'SIGKILL' });
     opts.started?.(child);
     let stdout = '';
     let stderr = '';
@@ -56,6 +69,7 @@ export async function launchLocally(n: number, rankArgs: readonly string[], opts
       runEpActors(['rank', ...rankArgs], {
         env: { ...(opts.env ?? process.env), RANK: String(rank), WORLD_SIZE: String(n), LOCAL_RANK: String(rank), MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(port) },
         timeoutMs: opts.timeoutMs,
+        nodeFlags: RANK_NODE_FLAGS,
         started: (child) => opts.started?.(child, rank),
       }),
     ),
