@@ -805,7 +805,8 @@ function bytesOf(t: Tensor): Uint8Array {
 
 function rowsOf<D extends DType>(t: Tensor<D>, start: number, count: number): Tensor<D> {
   const rs = t.rowSize;
-  return new Tensor(t.dtype, [count, ...t.shape.slice(1)], t.data.subarray(start * rs, (start + count) * rs) as Tensor<D>['data']);
+  const shape = t.shape.length === 1 ? [count] : [count, ...t.shape.slice(1)];
+  return new Tensor(t.dtype, shape, t.data.subarray(start * rs, (start + count) * rs) as Tensor<D>['data']);
 }
 
 function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[], pool?: ScratchPool): Tensor<D> {

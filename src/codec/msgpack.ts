@@ -50,7 +50,7 @@ function bytesOf(data: Storage): Uint8Array {
 
 class TensorCodec implements ExtensionCodecType<undefined> {
   /** Tensors met during the current encode, in message order. */
-  pending: Pending[] = [];
+  readonly pending: Pending[] = [];
   /** Sum of the data bytes of `pending`: how far the final message runs ahead of the envelope. */
   shift = 0;
 
@@ -99,6 +99,10 @@ function elementCount(shape: readonly number[]): number {
   return n;
 }
 
+function badTensor(data: Uint8Array, dtype: DType, what: string): never {
+  throw new CodecError(`${dtype} tensor extension (${data.length} bytes): ${what}`);
+}
+
 /** Writes `v` as a u32 at `at`, little- or big-endian. */
 function writeU32(bytes: Uint8Array, at: number, v: number, little: boolean): void {
   for (let i = 0; i < 4; i++) bytes[at + (little ? i : 3 - i)] = (v >>> (8 * i)) & 0xff;
@@ -109,27 +113,24 @@ function readU32LE(bytes: Uint8Array, at: number): number {
 }
 
 function decodeTensor(data: Uint8Array, dtype: DType, copy: boolean): Tensor {
-  const fail = (what: string): never => {
-    throw new CodecError(`${dtype} tensor extension (${data.length} bytes): ${what}`);
-  };
-  if (data.length < 2) fail('too short for a tensor header');
+  if (data.length < 2) badTensor(data, dtype, 'too short for a tensor header');
   const ndim = data[0]!;
-  if (ndim > MAX_NDIM) fail(`${ndim} dimensions, more than ${MAX_NDIM}`);
+  if (ndim > MAX_NDIM) badTensor(data, dtype, `${ndim} dimensions, more than ${MAX_NDIM}`);
   const fixed = 1 + 4 * ndim + 1;
-  if (data.length < fixed) fail(`too short for the header of a ${ndim}-d tensor`);
+  if (data.length < fixed) badTensor(data, dtype, `too short for the header of a ${ndim}-d tensor`);
   const shape: number[] = [];
   for (let i = 0; i < ndim; i++) shape.push(readU32LE(data, 1 + 4 * i));
   const elementSize = ELEMENT_SIZE[dtype];
   const pad = data[fixed - 1]!;
-  if (pad >= elementSize) fail(`padding ${pad} is not below the element size ${elementSize}`);
+  if (pad >= elementSize) badTensor(data, dtype, `padding ${pad} is not below the element size ${elementSize}`);
   const start = fixed + pad;
-  if (data.length < start) fail(`too short for its ${pad} padding bytes`);
-  for (let i = fixed; i < start; i++) if (data[i] !== 0) fail('padding bytes are not zero');
+  if (data.length < start) badTensor(data, dtype, `too short for its ${pad} padding bytes`);
+  for (let i = fixed; i < start; i++) if (data[i] !== 0) badTensor(data, dtype, 'padding bytes are not zero');
   const byteLength = data.length - start;
   const n = elementCount(shape);
   if (n * elementSize !== byteLength) {
     const needs = Number.isSafeInteger(n) ? `${n * elementSize} bytes` : 'more than 2^53 elements';
-    fail(`shape [${shape.join(', ')}] needs ${needs} of data but it holds ${byteLength} bytes`);
+    badTensor(data, dtype, `shape [${shape.join(', ')}] needs ${needs} of data but it holds ${byteLength} bytes`);
   }
   const ctor = STORAGE_CTOR[dtype];
   const offset = data.byteOffset + start;
@@ -155,7 +156,7 @@ const encoder = new Encoder({ extensionCodec: codec });
  * multi-MiB buffers cost page faults on every exchange.
  */
 export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
-  codec.pending = [];
+  codec.pending.length = 0;
   codec.shift = 0;
   let envelope: Uint8Array;
   try {
@@ -165,7 +166,6 @@ export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
     throw new CodecError(`cannot encode message: ${messageOf(e)}`, { cause: e });
   }
   const pending = codec.pending;
-  codec.pending = [];
   const total = envelope.length + codec.shift;
   // Uninitialized memory saves zeroing a buffer that the copies below fill completely.
   // allocUnsafeSlow is never pooled, so the message owns its ArrayBuffer and can be transferred.
@@ -183,6 +183,7 @@ export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
     to += p.bytes.length;
   }
   out.set(envelope.subarray(from), to);
+  pending.length = 0; // holds no tensor alive past the call
   return out;
 }
 
@@ -192,7 +193,7 @@ export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
 const decoders = new Map<number, Decoder>();
 
 function decoderFor(length: number): Decoder {
-  const bits = Math.max(10, Math.ceil(Math.log2(length + 1)));
+  const bits = Math.max(10, length < 2 ** 31 ? 32 - Math.clz32(length) : Math.ceil(Math.log2(length + 1))); // bits of `length`
   let decoder = decoders.get(bits);
   if (decoder === undefined) {
     const limit = 2 ** bits;
