@@ -50,7 +50,7 @@ function bytesOf(data: Storage): Uint8Array {
 
 class TensorCodec implements ExtensionCodecType<undefined> {
   /** Tensors met during the current encode, in message order. */
-  readonly pending: Pending[] = [];
+  pending: Pending[] = [];
   /** Sum of the data bytes of `pending`: how far the final message runs ahead of the envelope. */
   shift = 0;
 
@@ -156,7 +156,7 @@ const encoder = new Encoder({ extensionCodec: codec });
  * multi-MiB buffers cost page faults on every exchange.
  */
 export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
-  codec.pending.length = 0;
+  codec.pending = []; // a fresh list costs less than truncating one (a runtime call)
   codec.shift = 0;
   let envelope: Uint8Array;
   try {
@@ -166,6 +166,7 @@ export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
     throw new CodecError(`cannot encode message: ${messageOf(e)}`, { cause: e });
   }
   const pending = codec.pending;
+  codec.pending = []; // holds no tensor alive past the call
   const total = envelope.length + codec.shift;
   // Uninitialized memory saves zeroing a buffer that the copies below fill completely.
   // allocUnsafeSlow is never pooled, so the message owns its ArrayBuffer and can be transferred.
@@ -183,7 +184,6 @@ export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
     to += p.bytes.length;
   }
   out.set(envelope.subarray(from), to);
-  pending.length = 0; // holds no tensor alive past the call
   return out;
 }
 
