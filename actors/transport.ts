@@ -652,7 +652,7 @@ export class MeshCommunicator implements Communicator {
     const enter = profiling ? now() : 0;
     const rowBytes = rowSize * ELEMENT_SIZE[send.dtype];
     const members = this.spec.members;
-    const rest = [...send.shape.slice(1)];
+    const rest = send.shape.slice(1);
     // With results in shared memory (host exchanges), worker-thread peers write large chunks
     // straight into them: one copy of each byte.
     const writing = this.sharedResults && this.staging?.name !== 'device-copy';
