@@ -703,14 +703,13 @@ export class MeshCommunicator implements Communicator {
     const chunks: (Chunk | null)[] = [];
     const pending: Promise<unknown>[] = [];
     for (let j = 0; j < this.size; j++) {
-      chunks.push(null);
-      if (j === this.rank) continue;
-      const c = this.mesh.receive(members[j]!, this.spec.id, position, tag.op);
+      const c = j === this.rank ? null : this.mesh.receive(members[j]!, this.spec.id, position, tag.op);
       if (c instanceof Promise) {
+        chunks.push(null);
         pending.push(c.then((got) => check((chunks[j] = got), j)));
       } else {
-        chunks[j] = c;
-        const wait = check(c, j);
+        chunks.push(c);
+        const wait = c && check(c, j);
         if (wait) pending.push(wait);
       }
     }
