@@ -548,7 +548,6 @@ export class PortMesh {
     }
   }
 
-  /** Decode and check a peer's message; anything malformed becomes a TransportError naming the sender. */
   /**
    * Decode and check a peer's message; anything malformed becomes a TransportError naming the
    * sender. Bytes from the fast lane are its slot, reused once this returns: tensors are copied out.

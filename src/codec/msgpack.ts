@@ -156,7 +156,7 @@ const encoder = new Encoder({ extensionCodec: codec });
  * multi-MiB buffers cost page faults on every exchange.
  */
 export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
-  codec.pending = []; // a fresh list costs less than truncating one (a runtime call)
+  codec.pending = [];
   codec.shift = 0;
   let envelope: Uint8Array;
   try {
@@ -166,7 +166,7 @@ export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
     throw new CodecError(`cannot encode message: ${messageOf(e)}`, { cause: e });
   }
   const pending = codec.pending;
-  codec.pending = []; // holds no tensor alive past the call
+  codec.pending = [];
   const total = envelope.length + codec.shift;
   // Uninitialized memory saves zeroing a buffer that the copies below fill completely.
   // allocUnsafeSlow is never pooled, so the message owns its ArrayBuffer and can be transferred.

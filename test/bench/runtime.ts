@@ -70,7 +70,7 @@ async function transport(exchange: 'ports' | 'shared', sharedResults = false): P
 /** The EP layer's first exchange alone: one i64 per peer, back to back, against gloo's on 4 torch processes. */
 async function countsExchange(exchange: 'ports' | 'shared'): Promise<BenchRow> {
   // Enough untimed exchanges that the timed ones run compiled code, as in a run of many steps
-  // (after 200 untimed, JIT compilation still doubled the median); ~1 s per row.
+  // (after 200 untimed the median was 3–4× the steady state: JIT compilation); ~1 s per row.
   const iterations = 2000;
   const us = median(await exchangeTimes({ rows: null, iterations, exchange })) * 1e3;
   const row: BenchRow = {
