@@ -9,7 +9,9 @@
 // messages its owner still waits for while it sleeps (each write takes one off, and only the
 // last wakes it: a wake-up is a system call, and costs most on a busy machine); ring s has a
 // write count at Int32 2 + 2s (its sender's) and a read count at 3 + 2s (the owner's); its
-// SLOTS slots follow the header, each a 4-byte length and up to `capacity` bytes.
+// SLOTS slots follow the header, each a 4-byte length and up to `capacity` bytes. A reader
+// takes each message straight from its slot and releases the slot once done with it, so the
+// lane allocates nothing per message.
 
 /** Atomics.waitAsync (Node 16+), missing from this TypeScript lib. */
 interface AtomicsWaitAsync {
@@ -54,6 +56,7 @@ export function isLaneHello(m: unknown): m is { lane: unknown; rings: unknown; r
 export class Inbox {
   readonly sab: SharedArrayBuffer;
   private readonly words: Int32Array;
+  private readonly bytes: Uint8Array;
   /** The largest message a ring slot holds. */
   readonly capacity: number;
   private readonly ringOf = new Map<number, number>();
@@ -69,13 +72,17 @@ export class Inbox {
     peers.forEach((p, s) => this.ringOf.set(p, s));
     this.sab = new SharedArrayBuffer(inboxBytes(peers.length));
     this.words = new Int32Array(this.sab);
+    this.bytes = new Uint8Array(this.sab);
   }
 
   hello(peer: number, thread: number): LaneHello {
     return { lane: this.sab, rings: this.peerOf.length, ring: this.ringOf.get(peer)!, thread };
   }
 
-  /** Hands every message waiting in the rings to `deliver` (bytes copied out: the slot is reused). */
+  /**
+   * Hands every message waiting in the rings to `deliver`, as a view of its slot that is
+   * valid until `deliver` returns: the slot is then released, and its sender reuses it.
+   */
   drain(deliver: (peer: number, bytes: Uint8Array) => void): void {
     this.rung = Atomics.load(this.words, 0);
     for (let s = 0; s < this.peerOf.length; s++) {
@@ -83,10 +90,11 @@ export class Inbox {
       for (let read = this.words[3 + 2 * s]!; read !== written; read = (read + 1) | 0) {
         const at = slotAt(this.peerOf.length, this.capacity, s, read);
         const length = Math.max(0, Math.min(this.words[at / 4]!, this.capacity)); // a peer is trusted with nothing
-        const bytes = new Uint8Array(length);
-        bytes.set(new Uint8Array(this.sab, at + 8, length));
-        Atomics.store(this.words, 3 + 2 * s, (read + 1) | 0);
-        deliver(this.peerOf[s]!, bytes);
+        try {
+          deliver(this.peerOf[s]!, this.bytes.subarray(at + 8, at + 8 + length));
+        } finally {
+          Atomics.store(this.words, 3 + 2 * s, (read + 1) | 0);
+        }
       }
     }
   }
@@ -121,15 +129,17 @@ function slotAt(peers: number, capacity: number, ring: number, index: number): n
 /** A peer's inbox as this rank writes to it (one ring, one writer). */
 export class Outbox {
   private readonly words: Int32Array;
+  private readonly bytes: Uint8Array;
   /** The largest message a ring slot holds. */
   readonly capacity: number;
 
   private constructor(
-    private readonly sab: SharedArrayBuffer,
+    sab: SharedArrayBuffer,
     private readonly rings: number,
     private readonly ring: number,
   ) {
     this.words = new Int32Array(sab);
+    this.bytes = new Uint8Array(sab);
     this.capacity = capacityFor(rings);
   }
 
@@ -149,7 +159,7 @@ export class Outbox {
     if (((written - Atomics.load(this.words, 3 + 2 * this.ring)) | 0) >= SLOTS) return false;
     const at = slotAt(this.rings, this.capacity, this.ring, written);
     this.words[at / 4] = bytes.byteLength;
-    new Uint8Array(this.sab, at + 8, bytes.byteLength).set(bytes);
+    this.bytes.set(bytes, at + 8);
     Atomics.store(this.words, 2 + 2 * this.ring, (written + 1) | 0);
     Atomics.add(this.words, 0, 1);
     if (Atomics.sub(this.words, 1, 1) === 1) Atomics.notify(this.words, 0);

@@ -103,6 +103,15 @@ interface Ack {
 
 type Waiter = { op: string; resolve: (c: Chunk) => void };
 
+/** One peer on one communicator the two ranks share, as this rank receives from it. */
+interface Channel {
+  /** Highest position consumed: anything at or below is stale. */
+  consumed: number;
+  /** Chunks not yet received, and the receives waiting for theirs, by position. */
+  readonly arrived: Map<number, Chunk>;
+  readonly waiting: Map<number, Waiter>;
+}
+
 /** What the mesh needs of a connection to a peer: a MessagePort, or a TCP connection (actors/socketPort.ts). */
 export interface PeerPort {
   postMessage(message: unknown, transfer?: ArrayBuffer[]): void;
@@ -157,6 +166,12 @@ export interface CollectiveProfile {
 const profiling = process.env.EP_ACTORS_PROFILE === '1';
 let profileChannel: BroadcastChannel | null = null;
 
+/** `message` with its send time while profiling. */
+function timed<T extends object>(message: T): T & { at?: number } {
+  if (profiling) (message as { at?: number }).at = now();
+  return message;
+}
+
 function reportProfile(p: CollectiveProfile): void {
   if (!profileChannel) {
     profileChannel = new BroadcastChannel(PROFILE_CHANNEL);
@@ -169,12 +184,12 @@ function reportProfile(p: CollectiveProfile): void {
 export type ChunkFault = 'corrupt-message' | 'wrong-communicator' | 'stale-position';
 
 export class PortMesh {
-  private readonly arrived = new Map<string, Chunk>();
-  private readonly waiting = new Map<string, Waiter>();
-  /** Highest position consumed per (communicator, peer): anything at or below is stale. */
-  private readonly consumed = new Map<string, number>();
-  /** Communicators each peer shares with this rank. */
-  private readonly shared = new Map<number, Set<string>>();
+  /** Per peer, the communicators it shares with this rank (no other chunks are taken from it). */
+  private readonly channels = new Map<number, Map<string, Channel>>();
+  /** Receives waiting, over all channels. */
+  private waiters = 0;
+  /** Whether some port buffers what it posts (TCP), so that a collective waits for it to leave. */
+  private readonly buffering: boolean;
   /** Message buffers peers returned after consuming them, reused for the next sends to them. */
   private readonly pool = new Map<number, ArrayBuffer[]>();
   /** Staged chunks this rank announced and whose readers have not acknowledged them yet. */
@@ -210,10 +225,11 @@ export class PortMesh {
     for (const c of comms) {
       if (!c.members.includes(rank)) continue;
       for (const m of c.members) {
-        if (!this.shared.has(m)) this.shared.set(m, new Set());
-        this.shared.get(m)!.add(c.id);
+        if (!this.channels.has(m)) this.channels.set(m, new Map());
+        this.channels.get(m)!.set(c.id, { consumed: -1, arrived: new Map(), waiting: new Map() });
       }
     }
+    this.buffering = [...ports.values()].some((p) => p.flushed);
     const threadPeers = [...ports].filter(([, port]) => port instanceof MessagePort || port.betweenThreads).map(([peer]) => peer);
     this.inbox = threadPeers.length ? new Inbox(threadPeers) : null;
     for (const [peer, port] of ports) {
@@ -245,7 +261,7 @@ export class PortMesh {
 
   /** Whether anything this rank waits for may come by the fast lane. */
   private expecting(): boolean {
-    return this.waiting.size > 0 || this.wroteWaiters.size > 0;
+    return this.waiters > 0 || this.wroteWaiters.size > 0;
   }
 
   /** Whether `bytes` of rows to `peer`, a worker thread, are too many for the fast lane and go straight into its result. */
@@ -280,11 +296,11 @@ export class PortMesh {
    */
   awaitLane(comm: string, position: number, peers: readonly number[]): void {
     if (!this.inbox || peers.length === 0 || !this.blockForLane) return;
-    const keys = peers.map((p) => `${comm}|${position}|${p}`);
     const deadline = performance.now() + LANE_WAIT_MS;
     for (;;) {
       this.drainLane();
-      const missing = keys.filter((k) => !this.arrived.has(k)).length;
+      let missing = 0;
+      for (const p of peers) if (!this.channels.get(p)?.get(comm)?.arrived.has(position)) missing++;
       if (missing === 0) return;
       const left = deadline - performance.now();
       if (left <= 0 || !this.inbox.waitSync(left, missing)) return;
@@ -313,26 +329,27 @@ export class PortMesh {
       const sent = `${comm}|${peer}`;
       this.sentUpTo.set(sent, Math.max(this.sentUpTo.get(sent) ?? -1, position));
     }
-    let header: { comm: string; position: number; at?: number } = profiling ? { comm, position, at: now() } : { comm, position };
-    if (this.fault?.op === op) {
-      const kind = this.fault.kind;
+    const kind = this.fault?.op === op ? this.fault.kind : null;
+    if (kind) {
       this.fault = null;
       if (kind === 'corrupt-message') {
         port.postMessage(Uint8Array.of(0xc1, 0xff, 0x00, 0x13)); // 0xc1 is never valid msgpack
         return;
       }
-      header = kind === 'wrong-communicator' ? { ...header, comm: `${comm}-bogus` } : { ...header, position: position - 1 };
     }
+    const c = kind === 'wrong-communicator' ? `${comm}-bogus` : comm;
+    const p = kind === 'stale-position' ? position - 1 : position;
+    const from = this.rank;
+    // Each message one object literal: spreading a header into it cost V8 a slow property definition per message.
     if (rows instanceof Tensor) {
-      const message = { ...header, op, from: this.rank, tensor: rows };
+      const message = timed({ comm: c, position: p, op, from, tensor: rows });
       if (this.laneCarries(peer, rows.data.byteLength)) return this.post(peer, message);
       const bytes = encodeMessage(message, this.pool.get(peer)?.pop());
       port.postMessage(bytes, [bytes.buffer as ArrayBuffer]);
     } else if ('written' in rows) {
-      this.post(peer, { ...header, op, from: this.rank, direct: rows });
+      this.post(peer, timed({ comm: c, position: p, op, from, direct: rows }));
     } else {
-      const a: Announcement = { ...header, op, from: this.rank, staged: rows };
-      port.postMessage(a);
+      port.postMessage(timed<Announcement>({ comm: c, position: p, op, from, staged: rows }));
     }
   }
 
@@ -393,7 +410,7 @@ export class PortMesh {
   private invited(peer: number, m: Partial<Invitation>): void {
     const what = `rank ${this.rank} received from rank ${peer} an invitation to write`;
     if (typeof m.invite !== 'string' || typeof m.op !== 'string' || !Number.isSafeInteger(m.position) || m.from !== peer) return this.onError(`${what} without a valid communicator, position, op and sender`);
-    if (!this.shared.get(peer)?.has(m.invite)) return this.onError(`${what} for communicator '${m.invite}', which the two ranks do not share`);
+    if (!this.channels.get(peer)?.has(m.invite)) return this.onError(`${what} for communicator '${m.invite}', which the two ranks do not share`);
     let into: StagedRows;
     try {
       into = stagedRows(m.into, what);
@@ -422,6 +439,7 @@ export class PortMesh {
 
   /** Resolves once this rank's messages to `peers` have left the process (at once over MessagePorts). */
   flushed(peers: readonly number[]): Promise<unknown> | undefined {
+    if (!this.buffering) return undefined;
     const pending = peers.flatMap((peer) => this.ports.get(peer)?.flushed?.() ?? []);
     return pending.length ? Promise.all(pending) : undefined;
   }
@@ -455,26 +473,32 @@ export class PortMesh {
     resolve();
   }
 
-  receive(peer: number, comm: string, position: number, op: string): Promise<Chunk> {
-    const key = `${comm}|${position}|${peer}`;
-    if (!this.arrived.has(key)) this.drainLane();
-    const chunk = this.arrived.get(key);
+  /**
+   * The chunk of (comm, position) from `peer`: at once when it has arrived (no promise, no
+   * event-loop turn), else a promise of it; one that never settles when it is not `op`
+   * (reported).
+   */
+  receive(peer: number, comm: string, position: number, op: string): Chunk | Promise<Chunk> {
+    const channel = this.channels.get(peer)?.get(comm);
+    if (!channel) throw new TransportError(`rank ${this.rank} does not share communicator '${comm}' with rank ${peer}`);
+    if (!channel.arrived.has(position)) this.drainLane();
+    const chunk = channel.arrived.get(position);
     if (chunk) {
-      this.arrived.delete(key);
-      return this.accept(chunk, op);
+      channel.arrived.delete(position);
+      return this.accept(channel, chunk, op);
     }
     this.armLane();
-    return new Promise((resolve) => this.waiting.set(key, { op, resolve }));
+    this.waiters++;
+    return new Promise((resolve) => channel.waiting.set(position, { op, resolve }));
   }
 
-  private accept(chunk: Chunk, op: string): Promise<Chunk> {
-    const key = `${chunk.comm}|${chunk.from}`;
-    this.consumed.set(key, Math.max(this.consumed.get(key) ?? -1, chunk.position));
+  private accept(channel: Channel, chunk: Chunk, op: string): Chunk | Promise<never> {
+    channel.consumed = Math.max(channel.consumed, chunk.position);
     if (chunk.op !== op) {
       if ('direct' in chunk.rows) this.decline(chunk.from, chunk.comm, chunk.position);
       return this.stall(`rank ${this.rank} expected ${op} from rank ${chunk.from} at ${chunk.comm} position ${chunk.position} but received ${chunk.op}`);
     }
-    return Promise.resolve(chunk);
+    return chunk;
   }
 
   /**
@@ -503,55 +527,61 @@ export class PortMesh {
       else this.wroteEarly.add(key);
       return;
     }
-    const stale = this.consumed.get(`${chunk.comm}|${peer}`) ?? -1;
-    if (chunk.position <= stale) {
+    const channel = this.channels.get(peer)!.get(chunk.comm)!; // parse checked that they share it
+    if (chunk.position <= channel.consumed) {
       this.onError(`rank ${this.rank} received a stale chunk from rank ${peer}: ${chunk.op} for ${chunk.comm} position ${chunk.position}, which it already completed`);
       return;
     }
-    const key = `${chunk.comm}|${chunk.position}|${peer}`;
-    const waiter = this.waiting.get(key);
+    const waiter = channel.waiting.get(chunk.position);
+    const early = channel.arrived.get(chunk.position);
     if (waiter) {
-      this.waiting.delete(key);
-      void this.accept(chunk, waiter.op).then(waiter.resolve);
-    } else if (this.arrived.has(key)) {
+      channel.waiting.delete(chunk.position);
+      this.waiters--;
+      const accepted = this.accept(channel, chunk, waiter.op);
+      if (!(accepted instanceof Promise)) waiter.resolve(accepted);
+    } else if (early) {
       // Also a stale chunk, caught before its position completed: the fast lane and the port
       // may deliver a peer's chunks out of order, so the first may still be unconsumed.
-      this.onError(`rank ${this.rank} received a stale chunk from rank ${peer}: ${chunk.op} for ${chunk.comm} position ${chunk.position}, which already has its chunk (${this.arrived.get(key)!.op})`);
+      this.onError(`rank ${this.rank} received a stale chunk from rank ${peer}: ${chunk.op} for ${chunk.comm} position ${chunk.position}, which already has its chunk (${early.op})`);
     } else {
-      this.arrived.set(key, chunk);
+      channel.arrived.set(chunk.position, chunk);
     }
   }
 
-  /** Decode and check a peer's message; anything malformed becomes a TransportError naming the sender. */
+  /**
+   * Decode and check a peer's message; anything malformed becomes a TransportError naming the
+   * sender. Bytes from the fast lane are its slot, reused once this returns: tensors are copied out.
+   */
   private parse(peer: number, message: unknown, viaLane: boolean): Chunk | Wrote {
-    const from = `rank ${this.rank} received from rank ${peer}`;
+    const from = () => `rank ${this.rank} received from rank ${peer}`;
     let m: Partial<Omit<Chunk, 'rows'> & { tensor: unknown; staged: unknown; direct: unknown; wrote: unknown }> | null;
     if (message instanceof Uint8Array) {
       try {
-        m = decodeMessage(message) as typeof m;
+        m = decodeMessage(message, viaLane) as typeof m;
       } catch (err) {
-        if (err instanceof CodecError) throw new TransportError(`${from} a corrupt message: ${err.message}`);
+        if (err instanceof CodecError) throw new TransportError(`${from()} a corrupt message: ${err.message}`);
         throw err;
       }
     } else if (message && typeof message === 'object' && 'staged' in message) {
       m = message as typeof m;
     } else {
-      throw new TransportError(`${from} a message that is neither bytes nor a staged-chunk announcement`);
+      throw new TransportError(`${from()} a message that is neither bytes nor a staged-chunk announcement`);
     }
     if (!m || typeof m !== 'object' || typeof m.comm !== 'string' || typeof m.op !== 'string' || !Number.isSafeInteger(m.position) || m.from !== peer) {
-      throw new TransportError(`${from} a message without a valid communicator, position, op and sender`);
+      throw new TransportError(`${from()} a message without a valid communicator, position, op and sender`);
     }
-    if (!this.shared.get(peer)?.has(m.comm)) {
-      throw new TransportError(`${from} a chunk for communicator '${m.comm}', which the two ranks do not share`);
+    const { comm, position, op } = m as { comm: string; position: number; op: string };
+    if (!this.channels.get(peer)?.has(comm)) {
+      throw new TransportError(`${from()} a chunk for communicator '${comm}', which the two ranks do not share`);
     }
-    const header = { comm: m.comm, position: m.position!, op: m.op, from: peer, ...(typeof m.at === 'number' ? { at: m.at } : {}) };
+    const at = typeof m.at === 'number' ? m.at : undefined;
     if (message instanceof Uint8Array) {
-      if (m.wrote === true) return { ...header, wrote: true };
-      if (m.direct !== undefined) return { ...header, rows: { direct: directRows(m.direct, `${from} a direct-chunk header`) } };
-      if (!(m.tensor instanceof Tensor)) throw new TransportError(`${from} a message without a tensor`);
-      return { ...header, rows: { tensor: m.tensor, buffer: viaLane ? null : (message.buffer as ArrayBuffer) } };
+      if (m.wrote === true) return { comm, position, op, from: peer, wrote: true };
+      if (m.direct !== undefined) return { comm, position, op, from: peer, at, rows: { direct: directRows(m.direct, `${from()} a direct-chunk header`) } };
+      if (!(m.tensor instanceof Tensor)) throw new TransportError(`${from()} a message without a tensor`);
+      return { comm, position, op, from: peer, at, rows: { tensor: m.tensor, buffer: viaLane ? null : (message.buffer as ArrayBuffer) } };
     }
-    return { ...header, rows: { staged: stagedRows(m.staged, `${from} a staged-chunk announcement`) } };
+    return { comm, position, op, from: peer, at, rows: { staged: stagedRows(m.staged, `${from()} a staged-chunk announcement`) } };
   }
 }
 
@@ -621,7 +651,7 @@ export class MeshCommunicator implements Communicator {
     const enter = profiling ? now() : 0;
     const rowBytes = rowSize * ELEMENT_SIZE[send.dtype];
     const members = this.spec.members;
-    const rest = [...send.shape.slice(1)];
+    const rest = send.shape.slice(1);
     // With results in shared memory (host exchanges), worker-thread peers write large chunks
     // straight into them: one copy of each byte.
     const writing = this.sharedResults && this.staging?.name !== 'device-copy';
@@ -646,34 +676,47 @@ export class MeshCommunicator implements Communicator {
     const acknowledged = region === null ? null : this.mesh.acknowledgements(this.spec.id, position, staged);
     const sent = profiling ? now() : 0;
     this.mesh.awaitLane(this.spec.id, position, members.filter((peer, j) => j !== this.rank && this.mesh.laneCarries(peer, recvSplits[j]! * rowBytes)));
-    const chunks = await Promise.all(
-      this.spec.members.map(async (peer, j) => {
-        if (j === this.rank) return null;
-        const c = await this.mesh.receive(peer, this.spec.id, position, tag.op);
-        const got = 'tensor' in c.rows ? { rows: c.rows.tensor.shape[0] ?? 0, dtype: c.rows.tensor.dtype, rowSize: c.rows.tensor.rowSize } : 'staged' in c.rows ? c.rows.staged : c.rows.direct;
-        if (got.dtype !== send.dtype || got.rows !== recvSplits[j] || got.rowSize !== rowSize) {
-          if ('direct' in c.rows) this.mesh.decline(peer, this.spec.id, position);
-          return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} sent ${got.rows} rows of ${got.dtype} × ${got.rowSize}, rank ${this.globalRank} expected ${recvSplits[j]} rows of ${send.dtype} × ${rowSize}`);
+    // Checks peer j's chunk; a promise when the rows are still to come or the chunk is wrong (it never settles, as NCCL would hang).
+    const check = (c: Chunk, j: number): Promise<unknown> | undefined => {
+      const peer = members[j]!;
+      const got = 'tensor' in c.rows ? { rows: c.rows.tensor.shape[0] ?? 0, dtype: c.rows.tensor.dtype, rowSize: c.rows.tensor.rowSize } : 'staged' in c.rows ? c.rows.staged : c.rows.direct;
+      if (got.dtype !== send.dtype || got.rows !== recvSplits[j] || got.rowSize !== rowSize) {
+        if ('direct' in c.rows) this.mesh.decline(peer, this.spec.id, position);
+        return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} sent ${got.rows} rows of ${got.dtype} × ${got.rowSize}, rank ${this.globalRank} expected ${recvSplits[j]} rows of ${send.dtype} × ${rowSize}`);
+      }
+      if ('staged' in c.rows && !this.staging?.isHandle(c.rows.staged.handle)) {
+        return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} staged its rows in memory that rank ${this.globalRank}'s ${this.staging?.name ?? 'ports'} exchange cannot read`);
+      }
+      if ('direct' in c.rows) {
+        if (!offer) {
+          this.mesh.decline(peer, this.spec.id, position);
+          return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} offered to write its rows into rank ${this.globalRank}'s result, which is not in shared memory`);
         }
-        if ('staged' in c.rows && !this.staging?.isHandle(c.rows.staged.handle)) {
-          return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} staged its rows in memory that rank ${this.globalRank}'s ${this.staging?.name ?? 'ports'} exchange cannot read`);
-        }
-        if ('direct' in c.rows) {
-          if (!offer) {
-            this.mesh.decline(peer, this.spec.id, position);
-            return this.mesh.stall(`${tag.op} on ${this.spec.id} position ${position}: rank ${peer} offered to write its rows into rank ${this.globalRank}'s result, which is not in shared memory`);
-          }
-          // The peer's offer of a lane came after this rank entered: invite it now.
-          if (!offer.invited.has(j)) offer.invite(j);
-          if (!c.rows.direct.written) await this.mesh.written(peer, this.spec.id, position);
-        }
-        return c;
-      }),
-    );
+        // The peer's offer of a lane came after this rank entered: invite it now.
+        if (!offer.invited.has(j)) offer.invite(j);
+        if (!c.rows.direct.written) return this.mesh.written(peer, this.spec.id, position);
+      }
+      return undefined;
+    };
+    // Chunks already here are taken without a promise each: a small exchange's usual case.
+    const chunks: (Chunk | null)[] = [];
+    const pending: Promise<unknown>[] = [];
+    for (let j = 0; j < this.size; j++) {
+      const c = j === this.rank ? null : this.mesh.receive(members[j]!, this.spec.id, position, tag.op);
+      if (c instanceof Promise) {
+        chunks.push(null);
+        pending.push(c.then((got) => check((chunks[j] = got), j)));
+      } else {
+        chunks.push(c);
+        const wait = c && check(c, j);
+        if (wait) pending.push(wait);
+      }
+    }
+    if (pending.length) await Promise.all(pending);
     // As NCCL's, a rank's collective completes when its sends are done too: a rank that went
     // on to a long compute with its rows still buffered here would hold its peers' data hostage.
     if (writes.length) await Promise.all(writes);
-    const flushed = this.mesh.flushed(members.filter((_, j) => j !== this.rank));
+    const flushed = this.mesh.flushed(members); // this rank has no port to itself
     if (flushed) await flushed;
     const arrived = profiling ? now() : 0;
     let out: Tensor<D>;
@@ -763,7 +806,8 @@ function bytesOf(t: Tensor): Uint8Array {
 
 function rowsOf<D extends DType>(t: Tensor<D>, start: number, count: number): Tensor<D> {
   const rs = t.rowSize;
-  return new Tensor(t.dtype, [count, ...t.shape.slice(1)], t.data.subarray(start * rs, (start + count) * rs) as Tensor<D>['data']);
+  const shape = t.shape.length === 1 ? [count] : [count, ...t.shape.slice(1)];
+  return new Tensor(t.dtype, shape, t.data.subarray(start * rs, (start + count) * rs) as Tensor<D>['data']);
 }
 
 function concatRows<D extends DType>(dtype: D, parts: readonly Tensor<D>[], rest: number[], pool?: ScratchPool): Tensor<D> {

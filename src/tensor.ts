@@ -85,7 +85,9 @@ export class Tensor<D extends DType = DType> {
 
   /** Rows are the first dimension; a row holds numel / shape[0] elements. */
   get rowSize(): number {
-    return this.shape.length === 0 ? 1 : numel(this.shape.slice(1));
+    let n = 1; // the constructor checked every dimension
+    for (let i = 1; i < this.shape.length; i++) n *= this.shape[i]!;
+    return n;
   }
 }
 

@@ -138,6 +138,24 @@ test('a zero-copy tensor aliases its message', () => {
   assert.is(got.data[0], 2);
 });
 
+test('with copyTensors, every tensor is a copy: the message may be overwritten at once', () => {
+  for (const dtype of DTYPES) {
+    const t = sample(dtype, [3, 2]);
+    for (let offset = 0; offset < 8; offset++) {
+      const placed = placeAt(encodeMessage({ t, at: [t] }), offset);
+      const got = decodeMessage(placed, true) as { t: Tensor; at: Tensor[] };
+      placed.fill(0xff);
+      for (const x of [got.t, got.at[0]]) {
+        assert.is.not(x!.data.buffer, placed.buffer, `${dtype} at offset ${offset}: a copy`);
+        assertSameTensor(x, t, `${dtype} at offset ${offset}, message overwritten`);
+      }
+    }
+  }
+  // The next plain decode gives views again.
+  const message = encodeMessage(Tensor.from('f32', [1], [1]));
+  assert.is((decodeMessage(message) as Tensor).data.buffer, message.buffer);
+});
+
 // Tensor payload: u8 ndim | ndim x u32 LE dims | u8 pad | pad zeros | data.
 test('validation: tensor extension payloads', () => {
   const f32 = TENSOR_EXT_TYPES.f32;

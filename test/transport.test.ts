@@ -9,7 +9,8 @@ import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { communicators } from '../machines/mesh.js';
-import { MeshCommunicator, PortMesh } from '../actors/transport.js';
+import { MeshCommunicator, PortMesh, type Chunk } from '../actors/transport.js';
+import { encodeMessage } from '../src/codec/msgpack.js';
 import { sharedMemory, type StagingMemory } from '../actors/staging.js';
 import { Tensor } from '../src/tensor.js';
 import { seededRng } from '../src/moe/random.js';
@@ -185,7 +186,7 @@ test('a staged chunk whose region this exchange cannot read is reported and the 
   close();
 });
 
-test('fast lane: messages arrive in order per peer as copies; full rings and oversized messages are refused; bad offers are rejected', () => {
+test('fast lane: messages arrive in order per peer, as views of their slots; full rings and oversized messages are refused; bad offers are rejected', () => {
   const inbox = new Inbox([3, 5]);
   const to = (peer: number) => Outbox.of(inbox.hello(peer, 0))!;
   const from3 = to(3);
@@ -213,6 +214,63 @@ test('fast lane: messages arrive in order per peer as copies; full rings and ove
   for (const bad of [{ lane: new ArrayBuffer(8), rings: 2, ring: 0 }, { lane: inbox.sab, rings: 3, ring: 0 }, { lane: inbox.sab, rings: 2, ring: 2 }, { lane: inbox.sab, rings: 2, ring: -1 }, { lane: new SharedArrayBuffer(64), rings: 2, ring: 0 }]) {
     assert.is(Outbox.of(bad), null, JSON.stringify({ ...bad, lane: bad.lane.byteLength }));
   }
+});
+
+/** Rank 0's mesh with rank 1 as a peer in another thread (its port a stub), and rank 1's way into rank 0's fast lane. */
+function laneIntoRank0() {
+  const spec = communicators({ ep: 2, dp: 1 })[0]!;
+  const posted: unknown[] = [];
+  const port = { postMessage: (m: unknown) => void posted.push(m), on: () => undefined, betweenThreads: true };
+  const errors: string[] = [];
+  const mesh = new PortMesh(0, new Map([[1, port]]), [spec], (e) => void errors.push(e));
+  const lane = Outbox.of(posted[0] as { lane: unknown; rings: unknown; ring: unknown })!;
+  const send = (position: number, value: number, op = 'fwd.counts') => assert.ok(lane.write(encodeMessage({ comm: spec.id, position, op, from: 1, tensor: Tensor.from('i64', [1, 2], [value, -value]) })));
+  return { spec, mesh, errors, send, lane };
+}
+
+test('fast lane: a chunk taken from its slot keeps its values after the slot is reused', () => {
+  const { spec, mesh, errors, send } = laneIntoRank0();
+  const take = (position: number) => {
+    const c = mesh.receive(1, spec.id, position, 'fwd.counts');
+    assert.not.ok(c instanceof Promise, `position ${position} has arrived`);
+    return (c as Chunk).rows as { tensor: Tensor<'i64'>; buffer: ArrayBuffer | null };
+  };
+  const kept = [];
+  // Three rounds through the ring's four slots: each round's writes land where the last one's were.
+  for (let round = 0; round < 3; round++) {
+    for (let i = 0; i < 4; i++) send(4 * round + i, 100 * round + i);
+    for (let i = 0; i < 4; i++) kept.push(take(4 * round + i));
+  }
+  assert.equal(errors, []);
+  kept.forEach((rows, p) => {
+    assert.is(rows.buffer, null, 'nothing goes back to the sender');
+    assert.not.ok(rows.tensor.data.buffer instanceof SharedArrayBuffer, `position ${p}: copied out of the slot`);
+    const v = 100 * Math.floor(p / 4) + (p % 4);
+    assert.equal(Array.from(rows.tensor.data), [BigInt(v), BigInt(-v)], `position ${p}`);
+  });
+});
+
+test('fast lane: malformed bytes, a foreign communicator, a stale and a duplicate position are each reported once, and the lane goes on', () => {
+  const { spec, mesh, errors, send, lane } = laneIntoRank0();
+  const poll = () => mesh.receive(1, spec.id, 99, 'fwd.counts'); // drains the lane; nothing comes for 99
+  lane.write(Uint8Array.of(0xc1, 0xff, 0x00));
+  void poll();
+  assert.match(errors.join('\n'), /^rank 0 received from rank 1 a corrupt message: invalid message \(3 bytes\)/);
+  lane.write(encodeMessage({ comm: 'dp-bogus', position: 0, op: 'fwd.counts', from: 1, tensor: Tensor.from('i64', [1], [1]) }));
+  send(0, 7);
+  send(1, 8);
+  send(1, 9); // duplicate, not yet consumed
+  void poll();
+  assert.is(errors.length, 3, errors.join('\n'));
+  assert.match(errors[1]!, /a chunk for communicator 'dp-bogus', which the two ranks do not share/);
+  assert.match(errors[2]!, /stale chunk from rank 1: fwd.counts for ep position 1, which already has its chunk/);
+  const first = mesh.receive(1, spec.id, 0, 'fwd.counts') as Chunk;
+  assert.equal(Array.from((first.rows as { tensor: Tensor<'i64'> }).tensor.data), [7n, -7n]);
+  void mesh.receive(1, spec.id, 1, 'fwd.counts');
+  send(1, 10); // after position 1 completed
+  void poll();
+  assert.is(errors.length, 4);
+  assert.match(errors[3]!, /stale chunk from rank 1: fwd.counts for ep position 1, which it already completed/);
 });
 
 /** Two ranks in two worker threads: `script` runs in each with `mesh`, `comm`, `rank`, `Tensor` in scope and posts its result. */

@@ -66,10 +66,10 @@ class TensorCodec implements ExtensionCodecType<undefined> {
     return new ExtData(TENSOR_EXT_TYPES[t.dtype], (dataPos: number) => {
       const fixed = 1 + 4 * ndim + 1;
       const pad = (elementSize - ((dataPos + this.shift + fixed) % elementSize)) % elementSize;
+      // Written byte by byte: a DataView over this small array would give it its own backing store.
       const header = new Uint8Array(fixed + pad);
-      const view = new DataView(header.buffer);
       header[0] = ndim;
-      t.shape.forEach((d, i) => view.setUint32(1 + 4 * i, d, true));
+      for (let i = 0; i < ndim; i++) writeU32(header, 1 + 4 * i, t.shape[i]!, true);
       header[fixed - 1] = pad;
       this.pending.push({ envelopeEnd: dataPos + header.length, lengthAt: dataPos - 5, headerLength: header.length, bytes: bytesOf(t.data) });
       this.shift += t.byteLength;
@@ -77,9 +77,12 @@ class TensorCodec implements ExtensionCodecType<undefined> {
     });
   }
 
+  /** Set while decoding a message whose bytes are reused afterwards: tensors are copied out of it. */
+  copy = false;
+
   decode(data: Uint8Array, extType: number, context: undefined): unknown {
     const dtype = DTYPE_OF_EXT.get(extType);
-    if (dtype !== undefined) return decodeTensor(data, dtype);
+    if (dtype !== undefined) return decodeTensor(data, dtype, this.copy);
     if (extType === TIMESTAMP_EXT) return ExtensionCodec.defaultCodec.decode(data, extType, context);
     throw new CodecError(`unknown msgpack extension type ${extType}`);
   }
@@ -96,36 +99,46 @@ function elementCount(shape: readonly number[]): number {
   return n;
 }
 
-function decodeTensor(data: Uint8Array, dtype: DType): Tensor {
-  const fail = (what: string): never => {
-    throw new CodecError(`${dtype} tensor extension (${data.length} bytes): ${what}`);
-  };
-  if (data.length < 2) fail('too short for a tensor header');
+function badTensor(data: Uint8Array, dtype: DType, what: string): never {
+  throw new CodecError(`${dtype} tensor extension (${data.length} bytes): ${what}`);
+}
+
+/** Writes `v` as a u32 at `at`, little- or big-endian. */
+function writeU32(bytes: Uint8Array, at: number, v: number, little: boolean): void {
+  for (let i = 0; i < 4; i++) bytes[at + (little ? i : 3 - i)] = (v >>> (8 * i)) & 0xff;
+}
+
+function readU32LE(bytes: Uint8Array, at: number): number {
+  return (bytes[at]! | (bytes[at + 1]! << 8) | (bytes[at + 2]! << 16) | (bytes[at + 3]! << 24)) >>> 0;
+}
+
+function decodeTensor(data: Uint8Array, dtype: DType, copy: boolean): Tensor {
+  if (data.length < 2) badTensor(data, dtype, 'too short for a tensor header');
   const ndim = data[0]!;
-  if (ndim > MAX_NDIM) fail(`${ndim} dimensions, more than ${MAX_NDIM}`);
+  if (ndim > MAX_NDIM) badTensor(data, dtype, `${ndim} dimensions, more than ${MAX_NDIM}`);
   const fixed = 1 + 4 * ndim + 1;
-  if (data.length < fixed) fail(`too short for the header of a ${ndim}-d tensor`);
-  const view = new DataView(data.buffer, data.byteOffset, data.byteLength);
+  if (data.length < fixed) badTensor(data, dtype, `too short for the header of a ${ndim}-d tensor`);
   const shape: number[] = [];
-  for (let i = 0; i < ndim; i++) shape.push(view.getUint32(1 + 4 * i, true));
+  for (let i = 0; i < ndim; i++) shape.push(readU32LE(data, 1 + 4 * i));
   const elementSize = ELEMENT_SIZE[dtype];
   const pad = data[fixed - 1]!;
-  if (pad >= elementSize) fail(`padding ${pad} is not below the element size ${elementSize}`);
+  if (pad >= elementSize) badTensor(data, dtype, `padding ${pad} is not below the element size ${elementSize}`);
   const start = fixed + pad;
-  if (data.length < start) fail(`too short for its ${pad} padding bytes`);
-  for (let i = fixed; i < start; i++) if (data[i] !== 0) fail('padding bytes are not zero');
+  if (data.length < start) badTensor(data, dtype, `too short for its ${pad} padding bytes`);
+  for (let i = fixed; i < start; i++) if (data[i] !== 0) badTensor(data, dtype, 'padding bytes are not zero');
   const byteLength = data.length - start;
   const n = elementCount(shape);
   if (n * elementSize !== byteLength) {
     const needs = Number.isSafeInteger(n) ? `${n * elementSize} bytes` : 'more than 2^53 elements';
-    fail(`shape [${shape.join(', ')}] needs ${needs} of data but it holds ${byteLength} bytes`);
+    badTensor(data, dtype, `shape [${shape.join(', ')}] needs ${needs} of data but it holds ${byteLength} bytes`);
   }
   const ctor = STORAGE_CTOR[dtype];
   const offset = data.byteOffset + start;
   let storage: Storage;
   if (offset % elementSize === 0) {
-    // Zero-copy: the tensor aliases the message, which must outlive it unchanged.
+    // Zero-copy: the tensor aliases the message, which must outlive it unchanged (or a copy, which need not).
     storage = new ctor(data.buffer as ArrayBuffer, offset, n);
+    if (copy) storage = storage.slice();
   } else {
     storage = new ctor(n);
     new Uint8Array(storage.buffer).set(data.subarray(start));
@@ -158,13 +171,12 @@ export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
   // Uninitialized memory saves zeroing a buffer that the copies below fill completely.
   // allocUnsafeSlow is never pooled, so the message owns its ArrayBuffer and can be transferred.
   const out = reuse && reuse.byteLength >= total ? new Uint8Array(reuse, 0, total) : new Uint8Array(Buffer.allocUnsafeSlow(total).buffer, 0, total);
-  const lengths = new DataView(envelope.buffer, envelope.byteOffset, envelope.byteLength);
   let from = 0;
   let to = 0;
   for (const p of pending) {
     const extLength = p.headerLength + p.bytes.length;
     if (extLength > 0xffffffff) throw new CodecError(`tensor of ${p.bytes.length} bytes exceeds the 4 GiB msgpack extension limit`);
-    lengths.setUint32(p.lengthAt, extLength);
+    writeU32(envelope, p.lengthAt, extLength, false); // msgpack lengths are big-endian
     out.set(envelope.subarray(from, p.envelopeEnd), to);
     to += p.envelopeEnd - from;
     from = p.envelopeEnd;
@@ -181,7 +193,7 @@ export function encodeMessage(value: unknown, reuse?: ArrayBuffer): Uint8Array {
 const decoders = new Map<number, Decoder>();
 
 function decoderFor(length: number): Decoder {
-  const bits = Math.max(10, Math.ceil(Math.log2(length + 1)));
+  const bits = Math.max(10, length < 2 ** 31 ? 32 - Math.clz32(length) : Math.ceil(Math.log2(length + 1))); // bits of `length`
   let decoder = decoders.get(bits);
   if (decoder === undefined) {
     const limit = 2 ** bits;
@@ -200,14 +212,19 @@ function decoderFor(length: number): Decoder {
 
 /**
  * Decode one message. Tensors come back as Tensor, as views into `bytes` where their data is
- * aligned in memory, else as copies. Any malformed input throws CodecError and nothing else.
+ * aligned in memory, else as copies; always as copies with `copyTensors`, so that the caller
+ * may reuse `bytes` at once (a fast-lane slot). Any malformed input throws CodecError and
+ * nothing else.
  */
-export function decodeMessage(bytes: Uint8Array): unknown {
+export function decodeMessage(bytes: Uint8Array, copyTensors = false): unknown {
   if (!(bytes instanceof Uint8Array)) throw new CodecError('message must be a Uint8Array');
+  codec.copy = copyTensors;
   try {
     return decoderFor(bytes.length).decode(bytes);
   } catch (e) {
     if (e instanceof CodecError) throw e;
     throw new CodecError(`invalid message (${bytes.length} bytes): ${messageOf(e)}`, { cause: e });
+  } finally {
+    codec.copy = false;
   }
 }

@@ -69,13 +69,15 @@ async function transport(exchange: 'ports' | 'shared', sharedResults = false): P
 
 /** The EP layer's first exchange alone: one i64 per peer, back to back, against gloo's on 4 torch processes. */
 async function countsExchange(exchange: 'ports' | 'shared'): Promise<BenchRow> {
-  const iterations = 200;
+  // Enough untimed exchanges that the timed ones run compiled code, as in a run of many steps
+  // (after 200 untimed the median was 3–4× the steady state: JIT compilation); ~1 s per row.
+  const iterations = 2000;
   const us = median(await exchangeTimes({ rows: null, iterations, exchange })) * 1e3;
   const row: BenchRow = {
     name: `counts all-to-all (fwd.counts: one i64 per peer) over ${exchange === 'ports' ? 'MessagePorts (msgpack)' : 'shared memory'}, 4 worker ranks, back to back`,
     value: us,
     unit: 'µs',
-    note: `median of ${iterations} after as many untimed, slowest rank per exchange`,
+    note: `median of ${iterations} after as many untimed (steady state: the compiled path), slowest rank per exchange`,
   };
   const torch = await torchEpStep();
   if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
