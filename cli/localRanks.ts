@@ -37,8 +37,8 @@ export interface SpawnOptions {
  * per EP step at the default bench size) pushed a blocking full GC on every rank every few
  * steps (10–60 ms each, and every peer waits for the rank that collects): 50 full GCs in
  * 40 steps on 4 ranks, 8 with this flag (docs/BENCHMARKS.md). Node accepts it only on
- * its command line, not in NODE_OPTIONS: torchrun users pass it the same way
- * (`torchrun ... --no_python node --initial-old-space-size=64 $(which ep-actors) rank ...`).
+ * its command line, not in NODE_OPTIONS, so the `ep-actors` command's shebang (cli/main.ts)
+ * carries the same flag for ranks a launcher such as torchrun starts.
  */
 export const RANK_NODE_FLAGS = ['--initial-old-space-size=64'] as const;
 

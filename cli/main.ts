@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --initial-old-space-size=64
 // ep-actors command line. Each subcommand lives in cli/<name>.ts and exports
 // `main(argv): Promise<number>` returning the exit code: 0 ok, 2 a hang or mismatch
 // found, 1 bad usage or an error.
