@@ -63,7 +63,7 @@ async function transport(exchange: 'ports' | 'shared', sharedResults = false): P
     unit: 'GB/s',
     baseline: { name: 'memcpy (TypedArray.set) of the same bytes, one thread', value: memcpy, unit: 'GB/s' },
     ratio: gbps / memcpy,
-    note: `median of ${iterations} after as many untimed; ratio = ours / memcpy (aim >= 0.25); 4 workers share the cores${sharedResults ? '; results the native addon cannot read yet (SharedArrayBuffer-backed)' : ''}`,
+    note: `median of ${iterations} after as many untimed; ratio = ours / memcpy (aim >= 0.25); 4 workers share the cores${sharedResults ? '; results are SharedArrayBuffer-backed (off by default: the EP step measured no faster with them)' : ''}`,
   };
 }
 
