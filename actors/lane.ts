@@ -1,21 +1,42 @@
 // The fast lane between rank workers of one process: small messages (the counts and expert
 // ids exchanges) written into the receiver's inbox, a
-// SharedArrayBuffer of one ring per peer, and signalled with Atomics.notify on one doorbell
-// word, instead of a MessagePort round trip that waits for both threads' event loops. The
+// SharedArrayBuffer of one ring per peer, and signalled on one doorbell word (a futex of the
+// native addon where it is loaded, else Atomics.wait and notify), instead of a MessagePort round trip that waits for both threads' event loops. The
 // bytes are the same msgpack messages the ports carry and are checked the same way;
 // whatever does not fit (big chunks, a full ring) still goes over the port.
 //
 // Layout of an inbox: Int32 0 is the doorbell (every write adds one); Int32 1 counts the
 // messages its owner still waits for while it sleeps (each write takes one off, and only the
-// last wakes it: a wake-up is a system call, and costs most on a busy machine); ring s has a
+// last wakes it: a wake-up is a system call, and costs most on a busy machine; the event
+// loop's listener, which only Atomics.notify wakes, counts as one message); ring s has a
 // write count at Int32 2 + 2s (its sender's) and a read count at 3 + 2s (the owner's); its
 // SLOTS slots follow the header, each a 4-byte length and up to `capacity` bytes. A reader
 // takes each message straight from its slot and releases the slot once done with it, so the
 // lane allocates nothing per message.
 
+import { loadNative, type NativeAddon } from '../src/native/backend.js';
+
 /** Atomics.waitAsync (Node 16+), missing from this TypeScript lib. */
 interface AtomicsWaitAsync {
   waitAsync(a: Int32Array, index: number, value: number): { async: false; value: string } | { async: true; value: Promise<string> };
+}
+
+/**
+ * Added to the count of awaited messages while the owner sleeps in a futex of the native
+ * addon rather than in Atomics.wait (which V8 serves through a process-wide mutex and a
+ * condition variable: most of a small exchange's CPU went to sleeping and waking). The
+ * writer of the last awaited message then wakes it with the matching call.
+ */
+const FUTEX_SLEEPER = 1 << 30;
+
+let futexAddon: Pick<NativeAddon, 'futexWait' | 'futexWake'> | null | undefined;
+/** The addon's futex calls, where it is loaded on Linux; else null (Atomics.wait and notify). */
+function futexes(): Pick<NativeAddon, 'futexWait' | 'futexWake'> | null {
+  if (futexAddon === undefined) {
+    const addon = loadNative();
+    futexAddon = addon && process.platform === 'linux' && typeof addon.futexWait === 'function' ? addon : null;
+  }
+  return futexAddon;
 }
 
 /** Slots per ring (a power of two): a sender may run this many messages ahead of its reader. */
@@ -101,9 +122,15 @@ export class Inbox {
 
   /** Blocks this thread until `missing` more messages came (or `ms` pass); false if none came. */
   waitSync(ms: number, missing: number): boolean {
-    Atomics.store(this.words, 1, this.listening ? 1 : missing);
+    // While this thread sleeps its event loop cannot run, so a pending listener need not be
+    // woken meanwhile: the owner drains before it returns to the loop, and the count goes
+    // back to 1 (listening) below, so later writes notify it again.
+    const futex = futexes();
+    Atomics.store(this.words, 1, futex ? FUTEX_SLEEPER + missing : this.listening ? 1 : missing);
     // A write between the last drain and the count going up woke nobody: look before sleeping.
-    const woke = Atomics.load(this.words, 0) !== this.rung || Atomics.wait(this.words, 0, this.rung, ms) !== 'timed-out';
+    const woke =
+      Atomics.load(this.words, 0) !== this.rung ||
+      (futex ? futex.futexWait(this.words, 0, this.rung, ms) : Atomics.wait(this.words, 0, this.rung, ms)) !== 'timed-out';
     Atomics.store(this.words, 1, this.listening ? 1 : 0);
     return woke;
   }
@@ -162,7 +189,9 @@ export class Outbox {
     this.bytes.set(bytes, at + 8);
     Atomics.store(this.words, 2 + 2 * this.ring, (written + 1) | 0);
     Atomics.add(this.words, 0, 1);
-    if (Atomics.sub(this.words, 1, 1) === 1) Atomics.notify(this.words, 0);
+    const before = Atomics.sub(this.words, 1, 1);
+    if (before === 1) Atomics.notify(this.words, 0);
+    else if (before === FUTEX_SLEEPER + 1) (futexes()?.futexWake ?? Atomics.notify)(this.words, 0);
     return true;
   }
 }

@@ -215,6 +215,33 @@ nativeTest('the layer\'s row moves match their definition; a bad index throws Na
   }
 });
 
+nativeTest('futexWait and futexWake: a sleeper another thread wakes, a changed word, a timeout, a bad index', async (addon) => {
+  if (process.platform !== 'linux') return;
+  const words = new Int32Array(new SharedArrayBuffer(16));
+  assert.is(addon.futexWait(words, 1, 7, 1000), 'not-equal'); // the word holds 0, not 7: no sleep at all
+  assert.is(addon.futexWait(words, 1, 0, 1), 'timed-out');
+  assert.is(addon.futexWake(words, 1), 0); // nobody sleeps there
+  assert.throws(() => addon.futexWait(words, 4, 0, 1), (e: unknown) => e instanceof NativeError && /outside \[0, 4\)/.test((e as Error).message));
+  assert.throws(() => addon.futexWait(words, 0, 0, -1), (e: unknown) => e instanceof NativeError && /timeout/.test((e as Error).message));
+  // Another thread changes the word, then wakes this one, which sleeps with a 10 s bound.
+  const backend = pathToFileURL(join(repoRoot, 'dist/src/native/backend.js')).href;
+  const worker = new Worker(
+    `const { workerData } = require('node:worker_threads');
+     import(${JSON.stringify(backend)}).then(({ loadNative }) => {
+       const w = new Int32Array(workerData);
+       while (Atomics.load(w, 2) === 0) Atomics.wait(w, 2, 0, 5); // the main thread is about to sleep
+       setTimeout(() => { Atomics.store(w, 1, 1); loadNative().futexWake(w, 1); }, 20);
+     });`,
+    { eval: true, workerData: words.buffer },
+  );
+  Atomics.store(words, 2, 1);
+  // 'not-equal' only if the worker changed the word before this thread went to sleep (20 ms);
+  // a wake that never came would read 'timed-out'.
+  assert.ok(['ok', 'not-equal'].includes(addon.futexWait(words, 1, 0, 10_000)));
+  assert.is(Atomics.load(words, 1), 1);
+  await worker.terminate();
+});
+
 nativeTest('the kernels read and write typed arrays that a SharedArrayBuffer backs, at an offset', (addon) => {
   const shared = new Float32Array(new SharedArrayBuffer(40 * 4), 8 * 4, 32); // rows of 4 from element 8
   shared.forEach((_, i) => (shared[i] = i));

@@ -1,4 +1,12 @@
 #include "addon.h"
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include <algorithm>
 #include <string>
@@ -222,6 +230,8 @@ EpAddon::EpAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod("moveRows", &EpAddon::MoveRows),
                            InstanceMethod("combineRows", &EpAddon::CombineRows),
                            InstanceMethod("routeGrad", &EpAddon::RouteGrad),
+                           InstanceMethod("futexWait", &EpAddon::FutexWait),
+                           InstanceMethod("futexWake", &EpAddon::FutexWake),
                        });
   initCuda(env, exports);
   initNccl(env, exports, *this);
@@ -404,6 +414,55 @@ Napi::Value EpAddon::RouteGrad(const Napi::CallbackInfo& info) {
   if (isF64(info[0])) go(double{});
   else go(float{});
   return env.Undefined();
+}
+
+// Atomics.wait and Atomics.notify on a SharedArrayBuffer word, as one futex system call
+// each: V8's own go through a process-wide mutex and a condition variable per waiter, which
+// cost most of the fast lane's sleeps and wake-ups (docs/BENCHMARKS.md). Private futexes:
+// the word is in this process's memory, shared by its threads. A futex waiter is woken only
+// by futexWake, never by Atomics.notify: one lane uses one pair.
+namespace {
+int* futexWord(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  size_t len = 0;
+  auto* words = static_cast<int*>(typedData(env, info[0], napi_int32_array, -1, "futex words", &len));
+  if (!info[1].IsNumber()) throwNative(env, "BAD_ARGUMENT", "futex index must be a number");
+  const double i = info[1].As<Napi::Number>().DoubleValue();
+  if (!(i >= 0 && i < static_cast<double>(len)) || i != static_cast<long>(i))
+    throwNative(env, "BAD_ARGUMENT", "futex index " + std::to_string(i) + " is outside [0, " + std::to_string(len) + ")");
+  return words + static_cast<long>(i);
+}
+}  // namespace
+
+Napi::Value EpAddon::FutexWait(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int* word = futexWord(info);
+  if (!info[2].IsNumber() || !info[3].IsNumber()) throwNative(env, "BAD_ARGUMENT", "futexWait expects (words, index, expected, timeoutMs)");
+  const int expected = info[2].As<Napi::Number>().Int32Value();
+  const double ms = info[3].As<Napi::Number>().DoubleValue();
+  if (!(ms >= 0 && ms <= 60000)) throwNative(env, "BAD_ARGUMENT", "futexWait timeout must be within [0, 60000] ms");
+  timespec t{static_cast<time_t>(ms / 1000), static_cast<long>((ms - 1000 * static_cast<long>(ms / 1000)) * 1e6)};
+#ifdef __linux__
+  const long r = syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, expected, &t, nullptr, 0);
+#else
+  throwNative(env, "NOT_SUPPORTED", "futexWait needs Linux");
+  const long r = 0;
+#endif
+  // EINTR and spurious wake-ups read as 'ok': the caller looks at its words again either way.
+  const char* how = r == 0 || errno == EINTR ? "ok" : errno == EAGAIN ? "not-equal" : errno == ETIMEDOUT ? "timed-out" : nullptr;
+  if (!how) throwNative(env, "NATIVE_ERROR", std::string("futex wait failed: ") + std::strerror(errno));
+  return Napi::String::New(env, how);
+}
+
+Napi::Value EpAddon::FutexWake(const Napi::CallbackInfo& info) {
+  int* word = futexWord(info);
+#ifdef __linux__
+  const long r = syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+#else
+  throwNative(info.Env(), "NOT_SUPPORTED", "futexWake needs Linux");
+  const long r = 0;
+#endif
+  return Napi::Number::New(info.Env(), r < 0 ? 0 : static_cast<double>(r));
 }
 
 }  // namespace ep

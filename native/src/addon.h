@@ -29,6 +29,8 @@ class EpAddon : public Napi::Addon<EpAddon> {
   Napi::Value Gemm(const Napi::CallbackInfo& info);
   Napi::Value MoveRows(const Napi::CallbackInfo& info);
   Napi::Value CombineRows(const Napi::CallbackInfo& info);
+  Napi::Value FutexWait(const Napi::CallbackInfo& info);
+  Napi::Value FutexWake(const Napi::CallbackInfo& info);
   Napi::Value RouteGrad(const Napi::CallbackInfo& info);
   void teardown();
   static void cleanupHook(void* self);

@@ -99,6 +99,10 @@ export interface NativeAddon {
   combineRows(src: Floats, rowSize: number, positions: Int32Array, K: number, weight: Float64Array | null, dst: Floats): void;
   /** gr[p] = w[p]·g[token[p]]; gw[entry[p]] = <g[token[p]], ret[p]> (f64). */
   routeGrad(g: Floats, D: number, ret: Floats, token: Int32Array, entry: Int32Array, w: Float64Array, gr: Floats, gw: Float64Array): void;
+  /** Atomics.wait on words[index] as one private futex call (Linux); woken only by futexWake. */
+  futexWait(words: Int32Array, index: number, expected: number, timeoutMs: number): 'ok' | 'not-equal' | 'timed-out';
+  /** Wakes one futexWait sleeper on words[index]; how many woke. */
+  futexWake(words: Int32Array, index: number): number;
   // CUDA (native/src/cuda_backend.cc); each throws NativeError CUDA_NOT_BUILT in a CPU-only build.
   cudaInfo(): { devices: number; names: string[]; runtimeVersion: number; driverVersion: number };
   /** The device this thread's kernels and copies use (its own stream is created on it). */
