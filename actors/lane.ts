@@ -1,9 +1,9 @@
 // The fast lane between rank workers of one process: small messages (the counts and expert
-// ids exchanges) written into the receiver's inbox, a
-// SharedArrayBuffer of one ring per peer, and signalled on one doorbell word (a futex of the
-// native addon where it is loaded, else Atomics.wait and notify), instead of a MessagePort round trip that waits for both threads' event loops. The
-// bytes are the same msgpack messages the ports carry and are checked the same way;
-// whatever does not fit (big chunks, a full ring) still goes over the port.
+// ids exchanges) written into the receiver's inbox, a SharedArrayBuffer of one ring per peer,
+// and signalled on one doorbell word (a futex of the native addon where it is loaded, else
+// Atomics.wait and notify), instead of a MessagePort round trip that waits for both threads'
+// event loops. The bytes are the same msgpack messages the ports carry and are checked the
+// same way; whatever does not fit (big chunks, a full ring) still goes over the port.
 //
 // Layout of an inbox: Int32 0 is the doorbell (every write adds one); Int32 1 counts the
 // messages its owner still waits for while it sleeps (each write takes one off, and only the
@@ -191,7 +191,7 @@ export class Outbox {
     Atomics.add(this.words, 0, 1);
     const before = Atomics.sub(this.words, 1, 1);
     if (before === 1) Atomics.notify(this.words, 0);
-    else if (before === FUTEX_SLEEPER + 1) (futexes()?.futexWake ?? Atomics.notify)(this.words, 0);
+    else if (before === FUTEX_SLEEPER + 1) futexes()?.futexWake(this.words, 0); // only a thread of this process with the addon sleeps so
     return true;
   }
 }

@@ -115,7 +115,7 @@ export class SocketPort implements PeerPort {
   postMessage(message: unknown, transfer?: readonly ArrayBuffer[]): void {
     if (message instanceof ArrayBuffer) {
       // A consumed chunk's buffer, given back: it backs a later frame from this peer.
-      if (message.byteLength >= REUSE_MIN) this.#free.push(message) > FREE_FRAMES && this.#free.shift();
+      if (message.byteLength >= REUSE_MIN && this.#free.push(message) > FREE_FRAMES) this.#free.shift();
       return;
     }
     if (this.#ended) return; // the run is over on this connection: a late chunk would only meet a closed socket
