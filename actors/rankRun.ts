@@ -50,6 +50,10 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
   let driver: RankDriver | null = null;
   let output: CaseRankOutput | undefined;
   for (let step = 0; step < job.steps && how === 'done'; step++) {
+    // A turn of the event loop each step: over the fast lane a whole step's collectives may
+    // complete without one, and only there does a launched rank hear a signal, its peers'
+    // reports and goodbyes, and its watchdog's timers.
+    await new Promise((resolve) => setImmediate(resolve));
     const t0 = performance.now();
     post({ type: 'started', rank: job.rank, at: now() });
     driver = new RankDriver(cfg, firstReadyOf(s), { ep: meshEp, dp, pp }, post, job.inspect, job.record);

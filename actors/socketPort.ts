@@ -10,11 +10,13 @@
 // again), from which each rank follows the whole run's ledger. After a goodbye, either
 // way, nothing more is written on the connection, and the rank that said it keeps
 // reading until the peer closes (bounded), so the peer reads the goodbye rather than a
-// reset.
+// reset. Two more such frames serve the fast lane between ranks on one host (actors/lane.ts):
+// a rank's offer of its inbox, and a knock that tells a listening rank to look in it.
 import { connect, type Server, type Socket } from 'node:net';
 import { HELLO_TIMEOUT_MS, type PeerAddress } from './rendezvous.js';
 import { helloAsDialer, helloAsListener, RefusedConnection, type Hello, type Side } from './runIdentity.js';
 import { TransportError, type PeerPort } from './transport.js';
+import { LANE_KNOCK, isSegmentHello } from './lane.js';
 import type { IssuedCollective } from '../machines/snapshot.js';
 
 /** A frame longer than this is a corrupt stream, not a chunk (msgpack bin32 tops out at 4 GiB). */
@@ -41,6 +43,9 @@ export type PeerReport = { readonly kind: 'computing' } | { readonly kind: 'issu
 /** Second byte of a report frame (after GOODBYE's 0xc1, never valid msgpack); an issue's JSON follows. */
 const COMPUTING = 0x01;
 const ISSUE = 0x02;
+/** Second byte of the fast lane's frames: a knock (nothing follows), an offer of an inbox (its JSON follows). */
+const KNOCK = 0x03;
+const SEGMENT = 0x04;
 
 /**
  * What a rank tells its peers when it ends: collectives it issued per communicator kind,
@@ -70,9 +75,10 @@ export interface SocketEvents {
 const EMPTY = Buffer.alloc(0);
 
 export class SocketPort implements PeerPort {
+  readonly betweenProcesses = true;
   #listener: ((m: unknown) => void) | null = null;
   /** Frames that arrived before the mesh listened: a MessagePort queues them too. */
-  readonly #backlog: Uint8Array[] = [];
+  readonly #backlog: unknown[] = [];
   #header = Buffer.alloc(4);
   #headerBytes = 0;
   #frame: Uint8Array | null = null;
@@ -119,14 +125,17 @@ export class SocketPort implements PeerPort {
       return;
     }
     if (this.#ended) return; // the run is over on this connection: a late chunk would only meet a closed socket
+    if (message === LANE_KNOCK) {
+      // The peer waits on its event loop for what this rank just wrote to its inbox: at once.
+      this.postMessage(Uint8Array.of(GOODBYE, KNOCK));
+      return this.sendNow();
+    }
+    if (isSegmentHello(message)) return this.postMessage(Buffer.concat([Uint8Array.of(GOODBYE, SEGMENT), Buffer.from(JSON.stringify(message))]));
     if (!(message instanceof Uint8Array)) throw new TransportError('a TCP connection carries msgpack chunks only, not staged announcements');
     if (!this.#corked) {
       this.#corked = true;
       this.socket.cork();
-      setImmediate(() => {
-        this.#corked = false;
-        this.socket.uncork();
-      });
+      setImmediate(() => this.sendNow());
     }
     const header = Buffer.allocUnsafe(4);
     header.writeUInt32LE(message.byteLength);
@@ -141,6 +150,13 @@ export class SocketPort implements PeerPort {
     const i = length >= REUSE_MIN ? this.#free.findIndex((b) => b.byteLength >= length) : -1;
     const buffer = i < 0 ? Buffer.allocUnsafeSlow(length).buffer : this.#free.splice(i, 1)[0]!;
     return new Uint8Array(buffer, 0, length);
+  }
+
+  /** Ends this turn's cork early: what is held back leaves now. */
+  sendNow(): void {
+    if (!this.#corked) return;
+    this.#corked = false;
+    this.socket.uncork();
   }
 
   flushed(): Promise<void> | null {
@@ -194,17 +210,28 @@ export class SocketPort implements PeerPort {
     setImmediate(() => this.events.finished(g));
   }
 
-  #issue(frame: Uint8Array): void {
-    let r: { collective: IssuedCollective; dtype: string };
+  /** The JSON after a report or lane frame's two bytes, if it parses and `valid` holds; else the connection breaks as corrupt. */
+  #json<T>(frame: Uint8Array, what: string, valid: (x: T) => boolean): T | null {
     try {
-      r = JSON.parse(Buffer.from(frame.buffer, frame.byteOffset + 2, frame.byteLength - 2).toString('utf8')) as typeof r;
-      if (!r || typeof r.collective !== 'object' || r.collective === null || typeof r.dtype !== 'string') throw new Error('no collective');
+      const x = JSON.parse(Buffer.from(frame.buffer, frame.byteOffset + 2, frame.byteLength - 2).toString('utf8')) as T;
+      if (x && typeof x === 'object' && valid(x)) return x;
     } catch {
-      this.#broken('the peer reported an issue in a frame that does not parse');
-      this.socket.destroy();
-      return;
+      // reported below
     }
-    this.events.report?.({ kind: 'issue', collective: r.collective, dtype: r.dtype });
+    this.#broken(`the peer ${what} in a frame that does not parse`);
+    this.socket.destroy();
+    return null;
+  }
+
+  #issue(frame: Uint8Array): void {
+    const r = this.#json<{ collective: IssuedCollective; dtype: string }>(frame, 'reported an issue', (x) => typeof x.collective === 'object' && x.collective !== null && typeof x.dtype === 'string');
+    if (r) this.events.report?.({ kind: 'issue', collective: r.collective, dtype: r.dtype });
+  }
+
+  /** Hands a message to the mesh, or holds it until the mesh listens (as a MessagePort queues it). */
+  #hand(m: unknown): void {
+    if (this.#listener) this.#listener(m);
+    else this.#backlog.push(m);
   }
 
   #read(c: Buffer): void {
@@ -237,8 +264,11 @@ export class SocketPort implements PeerPort {
         if (frame[0] === GOODBYE && frame[1] === 0x7b /* '{' */) this.#goodbye(frame);
         else if (frame[0] === GOODBYE && frame[1] === COMPUTING && frame.byteLength === 2) this.events.report?.({ kind: 'computing' });
         else if (frame[0] === GOODBYE && frame[1] === ISSUE) this.#issue(frame);
-        else if (this.#listener) this.#listener(frame);
-        else this.#backlog.push(frame);
+        else if (frame[0] === GOODBYE && frame[1] === KNOCK && frame.byteLength === 2) this.#hand(LANE_KNOCK);
+        else if (frame[0] === GOODBYE && frame[1] === SEGMENT) {
+          const hello = this.#json(frame, 'offered its inbox', isSegmentHello);
+          if (hello) this.#hand(hello);
+        } else this.#hand(frame);
       }
     }
   }

@@ -4,7 +4,8 @@
 // where the sender staged the peer's rows. Between worker threads of one process, small
 // messages take the fast lane instead (actors/lane.ts): the same msgpack bytes in a shared
 // ring, signalled through Atomics, and a receiver blocks for them briefly rather than
-// waiting on its event loop. When results may live in shared memory, large chunks between
+// waiting on its event loop; between launched ranks on one host, so do the chunks that fit
+// the lane's larger slots there (a segment every peer maps). When results may live in shared memory, large chunks between
 // worker threads are written by their sender straight into the receiver's result, where an
 // invitation from the receiver says, instead of being encoded, transferred and copied again;
 // their header and a `wrote` signal still travel as msgpack messages with every check.
@@ -19,7 +20,7 @@ import { CodecError, decodeMessage, encodeMessage } from '../src/codec/msgpack.j
 import type { CommunicatorSpec } from '../machines/mesh.js';
 import type { CollectiveTag, Communicator } from '../src/ep/types.js';
 import { gatherHost, type Piece, type StagedHandle, type StagingMemory } from './staging.js';
-import { Inbox, Outbox, isLaneHello } from './lane.js';
+import { Inbox, LANE_KNOCK, Outbox, isLaneHello, isSegmentHello, segmentsAvailable } from './lane.js';
 import { ScratchPool, takeUnfilled } from '../src/ep/scratch.js';
 import { now } from './messages.js';
 
@@ -123,6 +124,10 @@ export interface PeerPort {
   flushed?(): Promise<void> | null;
   /** A connection to a rank in another worker thread of this process that is not a MessagePort itself (actors/rankWorker.ts). */
   readonly betweenThreads?: boolean;
+  /** A connection to a rank in another process, perhaps on this host (its lane then goes through a segment). */
+  readonly betweenProcesses?: boolean;
+  /** Sends what it holds back at once: the rank is about to block its thread. */
+  sendNow?(): void;
 }
 
 /** Buffers kept per peer for reuse; more than this in flight are dropped to the GC. */
@@ -183,6 +188,16 @@ function reportProfile(p: CollectiveProfile): void {
 /** Deliberate damage to outgoing chunks, for tests of the runtime's error reporting. */
 export type ChunkFault = 'corrupt-message' | 'wrong-communicator' | 'stale-position';
 
+/** The inbox launched peers on this host write to, where segments can be made; else none (every message goes by the connections). */
+function processInbox(peers: readonly number[]): Inbox | null {
+  if (!segmentsAvailable()) return null;
+  try {
+    return new Inbox(peers, 'processes');
+  } catch {
+    return null;
+  }
+}
+
 export class PortMesh {
   /** Per peer, the communicators it shares with this rank (no other chunks are taken from it). */
   private readonly channels = new Map<number, Map<string, Channel>>();
@@ -202,6 +217,8 @@ export class PortMesh {
   private readonly lanes = new Map<number, Outbox>();
   /** Whether a wait for the inbox's doorbell is pending on the event loop. */
   private armed = false;
+  /** Whether a peer offered its inbox: only then may one write to this rank's, and is its doorbell worth listening for. */
+  private offered = false;
   /** Reused to encode fast-lane messages, which are copied into the peer's ring. */
   private scratch: ArrayBuffer | undefined;
   /** Where receivers asked this rank to write its rows, by (comm, position, receiver), until it sends them. */
@@ -231,14 +248,19 @@ export class PortMesh {
     }
     this.buffering = [...ports.values()].some((p) => p.flushed);
     const threadPeers = [...ports].filter(([, port]) => port instanceof MessagePort || port.betweenThreads).map(([peer]) => peer);
-    this.inbox = threadPeers.length ? new Inbox(threadPeers) : null;
+    const processPeers = threadPeers.length ? [] : [...ports].filter(([, port]) => port.betweenProcesses).map(([peer]) => peer);
+    this.inbox = threadPeers.length ? new Inbox(threadPeers) : processPeers.length ? processInbox(processPeers) : null;
     for (const [peer, port] of ports) {
       port.on('message', (m: unknown) => {
-        if (m instanceof ArrayBuffer) this.returned(peer, m);
+        if (m === LANE_KNOCK) {
+          this.inbox?.knocked();
+          this.drainLane();
+        } else if (m instanceof ArrayBuffer) this.returned(peer, m);
         else if (m && typeof m === 'object' && 'ack' in m) this.acked(peer, m as Ack);
         else if (m && typeof m === 'object' && 'invite' in m) this.invited(peer, m as Partial<Invitation>);
         else if (m && typeof m === 'object' && 'decline' in m) this.declined(peer, m as Partial<Decline>);
         else if (isLaneHello(m)) this.hello(peer, m);
+        else if (isSegmentHello(m)) this.offer(peer, Outbox.mapped(m, () => this.port(peer).postMessage(LANE_KNOCK)));
         else {
           this.drainLane(); // what the peer wrote to the lane before posting this comes first
           this.deliver(peer, m, false);
@@ -246,6 +268,7 @@ export class PortMesh {
       });
     }
     for (const peer of threadPeers) ports.get(peer)!.postMessage(this.inbox!.hello(peer, threadId));
+    if (this.inbox?.between === 'processes') for (const peer of processPeers) ports.get(peer)!.postMessage(this.inbox.segmentHello(peer));
   }
 
   /** A peer's inbox: written to only from another thread (a rank in this thread could never block for it). */
@@ -253,9 +276,19 @@ export class PortMesh {
     if (m.thread === threadId) return;
     const lane = Outbox.of(m);
     if (!lane) return this.onError(`rank ${this.rank} received from rank ${peer} a fast-lane offer that describes no well-formed inbox`);
-    this.lanes.set(peer, lane);
+    this.offer(peer, lane);
+  }
+
+  /**
+   * A peer offered its inbox (null: a launched peer's that this rank cannot map, on another
+   * host say: the pair keeps to its connection). Either way the peer may write to this
+   * rank's own inbox from now on.
+   */
+  private offer(peer: number, lane: Outbox | null): void {
+    if (lane) this.lanes.set(peer, lane);
+    this.offered = true;
     this.drainLane();
-    // A receive that began before any lane existed did not listen for the doorbell: listen now.
+    // A receive that began before any offer came did not listen for the doorbell: listen now.
     if (this.expecting()) this.armLane();
   }
 
@@ -267,17 +300,17 @@ export class PortMesh {
   /** Whether `bytes` of rows to `peer`, a worker thread, are too many for the fast lane and go straight into its result. */
   directSend(peer: number, bytes: number): boolean {
     const lane = this.lanes.get(peer);
-    return !!lane && bytes + HEADER_ROOM > lane.capacity;
+    return lane?.between === 'threads' && bytes + HEADER_ROOM > lane.capacity;
   }
 
   /** Whether `bytes` of rows from a worker-thread peer would be written straight into this rank's result. */
   directRecv(bytes: number): boolean {
-    return !!this.inbox && bytes + HEADER_ROOM > this.inbox.capacity;
+    return this.inbox?.between === 'threads' && bytes + HEADER_ROOM > this.inbox.capacity;
   }
 
   /** Whether `peer` can be invited to write into this rank's memory now (its offer of a lane arrived: it is another thread). */
   invitable(peer: number): boolean {
-    return this.lanes.has(peer);
+    return this.lanes.get(peer)?.between === 'threads';
   }
 
   /** Whether a message of `bytes` rows to (or from) `peer` goes by the fast lane. */
@@ -296,6 +329,8 @@ export class PortMesh {
    */
   awaitLane(comm: string, position: number, peers: readonly number[]): void {
     if (!this.inbox || peers.length === 0 || !this.blockForLane) return;
+    // What this rank sent and a connection holds back (a knock, a report) must not wait for the sleep.
+    for (const port of this.ports.values()) port.sendNow?.();
     const deadline = performance.now() + LANE_WAIT_MS;
     for (;;) {
       this.drainLane();
@@ -309,7 +344,7 @@ export class PortMesh {
 
   /** While receives wait, the event loop also listens for the inbox's doorbell. */
   private armLane(): void {
-    if (!this.inbox || this.lanes.size === 0 || this.armed) return;
+    if (!this.inbox || !this.offered || this.armed) return;
     this.armed = true;
     void this.inbox.waitAsync().then(() => {
       this.armed = false;

@@ -7,8 +7,9 @@ import * as assert from 'uvu/assert';
 import { Worker } from 'node:worker_threads';
 import { pathToFileURL } from 'node:url';
 import { join } from 'node:path';
-import { readdirSync } from 'node:fs';
-import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { tmpdir } from 'node:os';
 import { ncclVersion } from '../src/native/nccl.js';
 import { CudaExpertBackend } from '../src/native/cuda.js';
 import { readSafetensorsFile } from '../src/codec/safetensors.js';
@@ -240,6 +241,48 @@ nativeTest('futexWait and futexWake: a sleeper another thread wakes, a changed w
   assert.ok(['ok', 'not-equal'].includes(addon.futexWait(words, 1, 0, 10_000)));
   assert.is(Atomics.load(words, 1), 1);
   await worker.terminate();
+});
+
+nativeTest('shared segments: another process maps one by its path, writes to it and wakes a shared futex sleeper; anything else at a path is refused', async (addon) => {
+  if (process.platform !== 'linux') return;
+  const { buffer, path } = addon.shmCreate(4096);
+  const words = new Int32Array(buffer);
+  assert.is(buffer.byteLength, 4096);
+  assert.ok(words.every((w) => w === 0), 'a new segment is zero-filled');
+  // This process's second mapping is the same memory.
+  const again = new Int32Array(addon.shmOpen(path, 4096));
+  again[3] = 77;
+  assert.is(words[3], 77);
+  assert.is(addon.futexWait(words, 1, 0, 1, true), 'timed-out');
+  // Another process maps it, writes, then wakes this one, which sleeps with a 10 s bound.
+  const backend = pathToFileURL(join(repoRoot, 'dist/src/native/backend.js')).href;
+  const child = spawn(process.execPath, ['--input-type=module', '-e',
+    `const { loadNative } = await import(${JSON.stringify(backend)});
+     const a = loadNative();
+     const w = new Int32Array(a.shmOpen(${JSON.stringify(path)}, 4096));
+     while (Atomics.load(w, 2) === 0) a.futexWait(w, 2, 0, 5, true); // the parent is about to sleep
+     setTimeout(() => { Atomics.store(w, 1, w[3] + 1); a.futexWake(w, 1, true); }, 20);`], { stdio: ['ignore', 'inherit', 'inherit'] });
+  const exited = new Promise<number | null>((r) => child.once('exit', r));
+  try {
+    Atomics.store(words, 2, 1);
+    const slept = Date.now();
+    while (Atomics.load(words, 1) === 0 && Date.now() - slept < 10_000) addon.futexWait(words, 1, 0, 10_000, true);
+    assert.is(Atomics.load(words, 1), 78, 'the other process read this one\'s write and wrote back');
+  } finally {
+    assert.is(await exited, 0);
+  }
+  // Only a sealed segment of exactly the size asked for is mapped.
+  assert.throws(() => addon.shmOpen(path, 8192), (e: unknown) => e instanceof NativeError && /holds 4096 bytes, not 8192/.test((e as Error).message));
+  const dir = mkdtempSync(join(tmpdir(), 'ep-shm-'));
+  try {
+    const plain = join(dir, 'plain');
+    writeFileSync(plain, Buffer.alloc(4096));
+    assert.throws(() => addon.shmOpen(plain, 4096), (e: unknown) => e instanceof NativeError && /not a sealed shared segment/.test((e as Error).message));
+    assert.throws(() => addon.shmOpen(join(dir, 'missing'), 4096), (e: unknown) => e instanceof NativeError && /cannot open shared segment .*missing/.test((e as Error).message));
+  } finally {
+    rmSync(dir, { recursive: true });
+  }
+  assert.throws(() => addon.shmCreate(3), (e: unknown) => e instanceof NativeError && /whole number of bytes/.test((e as Error).message));
 });
 
 nativeTest('the kernels read and write typed arrays that a SharedArrayBuffer backs, at an offset', (addon) => {

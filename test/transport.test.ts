@@ -4,7 +4,8 @@
 // what a staged exchange does with announcements and acknowledgements it cannot trust; the
 // fast lane's rings, and small and large chunks between two worker threads, where small
 // ones take the lane, large ones are written straight into the receiver's result, and both
-// keep their checks.
+// keep their checks; the lane between launched ranks on one host (a segment every peer
+// maps), alone and under two meshes over a real TCP connection.
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
@@ -14,7 +15,9 @@ import { encodeMessage } from '../src/codec/msgpack.js';
 import { sharedMemory, type StagingMemory } from '../actors/staging.js';
 import { Tensor } from '../src/tensor.js';
 import { seededRng } from '../src/moe/random.js';
-import { Inbox, Outbox } from '../actors/lane.js';
+import { Inbox, Outbox, segmentsAvailable, type SegmentHello } from '../actors/lane.js';
+import { SocketPort } from '../actors/socketPort.js';
+import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 
 /** n ranks of one ep group, each with its mesh and communicator, wired by MessageChannels. */
 function group(n: number, staging: (() => StagingMemory) | null, onError: (m: string) => void = (m) => assert.unreachable(m)) {
@@ -211,8 +214,83 @@ test('fast lane: messages arrive in order per peer, as views of their slots; ful
   assert.not.ok(inbox.waitSync(1, 1));
   assert.ok(from5.write(Uint8Array.of(1)));
   assert.ok(inbox.waitSync(1000, 1), 'a write before the wait is seen');
-  for (const bad of [{ lane: new ArrayBuffer(8), rings: 2, ring: 0 }, { lane: inbox.sab, rings: 3, ring: 0 }, { lane: inbox.sab, rings: 2, ring: 2 }, { lane: inbox.sab, rings: 2, ring: -1 }, { lane: new SharedArrayBuffer(64), rings: 2, ring: 0 }]) {
+  for (const bad of [{ lane: new ArrayBuffer(8), rings: 2, ring: 0 }, { lane: inbox.memory, rings: 3, ring: 0 }, { lane: inbox.memory, rings: 2, ring: 2 }, { lane: inbox.memory, rings: 2, ring: -1 }, { lane: new SharedArrayBuffer(64), rings: 2, ring: 0 }]) {
     assert.is(Outbox.of(bad), null, JSON.stringify({ ...bad, lane: bad.lane.byteLength }));
+  }
+});
+
+test('fast lane between processes: a peer maps the segment its hello names, EP-sized chunks fit, a listening owner is knocked once; any other offer is refused', () => {
+  if (!segmentsAvailable()) return; // no addon, or not Linux: launched ranks keep to TCP
+  const inbox = new Inbox([3, 5], 'processes');
+  let knocks = 0;
+  const hello = inbox.segmentHello(3);
+  const from3 = Outbox.mapped(hello, () => knocks++)!;
+  assert.ok(from3, 'the offer is mapped');
+  assert.ok(from3.capacity >= 768 * 1024, `an EP step's chunk fits a slot (${from3.capacity} bytes)`);
+  const big = new Uint8Array(600 * 1024).map((_, i) => i % 251);
+  assert.ok(from3.write(big));
+  assert.ok(from3.write(Uint8Array.of(7)));
+  const got: [number, Uint8Array][] = [];
+  inbox.drain((peer, bytes) => got.push([peer, bytes.slice()]));
+  assert.equal(got.map(([p, b]) => [p, b.length]), [[3, big.length], [3, 1]]);
+  assert.ok(Buffer.from(got[0]![1]).equals(Buffer.from(big)), 'the bytes are the ones written');
+  assert.is(knocks, 0, 'nobody listens: no knock');
+  // A listening owner is knocked by the first write only; it resolves once the knock arrives.
+  let woke = false;
+  const listening = inbox.waitAsync().then(() => (woke = true));
+  assert.ok(from3.write(Uint8Array.of(1)));
+  assert.ok(from3.write(Uint8Array.of(2)));
+  assert.is(knocks, 1);
+  inbox.knocked();
+  // Sleeping in the shared futex: a write before the wait is seen at once.
+  assert.ok(inbox.waitSync(1000, 1));
+  const offers: [string, Partial<Record<keyof SegmentHello, unknown>>][] = [
+    ['another host', { ...hello, host: 'elsewhere' }],
+    ['another token', { ...hello, token: 'ab'.repeat(16) }],
+    ['a short token', { ...hello, token: 'ab' }],
+    ['a ring past the last', { ...hello, ring: 2 }],
+    ['another ring count (the segment is another size)', { ...hello, rings: 3 }],
+    ['a path that names nothing', { ...hello, segment: '/proc/self/fd/999999' }],
+    ['no path', { ...hello, segment: 42 }],
+  ];
+  for (const [what, offer] of offers) assert.is(Outbox.mapped(offer, () => {}), null, what);
+  return listening.then(() => assert.ok(woke));
+});
+
+test('launched ranks on one host: after the offers cross their connection, a 256 KiB chunk each way takes the lane, not the socket', async () => {
+  if (!segmentsAvailable()) return;
+  const server = createServer();
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  const accepted = new Promise<Socket>((r) => server.once('connection', r));
+  const a = connect((server.address() as AddressInfo).port, '127.0.0.1');
+  const b = await accepted;
+  let tcpBytes = 0;
+  for (const s of [a, b]) s.on('data', (c: Buffer) => (tcpBytes += c.length));
+  const broken: string[] = [];
+  try {
+    const spec = communicators({ ep: 2, dp: 1 })[0]!;
+    const events = { broken: (r: string) => void broken.push(r), finished: () => {} };
+    const meshes = [new SocketPort(a, events), new SocketPort(b, events)].map((port, r) => new PortMesh(r, new Map([[1 - r, port]]), [spec], (e) => assert.unreachable(e)));
+    const comms = meshes.map((m, r) => new MeshCommunicator(spec, r, m, null));
+    const rows = 512; // 512 × 128 f32 = 256 KiB to each peer
+    const exchange = () =>
+      Promise.all(comms.map((c, r) => c.allToAll(tag, Tensor.from('f32', [2 * rows, 128], Array.from({ length: 2 * rows * 128 }, (_, i) => r * 1e6 + i)), [rows, rows], [rows, rows])));
+    await exchange(); // the offers may still be on their way: this one may go by TCP
+    await new Promise((r) => setTimeout(r, 50));
+    const before = tcpBytes;
+    const results = await exchange();
+    assert.ok(tcpBytes - before < 4096, `${tcpBytes - before} bytes crossed the socket for 512 KiB of chunks`);
+    results.forEach((t, r) => {
+      // Rank r's result: rank 0's rows for r first, then rank 1's.
+      const firstOf = (from: number) => Array.from(t.data.subarray(from * rows * 128, from * rows * 128 + 4));
+      const sent = (from: number) => Array.from({ length: 4 }, (_, i) => from * 1e6 + r * rows * 128 + i);
+      assert.equal([firstOf(0), firstOf(1)], [sent(0), sent(1)], `rank ${r}`);
+    });
+    assert.equal(broken, []);
+  } finally {
+    a.destroy();
+    b.destroy();
+    server.close();
   }
 });
 

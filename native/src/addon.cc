@@ -3,7 +3,10 @@
 #include <cstring>
 #include <ctime>
 #ifdef __linux__
+#include <fcntl.h>
 #include <linux/futex.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -232,6 +235,8 @@ EpAddon::EpAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod("routeGrad", &EpAddon::RouteGrad),
                            InstanceMethod("futexWait", &EpAddon::FutexWait),
                            InstanceMethod("futexWake", &EpAddon::FutexWake),
+                           InstanceMethod("shmCreate", &EpAddon::ShmCreate),
+                           InstanceMethod("shmOpen", &EpAddon::ShmOpen),
                        });
   initCuda(env, exports);
   initNccl(env, exports, *this);
@@ -416,11 +421,12 @@ Napi::Value EpAddon::RouteGrad(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// Atomics.wait and Atomics.notify on a SharedArrayBuffer word, as one futex system call
-// each: V8's own go through a process-wide mutex and a condition variable per waiter, which
-// cost most of the fast lane's sleeps and wake-ups (docs/BENCHMARKS.md). Private futexes:
-// the word is in this process's memory, shared by its threads. A futex waiter is woken only
-// by futexWake, never by Atomics.notify: one lane uses one pair.
+// Atomics.wait and Atomics.notify on a shared word, as one futex system call each: V8's own
+// go through a process-wide mutex and a condition variable per waiter, which cost most of
+// the fast lane's sleeps and wake-ups (docs/BENCHMARKS.md). Private futexes where the word
+// is in this process's memory (a SharedArrayBuffer its threads share); shared ones where it
+// is in a segment of shmCreate that other processes map. A futex waiter is woken only by
+// futexWake, never by Atomics.notify: one lane uses one pair.
 namespace {
 int* futexWord(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -432,18 +438,51 @@ int* futexWord(const Napi::CallbackInfo& info) {
     throwNative(env, "BAD_ARGUMENT", "futex index " + std::to_string(i) + " is outside [0, " + std::to_string(len) + ")");
   return words + static_cast<long>(i);
 }
+
+#ifdef __linux__
+/** FUTEX_WAIT or FUTEX_WAKE, private unless the optional argument at `at` is true. */
+int futexOp(const Napi::CallbackInfo& info, size_t at, int op) {
+  const bool shared = info.Length() > at && info[at].IsBoolean() && info[at].As<Napi::Boolean>().Value();
+  return shared ? op : (op | FUTEX_PRIVATE_FLAG);
+}
+
+/** An ArrayBuffer over `bytes` of a mapping, unmapped (and `fd` closed, if any) when it is collected. */
+Napi::ArrayBuffer mappedBuffer(Napi::Env env, void* at, size_t bytes, int fd) {
+  struct Mapping {
+    size_t bytes;
+    int fd;
+  };
+  return Napi::ArrayBuffer::New(
+      env, at, bytes,
+      [](Napi::Env, void* data, Mapping* m) {
+        munmap(data, m->bytes);
+        if (m->fd >= 0) close(m->fd);
+        delete m;
+      },
+      new Mapping{bytes, fd});
+}
+
+constexpr unsigned kSeals = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL;
+
+size_t segmentBytes(const Napi::CallbackInfo& info, size_t at) {
+  const double b = info.Length() > at && info[at].IsNumber() ? info[at].As<Napi::Number>().DoubleValue() : -1;
+  if (!(b >= 8 && b <= 1024.0 * 1024 * 1024) || b != static_cast<double>(static_cast<size_t>(b)))
+    throwNative(info.Env(), "BAD_ARGUMENT", "a shared segment's size must be a whole number of bytes in [8, 1 GiB]");
+  return static_cast<size_t>(b);
+}
+#endif
 }  // namespace
 
 Napi::Value EpAddon::FutexWait(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int* word = futexWord(info);
-  if (!info[2].IsNumber() || !info[3].IsNumber()) throwNative(env, "BAD_ARGUMENT", "futexWait expects (words, index, expected, timeoutMs)");
+  if (!info[2].IsNumber() || !info[3].IsNumber()) throwNative(env, "BAD_ARGUMENT", "futexWait expects (words, index, expected, timeoutMs, shared?)");
   const int expected = info[2].As<Napi::Number>().Int32Value();
   const double ms = info[3].As<Napi::Number>().DoubleValue();
   if (!(ms >= 0 && ms <= 60000)) throwNative(env, "BAD_ARGUMENT", "futexWait timeout must be within [0, 60000] ms");
   timespec t{static_cast<time_t>(ms / 1000), static_cast<long>((ms - 1000 * static_cast<long>(ms / 1000)) * 1e6)};
 #ifdef __linux__
-  const long r = syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, expected, &t, nullptr, 0);
+  const long r = syscall(SYS_futex, word, futexOp(info, 4, FUTEX_WAIT), expected, &t, nullptr, 0);
 #else
   throwNative(env, "NOT_SUPPORTED", "futexWait needs Linux");
   const long r = 0;
@@ -457,12 +496,66 @@ Napi::Value EpAddon::FutexWait(const Napi::CallbackInfo& info) {
 Napi::Value EpAddon::FutexWake(const Napi::CallbackInfo& info) {
   int* word = futexWord(info);
 #ifdef __linux__
-  const long r = syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+  const long r = syscall(SYS_futex, word, futexOp(info, 2, FUTEX_WAKE), 1, nullptr, nullptr, 0);
 #else
   throwNative(info.Env(), "NOT_SUPPORTED", "futexWake needs Linux");
   const long r = 0;
 #endif
   return Napi::Number::New(info.Env(), r < 0 ? 0 : static_cast<double>(r));
+}
+
+// Memory that ranks in other processes on this host map too (the fast lane between launched
+// ranks): an anonymous memory file, sealed at its size so that no one can shrink it under a
+// mapping (a read past the end would be SIGBUS), named by its descriptor under /proc so that
+// a peer of the same user opens it, and gone once the last process that maps it lets go.
+Napi::Value EpAddon::ShmCreate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+#ifdef __linux__
+  const size_t bytes = segmentBytes(info, 0);
+  const int fd = memfd_create("ep-actors-lane", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) throwNative(env, "NATIVE_ERROR", std::string("memfd_create failed: ") + std::strerror(errno));
+  void* at = MAP_FAILED;
+  if (ftruncate(fd, static_cast<off_t>(bytes)) == 0 && fcntl(fd, F_ADD_SEALS, kSeals) == 0)
+    at = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (at == MAP_FAILED) {
+    const int e = errno;
+    close(fd);
+    throwNative(env, "NATIVE_ERROR", std::string("cannot make a shared segment: ") + std::strerror(e));
+  }
+  Napi::Object out = Napi::Object::New(env);
+  out.Set("buffer", mappedBuffer(env, at, bytes, fd));
+  out.Set("path", Napi::String::New(env, "/proc/" + std::to_string(getpid()) + "/fd/" + std::to_string(fd)));
+  return out;
+#else
+  throwNative(env, "NOT_SUPPORTED", "shared segments need Linux");
+#endif
+}
+
+// Maps a peer's segment by the path its shmCreate returned. Only a sealed memory file of
+// exactly `bytes` is taken: a path that names anything else (another host's process, a
+// reused pid, a regular file) is refused rather than written into.
+Napi::Value EpAddon::ShmOpen(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+#ifdef __linux__
+  if (!info[0].IsString()) throwNative(env, "BAD_ARGUMENT", "shmOpen expects (path, bytes)");
+  const std::string path = info[0].As<Napi::String>().Utf8Value();
+  const size_t bytes = segmentBytes(info, 1);
+  const int fd = open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) throwNative(env, "NATIVE_ERROR", "cannot open shared segment " + path + ": " + std::strerror(errno));
+  struct stat st {};
+  const int seals = fcntl(fd, F_GET_SEALS);
+  std::string why;
+  if (seals < 0 || (static_cast<unsigned>(seals) & kSeals) != kSeals) why = "it is not a sealed shared segment";
+  else if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) != bytes)
+    why = "it holds " + std::to_string(st.st_size) + " bytes, not " + std::to_string(bytes);
+  void* at = why.empty() ? mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0) : MAP_FAILED;
+  if (why.empty() && at == MAP_FAILED) why = std::strerror(errno);
+  close(fd);  // the mapping keeps the segment
+  if (!why.empty()) throwNative(env, "BAD_ARGUMENT", "cannot map shared segment " + path + ": " + why);
+  return mappedBuffer(env, at, bytes, -1);
+#else
+  throwNative(env, "NOT_SUPPORTED", "shared segments need Linux");
+#endif
 }
 
 }  // namespace ep

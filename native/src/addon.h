@@ -31,6 +31,8 @@ class EpAddon : public Napi::Addon<EpAddon> {
   Napi::Value CombineRows(const Napi::CallbackInfo& info);
   Napi::Value FutexWait(const Napi::CallbackInfo& info);
   Napi::Value FutexWake(const Napi::CallbackInfo& info);
+  Napi::Value ShmCreate(const Napi::CallbackInfo& info);
+  Napi::Value ShmOpen(const Napi::CallbackInfo& info);
   Napi::Value RouteGrad(const Napi::CallbackInfo& info);
   void teardown();
   static void cleanupHook(void* self);

@@ -99,10 +99,20 @@ export interface NativeAddon {
   combineRows(src: Floats, rowSize: number, positions: Int32Array, K: number, weight: Float64Array | null, dst: Floats): void;
   /** gr[p] = w[p]·g[token[p]]; gw[entry[p]] = <g[token[p]], ret[p]> (f64). */
   routeGrad(g: Floats, D: number, ret: Floats, token: Int32Array, entry: Int32Array, w: Float64Array, gr: Floats, gw: Float64Array): void;
-  /** Atomics.wait on words[index] as one private futex call (Linux); woken only by futexWake. */
-  futexWait(words: Int32Array, index: number, expected: number, timeoutMs: number): 'ok' | 'not-equal' | 'timed-out';
-  /** Wakes one futexWait sleeper on words[index]; how many woke. */
-  futexWake(words: Int32Array, index: number): number;
+  /**
+   * Atomics.wait on words[index] as one futex call (Linux); woken only by futexWake. Private
+   * unless `shared` (the words are in a segment of shmCreate that other processes map).
+   */
+  futexWait(words: Int32Array, index: number, expected: number, timeoutMs: number, shared?: boolean): 'ok' | 'not-equal' | 'timed-out';
+  /** Wakes one futexWait sleeper on words[index] (shared: as futexWait was told); how many woke. */
+  futexWake(words: Int32Array, index: number, shared?: boolean): number;
+  /**
+   * A zero-filled segment of `bytes` that processes of this user on this host can map by
+   * `path` (shmOpen), and that goes away once none maps it (Linux).
+   */
+  shmCreate(bytes: number): { buffer: ArrayBuffer; path: string };
+  /** Maps the segment shmCreate made at `path`; throws unless it is one, of exactly `bytes`. */
+  shmOpen(path: string, bytes: number): ArrayBuffer;
   // CUDA (native/src/cuda_backend.cc); each throws NativeError CUDA_NOT_BUILT in a CPU-only build.
   cudaInfo(): { devices: number; names: string[]; runtimeVersion: number; driverVersion: number };
   /** The device this thread's kernels and copies use (its own stream is created on it). */
