@@ -126,9 +126,12 @@ function hostId(): string | null {
   return bootId;
 }
 
-/** Whether launched ranks here can share an inbox (the addon on Linux). */
+/**
+ * Whether launched ranks here can share an inbox: the addon on Linux, unless
+ * EP_ACTORS_SHM_DISABLE=1 keeps every pair to its connection (as NCCL_SHM_DISABLE does NCCL's).
+ */
 export function segmentsAvailable(): boolean {
-  return !!futexes() && hostId() !== null;
+  return process.env.EP_ACTORS_SHM_DISABLE !== '1' && !!futexes() && hostId() !== null;
 }
 
 /** This rank's inbox: one ring per peer, drained by this thread only. */

@@ -38,6 +38,12 @@ moment a peer it waits on goes away or stops on an error, or when its data never
 (--timeout). A rank that stops tells its peers why and exits; so does a rank sent SIGTERM
 or SIGINT (exit 1).
 
+Ranks on one host (same boot id) also share memory: each maps a segment of every peer's
+(offered over their connection; sealed, gone once no rank maps it) and writes its messages
+there, waking a sleeping peer with a futex: the chunks and the checks are the same, two
+trips through the kernel fewer. Ranks on other hosts, or where the segments cannot be
+mapped, keep to TCP; EP_ACTORS_SHM_DISABLE=1 keeps every pair to TCP.
+
 Every connection between ranks (the rendezvous and the data connections) opens with a
 hello carrying the run id, the sender's rank and the world size; a connection from another
 run (a job that picked the same port), or from anything that is not a rank, is refused with

@@ -295,14 +295,14 @@ test('after a goodbye, either way, nothing more is written; a peer that reads a 
   assert.is(b.written.length, 0, 'nothing written to a peer that said goodbye');
 });
 
-const launch = (n: number, args: string[]) => launchLocally(n, args, { timeoutMs: 60_000 });
+const launch = (n: number, args: string[], env?: NodeJS.ProcessEnv) => launchLocally(n, args, { timeoutMs: 60_000, env });
 
-test('golden cases computed by 4 launched processes over TCP match within 1e-5, the zero-token rank included', async () => {
-  for (const name of ['ep4_silu_packed', 'ep4_gelu_unpacked_starve1']) {
+test('golden cases computed by 4 launched processes (through the shared-memory lane, and over TCP only) match within 1e-5, the zero-token rank included', async () => {
+  for (const [name, tcpOnly] of [['ep4_silu_packed', false], ['ep4_gelu_unpacked_starve1', false], ['ep4_gelu_unpacked_starve1', true]] as const) {
     const dir = mkdtempSync(join(tmpdir(), 'ep-actors-launch-'));
     try {
       const golden = join(goldenDir, `${name}.safetensors`);
-      const runs = await launch(4, ['--case', golden, '--out-dir', dir, '--timeout', '30000', '--steps', '2', '--json']);
+      const runs = await launch(4, ['--case', golden, '--out-dir', dir, '--timeout', '30000', '--steps', '2', '--json'], { ...process.env, EP_ACTORS_SHM_DISABLE: tcpOnly ? '1' : '0' });
       runs.forEach((r, rank) => {
         assert.is(r.code, 0, `${name} rank ${rank}: ${r.stderr}`);
         const summary = JSON.parse(r.stdout) as { rank: number; stepMs: number[] };

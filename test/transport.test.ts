@@ -254,6 +254,13 @@ test('fast lane between processes: a peer maps the segment its hello names, EP-s
     ['no path', { ...hello, segment: 42 }],
   ];
   for (const [what, offer] of offers) assert.is(Outbox.mapped(offer, () => {}), null, what);
+  // EP_ACTORS_SHM_DISABLE=1 keeps launched ranks to TCP.
+  process.env.EP_ACTORS_SHM_DISABLE = '1';
+  try {
+    assert.not.ok(segmentsAvailable());
+  } finally {
+    delete process.env.EP_ACTORS_SHM_DISABLE;
+  }
   return listening.then(() => assert.ok(woke));
 });
 

@@ -100,11 +100,15 @@ async function epStep(backend: BackendName, n: StepCounts, o: TorchEpOptions = D
   return againstTorch(`${backend} kernels, ${o.ep} worker-thread ranks, f32`, run.stepMs.slice(n.warmup), o);
 }
 
-/** The same step with each rank its own process (ep-actors rank), over TCP, as torch+gloo runs it. */
-async function launchedEpStep(backend: BackendName, n: StepCounts, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
+/**
+ * The same step with each rank its own process (ep-actors rank), as torch+gloo runs it: on
+ * this host through the shared-memory lane, or (tcpOnly) with EP_ACTORS_SHM_DISABLE=1, every
+ * chunk over TCP.
+ */
+async function launchedEpStep(backend: BackendName, n: StepCounts, tcpOnly: boolean, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
   const data = epStepCase(o);
   // As many kernel threads per process as each torch process has.
-  const env = { ...process.env, EP_ACTORS_THREADS: String(o.threads) };
+  const env = { ...process.env, EP_ACTORS_THREADS: String(o.threads), EP_ACTORS_SHM_DISABLE: tcpOnly ? '1' : '0' };
   const slowest = await withLaunchedRanks({ case: data }, ['--backend', backend, '--steps', String(n.warmup + n.timed), '--json'], { env, timeoutMs: 300_000 }, async (runs) => {
     const ranks = runs.map((r, rank) => {
       if (r.code !== 0) throw new Error(`rank ${rank} exited ${r.code}: ${r.stderr}`);
@@ -112,12 +116,13 @@ async function launchedEpStep(backend: BackendName, n: StepCounts, o: TorchEpOpt
     });
     return ranks[0]!.map((_, step) => Math.max(...ranks.map((r) => r[step]!)));
   });
-  return againstTorch(`${backend} kernels, ${o.ep} processes over TCP (ep-actors rank), f32`, slowest.slice(n.warmup), o);
+  const how = tcpOnly ? 'over TCP only (EP_ACTORS_SHM_DISABLE=1)' : 'on one host (shared-memory lane)';
+  return againstTorch(`${backend} kernels, ${o.ep} processes ${how} (ep-actors rank), f32`, slowest.slice(n.warmup), o);
 }
 
 /**
  * How soon launched ranks stop on a missing collective: the demo's hazard (no-dispatch-edge,
- * rank 1 receives no tokens, 4 processes over TCP), from the moment the evidence existed
+ * rank 1 receives no tokens, 4 processes on this host), from the moment the evidence existed
  * (rank 1 finished while a peer waited at bwd.dispatch) to the first rank stopping.
  */
 async function launchedDetection(runs: number): Promise<BenchRow> {
@@ -169,7 +174,7 @@ export async function bench(): Promise<BenchRow[]> {
   rows.push(await epStep('ts', { warmup: 1, timed: 1 }));
   const native = await import('../../src/native/backend.js');
   if (native.loadNative()) {
-    rows.push(await epStep('native', NATIVE_STEPS), await launchedEpStep('native', NATIVE_STEPS));
+    rows.push(await epStep('native', NATIVE_STEPS), await launchedEpStep('native', NATIVE_STEPS, false), await launchedEpStep('native', NATIVE_STEPS, true));
     rows.push(await epStep('native', NATIVE_STEPS, { ...DEFAULT_EP_OPTIONS, ep: 8, experts: 16 }), await epStep('native', NATIVE_STEPS, { ...DEFAULT_EP_OPTIONS, tokens: 4096 }));
   } else rows.push({ name: epStepLabel('native kernels, 4 worker-thread ranks'), value: NaN, unit: 'ms', note: `skipped: ${native.nativeUnavailableReason()}` });
   rows.push(await launchedDetection(5));
