@@ -5,10 +5,11 @@
 // messages take the fast lane instead (actors/lane.ts): the same msgpack bytes in a shared
 // ring, signalled through Atomics, and a receiver blocks for them briefly rather than
 // waiting on its event loop; between launched ranks on one host, so do the chunks that fit
-// the lane's larger slots there (a segment every peer maps). When results may live in shared memory, large chunks between
-// worker threads are written by their sender straight into the receiver's result, where an
-// invitation from the receiver says, instead of being encoded, transferred and copied again;
-// their header and a `wrote` signal still travel as msgpack messages with every check.
+// the lane's larger slots there (a segment every peer maps). When results may live in
+// shared memory, large chunks between worker threads are written by their sender straight
+// into the receiver's result, where an invitation from the receiver says, instead of being
+// encoded, transferred and copied again; their header and a `wrote` signal still travel as
+// msgpack messages with every check.
 // Every message names its communicator, position and op, so a
 // chunk for the right position but another op, a chunk for a communicator the pair does
 // not share, a stale position or bytes that do not decode are reported at once instead of
@@ -327,8 +328,9 @@ export class PortMesh {
   }
 
   /**
-   * Blocks this thread, at most LANE_WAIT_MS (by who shares the lane), until the chunks of (comm, position) from
-   * `peers` have come by the fast lane; whatever has not by then is awaited as usual.
+   * Blocks this thread, at most LANE_WAIT_MS (by who shares the lane), until the chunks of
+   * (comm, position) from `peers` have come by the fast lane; whatever has not by then is
+   * awaited as usual.
    */
   awaitLane(comm: string, position: number, peers: readonly number[]): void {
     if (!this.inbox || peers.length === 0 || !this.blockForLane) return;
