@@ -281,17 +281,16 @@ export class Outbox {
 
   /**
    * The outbox a launched peer's hello describes, mapped; null when the peer is on another
-   * host, or its segment cannot be mapped or is not the one the hello names (the pair then
-   * keeps to its connection). `knock` tells the peer, by that connection, to look in its inbox.
+   * host, its segment cannot be mapped or is not the one the hello names, or this rank keeps
+   * to TCP (the pair then keeps to its connection). `knock` tells the peer, by that connection, to look in its inbox.
    */
   static mapped(m: Partial<Record<keyof SegmentHello, unknown>>, knock: () => void): Outbox | null {
     const { segment, token, host, rings, ring } = m;
-    const addon = futexes();
-    if (!addon || host !== hostId() || typeof segment !== 'string' || typeof token !== 'string' || !isCount(rings, 1 << 16) || !isCount(ring, rings)) return null;
+    if (!segmentsAvailable() || host !== hostId() || typeof segment !== 'string' || typeof token !== 'string' || !isCount(rings, 1 << 16) || !isCount(ring, rings)) return null;
     const bytes = inboxBytes(rings, 'processes');
     let memory: ArrayBuffer;
     try {
-      memory = addon.shmOpen(segment, bytes + TOKEN_BYTES);
+      memory = futexes()!.shmOpen(segment, bytes + TOKEN_BYTES);
     } catch {
       return null;
     }

@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { freePort, launchEnv, rendezvous, RendezvousError, type LaunchEnv, type Rendezvous } from '../actors/rendezvous.js';
 import { acceptEarly, socketMesh, SocketPort, type Goodbye, type PeerReport } from '../actors/socketPort.js';
 import type { IssuedCollective } from '../machines/snapshot.js';
+import { LANE_KNOCK, type SegmentHello } from '../actors/lane.js';
 import { helloAsListener, type RunIdentity } from '../actors/runIdentity.js';
 import { LaunchedRankError, runLaunchedRank } from '../actors/launch.js';
 import { launchLocally, runScenarioOnProcesses } from '../cli/localRanks.js';
@@ -233,6 +234,31 @@ test('report frames tell a peer each collective the rank issues and when it comp
   header.writeUInt32LE(bad.length);
   c.emit('data', Buffer.concat([header, bad]));
   assert.equal(broken, ['the peer reported an issue in a frame that does not parse']);
+});
+
+test('the fast lane\'s frames: an offer of an inbox arrives as its hello, a knock as LANE_KNOCK, neither taken for data; an offer that does not parse breaks the connection', async () => {
+  const a = fakeSocket();
+  const sender = new SocketPort(a as unknown as Socket, { broken: () => {}, finished: () => {} });
+  const offer: SegmentHello = { segment: '/proc/1/fd/3', token: 'ab'.repeat(16), host: 'h', rings: 3, ring: 1 };
+  sender.postMessage(offer);
+  sender.postMessage(Uint8Array.of(9, 8, 7));
+  sender.postMessage(LANE_KNOCK);
+  const b = fakeSocket();
+  const got: unknown[] = [];
+  new SocketPort(b as unknown as Socket, { broken: (r) => assert.unreachable(r), finished: () => {} }).on('message', (m) => got.push(m instanceof Uint8Array ? Array.from(m) : m));
+  b.emit('data', Buffer.concat(a.written));
+  assert.equal(got, [offer, [9, 8, 7], LANE_KNOCK]);
+  assert.is(got[2], LANE_KNOCK, 'the knock is the one object the mesh tests for');
+  for (const body of [Buffer.from('{"segment"'), Buffer.from('[1,2]'), Buffer.from('{"token":"x"}')]) {
+    const c = fakeSocket();
+    const broken: string[] = [];
+    new SocketPort(c as unknown as Socket, { broken: (r) => broken.push(r), finished: () => {} }).on('message', (m) => assert.unreachable(`delivered ${String(m)}`));
+    const frame = Buffer.concat([Buffer.from([0xc1, 0x04]), body]);
+    const header = Buffer.alloc(4);
+    header.writeUInt32LE(frame.length);
+    c.emit('data', Buffer.concat([header, frame]));
+    assert.equal(broken, ['the peer offered its inbox in a frame that does not parse'], body.toString());
+  }
 });
 
 test('frames of one event-loop turn leave in one write; large buffers are reused: a written chunk\'s goes back to the sender\'s mesh, a consumed one backs the next frame', async () => {

@@ -254,10 +254,11 @@ test('fast lane between processes: a peer maps the segment its hello names, EP-s
     ['no path', { ...hello, segment: 42 }],
   ];
   for (const [what, offer] of offers) assert.is(Outbox.mapped(offer, () => {}), null, what);
-  // EP_ACTORS_SHM_DISABLE=1 keeps launched ranks to TCP.
+  // EP_ACTORS_SHM_DISABLE=1 keeps launched ranks to TCP: none offers its inbox, none maps a peer's.
   process.env.EP_ACTORS_SHM_DISABLE = '1';
   try {
     assert.not.ok(segmentsAvailable());
+    assert.is(Outbox.mapped(hello, () => {}), null, 'a rank that keeps to TCP maps no offer');
   } finally {
     delete process.env.EP_ACTORS_SHM_DISABLE;
   }
