@@ -39,7 +39,7 @@ interface AtomicsWaitAsync {
  */
 const FUTEX_SLEEPER = 1 << 30;
 
-type LaneAddon = Pick<NativeAddon, 'futexWait' | 'futexWake' | 'shmCreate' | 'shmOpen'>;
+type LaneAddon = Pick<NativeAddon, 'futexWait' | 'futexWake' | 'yieldThread' | 'shmCreate' | 'shmOpen'>;
 let futexAddon: LaneAddon | null | undefined;
 /** The addon's futex and segment calls, where it is loaded on Linux; else null (Atomics.wait and notify, no segments). */
 function futexes(): LaneAddon | null {
@@ -49,6 +49,14 @@ function futexes(): LaneAddon | null {
   }
   return futexAddon;
 }
+
+/**
+ * How long a rank with the addon yields its core before it sleeps for lane messages: a peer
+ * that shares the core (four ranks on two cores, say) then runs at once and writes, where a
+ * futex sleep and wake-up cost a round trip through the scheduler. Spinning without
+ * yielding took the core from the very peer it waited for, and was slower.
+ */
+const YIELD_MS = 0.02;
 
 /** Slots per ring (a power of two): a sender may run this many messages ahead of its reader. */
 const SLOTS = 4;
@@ -207,6 +215,13 @@ export class Inbox {
     // woken meanwhile: the owner drains before it returns to the loop, and the count goes
     // back to 1 (listening) below, so later writes notify it again.
     const futex = futexes();
+    if (futex) {
+      const until = performance.now() + Math.min(ms, YIELD_MS);
+      do {
+        if (Atomics.load(this.words, 0) !== this.rung) return true;
+        futex.yieldThread();
+      } while (performance.now() < until);
+    }
     const shared = this.between === 'processes';
     Atomics.store(this.words, 1, futex ? FUTEX_SLEEPER + missing : this.listening ? 1 : missing);
     // A write between the last drain and the count going up woke nobody: look before sleeping.

@@ -5,6 +5,7 @@
 #ifdef __linux__
 #include <fcntl.h>
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -236,6 +237,7 @@ EpAddon::EpAddon(Napi::Env env, Napi::Object exports) {
                            InstanceMethod("futexWait", &EpAddon::FutexWait),
                            InstanceMethod("futexWake", &EpAddon::FutexWake),
                            InstanceMethod("shmCreate", &EpAddon::ShmCreate),
+                           InstanceMethod("yieldThread", &EpAddon::YieldThread),
                            InstanceMethod("shmOpen", &EpAddon::ShmOpen),
                        });
   initCuda(env, exports);
@@ -502,6 +504,15 @@ Napi::Value EpAddon::FutexWake(const Napi::CallbackInfo& info) {
   const long r = 0;
 #endif
   return Napi::Number::New(info.Env(), r < 0 ? 0 : static_cast<double>(r));
+}
+
+// Gives this thread's core to another runnable thread, if any: a rank that waits for a peer
+// sharing its core lets it run (and write) at once, rather than sleeping in a futex.
+Napi::Value EpAddon::YieldThread(const Napi::CallbackInfo& info) {
+#ifdef __linux__
+  sched_yield();
+#endif
+  return info.Env().Undefined();
 }
 
 // Memory that ranks in other processes on this host map too (the fast lane between launched

@@ -32,6 +32,7 @@ class EpAddon : public Napi::Addon<EpAddon> {
   Napi::Value FutexWait(const Napi::CallbackInfo& info);
   Napi::Value FutexWake(const Napi::CallbackInfo& info);
   Napi::Value ShmCreate(const Napi::CallbackInfo& info);
+  Napi::Value YieldThread(const Napi::CallbackInfo& info);
   Napi::Value ShmOpen(const Napi::CallbackInfo& info);
   Napi::Value RouteGrad(const Napi::CallbackInfo& info);
   void teardown();

@@ -106,6 +106,8 @@ export interface NativeAddon {
   futexWait(words: Int32Array, index: number, expected: number, timeoutMs: number, shared?: boolean): 'ok' | 'not-equal' | 'timed-out';
   /** Wakes one futexWait sleeper on words[index] (shared: as futexWait was told); how many woke. */
   futexWake(words: Int32Array, index: number, shared?: boolean): number;
+  /** Gives this thread's core to another runnable thread, if there is one (sched_yield). */
+  yieldThread(): void;
   /**
    * A zero-filled segment of `bytes` that processes of this user on this host can map by
    * `path` (shmOpen), and that goes away once none maps it (Linux).
