@@ -20,14 +20,18 @@ import { now, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankInputs, type RankStepInputs } from './inputs.js';
 import type { CaseRankOutput } from './caseRanks.js';
 
-/** blockForLane: whether the rank may block its thread for fast-lane chunks (not when the thread hosts other ranks). */
-export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPort>, post: (m: WorkerMessage) => void, blockForLane = true): Promise<void> {
+/**
+ * ownsThread: the rank is alone on its thread (not when the thread hosts other ranks, which
+ * a blocked thread would stall), so it may block it: for fast-lane chunks, and to run its
+ * kernels on it.
+ */
+export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPort>, post: (m: WorkerMessage) => void, ownsThread = true): Promise<void> {
   const s = job.scenario;
   const cfg = rankConfig(s, job.rank);
   const comms = communicators(s).filter((c) => c.members.includes(job.rank));
   const mesh = new PortMesh(job.rank, ports, comms, (message) =>
     post({ type: 'transport-error', rank: job.rank, message, at: now() }),
-    blockForLane,
+    ownsThread,
   );
   // The device first: the addon's per-thread CUDA stream is created on the current device.
   if (job.device !== undefined) requireNative().cudaSetDevice(job.device);
@@ -43,7 +47,10 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
   // issues outside the layer (FSDP, the metric all-reduce) stay on the mesh.
   const ep = job.exchange === 'nccl' ? await ncclCommunicator(job, cfg.epRank) : meshEp;
   const inputs: RankStepInputs = rankInputs(job);
-  const backend = withKernelHang(cfg.variant, await loadBackend(job.backend));
+  // A rank alone on its thread runs its kernels there: handing each job to libuv's pool and
+  // waking when it ends cost the EP step about 8% (docs/BENCHMARKS.md).
+  const kernels = await loadBackend(job.backend, { onCallingThread: ownsThread });
+  const backend = withKernelHang(cfg.variant, ownsThread ? sendingFirst(kernels, mesh) : kernels);
   // Row buffers reused across the rank's layers and steps; each forward is backpropagated once.
   const scratch = new ScratchPool();
   let how: 'done' | 'exited' = 'done';
@@ -69,6 +76,21 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
   // Only the last step's numbers go home: encoding them every step cost a few ms per step.
   const result = output && encodeMessage(output);
   post({ type: 'finished', rank: job.rank, how, snapshot: driver!.wire(), result, at: now() });
+}
+
+/** Kernels that may block the thread: what the rank's connections hold back leaves first. */
+function sendingFirst(backend: ExpertBackend, mesh: PortMesh): ExpertBackend {
+  return {
+    name: backend.name,
+    forward: (w, x, rows, scratch) => {
+      mesh.sendNow();
+      return backend.forward(w, x, rows, scratch);
+    },
+    backward: (w, x, rows, fwd, gradY, scratch) => {
+      mesh.sendNow();
+      return backend.backward(w, x, rows, fwd, gradY, scratch);
+    },
+  };
 }
 
 /**

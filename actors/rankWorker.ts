@@ -13,14 +13,14 @@ const post = (msg: WorkerMessage) => parentPort!.postMessage(msg);
 
 parentPort!.once('message', (m: SupervisorMessage) => {
   const ports = connect(job, m.links);
-  // A blocking wait for the fast lane would stall this thread's other ranks.
-  const blockForLane = job.ranks.length === 1;
+  // A rank that blocks the thread (waiting for the fast lane, running its kernels) would stall its other ranks.
+  const ownsThread = job.ranks.length === 1;
   // The thread lives while a rank runs: one that awaits forever (a stall) with nothing else
   // pending must not end it, as a hung rank's thread would not end.
   const alive = setInterval(() => {}, 2 ** 30);
   let running = job.ranks.length;
   for (const r of job.ranks) {
-    void runRank({ ...r, scenario: job.scenario }, ports.get(r.rank)!, post, blockForLane).then(
+    void runRank({ ...r, scenario: job.scenario }, ports.get(r.rank)!, post, ownsThread).then(
       () => {
         if (--running === 0) clearInterval(alive);
       },

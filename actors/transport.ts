@@ -334,8 +334,7 @@ export class PortMesh {
    */
   awaitLane(comm: string, position: number, peers: readonly number[]): void {
     if (!this.inbox || peers.length === 0 || !this.blockForLane) return;
-    // What this rank sent and a connection holds back (a knock, a report) must not wait for the sleep.
-    for (const port of this.ports.values()) port.sendNow?.();
+    this.sendNow();
     const deadline = performance.now() + LANE_WAIT_MS[this.inbox.between];
     for (;;) {
       this.drainLane();
@@ -345,6 +344,11 @@ export class PortMesh {
       const left = deadline - performance.now();
       if (left <= 0 || !this.inbox.waitSync(left, missing)) return;
     }
+  }
+
+  /** The thread is about to block: what this rank sent and a connection holds back (a knock, a report) leaves now. */
+  sendNow(): void {
+    for (const port of this.ports.values()) port.sendNow?.();
   }
 
   /** While receives wait, the event loop also listens for the inbox's doorbell. */

@@ -40,8 +40,12 @@ export async function cudaDevices(what: string): Promise<{ addon: NativeAddon; c
   return { addon, count };
 }
 
-/** Load a backend, failing with one clear line when it cannot run here (no addon, no CUDA device). */
-export async function loadBackend(name: BackendName): Promise<ExpertBackend> {
+/**
+ * Load a backend, failing with one clear line when it cannot run here (no addon, no CUDA
+ * device). onCallingThread: the native CPU kernels run on the calling thread rather than
+ * libuv's pool, for a caller that has nothing else to do meanwhile.
+ */
+export async function loadBackend(name: BackendName, opts: { onCallingThread?: boolean } = {}): Promise<ExpertBackend> {
   if (name === 'ts') return tsBackend;
   if (name === 'cuda') {
     await cudaDevices('the cuda backend');
@@ -50,5 +54,5 @@ export async function loadBackend(name: BackendName): Promise<ExpertBackend> {
   }
   const native = await import('./native/backend.js');
   if (!native.loadNative()) throw new UsageError(`the native backend needs the native addon, which is not available: ${native.nativeUnavailableReason()}`);
-  return native.nativeBackend;
+  return opts.onCallingThread ? native.nativeBackendOnCaller : native.nativeBackend;
 }

@@ -381,3 +381,5 @@ function zeroGrads<F extends FloatDType>(w: ExpertWeights<F>, dtype: FloatDType,
 
 /** The native CPU backend (OpenBLAS GEMMs when present, else our own kernels). */
 export const nativeBackend: ExpertBackend = new NativeExpertBackend();
+/** The same, running each job on the calling thread instead of libuv's pool. */
+export const nativeBackendOnCaller: ExpertBackend = new NativeExpertBackend({ sync: true });
