@@ -89,8 +89,11 @@ interface StepCounts {
   warmup: number;
   timed: number;
 }
-/** The native rows: step times vary by tens of ms on two shared cores, so ten timed steps. */
-const NATIVE_STEPS: StepCounts = { warmup: 2, timed: 10 };
+/**
+ * The native rows: step times vary by tens of ms on two shared cores, so ten timed steps,
+ * after as many warm-up steps as the torch script takes (test/bench/torch_ep_step.py: 3).
+ */
+const NATIVE_STEPS: StepCounts = { warmup: 3, timed: 10 };
 
 async function epStep(backend: BackendName, n: StepCounts, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
   const data = epStepCase(o);
