@@ -50,7 +50,7 @@ export async function main(argv: string[]): Promise<number> {
   await writeFile(reportPath, renderReport(reportFromRun(scenario, hang)));
   console.log(`\n4. Report of the hang: ${reportPath}`);
 
-  console.log(`\n5. The same bug on 4 real processes, placed as torchrun places them (ep-actors rank, TCP)`);
+  console.log(`\n5. The same bug on 4 real processes, placed as torchrun places them (ep-actors rank: shared memory on this host, TCP across hosts)`);
   const { ranks, merged } = await productionHang();
   // A rank's last line says how it ended (the ones before say it connected).
   ranks.forEach((r, rank) => console.log(`   rank ${rank}: exit ${r.code}  ${lastLine(r.code === 0 ? r.stdout : r.stderr).replace(/^ep-actors rank \d+: /, '').replace(/ \(record: .*\)$/, '').replace(/; wrote .*$/, '')}`));

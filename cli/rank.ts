@@ -66,7 +66,8 @@ traffic, run the ranks over one you trust.
                   (metadata first_expert), atomically; and DIR/rank{r}.record.json, what its
                   rank machine did, also when it stops: \`ep-actors viz report --ranks DIR\`
                   merges the records into the ledger, diagnosis and HTML report
-  --exchange X    tcp (default): msgpack chunks over a TCP connection per pair of ranks;
+  --exchange X    tcp (default): msgpack chunks over a TCP connection per pair of ranks
+                  (through shared memory between ranks on one host, see above);
                   nccl: the EP layer's all-to-alls over NCCL, GPU = LOCAL_RANK mod (GPUs)
   --backend B     expert kernels: ts | native | cuda (default ts)
   --variant V     the protocol (default seed); a hazard variant reproduces its bug on real processes

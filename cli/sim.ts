@@ -25,14 +25,14 @@ const HELP = `usage: ep-actors sim [scenario flags] [--engine actors|des|process
 Run one training step of a scenario and say whether it completes, or where and why it
 hangs. With the actors engine (default) every rank is a worker thread running the real EP
 layer under its rank machine; with des the machines are stepped in one thread; with
-processes every rank is its own process (\`ep-actors rank\` over TCP, placed as torchrun
+processes every rank is its own process (\`ep-actors rank\`, placed as torchrun
 places ranks), with no supervisor: each watches for itself, and their records are merged.
 
 ${SCENARIO_HELP}
 
 output:
   --engine E             actors (worker threads, real tensors) | des (single thread, simulated time)
-                         | processes (one OS process per rank over TCP, real tensors)
+                         | processes (one OS process per rank, real tensors)
   --json                 print one JSON object {verdict, communicator, position, culprits, ranks, cause,
                          hangs (every hung communicator, the headline first), detectedAfterMs}
   --trace FILE           write a Chrome Trace Event JSON (open in Perfetto; \`viz report\` renders it)
