@@ -40,14 +40,14 @@ interface AtomicsWaitAsync {
 const FUTEX_SLEEPER = 1 << 30;
 
 type LaneAddon = Pick<NativeAddon, 'futexWait' | 'futexWake' | 'yieldThread' | 'shmCreate' | 'shmOpen'>;
-let futexAddon: LaneAddon | null | undefined;
+let loadedLaneAddon: LaneAddon | null | undefined;
 /** The addon's futex and segment calls, where it is loaded on Linux; else null (Atomics.wait and notify, no segments). */
-function futexes(): LaneAddon | null {
-  if (futexAddon === undefined) {
+function laneAddon(): LaneAddon | null {
+  if (loadedLaneAddon === undefined) {
     const addon = loadNative();
-    futexAddon = addon && process.platform === 'linux' && typeof addon.futexWait === 'function' ? addon : null;
+    loadedLaneAddon = addon && process.platform === 'linux' && typeof addon.futexWait === 'function' ? addon : null;
   }
-  return futexAddon;
+  return loadedLaneAddon;
 }
 
 /**
@@ -139,7 +139,7 @@ function hostId(): string | null {
  * EP_ACTORS_SHM_DISABLE=1 keeps every pair to its connection (as NCCL_SHM_DISABLE does NCCL's).
  */
 export function segmentsAvailable(): boolean {
-  return process.env.EP_ACTORS_SHM_DISABLE !== '1' && !!futexes() && hostId() !== null;
+  return process.env.EP_ACTORS_SHM_DISABLE !== '1' && !!laneAddon() && hostId() !== null;
 }
 
 /** This rank's inbox: one ring per peer, drained by this thread only. */
@@ -172,7 +172,7 @@ export class Inbox {
     if (between === 'threads') this.memory = new SharedArrayBuffer(bytes);
     else {
       const token = randomBytes(TOKEN_BYTES);
-      const made = futexes()!.shmCreate(bytes + TOKEN_BYTES);
+      const made = laneAddon()!.shmCreate(bytes + TOKEN_BYTES);
       new Uint8Array(made.buffer, bytes).set(token);
       this.memory = made.buffer;
       this.segment = { path: made.path, token: token.toString('hex') };
@@ -214,7 +214,7 @@ export class Inbox {
     // While this thread sleeps its event loop cannot run, so a pending listener need not be
     // woken meanwhile: the owner drains before it returns to the loop, and the count goes
     // back to 1 (listening) below, so later writes notify it again.
-    const futex = futexes();
+    const futex = laneAddon();
     if (futex) {
       const until = performance.now() + Math.min(ms, YIELD_MS);
       do {
@@ -297,7 +297,8 @@ export class Outbox {
   /**
    * The outbox a launched peer's hello describes, mapped; null when the peer is on another
    * host, its segment cannot be mapped or is not the one the hello names, or this rank keeps
-   * to TCP (the pair then keeps to its connection). `knock` tells the peer, by that connection, to look in its inbox.
+   * to TCP (the pair then keeps to its connection). `knock` tells the peer, by that
+   * connection, to look in its inbox.
    */
   static mapped(m: Partial<Record<keyof SegmentHello, unknown>>, knock: () => void): Outbox | null {
     const { segment, token, host, rings, ring } = m;
@@ -305,7 +306,7 @@ export class Outbox {
     const bytes = inboxBytes(rings, 'processes');
     let memory: ArrayBuffer;
     try {
-      memory = futexes()!.shmOpen(segment, bytes + TOKEN_BYTES);
+      memory = laneAddon()!.shmOpen(segment, bytes + TOKEN_BYTES);
     } catch {
       return null;
     }
@@ -326,7 +327,7 @@ export class Outbox {
     Atomics.add(this.words, 0, 1);
     const before = Atomics.sub(this.words, 1, 1);
     if (before === 1) this.wakeListener();
-    else if (before === FUTEX_SLEEPER + 1) futexes()?.futexWake(this.words, 0, this.between === 'processes'); // only an owner with the addon sleeps so
+    else if (before === FUTEX_SLEEPER + 1) laneAddon()?.futexWake(this.words, 0, this.between === 'processes'); // only an owner with the addon sleeps so
     return true;
   }
 }

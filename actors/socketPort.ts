@@ -74,6 +74,11 @@ export interface SocketEvents {
 
 const EMPTY = Buffer.alloc(0);
 
+/** A report or lane frame: GOODBYE's 0xc1, its kind, and the JSON of its body if it has one (read back by #json). */
+function controlFrame(kind: number, body?: object): Uint8Array {
+  return body === undefined ? Uint8Array.of(GOODBYE, kind) : Buffer.concat([Uint8Array.of(GOODBYE, kind), Buffer.from(JSON.stringify(body))]);
+}
+
 export class SocketPort implements PeerPort {
   readonly betweenProcesses = true;
   #listener: ((m: unknown) => void) | null = null;
@@ -127,10 +132,10 @@ export class SocketPort implements PeerPort {
     if (this.#ended) return; // the run is over on this connection: a late chunk would only meet a closed socket
     if (message === LANE_KNOCK) {
       // The peer waits on its event loop for what this rank just wrote to its inbox: at once.
-      this.postMessage(Uint8Array.of(GOODBYE, KNOCK));
+      this.postMessage(controlFrame(KNOCK));
       return this.sendNow();
     }
-    if (isSegmentHello(message)) return this.postMessage(Buffer.concat([Uint8Array.of(GOODBYE, SEGMENT), Buffer.from(JSON.stringify(message))]));
+    if (isSegmentHello(message)) return this.postMessage(controlFrame(SEGMENT, message));
     if (!(message instanceof Uint8Array)) throw new TransportError('a TCP connection carries msgpack chunks only, not staged announcements');
     if (!this.#corked) {
       this.#corked = true;
@@ -173,7 +178,7 @@ export class SocketPort implements PeerPort {
 
   /** Tells the peer what this rank does now. */
   report(r: PeerReport): void {
-    this.postMessage(r.kind === 'computing' ? Uint8Array.of(GOODBYE, COMPUTING) : Buffer.concat([Uint8Array.of(GOODBYE, ISSUE), Buffer.from(JSON.stringify({ collective: r.collective, dtype: r.dtype }))]));
+    this.postMessage(r.kind === 'computing' ? controlFrame(COMPUTING) : controlFrame(ISSUE, { collective: r.collective, dtype: r.dtype }));
   }
 
   /**
