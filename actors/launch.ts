@@ -29,6 +29,7 @@ import { generatedIndices, rankRouting } from '../machines/routing.js';
 import { commOf, communicators, ppOf, worldSize, type CommKind } from '../machines/mesh.js';
 import { toIndexArray, type FloatDType } from '../src/tensor.js';
 import { DEFAULT_COMPUTE_TIMEOUT_MS } from './supervisor.js';
+import { compileOnFirstCall } from './jit.js';
 
 /** The run stopped because the ranks diverged, a peer crashed or nothing moved: exit code 2. */
 export class LaunchedRankError extends Error {
@@ -89,6 +90,7 @@ export interface LaunchedRankResult<F extends FloatDType> {
 }
 
 export async function runLaunchedRank<F extends FloatDType>(o: LaunchOptions<F>): Promise<LaunchedRankResult<F>> {
+  compileOnFirstCall();
   const { env, scenario } = o;
   const ranks = worldSize(scenario);
   if (ranks !== env.worldSize) {

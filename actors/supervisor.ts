@@ -26,6 +26,7 @@ import { PendingArrivals } from './arrivals.js';
 import { rankSnapshots } from './rankRecord.js';
 import type { ReportInput } from '../machines/record.js';
 import { routingOf } from '../machines/routing.js';
+import { compileOnFirstCall } from './jit.js';
 
 export interface RuntimeOptions {
   backend?: BackendName;
@@ -136,6 +137,7 @@ export async function runActors(s: Scenario, opts: RuntimeOptions = {}): Promise
   if (gpu && ranksPerThread > 1) throw new RangeError(`ranks on GPUs run one per worker thread (a thread has one current CUDA device), not ${ranksPerThread}`);
   /** Per worker thread, the ranks it hosts. */
   const hosted = Array.from({ length: Math.ceil(n / ranksPerThread) }, (_, t) => Array.from({ length: Math.min(ranksPerThread, n - t * ranksPerThread) }, (_, i) => t * ranksPerThread + i));
+  compileOnFirstCall();
   const workers = hosted.map((ranks) => {
     const job: ThreadJob = {
       scenario: s,
