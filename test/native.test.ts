@@ -134,29 +134,41 @@ for (const name of readdirSync(goldenDir).filter((f) => f.endsWith('.safetensors
   });
 }
 
-nativeTest("the SwiGLU backward from the forward's saved sigmoid equals the one that evaluates it again, bit for bit", (addon) => {
-  const r = rng(5);
-  const [d, h] = [24, 41]; // rows·h leaves SIMD remainders, which the rebuild must leave to the scalar path
-  const counts = Int32Array.from([7, 0, 13]);
-  const R = 20;
-  const f32 = (n: number, scale = 1) => Float32Array.from({ length: n }, () => r() * 2 * scale);
-  const weights = (n: number) => Array.from({ length: counts.length }, () => f32(n, 1 / Math.sqrt(d)));
-  const base = { dtype: 'f32' as const, act: 'silu' as const, layout: 'packed' as const, d, h, counts, x: f32(R * d), up: weights(d * h), gate: weights(d * h), down: weights(h * d), blas: false };
-  const saveSigmoid = new Float64Array(R * h);
-  const fwd = { ...base, saveUp: new Float32Array(R * h), saveGate: new Float32Array(R * h), saveSigmoid, y: new Float32Array(R * d) };
-  addon.expertForward(fwd, true);
-  const gy = f32(R * d);
-  const backward = (sigmoid: Float64Array | null) => {
-    const grads = () => Array.from({ length: counts.length }, () => new Float32Array(d * h));
-    const job = { ...base, saveUp: fwd.saveUp, saveGate: fwd.saveGate, saveSigmoid: sigmoid, gy, gx: new Float32Array(R * d), gUp: grads(), gGate: grads(), gDown: grads() };
-    addon.expertBackward(job, true);
-    return [job.gx, ...job.gUp, ...job.gGate, ...job.gDown].map((a) => Array.from(a));
-  };
-  const reused = backward(saveSigmoid);
-  const again = backward(null);
-  assert.ok(saveSigmoid.some((v) => v > 0), 'the forward filled the saved sigmoid');
-  reused.forEach((a, i) => assert.equal(a, again[i], `output ${i}`));
-});
+for (const act of ['silu', 'gelu'] as const) {
+  nativeTest(`the ${act} backward from what the forward kept (its output, and the SwiGLU's sigmoid) equals the one that evaluates them again, bit for bit`, (addon) => {
+    const r = rng(5);
+    const [d, h] = [24, 41]; // rows·h leaves SIMD remainders, which the rebuild must leave to the scalar path
+    const counts = Int32Array.from([7, 0, 13]);
+    const R = 20;
+    const gated = act === 'silu';
+    const f32 = (n: number, scale = 1) => Float32Array.from({ length: n }, () => r() * 2 * scale);
+    const weights = (n: number) => Array.from({ length: counts.length }, () => f32(n, 1 / Math.sqrt(d)));
+    const base = { dtype: 'f32' as const, act, layout: 'packed' as const, d, h, counts, x: f32(R * d), up: weights(d * h), gate: gated ? weights(d * h) : null, down: weights(h * d), blas: false };
+    const saveSigmoid = gated ? new Float64Array(R * h) : null;
+    const saveHidden = new Float32Array(R * h);
+    const fwd = { ...base, saveUp: new Float32Array(R * h), saveGate: gated ? new Float32Array(R * h) : null, saveSigmoid, saveHidden, y: new Float32Array(R * d) };
+    addon.expertForward(fwd, true);
+    const gy = f32(R * d);
+    const backward = (sigmoid: Float64Array | null, hidden: Float32Array | null) => {
+      const grads = () => Array.from({ length: counts.length }, () => new Float32Array(d * h));
+      const job = { ...base, saveUp: fwd.saveUp, saveGate: fwd.saveGate, saveSigmoid: sigmoid, saveHidden: hidden, gy, gx: new Float32Array(R * d), gUp: grads(), gGate: gated ? grads() : null, gDown: grads() };
+      addon.expertBackward(job, true);
+      return [job.gx, ...job.gUp, ...(job.gGate ?? []), ...job.gDown].map((a) => Array.from(a));
+    };
+    const kept = backward(saveSigmoid, saveHidden);
+    const sigmoidOnly = backward(saveSigmoid, null);
+    const again = backward(null, null);
+    if (saveSigmoid) assert.ok(saveSigmoid.some((v) => v > 0), 'the forward filled the saved sigmoid');
+    assert.ok(saveHidden.some((v) => v !== 0), 'the forward filled the saved output');
+    kept.forEach((a, i) => {
+      assert.equal(a, again[i], `output ${i}, from what the forward kept`);
+      assert.equal(sigmoidOnly[i], again[i], `output ${i}, from the saved sigmoid alone`);
+    });
+    // The kept output is read, not evaluated again: a changed one changes the down projection's gradient.
+    const changed = backward(saveSigmoid, saveHidden.map((v) => v * 2));
+    assert.not.equal(changed[1 + counts.length * (gated ? 2 : 1)], again[1 + counts.length * (gated ? 2 : 1)], 'gDown of expert 0 follows the kept output');
+  });
+}
 
 nativeTest('results are bitwise deterministic across runs', async () => {
   const r = rng(99);

@@ -131,6 +131,8 @@ template <typename T> ExpertJob<T> parseJob(Napi::Env env, Napi::Object o, bool 
   Napi::Value sig = o.Get("saveSigmoid");
   if (gated && !sig.IsNull() && !sig.IsUndefined())
     j.saveSigmoid = static_cast<double*>(typedData(env, sig, napi_float64_array, R * H, "job.saveSigmoid"));
+  Napi::Value hidden = o.Get("saveHidden");
+  if (!hidden.IsNull() && !hidden.IsUndefined()) j.saveHidden = floatArray<T>(env, o, "saveHidden", R * H);
   if (!backward) {
     j.y = floatArray<T>(env, o, "y", R * D);
   } else {

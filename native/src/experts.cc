@@ -244,7 +244,7 @@ template <typename T> void expertForward(const ExpertJob<T>& job) {
     // packed (in,out) [D,H]: x·W; unpacked (out,in) [H,D]: x·Wᵀ
     gemm<T>(false, u, n, H, D, x, D, job.up[e], u ? D : H, a, H, false, job.useBlas, job.threads);
     if (gated) gemm<T>(false, u, n, H, D, x, D, job.gate[e], u ? D : H, g, H, false, job.useBlas, job.threads);
-    T* h = scratch<T>(0, static_cast<size_t>(n) * H);
+    T* h = job.saveHidden ? job.saveHidden + r0 * H : scratch<T>(0, static_cast<size_t>(n) * H);
     double* s = job.saveSigmoid && siluSimd<T>(job.act) ? job.saveSigmoid + r0 * H : nullptr;
     activate<T>(job.act, a, g, h, s, static_cast<long>(n) * H);
     gemm<T>(false, u, n, D, H, h, H, job.down[e], u ? H : D, job.y + r0 * D, D, false, job.useBlas, job.threads);
@@ -271,16 +271,23 @@ template <typename T> void expertBackward(const ExpertJob<T>& job) {
     const T* gy = job.gy + r0 * D;
     const T* a = job.saveUp + r0 * H;
     const T* g = gated ? job.saveGate + r0 * H : nullptr;
-    T* h = scratch<T>(0, nh);
     T* dh = scratch<T>(1, nh);
     T* dg = gated ? scratch<T>(2, nh) : nullptr;
-    double* s = nullptr;
-    if (job.saveSigmoid && siluSimd<T>(job.act)) {
-      s = job.saveSigmoid + r0 * H;
-      rebuildSilu<T>(a, g, s, h, nh);
+    // h and, for the SIMD SwiGLU, s: the forward's when it kept them, else evaluated again
+    const bool simd = siluSimd<T>(job.act);
+    double* s = simd && job.saveSigmoid ? job.saveSigmoid + r0 * H : nullptr;
+    const T* h;
+    if (job.saveHidden && (!simd || s)) {
+      h = job.saveHidden + r0 * H;
+    } else if (s) {
+      T* rebuilt = scratch<T>(0, nh);
+      rebuildSilu<T>(a, g, s, rebuilt, nh);
+      h = rebuilt;
     } else {
-      if (siluSimd<T>(job.act)) s = scratch<double>(3, nh);
-      activate<T>(job.act, a, g, h, s, nh);
+      T* evaluated = scratch<T>(0, nh);
+      if (simd) s = scratch<double>(3, nh);
+      activate<T>(job.act, a, g, evaluated, s, nh);
+      h = evaluated;
     }
     // dDown: packed [H,D] = hᵀ·gy; unpacked [D,H] = gyᵀ·h
     if (u) gemm<T>(true, false, D, H, n, gy, D, h, H, job.gDown[e], H, false, job.useBlas, job.threads);

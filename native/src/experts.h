@@ -23,6 +23,9 @@ struct ExpertJob {
   // [R, H] sigmoid(x·gate), optional: for the f32 SwiGLU's SIMD path the forward fills it and
   // the backward reads it instead of evaluating exp again (ignored where that path does not run).
   double* saveSigmoid = nullptr;
+  // [R, H] the activation's output, optional: the forward fills it and the backward reads it
+  // instead of evaluating the activation again (a pass over four [R, H] arrays per expert).
+  T* saveHidden = nullptr;
   // backward inputs / outputs
   const T* gy = nullptr;  // [R, D]
   T* gx = nullptr;        // [R, D]

@@ -45,6 +45,8 @@ export interface ExpertJob {
   saveGate: Floats | null;
   /** sigmoid(x·gate) in f64, f32 SwiGLU only: the forward fills it (on SIMD CPUs), the backward reuses it. */
   saveSigmoid?: Float64Array | null;
+  /** The activation's output [R, H]: the forward fills it, the backward reads it instead of evaluating the activation again. */
+  saveHidden?: Floats | null;
   y?: Floats;
   gy?: Floats;
   gx?: Floats;
@@ -203,6 +205,7 @@ interface NativeSaved {
   readonly up: Floats;
   readonly gate: Floats | null;
   readonly sigmoid: Float64Array | null;
+  readonly hidden: Floats | null;
   readonly counts: Int32Array;
 }
 
@@ -325,11 +328,13 @@ export class NativeExpertBackend implements ExpertBackend {
     if (w.activation === 'silu') job.saveGate = alloc(x.dtype, R * h, scratch);
     // Memory for exp: the backward would evaluate it again (the CUDA jobs keep their own).
     if (w.activation === 'silu' && x.dtype === 'f32' && !this.#runForward) job.saveSigmoid = alloc('f64', R * h, scratch) as Float64Array;
+    // Memory for a pass over the activations: the backward would build h again (not on CUDA).
+    if (!this.#runForward) job.saveHidden = alloc(x.dtype, R * h, scratch);
     job.y = alloc(x.dtype, R * d, scratch);
     if (this.#runForward) this.#runForward(job);
     else if (this.#sync) addon.expertForward(job, true);
     else await addon.expertForward(job);
-    const saved: NativeSaved = { [SAVED]: true, up: job.saveUp, gate: job.saveGate, sigmoid: job.saveSigmoid ?? null, counts: job.counts };
+    const saved: NativeSaved = { [SAVED]: true, up: job.saveUp, gate: job.saveGate, sigmoid: job.saveSigmoid ?? null, hidden: job.saveHidden ?? null, counts: job.counts };
     return { y: new Tensor(x.dtype, [R, d], job.y as StorageOf[F]), saved };
   }
 
@@ -350,6 +355,7 @@ export class NativeExpertBackend implements ExpertBackend {
     job.saveUp = saved.up;
     job.saveGate = saved.gate;
     job.saveSigmoid = saved.sigmoid;
+    job.saveHidden = saved.hidden;
     job.gy = gradY.data as Floats;
     job.gx = alloc(x.dtype, R * d, scratch);
     const grads = zeroGrads(w, x.dtype, d, h);
@@ -360,7 +366,7 @@ export class NativeExpertBackend implements ExpertBackend {
     if (this.#runBackward) this.#runBackward(job);
     else if (this.#sync) addon.expertBackward(job, true);
     else await addon.expertBackward(job);
-    scratch?.give(saved.up, saved.gate, saved.sigmoid); // the forward is consumed
+    scratch?.give(saved.up, saved.gate, saved.sigmoid, saved.hidden); // the forward is consumed
     return { gradX: new Tensor(x.dtype, [R, d], job.gx as StorageOf[F]), grads };
   }
 }
