@@ -84,23 +84,21 @@ async function countsExchange(exchange: 'ports' | 'shared'): Promise<BenchRow> {
   return { ...row, baseline: { name: 'gloo all_to_all_single of the same counts, 4 torch processes', value: torch.countsUs, unit: 'µs' }, ratio: torch.countsUs / us, note: `${row.note}; ratio = gloo / ours (>1: we are faster)` };
 }
 
-/** How many steps run untimed, then timed (the torch script runs 3 and 10). */
-interface StepCounts {
-  warmup: number;
-  timed: number;
-}
+/** How many steps run untimed, then timed; the torch script runs as many of each. */
+type StepCounts = Pick<TorchEpOptions, 'warmup' | 'timed'>;
 /**
- * The native rows: step times vary by tens of ms on two shared cores, so ten timed steps,
- * after as many warm-up steps as the torch script takes (test/bench/torch_ep_step.py: 3).
+ * The native rows: per-step throughput, as a training run of many steps sees it. Step times
+ * vary by tens of ms on two shared cores, so twenty timed steps; V8 still compiles the step's
+ * JavaScript through the first ten or so, so five untimed (their times are in the note).
  */
-const NATIVE_STEPS: StepCounts = { warmup: 3, timed: 10 };
+const NATIVE_STEPS: StepCounts = { warmup: 5, timed: 20 };
 
 async function epStep(backend: BackendName, n: StepCounts, o: TorchEpOptions = DEFAULT_EP_OPTIONS): Promise<BenchRow> {
   const data = epStepCase(o);
   pinKernelThreads(o);
   const run = await runActors(caseScenario(data.meta), { casePayloads: casePayloads(data), steps: n.warmup + n.timed, record: false, timeoutMs: 300_000, backend });
   if (run.diagnosis.verdict !== 'ok') throw new Error(`EP step did not complete: ${run.diagnosis.cause}`);
-  return againstTorch(`${backend} kernels, ${o.ep} worker-thread ranks, f32`, run.stepMs.slice(n.warmup), o);
+  return againstTorch(`${backend} kernels, ${o.ep} worker-thread ranks, f32`, run.stepMs, { ...o, ...n });
 }
 
 /**
@@ -120,7 +118,7 @@ async function launchedEpStep(backend: BackendName, n: StepCounts, tcpOnly: bool
     return ranks[0]!.map((_, step) => Math.max(...ranks.map((r) => r[step]!)));
   });
   const how = tcpOnly ? 'over TCP only (EP_ACTORS_SHM_DISABLE=1)' : 'on one host (shared-memory lane)';
-  return againstTorch(`${backend} kernels, ${o.ep} processes ${how} (ep-actors rank), f32`, slowest.slice(n.warmup), o);
+  return againstTorch(`${backend} kernels, ${o.ep} processes ${how} (ep-actors rank), f32`, slowest, { ...o, ...n });
 }
 
 /**
@@ -143,11 +141,16 @@ async function launchedDetection(runs: number): Promise<BenchRow> {
   };
 }
 
-/** A row for timed per-step times (slowest rank per step, after the warm-up steps) with torch+gloo measured now. */
-async function againstTorch(impl: string, timedMs: readonly number[], o: TorchEpOptions): Promise<BenchRow> {
+/**
+ * A row for per-step times (slowest rank per step; the median of the steps after o.warmup)
+ * with torch+gloo measured now, as many steps of each.
+ */
+async function againstTorch(impl: string, stepMs: readonly number[], o: TorchEpOptions): Promise<BenchRow> {
+  const timedMs = stepMs.slice(o.warmup);
   const ms = median(timedMs);
   const spread = `${Math.min(...timedMs).toFixed(1)}–${Math.max(...timedMs).toFixed(1)}`;
-  const row: BenchRow = { name: epStepLabel(impl, o), value: ms, unit: 'ms', note: `median of ${timedMs.length} steps (${spread}) after warm-up; slowest rank per step` };
+  const warmup = stepMs.slice(0, o.warmup).map((x) => x.toFixed(0)).join(', ');
+  const row: BenchRow = { name: epStepLabel(impl, o), value: ms, unit: 'ms', note: `median of ${timedMs.length} steps (${spread}) after ${o.warmup} warm-up steps (${warmup} ms), torch the same; slowest rank per step` };
   const torch = await torchEpStep(o, true); // right after ours
   if ('skipped' in torch) return { ...row, note: `${row.note}; torch baseline skipped: ${torch.skipped}` };
   return { ...row, baseline: { name: epStepLabel(`seed on torch+gloo, ${o.ep} processes`, o), value: torch.medianMs, unit: 'ms' }, ratio: torch.medianMs / ms, note: `${row.note}; ratio = torch / ours (>1: we are faster); torch BLAS: ${torch.blas}` };

@@ -17,6 +17,9 @@ export interface TorchEpOptions {
   topK: number;
   /** Torch and OpenBLAS threads per rank process; ours gets the same count per rank. */
   threads: number;
+  /** Steps run untimed, then timed (the median is of the timed ones); ours runs as many. */
+  warmup: number;
+  timed: number;
 }
 
 export type TorchEpResult =
@@ -31,6 +34,8 @@ export const DEFAULT_EP_OPTIONS: TorchEpOptions = {
   experts: 8,
   topK: 2,
   threads: 1,
+  warmup: 3,
+  timed: 10,
 };
 
 // Debian's python3-torch lives under the system python; a pyenv python3 on PATH won't see it.
@@ -79,6 +84,8 @@ async function measure(o: TorchEpOptions): Promise<TorchEpResult> {
     `--experts=${o.experts}`,
     `--top-k=${o.topK}`,
     `--threads=${o.threads}`,
+    `--warmup=${o.warmup}`,
+    `--iters=${o.timed}`,
   ];
   const reasons: string[] = [];
   for (const python of PYTHONS) {
@@ -106,7 +113,7 @@ const cache = new Map<string, Promise<TorchEpResult>>();
  */
 export function torchEpStep(opts?: Partial<TorchEpOptions>, fresh = false): Promise<TorchEpResult> {
   const o: TorchEpOptions = { ...DEFAULT_EP_OPTIONS, ...opts };
-  const key = JSON.stringify([o.ep, o.tokens, o.dim, o.hidden, o.experts, o.topK, o.threads]);
+  const key = JSON.stringify([o.ep, o.tokens, o.dim, o.hidden, o.experts, o.topK, o.threads, o.warmup, o.timed]);
   let p = cache.get(key);
   if (!p || fresh) {
     p = measure(o);
