@@ -137,7 +137,7 @@ for (const name of readdirSync(goldenDir).filter((f) => f.endsWith('.safetensors
 for (const act of ['silu', 'gelu'] as const) {
   nativeTest(`the ${act} backward from what the forward kept (its output, and the SwiGLU's sigmoid) equals the one that evaluates them again, bit for bit`, (addon) => {
     const r = rng(5);
-    const [d, h] = [24, 41]; // rows·h leaves SIMD remainders, which the rebuild must leave to the scalar path
+    const [d, h] = [24, 41]; // rows·h leaves SIMD remainders, which the scalar path takes
     const counts = Int32Array.from([7, 0, 13]);
     const R = 20;
     const gated = act === 'silu';

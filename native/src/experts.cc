@@ -187,16 +187,6 @@ template <typename T> void activate(Act act, const T* up, const T* gate, T* h, d
   activateScalar(act, up, gate, h, n);
 }
 
-/**
- * h = silu(gate)·up again in the backward from the forward's s = sigmoid(gate): the elements
- * the SIMD path covered (it stores s) multiply as it did, the rest take the scalar path.
- */
-template <typename T> void rebuildSilu(const T* up, const T* gate, const double* s, T* h, long n) {
-  const long simd = n / 4 * 4;  // what siluForwardAvx512 + siluForwardAvx2 covered
-  for (long i = 0; i < simd; i++) h[i] = static_cast<T>(static_cast<double>(gate[i]) * s[i] * static_cast<double>(up[i]));
-  activateScalar(Act::Silu, up + simd, gate + simd, h + simd, n - simd);
-}
-
 /** From dh: dUp (in place over dh) and dGate; the SIMD SwiGLU reads the s its activate kept. */
 template <typename T> void activateBackward(Act act, const T* up, const T* gate, const double* s, T* dh, T* dGate, long n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -273,16 +263,12 @@ template <typename T> void expertBackward(const ExpertJob<T>& job) {
     const T* g = gated ? job.saveGate + r0 * H : nullptr;
     T* dh = scratch<T>(1, nh);
     T* dg = gated ? scratch<T>(2, nh) : nullptr;
-    // h and, for the SIMD SwiGLU, s: the forward's when it kept them, else evaluated again
+    // h and, for the SIMD SwiGLU, s: the forward's when it kept both, else evaluated again
     const bool simd = siluSimd<T>(job.act);
     double* s = simd && job.saveSigmoid ? job.saveSigmoid + r0 * H : nullptr;
     const T* h;
     if (job.saveHidden && (!simd || s)) {
       h = job.saveHidden + r0 * H;
-    } else if (s) {
-      T* rebuilt = scratch<T>(0, nh);
-      rebuildSilu<T>(a, g, s, rebuilt, nh);
-      h = rebuilt;
     } else {
       T* evaluated = scratch<T>(0, nh);
       if (simd) s = scratch<double>(3, nh);

@@ -21,7 +21,8 @@ struct ExpertJob {
   T* saveUp = nullptr;    // [R, H] x·up (pre-activation), kept for backward
   T* saveGate = nullptr;  // [R, H] x·gate (silu only)
   // [R, H] sigmoid(x·gate), optional: for the f32 SwiGLU's SIMD path the forward fills it and
-  // the backward reads it instead of evaluating exp again (ignored where that path does not run).
+  // the backward, given saveHidden too, reads it instead of evaluating exp again (ignored
+  // where that path does not run).
   double* saveSigmoid = nullptr;
   // [R, H] the activation's output, optional: the forward fills it and the backward reads it
   // instead of evaluating the activation again (a pass over four [R, H] arrays per expert).
