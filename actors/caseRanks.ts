@@ -42,7 +42,7 @@ export function casePayloads(data: CaseData): Uint8Array[] {
   });
 }
 
-export function actorRanks(opts: Pick<RuntimeOptions, 'backend' | 'exchange' | 'timeoutMs'> = {}): RankLoop {
+export function actorRanks(opts: Pick<RuntimeOptions, 'backend' | 'exchange' | 'timeoutMs' | 'steps'> = {}): RankLoop {
   return async <F extends FloatDType>(data: CaseData<F>) => {
     const run = await runActors(caseScenario(data.meta), { ...opts, casePayloads: casePayloads(data) });
     if (run.diagnosis.verdict !== 'ok') throw new RuntimeVerdictError(`the case did not complete on the actor runtime:\n${formatDiagnosis(run.diagnosis)}`);

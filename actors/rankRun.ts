@@ -16,6 +16,7 @@ import { stagingMemory } from './staging.js';
 import { requireNative } from '../src/native/backend.js';
 import type { Communicator, ExpertBackend } from '../src/ep/types.js';
 import { hungExpert, type Variant } from '../machines/variants.js';
+import { weightTensors } from '../src/moe/experts.js';
 import { now, type WorkerJob, type WorkerMessage } from './messages.js';
 import { rankInputs, type RankStepInputs } from './inputs.js';
 import type { CaseRankOutput } from './caseRanks.js';
@@ -69,7 +70,9 @@ export async function runRank(job: WorkerJob, ports: ReadonlyMap<number, PeerPor
       if (f.kind === 'throw' || f.kind === 'stall' || f.kind === 'garbage-to-supervisor') driver.fault = f;
       else mesh.fault = { op: f.op, kind: f.kind };
     }
-    output = await runStep(job, driver, { comm: ep, backend, scratch, experts: inputs.experts, numExperts: s.experts, topK: s.topK, gradientScale: inputs.gradientScale, protocol: driver }, inputs);
+    const last = await runStep(job, driver, { comm: ep, backend, scratch, experts: inputs.experts, numExperts: s.experts, topK: s.topK, gradientScale: inputs.gradientScale, protocol: driver }, inputs);
+    if (output) recycle(scratch, output); // only the last step's numbers are sent
+    output = last;
     how = await driver.finish();
     post({ type: 'step', rank: job.rank, step, ms: performance.now() - t0 });
   }
@@ -134,8 +137,22 @@ async function runStep(job: WorkerJob, driver: RankDriver, base: Omit<EpContext,
     for (let layer = driver.cfg.layers - 1; layer >= 0; layer--) {
       const { ctx, saved: sv, out } = saved[layer]!;
       const bwd = await epBackward(ctx, sv, inputs.gradOut(mb, layer));
-      if (job.casePayload) output = { out, gradX: bwd.gradX_TD, gradWeights: bwd.gradWeights_TK, grads: bwd.grads, rowsSent: sv.sortOrder_S.length, rowsReceived: sv.byExpert_R.length };
+      const numbers = { out, gradX: bwd.gradX_TD, gradWeights: bwd.gradWeights_TK, grads: bwd.grads };
+      if (!job.casePayload) recycle(base.scratch!, numbers);
+      else {
+        if (output) recycle(base.scratch!, output);
+        output = { ...numbers, rowsSent: sv.sortOrder_S.length, rowsReceived: sv.byExpert_R.length };
+      }
     }
   }
   return output;
+}
+
+/**
+ * A layer's outputs nothing reads any more (the step trains nothing with them, and only the
+ * last step's go home) back to the pool they came from: fresh ones each step meant about
+ * 7 MB of new buffers per rank and step, and the garbage collections they start.
+ */
+function recycle(scratch: ScratchPool, numbers: Pick<CaseRankOutput, 'out' | 'gradX' | 'gradWeights' | 'grads'>): void {
+  scratch.give(numbers.out, numbers.gradX, numbers.gradWeights, ...weightTensors(numbers.grads));
 }

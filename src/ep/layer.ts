@@ -45,7 +45,8 @@ export interface EpContext<F extends FloatDType = FloatDType> {
   readonly protocol?: LayerProtocol;
   /**
    * Row buffers reused across calls. With it, the layer gives its temporaries back as they
-   * die and epBackward consumes its EpSaved: backpropagate each forward once.
+   * die and epBackward consumes its EpSaved: backpropagate each forward once. Its outputs
+   * (out, grad x, the experts' gradients) come from the pool too: give them back once read.
    */
   readonly scratch?: ScratchPool;
 }
@@ -232,7 +233,7 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   const weights_S = new Float64Array(S);
   for (let p = 0; p < S; p++) weights_S[p] = weightsFlat[sortOrder_S[p]!]!;
   const positions_TK = tokenPositions(token_S, T, K);
-  const out_TD = combineRows(returned_SD, positions_TK, K, weights_S, T);
+  const out_TD = combineRows(returned_SD, positions_TK, K, weights_S, T, ctx.scratch);
 
   const saved: EpSaved<F> = Object.freeze({
     T, D, K, sortOrder_S, positions_TK, sendCounts, recvCounts, byExpert_R, rowsPerExpert, rowScale_R, recvGrouped_RD, expertFwd, returned_SD, weights_S,
@@ -254,6 +255,7 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
   const gradReturned = takeUnfilled(ctx.scratch, gradOut_TD.dtype, [S, D]); // routeGrad writes every row
   const gradWeights = new Float64Array(T * K);
   routeGrad(g, D, ret, token_S, sortOrder_S, weights_S, gradReturned.data as Floats, gradWeights);
+  if (ctx.scratch) release(ctx, saved.returned_SD); // the forward is consumed
 
   // D': grads go to the expert owners; regroup by expert, apply the forward's scale.
   const gradLocal_RD = await collective(ctx, 'bwd.combine', gradReturned, sendCounts, recvCounts);
@@ -269,7 +271,7 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
   ctx.scratch?.give(expertBwd.gradX);
   const gradSorted_SD = await collective(ctx, 'bwd.dispatch', gradRecv_RD, recvCounts, sendCounts);
   recycleSent(ctx, gradRecv_RD, gradSorted_SD);
-  const gradX_TD = combineRows(gradSorted_SD, saved.positions_TK, K, null, T);
+  const gradX_TD = combineRows(gradSorted_SD, saved.positions_TK, K, null, T, ctx.scratch);
   release(ctx, gradSorted_SD);
   return {
     gradX_TD,

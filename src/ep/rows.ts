@@ -66,9 +66,9 @@ export function tokenPositions(token_S: Int32Array, T: number, K: number): Int32
  * null), summed in f64 from 0 in send order and rounded once into the rows' dtype — the
  * seed's scatter_add, with one fixed summation order whatever ran it.
  */
-export function combineRows<F extends FloatDType>(rows: Tensor<F>, positions_TK: Int32Array, K: number, weight_S: Float64Array | null, T: number): Tensor<F> {
+export function combineRows<F extends FloatDType>(rows: Tensor<F>, positions_TK: Int32Array, K: number, weight_S: Float64Array | null, T: number, scratch?: ScratchPool): Tensor<F> {
   const D = rows.rowSize;
-  const out = Tensor.unfilled(rows.dtype, [T, D]);
+  const out = takeUnfilled(scratch, rows.dtype, [T, D]);
   const src = rows.data as Floats;
   const dst = out.data as Floats;
   const addon = native();

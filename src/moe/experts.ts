@@ -245,6 +245,12 @@ function weightsDType<F extends FloatDType>(w: ExpertWeights<F>): F {
   return w.layout === 'packed' ? w.up.dtype : (w.experts[0]?.up.dtype ?? ('f32' as F));
 }
 
+/** Every tensor of a weight set (or of its gradients), in either layout. */
+export function weightTensors<F extends FloatDType>(w: ExpertWeights<F>): Tensor<F>[] {
+  const parts = w.layout === 'packed' ? [w] : w.experts;
+  return parts.flatMap((e) => (e.gate ? [e.up, e.gate, e.down] : [e.up, e.down]));
+}
+
 /** The same experts in the other layout (copies): packed [N, …] (in, out) <-> per-expert (out, in) Linears. */
 export function convertLayout<F extends FloatDType>(w: ExpertWeights<F>, layout: ExpertWeights['layout']): ExpertWeights<F> {
   const m = packedMats(w);

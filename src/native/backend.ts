@@ -358,7 +358,7 @@ export class NativeExpertBackend implements ExpertBackend {
     job.saveHidden = saved.hidden;
     job.gy = gradY.data as Floats;
     job.gx = alloc(x.dtype, R * d, scratch);
-    const grads = zeroGrads(w, x.dtype, d, h);
+    const grads = gradBuffers(w, x.dtype, d, h, scratch);
     const v = weightViews(grads, x.dtype, d, h);
     job.gUp = v.up;
     job.gGate = v.gate;
@@ -371,8 +371,9 @@ export class NativeExpertBackend implements ExpertBackend {
   }
 }
 
-function zeroGrads<F extends FloatDType>(w: ExpertWeights<F>, dtype: FloatDType, d: number, h: number): ExpertWeights<F> {
-  const z = (shape: number[]) => Tensor.zeros(dtype, shape) as Tensor<F>;
+/** Gradient tensors shaped as the weights; the backward writes every element (zeros for an expert without rows). */
+function gradBuffers<F extends FloatDType>(w: ExpertWeights<F>, dtype: FloatDType, d: number, h: number, scratch: ScratchPool | undefined): ExpertWeights<F> {
+  const z = (shape: number[]) => takeUnfilled(scratch, dtype, shape) as Tensor<F>;
   if (w.layout === 'packed') {
     const n = w.up.shape[0] ?? 0;
     const p: PackedExperts<F> = { layout: 'packed', activation: w.activation, up: z([n, d, h]), gate: w.gate ? z([n, d, h]) : null, down: z([n, h, d]) };
