@@ -10,7 +10,7 @@ import { collectiveDtype, statePath, type IssuedCollective, type RankSnapshot } 
 import { admission, completedEvent, computedEvent, describeAction, nextAction, routedEvent, type FirstReady } from '../machines/driver.js';
 import type { LayerProtocol } from '../src/ep/layer.js';
 import type { CollectiveTag } from '../src/ep/types.js';
-import { Tensor } from '../src/tensor.js';
+import { Tensor, toIndexArray } from '../src/tensor.js';
 import type { MeshCommunicator } from './transport.js';
 import type { CommKind } from '../machines/mesh.js';
 import { now, type Fault, type SnapshotWire, type WorkerMessage } from './messages.js';
@@ -102,7 +102,7 @@ export class RankDriver implements LayerProtocol {
         recvCounts: () => Array.from(received.data as BigInt64Array, Number),
         rowsPerExpert: () => {
           const rows = new Array<number>(nLocal).fill(0);
-          for (const e of received.data as BigInt64Array) rows[Number(e) - epRank * nLocal]!++;
+          for (const e of toIndexArray(received, 'received expert ids')) rows[e - epRank * nLocal]!++;
           return rows;
         },
       }),

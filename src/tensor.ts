@@ -153,14 +153,32 @@ export function toIndexArray(t: Tensor, what: string): Int32Array {
   const out = new Int32Array(t.data.length);
   if (t.dtype === 'i32') out.set(t.data as Int32Array);
   else {
+    // Read each i64 as two 32-bit words: reading it as a BigInt allocates one per element,
+    // thousands per EP layer. It fits when the high word is the low word's sign.
     const d = t.data as BigInt64Array;
+    const words = new Int32Array(d.buffer, d.byteOffset, 2 * d.length);
     for (let i = 0; i < d.length; i++) {
-      const v = d[i]!;
-      if (v > 2147483647n || v < -2147483648n) throw new TensorError(`${what}[${i}] = ${v} is out of the 32-bit range`);
-      out[i] = Number(v);
+      const lo = words[2 * i + LOW]!;
+      if (words[2 * i + 1 - LOW] !== lo >> 31) throw new TensorError(`${what}[${i}] = ${d[i]} is out of the 32-bit range`);
+      out[i] = lo;
     }
   }
   return out;
+}
+
+/** Index of an i64's low 32-bit word in a pair of words, for this machine's byte order. */
+const LOW = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1 ? 0 : 1;
+
+/** An i64 tensor of 32-bit integers (written as word pairs: no BigInt per element). */
+export function i64FromIndexArray(values: Int32Array, shape: readonly number[] = [values.length]): Tensor<'i64'> {
+  const d = new BigInt64Array(values.length);
+  const words = new Int32Array(d.buffer);
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i]!;
+    words[2 * i + LOW] = v;
+    words[2 * i + 1 - LOW] = v >> 31;
+  }
+  return new Tensor('i64', shape, d);
 }
 
 /** Rows of a 2-D (or higher) tensor in a new order: out[i] = t[index[i]]. */

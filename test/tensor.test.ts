@@ -1,6 +1,6 @@
 import { test } from 'uvu';
 import * as assert from 'uvu/assert';
-import { Tensor, bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, gatherRows, relativeError, toIndexArray, TensorError } from '../src/tensor.js';
+import { Tensor, bf16ToF32, f16ToF32, f32ToBf16, f32ToF16, gatherRows, i64FromIndexArray, relativeError, toIndexArray, TensorError } from '../src/tensor.js';
 
 test('bf16 rounds to nearest even, including ties', () => {
   // 1 + 2^-8 lies exactly halfway between bf16 1.0 and 1 + 2^-7: ties go to the even mantissa (1.0).
@@ -41,6 +41,22 @@ test('gatherRows permutes rows and rejects out-of-range indices', () => {
 test('toIndexArray rejects values beyond 32 bits', () => {
   assert.equal(Array.from(toIndexArray(Tensor.from('i64', [2], [5, -1]), 'idx')), [5, -1]);
   assert.throws(() => toIndexArray(Tensor.from('i64', [1], [2n ** 40n]), 'idx'), /idx\[0\]/);
+  // Read as word pairs: a value whose low word alone would pass, at an offset into its buffer.
+  for (const bad of [2n ** 31n, -(2n ** 31n) - 1n, 2n ** 32n + 5n, -(2n ** 32n), -1n + 2n ** 32n]) {
+    const held = new BigInt64Array([0n, 7n, bad]);
+    const t = new Tensor('i64', [2], held.subarray(1));
+    assert.throws(() => toIndexArray(t, 'ids'), new RegExp(`ids\\[1\\] = ${bad} is out of the 32-bit range`));
+  }
+  const edges = [0, 1, -1, 2 ** 31 - 1, -(2 ** 31), 12345, -777];
+  assert.equal(Array.from(toIndexArray(Tensor.from('i64', [edges.length], edges), 'idx')), edges);
+});
+
+test('i64FromIndexArray writes the i64 of every 32-bit integer, as BigInt64Array would', () => {
+  const values = Int32Array.from([0, 1, -1, 2 ** 31 - 1, -(2 ** 31), 99, -100]);
+  const t = i64FromIndexArray(values, [values.length, 1]);
+  assert.equal(t.shape, [values.length, 1]);
+  assert.equal(Array.from(t.data as BigInt64Array), Array.from(values, BigInt));
+  assert.equal(Array.from(toIndexArray(t, 'back')), Array.from(values));
 });
 
 test('relativeError is zero for equal tensors and infinite for shape mismatch', () => {

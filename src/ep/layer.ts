@@ -6,7 +6,7 @@
 //
 // Forward returns an immutable record of what backward needs (as torchtitan's dispatch
 // returns the metadata its combine consumes); nothing is kept on the context.
-import { Tensor, toFloat64, toIndexArray, type DType, type FloatDType } from '../tensor.js';
+import { Tensor, i64FromIndexArray, toFloat64, toIndexArray, type DType, type FloatDType } from '../tensor.js';
 import { UsageError } from '../errors.js';
 import { floatTensor } from '../moe/experts.js';
 import { combineRows, gatherRows, routeGrad, tokenPositions, ungroup, type Floats } from './rows.js';
@@ -179,12 +179,13 @@ export async function epForward<F extends FloatDType>(ctx: EpContext<F>, x_TD: T
   const { order: sortOrder_S, counts: sendCounts } = stableBucketSort(target_S, ep);
   // token of each send position (entry // K) and its expert id
   const token_S = new Int32Array(S);
-  const idsSorted_S = new Tensor('i64', [S], new BigInt64Array(S));
+  const ids_S = new Int32Array(S);
   for (let p = 0; p < S; p++) {
     const entry = sortOrder_S[p]!;
     token_S[p] = Math.floor(entry / K);
-    idsSorted_S.data[p] = BigInt(idx_S[entry]!);
+    ids_S[p] = idx_S[entry]!;
   }
+  const idsSorted_S = i64FromIndexArray(ids_S);
   const xSorted_SD = gatherRows(x_TD, token_S, null, ctx.scratch);
 
   // 2-4. A counts, B rows, C expert ids (the seed sends ids as f32 [n,1]; i64 [n] is exact for any E).
