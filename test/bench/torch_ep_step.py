@@ -156,17 +156,18 @@ def worker(rank: int, args, port: int):
         out = ep_layer(x, weights, top_i, moe, group, start, n_local, args.ep)
         out.backward(grad_out)
 
-    samples = []
+    # Steps back to back, as a training loop runs them and as ep-actors' ranks do: each rank
+    # times its own steps, and a step is as slow as its slowest rank. A barrier around every
+    # step would add its own latency to each (6-10 ms of gloo's on 4 processes, 2 cores).
+    dist.barrier()
+    own = []
     for it in range(args.warmup + args.iters):
-        dist.barrier()
         t0 = time.perf_counter()
         step()
-        dist.barrier()
-        dt = torch.tensor([(time.perf_counter() - t0) * 1e3], dtype=torch.float64)
-        # A step is as slow as its slowest rank.
-        dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        if it >= args.warmup:
-            samples.append(dt.item())
+        own.append((time.perf_counter() - t0) * 1e3)
+    slowest = torch.tensor(own, dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    samples = slowest.tolist()[args.warmup:]
 
     # The counts exchange alone: slowest rank per exchange, back to back after a barrier.
     send = torch.ones(args.ep, dtype=torch.int64)
