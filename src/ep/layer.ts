@@ -256,7 +256,10 @@ export async function epBackward<F extends FloatDType>(ctx: EpContext<F>, saved:
   const gradReturned = takeUnfilled(ctx.scratch, gradOut_TD.dtype, [S, D]); // routeGrad writes every row
   const gradWeights = new Float64Array(T * K);
   routeGrad(g, D, ret, token_S, sortOrder_S, weights_S, gradReturned.data as Floats, gradWeights);
-  if (ctx.scratch) release(ctx, saved.returned_SD); // the forward is consumed
+  // The forward is consumed: the fwd.combine result goes back to its communicator (ep = 1,
+  // no exchange: the rows themselves, to the pool).
+  if (ctx.scratch && ctx.comm) release(ctx, saved.returned_SD);
+  else ctx.scratch?.give(saved.returned_SD);
 
   // D': grads go to the expert owners; regroup by expert, apply the forward's scale.
   const gradLocal_RD = await collective(ctx, 'bwd.combine', gradReturned, sendCounts, recvCounts);
