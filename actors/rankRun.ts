@@ -138,9 +138,9 @@ async function runStep(job: WorkerJob, driver: RankDriver, base: Omit<EpContext,
       const { ctx, saved: sv, out } = saved[layer]!;
       const bwd = await epBackward(ctx, sv, inputs.gradOut(mb, layer));
       const numbers = { out, gradX: bwd.gradX_TD, gradWeights: bwd.gradWeights_TK, grads: bwd.grads };
-      if (!job.casePayload) recycle(base.scratch!, numbers);
+      if (!job.casePayload) recycle(base.scratch, numbers);
       else {
-        if (output) recycle(base.scratch!, output);
+        if (output) recycle(base.scratch, output);
         output = { ...numbers, rowsSent: sv.sortOrder_S.length, rowsReceived: sv.byExpert_R.length };
       }
     }
@@ -153,6 +153,6 @@ async function runStep(job: WorkerJob, driver: RankDriver, base: Omit<EpContext,
  * last step's go home) back to the pool they came from: fresh ones each step meant about
  * 7 MB of new buffers per rank and step, and the garbage collections they start.
  */
-function recycle(scratch: ScratchPool, numbers: Pick<CaseRankOutput, 'out' | 'gradX' | 'gradWeights' | 'grads'>): void {
-  scratch.give(numbers.out, numbers.gradX, numbers.gradWeights, ...weightTensors(numbers.grads));
+function recycle(scratch: ScratchPool | undefined, numbers: Pick<CaseRankOutput, 'out' | 'gradX' | 'gradWeights' | 'grads'>): void {
+  scratch?.give(numbers.out, numbers.gradX, numbers.gradWeights, ...weightTensors(numbers.grads));
 }
