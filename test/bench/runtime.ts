@@ -1,12 +1,14 @@
-// Actor-runtime benchmarks: the counts exchange against gloo's and the 4 MiB all-to-all
-// against memcpy, over MessagePorts and over shared memory; an EP step on worker ranks and
-// on launched processes, each against the seed on PyTorch + gloo (same sizes, same run, as
-// many kernel threads per rank as torch has per process), also at ep=8 and T=4096; how soon launched processes stop on a missing
+// Actor-runtime benchmarks: the counts exchange against gloo's; the 4 MiB all-to-all against
+// memcpy, over MessagePorts and over shared memory, with the floor that copying alone sets on
+// these cores; an EP step on worker ranks and on launched processes, each against the seed on
+// PyTorch + gloo (same sizes, same run, as many kernel threads per rank as torch has per
+// process), also at ep=8 and T=4096; how soon launched processes stop on a missing
 // collective; and a soak of 2,000 consecutive steps in one runtime with resident memory at
 // its start and end.
 import { MessageChannel, Worker, type MessagePort } from 'node:worker_threads';
 import { median, time, type BenchRow } from './harness.js';
 import type { TransportJob } from './workers/transport.js';
+import type { CopyFloorJob } from './workers/copyFloor.js';
 import { DEFAULT_EP_OPTIONS, epStepCase, epStepLabel, pinKernelThreads, torchEpStep, type TorchEpOptions } from './torch.js';
 import { casePayloads } from '../../actors/caseRanks.js';
 import { caseScenario } from '../../machines/scenario.js';
@@ -50,21 +52,57 @@ async function transport(exchange: 'ports' | 'shared', sharedResults = false): P
   const perIter = await exchangeTimes({ rows: { perPeer: (4 * MiB) / (rowSize * 4), rowSize }, iterations, exchange, sharedResults });
   // Each rank sends 3 × 4 MiB to its peers.
   const gbps = (3 * 4 * MiB) / (median(perIter) / 1e3) / 1e9;
-  const src = new Float32Array(MiB).fill(1); // 4 MiB, written: zeroed memory reads the kernel's zero page
-  const dst = new Float32Array(MiB);
-  const copy = await time(() => {
-    for (let i = 0; i < 3; i++) dst.set(src);
-  }, 15, 3);
-  const memcpy = (3 * 4 * MiB) / (copy.medianMs / 1e3) / 1e9;
+  const memcpy = await memcpyBaseline();
   const how = sharedResults ? 'written by senders into results in shared memory' : exchange === 'ports' ? 'over MessagePorts (msgpack)' : 'over shared memory (staged)';
   return {
     name: `all-to-all ${how}, 4 worker ranks, 4 MiB per pair (GB/s sent per rank)`,
     value: gbps,
     unit: 'GB/s',
-    baseline: { name: 'memcpy (TypedArray.set) of the same bytes, one thread', value: memcpy, unit: 'GB/s' },
-    ratio: gbps / memcpy,
+    baseline: memcpy,
+    ratio: gbps / memcpy.value,
     note: `median of ${iterations} after as many untimed; ratio = ours / memcpy (aim >= 0.25); 4 workers share the cores${sharedResults ? '; results are SharedArrayBuffer-backed (off by default: the EP step measured no faster with them)' : ''}`,
   };
+}
+
+/** One thread copying what a rank sends, 3 × 4 MiB (written data, the same 4 MiB each time). */
+async function memcpyBaseline(): Promise<NonNullable<BenchRow['baseline']>> {
+  const src = new Float32Array(MiB).fill(1); // 4 MiB, written: zeroed memory reads the kernel's zero page
+  const dst = new Float32Array(MiB);
+  const copy = await time(() => {
+    for (let i = 0; i < 3; i++) dst.set(src);
+  }, 15, 3);
+  return { name: 'memcpy (TypedArray.set) of the same bytes, one thread', value: (3 * 4 * MiB) / (copy.medianMs / 1e3) / 1e9, unit: 'GB/s' };
+}
+
+/**
+ * The 4 MiB all-to-all's floor on this machine: 4 worker threads doing only the copies the
+ * exchange cannot avoid (each byte once into shared results, own chunk included, no messages),
+ * in the same units and against the same memcpy as the exchange rows. An exchange that copies
+ * every byte at least once cannot beat this ratio here.
+ */
+async function copyFloor(): Promise<BenchRow> {
+  const ep = 4;
+  const iterations = 10;
+  const chunk = MiB; // f32 elements: 4 MiB per pair
+  const results = Array.from({ length: ep }, () => new SharedArrayBuffer(ep * chunk * 4));
+  const barrier = new SharedArrayBuffer(8);
+  const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./workers/copyFloor.js', import.meta.url), { workerData: { rank, ep, chunk, results, barrier, iterations } satisfies CopyFloorJob }));
+  try {
+    const samples = await Promise.all(workers.map((w) => new Promise<number[]>((resolve, reject) => (w.once('message', resolve), w.once('error', reject)))));
+    const perIter = samples[0]!.map((_, i) => Math.max(...samples.map((s) => s[i]!)));
+    const gbps = (3 * 4 * MiB) / (median(perIter) / 1e3) / 1e9;
+    const memcpy = await memcpyBaseline();
+    return {
+      name: 'all-to-all copy floor: 4 worker threads copying each byte once, no messaging, 4 MiB per pair (GB/s sent per rank)',
+      value: gbps,
+      unit: 'GB/s',
+      baseline: memcpy,
+      ratio: gbps / memcpy.value,
+      note: `median of ${iterations} rounds after as many untimed, slowest thread per round; each thread copies 16 MiB per round (its own chunk too) into shared results between two barriers: the best any exchange that copies could do on these cores`,
+    };
+  } finally {
+    await Promise.all(workers.map((w) => w.terminate()));
+  }
 }
 
 /** The EP layer's first exchange alone: one i64 per peer, back to back, against gloo's on 4 torch processes. */
@@ -174,7 +212,7 @@ async function soak(): Promise<BenchRow> {
 }
 
 export async function bench(): Promise<BenchRow[]> {
-  const rows = [await countsExchange('ports'), await countsExchange('shared'), await transport('ports'), await transport('shared'), await transport('ports', true)];
+  const rows = [await countsExchange('ports'), await countsExchange('shared'), await transport('ports'), await transport('shared'), await transport('ports', true), await copyFloor()];
   if (process.env.BENCH_RUNTIME_ROWS === 'transport') return rows; // the exchanges alone, for A/B runs
   // The TypeScript kernels take tens of seconds per step here: one warm-up, one timed step.
   rows.push(await epStep('ts', { warmup: 1, timed: 1 }));
