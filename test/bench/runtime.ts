@@ -32,26 +32,47 @@ async function exchangeTimes(job: Omit<TransportJob, 'rank' | 'ep'>): Promise<nu
     }
   }
   const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./workers/transport.js', import.meta.url), { workerData: { ...job, rank, ep } satisfies TransportJob }));
-  const samples = await Promise.all(
-    workers.map((w, rank) => {
-      const done = new Promise<number[]>((resolve, reject) => {
-        w.once('message', resolve);
-        w.once('error', reject);
-      });
-      w.postMessage({ ports: ports[rank] }, Object.values(ports[rank]!));
-      return done;
-    }),
-  );
-  await Promise.all(workers.map((w) => w.terminate()));
-  return samples[0]!.map((_, i) => Math.max(...samples.map((s) => s[i]!)));
+  return workerTimes(workers, (w, rank) => w.postMessage({ ports: ports[rank] }, Object.values(ports[rank]!)));
+}
+
+/**
+ * Each worker's one message (its per-iteration times, ms), reduced to the slowest worker's
+ * time per iteration; `start` runs once each worker's answer is awaited. The workers end
+ * with it, whatever happened.
+ */
+async function workerTimes(workers: Worker[], start: (w: Worker, rank: number) => void = () => {}): Promise<number[]> {
+  try {
+    const samples = await Promise.all(
+      workers.map((w, rank) => {
+        const done = new Promise<number[]>((resolve, reject) => {
+          w.once('message', resolve);
+          w.once('error', reject);
+        });
+        start(w, rank);
+        return done;
+      }),
+    );
+    return slowestPerIteration(samples);
+  } finally {
+    await Promise.all(workers.map((w) => w.terminate()));
+  }
+}
+
+/** Per iteration, the slowest rank's time: a collective or a step is as slow as its slowest rank. */
+function slowestPerIteration(perRank: readonly (readonly number[])[]): number[] {
+  return perRank[0]!.map((_, i) => Math.max(...perRank.map((s) => s[i]!)));
+}
+
+/** GB/s each rank sends in an all-to-all of 4 MiB to each of its 3 peers, at a median of `perIter` ms. */
+function sentGbps(perIter: readonly number[]): number {
+  return (3 * 4 * MiB) / (median(perIter) / 1e3) / 1e9;
 }
 
 async function transport(exchange: 'ports' | 'shared', sharedResults = false): Promise<BenchRow> {
   const rowSize = 1024; // f32 → 4 KiB rows; 1024 rows = 4 MiB per peer
   const iterations = 10;
   const perIter = await exchangeTimes({ rows: { perPeer: (4 * MiB) / (rowSize * 4), rowSize }, iterations, exchange, sharedResults });
-  // Each rank sends 3 × 4 MiB to its peers.
-  const gbps = (3 * 4 * MiB) / (median(perIter) / 1e3) / 1e9;
+  const gbps = sentGbps(perIter);
   const memcpy = await memcpyBaseline();
   const how = sharedResults ? 'written by senders into results in shared memory' : exchange === 'ports' ? 'over MessagePorts (msgpack)' : 'over shared memory (staged)';
   return {
@@ -87,22 +108,16 @@ async function copyFloor(): Promise<BenchRow> {
   const results = Array.from({ length: ep }, () => new SharedArrayBuffer(ep * chunk * 4));
   const barrier = new SharedArrayBuffer(8);
   const workers = Array.from({ length: ep }, (_, rank) => new Worker(new URL('./workers/copyFloor.js', import.meta.url), { workerData: { rank, ep, chunk, results, barrier, iterations } satisfies CopyFloorJob }));
-  try {
-    const samples = await Promise.all(workers.map((w) => new Promise<number[]>((resolve, reject) => (w.once('message', resolve), w.once('error', reject)))));
-    const perIter = samples[0]!.map((_, i) => Math.max(...samples.map((s) => s[i]!)));
-    const gbps = (3 * 4 * MiB) / (median(perIter) / 1e3) / 1e9;
-    const memcpy = await memcpyBaseline();
-    return {
-      name: 'all-to-all copy floor: 4 worker threads copying each byte once, no messaging, 4 MiB per pair (GB/s sent per rank)',
-      value: gbps,
-      unit: 'GB/s',
-      baseline: memcpy,
-      ratio: gbps / memcpy.value,
-      note: `median of ${iterations} rounds after as many untimed, slowest thread per round; each thread copies 16 MiB per round (its own chunk too) into shared results between two barriers: the best any exchange that copies could do on these cores`,
-    };
-  } finally {
-    await Promise.all(workers.map((w) => w.terminate()));
-  }
+  const gbps = sentGbps(await workerTimes(workers));
+  const memcpy = await memcpyBaseline();
+  return {
+    name: 'all-to-all copy floor: 4 worker threads copying each byte once, no messaging, 4 MiB per pair (GB/s sent per rank)',
+    value: gbps,
+    unit: 'GB/s',
+    baseline: memcpy,
+    ratio: gbps / memcpy.value,
+    note: `median of ${iterations} rounds after as many untimed, slowest thread per round; each thread copies 16 MiB per round (its own chunk too) into shared results between two barriers: the best any exchange that copies could do on these cores`,
+  };
 }
 
 /** The EP layer's first exchange alone: one i64 per peer, back to back, against gloo's on 4 torch processes. */
@@ -153,7 +168,7 @@ async function launchedEpStep(backend: BackendName, n: StepCounts, tcpOnly: bool
       if (r.code !== 0) throw new Error(`rank ${rank} exited ${r.code}: ${r.stderr}`);
       return (JSON.parse(r.stdout) as { stepMs: number[] }).stepMs;
     });
-    return ranks[0]!.map((_, step) => Math.max(...ranks.map((r) => r[step]!)));
+    return slowestPerIteration(ranks);
   });
   const how = tcpOnly ? 'over TCP only (EP_ACTORS_SHM_DISABLE=1)' : 'on one host (shared-memory lane)';
   return againstTorch(`${backend} kernels, ${o.ep} processes ${how} (ep-actors rank), f32`, slowest, { ...o, ...n });
